@@ -1,0 +1,176 @@
+"""Worker-side instrumentation: every SQLAlchemy pool in the process, counted live.
+
+Listeners sit on the ``Pool`` class (and the dialect's ``do_connect``), so pools that user
+code creates, sync or asyncio, are measured with no change to that code. Connections
+opened outside SQLAlchemy pools are not seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, QueuePool
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one test did to the worker's connections."""
+
+    need: int  # peak connections checked out at once
+    peak_open: int  # peak connections open (idle ones included)
+    limit_hit: bool
+
+
+class PoolMeter:
+    """Counts open and checked-out connections of this process; gates new connections.
+
+    ``on_change(open, idle)`` is called whenever the open count changes; ``gate()`` is
+    called before every new connection and may block until the budget has room.
+    Errors inside listeners are contained: they are handed to ``on_error`` once and
+    never reach the test.
+    """
+
+    _EVENTS = ("connect", "close", "close_detached", "checkout", "checkin")
+
+    def __init__(
+        self,
+        on_change: Callable[[int, int], None],
+        gate: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self.open = 0
+        self.checked_out = 0
+        self._peak_checked_out = 0
+        self._peak_open = 0
+        self._on_change = on_change
+        self._gate = gate
+        self._on_error = on_error
+        self._error_seen = False
+        self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._loops: weakref.WeakKeyDictionary[Pool, asyncio.AbstractEventLoop] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._installed = False
+        self._gating = True
+
+    @property
+    def idle(self) -> int:
+        return max(0, self.open - self.checked_out)
+
+    # -- listeners ------------------------------------------------------------------------
+
+    def install(self) -> None:
+        for name in self._EVENTS:
+            event.listen(Pool, name, getattr(self, f"_on_{name}"))
+        event.listen(Engine, "do_connect", self._on_do_connect)
+        event.listen(Engine, "engine_connect", self._on_engine_connect)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        for name in self._EVENTS:
+            event.remove(Pool, name, getattr(self, f"_on_{name}"))
+        event.remove(Engine, "do_connect", self._on_do_connect)
+        event.remove(Engine, "engine_connect", self._on_engine_connect)
+        self._installed = False
+
+    def _contain(self, exc: BaseException) -> None:
+        if not self._error_seen:
+            self._error_seen = True
+            self._on_error(exc)
+
+    def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
+        if not self._gating:
+            return
+        try:
+            self._gate()
+        except Exception as exc:
+            self._contain(exc)
+
+    def _on_engine_connect(self, connection: Any) -> None:
+        """Remember each engine's pool (and asyncio loop) so idle connections can be released."""
+        try:
+            pool = connection.engine.pool
+            if pool not in self._pools:
+                self._pools.add(pool)
+                loop = _running_loop()
+                if loop is not None:
+                    self._loops[pool] = loop
+        except Exception as exc:
+            self._contain(exc)
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        self._changed(+1)
+
+    def _on_close(self, dbapi_connection: Any, record: Any) -> None:
+        self._changed(-1)
+
+    def _on_close_detached(self, dbapi_connection: Any) -> None:
+        self._changed(-1)
+
+    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        self.checked_out += 1
+        self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+
+    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        self.checked_out = max(0, self.checked_out - 1)
+
+    def _changed(self, delta: int) -> None:
+        self.open = max(0, self.open + delta)
+        self._peak_open = max(self._peak_open, self.open)
+        try:
+            self._on_change(self.open, self.idle)
+        except Exception as exc:
+            self._contain(exc)
+
+    # -- per-test windows -------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start measuring one test: peaks restart from what is held now."""
+        self._peak_checked_out = self.checked_out
+        self._peak_open = self.open
+
+    def end(self, limit_hit: bool = False) -> Window:
+        return Window(self._peak_checked_out, self._peak_open, limit_hit)
+
+    # -- giving connections back ------------------------------------------------------------
+
+    def release_idle(self) -> None:
+        """Close idle pooled connections so another worker can have the room.
+
+        A pool with connections checked out is left alone (disposing it would disturb its
+        overflow accounting); an asyncio pool is disposed on its own event loop when that
+        loop is idle, since asyncpg connections can only be closed there.
+        """
+        self._gating = False  # disposing never opens connections, but be safe
+        try:
+            for pool in list(self._pools):
+                if not isinstance(pool, QueuePool):
+                    continue  # nothing idle to give back (NullPool), or not ours to judge
+                if pool.checkedout() > 0 or pool.checkedin() == 0:
+                    continue
+                loop = self._loops.get(pool)
+                if loop is None:
+                    pool.dispose()
+                elif not loop.is_closed() and not loop.is_running():
+                    from sqlalchemy.util import greenlet_spawn
+
+                    loop.run_until_complete(greenlet_spawn(pool.dispose))
+        except Exception as exc:
+            self._contain(exc)
+        finally:
+            self._gating = True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

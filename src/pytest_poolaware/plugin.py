@@ -1,0 +1,163 @@
+"""pytest entry point: options, markers, and the wiring of ``--dist poolaware``."""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import pytest
+
+from pytest_poolaware import report
+from pytest_poolaware.history import History
+from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, Message, WorkerLink
+from pytest_poolaware.settings import (
+    DIST_MODE,
+    PARALLEL_MARKER,
+    SERIAL_MARKER,
+    ConfigError,
+    Settings,
+    add_options,
+)
+
+#: Settings the workers need, sent with ``workerinput`` beside the side channel.
+WORKER_SETTINGS_KEY = "poolaware_settings"
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    add_options(parser)
+    pluginmanager.register(_DistChoice(parser), "poolaware-dist-choice")
+
+
+class _DistChoice:
+    """Adds ``poolaware`` to xdist's ``--dist`` choices, whichever plugin loads first.
+
+    xdist fixes the choices in argparse (pytest-xdist issue #970); an installed plugin
+    runs before the command line is parsed, so it can still add a value.
+    """
+
+    def __init__(self, parser: pytest.Parser) -> None:
+        self.parser = parser
+
+    def pytest_plugin_registered(self, plugin: object, manager: pytest.PytestPluginManager) -> None:
+        if getattr(plugin, "__name__", None) != "xdist.plugin":
+            return
+        for option in self.parser.getgroup("xdist").options:
+            if "--dist" in option.names():
+                attrs = option.attrs()
+                choices = attrs.get("choices")
+                if choices is not None and DIST_MODE not in choices:
+                    choices.append(DIST_MODE)
+                    attrs["help"] = (attrs.get("help") or "") + (
+                        f"\n\n{DIST_MODE}: serial_only tests one at a time on one worker, "
+                        "the rest fanned out, all within a PostgreSQL connection budget "
+                        "(pytest-poolaware)."
+                    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{SERIAL_MARKER}: runs alone in the serial lane, one at a time, in collection order "
+        "(pytest-poolaware).",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{PARALLEL_MARKER}: may run beside other tests on any worker (pytest-poolaware).",
+    )
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        if WORKERINPUT_KEY in workerinput:
+            _configure_worker(config, workerinput)
+        return
+    if config.getoption("dist", "no") != DIST_MODE:
+        return
+    try:
+        settings = Settings.from_config(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if config.getoption("tx", None):
+        config.pluginmanager.register(Controller(config, settings), "poolaware-controller")
+
+
+def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> None:
+    from pytest_poolaware.worker import WorkerAgent
+
+    options = workerinput[WORKER_SETTINGS_KEY]
+    agent = WorkerAgent(
+        WorkerLink(workerinput[WORKERINPUT_KEY]),
+        budget=options["budget"],
+        gate_timeout=options["gate_timeout"],
+        retry_on_limit=options["retry_on_limit"],
+    )
+    config.pluginmanager.register(agent, "poolaware-worker")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Both markers on one test contradict each other: refuse to guess (in-process runs;
+    under xdist the workers report it and the controller refuses)."""
+    if config.getoption("dist", "no") != DIST_MODE or hasattr(config, "workerinput"):
+        return
+    from pytest_poolaware.worker import item_markers
+
+    both = [item.nodeid for item in items if all(item_markers(item))]
+    if both:
+        raise pytest.UsageError(conflict_message(both))
+
+
+def conflict_message(nodeids: list[str]) -> str:
+    return f"tests marked both {SERIAL_MARKER} and {PARALLEL_MARKER}: " + ", ".join(nodeids)
+
+
+class Controller:
+    """xdist-only hooks of the controller, registered only for ``--dist poolaware`` runs
+    with workers (so ``-p no:xdist`` never sees an xdist hook)."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        from pytest_poolaware.scheduler import RunRecord
+
+        self.config = config
+        self.settings = settings
+        self.history = History.load(config.cache) if config.cache else History()
+        self.record = RunRecord(notes=list(self.history.problems))
+        self.links: dict[Any, ControllerLink] = {}
+        self.inbox: queue.SimpleQueue[tuple[Any, Message]] = queue.SimpleQueue()
+        self.scheduler: Any = None
+
+    def pytest_configure_node(self, node: Any) -> None:
+        channel = node.gateway.newchannel()
+        node.workerinput[WORKERINPUT_KEY] = channel
+        node.workerinput[WORKER_SETTINGS_KEY] = {
+            "budget": self.settings.budget,
+            "gate_timeout": self.settings.gate_timeout,
+            "retry_on_limit": self.settings.retry_on_limit,
+        }
+        self.links[node] = ControllerLink(channel, node, self.inbox, _wake)
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        from pytest_poolaware.scheduler import PoolAwareScheduling
+
+        self.scheduler = PoolAwareScheduling(
+            config,
+            log,
+            settings=self.settings,
+            history=self.history,
+            links=self.links,
+            inbox=self.inbox,
+            record=self.record,
+        )
+        return self.scheduler
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        scheduler = self.scheduler
+        if self.config.cache is not None and scheduler is not None and scheduler.collection:
+            self.history.save(self.config.cache, keep=scheduler.collection)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.scheduler is not None:
+            report.write_summary(terminalreporter, self.settings, self.scheduler, self.record)
+
+
+def _wake(node: Any) -> None:
+    """Make xdist's controller loop call the scheduler now (see ``remove_pending_tests_from_node``)."""
+    node.notify_inproc("unscheduled", node=node, indices=[])

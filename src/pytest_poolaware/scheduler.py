@@ -1,0 +1,257 @@
+"""xdist adapter: the ``Scheduling`` protocol around ``core.Planner``.
+
+``xdist.dsession.DSession`` calls this class on the controller's main thread; it turns
+xdist's events and the workers' side-channel messages into planner inputs, and the
+planner's actions into xdist commands and side-channel answers.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from xdist.remote import Producer
+from xdist.report import report_collection_diff
+from xdist.workermanage import WorkerController, parse_tx_spec_config
+
+from pytest_poolaware.core import Action, Go, Grant, Lane, Planner, Release, Send, Shutdown, Test
+from pytest_poolaware.history import History
+from pytest_poolaware.link import ControllerLink, Message
+from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
+
+
+@dataclass
+class ItemResult:
+    """What the controller learned about one finished item."""
+
+    nodeid: str
+    lane: Lane
+    worker: str
+    need: int
+    peak_open: int
+    duration: float
+    rerun: bool
+
+
+@dataclass
+class RunRecord:
+    """Per-run facts collected for the summary and the learned data."""
+
+    results: list[ItemResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+class PoolAwareScheduling:
+    """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
+
+    Nodes join the planner only once their collection is known: before that a worker
+    could not run anything anyway.
+    """
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        log: Producer,
+        *,
+        settings: Settings,
+        history: History,
+        links: dict[WorkerController, ControllerLink],
+        inbox: queue.SimpleQueue[tuple[Any, Message]],
+        record: RunRecord,
+    ) -> None:
+        self.config = config
+        self.log = log.poolawaresched
+        self.numnodes = len(parse_tx_spec_config(config))
+        self.settings = settings
+        self.history = history
+        self.record = record
+        self._links = links
+        self._inbox = inbox
+        self.planner: Planner[WorkerController] = Planner(
+            settings.budget, unknown_need=settings.unknown_need
+        )
+        self._collections: dict[WorkerController, list[str]] = {}
+        self._nodes: list[WorkerController] = []
+        self._joined: set[WorkerController] = set()
+        self.collection: list[str] | None = None
+        self._markers: list[tuple[bool, bool]] | None = None
+        self._done: dict[tuple[WorkerController, int], tuple[int, float, int, bool]] = {}
+
+    # -- Scheduling protocol ----------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[WorkerController]:
+        return list(self._nodes)
+
+    @property
+    def collection_is_completed(self) -> bool:
+        return self.collection is not None or len(self._collections) >= self.numnodes
+
+    @property
+    def tests_finished(self) -> bool:
+        return self.collection_is_completed and self.planner.tests_finished
+
+    @property
+    def has_pending(self) -> bool:
+        return self.planner.has_pending
+
+    def add_node(self, node: WorkerController) -> None:
+        """Called by ``DSession.worker_workerready``."""
+        assert node not in self._nodes
+        self._nodes.append(node)
+
+    def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
+        """Called by ``DSession.worker_collectionfinish``; a late node (a replacement) joins."""
+        if self.collection is not None:
+            if list(collection) != self.collection:
+                msg = report_collection_diff(
+                    self.collection, collection, self._nodes[0].gateway.id, node.gateway.id
+                )
+                self.log(msg)
+                return
+            self._collections[node] = list(collection)
+            return
+        self._collections[node] = list(collection)
+
+    def schedule(self) -> None:
+        """Called by ``DSession.worker_collectionfinish`` once every node has collected."""
+        self._drain()
+        if self.collection is None:
+            if not self._same_collections():
+                self.log("**Different tests collected, aborting run**")
+                return
+            self.collection = next(iter(self._collections.values()))
+            if self._markers is None or len(self._markers) != len(self.collection):
+                self._markers = [(False, False)] * len(self.collection)
+            if self.record.conflicts:
+                from pytest_poolaware.plugin import conflict_message
+
+                raise pytest.UsageError(conflict_message(self.record.conflicts))
+            self._apply(self.planner.load(self._tests()))
+        for node in list(self._collections):
+            if node not in self._joined and node in self._nodes:
+                self._joined.add(node)
+                self._apply(self.planner.add_worker(node))
+
+    def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
+        """Called by ``DSession.worker_runtest_protocol_complete``."""
+        self._drain()
+        need, seconds, peak_open, rerun = self._done.pop((node, item_index), (0, duration, 0, False))
+        self._remember(node, item_index, need, seconds, peak_open, rerun)
+        self._apply(self.planner.completed(node, item_index, need=need, duration=seconds))
+
+    def mark_test_pending(self, item: str) -> None:
+        """Called by ``pytest_handlecrashitem`` implementations that want a crashed item rerun."""
+        assert self.collection is not None
+        self._apply(self.planner.requeue(self.collection.index(item)))
+
+    def remove_pending_tests_from_node(self, node: WorkerController, indices: Sequence[int]) -> None:
+        """Called by ``DSession.worker_unscheduled``: xdist's ``steal`` is never sent here,
+        so this event only means "a worker sent side-channel news, look at it now"."""
+        self._drain()
+        self._apply([])
+
+    def remove_node(self, node: WorkerController) -> str | None:
+        """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``."""
+        self._drain()
+        self._nodes.remove(node)
+        self._collections.pop(node, None)
+        link = self._links.pop(node, None)
+        if node not in self._joined:
+            return None
+        self._joined.discard(node)
+        crashed, actions = self.planner.remove_worker(node)
+        del link
+        self._apply(actions)
+        if crashed is None or self.collection is None:
+            return None
+        return self.collection[crashed]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _tests(self) -> list[Test]:
+        assert self.collection is not None and self._markers is not None
+        unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
+        tests = []
+        for nodeid, (serial, parallel) in zip(self.collection, self._markers):
+            measure = self.history.get(nodeid)
+            if serial or (unmarked_serial and not parallel and measure is None):
+                lane = Lane.SERIAL
+            else:
+                lane = Lane.FANOUT
+            tests.append(
+                Test(lane, measure.need if measure else None, measure.duration if measure else None)
+            )
+        return tests
+
+    def _same_collections(self) -> bool:
+        (first, col), *rest = self._collections.items()
+        same = True
+        for node, collection in rest:
+            msg = report_collection_diff(col, collection, first.gateway.id, node.gateway.id)
+            if msg:
+                same = False
+                self.log(msg)
+                self.config.hook.pytest_collectreport(
+                    report=pytest.CollectReport(
+                        nodeid=node.gateway.id, outcome="failed", longrepr=msg, result=[]
+                    )
+                )
+        return same
+
+    def _drain(self) -> None:
+        """Feed the workers' side-channel messages to the planner, oldest first."""
+        while True:
+            try:
+                node, message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            tag = message[0]
+            if tag == "collected":
+                if self._markers is None:
+                    self._markers = [tuple(m) for m in message[1]]  # type: ignore[misc]
+                    self.record.conflicts = list(message[2])
+            elif tag == "counts":
+                if node in self._joined:
+                    self._apply(self.planner.counts(node, message[1], message[2]))
+            elif tag == "request":
+                if node in self._joined:
+                    self._apply(self.planner.request(node, message[1], message[2]))
+            elif tag == "done":
+                _, index, need, seconds, peak_open, rerun = message
+                self._done[(node, index)] = (need, seconds, peak_open, rerun)
+            elif tag == "note":
+                self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
+
+    def _remember(
+        self, node: WorkerController, index: int, need: int, seconds: float, peak: int, rerun: bool
+    ) -> None:
+        assert self.collection is not None
+        nodeid = self.collection[index]
+        lane = self.planner.lane_of(index)
+        self.record.results.append(
+            ItemResult(nodeid, lane, node.gateway.id, need, peak, seconds, rerun)
+        )
+        self.history.record(nodeid, need, seconds)
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            node: Any = action.worker
+            if isinstance(action, Send):
+                node.send_runtest_some(list(action.indices))
+            elif isinstance(action, Shutdown):
+                node.shutdown()
+            else:
+                link = self._links.get(node)
+                if link is None:
+                    continue
+                if isinstance(action, Go):
+                    link.send("go", action.index)
+                elif isinstance(action, Grant):
+                    link.send("grant", action.request, action.over_budget)
+                elif isinstance(action, Release):
+                    link.send("release")

@@ -1,0 +1,245 @@
+"""Configuration in one place: command-line options, ini keys, environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+if TYPE_CHECKING:
+    import pytest
+
+T = TypeVar("T")
+
+# Environment variables these teams already use to size their pools.
+ENV_POOL_SIZE: Final = "PG_POOL_SIZE"
+ENV_MAX_OVERFLOW: Final = "PG_MAX_OVERFLOW"
+ENV_POOL_TIMEOUT: Final = "PG_POOL_TIMEOUT"
+DEFAULT_POOL_SIZE: Final = 10
+DEFAULT_MAX_OVERFLOW: Final = 20
+DEFAULT_POOL_TIMEOUT: Final = 30.0
+
+#: DSN of the server the run uses, when the user has one (tests, demo, monitoring).
+ENV_DSN: Final = "POOLAWARE_DSN"
+
+DIST_MODE: Final = "poolaware"
+SERIAL_MARKER: Final = "serial_only"
+PARALLEL_MARKER: Final = "parallel_safe"
+
+#: Where tests without either marker go before their connection needs are known.
+UNMARKED_POLICIES: Final = ("parallel", "serial")
+DEFAULT_UNMARKED_POLICY: Final = "parallel"
+#: Connections a test is assumed to need before it has been measured.
+DEFAULT_UNKNOWN_NEED: Final = 1
+
+INI_BUDGET: Final = "poolaware_budget"
+INI_UNMARKED: Final = "poolaware_unmarked"
+INI_UNKNOWN_NEED: Final = "poolaware_unknown_need"
+INI_RETRY: Final = "poolaware_retry_on_limit"
+INI_GATE_TIMEOUT: Final = "poolaware_gate_timeout"
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting and the value."""
+
+
+def _parse_int(text: str) -> int:
+    value = int(text.strip(), 10)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number >= 1 (argparse ``type=``; raises ``ArgumentTypeError``)."""
+    try:
+        value = _parse_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse a whole number >= 0 (argparse ``type=``; raises ``ArgumentTypeError``)."""
+    try:
+        value = _parse_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a number of seconds > 0 (argparse ``type=``; raises ``ArgumentTypeError``)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def unmarked_policy(text: str) -> str:
+    """Parse a ``poolaware_unmarked`` value (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value not in UNMARKED_POLICIES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(UNMARKED_POLICIES)}, got {text!r}"
+        )
+    return value
+
+
+def boolean(text: str) -> bool:
+    """Parse an ini-style boolean (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_setting(name: str, text: str, parse: Callable[[str], T]) -> T:
+    """Apply a ``type=`` parser to a value that came from the ini or the environment."""
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{name}={text!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Pool sizing shared by the engine helper and the default budget."""
+
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_overflow: int = DEFAULT_MAX_OVERFLOW
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PoolSettings:
+        """Read ``PG_POOL_SIZE``, ``PG_MAX_OVERFLOW`` and ``PG_POOL_TIMEOUT``; raise ConfigError."""
+        env = os.environ if environ is None else environ
+
+        def read(name: str, parse: Callable[[str], T], default: T) -> T:
+            raw = env.get(name)
+            return default if raw is None or raw.strip() == "" else parse_setting(name, raw, parse)
+
+        return cls(
+            pool_size=read(ENV_POOL_SIZE, positive_int, DEFAULT_POOL_SIZE),
+            max_overflow=read(ENV_MAX_OVERFLOW, non_negative_int, DEFAULT_MAX_OVERFLOW),
+            pool_timeout=read(ENV_POOL_TIMEOUT, positive_seconds, DEFAULT_POOL_TIMEOUT),
+        )
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections one such pool can open."""
+        return self.pool_size + self.max_overflow
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the scheduler needs to know, validated; built once per run on the controller."""
+
+    budget: int
+    budget_source: str
+    unmarked: str = DEFAULT_UNMARKED_POLICY
+    unknown_need: int = DEFAULT_UNKNOWN_NEED
+    retry_on_limit: bool = True
+    gate_timeout: float = DEFAULT_POOL_TIMEOUT
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Settings:
+        """Resolve options over ini keys over environment; raise ConfigError on bad values."""
+        pools = PoolSettings.from_env()
+
+        def pick(option: str, ini: str, parse: Callable[[str], T]) -> tuple[T, str] | None:
+            value: T | None = config.getoption(option)
+            if value is not None:
+                return value, f"--{option.replace('_', '-')}"
+            raw = config.getini(ini)
+            if isinstance(raw, str) and raw.strip():
+                return parse_setting(ini, raw, parse), f"ini {ini}"
+            return None
+
+        budget = pick("pool_budget", INI_BUDGET, positive_int)
+        if budget is None:
+            budget = (
+                pools.max_connections,
+                f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = "
+                f"{pools.pool_size} + {pools.max_overflow}",
+            )
+        unmarked = pick("poolaware_unmarked", INI_UNMARKED, unmarked_policy)
+        unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
+        retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
+        gate = pick("poolaware_gate_timeout", INI_GATE_TIMEOUT, positive_seconds)
+        return cls(
+            budget=budget[0],
+            budget_source=budget[1],
+            unmarked=unmarked[0] if unmarked else DEFAULT_UNMARKED_POLICY,
+            unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
+            retry_on_limit=retry[0] if retry else True,
+            gate_timeout=gate[0] if gate else pools.pool_timeout,
+        )
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register the plugin's options and ini keys (called from ``pytest_addoption``)."""
+    group = parser.getgroup("poolaware", "connection-budget scheduling (--dist poolaware)")
+    group.addoption(
+        "--pool-budget",
+        dest="pool_budget",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="Most PostgreSQL connections the whole run may hold open at once "
+        f"(default: ini {INI_BUDGET}, else ${ENV_POOL_SIZE} + ${ENV_MAX_OVERFLOW}).",
+    )
+    group.addoption(
+        "--poolaware-unmarked",
+        dest="poolaware_unmarked",
+        type=unmarked_policy,
+        default=None,
+        metavar="POLICY",
+        help="Where tests with neither marker go until their needs are measured: "
+        f"{' or '.join(UNMARKED_POLICIES)} (default: {DEFAULT_UNMARKED_POLICY}).",
+    )
+    group.addoption(
+        "--poolaware-unknown-need",
+        dest="poolaware_unknown_need",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="Connections assumed for a test not measured yet "
+        f"(default: {DEFAULT_UNKNOWN_NEED}).",
+    )
+    group.addoption(
+        "--poolaware-retry-on-limit",
+        dest="poolaware_retry_on_limit",
+        type=boolean,
+        default=None,
+        metavar="BOOL",
+        help="Run a test again, alone, when it failed on a connection limit (default: true).",
+    )
+    group.addoption(
+        "--poolaware-gate-timeout",
+        dest="poolaware_gate_timeout",
+        type=positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="How long a worker waits for budget before opening a connection anyway "
+        f"(default: ${ENV_POOL_TIMEOUT}, else {DEFAULT_POOL_TIMEOUT:g}).",
+    )
+    parser.addini(INI_BUDGET, "Connection budget for --dist poolaware (positive integer).")
+    parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
+    parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
+    parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
+    parser.addini(INI_GATE_TIMEOUT, "Seconds a worker waits for budget before connecting anyway.")

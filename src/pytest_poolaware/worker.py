@@ -1,0 +1,162 @@
+"""Worker side of ``--dist poolaware``: waits for the go, measures each test, reruns on limits."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Generator, Iterator
+import pytest
+from _pytest.runner import runtestprotocol
+
+from pytest_poolaware.link import WorkerLink
+from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
+
+#: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
+TOO_MANY_CONNECTIONS = "53300"
+_LIMIT_TEXT = re.compile(
+    r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
+)
+
+_limit_hit_key = pytest.StashKey[bool]()
+
+
+def is_connection_limit_error(exc: BaseException) -> bool:
+    """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
+    for error in _chain(exc):
+        if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS:
+            return True
+        if getattr(error, "pgcode", None) == TOO_MANY_CONNECTIONS:
+            return True
+        if _LIMIT_TEXT.search(str(error)):
+            return True
+    return False
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
+
+
+def item_markers(item: pytest.Item) -> tuple[bool, bool]:
+    """(serial_only, parallel_safe) for one item, markers on classes and modules included."""
+    return (
+        item.get_closest_marker(SERIAL_MARKER) is not None,
+        item.get_closest_marker(PARALLEL_MARKER) is not None,
+    )
+
+
+class WorkerAgent:
+    """Registered on each xdist worker of a ``--dist poolaware`` run.
+
+    It owns the ``PoolMeter`` of the worker process, sends the items' markers to the
+    controller after collection, holds each item until the controller's go, reports
+    what each item measured, and reruns an item alone when the server refused it a
+    connection (once, and only if the rerun is enabled).
+    """
+
+    def __init__(
+        self,
+        link: WorkerLink,
+        *,
+        budget: int,
+        gate_timeout: float,
+        retry_on_limit: bool,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.link = link
+        self.budget = budget
+        self.gate_timeout = gate_timeout
+        self.retry_on_limit = retry_on_limit
+        self._clock = clock
+        self._index: dict[pytest.Item, int] = {}
+        self.meter = PoolMeter(
+            on_change=lambda open_, idle: self.link.send("counts", open_, idle),
+            gate=self._gate,
+            on_error=self._report_error,
+        )
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        self.meter.install()
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.meter.uninstall()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Send markers before xdist's own collectionfinish, so they arrive first."""
+        self._index = {item: i for i, item in enumerate(session.items)}
+        markers = [item_markers(item) for item in session.items]
+        conflicts = [item.nodeid for item, (s, p) in zip(session.items, markers) if s and p]
+        self.link.send("collected", markers, conflicts)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        index = self._index[item]
+        self.link.wait_go(index, on_release=self._release)
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        start = self._clock()
+        self.meter.begin()
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        window = self.meter.end()
+        rerun = False
+        if self.retry_on_limit and item.stash.get(_limit_hit_key, False):
+            rerun = True
+            item.stash[_limit_hit_key] = False
+            self.link.request(self.budget, self.gate_timeout, self._release)
+            start = self._clock()
+            self.meter.begin()
+            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            window = self.meter.end()
+        for report in reports:
+            if rerun:
+                report.user_properties.append(("poolaware_rerun", "connection limit"))
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        duration = self._clock() - start
+        if self.link.take_release():
+            self._release()
+        self.link.send("done", index, window.need, duration, window.peak_open, rerun)
+        return True
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
+            item.stash[_limit_hit_key] = True
+        return report
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Give every idle connection back: this worker will run nothing more."""
+        self._release()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _gate(self) -> None:
+        """Called before each new connection: wait until the budget has room for it."""
+        answer = self.link.request(None, self.gate_timeout, self._release)
+        if answer is None:
+            self.link.send(
+                "note",
+                f"waited {self.gate_timeout:g}s for connection budget; connecting anyway",
+            )
+
+    def _release(self) -> None:
+        self.meter.release_idle()
+        self.link.send("counts", self.meter.open, self.meter.idle)
+
+    def _report_error(self, exc: BaseException) -> None:
+        self.link.send("note", f"connection instrumentation failed and was disabled: {exc!r}")
+
