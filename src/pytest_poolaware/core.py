@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -77,13 +77,31 @@ class Go:
     index: int
 
 
+class Answer(enum.Enum):
+    """How a blocked request is answered."""
+
+    GRANTED = "granted"
+    #: Let past the budget: the test cannot fit even with the run to itself.
+    OVER_BUDGET = "over_budget"
+    #: Refused to break a deadlock: every worker holding connections was waiting for
+    #: more. The test fails on a connection-limit error and the worker reruns it alone.
+    REFUSED = "refused"
+
+
+class RequestKind(enum.Enum):
+    #: One more connection, mid-test.
+    CONNECT = "connect"
+    #: Room to rerun a test that hit the server's limit (never refused).
+    RERUN = "rerun"
+
+
 @dataclass(frozen=True)
 class Grant:
-    """Answer a blocked request; ``over_budget`` when granted only to avoid a deadlock."""
+    """Answer a blocked request."""
 
     worker: Hashable
     request: int
-    over_budget: bool = False
+    answer: Answer = Answer.GRANTED
 
 
 @dataclass(frozen=True)
@@ -109,10 +127,11 @@ class Overrun:
 @dataclass
 class _Request:
     request: int
-    #: Connections the worker wants to hold once granted (its open count + 1, or a
-    #: rerun's measured need).
+    #: Connections the worker wants to hold once granted (its open count + 1, or the
+    #: room a rerun asks for).
     want: int
     order: int
+    kind: RequestKind
 
 
 @dataclass
@@ -122,9 +141,14 @@ class _Worker:
     granted: int = 0  # length of the go'ed prefix of ``queue``
     open: int = 0
     idle: int = 0
+    #: Connections granted to the running item: it may hold this many until it ends.
+    floor: int = 0
     shut: bool = False
     request: _Request | None = None
     release_sent: bool = False
+    #: Idle connections left after the worker last tried to release them (held by pools
+    #: with connections checked out): not worth asking for again until an item ends.
+    stuck_idle: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,14 +233,16 @@ class Planner(Generic[W]):
         self._lane_of(index).appendleft(index)
         return self._plan()
 
-    def counts(self, worker: W, open_: int, idle: int) -> list[Action]:
-        """Live connection counts measured inside a worker."""
+    def counts(self, worker: W, open_: int, idle: int, *, released: bool = False) -> list[Action]:
+        """Live connection counts measured inside a worker; ``released`` when they answer
+        a ``Release``."""
         state = self._workers.get(worker)
         if state is None:
             return []
         state.open, state.idle = open_, idle
-        if idle == 0:
+        if released:
             state.release_sent = False
+            state.stuck_idle = idle
         return self._plan()
 
     def completed(
@@ -226,6 +252,8 @@ class Planner(Generic[W]):
         state = self._workers[worker]
         state.queue.remove(index)
         state.granted = max(0, state.granted - 1)
+        state.floor = 0
+        state.stuck_idle = 0
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
@@ -234,9 +262,16 @@ class Planner(Generic[W]):
         return self._plan()
 
     def request(self, worker: W, request: int, want: int | None = None) -> list[Action]:
-        """A worker is blocked until it may hold ``want`` connections (default: one more)."""
-        state = self._workers[worker]
-        state.request = _Request(request, state.open + 1 if want is None else want, self._next())
+        """A worker is blocked mid-item until it may hold one more connection, or, with
+        ``want``, that many (to rerun an item that hit the server's limit)."""
+        state = self._workers.get(worker)
+        if state is None:
+            return []
+        if want is None:
+            state.request = _Request(request, state.open + 1, self._next(), RequestKind.CONNECT)
+        else:
+            state.floor = 0  # the first attempt is over; what it was granted is free
+            state.request = _Request(request, want, self._next(), RequestKind.RERUN)
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -352,52 +387,75 @@ class Planner(Generic[W]):
 
     def _commitment(self, state: _Worker) -> int:
         needs = [self.need_of(i) for i in list(state.queue)[: state.granted]]
-        held = max([state.open, *needs])
-        if state.request is not None:
-            # A blocked request is counted once granted; until then it only waits.
-            return held
-        return held
+        return max([state.open, state.floor, *needs])
 
     def _admit(self, actions: list[Action]) -> None:
-        """Grant blocked requests first, then goes; what does not fit reserves its room."""
+        """Answer blocked requests first, then give goes; whatever does not fit keeps its
+        room reserved, so later, smaller items cannot starve it."""
         committed = {w: self._commitment(s) for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
 
-        waiting = sorted(
-            (s.request.order, w) for w, s in self._workers.items() if s.request is not None
-        )
-        for _, worker in waiting:
+        draining = False
+        for worker in self._requesters():
             state = self._workers[worker]
             assert state.request is not None
+            if state.request.kind is RequestKind.RERUN:
+                # A rerun waits until it has the run to itself; meanwhile nothing new
+                # starts, so the run drains towards that.
+                if not draining and not self._others_busy(worker):
+                    committed[worker] = max(committed[worker], state.request.want)
+                    self._answer(worker, Answer.GRANTED, actions)
+                else:
+                    blocked.append(worker)
+                draining = True
+                continue
             extra = max(0, state.request.want - committed[worker])
-            if extra <= room:
-                room -= extra
+            if extra <= max(room, 0):
                 committed[worker] += extra
-                self._grant(worker, actions, over_budget=False)
+                self._answer(worker, Answer.GRANTED, actions)
             else:
-                room -= extra
                 blocked.append(worker)
+            room -= extra
 
-        for worker in self._go_order():
+        for worker in [] if draining else self._go_order():
             state = self._workers[worker]
             while state.granted < len(state.queue) and state.request is None:
                 index = state.queue[state.granted]
                 raised = max(committed[worker], self.need_of(index))
                 extra = raised - committed[worker]
-                if extra == 0 or (state.granted == 0 and extra <= room):
+                starts_now = state.granted == 0
+                if extra == 0 or (starts_now and extra <= room):
                     room -= extra
                     committed[worker] = raised
                     state.granted += 1
                     actions.append(Go(worker, index))
                     continue
-                if state.granted == 0:
+                if starts_now:
                     room -= extra
                     blocked.append(worker)
                 break
 
         if blocked:
             self._relieve(blocked, actions)
+
+    def _others_busy(self, worker: W) -> bool:
+        """Whether any other worker holds connections or runs an item."""
+        return any(
+            s.open > 0 or (s.granted and s.request is None)
+            for w, s in self._workers.items()
+            if w != worker
+        )
+
+    def _requesters(self) -> list[W]:
+        """Connect requests first, oldest first: they come from running items, whose
+        ending is what frees room; then reruns, which wait for the run to drain."""
+        waiting = [
+            (s.request.kind is RequestKind.RERUN, s.request.order, w)
+            for w, s in self._workers.items()
+            if s.request
+        ]
+        return [w for *_, w in sorted(waiting, key=lambda entry: entry[:2])]
 
     def _go_order(self) -> list[W]:
         """Serial lane first (it is the run's critical path), then by arrival."""
@@ -406,52 +464,63 @@ class Planner(Generic[W]):
             key=lambda w: (w != self._serial_worker, self._workers[w].order),
         )
 
-    def _grant(self, worker: W, actions: list[Action], *, over_budget: bool) -> None:
+    def _answer(self, worker: W, answer: Answer, actions: list[Action]) -> None:
         state = self._workers[worker]
         assert state.request is not None
-        if over_budget:
-            index = state.queue[0] if state.queue else -1
-            self.overruns.append(
-                Overrun(index, state.request.want, self.budget, alone=self._alone(worker))
-            )
-        state.open = max(state.open, state.request.want)
-        actions.append(Grant(worker, state.request.request, over_budget=over_budget))
+        if answer is not Answer.REFUSED:
+            state.floor = max(state.floor, state.request.want)
+        if answer is Answer.OVER_BUDGET:
+            self._overrun(worker, state.request.want)
+        actions.append(Grant(worker, state.request.request, answer))
         state.request = None
 
-    def _alone(self, worker: W) -> bool:
-        return all(s.open == 0 for w, s in self._workers.items() if w != worker)
+    def _overrun(self, worker: W, need: int) -> None:
+        state = self._workers[worker]
+        index = state.queue[0] if state.queue else -1
+        alone = all(s.open == 0 for w, s in self._workers.items() if w != worker)
+        if not any(o.index == index for o in self.overruns):
+            self.overruns.append(Overrun(index, need, self.budget, alone))
 
     def _relieve(self, blocked: list[W], actions: list[Action]) -> None:
-        """Free room for blocked workers: ask for idle connections back, or, when nothing
-        else can ever free room, let the oldest blocked worker past the budget."""
+        """Free room for blocked workers: ask for idle connections back; when nothing can
+        free room any more, break the deadlock (see ``Answer``)."""
         for worker, state in self._workers.items():
-            if state.idle > 0 and not state.release_sent:
+            if state.idle > state.stuck_idle and not state.release_sent:
                 state.release_sent = True
                 actions.append(Release(worker))
         if self._can_progress(blocked):
             return
-        first = blocked[0]
-        state = self._workers[first]
-        if state.request is not None:
-            self._grant(first, actions, over_budget=True)
+        requests = [w for w in self._requesters() if w in blocked]
+        connects = [w for w in requests if self._kind(w) is RequestKind.CONNECT]
+        if connects and any(
+            self._commitment(s) > 0 for w, s in self._workers.items() if w != connects[-1]
+        ):
+            # Wait-die: the youngest connect request gives way; its test is rerun alone.
+            self._answer(connects[-1], Answer.REFUSED, actions)
+        elif requests:
+            # Alone, or only reruns are waiting: nothing else will ever free room.
+            self._answer(requests[0], Answer.OVER_BUDGET, actions)
         else:
+            first = blocked[0]
+            state = self._workers[first]
             index = state.queue[0]
-            self.overruns.append(
-                Overrun(index, self.need_of(index), self.budget, alone=self._alone(first))
-            )
+            self._overrun(first, self.need_of(index))
             state.granted = 1
             actions.append(Go(first, index))
 
+    def _kind(self, worker: W) -> RequestKind:
+        request = self._workers[worker].request
+        assert request is not None
+        return request.kind
+
     def _can_progress(self, blocked: list[W]) -> bool:
-        """Whether some worker will free room without help: it is running an item, or it
-        holds idle connections it was asked to release."""
+        """Whether some worker will free room without help: it is running an item, or
+        it is about to answer a request to release idle connections."""
         stuck = set(blocked)
         for worker, state in self._workers.items():
-            if worker in stuck:
-                continue
-            if state.granted and state.request is None:
+            if state.release_sent:
                 return True
-            if state.open > 0 and (state.release_sent or state.shut):
+            if worker not in stuck and state.granted and state.request is None:
                 return True
         return False
 
@@ -465,16 +534,9 @@ class Planner(Generic[W]):
         return self._counter
 
 
-def lanes_for(
-    markers: Iterable[tuple[bool, bool]], *, unmarked_serial: bool, known: Callable[[int], bool]
-) -> list[Lane]:
-    """Lane per item from its (serial_only, parallel_safe) markers and the unmarked policy."""
-    lanes = []
-    for index, (serial, _parallel) in enumerate(markers):
-        if serial:
-            lanes.append(Lane.SERIAL)
-        elif not _parallel and unmarked_serial and not known(index):
-            lanes.append(Lane.SERIAL)
-        else:
-            lanes.append(Lane.FANOUT)
-    return lanes
+def lane_for(*, serial: bool, parallel: bool, measured: bool, unmarked_serial: bool) -> Lane:
+    """The lane of one item: ``serial_only`` items, and with the ``serial`` policy the
+    unmarked items not measured yet, run in the serial lane; the rest fan out."""
+    if serial or (unmarked_serial and not parallel and not measured):
+        return Lane.SERIAL
+    return Lane.FANOUT

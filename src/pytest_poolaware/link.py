@@ -7,16 +7,19 @@ works for any ``--tx``, remote workers included) and hands it over in ``workerin
 
 Worker -> controller (tuples, tag first):
   ("collected", markers, conflicts)  per item (serial_only, parallel_safe); node ids with both
-  ("counts", open, idle)             live connections of the worker process
+  ("counts", open, idle, released)   live connections of the worker process; ``released``
+                                     when answering a release request
   ("request", request_id, want)      blocked until it may hold ``want`` connections
-  ("done", index, need, duration, peak_open, rerun)   an item finished
+                                     (None: one more)
+  ("done", index, need, duration, peak_open, rerun, open, idle)   an item finished
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
-  ("go", index)  ("grant", request_id, over_budget)  ("release",)
+  ("go", index)  ("grant", request_id, answer)  ("release",)
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -58,10 +61,8 @@ class ControllerLink:
 
     def send(self, *message: Any) -> None:
         if not self.channel.isclosed():
-            try:
+            with contextlib.suppress(OSError):  # the worker died meanwhile; xdist reports it
                 self.channel.send(message)
-            except OSError:  # worker died meanwhile; xdist will report it
-                pass
 
 
 #: Messages that can unblock a decision, so the controller must look at them now; the
@@ -77,7 +78,7 @@ class WorkerLink:
         self._clock = clock
         self._cond = threading.Condition()
         self._goes: set[int] = set()
-        self._grants: dict[int, bool] = {}
+        self._grants: dict[int, str] = {}
         self._release = False
         self._closed = False
         self._next_request = 0
@@ -113,10 +114,10 @@ class WorkerLink:
 
     def request(
         self, want: int | None, timeout: float, on_release: Callable[[], None]
-    ) -> bool | None:
-        """Ask to hold ``want`` connections (None: one more); wait for the grant.
+    ) -> str | None:
+        """Ask to hold ``want`` connections (None: one more); wait for the answer.
 
-        Returns ``over_budget`` of the grant, or None if ``timeout`` passed first.
+        Returns the answer (``core.Answer`` value), or None if ``timeout`` passed first.
         """
         self._next_request += 1
         rid = self._next_request

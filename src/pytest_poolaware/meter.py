@@ -18,6 +18,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
 
+class BudgetRefused(Exception):
+    """Raised into a test's connect call to break a deadlock; the test is rerun alone.
+
+    Carries PostgreSQL's "too many connections" SQLSTATE so code that handles the
+    server's own refusal handles this one too.
+    """
+
+    sqlstate = "53300"
+
+
 @dataclass(frozen=True)
 class Window:
     """What one test did to the worker's connections."""
@@ -91,6 +101,8 @@ class PoolMeter:
             return
         try:
             self._gate()
+        except BudgetRefused:
+            raise
         except Exception as exc:
             self._contain(exc)
 

@@ -159,5 +159,9 @@ class Controller:
 
 
 def _wake(node: Any) -> None:
-    """Make xdist's controller loop call the scheduler now (see ``remove_pending_tests_from_node``)."""
+    """Make xdist's controller loop call the scheduler now.
+
+    ``unscheduled`` is xdist's own event; with no indices it reaches
+    ``PoolAwareScheduling.remove_pending_tests_from_node``, which reads the side channel.
+    """
     node.notify_inproc("unscheduled", node=node, indices=[])

@@ -16,9 +16,9 @@ def write_summary(terminalreporter: Any, settings: Settings, scheduler: Any, rec
     tr.write_sep("-", "poolaware")
     tr.write_line(f"budget: {settings.budget} connections ({settings.budget_source})")
     tr.write_line(f"peak open connections (workers): {stats.peak_open}")
-    reruns = [r.nodeid for r in record.results if r.rerun]
-    for nodeid in reruns:
-        tr.write_line(f"rerun alone after hitting the server's connection limit: {nodeid}")
+    for result in record.results:
+        if result.rerun:
+            tr.write_line(f"rerun alone ({result.rerun}): {result.nodeid}")
     collection = scheduler.collection or []
     for overrun in stats.overruns:
         name = collection[overrun.index] if 0 <= overrun.index < len(collection) else "?"

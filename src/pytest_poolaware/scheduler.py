@@ -17,7 +17,18 @@ from xdist.remote import Producer
 from xdist.report import report_collection_diff
 from xdist.workermanage import WorkerController, parse_tx_spec_config
 
-from pytest_poolaware.core import Action, Go, Grant, Lane, Planner, Release, Send, Shutdown, Test
+from pytest_poolaware.core import (
+    Action,
+    Go,
+    Grant,
+    Lane,
+    Planner,
+    Release,
+    Send,
+    Shutdown,
+    Test,
+    lane_for,
+)
 from pytest_poolaware.history import History
 from pytest_poolaware.link import ControllerLink, Message
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
@@ -33,7 +44,8 @@ class ItemResult:
     need: int
     peak_open: int
     duration: float
-    rerun: bool
+    #: Why the item ran twice ("" when it ran once).
+    rerun: str
 
 
 @dataclass
@@ -79,7 +91,7 @@ class PoolAwareScheduling:
         self._joined: set[WorkerController] = set()
         self.collection: list[str] | None = None
         self._markers: list[tuple[bool, bool]] | None = None
-        self._done: dict[tuple[WorkerController, int], tuple[int, float, int, bool]] = {}
+        self._done: dict[tuple[WorkerController, int], tuple[int, float, int, str]] = {}
 
     # -- Scheduling protocol ----------------------------------------------------------------
 
@@ -137,10 +149,12 @@ class PoolAwareScheduling:
                 self._joined.add(node)
                 self._apply(self.planner.add_worker(node))
 
-    def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
+    def mark_test_complete(
+        self, node: WorkerController, item_index: int, duration: float = 0
+    ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
-        need, seconds, peak_open, rerun = self._done.pop((node, item_index), (0, duration, 0, False))
+        need, seconds, peak_open, rerun = self._done.pop((node, item_index), (0, duration, 0, ""))
         self._remember(node, item_index, need, seconds, peak_open, rerun)
         self._apply(self.planner.completed(node, item_index, need=need, duration=seconds))
 
@@ -149,7 +163,9 @@ class PoolAwareScheduling:
         assert self.collection is not None
         self._apply(self.planner.requeue(self.collection.index(item)))
 
-    def remove_pending_tests_from_node(self, node: WorkerController, indices: Sequence[int]) -> None:
+    def remove_pending_tests_from_node(
+        self, node: WorkerController, indices: Sequence[int]
+    ) -> None:
         """Called by ``DSession.worker_unscheduled``: xdist's ``steal`` is never sent here,
         so this event only means "a worker sent side-channel news, look at it now"."""
         self._drain()
@@ -174,15 +190,18 @@ class PoolAwareScheduling:
     # -- helpers ----------------------------------------------------------------------------
 
     def _tests(self) -> list[Test]:
-        assert self.collection is not None and self._markers is not None
+        assert self.collection is not None
+        assert self._markers is not None
         unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
         tests = []
-        for nodeid, (serial, parallel) in zip(self.collection, self._markers):
+        for nodeid, (serial, parallel) in zip(self.collection, self._markers, strict=True):
             measure = self.history.get(nodeid)
-            if serial or (unmarked_serial and not parallel and measure is None):
-                lane = Lane.SERIAL
-            else:
-                lane = Lane.FANOUT
+            lane = lane_for(
+                serial=serial,
+                parallel=parallel,
+                measured=measure is not None,
+                unmarked_serial=unmarked_serial,
+            )
             tests.append(
                 Test(lane, measure.need if measure else None, measure.duration if measure else None)
             )
@@ -211,24 +230,28 @@ class PoolAwareScheduling:
             except queue.Empty:
                 return
             tag = message[0]
+            self.log("received", node.gateway.id, tag)
             if tag == "collected":
                 if self._markers is None:
-                    self._markers = [tuple(m) for m in message[1]]  # type: ignore[misc]
+                    self._markers = [(bool(s), bool(p)) for s, p in message[1]]
                     self.record.conflicts = list(message[2])
             elif tag == "counts":
                 if node in self._joined:
-                    self._apply(self.planner.counts(node, message[1], message[2]))
+                    _, open_, idle, released = message
+                    self._apply(self.planner.counts(node, open_, idle, released=released))
             elif tag == "request":
                 if node in self._joined:
                     self._apply(self.planner.request(node, message[1], message[2]))
             elif tag == "done":
-                _, index, need, seconds, peak_open, rerun = message
+                _, index, need, seconds, peak_open, rerun, open_, idle = message
                 self._done[(node, index)] = (need, seconds, peak_open, rerun)
+                if node in self._joined:
+                    self._apply(self.planner.counts(node, open_, idle))
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
 
     def _remember(
-        self, node: WorkerController, index: int, need: int, seconds: float, peak: int, rerun: bool
+        self, node: WorkerController, index: int, need: int, seconds: float, peak: int, rerun: str
     ) -> None:
         assert self.collection is not None
         nodeid = self.collection[index]
@@ -240,6 +263,7 @@ class PoolAwareScheduling:
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
+            self.log(action)
             node: Any = action.worker
             if isinstance(action, Send):
                 node.send_runtest_some(list(action.indices))
@@ -252,6 +276,6 @@ class PoolAwareScheduling:
                 if isinstance(action, Go):
                     link.send("go", action.index)
                 elif isinstance(action, Grant):
-                    link.send("grant", action.request, action.over_budget)
+                    link.send("grant", action.request, action.answer.value)
                 elif isinstance(action, Release):
                     link.send("release")

@@ -67,9 +67,7 @@ def non_negative_int(text: str) -> int:
     try:
         value = _parse_int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
@@ -174,8 +172,7 @@ class Settings:
         if budget is None:
             budget = (
                 pools.max_connections,
-                f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = "
-                f"{pools.pool_size} + {pools.max_overflow}",
+                f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
             )
         unmarked = pick("poolaware_unmarked", INI_UNMARKED, unmarked_policy)
         unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
@@ -218,8 +215,7 @@ def add_options(parser: pytest.Parser) -> None:
         type=non_negative_int,
         default=None,
         metavar="N",
-        help="Connections assumed for a test not measured yet "
-        f"(default: {DEFAULT_UNKNOWN_NEED}).",
+        help=f"Connections assumed for a test not measured yet (default: {DEFAULT_UNKNOWN_NEED}).",
     )
     group.addoption(
         "--poolaware-retry-on-limit",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import re
+import sys
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator
+
 import pytest
 from _pytest.runner import runtestprotocol
 
+from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
-from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.meter import BudgetRefused, PoolMeter
 from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
 
 #: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
@@ -18,7 +23,10 @@ _LIMIT_TEXT = re.compile(
     r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
 )
 
-_limit_hit_key = pytest.StashKey[bool]()
+#: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
+_limit_hit_key = pytest.StashKey[str]()
+RERUN_DEADLOCK = "gave way to break a wait for connections"
+RERUN_SERVER = "the server refused a connection"
 
 
 def is_connection_limit_error(exc: BaseException) -> bool:
@@ -43,6 +51,22 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
+
+
+def _drop_failed_attempt() -> None:
+    """Let go of what a failed attempt still holds, so its connections return to the pool.
+
+    Code that opens several connections rarely closes the ones it got when a later one
+    fails; pytest keeps the failure's traceback (and so those connections) alive in
+    ``sys.last_traceback``. Room for the rerun must not wait for a later collection.
+    """
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    with warnings.catch_warnings():
+        # SQLAlchemy warns when the collector returns a connection to its pool.
+        warnings.simplefilter("ignore")
+        gc.collect()
 
 
 def item_markers(item: pytest.Item) -> tuple[bool, bool]:
@@ -78,7 +102,7 @@ class WorkerAgent:
         self._clock = clock
         self._index: dict[pytest.Item, int] = {}
         self.meter = PoolMeter(
-            on_change=lambda open_, idle: self.link.send("counts", open_, idle),
+            on_change=lambda open_, idle: self.link.send("counts", open_, idle, False),
             gate=self._gate,
             on_error=self._report_error,
         )
@@ -96,7 +120,9 @@ class WorkerAgent:
         """Send markers before xdist's own collectionfinish, so they arrive first."""
         self._index = {item: i for i, item in enumerate(session.items)}
         markers = [item_markers(item) for item in session.items]
-        conflicts = [item.nodeid for item, (s, p) in zip(session.items, markers) if s and p]
+        conflicts = [
+            item.nodeid for item, (s, p) in zip(session.items, markers, strict=True) if s and p
+        ]
         self.link.send("collected", markers, conflicts)
 
     @pytest.hookimpl(tryfirst=True)
@@ -110,9 +136,12 @@ class WorkerAgent:
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
         window = self.meter.end()
         rerun = False
-        if self.retry_on_limit and item.stash.get(_limit_hit_key, False):
+        reason = item.stash.get(_limit_hit_key, "")
+        if self.retry_on_limit and reason:
             rerun = True
-            item.stash[_limit_hit_key] = False
+            del item.stash[_limit_hit_key]
+            _drop_failed_attempt()
+            self._release()
             self.link.request(self.budget, self.gate_timeout, self._release)
             start = self._clock()
             self.meter.begin()
@@ -120,13 +149,23 @@ class WorkerAgent:
             window = self.meter.end()
         for report in reports:
             if rerun:
-                report.user_properties.append(("poolaware_rerun", "connection limit"))
+                report.user_properties.append(("poolaware_rerun", reason))
             ihook.pytest_runtest_logreport(report=report)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         duration = self._clock() - start
         if self.link.take_release():
             self._release()
-        self.link.send("done", index, window.need, duration, window.peak_open, rerun)
+        meter = self.meter
+        self.link.send(
+            "done",
+            index,
+            window.need,
+            duration,
+            window.peak_open,
+            reason if rerun else "",
+            meter.open,
+            meter.idle,
+        )
         return True
 
     @pytest.hookimpl(wrapper=True)
@@ -135,7 +174,8 @@ class WorkerAgent:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
-            item.stash[_limit_hit_key] = True
+            refused = any(isinstance(e, BudgetRefused) for e in _chain(call.excinfo.value))
+            item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
         return report
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -152,11 +192,15 @@ class WorkerAgent:
                 "note",
                 f"waited {self.gate_timeout:g}s for connection budget; connecting anyway",
             )
+        elif answer == Answer.REFUSED.value:
+            raise BudgetRefused(
+                "pytest-poolaware: too many connections: every test holding connections "
+                "was waiting for more; this one gives way and is rerun alone"
+            )
 
     def _release(self) -> None:
         self.meter.release_idle()
-        self.link.send("counts", self.meter.open, self.meter.idle)
+        self.link.send("counts", self.meter.open, self.meter.idle, True)
 
     def _report_error(self, exc: BaseException) -> None:
         self.link.send("note", f"connection instrumentation failed and was disabled: {exc!r}")
-

@@ -1,0 +1,245 @@
+"""End to end: real xdist workers, a real PostgreSQL, what a user of ``--dist poolaware`` sees."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+#: Bound on every inner run: a scheduler that hangs fails the test instead of the CI job.
+RUN_TIMEOUT = 180
+#: Pool sizing the teams in our write-up use; the budget defaults to their sum (15).
+POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
+#: A role limit just above that budget, as in the write-up's CI database.
+ROLE_LIMIT = 16
+#: How often the server-side sampler looks at pg_stat_activity.
+SAMPLE_INTERVAL = 0.005
+
+CONFTEST = """
+import json, os, time
+import pytest
+from sqlalchemy import text
+from pytest_poolaware.engine import make_engine
+
+LOG = os.environ["POOLAWARE_TEST_LOG"]
+
+@pytest.fixture(scope="session")
+def engine():
+    # One pool per worker process, kept for the session: what multiplies connections.
+    engine = make_engine(os.environ["POOLAWARE_DSN"])
+    yield engine
+    engine.dispose()
+
+def hold(engine, connections, seconds):
+    # Check out `connections` at once and keep them busy for `seconds`.
+    conns = [engine.connect() for _ in range(connections)]
+    try:
+        for conn in conns:
+            conn.execute(text("select 1"))
+        conns[0].execute(text("select pg_sleep(:s)"), {"s": seconds})
+    finally:
+        for conn in conns:
+            conn.close()
+
+@pytest.fixture(autouse=True)
+def _record(request):
+    start = time.time()
+    yield
+    entry = {
+        "nodeid": request.node.nodeid,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "serial": request.node.get_closest_marker("serial_only") is not None,
+        "start": start,
+        "end": time.time(),
+    }
+    with open(LOG, "a") as log:
+        log.write(json.dumps(entry) + "\\n")
+"""
+
+SUITE = """
+import pytest
+from conftest import hold
+
+@pytest.mark.serial_only
+class TestProvisioning:
+    @pytest.mark.parametrize("step", range(4))
+    def test_provision(self, engine, step):
+        hold(engine, 8, 0.3)
+
+@pytest.mark.parallel_safe
+@pytest.mark.parametrize("n", range(24))
+def test_light(engine, n):
+    hold(engine, 1, 0.05)
+
+@pytest.mark.parametrize("n", range(3))
+def test_unmarked_heavy(engine, n):
+    hold(engine, 7, 0.3)
+
+@pytest.mark.parametrize("n", range(8))
+def test_unmarked_light(engine, n):
+    hold(engine, 2, 0.05)
+"""
+
+
+def _entries(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+class ServerSampler:
+    """Samples the role's connections in pg_stat_activity from a superuser connection."""
+
+    def __init__(self, dsn: str, role: str) -> None:
+        self._dsn, self._role = dsn, role
+        self._stop = threading.Event()
+        self.peak = 0
+        self.samples = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "select count(*) from pg_stat_activity where usename = %s", (self._role,)
+                ).fetchone()
+                assert row is not None
+                self.peak = max(self.peak, int(row[0]))
+                self.samples += 1
+                self._stop.wait(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> ServerSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def role_limit() -> int:
+    return ROLE_LIMIT
+
+
+@pytest.fixture
+def suite(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    role_limit: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    """The write-up's suite shape against a role with a connection limit."""
+    role_dsn = limited_role(role_limit)
+    log = pytester.path / "events.jsonl"
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", str(log))
+    for name, value in POOL_ENV.items():
+        monkeypatch.setenv(name, value)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return {
+        "dsn": role_dsn,
+        "log": log,
+        "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"],
+    }
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+
+
+CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limit")
+
+
+def connection_errors(result: pytest.RunResult) -> int:
+    text = result.stdout.str()
+    return sum(text.count(marker) for marker in CONNECTION_ERRORS)
+
+
+def test_load_exhausts_connections_where_poolaware_does_not(
+    pytester: pytest.Pytester, suite: dict[str, Any]
+) -> None:
+    load = run(pytester, "-n", "4", "--dist", "load")
+    assert load.ret == pytest.ExitCode.TESTS_FAILED
+    assert connection_errors(load) > 0
+
+    poolaware = run(pytester, "-n", "4", "--dist", "poolaware", "--cache-clear")
+    poolaware.assert_outcomes(passed=39)
+    assert connection_errors(poolaware) == 0
+
+
+@pytest.mark.parametrize("role_limit", [15])
+def test_server_never_sees_more_connections_than_the_budget(
+    pytester: pytest.Pytester, suite: dict[str, Any], postgres_dsn: str
+) -> None:
+    # The role's limit is the budget itself: one connection too many and the server
+    # refuses it, which the run would report as a rerun (or a failure).
+    with ServerSampler(postgres_dsn, suite["role"]) as sampler:
+        result = run(pytester, "-n", "4", "--dist", "poolaware", "--cache-clear")
+    result.assert_outcomes(passed=39)
+    assert "the server refused a connection" not in result.stdout.str()
+    assert connection_errors(result) == 0
+    assert sampler.samples > 10
+    assert 0 < sampler.peak <= 15
+
+
+def test_serial_tests_run_one_at_a_time_in_order_on_one_worker(
+    pytester: pytest.Pytester, suite: dict[str, Any]
+) -> None:
+    result = run(pytester, "-n", "4", "--dist", "poolaware")
+    result.assert_outcomes(passed=39)
+    entries = _entries(suite["log"])
+    # An item rerun after giving way to a deadlock is logged twice: both attempts count.
+    serial = [e for e in entries if e["serial"]]
+    attempts = sorted(serial, key=lambda e: e["start"])
+    serial = [
+        e
+        for e, after in zip(attempts, [*attempts[1:], None], strict=True)
+        if after is None or after["nodeid"] != e["nodeid"]
+    ]
+    assert [e["nodeid"].rsplit("[", 1)[1] for e in sorted(serial, key=lambda e: e["start"])] == [
+        "0]",
+        "1]",
+        "2]",
+        "3]",
+    ]
+    ordered = attempts
+    for before, after in itertools.pairwise(ordered):
+        assert before["end"] <= after["start"], (before, after)
+    lane = {e["worker"] for e in serial}
+    assert len(lane) == 1
+    # Dedicated: while the serial lane had work, its worker ran nothing else.
+    last_serial_end = ordered[-1]["end"]
+    others_on_lane = [
+        e
+        for e in entries
+        if not e["serial"] and e["worker"] in lane and e["start"] < last_serial_end
+    ]
+    assert others_on_lane == []
+    # The rest fanned out over the other workers.
+    assert len({e["worker"] for e in entries if not e["serial"]} - lane) >= 2
+
+
+def test_second_run_uses_what_the_first_learned(
+    pytester: pytest.Pytester, suite: dict[str, Any]
+) -> None:
+    cold = run(pytester, "-n", "4", "--dist", "poolaware", "--cache-clear")
+    cold.assert_outcomes(passed=39)
+    history = json.loads(
+        (pytester.path / ".pytest_cache" / "v" / "poolaware" / "history").read_text()
+    )
+    heavy = history["tests"]["test_suite.py::test_unmarked_heavy[0]"]
+    assert heavy[0] == 7  # peak connections checked out at once
+    warm = run(pytester, "-n", "4", "--dist", "poolaware")
+    warm.assert_outcomes(passed=39)
+    assert connection_errors(warm) == 0
+    assert "rerun alone" not in warm.stdout.str()
+
+
+def test_one_worker_runs_everything(pytester: pytest.Pytester, suite: dict[str, Any]) -> None:
+    result = run(pytester, "-n", "1", "--dist", "poolaware")
+    result.assert_outcomes(passed=39)
