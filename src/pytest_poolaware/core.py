@@ -17,6 +17,7 @@ Vocabulary:
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class _Worker:
     order: int
     queue: deque[int] = field(default_factory=deque)
     granted: int = 0  # length of the go'ed prefix of ``queue``
+    #: Largest expected need among the go'ed items (kept up to date: hot path).
+    granted_need: int = 0
     open: int = 0
     idle: int = 0
     #: Connections granted to the running item: it may hold this many until it ends.
@@ -252,6 +255,9 @@ class Planner(Generic[W]):
         state = self._workers[worker]
         state.queue.remove(index)
         state.granted = max(0, state.granted - 1)
+        state.granted_need = max(
+            (self.need_of(i) for i in itertools.islice(state.queue, state.granted)), default=0
+        )
         state.floor = 0
         state.stuck_idle = 0
         self._completed.add(index)
@@ -386,8 +392,7 @@ class Planner(Generic[W]):
         return max(MIN_QUEUE, min(MAX_QUEUE, len(lane) // (max(1, sharing) * QUEUE_SPLIT)))
 
     def _commitment(self, state: _Worker) -> int:
-        needs = [self.need_of(i) for i in list(state.queue)[: state.granted]]
-        return max([state.open, state.floor, *needs])
+        return max(state.open, state.floor, state.granted_need)
 
     def _admit(self, actions: list[Action]) -> None:
         """Answer blocked requests first, then give goes; whatever does not fit keeps its
@@ -429,6 +434,7 @@ class Planner(Generic[W]):
                     room -= extra
                     committed[worker] = raised
                     state.granted += 1
+                    state.granted_need = max(state.granted_need, self.need_of(index))
                     actions.append(Go(worker, index))
                     continue
                 if starts_now:
@@ -506,6 +512,7 @@ class Planner(Generic[W]):
             index = state.queue[0]
             self._overrun(first, self.need_of(index))
             state.granted = 1
+            state.granted_need = self.need_of(index)
             actions.append(Go(first, index))
 
     def _kind(self, worker: W) -> RequestKind:

@@ -14,7 +14,7 @@ Worker -> controller (tuples, tag first):
   ("done", index, need, duration, peak_open, rerun, open, idle)   an item finished
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
-  ("go", index)  ("grant", request_id, answer)  ("release",)
+  ("go", [index, ...])  ("grant", request_id, answer)  ("release",)
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class WorkerLink:
                 return
             tag = message[0]
             if tag == "go":
-                self._goes.add(message[1])
+                self._goes.update(message[1])
             elif tag == "grant":
                 self._grants[message[1]] = message[2]
             elif tag == "release":

@@ -118,7 +118,9 @@ class Controller:
 
         self.config = config
         self.settings = settings
-        self.history = History.load(config.cache) if config.cache else History()
+        cache: pytest.Cache | None = getattr(config, "cache", None)  # None: -p no:cacheprovider
+        self.cache = cache
+        self.history = History.load(cache) if cache is not None else History()
         self.record = RunRecord(notes=list(self.history.problems))
         self.links: dict[Any, ControllerLink] = {}
         self.inbox: queue.SimpleQueue[tuple[Any, Message]] = queue.SimpleQueue()
@@ -150,8 +152,8 @@ class Controller:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         scheduler = self.scheduler
-        if self.config.cache is not None and scheduler is not None and scheduler.collection:
-            self.history.save(self.config.cache, keep=scheduler.collection)
+        if self.cache is not None and scheduler is not None and scheduler.collection:
+            self.history.save(self.cache, keep=scheduler.collection)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.scheduler is not None:

@@ -262,6 +262,7 @@ class PoolAwareScheduling:
         self.history.record(nodeid, need, seconds)
 
     def _apply(self, actions: list[Action]) -> None:
+        goes: dict[Any, list[int]] = {}
         for action in actions:
             self.log(action)
             node: Any = action.worker
@@ -269,13 +270,18 @@ class PoolAwareScheduling:
                 node.send_runtest_some(list(action.indices))
             elif isinstance(action, Shutdown):
                 node.shutdown()
+            elif isinstance(action, Go):
+                goes.setdefault(node, []).append(action.index)
             else:
                 link = self._links.get(node)
                 if link is None:
                     continue
-                if isinstance(action, Go):
-                    link.send("go", action.index)
-                elif isinstance(action, Grant):
+                if isinstance(action, Grant):
                     link.send("grant", action.request, action.answer.value)
                 elif isinstance(action, Release):
                     link.send("release")
+        # One message per worker: goes are the most frequent answer.
+        for node, indices in goes.items():
+            link = self._links.get(node)
+            if link is not None:
+                link.send("go", indices)

@@ -101,8 +101,9 @@ class WorkerAgent:
         self.retry_on_limit = retry_on_limit
         self._clock = clock
         self._index: dict[pytest.Item, int] = {}
+        self._last_counts = (0, 0)
         self.meter = PoolMeter(
-            on_change=lambda open_, idle: self.link.send("counts", open_, idle, False),
+            on_change=lambda open_, idle: self._send_counts(open_, idle, released=False),
             gate=self._gate,
             on_error=self._report_error,
         )
@@ -156,6 +157,9 @@ class WorkerAgent:
         if self.link.take_release():
             self._release()
         meter = self.meter
+        if not (window.need or rerun or (meter.open, meter.idle) != self._last_counts):
+            return True  # nothing the controller does not know: xdist reports the end
+        self._last_counts = (meter.open, meter.idle)
         self.link.send(
             "done",
             index,
@@ -200,7 +204,11 @@ class WorkerAgent:
 
     def _release(self) -> None:
         self.meter.release_idle()
-        self.link.send("counts", self.meter.open, self.meter.idle, True)
+        self._send_counts(self.meter.open, self.meter.idle, released=True)
+
+    def _send_counts(self, open_: int, idle: int, *, released: bool) -> None:
+        self._last_counts = (open_, idle)
+        self.link.send("counts", open_, idle, released)
 
     def _report_error(self, exc: BaseException) -> None:
         self.link.send("note", f"connection instrumentation failed and was disabled: {exc!r}")

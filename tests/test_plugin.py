@@ -1,0 +1,123 @@
+"""What a user sees from the plugin's options, markers and configuration errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_poolaware.settings import PoolSettings, Settings
+
+#: Bound on every inner run, so a hang fails the test.
+RUN_TIMEOUT = 120
+
+TWO_TESTS = """
+import pytest
+
+@pytest.mark.serial_only
+def test_heavy():
+    pass
+
+@pytest.mark.parallel_safe
+def test_light():
+    pass
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+
+
+def test_dist_poolaware_is_listed_in_help(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--help")
+    result.stdout.fnmatch_lines(["*poolaware: serial_only tests one at a time*"])
+    result.stdout.fnmatch_lines(["*--pool-budget=N*"])
+
+
+def test_markers_are_registered_for_strict_markers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "--strict-markers", "-m", "serial_only", "-v")
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(["*test_heavy PASSED*"])
+
+
+def test_works_without_xdist(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-p", "no:xdist", "--strict-markers", "-m", "parallel_safe")
+    result.assert_outcomes(passed=1, deselected=1)
+
+
+def test_dist_poolaware_from_addopts(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = -n 2 --dist poolaware\n")
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*budget: 30 connections*"])
+
+
+def test_both_markers_is_a_usage_error_naming_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.serial_only
+        @pytest.mark.parallel_safe
+        def test_confused():
+            pass
+        """
+    )
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*marked both serial_only and parallel_safe*test_confused*"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--pool-budget", "0"], {}, "*--pool-budget*positive integer*'0'*"),
+        (["--pool-budget", "-3"], {}, "*--pool-budget*positive integer*'-3'*"),
+        (["--pool-budget", "lots"], {}, "*--pool-budget*'lots'*"),
+        ([], {"PG_POOL_SIZE": "ten"}, "*PG_POOL_SIZE='ten'*positive integer*"),
+        ([], {"PG_MAX_OVERFLOW": "-1"}, "*PG_MAX_OVERFLOW='-1'*non-negative integer*"),
+        ([], {"PG_POOL_TIMEOUT": "soon"}, "*PG_POOL_TIMEOUT='soon'*seconds*"),
+        (["--poolaware-unmarked", "sometimes"], {}, "*--poolaware-unmarked*'sometimes'*"),
+    ],
+)
+def test_bad_settings_are_usage_errors(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\npoolaware_budget = 1.5\n")
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*poolaware_budget='1.5'*positive integer*"])
+
+
+def test_settings_precedence(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Option over ini over environment; the source is named for the summary."""
+    monkeypatch.setenv("PG_POOL_SIZE", "4")
+    monkeypatch.setenv("PG_MAX_OVERFLOW", "3")
+    config = pytester.parseconfig()
+    assert (Settings.from_config(config).budget, PoolSettings.from_env().max_connections) == (
+        7,
+        7,
+    )
+    pytester.makeini("[pytest]\npoolaware_budget = 9\n")
+    config = pytester.parseconfig()
+    assert Settings.from_config(config).budget == 9
+    config = pytester.parseconfig("--pool-budget", "5")
+    settings = Settings.from_config(config)
+    assert (settings.budget, settings.budget_source) == (5, "--pool-budget")
