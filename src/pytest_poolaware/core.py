@@ -20,7 +20,7 @@ import enum
 import itertools
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 W = TypeVar("W", bound=Hashable)
@@ -53,6 +53,8 @@ class Test:
     need: int | None = None
     #: Seconds it took in an earlier run; None if unknown.
     duration: float | None = None
+    #: Items sharing expensive fixtures (a module): kept together and in order.
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,12 +129,12 @@ class Overrun:
 
 @dataclass
 class _Request:
+    worker: Hashable
     request: int
-    #: Connections the worker wants to hold once granted (its open count + 1, or the
-    #: room a rerun asks for).
-    want: int
     order: int
     kind: RequestKind
+    #: For a rerun: the room it asks for (a connect request wants one more than held).
+    want: int = 0
 
 
 @dataclass
@@ -146,8 +148,11 @@ class _Worker:
     idle: int = 0
     #: Connections granted to the running item: it may hold this many until it ends.
     floor: int = 0
+    #: Connect requests granted whose connection has not shown up in ``open`` yet.
+    connecting: int = 0
     shut: bool = False
-    request: _Request | None = None
+    #: Blocked requests, oldest first (threads of one test may each wait for one).
+    requests: list[_Request] = field(default_factory=list)
     release_sent: bool = False
     #: Idle connections left after the worker last tried to release them (held by pools
     #: with connections checked out): not worth asking for again until an item ends.
@@ -196,16 +201,30 @@ class Planner(Generic[W]):
     # -- inputs -------------------------------------------------------------------------
 
     def load(self, tests: Sequence[Test]) -> list[Action]:
-        """Take the collection (once): lanes, then longest-first order in the fan-out."""
+        """Take the collection (once): the serial lane in collection order, the fan-out
+        longest group first."""
         assert not self._loaded, "collection loaded twice"
         self._loaded = True
         self._tests = list(tests)
         self._serial = deque(i for i, t in enumerate(tests) if t.lane is Lane.SERIAL)
-        fanout = [i for i, t in enumerate(tests) if t.lane is Lane.FANOUT]
-        # Unmeasured items first (to learn about them early), then longest first.
-        fanout.sort(key=lambda i: (tests[i].duration is not None, -(tests[i].duration or 0.0)))
-        self._fanout = deque(fanout)
+        self._fanout = deque(
+            self._longest_groups_first([i for i, t in enumerate(tests) if t.lane is Lane.FANOUT])
+        )
         return self._plan()
+
+    def _longest_groups_first(self, indices: list[int]) -> list[int]:
+        """Whole groups (modules) in order of total duration, unmeasured ones first, each
+        in collection order: long work starts early, and module fixtures are set up once
+        per worker rather than once per item."""
+        groups: dict[str, list[int]] = {}
+        for index in indices:
+            groups.setdefault(self._tests[index].group, []).append(index)
+
+        def weight(members: list[int]) -> tuple[bool, float]:
+            durations = [self._tests[i].duration for i in members]
+            return (None not in durations, -sum(d or 0.0 for d in durations))
+
+        return [i for members in sorted(groups.values(), key=weight) for i in members]
 
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
@@ -242,6 +261,8 @@ class Planner(Generic[W]):
         state = self._workers.get(worker)
         if state is None:
             return []
+        if open_ > state.open:
+            state.connecting = max(0, state.connecting - (open_ - state.open))
         state.open, state.idle = open_, idle
         if released:
             state.release_sent = False
@@ -259,12 +280,15 @@ class Planner(Generic[W]):
             (self.need_of(i) for i in itertools.islice(state.queue, state.granted)), default=0
         )
         state.floor = 0
+        state.connecting = 0
         state.stuck_idle = 0
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
         if duration is not None:
-            self._tests[index] = Test(self._tests[index].lane, self.need_of(index), duration)
+            self._tests[index] = replace(
+                self._tests[index], need=self.need_of(index), duration=duration
+            )
         return self._plan()
 
     def request(self, worker: W, request: int, want: int | None = None) -> list[Action]:
@@ -274,10 +298,11 @@ class Planner(Generic[W]):
         if state is None:
             return []
         if want is None:
-            state.request = _Request(request, state.open + 1, self._next(), RequestKind.CONNECT)
+            kind = RequestKind.CONNECT
         else:
+            kind = RequestKind.RERUN
             state.floor = 0  # the first attempt is over; what it was granted is free
-            state.request = _Request(request, want, self._next(), RequestKind.RERUN)
+        state.requests.append(_Request(worker, request, self._next(), kind, want or 0))
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -309,6 +334,15 @@ class Planner(Generic[W]):
         """The item the worker runs or starts next, if it may start one."""
         state = self._workers.get(worker)
         return state.queue[0] if state and state.granted else None
+
+    def describe(self) -> str:
+        """One line of per-worker state, for ``--debug`` logs."""
+        return " | ".join(
+            f"{w}: open={s.open} idle={s.idle} floor={s.floor} need={s.granted_need} "
+            f"go={s.granted}/{len(s.queue)} req={[r.kind.value for r in s.requests]}"
+            f"{' rel' if s.release_sent else ''}{' shut' if s.shut else ''}"
+            for w, s in self._workers.items()
+        )
 
     def statistics(self) -> Statistics:
         return Statistics(
@@ -402,30 +436,31 @@ class Planner(Generic[W]):
         blocked: list[W] = []
 
         draining = False
-        for worker in self._requesters():
+        for request in self._waiting():
+            worker: W = request.worker  # type: ignore[assignment]
             state = self._workers[worker]
-            assert state.request is not None
-            if state.request.kind is RequestKind.RERUN:
+            if request.kind is RequestKind.RERUN:
                 # A rerun waits until it has the run to itself; meanwhile nothing new
                 # starts, so the run drains towards that.
                 if not draining and not self._others_busy(worker):
-                    committed[worker] = max(committed[worker], state.request.want)
-                    self._answer(worker, Answer.GRANTED, actions)
+                    committed[worker] = max(committed[worker], request.want)
+                    self._answer(request, Answer.GRANTED, actions)
                 else:
                     blocked.append(worker)
                 draining = True
                 continue
-            extra = max(0, state.request.want - committed[worker])
+            want = state.open + state.connecting + 1
+            extra = max(0, want - committed[worker])
             if extra <= max(room, 0):
-                committed[worker] += extra
-                self._answer(worker, Answer.GRANTED, actions)
+                committed[worker] = max(committed[worker], want)
+                self._answer(request, Answer.GRANTED, actions)
             else:
                 blocked.append(worker)
             room -= extra
 
         for worker in [] if draining else self._go_order():
             state = self._workers[worker]
-            while state.granted < len(state.queue) and state.request is None:
+            while state.granted < len(state.queue) and not state.requests:
                 index = state.queue[state.granted]
                 raised = max(committed[worker], self.need_of(index))
                 extra = raised - committed[worker]
@@ -448,20 +483,16 @@ class Planner(Generic[W]):
     def _others_busy(self, worker: W) -> bool:
         """Whether any other worker holds connections or runs an item."""
         return any(
-            s.open > 0 or (s.granted and s.request is None)
+            s.open > 0 or (s.granted and not s.requests)
             for w, s in self._workers.items()
             if w != worker
         )
 
-    def _requesters(self) -> list[W]:
+    def _waiting(self) -> list[_Request]:
         """Connect requests first, oldest first: they come from running items, whose
         ending is what frees room; then reruns, which wait for the run to drain."""
-        waiting = [
-            (s.request.kind is RequestKind.RERUN, s.request.order, w)
-            for w, s in self._workers.items()
-            if s.request
-        ]
-        return [w for *_, w in sorted(waiting, key=lambda entry: entry[:2])]
+        waiting = [r for s in self._workers.values() for r in s.requests]
+        return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
 
     def _go_order(self) -> list[W]:
         """Serial lane first (it is the run's critical path), then by arrival."""
@@ -470,15 +501,19 @@ class Planner(Generic[W]):
             key=lambda w: (w != self._serial_worker, self._workers[w].order),
         )
 
-    def _answer(self, worker: W, answer: Answer, actions: list[Action]) -> None:
+    def _answer(self, request: _Request, answer: Answer, actions: list[Action]) -> None:
+        worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
-        assert state.request is not None
         if answer is not Answer.REFUSED:
-            state.floor = max(state.floor, state.request.want)
+            if request.kind is RequestKind.RERUN:
+                state.floor = max(state.floor, request.want)
+            else:
+                state.floor = max(state.floor, state.open + state.connecting + 1)
+                state.connecting += 1
         if answer is Answer.OVER_BUDGET:
-            self._overrun(worker, state.request.want)
-        actions.append(Grant(worker, state.request.request, answer))
-        state.request = None
+            self._overrun(worker, state.floor)
+        actions.append(Grant(worker, request.request, answer))
+        state.requests.remove(request)
 
     def _overrun(self, worker: W, need: int) -> None:
         state = self._workers[worker]
@@ -496,16 +531,19 @@ class Planner(Generic[W]):
                 actions.append(Release(worker))
         if self._can_progress(blocked):
             return
-        requests = [w for w in self._requesters() if w in blocked]
-        connects = [w for w in requests if self._kind(w) is RequestKind.CONNECT]
-        if connects and any(
-            self._commitment(s) > 0 for w, s in self._workers.items() if w != connects[-1]
+        waiting = self._waiting()
+        connects = [r for r in waiting if r.kind is RequestKind.CONNECT]
+        victim = connects[-1].worker if connects else None
+        if victim is not None and any(
+            self._commitment(s) > 0 for w, s in self._workers.items() if w != victim
         ):
-            # Wait-die: the youngest connect request gives way; its test is rerun alone.
-            self._answer(connects[-1], Answer.REFUSED, actions)
-        elif requests:
+            # Wait-die: the youngest waiting test gives way (all its waiting threads);
+            # it fails on a connection-limit error and is rerun alone.
+            for request in [r for r in connects if r.worker == victim]:
+                self._answer(request, Answer.REFUSED, actions)
+        elif waiting:
             # Alone, or only reruns are waiting: nothing else will ever free room.
-            self._answer(requests[0], Answer.OVER_BUDGET, actions)
+            self._answer(waiting[0], Answer.OVER_BUDGET, actions)
         else:
             first = blocked[0]
             state = self._workers[first]
@@ -515,11 +553,6 @@ class Planner(Generic[W]):
             state.granted_need = self.need_of(index)
             actions.append(Go(first, index))
 
-    def _kind(self, worker: W) -> RequestKind:
-        request = self._workers[worker].request
-        assert request is not None
-        return request.kind
-
     def _can_progress(self, blocked: list[W]) -> bool:
         """Whether some worker will free room without help: it is running an item, or
         it is about to answer a request to release idle connections."""
@@ -527,7 +560,7 @@ class Planner(Generic[W]):
         for worker, state in self._workers.items():
             if state.release_sent:
                 return True
-            if worker not in stuck and state.granted and state.request is None:
+            if worker not in stuck and state.granted and not state.requests:
                 return True
         return False
 

@@ -119,8 +119,9 @@ class WorkerLink:
 
         Returns the answer (``core.Answer`` value), or None if ``timeout`` passed first.
         """
-        self._next_request += 1
-        rid = self._next_request
+        with self._cond:  # tests may connect from several threads at once
+            self._next_request += 1
+            rid = self._next_request
         self.send("request", rid, want)
         granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
         if not granted:

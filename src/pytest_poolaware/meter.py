@@ -8,6 +8,7 @@ opened outside SQLAlchemy pools are not seen.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class PoolMeter:
         )
         self._installed = False
         self._gating = True
+        # Pool events fire on whichever thread uses the pool.
+        self._lock = threading.Lock()
 
     @property
     def idle(self) -> int:
@@ -128,17 +131,21 @@ class PoolMeter:
         self._changed(-1)
 
     def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        self.checked_out += 1
-        self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+        with self._lock:
+            self.checked_out += 1
+            self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
-        self.checked_out = max(0, self.checked_out - 1)
+        with self._lock:
+            self.checked_out = max(0, self.checked_out - 1)
 
     def _changed(self, delta: int) -> None:
-        self.open = max(0, self.open + delta)
-        self._peak_open = max(self._peak_open, self.open)
+        with self._lock:
+            self.open = max(0, self.open + delta)
+            self._peak_open = max(self._peak_open, self.open)
+            counts = (self.open, self.idle)
         try:
-            self._on_change(self.open, self.idle)
+            self._on_change(*counts)
         except Exception as exc:
             self._contain(exc)
 

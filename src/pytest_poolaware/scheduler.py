@@ -203,7 +203,12 @@ class PoolAwareScheduling:
                 unmarked_serial=unmarked_serial,
             )
             tests.append(
-                Test(lane, measure.need if measure else None, measure.duration if measure else None)
+                Test(
+                    lane,
+                    measure.need if measure else None,
+                    measure.duration if measure else None,
+                    group=nodeid.split("::", 1)[0],
+                )
             )
         return tests
 
@@ -230,7 +235,7 @@ class PoolAwareScheduling:
             except queue.Empty:
                 return
             tag = message[0]
-            self.log("received", node.gateway.id, tag)
+            self.log("received", node.gateway.id, message if tag != "collected" else tag)
             if tag == "collected":
                 if self._markers is None:
                     self._markers = [(bool(s), bool(p)) for s, p in message[1]]
@@ -263,6 +268,8 @@ class PoolAwareScheduling:
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[Any, list[int]] = {}
+        if actions:
+            self.log("state", self.planner.describe())
         for action in actions:
             self.log(action)
             node: Any = action.worker
