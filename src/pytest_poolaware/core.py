@@ -157,6 +157,10 @@ class _Worker:
     #: Idle connections left after the worker last tried to release them (held by pools
     #: with connections checked out): not worth asking for again until an item ends.
     stuck_idle: int = 0
+    #: Its running item is a rerun: its connects are never refused (no third attempt).
+    rerunning: bool = False
+    #: When its head item was first found not to fit (0: not waiting); oldest go first.
+    waiting_since: int = 0
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ class Planner(Generic[W]):
         state.floor = 0
         state.connecting = 0
         state.stuck_idle = 0
+        state.rerunning = False
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
@@ -374,16 +379,21 @@ class Planner(Generic[W]):
         fanout_workers = [w for w in live if w != serial_worker] or live
         for worker in live:
             state = self._workers[worker]
-            if worker == serial_worker:
-                lane = self._serial if self._serial else self._fanout
-                sharing = 1 if self._serial else len(live)
-            else:
-                lane, sharing = self._fanout, len(fanout_workers)
-            batch = self._take(lane, state, sharing)
+            serial_lane = worker == serial_worker
+            batch = self._take(self._serial, state, 1) if serial_lane and self._serial else []
+            state.queue.extend(batch)
+            if not (serial_lane and self._serial):
+                # The fan-out; the serial worker joins it once the serial lane is handed
+                # out, in the same pass, so that it never holds a single item.
+                sharing = len(live) if serial_lane else len(fanout_workers)
+                more = self._take(self._fanout, state, sharing)
+                state.queue.extend(more)
+                batch += more
             if batch:
-                state.queue.extend(batch)
                 actions.append(Send(worker, tuple(batch)))
-            elif not lane and not (worker == serial_worker and self._serial):
+            if not self._fanout and not (serial_lane and self._serial):
+                # Nothing left for it: shut down now, even right after a batch, since
+                # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
 
@@ -398,6 +408,13 @@ class Planner(Generic[W]):
         if not serial_left:
             self._serial_worker = None
             return None
+        current = self._serial_worker
+        if current is not None and not any(
+            self._tests[i].lane is Lane.SERIAL for i in self._workers[current].queue
+        ):
+            # It has not taken a serial item yet (a long queue, or a fresh lane after a
+            # crash): the least-loaded worker, a new replacement maybe, starts it sooner.
+            self._serial_worker = None
         if self._serial_worker is None:
             candidates = [
                 (len(s.queue), s.order, w) for w, s in self._workers.items() if not s.shut
@@ -426,6 +443,8 @@ class Planner(Generic[W]):
         return max(MIN_QUEUE, min(MAX_QUEUE, len(lane) // (max(1, sharing) * QUEUE_SPLIT)))
 
     def _commitment(self, state: _Worker) -> int:
+        if any(r.kind is RequestKind.RERUN for r in state.requests):
+            return state.open  # it starts nothing before its rerun is granted
         return max(state.open, state.floor, state.granted_need)
 
     def _admit(self, actions: list[Action]) -> None:
@@ -458,6 +477,10 @@ class Planner(Generic[W]):
                 blocked.append(worker)
             room -= extra
 
+        # Once something waits for room, nothing else starts unless it fits in what is
+        # left after that reservation, even within its worker's commitment: otherwise a
+        # worker streaming light items never lets its commitment drop.
+        reserved = bool(blocked)
         for worker in [] if draining else self._go_order():
             state = self._workers[worker]
             while state.granted < len(state.queue) and not state.requests:
@@ -465,7 +488,9 @@ class Planner(Generic[W]):
                 raised = max(committed[worker], self.need_of(index))
                 extra = raised - committed[worker]
                 starts_now = state.granted == 0
-                if extra == 0 or (starts_now and extra <= room):
+                if extra <= room if reserved else (extra == 0 or (starts_now and extra <= room)):
+                    if starts_now:
+                        state.waiting_since = 0
                     room -= extra
                     committed[worker] = raised
                     state.granted += 1
@@ -474,7 +499,10 @@ class Planner(Generic[W]):
                     continue
                 if starts_now:
                     room -= extra
-                    blocked.append(worker)
+                    if extra > 0:
+                        blocked.append(worker)
+                        reserved = True
+                        state.waiting_since = state.waiting_since or self._next()
                 break
 
         if blocked:
@@ -498,7 +526,12 @@ class Planner(Generic[W]):
         """Serial lane first (it is the run's critical path), then by arrival."""
         return sorted(
             self._workers,
-            key=lambda w: (w != self._serial_worker, self._workers[w].order),
+            key=lambda w: (
+                self._workers[w].waiting_since == 0,
+                self._workers[w].waiting_since,
+                w != self._serial_worker,
+                self._workers[w].order,
+            ),
         )
 
     def _answer(self, request: _Request, answer: Answer, actions: list[Action]) -> None:
@@ -507,6 +540,7 @@ class Planner(Generic[W]):
         if answer is not Answer.REFUSED:
             if request.kind is RequestKind.RERUN:
                 state.floor = max(state.floor, request.want)
+                state.rerunning = True
             else:
                 state.floor = max(state.floor, state.open + state.connecting + 1)
                 state.connecting += 1
@@ -532,7 +566,11 @@ class Planner(Generic[W]):
         if self._can_progress(blocked):
             return
         waiting = self._waiting()
-        connects = [r for r in waiting if r.kind is RequestKind.CONNECT]
+        connects = [
+            r
+            for r in waiting
+            if r.kind is RequestKind.CONNECT and not self._workers[r.worker].rerunning  # type: ignore[index]
+        ]
         victim = connects[-1].worker if connects else None
         if victim is not None and any(
             self._commitment(s) > 0 for w, s in self._workers.items() if w != victim
@@ -550,6 +588,7 @@ class Planner(Generic[W]):
             index = state.queue[0]
             self._overrun(first, self.need_of(index))
             state.granted = 1
+            state.waiting_since = 0
             state.granted_need = self.need_of(index)
             actions.append(Go(first, index))
 

@@ -5,13 +5,14 @@ the controller only at phase boundaries; connection counts must flow while a tes
 So the controller opens one more execnet channel per worker on the same gateway (it
 works for any ``--tx``, remote workers included) and hands it over in ``workerinput``.
 
+What each item measured travels on its last report instead (``ItemMeasures``).
+
 Worker -> controller (tuples, tag first):
   ("collected", markers, conflicts)  per item (serial_only, parallel_safe); node ids with both
   ("counts", open, idle, released)   live connections of the worker process; ``released``
                                      when answering a release request
   ("request", request_id, want)      blocked until it may hold ``want`` connections
                                      (None: one more)
-  ("done", index, need, duration, peak_open, rerun, open, idle)   an item finished
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
   ("go", [index, ...])  ("grant", request_id, answer)  ("release",)
@@ -24,7 +25,32 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
+
+
+@dataclass(frozen=True)
+class ItemMeasures:
+    """What a worker measured of one item; it travels as an
+    attribute of the item's last report (xdist serializes report attributes)."""
+
+    need: int  # peak connections checked out at once
+    peak_open: int  # peak connections open in the worker, idle ones included
+    duration: float  # seconds of the attempt that counted
+    waited: float  # seconds spent waiting for the budget (go and connect gate)
+    start: float  # wall-clock time.time() when it started
+    end: float
+    rerun: str  # why it ran twice, "" if it ran once
+    open: int  # the worker's open connections once it ended
+    idle: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ItemMeasures:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
 
 #: Key under which the side channel travels in ``node.workerinput``.
 WORKERINPUT_KEY: Final = "poolaware_channel"

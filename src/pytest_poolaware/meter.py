@@ -41,7 +41,7 @@ class Window:
 class PoolMeter:
     """Counts open and checked-out connections of this process; gates new connections.
 
-    ``on_change(open, idle)`` is called whenever the open count changes; ``gate()`` is
+    ``on_change(open, idle, released)`` is called whenever the open count changes; ``gate()`` is
     called before every new connection and may block until the budget has room.
     Errors inside listeners are contained: they are handed to ``on_error`` once and
     never reach the test.
@@ -51,7 +51,7 @@ class PoolMeter:
 
     def __init__(
         self,
-        on_change: Callable[[int, int], None],
+        on_change: Callable[[int, int, bool], None],
         gate: Callable[[], None],
         on_error: Callable[[BaseException], None],
     ) -> None:
@@ -68,7 +68,6 @@ class PoolMeter:
             weakref.WeakKeyDictionary()
         )
         self._installed = False
-        self._gating = True
         # Pool events fire on whichever thread uses the pool.
         self._lock = threading.Lock()
 
@@ -100,8 +99,6 @@ class PoolMeter:
             self._on_error(exc)
 
     def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
-        if not self._gating:
-            return
         try:
             self._gate()
         except BudgetRefused:
@@ -143,9 +140,18 @@ class PoolMeter:
         with self._lock:
             self.open = max(0, self.open + delta)
             self._peak_open = max(self._peak_open, self.open)
-            counts = (self.open, self.idle)
+            self._report(released=False)
+
+    def report(self, *, released: bool) -> None:
+        """Send the current counts (``released``: in answer to a release request)."""
+        with self._lock:
+            self._report(released=released)
+
+    def _report(self, *, released: bool) -> None:
+        # Called with the lock held, so that counts leave in the order they changed:
+        # a stale lower count arriving last would let the controller over-grant.
         try:
-            self._on_change(*counts)
+            self._on_change(self.open, self.idle, released)
         except Exception as exc:
             self._contain(exc)
 
@@ -168,7 +174,6 @@ class PoolMeter:
         overflow accounting); an asyncio pool is disposed on its own event loop when that
         loop is idle, since asyncpg connections can only be closed there.
         """
-        self._gating = False  # disposing never opens connections, but be safe
         try:
             for pool in list(self._pools):
                 if not isinstance(pool, QueuePool):
@@ -184,8 +189,6 @@ class PoolMeter:
                     loop.run_until_complete(greenlet_spawn(pool.dispose))
         except Exception as exc:
             self._contain(exc)
-        finally:
-            self._gating = True
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -150,6 +150,12 @@ class Controller:
         )
         return self.scheduler
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = getattr(report, "poolaware", None)
+        node = getattr(report, "node", None)
+        if data is not None and node is not None and self.scheduler is not None:
+            self.scheduler.note_measures(node, report.item_index, data)
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         scheduler = self.scheduler
         if self.cache is not None and scheduler is not None and scheduler.collection:

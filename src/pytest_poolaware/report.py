@@ -17,8 +17,8 @@ def write_summary(terminalreporter: Any, settings: Settings, scheduler: Any, rec
     tr.write_line(f"budget: {settings.budget} connections ({settings.budget_source})")
     tr.write_line(f"peak open connections (workers): {stats.peak_open}")
     for result in record.results:
-        if result.rerun:
-            tr.write_line(f"rerun alone ({result.rerun}): {result.nodeid}")
+        if result.measures.rerun:
+            tr.write_line(f"rerun alone ({result.measures.rerun}): {result.nodeid}")
     collection = scheduler.collection or []
     for overrun in stats.overruns:
         name = collection[overrun.index] if 0 <= overrun.index < len(collection) else "?"

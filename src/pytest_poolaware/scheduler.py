@@ -30,22 +30,18 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.history import History
-from pytest_poolaware.link import ControllerLink, Message
+from pytest_poolaware.link import ControllerLink, ItemMeasures, Message
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
-@dataclass
+@dataclass(frozen=True)
 class ItemResult:
     """What the controller learned about one finished item."""
 
     nodeid: str
     lane: Lane
     worker: str
-    need: int
-    peak_open: int
-    duration: float
-    #: Why the item ran twice ("" when it ran once).
-    rerun: str
+    measures: ItemMeasures
 
 
 @dataclass
@@ -91,7 +87,7 @@ class PoolAwareScheduling:
         self._joined: set[WorkerController] = set()
         self.collection: list[str] | None = None
         self._markers: list[tuple[bool, bool]] | None = None
-        self._done: dict[tuple[WorkerController, int], tuple[int, float, int, str]] = {}
+        self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
 
     # -- Scheduling protocol ----------------------------------------------------------------
 
@@ -154,9 +150,28 @@ class PoolAwareScheduling:
     ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
-        need, seconds, peak_open, rerun = self._done.pop((node, item_index), (0, duration, 0, ""))
-        self._remember(node, item_index, need, seconds, peak_open, rerun)
-        self._apply(self.planner.completed(node, item_index, need=need, duration=seconds))
+        measures = self._measures.pop((node, item_index), None)
+        if measures is None:  # no report carried them (e.g. the item was not run)
+            self._apply(self.planner.completed(node, item_index, duration=duration))
+            return
+        assert self.collection is not None
+        nodeid = self.collection[item_index]
+        self.record.results.append(
+            ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
+        )
+        self.history.record(nodeid, measures.need, measures.duration)
+        self._apply(
+            self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
+        )
+
+    def note_measures(self, node: WorkerController, item_index: int, data: Any) -> None:
+        """Called by the controller plugin's ``pytest_runtest_logreport`` for an item's
+        last report, which arrives before xdist's completion event."""
+        self._drain()  # side-channel news sent before this report comes first
+        measures = ItemMeasures.from_json(data)
+        self._measures[(node, item_index)] = measures
+        if node in self._joined:
+            self._apply(self.planner.counts(node, measures.open, measures.idle))
 
     def mark_test_pending(self, item: str) -> None:
         """Called by ``pytest_handlecrashitem`` implementations that want a crashed item rerun."""
@@ -247,24 +262,8 @@ class PoolAwareScheduling:
             elif tag == "request":
                 if node in self._joined:
                     self._apply(self.planner.request(node, message[1], message[2]))
-            elif tag == "done":
-                _, index, need, seconds, peak_open, rerun, open_, idle = message
-                self._done[(node, index)] = (need, seconds, peak_open, rerun)
-                if node in self._joined:
-                    self._apply(self.planner.counts(node, open_, idle))
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
-
-    def _remember(
-        self, node: WorkerController, index: int, need: int, seconds: float, peak: int, rerun: str
-    ) -> None:
-        assert self.collection is not None
-        nodeid = self.collection[index]
-        lane = self.planner.lane_of(index)
-        self.record.results.append(
-            ItemResult(nodeid, lane, node.gateway.id, need, peak, seconds, rerun)
-        )
-        self.history.record(nodeid, need, seconds)
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[Any, list[int]] = {}

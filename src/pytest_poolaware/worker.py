@@ -13,7 +13,7 @@ import pytest
 from _pytest.runner import runtestprotocol
 
 from pytest_poolaware.core import Answer
-from pytest_poolaware.link import WorkerLink
+from pytest_poolaware.link import ItemMeasures, WorkerLink
 from pytest_poolaware.meter import BudgetRefused, PoolMeter
 from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
 
@@ -101,9 +101,9 @@ class WorkerAgent:
         self.retry_on_limit = retry_on_limit
         self._clock = clock
         self._index: dict[pytest.Item, int] = {}
-        self._last_counts = (0, 0)
+        self._waited = 0.0
         self.meter = PoolMeter(
-            on_change=lambda open_, idle: self._send_counts(open_, idle, released=False),
+            on_change=lambda open_, idle, released: self.link.send("counts", open_, idle, released),
             gate=self._gate,
             on_error=self._report_error,
         )
@@ -129,48 +129,53 @@ class WorkerAgent:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         index = self._index[item]
-        self.link.wait_go(index, on_release=self._release)
+        self._waited = 0.0
+        self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release))
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        started = time.time()
         start = self._clock()
         self.meter.begin()
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
         window = self.meter.end()
-        rerun = False
-        reason = item.stash.get(_limit_hit_key, "")
-        if self.retry_on_limit and reason:
-            rerun = True
+        reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
+        if reason:
             del item.stash[_limit_hit_key]
             _drop_failed_attempt()
             self._release()
-            self.link.request(self.budget, self.gate_timeout, self._release)
+            self._timed_wait(
+                lambda: self.link.request(self.budget, self.gate_timeout, self._release)
+            )
             start = self._clock()
             self.meter.begin()
             reports = runtestprotocol(item, nextitem=nextitem, log=False)
             window = self.meter.end()
-        for report in reports:
-            if rerun:
-                report.user_properties.append(("poolaware_rerun", reason))
-            ihook.pytest_runtest_logreport(report=report)
-        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         duration = self._clock() - start
         if self.link.take_release():
             self._release()
-        meter = self.meter
-        if not (window.need or rerun or (meter.open, meter.idle) != self._last_counts):
-            return True  # nothing the controller does not know: xdist reports the end
-        self._last_counts = (meter.open, meter.idle)
-        self.link.send(
-            "done",
-            index,
-            window.need,
-            duration,
-            window.peak_open,
-            reason if rerun else "",
-            meter.open,
-            meter.idle,
-        )
+        # xdist's public route for data: report attributes travel with the report.
+        reports[-1].poolaware = ItemMeasures(  # type: ignore[attr-defined]
+            need=window.need,
+            peak_open=window.peak_open,
+            duration=duration,
+            waited=self._waited,
+            start=started,
+            end=time.time(),
+            rerun=reason,
+            open=self.meter.open,
+            idle=self.meter.idle,
+        ).to_json()
+        for report in reports:
+            if reason:
+                report.user_properties.append(("poolaware_rerun", reason))
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
+
+    def _timed_wait(self, wait: Callable[[], object]) -> None:
+        begun = self._clock()
+        wait()
+        self._waited += self._clock() - begun
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -190,7 +195,9 @@ class WorkerAgent:
 
     def _gate(self) -> None:
         """Called before each new connection: wait until the budget has room for it."""
+        begun = self._clock()
         answer = self.link.request(None, self.gate_timeout, self._release)
+        self._waited += self._clock() - begun
         if answer is None:
             self.link.send(
                 "note",
@@ -204,11 +211,7 @@ class WorkerAgent:
 
     def _release(self) -> None:
         self.meter.release_idle()
-        self._send_counts(self.meter.open, self.meter.idle, released=True)
-
-    def _send_counts(self, open_: int, idle: int, *, released: bool) -> None:
-        self._last_counts = (open_, idle)
-        self.link.send("counts", open_, idle, released)
+        self.meter.report(released=True)
 
     def _report_error(self, exc: BaseException) -> None:
         self.link.send("note", f"connection instrumentation failed and was disabled: {exc!r}")

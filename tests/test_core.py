@@ -1,0 +1,1001 @@
+"""The pure scheduling core: ``core.Planner`` driven directly, no xdist, no database.
+
+Worker keys are plain strings. Tests either drive the planner by hand through
+``Tracker`` (to pin one decision) or run ``Sim``, a small event-driven model of xdist
+workers that follows the real protocol:
+
+* a worker enters an item only once it holds the next one or a shutdown (xdist's
+  ``run_one_test``), and starts it only after the controller's ``Go``;
+* every new connection is a ``request`` that waits for a ``Grant``; a ``REFUSED`` connect
+  fails the attempt, which is rerun once after a rerun request for the whole budget;
+* a ``Release`` is carried out while the worker waits (for a go or a grant), after its
+  current item, or at the end of its session, and answered with ``released=True`` counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from pytest_poolaware.core import (
+    MIN_QUEUE,
+    Action,
+    Answer,
+    Go,
+    Grant,
+    Lane,
+    Planner,
+    Release,
+    Send,
+    Shutdown,
+    lane_for,
+)
+from pytest_poolaware.core import Test as Item  # aliased, or pytest tries to collect it
+
+SERIAL = Lane.SERIAL
+FANOUT = Lane.FANOUT
+
+BUDGET = 4
+#: A simulation still running after this many events is considered hung.
+STEP_LIMIT = 20_000
+#: hypothesis imports libcst to suggest a patch when a property fails; libcst uses a
+#: deprecated mypy_extensions API, which ``filterwarnings = error`` turns into an error.
+HYPOTHESIS_PATCH_WARNING = "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def serial(n: int, need: int | None = 1, duration: float | None = None) -> list[Item]:
+    return [Item(SERIAL, need, duration) for _ in range(n)]
+
+
+def fanout(n: int, need: int | None = 1, duration: float | None = None) -> list[Item]:
+    return [Item(FANOUT, need, duration) for _ in range(n)]
+
+
+def goes(actions: Sequence[Action]) -> list[tuple[str, int]]:
+    return [(str(a.worker), a.index) for a in actions if isinstance(a, Go)]
+
+
+def grants(actions: Sequence[Action]) -> list[Grant]:
+    return [a for a in actions if isinstance(a, Grant)]
+
+
+def releases(actions: Sequence[Action]) -> set[str]:
+    return {str(a.worker) for a in actions if isinstance(a, Release)}
+
+
+class Tracker:
+    """Drives a Planner by hand and keeps what each worker was sent, for assertions."""
+
+    def __init__(self, budget: int = BUDGET, *, unknown_need: int = 1) -> None:
+        self.planner: Planner[str] = Planner(budget, unknown_need=unknown_need)
+        self.queues: dict[str, list[int]] = defaultdict(list)
+        self.shut: set[str] = set()
+
+    def _track(self, actions: list[Action]) -> list[Action]:
+        for action in actions:
+            if isinstance(action, Send):
+                self.queues[str(action.worker)].extend(action.indices)
+            elif isinstance(action, Shutdown):
+                self.shut.add(str(action.worker))
+        return actions
+
+    def sent(self, actions: Sequence[Action]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for action in actions:
+            if isinstance(action, Send):
+                out.setdefault(str(action.worker), []).extend(action.indices)
+        return out
+
+    def load(self, tests: Sequence[Item]) -> list[Action]:
+        return self._track(self.planner.load(tests))
+
+    def add(self, *workers: str) -> list[Action]:
+        return [a for w in workers for a in self._track(self.planner.add_worker(w))]
+
+    def complete(self, worker: str, index: int | None = None, need: int = 1) -> list[Action]:
+        """Complete the worker's head item (or ``index``) having used ``need`` connections."""
+        index = self.queues[worker][0] if index is None else index
+        self.queues[worker].remove(index)
+        return self._track(self.planner.completed(worker, index, need=need))
+
+    def remove(self, worker: str) -> tuple[int | None, list[Action]]:
+        self.queues.pop(worker, None)
+        crashed, actions = self.planner.remove_worker(worker)
+        return crashed, self._track(actions)
+
+    def counts(self, worker: str, open_: int, idle: int, released: bool = False) -> list[Action]:
+        return self._track(self.planner.counts(worker, open_, idle, released=released))
+
+    def request(self, worker: str, request: int, want: int | None = None) -> list[Action]:
+        return self._track(self.planner.request(worker, request, want))
+
+
+class Hang(AssertionError):
+    """Work is left but nothing can happen: under xdist the run would wait forever."""
+
+
+@dataclass
+class SimWorker:
+    name: str
+    queue: list[int] = field(default_factory=list)  # sent, not completed, in run order
+    goes: set[int] = field(default_factory=set)
+    shut: bool = False
+    running: int | None = None
+    attempt: int = 1
+    failed: bool = False  # the running attempt failed (a refused connect)
+    in_use: int = 0  # connections checked out by the running item
+    open: int = 0
+    asking: int | None = None  # request id while blocked
+    kind: str = ""  # "connect" or "rerun"
+    answer: Answer | None = None  # arrived, not acted on yet
+    release: bool = False  # a Release arrived and is not carried out yet
+
+    @property
+    def idle(self) -> int:
+        return self.open - self.in_use
+
+
+Event = tuple[str, str]  # (what happens, worker)
+Chooser = Callable[[list[Event]], int]
+
+
+def round_robin() -> Chooser:
+    """Deterministic interleaving: cycle through whatever can happen."""
+    counter = itertools.count()
+    return lambda events: next(counter) % len(events)
+
+
+class Sim:
+    """xdist workers around one Planner, recording what ran where and what broke.
+
+    ``peaks[i]``: connections item ``i`` really checks out at once (default: its declared
+    need, or 1). ``sticky``: idle connections a worker cannot close when asked (pools
+    whose event loop is gone). ``strict_xdist=False`` lets a worker start its last held
+    item without a shutdown, to look at the budget apart from queue depth.
+    """
+
+    def __init__(
+        self,
+        tests: Sequence[Item],
+        *,
+        budget: int = BUDGET,
+        workers: int = 2,
+        peaks: Sequence[int] | None = None,
+        sticky: int = 0,
+        strict_xdist: bool = True,
+        crashes: int = 0,
+        rerun_crashed: bool = False,
+        unknown_need: int = 1,
+    ) -> None:
+        self.tests = list(tests)
+        self.budget = budget
+        self.peaks = list(peaks) if peaks is not None else [t.need or 1 for t in tests]
+        self.sticky = sticky
+        self.strict_xdist = strict_xdist
+        self.crashes_left = crashes
+        self.rerun_crashed = rerun_crashed
+        self.planner: Planner[str] = Planner(budget, unknown_need=unknown_need)
+        self.workers: dict[str, SimWorker] = {}
+        self._names = (f"gw{n}" for n in itertools.count())
+        self._requests = itertools.count(1)
+        # what happened
+        self.outcomes: dict[int, list[str]] = {i: [] for i in range(len(tests))}
+        self.sent_count: Counter[int] = Counter()
+        self.may_resend: Counter[int] = Counter()
+        self.starts: list[tuple[str, int]] = []
+        self.running_at_start: dict[int, set[int]] = {}
+        self.completions: list[int] = []
+        self.refusals: Counter[int] = Counter()
+        self.failed_by_scheduler: list[int] = []  # both attempts refused: the user sees a failure
+        self.stalls: list[str] = []  # live workers left holding exactly one item
+        self.problems: list[str] = []  # invariant violations
+        self.peak_open = 0
+        self.steps = 0
+        # as the adapter does it: the collection first, then each worker as it is ready
+        self.apply(self.planner.load(self.tests))
+        for _ in range(workers):
+            self.add_worker()
+
+    # -- the controller's side --------------------------------------------------------
+
+    def add_worker(self) -> str:
+        name = next(self._names)
+        self.workers[name] = SimWorker(name)
+        self.apply(self.planner.add_worker(name))
+        return name
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            worker = self.workers.get(str(action.worker))
+            if worker is None:
+                self.problems.append(f"{action} for an unknown worker")
+            elif isinstance(action, Send):
+                if worker.shut:
+                    self.problems.append(f"{action}: worker already shut down")
+                for index in action.indices:
+                    self.sent_count[index] += 1
+                    if self.sent_count[index] > 1 + self.may_resend[index]:
+                        self.problems.append(f"item {index} sent again by {action}")
+                worker.queue.extend(action.indices)
+            elif isinstance(action, Shutdown):
+                if worker.shut:
+                    self.problems.append(f"{action} twice")
+                worker.shut = True
+            elif isinstance(action, Go):
+                started = sum(1 for i in worker.queue if i in worker.goes)
+                expected = worker.queue[started] if started < len(worker.queue) else None
+                if action.index != expected:
+                    self.problems.append(f"{action} out of queue order {worker.queue}")
+                worker.goes.add(action.index)
+            elif isinstance(action, Grant):
+                if worker.asking != action.request or worker.answer is not None:
+                    self.problems.append(f"{action} answers no open request")
+                worker.answer = action.answer
+            elif isinstance(action, Release):
+                worker.release = True
+        self.check()
+
+    def check(self) -> None:
+        """Invariants after every planner call."""
+        overrun = bool(self.planner.overruns)
+        physical = sum(w.open + self.connect_granted(w) for w in self.workers.values())
+        self.peak_open = max(self.peak_open, physical)
+        if physical > self.budget and not overrun:
+            self.problems.append(f"{physical} connections open or granted > {self.budget}")
+        # the worker-side commitment: each worker may hold its open connections (a granted
+        # connect included) or the need of any item it may start, whichever is larger
+        # (a worker waiting for its rerun can start nothing until that is granted)
+        committed = 0
+        for w in self.workers.values():
+            needs = [self.planner.need_of(i) for i in w.queue if i in w.goes]
+            if w.kind == "rerun" and w.answer is None:
+                needs = []
+            committed += max([w.open + self.connect_granted(w), *needs])
+        if committed > self.budget and not overrun:
+            self.problems.append(f"committed {committed} > budget {self.budget}, no Overrun")
+        holders = [w.name for w in self.workers.values() if any(map(self.is_serial, w.queue))]
+        if len(holders) > 1:
+            self.problems.append(f"serial items queued on several workers: {holders}")
+        for w in self.workers.values():
+            if not w.shut and len(w.queue) == 1:
+                self.stalls.append(f"{w.name} holds only {w.queue} and no shutdown")
+        if self.planner.tests_finished and not self.all_done():
+            self.problems.append("tests_finished while items are outstanding")
+
+    @staticmethod
+    def connect_granted(w: SimWorker) -> int:
+        return int(w.kind == "connect" and w.answer not in (None, Answer.REFUSED))
+
+    def is_serial(self, index: int) -> bool:
+        return self.tests[index].lane is SERIAL
+
+    def all_done(self) -> bool:
+        ended = all(o and o[-1] in ("completed", "crashed") for o in self.outcomes.values())
+        return ended and not any(w.queue for w in self.workers.values())
+
+    # -- the workers' side --------------------------------------------------------------
+
+    def events(self) -> list[Event]:
+        out: list[Event] = []
+        for w in self.workers.values():
+            if w.running is None:
+                entered = bool(w.queue) and (
+                    len(w.queue) >= MIN_QUEUE or w.shut or not self.strict_xdist
+                )
+                if entered:  # inside the item's protocol, waiting for the go
+                    if w.queue[0] in w.goes:
+                        out.append(("start", w.name))
+                    if w.release:
+                        out.append(("release", w.name))
+                elif w.shut and not w.queue:
+                    out.append(("retire", w.name))
+            elif w.asking is not None:
+                if w.answer is not None:
+                    out.append(("answered", w.name))
+                elif w.release:
+                    out.append(("release", w.name))
+            elif w.failed or w.in_use >= self.peaks[w.running]:
+                out.append(("finish", w.name))
+            else:
+                out.append(("checkout", w.name))
+        if self.crashes_left:
+            out.extend(("crash", w.name) for w in self.workers.values() if w.queue)
+        return out
+
+    def step(self, event: Event) -> None:
+        kind, name = event
+        getattr(self, f"_{kind}")(self.workers[name])
+
+    def _counts(self, w: SimWorker, released: bool = False) -> None:
+        self.apply(self.planner.counts(w.name, w.open, w.idle, released=released))
+
+    def _ask(self, w: SimWorker, kind: str, want: int | None = None) -> None:
+        w.asking, w.kind, w.answer = next(self._requests), kind, None
+        self.apply(self.planner.request(w.name, w.asking, want))
+
+    def _start(self, w: SimWorker) -> None:
+        index = w.queue[0]
+        others = {x.running for x in self.workers.values() if x.running is not None}
+        self.running_at_start[index] = others
+        if self.is_serial(index) and any(map(self.is_serial, others)):
+            self.problems.append(f"serial {index} started while serial {others} runs")
+        w.running, w.attempt, w.failed = index, 1, False
+        self.starts.append((w.name, index))
+
+    def _checkout(self, w: SimWorker) -> None:
+        if w.idle > 0:
+            w.in_use += 1
+        else:
+            self._ask(w, "connect")
+
+    def _answered(self, w: SimWorker) -> None:
+        assert w.running is not None
+        answer, kind = w.answer, w.kind
+        w.asking, w.kind, w.answer = None, "", None
+        if kind == "rerun":
+            return  # granted, over budget or not: the attempt starts again
+        if answer is not Answer.REFUSED:
+            w.open += 1
+            w.in_use += 1
+            self._counts(w)
+            return
+        self.refusals[w.running] += 1
+        w.in_use = 0  # the attempt fails; its connections go back to the pool
+        if w.attempt == 1:
+            w.attempt = 2
+            self._release(w)
+            self._ask(w, "rerun", want=self.budget)
+        else:
+            w.failed = True
+            self.failed_by_scheduler.append(w.running)
+
+    def _release(self, w: SimWorker) -> None:
+        w.release = False
+        w.open = w.in_use + min(w.idle, self.sticky)
+        self._counts(w, released=True)
+
+    def _finish(self, w: SimWorker) -> None:
+        index = w.running
+        assert index is not None
+        assert w.queue[0] == index
+        w.running, w.in_use, w.failed = None, 0, False
+        if w.release:  # asked while the item ran
+            self._release(w)
+        self._counts(w)  # the "done" message carries the counts
+        w.queue.pop(0)
+        w.goes.discard(index)
+        self.outcomes[index].append("completed")
+        self.completions.append(index)
+        self.apply(self.planner.completed(w.name, index, need=self.peaks[index]))
+
+    def _retire(self, w: SimWorker) -> None:
+        self._release(w)  # pytest_sessionfinish
+        crashed, actions = self.planner.remove_worker(w.name)
+        if crashed is not None:
+            self.problems.append(f"{w.name} finished cleanly but {crashed} was reported crashed")
+        del self.workers[w.name]
+        self.apply(actions)
+
+    def _crash(self, w: SimWorker) -> None:
+        self.crash(w.name)
+
+    def crash(self, name: str) -> int | None:
+        """The worker process dies: xdist removes it, may rerun the item, replaces it."""
+        w = self.workers.pop(name)
+        self.crashes_left = max(0, self.crashes_left - 1)
+        crashed, actions = self.planner.remove_worker(name)
+        expected = w.queue[0] if w.queue else None
+        if crashed != expected:
+            self.problems.append(f"{name} crashed in {expected}, planner says {crashed}")
+        for index in w.queue[1:]:
+            self.may_resend[index] += 1
+        if crashed is not None:
+            self.outcomes[crashed].append("crashed")
+        self.apply(actions)
+        if crashed is not None and self.rerun_crashed:
+            self.may_resend[crashed] += 1
+            self.apply(self.planner.requeue(crashed))
+        self.add_worker()
+        return crashed
+
+    # -- driving --------------------------------------------------------------------------
+
+    def run(self, choose: Chooser | None = None) -> Sim:
+        choose = choose or round_robin()
+        while not self.all_done():
+            events = self.events()
+            if not events:
+                raise Hang(f"nothing can happen; workers: {list(self.workers.values())}")
+            self.steps += 1
+            if self.steps > STEP_LIMIT:
+                raise Hang(f"still running after {STEP_LIMIT} events")
+            self.step(events[choose(events)])
+        return self
+
+    def assert_sound(self) -> None:
+        """Every item ended exactly once and no invariant broke on the way."""
+        assert self.problems == []
+        for index, outcome in self.outcomes.items():
+            if self.rerun_crashed:
+                assert outcome[-1:] == ["completed"], (index, outcome)
+                assert set(outcome[:-1]) <= {"crashed"}, (index, outcome)
+            else:
+                assert outcome in (["completed"], ["crashed"]), (index, outcome)
+        assert self.planner.tests_finished
+
+    def start_order(self, lane: Lane) -> list[int]:
+        """First start of each item of the lane, in time order."""
+        return list(dict.fromkeys(i for _, i in self.starts if self.tests[i].lane is lane))
+
+
+# -- lanes ----------------------------------------------------------------------------------
+
+#: Every third item serial_only, interleaved with fan-out items in collection order.
+INTERLEAVED = [Item(SERIAL if i % 3 == 0 else FANOUT) for i in range(24)]
+
+
+def test_serial_items_run_on_one_worker_one_at_a_time_in_collection_order() -> None:
+    """serial_only items share state: one worker, one at a time, as collected."""
+    sim = Sim(INTERLEAVED, workers=3).run()
+    sim.assert_sound()  # includes: never two serial items queued on different workers
+    serial_items = [i for i, t in enumerate(INTERLEAVED) if t.lane is SERIAL]
+    assert sim.start_order(SERIAL) == serial_items
+    assert len({w for w, i in sim.starts if i in serial_items}) == 1
+
+
+def test_serial_worker_gets_no_fanout_while_serial_items_wait() -> None:
+    """The serial lane is the run's critical path: its worker does nothing else."""
+    t = Tracker()
+    t.load(serial(8) + fanout(40))
+    t.add("a", "b")
+    assert t.queues["a"]
+    assert all(i < 8 for i in t.queues["a"])
+    assert t.queues["b"]
+    assert all(i >= 8 for i in t.queues["b"])
+
+
+def test_serial_worker_joins_the_fanout_once_the_serial_lane_is_empty() -> None:
+    t = Tracker()
+    t.load(serial(2) + fanout(40))
+    t.add("a", "b")
+    # every serial item is handed out: a tops up with fan-out work behind them
+    assert t.queues["a"][:2] == [0, 1]
+    assert len(t.queues["a"]) > 2
+    assert all(i >= 2 for i in t.queues["a"][2:])
+    assert all(i >= 2 for i in t.queues["b"])
+
+
+def test_single_worker_runs_everything_serial_items_first() -> None:
+    sim = Sim(fanout(3) + serial(2) + fanout(3), workers=1).run()
+    sim.assert_sound()
+    assert [i for _, i in sim.starts] == [3, 4, 0, 1, 2, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [serial(1) + fanout(3), fanout(1)],
+    ids=["one-serial-item", "one-item"],
+)
+def test_single_worker_never_stalls(tests: list[Item]) -> None:
+    Sim(tests, workers=1).run().assert_sound()
+
+
+def test_serial_lane_moves_to_another_worker_after_a_crash_and_keeps_order() -> None:
+    sim = Sim(serial(6) + fanout(30), workers=2)
+    assert sim.workers["gw0"].queue == [0, 1]  # gw0 is the serial worker
+    assert sim.crash("gw0") == 0  # gw2 replaces it
+    sim.run()
+    sim.assert_sound()  # includes: serial items never queued on two workers at once
+    assert sim.start_order(SERIAL) == [1, 2, 3, 4, 5]
+    assert len({w for w, i in sim.starts if i < 6}) == 1
+
+
+def test_serial_lane_resumes_promptly_after_its_worker_crashes() -> None:
+    sim = Sim(serial(6) + fanout(30), workers=2)
+    sim.crash("gw0")
+    crashed_at = len(sim.completions)
+    sim.run()
+    sim.assert_sound()
+    after = sim.completions[crashed_at:]
+    waited = next(n for n, i in enumerate(after) if i < 6)
+    assert waited <= 2, f"{waited} fan-out items ended before the serial lane resumed"
+
+
+def test_serial_lane_waits_for_a_replacement_when_no_worker_can_take_it() -> None:
+    """Shutdown is permanent: only a new worker can take serial items a crash returned."""
+    t = Tracker()
+    t.load(serial(4))
+    t.add("a")
+    assert t.remove("a")[0] == 0
+    assert t.planner.statistics().pending_serial == 3
+    actions = t.add("a2")
+    assert t.queues["a2"] == [1, 2]
+    assert goes(actions)[0] == ("a2", 1)
+
+
+def test_replacement_worker_gets_a_crashed_workers_items() -> None:
+    """b was shut down (nothing left to hand out) when a died: only a new worker helps."""
+    t = Tracker()
+    t.load(fanout(4))
+    t.add("a", "b")
+    held = list(t.queues["a"])
+    t.complete("b")
+    assert "b" in t.shut
+    crashed, actions = t.remove("a")
+    assert crashed == held[0]
+    assert t.sent(actions) == {}
+    t.add("c")
+    assert t.queues["c"] == held[1:]
+
+
+def test_crashes_in_a_simulated_run_with_replacements_and_reruns() -> None:
+    sim = Sim(serial(5) + fanout(15), workers=3, crashes=3, rerun_crashed=True)
+    sim.crash("gw0")  # the serial worker dies before its first item; gw3 replaces it
+    sim.run()
+    sim.assert_sound()
+    assert sim.start_order(SERIAL) == [0, 1, 2, 3, 4]  # the requeued item goes first
+    assert any(w == "gw3" for w, _ in sim.starts), "the replacement ran nothing"
+
+
+def test_lane_for_marker_policy() -> None:
+    assert lane_for(serial=True, parallel=False, measured=True, unmarked_serial=False) is SERIAL
+    assert lane_for(serial=False, parallel=False, measured=False, unmarked_serial=False) is FANOUT
+    assert lane_for(serial=False, parallel=False, measured=False, unmarked_serial=True) is SERIAL
+    assert lane_for(serial=False, parallel=False, measured=True, unmarked_serial=True) is FANOUT
+    assert lane_for(serial=False, parallel=True, measured=False, unmarked_serial=True) is FANOUT
+
+
+# -- xdist protocol -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tests", "workers"),
+    [(fanout(3), 2), (serial(1) + fanout(9), 3), (serial(2) + fanout(1), 2)],
+    ids=["fanout", "one-serial-item", "one-fanout-item"],
+)
+def test_every_live_worker_holds_two_items_or_is_shut_down(tests: list[Item], workers: int) -> None:
+    sim = Sim(tests, workers=workers, strict_xdist=False).run()
+    sim.assert_sound()
+    assert sim.stalls == []
+
+
+def test_worker_is_shut_down_when_its_lane_is_empty() -> None:
+    t = Tracker()
+    t.load(fanout(4))
+    t.add("a", "b")
+    assert len(t.queues["a"]) == len(t.queues["b"]) == MIN_QUEUE
+    t.complete("a")
+    assert t.shut == {"a", "b"}  # nothing left to hand out: both run what they hold
+    # a late worker with nothing to do is shut down at once, not left waiting
+    assert t.add("c") == [Shutdown("c")]
+
+
+def test_every_item_is_sent_once_and_finished_only_at_the_end() -> None:
+    tests = serial(4) + fanout(30, need=2) + fanout(10, need=None, duration=0.3)
+    sim = Sim(tests, budget=6, workers=4)
+    finished_early: list[int] = []
+    choose = round_robin()
+
+    def watching(events: list[Event]) -> int:
+        if sim.planner.tests_finished:
+            finished_early.append(len(sim.completions))
+        return choose(events)
+
+    sim.run(watching)
+    sim.assert_sound()
+    assert set(sim.sent_count.values()) == {1}
+    assert finished_early == []
+    assert sim.planner.statistics().completed == len(tests)
+
+
+def test_remove_worker_returns_its_head_as_crashed_and_requeues_the_rest_in_order() -> None:
+    t = Tracker()
+    t.load(fanout(64))
+    t.add("a", "b")
+    held = list(t.queues["a"])
+    assert len(held) > 3
+    crashed, actions = t.remove("a")
+    assert crashed == held[0]
+    # the rest of a's queue is back at the front of the fan-out, in the same order
+    resent = t.sent(actions).get("b", []) + t.sent(t.add("c")).get("c", [])
+    assert len(resent) > 3
+    assert resent == held[1 : 1 + len(resent)]
+    assert t.planner.statistics().completed == 1  # the crashed item counts as ended
+
+
+def test_remove_worker_of_a_worker_that_finished_reports_no_crash() -> None:
+    t = Tracker()
+    t.load(fanout(2))
+    t.add("a")
+    t.complete("a")
+    t.complete("a")
+    assert t.remove("a") == (None, [])
+    assert t.planner.tests_finished
+
+
+def test_requeued_item_runs_again_first() -> None:
+    """``mark_test_pending`` after a crash: the item goes to the front of its lane."""
+    t = Tracker()
+    t.load(fanout(6))
+    t.add("a")
+    assert t.remove("a")[0] == 0
+    t.planner.requeue(0)
+    assert not t.planner.tests_finished
+    actions = t.add("b")
+    assert t.queues["b"][0] == 0
+    assert goes(actions)[0] == ("b", 0)
+
+
+# -- budget ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tests", "budget", "workers"),
+    [
+        (fanout(30, need=2), 4, 4),
+        (serial(5, need=3) + fanout(20, need=1), 4, 3),
+        (fanout(10, need=1) + fanout(6, need=3) + fanout(10, need=None), 5, 4),
+    ],
+    ids=["pairs", "serial-heavy", "mixed"],
+)
+def test_budget_is_never_overcommitted_when_every_item_fits(
+    tests: list[Item], budget: int, workers: int
+) -> None:
+    sim = Sim(tests, budget=budget, workers=workers, strict_xdist=False).run()
+    sim.assert_sound()  # includes: committed <= budget after every event
+    assert sim.planner.overruns == []
+    assert sim.peak_open <= budget
+    assert sim.planner.statistics().peak_open <= budget
+
+
+def test_items_that_fit_together_run_concurrently() -> None:
+    """The budget must not serialise a run that fits: need 1 x 4 workers, budget 4."""
+    sim = Sim(fanout(40), budget=4, workers=4, strict_xdist=False).run()
+    sim.assert_sound()
+    assert max(len(others) for others in sim.running_at_start.values()) == 3
+
+
+def test_peaks_above_the_expected_need_are_gated_by_connect_requests() -> None:
+    """Items assumed to need 1 really check out 3 at once: their connects must wait."""
+    sim = Sim(fanout(12, need=None), budget=4, workers=3, peaks=[3] * 12, strict_xdist=False)
+    sim.run()
+    sim.assert_sound()
+    assert sim.planner.overruns == []
+    assert sim.peak_open <= 4
+    assert sim.failed_by_scheduler == []
+
+
+def test_item_needing_more_than_the_budget_runs_alone_with_an_overrun() -> None:
+    heavy, budget = 5, 3
+    tests = [*fanout(6), Item(FANOUT, need=heavy), *fanout(6)]
+    sim = Sim(tests, budget=budget, workers=3, strict_xdist=False).run()
+    sim.assert_sound()
+    assert sim.running_at_start[6] == set()
+    assert all(6 not in others for others in sim.running_at_start.values())
+    assert [(o.index, o.need, o.budget) for o in sim.planner.overruns] == [(6, heavy, budget)]
+    assert sim.planner.overruns[0].alone
+
+
+def test_blocked_head_reserves_room_so_a_lighter_item_cannot_take_it() -> None:
+    t = Tracker(budget=4)
+    t.add("a", "b", "c")
+    actions = t.load([Item(FANOUT, n) for n in (3, 3, 2, 2, 1, 1)])
+    assert t.queues == {"a": [0, 1], "b": [2, 3], "c": [4, 5]}
+    # a holds 3 of 4; b's head needs 2 and waits; c's head needs only 1, which would
+    # fit, but starting it would put b's item off again
+    assert goes(actions) == [("a", 0), ("a", 1)]
+    t.complete("a", need=3)
+    actions = t.complete("a", need=3)
+    assert goes(actions)[0] == ("b", 2)
+    assert ("c", 4) in goes(actions)
+
+
+def test_light_items_on_a_busy_worker_do_not_starve_a_blocked_head() -> None:
+    tests = [*fanout(2), Item(FANOUT, need=3), *fanout(20)]
+    sim = Sim(tests, budget=3, workers=2, strict_xdist=False).run()
+    sim.assert_sound()
+    light_before = sim.completions.index(2)
+    assert light_before <= 8, f"{light_before} light items finished before the heavy one"
+
+
+def test_release_goes_to_idle_holders_only_while_something_is_blocked() -> None:
+    t = Tracker(budget=4)
+    t.load([Item(FANOUT, 1), Item(FANOUT, 4), Item(FANOUT, 1), Item(FANOUT, 1)])
+    t.add("a", "b")
+    assert t.queues == {"a": [0, 1], "b": [2, 3]}
+    # nothing is blocked: idle connections are left alone
+    assert releases(t.counts("b", 2, 2)) == set()
+    assert releases(t.counts("a", 1, 0)) == set()
+    # a's next item needs the whole budget; the idle connections are in the way
+    actions = t.counts("a", 1, 1) + t.complete("a")
+    assert ("a", 1) not in goes(actions)
+    assert releases(actions) == {"a", "b"}
+    assert releases(t.counts("a", 1, 1)) == set()  # asked once, not on every event
+    # the answers come back; b still runs an item holding one connection
+    actions = t.counts("a", 0, 0, released=True) + t.counts("b", 1, 0, released=True)
+    assert goes(actions) == []
+    # b ends its items (each "done" carries its counts) and gives back the last one
+    actions = t.counts("b", 1, 1) + t.complete("b") + t.counts("b", 1, 1) + t.complete("b")
+    assert releases(actions) == {"b"}
+    assert goes(actions) == []
+    actions = t.counts("b", 0, 0, released=True)
+    assert goes(actions) == [("a", 1)]
+    assert t.planner.overruns == []
+
+
+def running_pair(budget: int) -> Tracker:
+    """Two workers, each running an item that holds one connection (none idle)."""
+    t = Tracker(budget)
+    t.load(fanout(4))
+    t.add("a", "b")
+    assert (t.planner.running("a"), t.planner.running("b")) == (0, 2)
+    t.counts("a", 1, 0)
+    t.counts("b", 1, 0)
+    return t
+
+
+def test_connect_request_is_granted_when_there_is_room() -> None:
+    t = running_pair(budget=3)
+    assert t.request("a", 1) == [Grant("a", 1, Answer.GRANTED)]
+
+
+def test_connect_request_waits_while_another_worker_can_free_room() -> None:
+    t = running_pair(budget=2)
+    assert grants(t.request("a", 1)) == []
+    # b ends both items it was allowed to start and closes its connection: a may connect
+    actions = t.counts("b", 1, 1) + t.complete("b") + t.counts("b", 1, 1) + t.complete("b")
+    assert grants(actions) == []
+    actions = t.counts("b", 0, 0, released=True)
+    assert grants(actions) == [Grant("a", 1, Answer.GRANTED)]
+    assert t.planner.overruns == []
+
+
+def test_waiting_connect_is_not_starved_by_new_items_on_other_workers() -> None:
+    t = Tracker(budget=2)
+    t.load(fanout(12))
+    t.add("a", "b")
+    t.counts("a", 1, 0)
+    t.counts("b", 1, 0)
+    assert t.queues["b"] == [3, 4]  # both already allowed to start
+    assert grants(t.request("a", 1)) == []
+    actions: list[Action] = []
+    for _ in range(2):
+        actions += t.counts("b", 1, 1) + t.complete("b")
+    assert [g for g in goes(actions) if g[0] == "b"] == []  # nothing new starts on b
+    actions += t.counts("b", 0, 0, released=True)
+    assert Grant("a", 1, Answer.GRANTED) in actions
+
+
+def test_connects_waiting_on_each_other_the_youngest_is_refused() -> None:
+    """Wait-die: both items are blocked mid-test; the younger request gives way."""
+    t = running_pair(budget=2)
+    assert grants(t.request("a", 1)) == []
+    assert grants(t.request("b", 7)) == [Grant("b", 7, Answer.REFUSED)]
+    assert t.planner.overruns == []
+
+
+def test_rerun_connects_up_to_the_budget_are_plain_grants() -> None:
+    """A granted rerun holds the whole budget: its connects up to that fit, no overrun."""
+    t = Tracker(budget=3)
+    t.load(fanout(2))
+    t.add("a")
+    t.counts("a", 0, 0, released=True)
+    assert grants(t.request("a", 1, want=3)) == [Grant("a", 1, Answer.GRANTED)]
+    for n in range(3):
+        assert grants(t.request("a", 10 + n)) == [Grant("a", 10 + n, Answer.GRANTED)]
+        t.counts("a", n + 1, 0)
+    assert t.planner.overruns == []
+
+
+def test_after_a_refusal_the_older_connect_proceeds() -> None:
+    t = running_pair(budget=2)
+    t.request("a", 1)
+    t.request("b", 7)  # refused
+    # b's attempt fails: it lets go of its connection and asks to rerun
+    actions = t.counts("b", 0, 0, released=True) + t.request("b", 8, want=2)
+    assert grants(actions) == [Grant("a", 1, Answer.GRANTED)]
+
+
+def test_connect_is_let_over_budget_when_nothing_else_holds_anything() -> None:
+    t = Tracker(budget=2)
+    t.load(fanout(2))
+    t.add("a")
+    t.counts("a", 2, 0)
+    actions = t.request("a", 1)
+    assert grants(actions) == [Grant("a", 1, Answer.OVER_BUDGET)]
+    assert [(o.index, o.need, o.alone) for o in t.planner.overruns] == [(0, 3, True)]
+
+
+def test_rerun_waits_for_the_run_to_drain_and_holds_back_new_goes() -> None:
+    """A rerun after a connection-limit error runs with the budget to itself."""
+    t = Tracker(budget=4)
+    t.load(fanout(8))
+    t.add("a", "b")
+    assert t.queues["b"] == [2, 3]  # both allowed to start
+    t.counts("a", 0, 0, released=True)  # a's failed attempt let go of its connections
+    assert grants(t.request("a", 1, want=4)) == []
+    # b ends what it was allowed to start, and starts nothing new meanwhile
+    actions = t.complete("b") + t.complete("b")
+    assert len(t.queues["b"]) >= MIN_QUEUE
+    assert goes(actions) == []
+    assert grants(actions) == [Grant("a", 1, Answer.GRANTED)]
+    # the rerun holds the whole budget until it ends
+    assert goes(t.counts("a", 3, 0)) == []
+    actions = t.counts("a", 3, 3) + t.complete("a", need=3)
+    assert ("b", t.queues["b"][0]) in goes(actions + t.counts("a", 0, 0, released=True))
+
+
+def test_no_overrun_while_a_release_can_still_make_room() -> None:
+    """Both heads need the whole budget and both workers hold one idle connection: the
+    releases make room, so nothing needs to go over budget."""
+    t = Tracker(budget=2)
+    t.add("a", "b")
+    t.load([Item(FANOUT, 1), Item(FANOUT, 2), Item(FANOUT, 1), Item(FANOUT, 2)])
+    assert (t.planner.running("a"), t.planner.running("b")) == (0, 2)
+    t.counts("a", 1, 0)
+    t.counts("b", 1, 0)
+    actions = t.counts("a", 1, 1) + t.complete("a")
+    actions += t.counts("b", 1, 1) + t.complete("b")
+    assert releases(actions) == {"a", "b"}
+    assert goes(actions) == []
+    actions = t.counts("a", 0, 0, released=True) + t.counts("b", 0, 0, released=True)
+    assert goes(actions) == [("a", 1)]
+    assert t.planner.overruns == []
+
+
+def test_item_over_budget_is_not_failed_by_an_idle_connection_elsewhere() -> None:
+    """gw1 keeps one idle connection it cannot close (an asyncpg pool whose loop is
+    gone); gw0's item needs 3 connections with a budget of 2."""
+    tests = [Item(FANOUT, None), Item(FANOUT, 1), Item(FANOUT, 1), Item(FANOUT, 2)]
+    sim = Sim(tests, budget=2, workers=2, peaks=[3, 1, 1, 2], sticky=1, strict_xdist=False)
+    sim.run()
+    sim.assert_sound()
+    assert sim.failed_by_scheduler == []
+
+
+# -- ordering -------------------------------------------------------------------------------
+
+
+def test_fanout_runs_unmeasured_first_then_longest_first() -> None:
+    """Long work starts early; unmeasured items first, to learn about them."""
+    durations = [1.0, None, 5.0, 0.5, None, 3.0, 5.0]
+    tests = [Item(FANOUT, 1, d, group=f"module{i}") for i, d in enumerate(durations)]
+    sim = Sim(tests, workers=1, strict_xdist=False).run()
+    sim.assert_sound()
+    assert [i for _, i in sim.starts] == [1, 4, 2, 6, 5, 0, 3]
+
+
+def test_fanout_keeps_groups_together_longest_group_first() -> None:
+    """Items of one module stay together, in collection order (module fixtures are set
+    up once); groups go by total duration, unmeasured groups first."""
+    spec = [("short", 1.0), ("long", 2.0), ("short", 1.0), ("long", 2.0), ("new", None)]
+    spec += [("short", 1.0), ("new", 0.1)]
+    tests = [Item(FANOUT, 1, d, group=g) for g, d in spec]
+    sim = Sim(tests, workers=1, strict_xdist=False).run()
+    sim.assert_sound()
+    assert [i for _, i in sim.starts] == [4, 6, 1, 3, 0, 2, 5]
+
+
+def test_serial_lane_keeps_collection_order_whatever_the_durations() -> None:
+    tests = [Item(SERIAL, 1, d) for d in (0.1, 9.0, None, 3.0)]
+    sim = Sim(tests + fanout(4), workers=2, strict_xdist=False).run()
+    sim.assert_sound()
+    assert sim.start_order(SERIAL) == [0, 1, 2, 3]
+
+
+def test_long_known_items_are_not_queued_far_ahead() -> None:
+    """Known-long items go out a couple at a time, so none waits behind another."""
+    t = Tracker()
+    t.load(fanout(40, duration=10.0))
+    t.add("a")
+    assert len(t.queues["a"]) == MIN_QUEUE
+
+
+# -- properties -----------------------------------------------------------------------------
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> dict[str, object]:
+    """A random run: lanes, declared needs and durations, real peaks, workers, crashes."""
+    n = draw(st.integers(1, 16))
+    lanes = draw(st.lists(st.sampled_from([SERIAL, FANOUT]), min_size=n, max_size=n))
+    needs = draw(st.lists(st.none() | st.integers(0, 7), min_size=n, max_size=n))
+    durations = draw(st.lists(st.none() | st.floats(0, 5), min_size=n, max_size=n))
+    groups = draw(st.lists(st.sampled_from(["", "module1", "module2"]), min_size=n, max_size=n))
+    # what each item really checks out: usually as declared, sometimes not
+    peaks = [
+        draw(st.integers(0, 7)) if draw(st.booleans()) else (1 if need is None else need)
+        for need in needs
+    ]
+    return {
+        "tests": [
+            Item(lane, need, duration, group)
+            for lane, need, duration, group in zip(lanes, needs, durations, groups, strict=True)
+        ],
+        "budget": draw(st.integers(1, 6)),
+        "workers": draw(st.integers(1, 4)),
+        "peaks": peaks,
+        "crashes": draw(st.integers(0, 3)),
+        "rerun_crashed": draw(st.booleans()),
+    }
+
+
+#: Seeds of the event interleaving (one draw: much faster than drawing every choice).
+SEEDS = st.integers(0, 2**32 - 1)
+PROPERTY_SETTINGS = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
+    """Run with the interleaving picked by ``seed``."""
+    rng = random.Random(seed)
+    sim = Sim(**run, **options)  # type: ignore[arg-type]
+    sim.run(lambda events: rng.randrange(len(events)))
+    sim.assert_sound()  # every item ended once; budget and serial invariants held
+    first_serial = sim.start_order(SERIAL)
+    if not sim.rerun_crashed:
+        assert first_serial == sorted(first_serial)
+    return sim
+
+
+@pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
+@PROPERTY_SETTINGS
+@given(run=runs(), seed=SEEDS)
+def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int) -> None:
+    """Workers may start their last held item here (queue depth has its own tests)."""
+    sim = run_randomly(run, seed, strict_xdist=False)
+    if max(sim.peaks) <= sim.budget:
+        assert sim.failed_by_scheduler == []
+
+
+@pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
+@PROPERTY_SETTINGS
+@given(run=runs(), seed=SEEDS)
+@example(
+    run={
+        "tests": serial(1) + fanout(2),
+        "budget": 2,
+        "workers": 1,
+        "peaks": [1, 1, 1],
+        "crashes": 0,
+        "rerun_crashed": False,
+    },
+    seed=0,
+)
+def test_random_runs_never_hang_under_xdists_protocol(run: dict[str, object], seed: int) -> None:
+    run_randomly(run, seed, strict_xdist=True)
+
+
+@pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
+@PROPERTY_SETTINGS
+@given(run=runs(), sticky=st.integers(0, 2), seed=SEEDS)
+@example(
+    run={
+        "tests": [Item(FANOUT, None), Item(FANOUT, 1), Item(FANOUT, 1), Item(FANOUT, 2)],
+        "budget": 2,
+        "workers": 2,
+        "peaks": [3, 1, 1, 2],
+        "crashes": 0,
+        "rerun_crashed": False,
+    },
+    sticky=1,
+    seed=0,
+)
+def test_random_runs_never_fail_an_item_for_the_budget(
+    run: dict[str, object], sticky: int, seed: int
+) -> None:
+    """Items whose real peak is above the budget, idle connections that cannot be
+    closed: a refused connect is rerun, and the rerun must then be let through."""
+    sim = run_randomly(run, seed, strict_xdist=False, sticky=sticky)
+    assert sim.failed_by_scheduler == []
