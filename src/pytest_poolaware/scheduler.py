@@ -8,6 +8,7 @@ planner's actions into xdist commands and side-channel answers.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class RunRecord:
     results: list[ItemResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    #: (time.time(), worker id, open connections) each time a worker's count changed.
+    timeline: list[tuple[float, str, int]] = field(default_factory=list)
+    #: Workers the run asked for (``-n``).
+    workers: int = 0
 
 
 class PoolAwareScheduling:
@@ -74,6 +79,7 @@ class PoolAwareScheduling:
         self.config = config
         self.log = log.poolawaresched
         self.numnodes = len(parse_tx_spec_config(config))
+        record.workers = self.numnodes
         self.settings = settings
         self.history = history
         self.record = record
@@ -256,8 +262,9 @@ class PoolAwareScheduling:
                     self._markers = [(bool(s), bool(p)) for s, p in message[1]]
                     self.record.conflicts = list(message[2])
             elif tag == "counts":
+                _, open_, idle, released = message
+                self.record.timeline.append((time.time(), node.gateway.id, open_))
                 if node in self._joined:
-                    _, open_, idle, released = message
                     self._apply(self.planner.counts(node, open_, idle, released=released))
             elif tag == "request":
                 if node in self._joined:
