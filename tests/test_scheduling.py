@@ -230,7 +230,7 @@ def test_second_run_uses_what_the_first_learned(
     cold = run(pytester, "-n", "4", "--dist", "poolaware", "--cache-clear")
     cold.assert_outcomes(passed=39)
     history = json.loads(
-        (pytester.path / ".pytest_cache" / "v" / "poolaware" / "history").read_text()
+        (pytester.path / ".pytest_cache" / "d" / "poolaware" / "history.json").read_text()
     )
     heavy = history["tests"]["test_suite.py::test_unmarked_heavy[0]"]
     assert heavy[0] == 7  # peak connections checked out at once

@@ -236,22 +236,31 @@ class Planner(Generic[W]):
         self._workers[worker] = _Worker(order=self._next())
         return self._plan() if self._loaded else []
 
-    def remove_worker(self, worker: W) -> tuple[int | None, list[Action]]:
+    def remove_worker(self, worker: W, *, crashed: bool = True) -> tuple[int | None, list[Action]]:
         """A worker is gone; returns the item it was running, if it crashed mid-item.
 
-        The head of its queue counts as the running item (as in xdist's ``load``); the
-        rest goes back to the front of its lane, in order.
+        The head of a crashed worker's queue counts as the running item (as in xdist's
+        ``load``); the rest, or all of a worker that ended normally with items still
+        queued (it was shut down first), goes back to the front of its lane, in order.
         """
         state = self._workers.pop(worker)
         if self._serial_worker == worker:
             self._serial_worker = None
-        crashed: int | None = None
+        running: int | None = None
+        if state.queue and crashed:
+            running = state.queue.popleft()
+            self._completed.add(running)
         if state.queue:
-            crashed = state.queue.popleft()
             self._completed.add(crashed)
             for index in reversed(state.queue):
                 self._lane_of(index).appendleft(index)
-        return crashed, self._plan()
+        return running, self._plan()
+
+    def shut_down(self, worker: W) -> None:
+        """The worker was told to shut down by someone else (xdist stopping the run)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            state.shut = True
 
     def requeue(self, index: int) -> list[Action]:
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
@@ -290,6 +299,10 @@ class Planner(Generic[W]):
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
+            # An overrun is reported with what the item turned out to need in all.
+            self.overruns = [
+                replace(o, need=max(o.need, need)) if o.index == index else o for o in self.overruns
+            ]
         if duration is not None:
             self._tests[index] = replace(
                 self._tests[index], need=self.need_of(index), duration=duration
@@ -320,6 +333,11 @@ class Planner(Generic[W]):
     def has_pending(self) -> bool:
         """Items not yet completed: pending in a lane or queued on a worker."""
         return bool(self._serial or self._fanout or any(s.queue for s in self._workers.values()))
+
+    def unfinished(self) -> list[int]:
+        """Items neither completed nor returned as crashed, in collection order."""
+        queued = (i for s in self._workers.values() for i in s.queue)
+        return sorted({*self._serial, *self._fanout, *queued})
 
     @property
     def tests_finished(self) -> bool:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import pytest
 
-#: pytest cache key; ``--cache-clear`` forgets it like any other cache entry.
-CACHE_KEY: Final = "poolaware/history"
+#: Directory in pytest's cache (``--cache-clear`` forgets it like any cache entry) and
+#: the file in it. Our own file rather than ``cache.get``, which hides a corrupt file.
+CACHE_DIR: Final = "poolaware"
+HISTORY_FILE: Final = "history.json"
 SCHEMA: Final = 1
 
 
@@ -32,6 +36,14 @@ class History:
 
     def get(self, nodeid: str) -> Measure | None:
         return self._entries.get(nodeid)
+
+    def forget_missing(self, nodeids: Iterable[str]) -> int:
+        """Drop entries of tests that no longer exist; returns how many."""
+        present = set(nodeids)
+        stale = [nodeid for nodeid in self._entries if nodeid not in present]
+        for nodeid in stale:
+            del self._entries[nodeid]
+        return len(stale)
 
     def record(self, nodeid: str, need: int, duration: float) -> None:
         self._entries[nodeid] = Measure(need, duration)
@@ -57,7 +69,7 @@ class History:
             else:
                 history._entries[str(nodeid)] = measure
         if dropped:
-            history.problems.append(f"ignored {dropped} malformed learned entries")
+            history.problems.append(f"ignored {dropped} malformed entries in the learned data")
         return history
 
     def to_json(self, keep: Iterable[str] | None = None) -> dict[str, Any]:
@@ -74,10 +86,29 @@ class History:
 
     @classmethod
     def load(cls, cache: pytest.Cache) -> History:
-        return cls.from_json(cache.get(CACHE_KEY, None))
+        path = cache.mkdir(CACHE_DIR) / HISTORY_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
+        except OSError as exc:
+            history = cls()
+            history.problems.append(f"cannot read learned data ({exc}); starting cold")
+            return history
+        try:
+            data = json.loads(text)
+        except ValueError:
+            history = cls()
+            history.problems.append(f"learned data in {path} is not valid JSON; starting cold")
+            return history
+        return cls.from_json(data)
 
     def save(self, cache: pytest.Cache, keep: Iterable[str] | None = None) -> None:
-        cache.set(CACHE_KEY, self.to_json(keep))
+        """Write atomically, so an interrupted run never leaves a half-written file."""
+        path = cache.mkdir(CACHE_DIR) / HISTORY_FILE
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(self.to_json(keep), indent=1), encoding="utf-8")
+        os.replace(partial, path)
 
 
 def _measure(value: Any) -> Measure | None:

@@ -139,6 +139,11 @@ class PoolAwareScheduling:
                 self.log("**Different tests collected, aborting run**")
                 return
             self.collection = next(iter(self._collections.values()))
+            stale = self.history.forget_missing(self.collection)
+            if stale:
+                self.record.notes.append(
+                    f"forgot the learned data of {stale} tests that no longer exist"
+                )
             if self._markers is None or len(self._markers) != len(self.collection):
                 self._markers = [(False, False)] * len(self.collection)
             if self.record.conflicts:
@@ -169,6 +174,12 @@ class PoolAwareScheduling:
         self._apply(
             self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
         )
+
+    def unfinished(self) -> list[str]:
+        """Node ids of the items that never ran to the end (for the not-run reports)."""
+        if self.collection is None:
+            return []
+        return [self.collection[i] for i in self.planner.unfinished()]
 
     def note_measures(self, node: WorkerController, item_index: int, data: Any) -> None:
         """Called by the controller plugin's ``pytest_runtest_logreport`` for an item's
@@ -201,12 +212,20 @@ class PoolAwareScheduling:
         if node not in self._joined:
             return None
         self._joined.discard(node)
-        crashed, actions = self.planner.remove_worker(node)
+        # xdist sets workeroutput when a worker ends its session normally.
+        finished = hasattr(node, "workeroutput")
+        crashed, actions = self.planner.remove_worker(node, crashed=not finished)
         del link
         self._apply(actions)
         if crashed is None or self.collection is None:
             return None
         return self.collection[crashed]
+
+    @property
+    def markers(self) -> list[tuple[bool, bool]]:
+        """(serial_only, parallel_safe) per collected item, as the workers reported them
+        (a copy, read by the report and the marker advice)."""
+        return list(self._markers or [])
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -250,6 +269,9 @@ class PoolAwareScheduling:
 
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
+        for node in self._joined:
+            if node.shutting_down:  # DSession stops the run by shutting workers down
+                self.planner.shut_down(node)
         while True:
             try:
                 node, message = self._inbox.get_nowait()
