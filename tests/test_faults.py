@@ -332,3 +332,96 @@ def test_random_mixes_report_every_test_exactly_once(
     outcomes = reported(result)
     assert sorted(outcomes) == sorted(f"test_mix.py::test_{i}" for i in range(count))
     assert list(outcomes.values()).count("FAILED") == crashes
+
+
+def test_pytest_randomly_shuffles_but_nothing_is_lost(pytester: pytest.Pytester, log: Path) -> None:
+    pytest.importorskip("pytest_randomly")
+    pytester.makepyfile(test_crashy=CRASHY.format(serial_crash=-1, fan_crash=-1))
+    result = pytester.runpytest_subprocess(
+        "-n",
+        "3",
+        "--dist",
+        "poolaware",
+        "-p",
+        "randomly",
+        "--randomly-seed=1234",
+        timeout=RUN_TIMEOUT,
+    )
+    result.assert_outcomes(passed=18)
+    serial = sorted(
+        (e for e in entries(log) if "test_serial" in e["nodeid"]), key=lambda e: e["start"]
+    )
+    assert len({e["worker"] for e in serial}) == 1
+    for before, after in itertools.pairwise(serial):
+        assert before["end"] <= after["start"]
+
+
+def test_database_going_away_mid_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, limited_role: Any, postgres_dsn: str
+) -> None:
+    """A test kills every connection of the run's role; the others fail with their own
+    errors (or reconnect), the scheduler neither hangs nor crashes."""
+    monkeypatch.setenv("POOLAWARE_DSN", limited_role(12))
+    monkeypatch.setenv("POOLAWARE_ADMIN_DSN", postgres_dsn)
+    pytester.makepyfile(
+        """
+        import os, psycopg, pytest
+        from sqlalchemy import text
+        from pytest_poolaware.engine import make_engine
+
+        engine = make_engine(os.environ["POOLAWARE_DSN"])
+
+        @pytest.mark.parametrize("i", range(30))
+        def test_db(i):
+            with engine.connect() as conn:
+                conn.execute(text("select pg_sleep(0.02)"))
+
+        @pytest.mark.serial_only
+        def test_kill_everything():
+            user = psycopg.conninfo.conninfo_to_dict(os.environ["POOLAWARE_DSN"])["user"]
+            with psycopg.connect(os.environ["POOLAWARE_ADMIN_DSN"], autocommit=True) as admin:
+                admin.execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where usename = %s",
+                    (user,),
+                )
+        """
+    )
+    result = run(pytester, "-n", "3", "--dist", "poolaware", "-rA")
+    outcomes = reported(result)
+    assert len(outcomes) == 31
+    assert outcomes["test_database_going_away_mid_run.py::test_kill_everything"] == "PASSED"
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_passwords_never_appear_in_the_output(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
+) -> None:
+    from pytest_poolaware import pgserver
+
+    secret = "s3cret-Pa55word"
+    role = "poolaware_secret_role"
+    dsn = pgserver.create_role(postgres_dsn, role, connection_limit=10, password=secret)
+    try:
+        monkeypatch.setenv("POOLAWARE_DSN", dsn)
+        pytester.makepyfile(
+            """
+            import os
+            from sqlalchemy import text
+            from pytest_poolaware.engine import make_engine
+
+            engine = make_engine(os.environ["POOLAWARE_DSN"])
+
+            def test_db():
+                with engine.connect() as conn:
+                    conn.execute(text("select 1"))
+
+            def test_fails_on_the_server():
+                with engine.connect() as conn:
+                    conn.execute(text("select * from no_such_table"))
+            """
+        )
+        result = run(pytester, "-n", "2", "--dist", "poolaware", "-v", "-rA")
+        result.assert_outcomes(passed=1, failed=1)
+        assert secret not in result.stdout.str() + result.stderr.str()
+    finally:
+        pgserver.drop_role(postgres_dsn, role)
