@@ -37,7 +37,7 @@ from pytest_poolaware.core import (
     Shutdown,
     lane_for,
 )
-from pytest_poolaware.core import Test as Item  # aliased, or pytest tries to collect it
+from pytest_poolaware.core import ItemSpec as Item
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT

@@ -45,7 +45,7 @@ class Lane(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Test:
+class ItemSpec:
     """What the core knows of one collected item."""
 
     lane: Lane
@@ -190,7 +190,7 @@ class Planner(Generic[W]):
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
         self.unknown_need = unknown_need
-        self._tests: list[Test] = []
+        self._tests: list[ItemSpec] = []
         self._loaded = False
         self._serial: deque[int] = deque()
         self._fanout: deque[int] = deque()
@@ -204,7 +204,7 @@ class Planner(Generic[W]):
 
     # -- inputs -------------------------------------------------------------------------
 
-    def load(self, tests: Sequence[Test]) -> list[Action]:
+    def load(self, tests: Sequence[ItemSpec]) -> list[Action]:
         """Take the collection (once): the serial lane in collection order, the fan-out
         longest group first."""
         assert not self._loaded, "collection loaded twice"
@@ -251,7 +251,6 @@ class Planner(Generic[W]):
             running = state.queue.popleft()
             self._completed.add(running)
         if state.queue:
-            self._completed.add(crashed)
             for index in reversed(state.queue):
                 self._lane_of(index).appendleft(index)
         return running, self._plan()

@@ -22,12 +22,12 @@ from pytest_poolaware.core import (
     Action,
     Go,
     Grant,
+    ItemSpec,
     Lane,
     Planner,
     Release,
     Send,
     Shutdown,
-    Test,
     lane_for,
 )
 from pytest_poolaware.history import History
@@ -229,7 +229,7 @@ class PoolAwareScheduling:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _tests(self) -> list[Test]:
+    def _tests(self) -> list[ItemSpec]:
         assert self.collection is not None
         assert self._markers is not None
         unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
@@ -243,7 +243,7 @@ class PoolAwareScheduling:
                 unmarked_serial=unmarked_serial,
             )
             tests.append(
-                Test(
+                ItemSpec(
                     lane,
                     measure.need if measure else None,
                     measure.duration if measure else None,
