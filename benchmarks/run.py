@@ -84,6 +84,9 @@ class Mode:
 
 
 DIST = ("-n", str(WORKERS), "--dist")
+#: The harness samples the server itself; the plugin's own monitor would add a
+#: connection and a thread to the poolaware runs only.
+NO_MONITOR = ("--poolaware-monitor", "off")
 DEMO_MODES: Final = (
     Mode("serial", (("-n", "0", "-p", "connprobe"),), "serial"),
     Mode("load", ((*DIST, "load"),), "load"),
@@ -94,8 +97,8 @@ DEMO_MODES: Final = (
         (("-m", "serial_only", "-n", "0"), ("-m", "not serial_only", *DIST, "load")),
         "two-pass",
     ),
-    Mode("poolaware-cold", ((*DIST, "poolaware"),), "poolaware"),
-    Mode("poolaware-warm", ((*DIST, "poolaware"),), "poolaware", clear_cache=False),
+    Mode("poolaware-cold", ((*DIST, "poolaware", *NO_MONITOR),), "poolaware"),
+    Mode("poolaware-warm", ((*DIST, "poolaware", *NO_MONITOR),), "poolaware", clear_cache=False),
 )
 EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers")
 ALL_NAMES: Final = tuple(m.name for m in DEMO_MODES) + EXTRA_BENCHMARKS
@@ -361,6 +364,7 @@ def benchmark_overhead(work: Path) -> dict[str, Any]:
                 str(OVERHEAD_WORKERS),
                 "--dist",
                 dist,
+                *(NO_MONITOR if dist == "poolaware" else ()),
             ]
             if round_ == 0:
                 args.append("--cache-clear")
@@ -396,7 +400,7 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
     dsn = create_role(admin_dsn, role)
     try:
         env = pool_env(dsn)
-        budget = ("--pool-budget", str(NOMARKERS_BUDGET))
+        budget = ("--pool-budget", str(NOMARKERS_BUDGET), *NO_MONITOR)
         runs: dict[str, list[dict[str, Any]]] = {
             "load": [],
             "poolaware-cold": [],

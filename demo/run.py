@@ -48,8 +48,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(list(argv))
 
 
-def pytest_command(workers: int, extra: Sequence[str]) -> list[str]:
-    """The pytest invocation: our defaults first so that ``extra`` can override them."""
+def pytest_command(workers: int, extra: Sequence[str], monitor_dsn: str) -> list[str]:
+    """The pytest invocation: our defaults first so that ``extra`` can override them.
+
+    The server is watched through the superuser's DSN: a monitor connection of the
+    limited role would take one of the role's few slots.
+    """
     return [
         sys.executable,
         "-m",
@@ -59,6 +63,8 @@ def pytest_command(workers: int, extra: Sequence[str]) -> list[str]:
         str(workers),
         "--dist",
         "poolaware",
+        "--poolaware-monitor",
+        monitor_dsn,
         *extra,
     ]
 
@@ -89,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         role_dsn = create_role(admin_dsn, role, connection_limit=args.role_limit)
         try:
             env = suite_environment(role_dsn, os.environ)
-            return subprocess.run(pytest_command(args.workers, extra), env=env).returncode
+            command = pytest_command(args.workers, extra, admin_dsn)
+            return subprocess.run(command, env=env).returncode
         finally:
             drop_role(admin_dsn, role)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,6 +81,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Controller(config, settings), "poolaware-controller")
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.getoption("dist", "no") == DIST_MODE and not config.getoption("tx", None):
+        return "poolaware: no workers (-n/--tx): tests run in this process, one at a time"
+    return None
+
+
 def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> None:
     from pytest_poolaware.worker import WorkerAgent
 
@@ -125,6 +133,26 @@ class Controller:
         self.links: dict[Any, ControllerLink] = {}
         self.inbox: queue.SimpleQueue[tuple[Any, Message]] = queue.SimpleQueue()
         self.scheduler: Any = None
+        # For the report: session times, outcomes, server monitoring, the run's facts.
+        self.started = self.finished = time.time()
+        self.outcomes: dict[str, str] = {}
+        self.monitor: Any = None
+        self.stats: Any = None
+        self.files: list[str] = []
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Runs before xdist starts the workers (its hook is trylast), so the monitor's
+        connection is made before any of theirs."""
+        self.started = time.time()
+        if self.settings.monitor_dsn:
+            from pytest_poolaware.monitor import ServerMonitor
+
+            self.monitor = ServerMonitor(
+                self.settings.monitor_dsn,
+                budget=self.settings.budget,
+                source=self.settings.monitor_source,
+            )
+            self.monitor.start()
 
     def pytest_configure_node(self, node: Any) -> None:
         channel = node.gateway.newchannel()
@@ -155,15 +183,44 @@ class Controller:
         node = getattr(report, "node", None)
         if data is not None and node is not None and self.scheduler is not None:
             self.scheduler.note_measures(node, report.item_index, data)
+        if report.failed:
+            self.outcomes[report.nodeid] = "failed" if report.when == "call" else "error"
+        elif report.when == "call" or (report.when == "setup" and report.skipped):
+            self.outcomes.setdefault(report.nodeid, report.outcome)
 
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.finished = time.time()
+        server = self.monitor.stop() if self.monitor is not None else None
         scheduler = self.scheduler
-        if self.cache is not None and scheduler is not None and scheduler.collection:
+        if scheduler is None:
+            return
+        if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldfail:
+            report.not_run(self.config, session, scheduler.unfinished())
+        if self.cache is not None and scheduler.collection:
             self.history.save(self.cache, keep=scheduler.collection)
+        if scheduler.collection:
+            problem = self.monitor.problem if self.monitor is not None else None
+            self.stats = report.collect(
+                settings=self.settings,
+                scheduler=scheduler,
+                record=self.record,
+                started=self.started,
+                finished=self.finished,
+                outcomes=self.outcomes,
+                server=server,
+                notes=[problem] if problem else [],
+            )
+            self.files = report.write_files(
+                self.stats,
+                self.settings,
+                root=self.config.rootpath,
+                invocation_dir=Path(self.config.invocation_params.dir),
+            )
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.scheduler is not None:
-            report.write_summary(terminalreporter, self.settings, self.scheduler, self.record)
+        if self.stats is not None:
+            report.write_summary(terminalreporter, self.stats, self.settings, self.files)
 
 
 def _wake(node: Any) -> None:

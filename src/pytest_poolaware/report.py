@@ -1,31 +1,287 @@
-"""Terminal summary of a ``--dist poolaware`` run."""
+"""What a ``--dist poolaware`` run tells its user: the terminal summary and the files asked for."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
 
-from pytest_poolaware.settings import Settings
+import pytest
+
+from pytest_poolaware.advice import Candidate, advice_text, advise
+from pytest_poolaware.runstats import (
+    FANOUT_LANE,
+    SERIAL_LANE,
+    ItemFacts,
+    LaneTime,
+    Overrun,
+    RunStats,
+    ServerView,
+    lane_times,
+)
+from pytest_poolaware.settings import ENV_DSN, Settings
+
+#: Tests listed under "most connections at once": by default, and with -v.
+TOP_NEEDS: Final = 3
+TOP_NEEDS_VERBOSE: Final = 10
+#: Marker advice lines shown by default (all of them with -v or in the advice file).
+ADVICE_SHOWN: Final = 5
+LANE_NAMES: Final = {SERIAL_LANE: "serial lane", FANOUT_LANE: "fan-out"}
 
 
-def write_summary(terminalreporter: Any, settings: Settings, scheduler: Any, record: Any) -> None:
-    """Budget, peaks, overruns, reruns and notes; one section, quiet with -q."""
+def collect(
+    *,
+    settings: Settings,
+    scheduler: Any,
+    record: Any,
+    started: float,
+    finished: float,
+    outcomes: Mapping[str, str],
+    server: ServerView | None = None,
+    notes: Sequence[str] = (),
+) -> RunStats:
+    """Gather the run's facts from the scheduler (``PoolAwareScheduling``) and its record."""
+    collection: list[str] = list(scheduler.collection or [])
+    markers: list[tuple[bool, bool]] = scheduler.markers
+    if len(markers) != len(collection):
+        markers = [(False, False)] * len(collection)
+    planner = scheduler.planner
+    results = {result.nodeid: result for result in record.results}  # the last attempt wins
+    items = []
+    for index, nodeid in enumerate(collection):
+        serial, parallel = markers[index]
+        lane = planner.lane_of(index).value if planner.loaded else FANOUT_LANE
+        result = results.get(nodeid)
+        if result is None:
+            items.append(ItemFacts(nodeid, serial, parallel, lane, outcome=outcomes.get(nodeid)))
+            continue
+        m = result.measures
+        items.append(
+            ItemFacts(
+                nodeid,
+                serial,
+                parallel,
+                result.lane.value,
+                worker=result.worker,
+                start=m.start,
+                end=m.end,
+                duration=m.duration,
+                need=m.need,
+                peak_open=m.peak_open,
+                waited=m.waited,
+                rerun=m.rerun,
+                outcome=outcomes.get(nodeid),
+            )
+        )
+    stats = planner.statistics()
+    overruns = tuple(
+        Overrun(
+            collection[o.index] if 0 <= o.index < len(collection) else "?",
+            o.need,
+            o.budget,
+            o.alone,
+        )
+        for o in stats.overruns
+    )
+    advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
+    return RunStats(
+        budget=settings.budget,
+        budget_source=settings.budget_source,
+        workers=record.workers,
+        items=tuple(items),
+        peak_open=stats.peak_open,
+        started=started,
+        finished=finished,
+        timeline=tuple(record.timeline),
+        server=server,
+        overruns=overruns,
+        notes=(*record.notes, *notes),
+        advice=tuple(advice),
+    )
+
+
+def write_files(
+    stats: RunStats, settings: Settings, *, root: Path, invocation_dir: Path
+) -> list[str]:
+    """Write the report, timeline and advice files asked for; one line per file for the
+    summary (a file that cannot be written is a warning, not a failure)."""
+    from pytest_poolaware import timeline
+
+    outputs: list[tuple[str, str | None, Callable[[], str]]] = [
+        ("report", settings.report_path, lambda: json.dumps(stats.to_json(), indent=1) + "\n"),
+        (
+            "timeline",
+            settings.timeline_path,
+            lambda: timeline.render(
+                timeline=stats.timeline,
+                budget=stats.budget,
+                serial=[
+                    timeline.Span(i.start, i.end, i.nodeid)
+                    for i in stats.items
+                    if i.lane == SERIAL_LANE and i.start is not None and i.end is not None
+                ],
+                server=stats.server.timeline if stats.server else (),
+                start=stats.started,
+                end=stats.finished,
+            ),
+        ),
+        (
+            "advice",
+            settings.advice_path,
+            lambda: advice_text(
+                stats.advice,
+                root=root,
+                shown_from=invocation_dir,
+                budget=stats.budget,
+                risky_need=settings.serial_advice_need,
+                idle_need=settings.idle_need,
+            ),
+        ),
+    ]
+    lines = []
+    for what, path, render in outputs:
+        if path is None:
+            continue
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            Path(path).write_text(render(), encoding="utf-8")
+        except OSError as exc:
+            lines.append(f"WARNING: could not write the {what} to {path}: {exc}")
+        else:
+            lines.append(f"poolaware {what}: {path}")
+    return lines
+
+
+def write_summary(
+    terminalreporter: Any, stats: RunStats, settings: Settings, files: list[str]
+) -> None:
+    """One section: a line with -q, the usual picture by default, more with -v; reruns,
+    warnings and notes at every verbosity but -qq, which keeps only warnings and notes."""
     tr = terminalreporter
-    stats = scheduler.planner.statistics()
-    if tr.config.option.verbose < 0 and not (stats.overruns or record.notes):
+    verbose: int = tr.config.option.verbose
+    warnings = _warnings(stats) + [line for line in files if line.startswith("WARNING")]
+    if verbose < -1:
+        if warnings:
+            tr.write_sep("-", "poolaware")
+            for line in warnings:
+                tr.write_line(line)
         return
     tr.write_sep("-", "poolaware")
-    tr.write_line(f"budget: {settings.budget} connections ({settings.budget_source})")
-    tr.write_line(f"peak open connections (workers): {stats.peak_open}")
-    for result in record.results:
-        if result.measures.rerun:
-            tr.write_line(f"rerun alone ({result.measures.rerun}): {result.nodeid}")
-    collection = scheduler.collection or []
-    for overrun in stats.overruns:
-        name = collection[overrun.index] if 0 <= overrun.index < len(collection) else "?"
-        where = "alone" if overrun.alone else "beside other tests"
-        tr.write_line(
-            f"WARNING: {name} needed {overrun.need} connections, more than the room in the "
-            f"budget of {overrun.budget}; it ran {where}"
+    lines = [_one_line(stats)] if verbose < 0 else _full(stats, settings, verbose)
+    lines += [f"rerun alone ({item.rerun}): {item.nodeid}" for item in stats.items if item.rerun]
+    lines += warnings
+    if verbose >= 0:
+        lines += [line for line in files if not line.startswith("WARNING")]
+    for line in lines:
+        tr.write_line(line)
+
+
+def _one_line(stats: RunStats) -> str:
+    server = f" (server {stats.server.peak})" if stats.server else ""
+    parts = [f"budget {stats.budget}", f"peak {stats.peak_open} open{server}"]
+    bound = stats.lower_bound.value
+    if bound > 0:
+        parts.append(f"wall {_secs(stats.wall)} vs LB {_secs(bound)} ({stats.wall / bound:.2f}x)")
+    if stats.advice:
+        parts.append(f"{len(stats.advice)} marker advice (see the summary without -q)")
+    return "poolaware: " + ", ".join(parts)
+
+
+def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
+    lines = [
+        f"budget: {stats.budget} connections ({stats.budget_source})",
+        f"peak open connections (workers): {stats.peak_open}",
+    ]
+    server = stats.server
+    if server is not None:
+        lines.append(
+            f"peak open connections (server): {server.peak} ({server.scope}, "
+            f"{server.samples} samples every {server.interval:g}s)"
         )
-    for note in record.notes:
-        tr.write_line(f"note: {note}")
+    elif verbose > 0 and not settings.monitor_dsn:
+        lines.append(
+            f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"
+        )
+    lanes = lane_times(stats.items)
+    for lane in (SERIAL_LANE, FANOUT_LANE):
+        lines.append(_time_line(LANE_NAMES[lane], lanes.get(lane, LaneTime())))
+    if verbose > 0:
+        workers = lane_times(stats.items, key="worker")
+        for worker in sorted(workers):
+            lines.append("  " + _time_line(f"worker {worker}", workers[worker]))
+    top = stats.top_needs(TOP_NEEDS_VERBOSE if verbose > 0 else TOP_NEEDS)
+    if top:
+        lines.append("most connections at once:")
+        lines += [f"  {item.need:>3}  {item.lane:<6}  {item.nodeid}" for item in top]
+    lines.append(_wall_line(stats))
+    lines += _advice_lines(stats.advice, settings, verbose)
+    return lines
+
+
+def _time_line(name: str, time: LaneTime) -> str:
+    return (
+        f"{name}: {time.items} tests, running {_secs(time.running)}, "
+        f"held back by the budget {_secs(time.waited)}"
+    )
+
+
+def _wall_line(stats: RunStats) -> str:
+    bound = stats.lower_bound
+    text = (
+        f"wall: {_secs(stats.wall)} from the first test's start to the last one's end "
+        f"(session {_secs(stats.session)})"
+    )
+    if bound.value > 0:
+        ratio = stats.wall / bound.value
+        text += f"; lower bound {_secs(bound.value)} ({bound.binding}), wall/LB {ratio:.2f}"
+    return text
+
+
+def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int) -> list[str]:
+    if not advice:
+        return []
+    shown = advice if verbose > 0 else advice[:ADVICE_SHOWN]
+    lines = [
+        f"marker advice (serial_only from {settings.serial_advice_need} connections at once, "
+        f"parallel_safe up to {settings.idle_need}):"
+    ]
+    for candidate in shown:
+        tests = f" ({candidate.tests} tests)" if candidate.tests > 1 else ""
+        lines.append(
+            f"  {candidate.marker} candidate: {candidate.target}{tests}: {candidate.reason}"
+        )
+    if len(shown) < len(advice):
+        lines.append(f"  ... and {len(advice) - len(shown)} more (-v shows them all)")
+    if not settings.advice_path:
+        lines.append("  (--poolaware-advice=PATH writes them as file:line: decorator)")
+    return lines
+
+
+def _warnings(stats: RunStats) -> list[str]:
+    lines = [
+        f"WARNING: {o.nodeid} needed {o.need} connections, more than the room in the "
+        f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
+        for o in stats.overruns
+    ]
+    return lines + [f"note: {note}" for note in stats.notes]
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds < 100 else f"{seconds:.0f}s"
+
+
+#: The error shown for an item no worker ran (they all crashed, or xdist gave up on them).
+NOT_RUN: Final = "not run: no worker was left to run it"
+
+
+def not_run(config: pytest.Config, session: pytest.Session, nodeids: Sequence[str]) -> None:
+    """Report the items that never ran as errors, so that no test is silently lost."""
+    for nodeid in nodeids:
+        path = nodeid.split("::", 1)[0]
+        config.hook.pytest_runtest_logreport(
+            report=pytest.TestReport(nodeid, (path, None, nodeid), {}, "failed", NOT_RUN, "setup")
+        )
+    if nodeids and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -40,6 +41,19 @@ INI_UNMARKED: Final = "poolaware_unmarked"
 INI_UNKNOWN_NEED: Final = "poolaware_unknown_need"
 INI_RETRY: Final = "poolaware_retry_on_limit"
 INI_GATE_TIMEOUT: Final = "poolaware_gate_timeout"
+INI_RISKY_NEED: Final = "poolaware_risky_need"
+INI_IDLE_NEED: Final = "poolaware_idle_need"
+INI_MONITOR: Final = "poolaware_monitor"
+
+#: Marker advice: an unmarked test holding at least this share of the budget at once is
+#: a ``serial_only`` candidate (rounded up), unless ``poolaware_risky_need`` says otherwise.
+RISKY_SHARE: Final = 0.5
+#: Marker advice: a ``serial_only`` test holding at most this many connections at once is
+#: a ``parallel_safe`` candidate.
+DEFAULT_IDLE_NEED: Final = 0
+#: ``poolaware_monitor`` values that turn server-side monitoring off.
+MONITOR_OFF: Final = ("off", "no", "false", "0", "none", "")
+_DSN_SCHEME: Final = re.compile(r"^postgres(ql)?(\+[a-z0-9_]+)?://", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -106,6 +120,26 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def monitor_dsn(text: str) -> str:
+    """Parse a ``poolaware_monitor`` value: a PostgreSQL DSN, or ``off`` (returned as "").
+
+    Raises ``ArgumentTypeError`` naming the value with its password masked.
+    """
+    value = text.strip()
+    if value.lower() in MONITOR_OFF:
+        return ""
+    if _DSN_SCHEME.match(value) or "=" in value:
+        return value
+    from pytest_poolaware.pgserver import mask_dsn
+
+    raise argparse.ArgumentTypeError(f"expected a PostgreSQL DSN or 'off', got {mask_dsn(value)!r}")
+
+
+def default_risky_need(budget: int) -> int:
+    """Connections at once from which an unmarked test is advised ``serial_only``."""
+    return max(1, math.ceil(budget * RISKY_SHARE))
+
+
 def parse_setting(name: str, text: str, parse: Callable[[str], T]) -> T:
     """Apply a ``type=`` parser to a value that came from the ini or the environment."""
     try:
@@ -153,6 +187,22 @@ class Settings:
     unknown_need: int = DEFAULT_UNKNOWN_NEED
     retry_on_limit: bool = True
     gate_timeout: float = DEFAULT_POOL_TIMEOUT
+    #: Marker advice thresholds (connections checked out at once); 0: half the budget.
+    risky_need: int = 0
+    idle_need: int = DEFAULT_IDLE_NEED
+    #: Server-side monitoring: the DSN to sample ``pg_stat_activity`` with ("" when off),
+    #: and where it came from.
+    monitor_dsn: str = ""
+    monitor_source: str = ""
+    #: Files to write at the end of the run (absolute paths), if asked for.
+    report_path: str | None = None
+    timeline_path: str | None = None
+    advice_path: str | None = None
+
+    @property
+    def serial_advice_need(self) -> int:
+        """Connections at once from which an unmarked test is advised ``serial_only``."""
+        return self.risky_need or default_risky_need(self.budget)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -178,6 +228,16 @@ class Settings:
         unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
         retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
         gate = pick("poolaware_gate_timeout", INI_GATE_TIMEOUT, positive_seconds)
+        risky = pick("poolaware_risky_need", INI_RISKY_NEED, positive_int)
+        idle = pick("poolaware_idle_need", INI_IDLE_NEED, non_negative_int)
+        monitor, monitor_source = _monitor(config)
+
+        def path(option: str) -> str | None:
+            value: str | None = config.getoption(option)
+            if not value:
+                return None
+            return str(config.invocation_params.dir / os.path.expanduser(value))
+
         return cls(
             budget=budget[0],
             budget_source=budget[1],
@@ -185,7 +245,32 @@ class Settings:
             unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
             retry_on_limit=retry[0] if retry else True,
             gate_timeout=gate[0] if gate else pools.pool_timeout,
+            risky_need=risky[0] if risky else 0,
+            idle_need=idle[0] if idle else DEFAULT_IDLE_NEED,
+            monitor_dsn=monitor,
+            monitor_source=monitor_source,
+            report_path=path("poolaware_report"),
+            timeline_path=path("poolaware_timeline"),
+            advice_path=path("poolaware_advice"),
         )
+
+
+def _monitor(config: pytest.Config) -> tuple[str, str]:
+    """The monitoring DSN and its source: option, ini, else ``POOLAWARE_DSN``; "" when off.
+
+    Like ``parse_setting``, but an ini value is never echoed: it may hold a password.
+    """
+    value: str | None = config.getoption("poolaware_monitor")
+    if value is not None:
+        return value, "--poolaware-monitor"
+    raw = config.getini(INI_MONITOR)
+    if isinstance(raw, str) and raw.strip():
+        try:
+            return monitor_dsn(raw), f"ini {INI_MONITOR}"
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{INI_MONITOR}: {exc}") from None
+    env = os.environ.get(ENV_DSN, "").strip()
+    return (env, f"${ENV_DSN}") if env else ("", "")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -234,8 +319,59 @@ def add_options(parser: pytest.Parser) -> None:
         help="How long a worker waits for budget before opening a connection anyway "
         f"(default: ${ENV_POOL_TIMEOUT}, else {DEFAULT_POOL_TIMEOUT:g}).",
     )
+    group.addoption(
+        "--poolaware-risky-need",
+        dest="poolaware_risky_need",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="Marker advice: unmarked tests that held at least N connections at once are "
+        f"serial_only candidates (default: ini {INI_RISKY_NEED}, else half the budget).",
+    )
+    group.addoption(
+        "--poolaware-idle-need",
+        dest="poolaware_idle_need",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="Marker advice: serial_only tests that held at most N connections at once are "
+        f"parallel_safe candidates (default: {DEFAULT_IDLE_NEED}).",
+    )
+    group.addoption(
+        "--poolaware-advice",
+        dest="poolaware_advice",
+        default=None,
+        metavar="PATH",
+        help="Write the marker advice to PATH, one 'file:line: @pytest.mark.X' line per test.",
+    )
+    group.addoption(
+        "--poolaware-report",
+        dest="poolaware_report",
+        default=None,
+        metavar="PATH",
+        help="Write the run's report (per test and per run) to PATH as JSON.",
+    )
+    group.addoption(
+        "--poolaware-timeline",
+        dest="poolaware_timeline",
+        default=None,
+        metavar="PATH",
+        help="Write an SVG picture of open connections over time per worker to PATH.",
+    )
+    group.addoption(
+        "--poolaware-monitor",
+        dest="poolaware_monitor",
+        type=monitor_dsn,
+        default=None,
+        metavar="DSN|off",
+        help="Sample pg_stat_activity through DSN during the run and report the server's "
+        f"peak (default: ini {INI_MONITOR}, else ${ENV_DSN} when set).",
+    )
     parser.addini(INI_BUDGET, "Connection budget for --dist poolaware (positive integer).")
     parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
     parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
     parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
     parser.addini(INI_GATE_TIMEOUT, "Seconds a worker waits for budget before connecting anyway.")
+    parser.addini(INI_RISKY_NEED, "Marker advice: connections at once making a test serial_only.")
+    parser.addini(INI_IDLE_NEED, "Marker advice: connections at most for parallel_safe advice.")
+    parser.addini(INI_MONITOR, "DSN to sample pg_stat_activity with during the run, or off.")

@@ -1,0 +1,167 @@
+"""Server-side view of a run: its connections counted in pg_stat_activity, in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
+from pytest_poolaware.pgserver import mask_dsn
+from pytest_poolaware.runstats import ServerView
+
+#: Seconds between two samples: short enough to catch a test's burst of connections,
+#: long enough that the sampler costs the server nothing noticeable.
+SAMPLE_INTERVAL: Final = 0.05
+#: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
+CONNECT_TIMEOUT: Final = 5
+#: The monitor's own connection, named so that nobody counts it as one of the run's.
+APPLICATION_NAME: Final = "pytest-poolaware-monitor"
+
+_SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
+_CLIENTS: Final = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
+#: Slots of a limited role the monitor leaves alone beyond the budget: the server still
+#: counts a connection for a moment after the client closed it.
+CLOSING_SLACK = 1
+#: A role with a connection limit: count what that limit counts, every connection of it.
+ROLE_QUERY: Final = f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
+#: A superuser (whose connections no limit counts): the connections the engine helper tagged.
+TAGGED_QUERY: Final = (
+    f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
+)
+_ROLE: Final = (
+    "SELECT current_user, r.rolsuper, r.rolconnlimit FROM pg_roles r WHERE r.rolname = current_user"
+)
+
+
+def libpq_dsn(dsn: str) -> str:
+    """A DSN libpq accepts: SQLAlchemy's ``postgresql+driver://`` loses its ``+driver``."""
+    return _SQLALCHEMY_DRIVER.sub(r"\1://", dsn.strip())
+
+
+class ServerMonitor:
+    """Counts the run's connections in ``pg_stat_activity`` every ``interval`` seconds.
+
+    It holds one connection of its own for the whole run, outside the budget; with a
+    limited role that connection takes one of the role's slots, so it gives up (with a
+    note) rather than take a slot the budget counts on. Any failure is a one-line
+    ``problem``, never an exception: the run must not depend on its monitor.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        budget: int,
+        source: str = "",
+        interval: float = SAMPLE_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dsn = dsn
+        self.budget = budget
+        self.source = source  # where the DSN came from, for the notes
+        self.interval = interval
+        self._clock = clock
+        self.samples: list[tuple[float, int]] = []
+        self.peak = 0
+        self.scope = ""
+        self.problem: str | None = None
+        self._conn: Any = None
+        self._query = ""
+        self._param = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Connect and check the role (on the caller's thread, before any worker connects),
+        then sample in a daemon thread."""
+        try:
+            import psycopg
+        except ImportError:
+            self.problem = "server monitoring off: it needs psycopg (pip install psycopg)"
+            return
+        where = mask_dsn(self.dsn)
+        try:
+            self._conn = psycopg.connect(
+                libpq_dsn(self.dsn),
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                application_name=APPLICATION_NAME,
+            )
+            row = self._conn.execute(_ROLE).fetchone()
+        except Exception as exc:
+            origin = f"DSN from {self.source}; " if self.source else ""
+            self.problem = (
+                f"server monitoring off: cannot use {where}: {_first_line(exc)} "
+                f"({origin}--poolaware-monitor=off turns monitoring off)"
+            )
+            self._close()
+            return
+        role, superuser, limit = row if row is not None else ("?", True, -1)
+        if not superuser and 0 <= limit <= self.budget + CLOSING_SLACK:
+            self.problem = (
+                f"server monitoring off: role {role} allows {limit} connections and the "
+                f"budget is {self.budget}; the monitor's own would take one of them "
+                "(point --poolaware-monitor at another role, e.g. a superuser's)"
+            )
+            self._close()
+            return
+        if superuser:
+            self._query, self._param = TAGGED_QUERY, f"{APPLICATION_NAME_PREFIX}%"
+            self.scope = f"application_name {APPLICATION_NAME_PREFIX}*"
+        else:
+            self._query, self._param = ROLE_QUERY, role
+            self.scope = f"role {role}"
+        if self._sample():
+            self._thread = threading.Thread(target=self._run, name="poolaware-monitor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> ServerView | None:
+        """Take a last sample, close the connection; what was seen (None if nothing)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+            self._sample()
+        self._close()
+        if not self.samples:
+            return None
+        return ServerView(
+            self.peak, len(self.samples), self.scope, self.interval, tuple(self.samples)
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self._sample():
+                return
+
+    def _sample(self) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            row = self._conn.execute(self._query, (self._param,)).fetchone()
+        except Exception as exc:
+            self.problem = (
+                f"server monitoring stopped after {len(self.samples)} samples: {_first_line(exc)}"
+            )
+            self._close()
+            return False
+        count = int(row[0]) if row is not None else 0
+        self.samples.append((self._clock(), count))
+        self.peak = max(self.peak, count)
+        return True
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Closing a broken connection may fail: nothing is left to do then.
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,615 @@
+"""What a user sees after a ``--dist poolaware`` run: summary, JSON report, timeline, advice."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import cairosvg
+import psycopg
+import pytest
+from PIL import Image
+
+from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
+from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
+from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound
+from pytest_poolaware.settings import default_risky_need, monitor_dsn
+from pytest_poolaware.timeline import (
+    BOTTOM,
+    BUDGET_COLOUR,
+    HEIGHT,
+    SERIAL_COLOUR,
+    SERIAL_OPACITY,
+    TOP,
+    WORKER_COLOURS,
+    Span,
+    render,
+    stacked_steps,
+)
+from pytest_poolaware.worker import RERUN_DEADLOCK, RERUN_SERVER
+
+#: Bound on every inner run, so a hang fails the test.
+RUN_TIMEOUT = 180
+#: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
+POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
+BUDGET = 15
+#: Room for the budget plus the monitor's own connection.
+ROLE_LIMIT = BUDGET + 1
+#: Tests in SUITE, per lane.
+SERIAL_TESTS = 3
+FANOUT_TESTS = 13
+
+CONFTEST = """
+import os
+import pytest
+from sqlalchemy import text
+from pytest_poolaware.engine import make_engine
+
+@pytest.fixture(scope="session")
+def engine():
+    engine = make_engine(os.environ["POOLAWARE_DSN"])
+    yield engine
+    engine.dispose()
+
+def hold(engine, connections, seconds):
+    conns = [engine.connect() for _ in range(connections)]
+    try:
+        for conn in conns:
+            conn.execute(text("select 1"))
+        conns[0].execute(text("select pg_sleep(:s)"), {"s": seconds})
+    finally:
+        for conn in conns:
+            conn.close()
+"""
+
+SUITE = """
+import pytest
+from conftest import hold
+
+@pytest.mark.serial_only
+class TestMigrations:
+    def test_schema(self, engine):
+        hold(engine, 3, 0.2)
+
+    def test_columns(self, engine):
+        hold(engine, 3, 0.2)
+
+@pytest.mark.serial_only
+def test_wireguard_config():
+    # Marked serial_only by habit; it never touches the database.
+    assert "wg0".startswith("wg")
+
+@pytest.mark.parallel_safe
+@pytest.mark.parametrize("n", range(8))
+def test_light(engine, n):
+    hold(engine, 1, 0.05)
+
+def test_unmarked_heavy(engine):
+    hold(engine, 9, 0.3)
+
+@pytest.mark.parametrize("n", range(4))
+def test_unmarked_light(engine, n):
+    hold(engine, 2, 0.05)
+"""
+
+NO_DB = """
+import pytest
+
+@pytest.mark.serial_only
+def test_heavy():
+    pass
+
+@pytest.mark.parallel_safe
+def test_light():
+    pass
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+
+
+def poolaware(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return run(pytester, "-n", "4", "--dist", "poolaware", *args)
+
+
+SECTION = re.compile(r"-+ poolaware -+")
+#: pytest's closing line: "==== 16 passed in 1.2s ====", or with -q "16 passed in 1.2s".
+CLOSING = re.compile(r"(=+ )?\d+ \w+.* in [\d.]+s( \(.*\))?( =+)?")
+
+
+def section(result: pytest.RunResult) -> list[str]:
+    """The lines of the poolaware summary section."""
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if SECTION.fullmatch(line))
+    end = next(i for i in range(start + 1, len(lines)) if CLOSING.fullmatch(lines[i]))
+    return lines[start + 1 : end]
+
+
+def number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return float(match.group(1))
+
+
+@pytest.fixture
+def suite(
+    pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """SUITE against a role limited to the budget plus the monitor's connection."""
+    role_dsn = limited_role(ROLE_LIMIT)
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    for name, value in POOL_ENV.items():
+        monkeypatch.setenv(name, value)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return {"dsn": role_dsn, "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]}
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+def test_summary_shows_budget_peaks_lanes_needs_wall_and_advice(
+    pytester: pytest.Pytester, suite: dict[str, str]
+) -> None:
+    result = poolaware(pytester, "--cache-clear", "--poolaware-advice", "advice.txt")
+    result.assert_outcomes(passed=SERIAL_TESTS + FANOUT_TESTS)
+    lines = section(result)
+    text = "\n".join(lines)
+    assert lines[0] == f"budget: {BUDGET} connections (PG_POOL_SIZE + PG_MAX_OVERFLOW = 5 + 10)"
+    workers = number(r"^peak open connections \(workers\): (\d+)$", lines[1])
+    assert 9 <= workers <= BUDGET
+    server = number(
+        rf"^peak open connections \(server\): (\d+) \(role {suite['role']}, \d+ samples", lines[2]
+    )
+    assert 9 <= server <= BUDGET
+    serial = number(rf"serial lane: {SERIAL_TESTS} tests, running (\d+\.\d+)s, held back", text)
+    assert serial >= 0.4  # two tests of 0.2 s each
+    assert number(rf"fan-out: {FANOUT_TESTS} tests, running (\d+\.\d+)s, held back", text) > 0.3
+    top = lines.index("most connections at once:")
+    assert re.fullmatch(r"\s+9\s+fanout\s+test_suite.py::test_unmarked_heavy", lines[top + 1])
+    assert re.fullmatch(r"\s+3\s+serial\s+test_suite.py::TestMigrations::test_\w+", lines[top + 2])
+    wall = number(r"wall: (\d+\.\d+)s from the first test's start", text)
+    bound = number(r"lower bound (\d+\.\d+)s \(", text)
+    assert 0 < bound <= wall * 1.5
+    assert number(r"wall/LB (\d+\.\d+)", text) == pytest.approx(wall / bound, abs=0.02)
+    assert (
+        "  serial_only candidate: test_suite.py::test_unmarked_heavy: "
+        "unmarked, held 9 connections at once (advice from 8)"
+    ) in lines
+    assert (
+        "  parallel_safe candidate: test_suite.py::test_wireguard_config: "
+        "serial_only, held no connections"
+    ) in lines
+    # Below the threshold, or marked: no advice.
+    assert "test_unmarked_light" not in text.split("marker advice")[1]
+    assert "TestMigrations" not in text.split("marker advice")[1]
+    assert f"poolaware advice: {pytester.path / 'advice.txt'}" in lines
+    # The advice file: file:line of each definition, and the marker to put there.
+    advice = (pytester.path / "advice.txt").read_text().splitlines()
+    source = (pytester.path / "test_suite.py").read_text().splitlines()
+    entries = [entry for entry in advice if not entry.startswith("#")]
+    assert len(entries) == 2
+    heavy, wireguard = entries
+    where, _, what = heavy.partition(": ")
+    assert what.startswith("@pytest.mark.serial_only  # test_unmarked_heavy: unmarked, held 9")
+    path, lineno = where.split(":")
+    assert path == "test_suite.py"
+    assert source[int(lineno) - 1] == "def test_unmarked_heavy(engine):"
+    where, _, what = wireguard.partition(": ")
+    assert what.startswith("@pytest.mark.parallel_safe (instead of serial_only)")
+    assert source[int(where.split(":")[1]) - 1] == "def test_wireguard_config():"
+
+
+def test_json_report_has_every_test_and_the_run(
+    pytester: pytest.Pytester, suite: dict[str, str]
+) -> None:
+    result = poolaware(pytester, "--cache-clear", "--poolaware-report", "out/report.json", "-q")
+    result.assert_outcomes(passed=SERIAL_TESTS + FANOUT_TESTS)
+    data = json.loads((pytester.path / "out" / "report.json").read_text())
+    assert data["schema_version"] == 1
+    run_ = data["run"]
+    assert (run_["workers"], run_["budget"]) == (4, BUDGET)
+    assert run_["budget_source"] == "PG_POOL_SIZE + PG_MAX_OVERFLOW = 5 + 10"
+    assert 9 <= run_["peak_open_workers"] <= BUDGET
+    assert 9 <= run_["peak_open_server"] <= BUDGET
+    assert run_["server_scope"] == f"role {suite['role']}"
+    tests = {t["nodeid"]: t for t in data["tests"]}
+    collected = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:randomly")
+    nodeids = [line for line in collected.stdout.lines if "::" in line]
+    assert sorted(tests) == sorted(nodeids)
+    assert len(tests) == SERIAL_TESTS + FANOUT_TESTS
+    for nodeid, test in tests.items():
+        serial = "TestMigrations" in nodeid or "wireguard" in nodeid
+        assert test["lane"] == ("serial" if serial else "fanout"), nodeid
+        assert test["markers"] == (
+            ["serial_only"] if serial else ["parallel_safe"] if "::test_light[" in nodeid else []
+        )
+        assert re.fullmatch(r"gw[0-3]", test["worker"])
+        assert run_["started"] <= test["start"] <= test["end"] <= run_["finished"]
+        assert 0 <= test["duration"] <= test["end"] - test["start"] + 1e-3
+        assert test["waited"] >= 0
+        assert test["peak_open"] >= test["need"]
+        assert test["outcome"] == "passed"
+        assert test["rerun"] in (None, RERUN_DEADLOCK, RERUN_SERVER)
+    assert tests["test_suite.py::test_unmarked_heavy"]["need"] == 9
+    assert tests["test_suite.py::test_wireguard_config"]["need"] == 0
+    assert tests["test_suite.py::test_light[0]"]["need"] == 1
+    assert {tests[n]["worker"] for n in tests if tests[n]["lane"] == "serial"} != set()
+    # The lower bound, recomputed from the per-test data with xdist-facts' formula.
+    serial_sum = sum(t["duration"] for t in tests.values() if t["lane"] == "serial")
+    fanout = [t["duration"] for t in tests.values() if t["lane"] == "fanout"]
+    expected = max(
+        serial_sum,
+        max(fanout),
+        sum(fanout) / 3,
+        sum(t["duration"] * t["need"] for t in tests.values()) / BUDGET,
+    )
+    assert run_["lower_bound"]["value"] == pytest.approx(expected, abs=1e-4)
+    assert run_["wall_over_lb"] == pytest.approx(run_["wall"] / expected, rel=1e-3)
+    assert run_["lanes"]["serial"]["items"] == SERIAL_TESTS
+    assert run_["lanes"]["fanout"]["running"] == pytest.approx(sum(fanout), abs=1e-4)
+    assert [a["target"] for a in data["advice"]] == [
+        "test_suite.py::test_unmarked_heavy",
+        "test_suite.py::test_wireguard_config",
+    ]
+    assert data["timeline"]
+    assert data["server_timeline"]
+    # -q: one line, with the same figures (and a line per rerun, if any).
+    line, *others = section(result)
+    assert all(other.startswith("rerun alone (") for other in others)
+    assert line.startswith(
+        f"poolaware: budget {BUDGET}, peak {run_['peak_open_workers']} open "
+        f"(server {run_['peak_open_server']}), wall "
+    )
+    assert line.endswith("2 marker advice (see the summary without -q)")
+
+
+def test_timeline_svg_renders_with_the_budget_line(
+    pytester: pytest.Pytester, suite: dict[str, str]
+) -> None:
+    result = poolaware(pytester, "--poolaware-timeline", "timeline.svg", "-v")
+    result.assert_outcomes(passed=SERIAL_TESTS + FANOUT_TESTS)
+    result.stdout.fnmatch_lines([f"poolaware timeline: {pytester.path / 'timeline.svg'}"])
+    # -v: one line per worker too.
+    result.stdout.fnmatch_lines(["  worker gw?: * tests, running *s, held back by the budget *s"])
+    svg = (pytester.path / "timeline.svg").read_text()
+    ET.fromstring(svg)  # well-formed
+    assert "serial_only: test_suite.py::TestMigrations::test_schema" in svg
+    image = png(svg)
+    colours = pixel_counts(image)
+    assert colours[rgb(BUDGET_COLOUR)] >= 400  # a line across the plot
+    assert area_pixels(image) > 3000  # the stacked areas, shaded or not: not blank
+
+
+def test_server_monitoring_gives_way_to_a_role_with_no_room_for_it(
+    pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role_dsn = limited_role(3)
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    pytester.makepyfile(NO_DB)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "3")
+    result.assert_outcomes(passed=2)
+    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    result.stdout.fnmatch_lines(
+        [f"note: server monitoring off: role {role} allows 3 connections and the budget is 3*"]
+    )
+    assert "peak open connections (server)" not in result.stdout.str()
+
+
+def test_server_monitoring_failure_is_a_note_without_the_password(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(NO_DB)
+    dsn = "postgresql://nobody:s3cret@127.0.0.1:1/nowhere"
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--poolaware-monitor", dsn)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "note: server monitoring off: cannot use postgresql://nobody:***@127.0.0.1:1/nowhere: "
+            "* (DSN from --poolaware-monitor; --poolaware-monitor=off turns monitoring off)"
+        ]
+    )
+    assert "s3cret" not in result.stdout.str() + result.stderr.str()
+
+
+def test_monitoring_off_and_very_quiet(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(NO_DB)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--poolaware-monitor", "off", "-qq")
+    assert result.ret == pytest.ExitCode.OK
+    assert not any(SECTION.fullmatch(line) for line in result.stdout.lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--poolaware-risky-need", "0"], "", "*--poolaware-risky-need*positive integer*'0'*"),
+        (["--poolaware-idle-need", "x"], "", "*--poolaware-idle-need*'x'*"),
+        (["--poolaware-monitor", "user:pw@db"], "", "*--poolaware-monitor*DSN or 'off'*'***'*"),
+        ([], "poolaware_risky_need = lots", "*poolaware_risky_need='lots'*positive integer*"),
+        ([], "poolaware_monitor = me:pw@db", "*poolaware_monitor: *DSN or 'off'*'***'*"),
+    ],
+)
+def test_bad_report_settings_are_usage_errors(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(NO_DB)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "pw@" not in result.stderr.str()
+
+
+# -- pure pieces ------------------------------------------------------------------------
+
+
+def facts(
+    nodeid: str,
+    *,
+    need: int | None = 0,
+    duration: float = 1.0,
+    serial: bool = False,
+    parallel: bool = False,
+    lane: str | None = None,
+) -> ItemFacts:
+    return ItemFacts(
+        nodeid,
+        serial,
+        parallel,
+        lane or ("serial" if serial else "fanout"),
+        worker="gw0",
+        start=0.0,
+        end=duration,
+        duration=None if need is None else duration,
+        need=need,
+        peak_open=need,
+        waited=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("workers", "serial", "fanout", "value", "binding"),
+    [
+        (4, [(5.0, 1), (5.0, 1)], [(1.0, 1)] * 6, 10.0, "serial lane"),
+        (4, [(1.0, 1)], [(7.0, 1), (1.0, 1)], 7.0, "longest test"),
+        (4, [], [(1.0, 0)] * 12, 4.0, "workers"),
+        (4, [(1.0, 15)], [(2.0, 15)] * 3, 7.0, "budget"),
+        (1, [(2.0, 1)], [(1.0, 1)] * 3, 5.0, "workers"),
+        (4, [], [], 0.0, "serial lane"),
+    ],
+)
+def test_lower_bound_terms(
+    workers: int,
+    serial: list[tuple[float, int]],
+    fanout: list[tuple[float, int]],
+    value: float,
+    binding: str,
+) -> None:
+    bound = lower_bound(workers, 15, serial, fanout)
+    assert bound.value == pytest.approx(value)
+    assert bound.binding == binding
+
+
+def test_run_stats_wall_top_needs_and_json() -> None:
+    items = (
+        facts("a.py::test_a", need=3, duration=2.0),
+        ItemFacts("a.py::test_b", False, False, "fanout", start=5.0, end=6.5, duration=1.5, need=7),
+        facts("a.py::test_c", need=None),
+        facts("a.py::test_d", need=0, serial=True),
+    )
+    stats = RunStats(
+        budget=10,
+        budget_source="--pool-budget",
+        workers=2,
+        items=items,
+        peak_open=8,
+        started=-1.0,
+        finished=9.0,
+    )
+    assert stats.wall == 6.5  # first start 0.0, last end 6.5
+    assert stats.session == 10.0
+    assert [i.nodeid for i in stats.top_needs(5)] == ["a.py::test_b", "a.py::test_a"]
+    data = stats.to_json()
+    assert [t["nodeid"] for t in data["tests"]] == [i.nodeid for i in items]
+    assert data["tests"][2]["need"] is None
+    assert data["run"]["lanes"]["fanout"] == {"items": 2, "running": 3.5, "waited": 0.0}
+    assert data["run"]["peak_open_server"] is None
+    # serial 1.0; longest 2.0; workers 3.5 / (2 - 1); budget (6 + 10.5) / 10
+    assert data["run"]["lower_bound"]["value"] == 3.5
+    json.dumps(data)
+
+
+def test_advice_rules() -> None:
+    items = [
+        facts("t.py::test_heavy[1]", need=2),
+        facts("t.py::test_heavy[2]", need=8),
+        facts("t.py::test_at_threshold", need=5),
+        facts("t.py::test_below", need=4),
+        facts("t.py::test_marked_parallel", need=9, parallel=True),
+        facts("t.py::test_not_run", need=None),
+        facts("t.py::test_serial_idle", need=0, serial=True),
+        facts("t.py::test_serial_db", need=1, serial=True),
+        facts("t.py::test_serial_mixed[a]", need=0, serial=True),
+        facts("t.py::test_serial_mixed[b]", need=2, serial=True),
+        facts("t.py::test_serial_unmeasured", need=None, serial=True),
+        facts("t.py::TestAllIdle::test_one", need=0, serial=True),
+        facts("t.py::TestAllIdle::test_two[x]", need=0, serial=True),
+        facts("t.py::TestSome::test_one", need=0, serial=True),
+        facts("t.py::TestSome::test_two", need=3, serial=True),
+    ]
+    advice = advise(items, risky_need=5, idle_need=0)
+    assert [(c.marker, c.target, c.need, c.tests) for c in advice] == [
+        ("serial_only", "t.py::test_heavy", 8, 2),
+        ("serial_only", "t.py::test_at_threshold", 5, 1),
+        ("parallel_safe", "t.py::test_serial_idle", 0, 1),
+        ("parallel_safe", "t.py::TestAllIdle", 0, 2),
+        ("parallel_safe", "t.py::TestSome::test_one", 0, 1),
+    ]
+    relaxed = advise(items, risky_need=100, idle_need=1)
+    assert "t.py::test_serial_db" in [c.target for c in relaxed]
+    assert default_risky_need(15) == 8
+    assert default_risky_need(1) == 1
+    assert definition("d/t.py::TestA::test_b[x::y-1]") == "d/t.py::TestA::test_b"
+
+
+def test_advice_file_points_at_definitions(tmp_path: Path) -> None:
+    source = (
+        "import pytest\n\n"
+        "class TestA:\n"
+        "    @pytest.mark.serial_only\n"
+        "    def test_b(self):\n"
+        "        pass\n\n"
+        "async def test_c():\n"
+        "    pass\n"
+    )
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "test_x.py").write_text(source)
+    assert locate(tmp_path, "pkg/test_x.py::TestA::test_b") == 5
+    assert locate(tmp_path, "pkg/test_x.py::TestA") == 3
+    assert locate(tmp_path, "pkg/test_x.py::test_c") == 8
+    assert locate(tmp_path, "pkg/test_x.py::test_gone") is None
+    assert locate(tmp_path, "pkg/missing.py::test_c") is None
+    text = advice_text(
+        [
+            Candidate("parallel_safe", "pkg/test_x.py::TestA::test_b", 0, 1, "why"),
+            Candidate("serial_only", "pkg/test_x.py::test_gone", 9, 1, "heavy"),
+        ],
+        root=tmp_path,
+        shown_from=tmp_path / "pkg",
+        budget=15,
+        risky_need=8,
+        idle_need=0,
+    )
+    assert text.splitlines()[-2:] == [
+        "test_x.py:5: @pytest.mark.parallel_safe (instead of serial_only)  # TestA::test_b: why",
+        "test_x.py: @pytest.mark.serial_only  # test_gone: heavy",
+    ]
+
+
+def rgb(colour: str) -> tuple[int, int, int]:
+    return (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
+
+
+def png(svg: str) -> Image.Image:
+    data = cairosvg.svg2png(bytestring=svg.encode())
+    assert data is not None
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def pixel_counts(image: Image.Image) -> dict[tuple[int, int, int], int]:
+    counts: dict[tuple[int, int, int], int] = {}
+    for count, colour in image.getcolors(maxcolors=image.width * image.height) or []:
+        counts[colour] = count
+    return counts
+
+
+def area_pixels(image: Image.Image) -> int:
+    """Pixels of the worker colours, plain or under the serial lane's shade."""
+    targets = [rgb(c) for c in WORKER_COLOURS]
+    shade = rgb(SERIAL_COLOUR)
+    targets += [
+        tuple(
+            round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
+            for c, s in zip(t, shade, strict=True)
+        )
+        for t in targets
+    ]
+    counts = pixel_counts(image)
+    return sum(
+        n
+        for colour, n in counts.items()
+        if any(max(abs(a - b) for a, b in zip(colour, t, strict=True)) <= 3 for t in targets)
+    )
+
+
+def test_stacked_steps() -> None:
+    timeline = [(2.0, "gw1", 3), (1.0, "gw0", 2), (2.0, "gw0", 1), (4.0, "gw1", 0)]
+    assert stacked_steps(timeline, ["gw0", "gw1"], 0.0) == [
+        (0.0, (0, 0)),
+        (1.0, (2, 0)),
+        (2.0, (1, 3)),
+        (4.0, (1, 0)),
+    ]
+
+
+def test_timeline_picture_stacks_workers_under_the_budget_line() -> None:
+    timeline = [(10.0 + i / 10, f"gw{i % 3}", 1 + i % 4) for i in range(60)]
+    svg = render(
+        timeline=timeline,
+        budget=12,
+        serial=[Span(11.0, 12.0, "t.py::test_<odd>&name")],
+        server=[(10.0 + i / 5, 6) for i in range(30)],
+        start=9.5,
+        end=16.5,
+    )
+    ET.fromstring(svg)
+    assert "t.py::test_&lt;odd&gt;&amp;name" in svg
+    image = png(svg)
+    colours = pixel_counts(image)
+    red = rgb(BUDGET_COLOUR)
+    for worker in range(3):
+        assert colours.get(rgb(WORKER_COLOURS[worker]), 0) > 500
+    # The budget line: a full-width horizontal run of red where 12 is on the y axis,
+    # which goes up to 15 (ticks 0, 5, 10, 15).
+    assert ">15</text>" in svg
+    assert ">20</text>" not in svg
+    rows = [
+        y for y in range(HEIGHT) if sum(image.getpixel((x, y)) == red for x in range(60, 700)) > 600
+    ]
+    expected = TOP + (HEIGHT - TOP - BOTTOM) * (1 - 12 / 15)
+    assert rows
+    assert all(abs(row - expected) <= 1.5 for row in rows)
+
+
+def test_timeline_picture_of_a_run_without_connections() -> None:
+    svg = render(timeline=[], budget=5, start=0.0, end=0.0)
+    colours = pixel_counts(png(svg))
+    assert colours[rgb(BUDGET_COLOUR)] > 300
+    assert not any(rgb(c) in colours for c in WORKER_COLOURS)
+
+
+# -- settings and the monitor --------------------------------------------------------------
+
+
+def test_monitor_dsn_values() -> None:
+    assert monitor_dsn(" off ") == ""
+    assert monitor_dsn("postgresql+psycopg://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
+    assert monitor_dsn("host=h dbname=d") == "host=h dbname=d"
+    with pytest.raises(Exception, match=r"DSN or 'off', got '\*\*\*'"):
+        monitor_dsn("u:secret@h")
+    assert libpq_dsn("postgresql+asyncpg://u@h/db") == "postgresql://u@h/db"
+
+
+def test_monitor_counts_tagged_connections_with_a_superuser(postgres_dsn: str) -> None:
+    monitor = ServerMonitor(postgres_dsn, budget=5)
+    monitor.start()
+    assert monitor.problem is None
+    with (
+        psycopg.connect(postgres_dsn, application_name="poolaware-gw7"),
+        psycopg.connect(postgres_dsn, application_name="someone-else"),
+    ):
+        view = monitor.stop()  # its last sample is taken here, with both open
+    assert view is not None
+    assert view.scope == "application_name poolaware-*"
+    # The first sample was taken by start(); since then only the tagged one counts,
+    # neither the untagged one nor the monitor's own.
+    assert view.timeline[-1][1] - view.timeline[0][1] == 1
+    assert view.peak >= 1
+    assert view.samples == len(view.timeline) >= 2
+
+
+def test_monitor_counts_every_connection_of_a_limited_role(limited_role: Any) -> None:
+    role_dsn = limited_role(4)
+    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    monitor = ServerMonitor(role_dsn, budget=3)
+    monitor.start()
+    with psycopg.connect(role_dsn), psycopg.connect(role_dsn):
+        view = monitor.stop()
+    assert view is not None
+    assert (view.scope, view.timeline[0][1], view.timeline[-1][1]) == (f"role {role}", 0, 2)
