@@ -10,56 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
-
-#: Bound on every inner run: a hang fails the test instead of the CI job.
-RUN_TIMEOUT = 180
-
-#: Each inner test appends one line here, so the outer test can see order and overlap.
-LOGGING_CONFTEST = """
-import json, os, time
-import pytest
-
-LOG = os.environ["POOLAWARE_TEST_LOG"]
-
-@pytest.fixture(autouse=True)
-def _record(request):
-    start = time.time()
-    yield
-    entry = {
-        "nodeid": request.node.nodeid,
-        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-        "start": start,
-        "end": time.time(),
-    }
-    with open(LOG, "a") as log:
-        log.write(json.dumps(entry) + "\\n")
-"""
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+from inner import RECORDING_CONFTEST, RUN_TIMEOUT, entries, reported, run
 
 
 @pytest.fixture
 def log(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = pytester.path / "events.jsonl"
     monkeypatch.setenv("POOLAWARE_TEST_LOG", str(path))
-    pytester.makeconftest(LOGGING_CONFTEST)
+    pytester.makeconftest(RECORDING_CONFTEST)
     return path
-
-
-def entries(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def reported(result: pytest.RunResult) -> dict[str, str]:
-    """Outcome per node id, from the ``-rA`` short summary."""
-    outcomes = {}
-    for line in result.stdout.lines:
-        word, _, rest = line.partition(" ")
-        if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
-            outcomes[rest.split(" - ")[0].strip()] = word
-    return outcomes
 
 
 CRASHY = """

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from inner import TWO_TESTS, run
 
 from pytest_poolaware.settings import PoolSettings, Settings
-
-#: Bound on every inner run, so a hang fails the test.
-RUN_TIMEOUT = 120
-
-TWO_TESTS = """
-import pytest
-
-@pytest.mark.serial_only
-def test_heavy():
-    pass
-
-@pytest.mark.parallel_safe
-def test_light():
-    pass
-"""
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
 
 
 def test_dist_poolaware_is_listed_in_help(pytester: pytest.Pytester) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import cairosvg
 import psycopg
 import pytest
+from inner import ENGINE_CONFTEST, TWO_TESTS, run
 from PIL import Image
 
 from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
@@ -32,39 +33,16 @@ from pytest_poolaware.timeline import (
 )
 from pytest_poolaware.worker import RERUN_DEADLOCK, RERUN_SERVER
 
-#: Bound on every inner run, so a hang fails the test.
-RUN_TIMEOUT = 180
 #: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
 POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 BUDGET = 15
-#: Room for the budget plus the monitor's own connection.
-ROLE_LIMIT = BUDGET + 1
+#: Room for the budget, the slot kept for connections still closing, and the monitor.
+ROLE_LIMIT = BUDGET + 2
 #: Tests in SUITE, per lane.
 SERIAL_TESTS = 3
 FANOUT_TESTS = 13
 
-CONFTEST = """
-import os
-import pytest
-from sqlalchemy import text
-from pytest_poolaware.engine import make_engine
-
-@pytest.fixture(scope="session")
-def engine():
-    engine = make_engine(os.environ["POOLAWARE_DSN"])
-    yield engine
-    engine.dispose()
-
-def hold(engine, connections, seconds):
-    conns = [engine.connect() for _ in range(connections)]
-    try:
-        for conn in conns:
-            conn.execute(text("select 1"))
-        conns[0].execute(text("select pg_sleep(:s)"), {"s": seconds})
-    finally:
-        for conn in conns:
-            conn.close()
-"""
+CONFTEST = ENGINE_CONFTEST
 
 SUITE = """
 import pytest
@@ -96,21 +74,7 @@ def test_unmarked_light(engine, n):
     hold(engine, 2, 0.05)
 """
 
-NO_DB = """
-import pytest
-
-@pytest.mark.serial_only
-def test_heavy():
-    pass
-
-@pytest.mark.parallel_safe
-def test_light():
-    pass
-"""
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+NO_DB = TWO_TESTS
 
 
 def poolaware(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -605,7 +569,7 @@ def test_monitor_counts_tagged_connections_with_a_superuser(postgres_dsn: str) -
 
 
 def test_monitor_counts_every_connection_of_a_limited_role(limited_role: Any) -> None:
-    role_dsn = limited_role(4)
+    role_dsn = limited_role(5)
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
     monitor = ServerMonitor(role_dsn, budget=3)
     monitor.start()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from inner import (
+    ENGINE_CONFTEST,
+    RECORDING_CONFTEST,
+    connection_errors,
+    entries,
+    run,
+)
 
-#: Bound on every inner run: a scheduler that hangs fails the test instead of the CI job.
-RUN_TIMEOUT = 180
 #: Pool sizing the teams in our write-up use; the budget defaults to their sum (15).
 POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 #: A role limit just above that budget, as in the write-up's CI database.
@@ -20,46 +24,7 @@ ROLE_LIMIT = 16
 #: How often the server-side sampler looks at pg_stat_activity.
 SAMPLE_INTERVAL = 0.005
 
-CONFTEST = """
-import json, os, time
-import pytest
-from sqlalchemy import text
-from pytest_poolaware.engine import make_engine
-
-LOG = os.environ["POOLAWARE_TEST_LOG"]
-
-@pytest.fixture(scope="session")
-def engine():
-    # One pool per worker process, kept for the session: what multiplies connections.
-    engine = make_engine(os.environ["POOLAWARE_DSN"])
-    yield engine
-    engine.dispose()
-
-def hold(engine, connections, seconds):
-    # Check out `connections` at once and keep them busy for `seconds`.
-    conns = [engine.connect() for _ in range(connections)]
-    try:
-        for conn in conns:
-            conn.execute(text("select 1"))
-        conns[0].execute(text("select pg_sleep(:s)"), {"s": seconds})
-    finally:
-        for conn in conns:
-            conn.close()
-
-@pytest.fixture(autouse=True)
-def _record(request):
-    start = time.time()
-    yield
-    entry = {
-        "nodeid": request.node.nodeid,
-        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-        "serial": request.node.get_closest_marker("serial_only") is not None,
-        "start": start,
-        "end": time.time(),
-    }
-    with open(LOG, "a") as log:
-        log.write(json.dumps(entry) + "\\n")
-"""
+CONFTEST = ENGINE_CONFTEST + RECORDING_CONFTEST
 
 SUITE = """
 import pytest
@@ -84,10 +49,6 @@ def test_unmarked_heavy(engine, n):
 def test_unmarked_light(engine, n):
     hold(engine, 2, 0.05)
 """
-
-
-def _entries(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 class ServerSampler:
@@ -148,18 +109,6 @@ def suite(
     }
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
-
-
-CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limit")
-
-
-def connection_errors(result: pytest.RunResult) -> int:
-    text = result.stdout.str()
-    return sum(text.count(marker) for marker in CONNECTION_ERRORS)
-
-
 def test_load_exhausts_connections_where_poolaware_does_not(
     pytester: pytest.Pytester, suite: dict[str, Any]
 ) -> None:
@@ -192,9 +141,9 @@ def test_serial_tests_run_one_at_a_time_in_order_on_one_worker(
 ) -> None:
     result = run(pytester, "-n", "4", "--dist", "poolaware")
     result.assert_outcomes(passed=39)
-    entries = _entries(suite["log"])
+    logged = entries(suite["log"])
     # An item rerun after giving way to a deadlock is logged twice: both attempts count.
-    serial = [e for e in entries if e["serial"]]
+    serial = [e for e in logged if e["serial"]]
     attempts = sorted(serial, key=lambda e: e["start"])
     serial = [
         e
@@ -216,12 +165,12 @@ def test_serial_tests_run_one_at_a_time_in_order_on_one_worker(
     last_serial_end = ordered[-1]["end"]
     others_on_lane = [
         e
-        for e in entries
+        for e in logged
         if not e["serial"] and e["worker"] in lane and e["start"] < last_serial_end
     ]
     assert others_on_lane == []
     # The rest fanned out over the other workers.
-    assert len({e["worker"] for e in entries if not e["serial"]} - lane) >= 2
+    assert len({e["worker"] for e in logged if not e["serial"]} - lane) >= 2
 
 
 def test_second_run_uses_what_the_first_learned(

@@ -1,0 +1,98 @@
+"""What the end-to-end tests share: inner pytest runs and the sources of their suites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Bound on every inner run: a scheduler that hangs fails the test instead of the CI job.
+RUN_TIMEOUT = 180
+
+#: An inner conftest: one pool per worker process, kept for the session (what multiplies
+#: connections), and ``hold`` to check out several connections at once.
+ENGINE_CONFTEST = """
+import os
+import pytest
+from sqlalchemy import text
+from pytest_poolaware.engine import make_engine
+
+@pytest.fixture(scope="session")
+def engine():
+    engine = make_engine(os.environ["POOLAWARE_DSN"])
+    yield engine
+    engine.dispose()
+
+def hold(engine, connections, seconds):
+    conns = [engine.connect() for _ in range(connections)]
+    try:
+        for conn in conns:
+            conn.execute(text("select 1"))
+        conns[0].execute(text("select pg_sleep(:s)"), {"s": seconds})
+    finally:
+        for conn in conns:
+            conn.close()
+"""
+
+#: An inner conftest fixture logging each test's worker, lane and times to
+#: ``$POOLAWARE_TEST_LOG``, so the outer test can check order and overlap.
+RECORDING_CONFTEST = """
+import json, os, time
+import pytest
+
+@pytest.fixture(autouse=True)
+def _record(request):
+    start = time.time()
+    yield
+    entry = {
+        "nodeid": request.node.nodeid,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "serial": request.node.get_closest_marker("serial_only") is not None,
+        "start": start,
+        "end": time.time(),
+    }
+    with open(os.environ["POOLAWARE_TEST_LOG"], "a") as log:
+        log.write(json.dumps(entry) + "\\n")
+"""
+
+#: Two database-free tests, one per marker.
+TWO_TESTS = """
+import pytest
+
+@pytest.mark.serial_only
+def test_heavy():
+    pass
+
+@pytest.mark.parallel_safe
+def test_light():
+    pass
+"""
+
+CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limit")
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """An inner run in a subprocess (real xdist workers), bounded by RUN_TIMEOUT."""
+    return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
+
+
+def entries(log: Path) -> list[dict[str, Any]]:
+    """What RECORDING_CONFTEST logged."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def connection_errors(result: pytest.RunResult) -> int:
+    text = result.stdout.str()
+    return sum(text.count(marker) for marker in CONNECTION_ERRORS)
+
+
+def reported(result: pytest.RunResult) -> dict[str, str]:
+    """Outcome per node id, from the ``-rA`` short summary."""
+    outcomes = {}
+    for line in result.stdout.lines:
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
+            outcomes[rest.split(" - ")[0].strip()] = word
+    return outcomes
