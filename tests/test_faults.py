@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +390,77 @@ def test_passwords_never_appear_in_the_output(
         assert secret not in result.stdout.str() + result.stderr.str()
     finally:
         pgserver.drop_role(postgres_dsn, role)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+    return True
+
+
+#: How often wait_for looks again.
+POLL_INTERVAL = 0.05
+
+
+def test_ctrl_c_stops_the_run_and_leaves_nothing_behind(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, limited_role: Any, postgres_dsn: str
+) -> None:
+    role_dsn = limited_role(10)
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    started = pytester.path / "started"
+    monkeypatch.setenv("POOLAWARE_STARTED", str(started))
+    pytester.makepyfile(
+        """
+        import os, pathlib, pytest
+        from sqlalchemy import text
+        from pytest_poolaware.engine import make_engine
+
+        engine = make_engine(os.environ["POOLAWARE_DSN"])
+
+        @pytest.mark.parametrize("i", range(200))
+        def test_slow(i):
+            with engine.connect() as conn:
+                pathlib.Path(os.environ["POOLAWARE_STARTED"]).touch()
+                conn.execute(text("select pg_sleep(0.2)"))
+        """
+    )
+    args = [sys.executable, "-m", "pytest", "-n", "3", "--dist", "poolaware", "-p", "no:randomly"]
+    process = subprocess.Popen(
+        args,
+        cwd=pytester.path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for(started.exists, RUN_TIMEOUT)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole process group
+        output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, output.decode()[-2000:]
+    assert wait_for(lambda: not _group_alive(process.pid), RUN_TIMEOUT)
+    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+
+    def role_connections() -> int:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "select count(*) from pg_stat_activity where usename = %s", (role,)
+            ).fetchone()
+        return int(row[0]) if row else -1
+
+    # The server notices closed sockets at once, but its backends take a moment to exit.
+    assert wait_for(lambda: role_connections() == 0, RUN_TIMEOUT)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
