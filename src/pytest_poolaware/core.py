@@ -17,8 +17,7 @@ Vocabulary:
 from __future__ import annotations
 
 import enum
-import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
@@ -142,8 +141,8 @@ class _Worker:
     order: int
     queue: deque[int] = field(default_factory=deque)
     granted: int = 0  # length of the go'ed prefix of ``queue``
-    #: Largest expected need among the go'ed items (kept up to date: hot path).
-    granted_need: int = 0
+    #: Expected needs of the go'ed items, counted (kept up to date: hot path).
+    granted_needs: Counter[int] = field(default_factory=Counter)
     open: int = 0
     idle: int = 0
     #: Connections granted to the running item: it may hold this many until it ends.
@@ -281,16 +280,21 @@ class Planner(Generic[W]):
             state.stuck_idle = idle
         return self._plan()
 
+    def counts_changed(self, worker: W, open_: int, idle: int) -> bool:
+        """Whether these counts are news (most items end with the counts they began with)."""
+        state = self._workers.get(worker)
+        return state is not None and (state.open, state.idle) != (open_, idle)
+
     def completed(
         self, worker: W, index: int, *, need: int | None = None, duration: float | None = None
     ) -> list[Action]:
         """The worker finished an item; ``need`` is its measured peak, if measured."""
         state = self._workers[worker]
+        if state.queue.index(index) < state.granted:
+            state.granted -= 1
+            state.granted_needs[self.need_of(index)] -= 1
+            state.granted_needs += Counter()  # drop the zeros
         state.queue.remove(index)
-        state.granted = max(0, state.granted - 1)
-        state.granted_need = max(
-            (self.need_of(i) for i in itertools.islice(state.queue, state.granted)), default=0
-        )
         state.floor = 0
         state.connecting = 0
         state.stuck_idle = 0
@@ -360,7 +364,7 @@ class Planner(Generic[W]):
     def describe(self) -> str:
         """One line of per-worker state, for ``--debug`` logs."""
         return " | ".join(
-            f"{w}: open={s.open} idle={s.idle} floor={s.floor} need={s.granted_need} "
+            f"{w}: open={s.open} idle={s.idle} floor={s.floor} need={_granted_need(s)} "
             f"go={s.granted}/{len(s.queue)} req={[r.kind.value for r in s.requests]}"
             f"{' rel' if s.release_sent else ''}{' shut' if s.shut else ''}"
             for w, s in self._workers.items()
@@ -462,7 +466,7 @@ class Planner(Generic[W]):
     def _commitment(self, state: _Worker) -> int:
         if any(r.kind is RequestKind.RERUN for r in state.requests):
             return state.open  # it starts nothing before its rerun is granted
-        return max(state.open, state.floor, state.granted_need)
+        return max(state.open, state.floor, _granted_need(state))
 
     def _admit(self, actions: list[Action]) -> None:
         """Answer blocked requests first, then give goes; whatever does not fit keeps its
@@ -511,7 +515,7 @@ class Planner(Generic[W]):
                     room -= extra
                     committed[worker] = raised
                     state.granted += 1
-                    state.granted_need = max(state.granted_need, self.need_of(index))
+                    state.granted_needs[self.need_of(index)] += 1
                     actions.append(Go(worker, index))
                     continue
                 if starts_now:
@@ -606,7 +610,7 @@ class Planner(Generic[W]):
             self._overrun(first, self.need_of(index))
             state.granted = 1
             state.waiting_since = 0
-            state.granted_need = self.need_of(index)
+            state.granted_needs = Counter({self.need_of(index): 1})
             actions.append(Go(first, index))
 
     def _can_progress(self, blocked: list[W]) -> bool:
@@ -628,6 +632,11 @@ class Planner(Generic[W]):
     def _next(self) -> int:
         self._counter += 1
         return self._counter
+
+
+def _granted_need(state: _Worker) -> int:
+    """The largest expected need among a worker's go'ed items."""
+    return max(state.granted_needs, default=0)
 
 
 def lane_for(*, serial: bool, parallel: bool, measured: bool, unmarked_serial: bool) -> Lane:

@@ -14,10 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool, QueuePool
-
 
 class BudgetRefused(Exception):
     """Raised into a test's connect call to break a deadlock; the test is rerun alone.
@@ -63,8 +59,8 @@ class PoolMeter:
         self._gate = gate
         self._on_error = on_error
         self._error_seen = False
-        self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-        self._loops: weakref.WeakKeyDictionary[Pool, asyncio.AbstractEventLoop] = (
+        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._loops: weakref.WeakKeyDictionary[Any, asyncio.AbstractEventLoop] = (
             weakref.WeakKeyDictionary()
         )
         self._installed = False
@@ -77,7 +73,17 @@ class PoolMeter:
 
     # -- listeners ------------------------------------------------------------------------
 
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
     def install(self) -> None:
+        """Listen on every pool. Imports SQLAlchemy: call it once the process uses it (a
+        worker that never does should not pay for the import)."""
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+        from sqlalchemy.pool import Pool
+
         for name in self._EVENTS:
             event.listen(Pool, name, getattr(self, f"_on_{name}"))
         event.listen(Engine, "do_connect", self._on_do_connect)
@@ -87,6 +93,10 @@ class PoolMeter:
     def uninstall(self) -> None:
         if not self._installed:
             return
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+        from sqlalchemy.pool import Pool
+
         for name in self._EVENTS:
             event.remove(Pool, name, getattr(self, f"_on_{name}"))
         event.remove(Engine, "do_connect", self._on_do_connect)
@@ -174,6 +184,10 @@ class PoolMeter:
         overflow accounting); an asyncio pool is disposed on its own event loop when that
         loop is idle, since asyncpg connections can only be closed there.
         """
+        if not self._installed:
+            return
+        from sqlalchemy.pool import QueuePool
+
         try:
             for pool in list(self._pools):
                 if not isinstance(pool, QueuePool):

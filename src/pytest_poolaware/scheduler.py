@@ -187,7 +187,7 @@ class PoolAwareScheduling:
         self._drain()  # side-channel news sent before this report comes first
         measures = ItemMeasures.from_json(data)
         self._measures[(node, item_index)] = measures
-        if node in self._joined:
+        if node in self._joined and self.planner.counts_changed(node, measures.open, measures.idle):
             self._apply(self.planner.counts(node, measures.open, measures.idle))
 
     def mark_test_pending(self, item: str) -> None:
@@ -296,7 +296,7 @@ class PoolAwareScheduling:
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[Any, list[int]] = {}
-        if actions:
+        if actions and self.log.enabled:  # describing the state costs: only for --debug
             self.log("state", self.planner.describe())
         for action in actions:
             self.log(action)

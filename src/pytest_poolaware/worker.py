@@ -111,7 +111,13 @@ class WorkerAgent:
     # -- hooks ------------------------------------------------------------------------------
 
     def pytest_configure(self, config: pytest.Config) -> None:
-        self.meter.install()
+        self._install_meter()
+
+    def _install_meter(self) -> None:
+        """Instrument pools once SQLAlchemy is in use (conftests usually import it before
+        this runs); a worker that never imports it does not pay for the import."""
+        if not self.meter.installed and "sqlalchemy" in sys.modules:
+            self.meter.install()
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self.meter.uninstall()
@@ -119,6 +125,7 @@ class WorkerAgent:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Send markers before xdist's own collectionfinish, so they arrive first."""
+        self._install_meter()
         self._index = {item: i for i, item in enumerate(session.items)}
         markers = [item_markers(item) for item in session.items]
         conflicts = [
@@ -129,6 +136,7 @@ class WorkerAgent:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         index = self._index[item]
+        self._install_meter()
         self._waited = 0.0
         self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release))
         ihook = item.ihook
