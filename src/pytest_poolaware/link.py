@@ -44,12 +44,16 @@ class ItemMeasures:
     open: int  # the worker's open connections once it ended
     idle: int
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def to_json(self) -> list[Any]:
+        """Positional, in field order: it rides on every item's report, so keep it small."""
+        return [
+            self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
+            self.rerun, self.open, self.idle,
+        ]  # fmt: skip
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ItemMeasures:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+    def from_json(cls, data: list[Any]) -> ItemMeasures:
+        return cls(*data)
 
 
 #: Key under which the side channel travels in ``node.workerinput``.
