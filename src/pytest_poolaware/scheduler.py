@@ -120,14 +120,11 @@ class PoolAwareScheduling:
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
         """Called by ``DSession.worker_collectionfinish``; a late node (a replacement) joins."""
-        if self.collection is not None:
-            if list(collection) != self.collection:
-                msg = report_collection_diff(
-                    self.collection, collection, self._nodes[0].gateway.id, node.gateway.id
-                )
-                self.log(msg)
-                return
-            self._collections[node] = list(collection)
+        if self.collection is not None and list(collection) != self.collection:
+            msg = report_collection_diff(
+                self.collection, collection, self._nodes[0].gateway.id, node.gateway.id
+            )
+            self.log(msg)
             return
         self._collections[node] = list(collection)
 
@@ -208,14 +205,13 @@ class PoolAwareScheduling:
         self._drain()
         self._nodes.remove(node)
         self._collections.pop(node, None)
-        link = self._links.pop(node, None)
+        self._links.pop(node, None)
         if node not in self._joined:
             return None
         self._joined.discard(node)
         # xdist sets workeroutput when a worker ends its session normally.
         finished = hasattr(node, "workeroutput")
         crashed, actions = self.planner.remove_worker(node, crashed=not finished)
-        del link
         self._apply(actions)
         if crashed is None or self.collection is None:
             return None
