@@ -10,8 +10,15 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from pytest_poolaware import pgserver
+
+# The core's property tests: each simulates whole runs, so fewer examples than
+# hypothesis's default by default; "deep" for a long look after changing the core.
+settings.register_profile("default", max_examples=80)
+settings.register_profile("deep", max_examples=2000)
+settings.load_profile("default")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,10 @@ workers that follows the real protocol:
 * every new connection is a ``request`` that waits for a ``Grant``; a ``REFUSED`` connect
   fails the attempt, which is rerun once after a rerun request for the whole budget;
 * a ``Release`` is carried out while the worker waits (for a go or a grant), after its
-  current item, or at the end of its session, and answered with ``released=True`` counts.
+  current item, or at the end of its session, and answered with ``released=True`` counts;
+* an item's last report (its counts) and xdist's completion event travel apart from the
+  side channel, so the controller may take them after the worker's later news: the
+  worker may already run its next item and be granted connections for it.
 """
 
 from __future__ import annotations
@@ -113,11 +116,17 @@ class Tracker:
         crashed, actions = self.planner.remove_worker(worker)
         return crashed, self._track(actions)
 
-    def counts(self, worker: str, open_: int, idle: int, released: bool = False) -> list[Action]:
-        return self._track(self.planner.counts(worker, open_, idle, released=released))
+    def counts(
+        self, worker: str, open_: int, idle: int, released: bool = False, version: int | None = None
+    ) -> list[Action]:
+        return self._track(
+            self.planner.counts(worker, open_, idle, released=released, version=version)
+        )
 
-    def request(self, worker: str, request: int, want: int | None = None) -> list[Action]:
-        return self._track(self.planner.request(worker, request, want))
+    def request(
+        self, worker: str, request: int, want: int | None = None, item: int | None = None
+    ) -> list[Action]:
+        return self._track(self.planner.request(worker, request, want, item=item))
 
 
 class Hang(AssertionError):
@@ -139,6 +148,10 @@ class SimWorker:
     kind: str = ""  # "connect" or "rerun"
     answer: Answer | None = None  # arrived, not acted on yet
     release: bool = False  # a Release arrived and is not carried out yet
+    version: int = 0  # of the counts: grows with every change
+    #: Completed items whose report (counts) and completion the controller has not taken
+    #: yet: (index, open, idle, version), oldest first.
+    reports: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def idle(self) -> int:
@@ -267,7 +280,7 @@ class Sim:
         if len(holders) > 1:
             self.problems.append(f"serial items queued on several workers: {holders}")
         for w in self.workers.values():
-            if not w.shut and len(w.queue) == 1:
+            if not w.shut and len(w.queue) == 1 and not w.reports:
                 self.stalls.append(f"{w.name} holds only {w.queue} and no shutdown")
         if self.planner.tests_finished and not self.all_done():
             self.problems.append("tests_finished while items are outstanding")
@@ -281,13 +294,15 @@ class Sim:
 
     def all_done(self) -> bool:
         ended = all(o and o[-1] in ("completed", "crashed") for o in self.outcomes.values())
-        return ended and not any(w.queue for w in self.workers.values())
+        return ended and not any(w.queue or w.reports for w in self.workers.values())
 
     # -- the workers' side --------------------------------------------------------------
 
     def events(self) -> list[Event]:
         out: list[Event] = []
         for w in self.workers.values():
+            if w.reports:
+                out.append(("deliver", w.name))
             if w.running is None:
                 entered = bool(w.queue) and (
                     len(w.queue) >= MIN_QUEUE or w.shut or not self.strict_xdist
@@ -297,7 +312,7 @@ class Sim:
                         out.append(("start", w.name))
                     if w.release:
                         out.append(("release", w.name))
-                elif w.shut and not w.queue:
+                elif w.shut and not w.queue and not w.reports:
                     out.append(("retire", w.name))
             elif w.asking is not None:
                 if w.answer is not None:
@@ -317,11 +332,13 @@ class Sim:
         getattr(self, f"_{kind}")(self.workers[name])
 
     def _counts(self, w: SimWorker, released: bool = False) -> None:
-        self.apply(self.planner.counts(w.name, w.open, w.idle, released=released))
+        self.apply(
+            self.planner.counts(w.name, w.open, w.idle, released=released, version=w.version)
+        )
 
     def _ask(self, w: SimWorker, kind: str, want: int | None = None) -> None:
         w.asking, w.kind, w.answer = next(self._requests), kind, None
-        self.apply(self.planner.request(w.name, w.asking, want))
+        self.apply(self.planner.request(w.name, w.asking, want, item=w.running))
 
     def _start(self, w: SimWorker) -> None:
         index = w.queue[0]
@@ -335,6 +352,7 @@ class Sim:
     def _checkout(self, w: SimWorker) -> None:
         if w.idle > 0:
             w.in_use += 1
+            w.version += 1
         else:
             self._ask(w, "connect")
 
@@ -347,10 +365,12 @@ class Sim:
         if answer is not Answer.REFUSED:
             w.open += 1
             w.in_use += 1
+            w.version += 1
             self._counts(w)
             return
         self.refusals[w.running] += 1
         w.in_use = 0  # the attempt fails; its connections go back to the pool
+        w.version += 1
         if w.attempt == 1:
             w.attempt = 2
             self._release(w)
@@ -361,7 +381,9 @@ class Sim:
 
     def _release(self, w: SimWorker) -> None:
         w.release = False
+        before = w.open
         w.open = w.in_use + min(w.idle, self.sticky)
+        w.version += w.open != before  # an answer that changes nothing repeats the counts
         self._counts(w, released=True)
 
     def _finish(self, w: SimWorker) -> None:
@@ -369,16 +391,26 @@ class Sim:
         assert index is not None
         assert w.queue[0] == index
         w.running, w.in_use, w.failed = None, 0, False
+        w.version += 1
         if w.release:  # asked while the item ran
             self._release(w)
-        self._counts(w)  # the "done" message carries the counts
         w.queue.pop(0)
         w.goes.discard(index)
         self.outcomes[index].append("completed")
         self.completions.append(index)
-        self.apply(self.planner.completed(w.name, index, need=self.peaks[index]))
+        w.reports.append((index, w.open, w.idle, w.version))
+
+    def _deliver(self, w: SimWorker) -> None:
+        """The controller takes an item's last report (its counts) and its completion."""
+        index, open_, idle, version = w.reports[0]
+        if self.planner.counts_changed(w.name, open_, idle, version):
+            self.apply(self.planner.counts(w.name, open_, idle, version=version))
+        actions = self.planner.completed(w.name, index, need=self.peaks[index])
+        w.reports.pop(0)  # taken: the completion's top-up is in ``actions``
+        self.apply(actions)
 
     def _retire(self, w: SimWorker) -> None:
+        assert not w.reports
         self._release(w)  # pytest_sessionfinish
         crashed, actions = self.planner.remove_worker(w.name)
         if crashed is not None:
@@ -391,6 +423,8 @@ class Sim:
 
     def crash(self, name: str) -> int | None:
         """The worker process dies: xdist removes it, may rerun the item, replaces it."""
+        while self.workers[name].reports:  # sent before it died: xdist takes them first
+            self._deliver(self.workers[name])
         w = self.workers.pop(name)
         self.crashes_left = max(0, self.crashes_left - 1)
         crashed, actions = self.planner.remove_worker(name)
@@ -749,6 +783,48 @@ def test_connect_request_is_granted_when_there_is_room() -> None:
     assert t.request("a", 1) == [Grant("a", 1, Answer.GRANTED)]
 
 
+def test_grant_to_the_next_item_outlives_the_previous_items_late_completion() -> None:
+    """A worker may start its next item, and be granted a connection for it, before the
+    controller takes the previous item's report and completion (they travel on xdist's
+    channel, grants on the side channel)."""
+    t = running_pair(budget=3)
+    # a ends item 0 and starts item 1 at once; item 1 asks for a second connection
+    assert grants(t.request("a", 1, item=1)) == [Grant("a", 1, Answer.GRANTED)]
+    # item 0's report (its counts: 1 open, 1 idle) and its completion arrive only now,
+    # before a's new connection has shown up in any count
+    t.counts("a", 1, 1, version=2)
+    t.complete("a", 0)
+    assert t.planner.statistics().committed == 3
+    assert grants(t.request("b", 2, item=2)) == []  # a's grant still holds the last slot
+    # a's connection shows up, item 1 ends and gives both back: now b may connect
+    t.counts("a", 2, 0, version=4)
+    actions = t.counts("a", 0, 0, version=5) + t.complete("a", 1)
+    assert grants(actions) == [Grant("b", 2, Answer.GRANTED)]
+
+
+def test_counts_older_than_those_taken_are_ignored() -> None:
+    """An item's report carries the counts at its end; news sent later on the side
+    channel may be taken first, and must not be overwritten by them."""
+    t = running_pair(budget=3)
+    t.counts("a", 2, 0, version=7)
+    t.counts("a", 1, 1, version=6)  # the earlier snapshot, arriving late
+    assert t.planner.statistics().open == 3
+    assert not t.planner.counts_changed("a", 1, 1, 6)
+    assert t.planner.counts_changed("a", 1, 1, 8)
+
+
+def test_answer_to_a_release_counts_even_when_its_counts_are_not_news() -> None:
+    """A worker asked to release may have nothing it can give back: its answer repeats
+    counts the controller has already taken, yet it ends the wait for that answer, so the
+    worker is asked again once it has idle connections to give."""
+    t = running_pair(budget=3)
+    t.counts("b", 2, 1, version=3)  # b's item has one connection checked out, one idle
+    assert releases(t.request("a", 1, item=0)) == {"b"}
+    assert t.counts("b", 2, 1, released=True, version=3) == []  # its pool is still in use
+    actions = t.counts("b", 2, 2, version=4) + t.complete("b")
+    assert releases(actions) == {"b"}
+
+
 def test_connect_request_waits_while_another_worker_can_free_room() -> None:
     t = running_pair(budget=2)
     assert grants(t.request("a", 1)) == []
@@ -932,9 +1008,9 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
 
 #: Seeds of the event interleaving (one draw: much faster than drawing every choice).
 SEEDS = st.integers(0, 2**32 - 1)
-PROPERTY_SETTINGS = settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+#: The property tests' settings: 80 examples each by default; run
+#: ``pytest --hypothesis-profile=deep tests/test_core.py`` to look much further.
+PROPERTY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:

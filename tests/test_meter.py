@@ -29,7 +29,7 @@ def seen() -> Iterator[tuple[PoolMeter, Seen]]:
         record.gates += 1
 
     meter = PoolMeter(
-        on_change=lambda open_, idle, released: record.counts.append((open_, idle)),
+        on_change=lambda open_, idle, released, version: record.counts.append((open_, idle)),
         gate=gate,
         on_error=record.errors.append,
     )
@@ -82,7 +82,7 @@ def test_asyncpg_pool_counted_and_released_on_its_loop(
 def test_a_failing_listener_never_fails_the_test(postgres_dsn: str) -> None:
     errors: list[BaseException] = []
 
-    def broken(open_: int, idle: int, released: bool) -> None:
+    def broken(open_: int, idle: int, released: bool, version: int) -> None:
         raise RuntimeError("channel gone")
 
     meter = PoolMeter(on_change=broken, gate=lambda: None, on_error=errors.append)

@@ -134,6 +134,8 @@ class _Request:
     kind: RequestKind
     #: For a rerun: the room it asks for (a connect request wants one more than held).
     want: int = 0
+    #: The item asking (None: not known, or asked outside any item).
+    item: int | None = None
 
 
 @dataclass
@@ -149,6 +151,12 @@ class _Worker:
     floor: int = 0
     #: Connect requests granted whose connection has not shown up in ``open`` yet.
     connecting: int = 0
+    #: The item ``floor`` and ``connecting`` were granted to. A worker may start its next
+    #: item, and be granted connections for it, before the controller hears that the
+    #: previous one completed: that completion must not wipe the newer grants.
+    floor_item: int | None = None
+    #: ``version`` of the last counts taken; older ones arriving late are ignored.
+    version: int = -1
     shut: bool = False
     #: Blocked requests, oldest first (threads of one test may each wait for one).
     requests: list[_Request] = field(default_factory=list)
@@ -266,24 +274,42 @@ class Planner(Generic[W]):
         self._lane_of(index).appendleft(index)
         return self._plan()
 
-    def counts(self, worker: W, open_: int, idle: int, *, released: bool = False) -> list[Action]:
+    def counts(
+        self,
+        worker: W,
+        open_: int,
+        idle: int,
+        *,
+        released: bool = False,
+        version: int | None = None,
+    ) -> list[Action]:
         """Live connection counts measured inside a worker; ``released`` when they answer
-        a ``Release``."""
+        a ``Release``. ``version`` orders counts that travel by different routes (the side
+        channel, item reports): counts not newer than those already taken are ignored."""
         state = self._workers.get(worker)
         if state is None:
             return []
-        if open_ > state.open:
-            state.connecting = max(0, state.connecting - (open_ - state.open))
-        state.open, state.idle = open_, idle
+        stale = version is not None and version <= state.version
+        if not stale:
+            state.version = state.version if version is None else version
+            if open_ > state.open:
+                state.connecting = max(0, state.connecting - (open_ - state.open))
+            state.open, state.idle = open_, idle
         if released:
+            # The answer to a Release counts even when its numbers are not news: the
+            # deadlock check waits for it.
             state.release_sent = False
-            state.stuck_idle = idle
+            state.stuck_idle = state.idle
+        elif stale:
+            return []
         return self._plan()
 
-    def counts_changed(self, worker: W, open_: int, idle: int) -> bool:
+    def counts_changed(self, worker: W, open_: int, idle: int, version: int | None = None) -> bool:
         """Whether these counts are news (most items end with the counts they began with)."""
         state = self._workers.get(worker)
-        return state is not None and (state.open, state.idle) != (open_, idle)
+        if state is None or (version is not None and version <= state.version):
+            return False
+        return (state.open, state.idle) != (open_, idle)
 
     def completed(
         self, worker: W, index: int, *, need: int | None = None, duration: float | None = None
@@ -295,10 +321,14 @@ class Planner(Generic[W]):
             state.granted_needs[self.need_of(index)] -= 1
             state.granted_needs += Counter()  # drop the zeros
         state.queue.remove(index)
-        state.floor = 0
-        state.connecting = 0
+        if state.floor_item not in state.queue:
+            # What was granted belonged to this item (or to none still queued): free it.
+            # Grants to a later item that already started stay until that one completes.
+            state.floor = 0
+            state.connecting = 0
+            state.floor_item = None
+            state.rerunning = False
         state.stuck_idle = 0
-        state.rerunning = False
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
@@ -312,18 +342,22 @@ class Planner(Generic[W]):
             )
         return self._plan()
 
-    def request(self, worker: W, request: int, want: int | None = None) -> list[Action]:
-        """A worker is blocked mid-item until it may hold one more connection, or, with
-        ``want``, that many (to rerun an item that hit the server's limit)."""
+    def request(
+        self, worker: W, request: int, want: int | None = None, *, item: int | None = None
+    ) -> list[Action]:
+        """Item ``item`` of a worker is blocked until it may hold one more connection, or,
+        with ``want``, that many (to rerun an item that hit the server's limit)."""
         state = self._workers.get(worker)
         if state is None:
             return []
+        if item is None or item not in state.queue:
+            item = state.queue[0] if state.queue else None
         if want is None:
             kind = RequestKind.CONNECT
         else:
             kind = RequestKind.RERUN
             state.floor = 0  # the first attempt is over; what it was granted is free
-        state.requests.append(_Request(worker, request, self._next(), kind, want or 0))
+        state.requests.append(_Request(worker, request, self._next(), kind, want or 0, item))
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -559,6 +593,7 @@ class Planner(Generic[W]):
         worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
         if answer is not Answer.REFUSED:
+            state.floor_item = request.item
             if request.kind is RequestKind.RERUN:
                 state.floor = max(state.floor, request.want)
                 state.rerunning = True
@@ -566,13 +601,12 @@ class Planner(Generic[W]):
                 state.floor = max(state.floor, state.open + state.connecting + 1)
                 state.connecting += 1
         if answer is Answer.OVER_BUDGET:
-            self._overrun(worker, state.floor)
+            self._overrun(worker, state.floor, request.item)
         actions.append(Grant(worker, request.request, answer))
         state.requests.remove(request)
 
-    def _overrun(self, worker: W, need: int) -> None:
-        state = self._workers[worker]
-        index = state.queue[0] if state.queue else -1
+    def _overrun(self, worker: W, need: int, index: int | None) -> None:
+        index = -1 if index is None else index
         alone = all(s.open == 0 for w, s in self._workers.items() if w != worker)
         if not any(o.index == index for o in self.overruns):
             self.overruns.append(Overrun(index, need, self.budget, alone))
@@ -607,7 +641,7 @@ class Planner(Generic[W]):
             first = blocked[0]
             state = self._workers[first]
             index = state.queue[0]
-            self._overrun(first, self.need_of(index))
+            self._overrun(first, self.need_of(index), index)
             state.granted = 1
             state.waiting_since = 0
             state.granted_needs = Counter({self.need_of(index): 1})

@@ -9,10 +9,13 @@ What each item measured travels on its last report instead (``ItemMeasures``).
 
 Worker -> controller (tuples, tag first):
   ("collected", markers, conflicts)  per item (serial_only, parallel_safe); node ids with both
-  ("counts", open, idle, released)   live connections of the worker process; ``released``
-                                     when answering a release request
-  ("request", request_id, want)      blocked until it may hold ``want`` connections
-                                     (None: one more)
+  ("counts", open, idle, released, version)
+                                     live connections of the worker process; ``released``
+                                     when answering a release request; ``version`` orders
+                                     them against the counts on item reports
+  ("request", request_id, want, index)
+                                     item ``index`` is blocked until it may hold ``want``
+                                     connections (None: one more)
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
   ("go", [index, ...])  ("grant", request_id, answer)  ("release",)
@@ -43,12 +46,13 @@ class ItemMeasures:
     rerun: str  # why it ran twice, "" if it ran once
     open: int  # the worker's open connections once it ended
     idle: int
+    version: int  # of the meter's counts above (``PoolMeter.snapshot``)
 
     def to_json(self) -> list[Any]:
         """Positional, in field order: it rides on every item's report, so keep it small."""
         return [
             self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
-            self.rerun, self.open, self.idle,
+            self.rerun, self.open, self.idle, self.version,
         ]  # fmt: skip
 
     @classmethod
@@ -143,16 +147,17 @@ class WorkerLink:
         self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
 
     def request(
-        self, want: int | None, timeout: float, on_release: Callable[[], None]
+        self, index: int, want: int | None, timeout: float, on_release: Callable[[], None]
     ) -> str | None:
-        """Ask to hold ``want`` connections (None: one more); wait for the answer.
+        """Ask for item ``index`` to hold ``want`` connections (None: one more); wait for
+        the answer.
 
         Returns the answer (``core.Answer`` value), or None if ``timeout`` passed first.
         """
         with self._cond:  # tests may connect from several threads at once
             self._next_request += 1
             rid = self._next_request
-        self.send("request", rid, want)
+        self.send("request", rid, want, index)
         granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
         if not granted:
             return None

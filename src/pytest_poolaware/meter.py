@@ -37,8 +37,10 @@ class Window:
 class PoolMeter:
     """Counts open and checked-out connections of this process; gates new connections.
 
-    ``on_change(open, idle, released)`` is called whenever the open count changes; ``gate()`` is
-    called before every new connection and may block until the budget has room.
+    ``on_change(open, idle, released, version)`` is called whenever the open count changes;
+    ``version`` grows with every change (checkouts and checkins included), so the controller
+    can tell a stale snapshot that arrived late from a newer one. ``gate()`` is called
+    before every new connection and may block until the budget has room.
     Errors inside listeners are contained: they are handed to ``on_error`` once and
     never reach the test.
     """
@@ -47,12 +49,13 @@ class PoolMeter:
 
     def __init__(
         self,
-        on_change: Callable[[int, int, bool], None],
+        on_change: Callable[[int, int, bool, int], None],
         gate: Callable[[], None],
         on_error: Callable[[BaseException], None],
     ) -> None:
         self.open = 0
         self.checked_out = 0
+        self.version = 0
         self._peak_checked_out = 0
         self._peak_open = 0
         self._on_change = on_change
@@ -139,15 +142,18 @@ class PoolMeter:
 
     def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         with self._lock:
+            self.version += 1
             self.checked_out += 1
             self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         with self._lock:
+            self.version += 1
             self.checked_out = max(0, self.checked_out - 1)
 
     def _changed(self, delta: int) -> None:
         with self._lock:
+            self.version += 1
             self.open = max(0, self.open + delta)
             self._peak_open = max(self._peak_open, self.open)
             self._report(released=False)
@@ -155,15 +161,21 @@ class PoolMeter:
     def report(self, *, released: bool) -> None:
         """Send the current counts (``released``: in answer to a release request)."""
         with self._lock:
+            self.version += 1  # a new message, even if nothing changed
             self._report(released=released)
 
     def _report(self, *, released: bool) -> None:
         # Called with the lock held, so that counts leave in the order they changed:
         # a stale lower count arriving last would let the controller over-grant.
         try:
-            self._on_change(self.open, self.idle, released)
+            self._on_change(self.open, self.idle, released, self.version)
         except Exception as exc:
             self._contain(exc)
+
+    def snapshot(self) -> tuple[int, int, int]:
+        """(open, idle, version), taken together."""
+        with self._lock:
+            return self.open, self.idle, self.version
 
     # -- per-test windows -------------------------------------------------------------------
 

@@ -184,8 +184,12 @@ class PoolAwareScheduling:
         self._drain()  # side-channel news sent before this report comes first
         measures = ItemMeasures.from_json(data)
         self._measures[(node, item_index)] = measures
-        if node in self._joined and self.planner.counts_changed(node, measures.open, measures.idle):
-            self._apply(self.planner.counts(node, measures.open, measures.idle))
+        if node in self._joined and self.planner.counts_changed(
+            node, measures.open, measures.idle, measures.version
+        ):
+            self._apply(
+                self.planner.counts(node, measures.open, measures.idle, version=measures.version)
+            )
 
     def mark_test_pending(self, item: str) -> None:
         """Called by ``pytest_handlecrashitem`` implementations that want a crashed item rerun."""
@@ -280,13 +284,16 @@ class PoolAwareScheduling:
                     self._markers = [(bool(s), bool(p)) for s, p in message[1]]
                     self.record.conflicts = list(message[2])
             elif tag == "counts":
-                _, open_, idle, released = message
+                _, open_, idle, released, version = message
                 self.record.timeline.append((time.time(), node.gateway.id, open_))
                 if node in self._joined:
-                    self._apply(self.planner.counts(node, open_, idle, released=released))
+                    self._apply(
+                        self.planner.counts(node, open_, idle, released=released, version=version)
+                    )
             elif tag == "request":
                 if node in self._joined:
-                    self._apply(self.planner.request(node, message[1], message[2]))
+                    _, request, want, index = message
+                    self._apply(self.planner.request(node, request, want, item=index))
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
 

@@ -102,8 +102,13 @@ class WorkerAgent:
         self._clock = clock
         self._index: dict[pytest.Item, int] = {}
         self._waited = 0.0
+        #: The item being run: connect requests name it, so the controller can tell them
+        #: from the previous item's (its completion may reach the controller later).
+        self._running = -1
         self.meter = PoolMeter(
-            on_change=lambda open_, idle, released: self.link.send("counts", open_, idle, released),
+            on_change=lambda open_, idle, released, version: self.link.send(
+                "counts", open_, idle, released, version
+            ),
             gate=self._gate,
             on_error=self._report_error,
         )
@@ -136,6 +141,7 @@ class WorkerAgent:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         index = self._index[item]
+        self._running = index
         self._install_meter()
         self._waited = 0.0
         self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release))
@@ -152,7 +158,7 @@ class WorkerAgent:
             _drop_failed_attempt()
             self._release()
             self._timed_wait(
-                lambda: self.link.request(self.budget, self.gate_timeout, self._release)
+                lambda: self.link.request(index, self.budget, self.gate_timeout, self._release)
             )
             start = self._clock()
             self.meter.begin()
@@ -161,6 +167,7 @@ class WorkerAgent:
         duration = self._clock() - start
         if self.link.take_release():
             self._release()
+        open_, idle, version = self.meter.snapshot()
         # xdist's public route for data: report attributes travel with the report.
         reports[-1].poolaware = ItemMeasures(  # type: ignore[attr-defined]
             need=window.need,
@@ -170,8 +177,9 @@ class WorkerAgent:
             start=started,
             end=time.time(),
             rerun=reason,
-            open=self.meter.open,
-            idle=self.meter.idle,
+            open=open_,
+            idle=idle,
+            version=version,
         ).to_json()
         for report in reports:
             if reason:
@@ -204,7 +212,7 @@ class WorkerAgent:
     def _gate(self) -> None:
         """Called before each new connection: wait until the budget has room for it."""
         begun = self._clock()
-        answer = self.link.request(None, self.gate_timeout, self._release)
+        answer = self.link.request(self._running, None, self.gate_timeout, self._release)
         self._waited += self._clock() - begun
         if answer is None:
             self.link.send(
