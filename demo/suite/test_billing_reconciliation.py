@@ -22,19 +22,25 @@ INVOICES_PER_PARTITION: Final = 25
 
 def _reconcile(batch: str, partition: int) -> Callable[[Connection], int]:
     def step(conn: Connection) -> int:
+        prefix = unique(f"inv{partition}")
         conn.execute(
             text(
                 "INSERT INTO invoices (id, customer_id, amount_cents, batch) "
                 "SELECT :p || '_' || g, 'cust_' || (g % 7), 100 * g, :b "
                 "FROM generate_series(1, :n) AS g"
             ),
-            {"p": unique(f"inv{partition}"), "b": batch, "n": INVOICES_PER_PARTITION},
+            {"p": prefix, "b": batch, "n": INVOICES_PER_PARTITION},
         )
         simulate_latency(conn, HEAVY_STEP_SECONDS)  # payment gateway settlement
         simulate_latency(conn, HEAVY_STEP_SECONDS)  # ledger export
         total = conn.execute(
-            text("SELECT sum(amount_cents) FROM invoices WHERE batch = :b AND id LIKE :p"),
-            {"b": batch, "p": f"inv{partition}_%"},
+            # This partition's rows only (LIKE would treat "_" as a wildcard: inv1_ would
+            # also match the inv10_ rows another thread may have committed meanwhile).
+            text(
+                "SELECT sum(amount_cents) FROM invoices "
+                "WHERE batch = :b AND starts_with(id, :p || '_')"
+            ),
+            {"b": batch, "p": prefix},
         ).scalar_one()
         return int(total)
 
