@@ -149,9 +149,9 @@ class SimWorker:
     answer: Answer | None = None  # arrived, not acted on yet
     release: bool = False  # a Release arrived and is not carried out yet
     version: int = 0  # of the counts: grows with every change
-    #: Completed items whose report (counts) and completion the controller has not taken
-    #: yet: (index, open, idle, version), oldest first.
-    reports: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: Completed items whose completion the controller has not taken yet, oldest first:
+    #: [index, open, idle, version, report taken] (the report with its counts comes first).
+    reports: list[list[int]] = field(default_factory=list)
 
     @property
     def idle(self) -> int:
@@ -383,7 +383,8 @@ class Sim:
         w.release = False
         before = w.open
         w.open = w.in_use + min(w.idle, self.sticky)
-        w.version += w.open != before  # an answer that changes nothing repeats the counts
+        # The meter bumps the version on every answer; the core must not rely on it.
+        w.version += w.open != before
         self._counts(w, released=True)
 
     def _finish(self, w: SimWorker) -> None:
@@ -398,13 +399,17 @@ class Sim:
         w.goes.discard(index)
         self.outcomes[index].append("completed")
         self.completions.append(index)
-        w.reports.append((index, w.open, w.idle, w.version))
+        w.reports.append([index, w.open, w.idle, w.version, 0])
 
     def _deliver(self, w: SimWorker) -> None:
-        """The controller takes an item's last report (its counts) and its completion."""
-        index, open_, idle, version = w.reports[0]
-        if self.planner.counts_changed(w.name, open_, idle, version):
-            self.apply(self.planner.counts(w.name, open_, idle, version=version))
+        """The controller takes an item's last report (its counts), or, in a later step
+        (the side channel may be drained in between), its completion."""
+        index, open_, idle, version, taken = w.reports[0]
+        if not taken:
+            w.reports[0][4] = 1
+            if self.planner.counts_changed(w.name, open_, idle, version):
+                self.apply(self.planner.counts(w.name, open_, idle, version=version))
+            return
         actions = self.planner.completed(w.name, index, need=self.peaks[index])
         w.reports.pop(0)  # taken: the completion's top-up is in ``actions``
         self.apply(actions)
@@ -800,6 +805,34 @@ def test_grant_to_the_next_item_outlives_the_previous_items_late_completion() ->
     t.counts("a", 2, 0, version=4)
     actions = t.counts("a", 0, 0, version=5) + t.complete("a", 1)
     assert grants(actions) == [Grant("b", 2, Answer.GRANTED)]
+
+
+def test_a_request_from_the_next_item_frees_what_the_previous_one_was_granted() -> None:
+    """A rerun holds the whole budget; once the next item asks for a connection, the rerun
+    is over, even if its completion has not reached the controller yet."""
+    t = Tracker(4)
+    t.load(fanout(4))
+    t.add("a")
+    assert grants(t.request("a", 1, want=4, item=0)) == [Grant("a", 1)]  # alone: granted
+    assert t.planner.statistics().committed == 4
+    # the rerun ends with one connection back in the pool; item 1 starts and asks for one more
+    t.counts("a", 1, 1, version=1)
+    assert grants(t.request("a", 2, item=1)) == [Grant("a", 2)]
+    assert t.planner.statistics().committed == 2
+
+
+def test_a_request_left_unanswered_by_a_timeout_is_void_once_its_item_is_over() -> None:
+    """A worker stops waiting for a rerun's room after the gate timeout and goes on; the
+    old request must not be granted later on behalf of an item that has ended."""
+    t = running_pair(budget=4)
+    assert grants(t.request("a", 1, want=4, item=0)) == []  # waits for b to drain
+    # a's wait times out: it reruns item 0 anyway, ends it, starts item 1, which asks
+    assert grants(t.request("a", 2, item=1)) == [Grant("a", 2)]
+    actions = t.counts("b", 0, 0, version=1) + t.complete("b") + t.complete("b")
+    assert Grant("a", 1) not in grants(actions)
+    t.counts("a", 2, 0, version=2)
+    t.complete("a", 0)  # item 0's completion, late: item 1's grant stays counted
+    assert t.planner.statistics().committed == 2
 
 
 def test_counts_older_than_those_taken_are_ignored() -> None:

@@ -17,6 +17,7 @@ Vocabulary:
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import Counter, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
@@ -321,13 +322,12 @@ class Planner(Generic[W]):
             state.granted_needs[self.need_of(index)] -= 1
             state.granted_needs += Counter()  # drop the zeros
         state.queue.remove(index)
+        # A request left unanswered (its wait timed out) is void once its item is over.
+        state.requests = [r for r in state.requests if r.item != index]
         if state.floor_item not in state.queue:
             # What was granted belonged to this item (or to none still queued): free it.
             # Grants to a later item that already started stay until that one completes.
-            state.floor = 0
-            state.connecting = 0
-            state.floor_item = None
-            state.rerunning = False
+            self._free_grants(state)
         state.stuck_idle = 0
         self._completed.add(index)
         if need is not None:
@@ -352,6 +352,8 @@ class Planner(Generic[W]):
             return []
         if item is None or item not in state.queue:
             item = state.queue[0] if state.queue else None
+        else:
+            self._forget_ended(state, item)
         if want is None:
             kind = RequestKind.CONNECT
         else:
@@ -359,6 +361,25 @@ class Planner(Generic[W]):
             state.floor = 0  # the first attempt is over; what it was granted is free
         state.requests.append(_Request(worker, request, self._next(), kind, want or 0, item))
         return self._plan()
+
+    def _forget_ended(self, state: _Worker, item: int) -> None:
+        """``item`` asks: the items queued before it have ended (a worker runs its queue in
+        order), even if their completion has not reached us yet. What was granted to them
+        is free (their counts, sent before this request, are already taken), and requests
+        of theirs left unanswered by a timeout are void."""
+        ended = set(itertools.islice(state.queue, state.queue.index(item)))
+        if not ended:
+            return
+        if state.floor_item in ended:
+            self._free_grants(state)
+        state.requests = [r for r in state.requests if r.item not in ended]
+
+    @staticmethod
+    def _free_grants(state: _Worker) -> None:
+        state.floor = 0
+        state.connecting = 0
+        state.floor_item = None
+        state.rerunning = False
 
     # -- queries ------------------------------------------------------------------------
 
@@ -593,7 +614,8 @@ class Planner(Generic[W]):
         worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
         if answer is not Answer.REFUSED:
-            state.floor_item = request.item
+            if not self._queued_before(state, state.floor_item, request.item):
+                state.floor_item = request.item  # grants follow the latest item asking
             if request.kind is RequestKind.RERUN:
                 state.floor = max(state.floor, request.want)
                 state.rerunning = True
@@ -659,6 +681,13 @@ class Planner(Generic[W]):
         return False
 
     # -- helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _queued_before(state: _Worker, later: int | None, earlier: int | None) -> bool:
+        """Whether ``earlier`` sits before ``later`` in the worker's queue."""
+        if later not in state.queue or earlier not in state.queue:
+            return False
+        return state.queue.index(earlier) < state.queue.index(later)  # type: ignore[arg-type]
 
     def _lane_of(self, index: int) -> deque[int]:
         return self._serial if self._tests[index].lane is Lane.SERIAL else self._fanout
