@@ -427,7 +427,7 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
     try:
         env = pool_env(dsn)
         budget = ("--pool-budget", str(NOMARKERS_BUDGET), *NO_MONITOR)
-        runs: dict[str, list[dict[str, Any]]] = {
+        runs: dict[str, list[Outcome]] = {
             "load": [],
             "poolaware-cold": [],
             "poolaware-warm": [],
@@ -447,17 +447,8 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
                     work,
                     (admin_dsn, role),
                 )
-                runs[mode.name].append(dataclasses.asdict(outcome))
-        results = {}
-        for name, outcomes in runs.items():
-            ran = [o for o in outcomes if o["ran"]]
-            median = statistics.median(o["wall"] for o in ran) if ran else 0.0
-            results[name] = {
-                **(ran or outcomes)[0],
-                "ran": bool(ran),
-                "wall": median,
-                "walls": [round(o["wall"], 2) for o in outcomes],
-            }
+                runs[mode.name].append(outcome)
+        results = {name: dataclasses.asdict(fold_rounds(o)) for name, o in runs.items()}
     finally:
         drop_role(admin_dsn, role)
     load_wall = results["load"]["wall"] if results["load"]["ran"] else None
