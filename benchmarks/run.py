@@ -64,13 +64,13 @@ SERIAL_PROPERTY: Final = "bench_serial_only"
 OVERHEAD_TESTS: Final = 3000
 OVERHEAD_MODULES: Final = 30
 OVERHEAD_WORKERS: Final = 2
-OVERHEAD_ROUNDS: Final = 3
+OVERHEAD_ROUNDS: Final = 5
 #: Rounds of the demo modes, interleaved (every mode once per round); medians are shown.
 DEMO_ROUNDS: Final = 3
 NOMARKERS_TESTS: Final = 2000
 NOMARKERS_MODULES: Final = 20
 NOMARKERS_WORKERS: Final = WORKERS
-NOMARKERS_ROUNDS: Final = 3
+NOMARKERS_ROUNDS: Final = 5
 #: Budget for the nomarkers run: far above what it uses, so only scheduling cost shows.
 NOMARKERS_BUDGET: Final = 100
 

@@ -189,6 +189,7 @@ class Sim:
         crashes: int = 0,
         rerun_crashed: bool = False,
         unknown_need: int = 1,
+        planner: Planner[str] | None = None,
     ) -> None:
         self.tests = list(tests)
         self.budget = budget
@@ -197,7 +198,7 @@ class Sim:
         self.strict_xdist = strict_xdist
         self.crashes_left = crashes
         self.rerun_crashed = rerun_crashed
-        self.planner: Planner[str] = Planner(budget, unknown_need=unknown_need)
+        self.planner: Planner[str] = planner or Planner(budget, unknown_need=unknown_need)
         self.workers: dict[str, SimWorker] = {}
         self._names = (f"gw{n}" for n in itertools.count())
         self._requests = itertools.count(1)
@@ -1108,3 +1109,48 @@ def test_random_runs_never_fail_an_item_for_the_budget(
     closed: a refused connect is rerun, and the rerun must then be let through."""
     sim = run_randomly(run, seed, strict_xdist=False, sticky=sticky)
     assert sim.failed_by_scheduler == []
+
+
+class CheckedPlanner(Planner[str]):
+    """Checks the completion fast path against the full plan it skips."""
+
+    def __init__(self, budget: int, *, unknown_need: int = 1) -> None:
+        super().__init__(budget, unknown_need=unknown_need)
+        self.settled = 0
+        self.missed: list[list[Action]] = []
+
+    def _settled_after_completion(self, worker: str, state: object) -> bool:
+        settled = super()._settled_after_completion(worker, state)  # type: ignore[arg-type]
+        if settled:
+            self.settled += 1
+            actions = self._plan()  # what the skipped plan would have decided
+            if actions:
+                self.missed.append(actions)
+        return settled
+
+
+def run_checked(run: dict[str, object], seed: int) -> CheckedPlanner:
+    rng = random.Random(seed)
+    planner = CheckedPlanner(run["budget"])  # type: ignore[arg-type]
+    sim = Sim(**run, strict_xdist=True, planner=planner)  # type: ignore[arg-type]
+    sim.run(lambda events: rng.randrange(len(events)))
+    sim.assert_sound()
+    return planner
+
+
+@pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
+@PROPERTY_SETTINGS
+@given(run=runs(), seed=SEEDS)
+def test_a_completion_skips_planning_only_when_the_plan_would_decide_nothing(
+    run: dict[str, object], seed: int
+) -> None:
+    assert run_checked(run, seed).missed == []
+
+
+def test_completions_on_a_busy_fanout_skip_planning() -> None:
+    """The fast path is taken (big suites pay for a full plan at every completion
+    otherwise), and never where the full plan would act."""
+    run: dict[str, object] = {"tests": fanout(400, need=0), "budget": BUDGET, "workers": 3}
+    planner = run_checked(run, seed=1)
+    assert planner.settled > 200
+    assert planner.missed == []

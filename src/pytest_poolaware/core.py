@@ -29,7 +29,7 @@ W = TypeVar("W", bound=Hashable)
 #: once the worker holds the next one, so fewer than two would stall it).
 MIN_QUEUE = 2
 #: At most this many items are sent to one worker ahead of time.
-MAX_QUEUE = 64
+MAX_QUEUE = 512
 #: Queue length aims at pending / (workers * QUEUE_SPLIT), as xdist's load does.
 QUEUE_SPLIT = 4
 #: Known-duration items are queued ahead only up to this many seconds of work, so a
@@ -319,11 +319,14 @@ class Planner(Generic[W]):
         state = self._workers[worker]
         if state.queue.index(index) < state.granted:
             state.granted -= 1
-            state.granted_needs[self.need_of(index)] -= 1
-            state.granted_needs += Counter()  # drop the zeros
+            expected = self.need_of(index)
+            state.granted_needs[expected] -= 1
+            if not state.granted_needs[expected]:
+                del state.granted_needs[expected]
         state.queue.remove(index)
-        # A request left unanswered (its wait timed out) is void once its item is over.
-        state.requests = [r for r in state.requests if r.item != index]
+        if state.requests:
+            # A request left unanswered (its wait timed out) is void once its item is over.
+            state.requests = [r for r in state.requests if r.item != index]
         if state.floor_item not in state.queue:
             # What was granted belonged to this item (or to none still queued): free it.
             # Grants to a later item that already started stay until that one completes.
@@ -332,15 +335,46 @@ class Planner(Generic[W]):
         self._completed.add(index)
         if need is not None:
             self._needs[index] = need
-            # An overrun is reported with what the item turned out to need in all.
-            self.overruns = [
-                replace(o, need=max(o.need, need)) if o.index == index else o for o in self.overruns
-            ]
+            if self.overruns:
+                # An overrun is reported with what the item turned out to need in all.
+                self.overruns = [
+                    replace(o, need=max(o.need, need)) if o.index == index else o
+                    for o in self.overruns
+                ]
         if duration is not None:
             self._tests[index] = replace(
                 self._tests[index], need=self.need_of(index), duration=duration
             )
+        if self._settled_after_completion(worker, state):
+            return []
         return self._plan()
+
+    def _settled_after_completion(self, worker: W, state: _Worker) -> bool:
+        """Whether a completion leaves nothing to decide: the hot path of big suites.
+
+        True only when no worker waits for anything (no requests, no item held back by
+        the budget, every queued item already go'ed) and this fan-out worker's queue is
+        still long enough that ``_take`` would not refill it. A completion only frees
+        room, and nobody wants room, so ``_plan`` would return no action.
+        """
+        if worker == self._serial_worker or not self._fanout or len(state.queue) < MIN_QUEUE:
+            return False
+        serial = self._serial_worker
+        live = sum(not s.shut for s in self._workers.values())
+        # ``_fill_queues`` shares the fan-out among the live workers but the serial one; a
+        # stale serial worker only makes ``sharing`` smaller, the target larger: safe side.
+        sharing = live - (serial is not None and live > 1)
+        if len(state.queue) <= self._target(self._fanout, sharing) // 2:
+            return False  # ``_take`` would refill it
+        if self._serial and (
+            serial is None
+            or not any(self._tests[i].lane is Lane.SERIAL for i in self._workers[serial].queue)
+        ):
+            return False  # the serial lane may be (re)assigned
+        return all(
+            not s.requests and s.granted == len(s.queue) and not s.waiting_since
+            for s in self._workers.values()
+        )
 
     def request(
         self, worker: W, request: int, want: int | None = None, *, item: int | None = None

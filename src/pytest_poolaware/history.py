@@ -107,7 +107,10 @@ class History:
         """Write atomically, so an interrupted run never leaves a half-written file."""
         path = cache.mkdir(CACHE_DIR) / HISTORY_FILE
         partial = path.with_suffix(".tmp")
-        partial.write_text(json.dumps(self.to_json(keep), indent=1), encoding="utf-8")
+        # Compact: with ``indent`` json falls back to its pure-Python encoder, which costs
+        # a big suite a noticeable share of its run's end.
+        text = json.dumps(self.to_json(keep), separators=(",", ":"))
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
 
 

@@ -179,14 +179,18 @@ class Controller:
         return self.scheduler
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        data = getattr(report, "poolaware", None)
-        node = getattr(report, "node", None)
-        if data is not None and node is not None and self.scheduler is not None:
-            self.scheduler.note_measures(node, report.item_index, data)
-        if report.failed:
-            self.outcomes[report.nodeid] = "failed" if report.when == "call" else "error"
-        elif report.when == "call" or (report.when == "setup" and report.skipped):
-            self.outcomes.setdefault(report.nodeid, report.outcome)
+        # Called three times per test: keep it lean.
+        data = report.__dict__.get("poolaware")
+        if data is not None and self.scheduler is not None:
+            node = getattr(report, "node", None)
+            if node is not None:
+                self.scheduler.note_measures(node, report.item_index, data)
+        outcome = report.outcome
+        when = report.when
+        if outcome == "failed":
+            self.outcomes[report.nodeid] = "failed" if when == "call" else "error"
+        elif when == "call" or (when == "setup" and outcome == "skipped"):
+            self.outcomes.setdefault(report.nodeid, outcome)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

@@ -7,7 +7,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from _pytest.runner import runtestprotocol
@@ -193,15 +193,13 @@ class WorkerAgent:
         wait()
         self._waited += self._clock() - begun
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+        """Notes a connection-limit failure; returns None, so the report is made as usual
+        (a plain hook, not a wrapper: it runs three times per test)."""
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
             refused = any(isinstance(e, BudgetRefused) for e in _chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
-        return report
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Give every idle connection back: this worker will run nothing more."""
