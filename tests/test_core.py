@@ -1130,11 +1130,8 @@ class CheckedPlanner(Planner[str]):
 
 
 def run_checked(run: dict[str, object], seed: int) -> CheckedPlanner:
-    rng = random.Random(seed)
     planner = CheckedPlanner(run["budget"])  # type: ignore[arg-type]
-    sim = Sim(**run, strict_xdist=True, planner=planner)  # type: ignore[arg-type]
-    sim.run(lambda events: rng.randrange(len(events)))
-    sim.assert_sound()
+    run_randomly(run, seed, strict_xdist=True, planner=planner)
     return planner
 
 
