@@ -103,3 +103,59 @@ def test_settings_precedence(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     config = pytester.parseconfig("--pool-budget", "5")
     settings = Settings.from_config(config)
     assert (settings.budget, settings.budget_source) == (5, "--pool-budget")
+
+
+#: An inner conftest leaving, in every process of the run, an object in a reference cycle
+#: alive at exit; its ``__del__`` (run only by a garbage collection) leaves a file behind.
+EXIT_WITNESS_CONFTEST = """
+import os
+
+class ExitWitness:
+    def __init__(self, path):
+        self.path = path
+        self.cycle = self
+        self.open = open
+
+    def __del__(self):
+        with self.open(self.path, "w") as file:
+            file.write("collected")
+
+def pytest_configure(config):
+    name = os.environ.get("PYTEST_XDIST_WORKER", "controller")
+    global WITNESS
+    WITNESS = ExitWitness(os.path.join(os.environ["WITNESS_DIR"], name))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "collected_at_exit"),
+    [
+        (["--dist", "poolaware"], []),
+        (["--dist", "poolaware", "--poolaware-fast-exit", "false"], ["controller", "gw0", "gw1"]),
+        (["--dist", "load"], ["controller", "gw0", "gw1"]),
+    ],
+)
+def test_fast_exit_skips_the_final_collections_of_every_process(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    collected_at_exit: list[str],
+) -> None:
+    """Only a poolaware run exits without collecting (the controller waits for every
+    worker's exit), and ``--poolaware-fast-exit false`` gives the interpreter's own back."""
+    witnesses = pytester.mkdir("witnesses")
+    monkeypatch.setenv("WITNESS_DIR", str(witnesses))
+    pytester.makeconftest(EXIT_WITNESS_CONFTEST)
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", *args)
+    result.assert_outcomes(passed=2)
+    assert sorted(path.name for path in witnesses.iterdir()) == collected_at_exit
+
+
+def test_bad_fast_exit_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\npoolaware_fast_exit = sometimes\n")
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*poolaware_fast_exit='sometimes'*true or false*"])
+    assert "Traceback" not in result.stderr.str()

@@ -44,6 +44,7 @@ INI_GATE_TIMEOUT: Final = "poolaware_gate_timeout"
 INI_RISKY_NEED: Final = "poolaware_risky_need"
 INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
+INI_FAST_EXIT: Final = "poolaware_fast_exit"
 
 #: Marker advice: an unmarked test holding at least this share of the budget at once is
 #: a ``serial_only`` candidate (rounded up), unless ``poolaware_risky_need`` says otherwise.
@@ -186,6 +187,8 @@ class Settings:
     unmarked: str = DEFAULT_UNMARKED_POLICY
     unknown_need: int = DEFAULT_UNKNOWN_NEED
     retry_on_limit: bool = True
+    #: Skip the interpreter's last garbage collections when the run's processes exit.
+    fast_exit: bool = True
     gate_timeout: float = DEFAULT_POOL_TIMEOUT
     #: Marker advice thresholds (connections checked out at once); 0: half the budget.
     risky_need: int = 0
@@ -227,6 +230,7 @@ class Settings:
         unmarked = pick("poolaware_unmarked", INI_UNMARKED, unmarked_policy)
         unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
         retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
+        fast_exit = pick("poolaware_fast_exit", INI_FAST_EXIT, boolean)
         gate = pick("poolaware_gate_timeout", INI_GATE_TIMEOUT, positive_seconds)
         risky = pick("poolaware_risky_need", INI_RISKY_NEED, positive_int)
         idle = pick("poolaware_idle_need", INI_IDLE_NEED, non_negative_int)
@@ -244,6 +248,7 @@ class Settings:
             unmarked=unmarked[0] if unmarked else DEFAULT_UNMARKED_POLICY,
             unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
             retry_on_limit=retry[0] if retry else True,
+            fast_exit=fast_exit[0] if fast_exit else True,
             gate_timeout=gate[0] if gate else pools.pool_timeout,
             risky_need=risky[0] if risky else 0,
             idle_need=idle[0] if idle else DEFAULT_IDLE_NEED,
@@ -311,6 +316,15 @@ def add_options(parser: pytest.Parser) -> None:
         help="Run a test again, alone, when it failed on a connection limit (default: true).",
     )
     group.addoption(
+        "--poolaware-fast-exit",
+        dest="poolaware_fast_exit",
+        type=boolean,
+        default=None,
+        metavar="BOOL",
+        help="Let the controller and the workers exit without the interpreter's final "
+        "garbage collections (default: true).",
+    )
+    group.addoption(
         "--poolaware-gate-timeout",
         dest="poolaware_gate_timeout",
         type=positive_seconds,
@@ -371,6 +385,7 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
     parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
     parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
+    parser.addini(INI_FAST_EXIT, "Exit without the interpreter's final garbage collections.")
     parser.addini(INI_GATE_TIMEOUT, "Seconds a worker waits for budget before connecting anyway.")
     parser.addini(INI_RISKY_NEED, "Marker advice: connections at once making a test serial_only.")
     parser.addini(INI_IDLE_NEED, "Marker advice: connections at most for parallel_safe advice.")
