@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_poolaware.core import (
+    EARLY_START_SECONDS,
     MIN_QUEUE,
     Action,
     Answer,
@@ -99,8 +100,11 @@ class Tracker:
                 out.setdefault(str(action.worker), []).extend(action.indices)
         return out
 
-    def load(self, tests: Sequence[Item]) -> list[Action]:
-        return self._track(self.planner.load(tests))
+    def load(self, tests: Sequence[Item], *, fanout_open: bool = True) -> list[Action]:
+        return self._track(self.planner.load(tests, fanout_open=fanout_open))
+
+    def open_fanout(self) -> list[Action]:
+        return self._track(self.planner.open_fanout())
 
     def add(self, *workers: str) -> list[Action]:
         return [a for w in workers for a in self._track(self.planner.add_worker(w))]
@@ -175,6 +179,8 @@ class Sim:
     need, or 1). ``sticky``: idle connections a worker cannot close when asked (pools
     whose event loop is gone). ``strict_xdist=False`` lets a worker start its last held
     item without a shutdown, to look at the budget apart from queue depth.
+    ``staggered``: workers come up one at a time, at any point of the run's start, the
+    fan-out held until the last is in (as the adapter starts the serial lane early).
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class Sim:
         rerun_crashed: bool = False,
         unknown_need: int = 1,
         planner: Planner[str] | None = None,
+        staggered: bool = False,
     ) -> None:
         self.tests = list(tests)
         self.budget = budget
@@ -216,9 +223,12 @@ class Sim:
         self.peak_open = 0
         self.steps = 0
         # as the adapter does it: the collection first, then each worker as it is ready
-        self.apply(self.planner.load(self.tests))
-        for _ in range(workers):
+        self.apply(self.planner.load(self.tests, fanout_open=not staggered))
+        self.to_join = workers - 1 if staggered else 0
+        for _ in range(workers - self.to_join):
             self.add_worker()
+        if staggered and not self.to_join:
+            self.apply(self.planner.open_fanout())
 
     # -- the controller's side --------------------------------------------------------
 
@@ -300,7 +310,7 @@ class Sim:
     # -- the workers' side --------------------------------------------------------------
 
     def events(self) -> list[Event]:
-        out: list[Event] = []
+        out: list[Event] = [("join", "")] if self.to_join else []
         for w in self.workers.values():
             if w.reports:
                 out.append(("deliver", w.name))
@@ -330,7 +340,18 @@ class Sim:
 
     def step(self, event: Event) -> None:
         kind, name = event
+        if kind == "join":
+            self.join()
+            return
         getattr(self, f"_{kind}")(self.workers[name])
+
+    def join(self) -> str:
+        """One more of the workers of a staggered start is up; the last opens the fan-out."""
+        self.to_join -= 1
+        name = self.add_worker()
+        if not self.to_join:
+            self.apply(self.planner.open_fanout())
+        return name
 
     def _counts(self, w: SimWorker, released: bool = False) -> None:
         self.apply(
@@ -513,6 +534,40 @@ def test_serial_worker_joins_the_fanout_once_the_serial_lane_is_empty() -> None:
     assert len(t.queues["a"]) > 2
     assert all(i >= 2 for i in t.queues["a"][2:])
     assert all(i >= 2 for i in t.queues["b"])
+
+
+def test_first_worker_up_starts_a_long_serial_lane_while_the_fanout_waits_for_the_rest() -> None:
+    """The serial lane is the run's critical path: it need not wait for slower workers to
+    boot; the fan-out is shared out once they are all in, so none gets a big early batch."""
+    t = Tracker()
+    t.load(serial(4, duration=EARLY_START_SECONDS) + fanout(40), fanout_open=False)
+    actions = t.add("a")
+    assert t.sent(actions) == {"a": [0, 1]}
+    assert goes(actions)[:1] == [("a", 0)]
+    assert t.sent(t.add("b", "c")) == {}
+    actions = t.open_fanout()
+    assert set(t.sent(actions)) == {"b", "c"}
+    assert all(i >= 4 for i in t.queues["b"] + t.queues["c"])
+    assert abs(len(t.queues["b"]) - len(t.queues["c"])) <= 1
+
+
+@pytest.mark.parametrize("first", [None, EARLY_START_SECONDS / 2])
+def test_a_quick_or_unknown_serial_lane_waits_for_every_worker(first: float | None) -> None:
+    """A quick first item would be reported amid xdist's start-up lines: not worth it."""
+    t = Tracker()
+    t.load(serial(1, duration=first) + serial(3, duration=9.0) + fanout(8), fanout_open=False)
+    assert t.add("a", "b") == []
+    sent = t.sent(t.open_fanout())
+    assert sent["a"] == [0, 1]
+    assert sent["b"]
+    assert all(i >= 4 for i in sent["b"])
+
+
+def test_a_serial_only_suite_ends_before_the_other_workers_are_up() -> None:
+    sim = Sim(serial(3, duration=EARLY_START_SECONDS), workers=3, staggered=True)
+    sim.run(lambda events: len(events) - 1)  # the join events come first: never pick them
+    sim.assert_sound()
+    assert sim.to_join == 2
 
 
 def test_single_worker_runs_everything_serial_items_first() -> None:
@@ -1037,6 +1092,7 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
         "peaks": peaks,
         "crashes": draw(st.integers(0, 3)),
         "rerun_crashed": draw(st.booleans()),
+        "staggered": draw(st.booleans()),
     }
 
 

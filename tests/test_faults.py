@@ -56,6 +56,40 @@ def test_crash_in_the_serial_lane(pytester: pytest.Pytester, log: Path) -> None:
         assert before["end"] <= after["start"]
 
 
+#: gw1 collects one test more than the others (say, parametrized from a set's order).
+WORKER_DEPENDENT = """
+import os, pytest
+
+CASES = 4 if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" else 3
+
+@pytest.mark.serial_only
+@pytest.mark.parametrize("i", range(3))
+def test_serial(i):
+    pass
+
+@pytest.mark.parametrize("i", range(CASES))
+def test_fan(i):
+    pass
+"""
+
+
+def test_a_worker_collecting_other_tests_is_an_error_and_the_run_still_ends(
+    pytester: pytest.Pytester,
+) -> None:
+    """The first collection in is the run's (its serial lane starts at once); a worker
+    that collected something else is reported, and every test of the run is run."""
+    pytester.makepyfile(test_odd=WORKER_DEPENDENT)
+    result = run(pytester, "-n", "3", "--dist", "poolaware", "-rA")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    errors = [line for line in result.stdout.lines if "Different tests were collected" in line]
+    assert errors, result.stdout.str()
+    source = errors[0].split("between ")[1].split(" and ")[0]
+    cases = 4 if source == "gw1" else 3
+    expected = {f"test_odd.py::test_serial[{i}]" for i in range(3)}
+    expected |= {f"test_odd.py::test_fan[{i}]" for i in range(cases)}
+    assert reported(result) == dict.fromkeys(expected, "PASSED")
+
+
 def test_crash_in_the_fan_out(pytester: pytest.Pytester, log: Path) -> None:
     pytester.makepyfile(test_crashy=CRASHY.format(serial_crash=-1, fan_crash=5))
     result = run(pytester, "-n", "3", "--dist", "poolaware", "-rA")

@@ -192,3 +192,53 @@ def test_second_run_uses_what_the_first_learned(
 def test_one_worker_runs_everything(pytester: pytest.Pytester, suite: dict[str, Any]) -> None:
     result = run(pytester, "-n", "1", "--dist", "poolaware")
     result.assert_outcomes(passed=39)
+
+
+#: gw2 is slow to boot: its collection ends only once the long serial test has run (or
+#: after a minute), and it writes down which of the two happened.
+SLOW_WORKER_CONFTEST = """
+import os, pathlib, time
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session):
+    flag = pathlib.Path(os.environ["SERIAL_RAN"])
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw2" and os.environ.get("SLOW_BOOT"):
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (flag.parent / "gw2-collected-after-the-serial-test").write_text(str(flag.exists()))
+"""
+
+LONG_SERIAL_TEST = """
+import os, pathlib, time
+import pytest
+
+@pytest.mark.serial_only
+def test_long_serial():
+    time.sleep(1.1)  # the run's critical path: longer than EARLY_START_SECONDS
+    pathlib.Path(os.environ["SERIAL_RAN"]).write_text("ran")
+
+@pytest.mark.serial_only
+def test_next_serial():
+    pass
+
+@pytest.mark.parametrize("i", range(6))
+def test_fan(i):
+    pass
+"""
+
+
+def test_a_long_serial_lane_does_not_wait_for_a_slow_worker_to_boot(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flag = pytester.path / "serial-ran"
+    monkeypatch.setenv("SERIAL_RAN", str(flag))
+    pytester.makeconftest(SLOW_WORKER_CONFTEST)
+    pytester.makepyfile(test_lanes=LONG_SERIAL_TEST)
+    args = ("-n", "3", "--dist", "poolaware")
+    run(pytester, *args).assert_outcomes(passed=8)  # learns the serial test is long
+    flag.unlink()
+    monkeypatch.setenv("SLOW_BOOT", "1")
+    run(pytester, *args).assert_outcomes(passed=8)
+    assert (pytester.path / "gw2-collected-after-the-serial-test").read_text() == "True"

@@ -35,6 +35,10 @@ QUEUE_SPLIT = 4
 #: Known-duration items are queued ahead only up to this many seconds of work, so a
 #: long test is not stuck behind others on a busy worker.
 QUEUE_SECONDS = 2.0
+#: The serial lane starts before every worker is up only when its first item is known
+#: to take at least this long: a quick one would end, and be reported, in the middle of
+#: xdist's start-up status lines, to save less time than it costs to read.
+EARLY_START_SECONDS = 1.0
 
 
 class Lane(enum.Enum):
@@ -204,6 +208,8 @@ class Planner(Generic[W]):
         self._fanout: deque[int] = deque()
         self._workers: dict[W, _Worker] = {}
         self._serial_worker: W | None = None
+        self._fanout_open = True
+        self._early_serial = False
         self._completed: set[int] = set()
         self._needs: dict[int, int] = {}
         self._counter = 0
@@ -212,13 +218,21 @@ class Planner(Generic[W]):
 
     # -- inputs -------------------------------------------------------------------------
 
-    def load(self, tests: Sequence[ItemSpec]) -> list[Action]:
+    def load(self, tests: Sequence[ItemSpec], *, fanout_open: bool = True) -> list[Action]:
         """Take the collection (once): the serial lane in collection order, the fan-out
-        longest group first."""
+        longest group first.
+
+        With ``fanout_open=False`` nothing starts until ``open_fanout`` (every worker is
+        in), except a serial lane whose first item is long (``EARLY_START_SECONDS``):
+        the first worker up starts the run's critical path while the others boot.
+        """
         assert not self._loaded, "collection loaded twice"
         self._loaded = True
         self._tests = list(tests)
         self._serial = deque(i for i, t in enumerate(tests) if t.lane is Lane.SERIAL)
+        first = self._tests[self._serial[0]].duration if self._serial else None
+        self._fanout_open = fanout_open
+        self._early_serial = first is not None and first >= EARLY_START_SECONDS
         self._fanout = deque(
             self._longest_groups_first([i for i, t in enumerate(tests) if t.lane is Lane.FANOUT])
         )
@@ -237,6 +251,11 @@ class Planner(Generic[W]):
             return (None not in durations, -sum(d or 0.0 for d in durations))
 
         return [i for members in sorted(groups.values(), key=weight) for i in members]
+
+    def open_fanout(self) -> list[Action]:
+        """Every worker expected at the start is in: share out the fan-out (idempotent)."""
+        self._fanout_open = True
+        return self._plan()
 
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
@@ -357,7 +376,12 @@ class Planner(Generic[W]):
         still long enough that ``_take`` would not refill it. A completion only frees
         room, and nobody wants room, so ``_plan`` would return no action.
         """
-        if worker == self._serial_worker or not self._fanout or len(state.queue) < MIN_QUEUE:
+        if (
+            worker == self._serial_worker
+            or not self._fanout
+            or not self._fanout_open
+            or len(state.queue) < MIN_QUEUE
+        ):
             return False
         serial = self._serial_worker
         live = sum(not s.shut for s in self._workers.values())
@@ -484,6 +508,8 @@ class Planner(Generic[W]):
         return actions
 
     def _fill_queues(self, actions: list[Action]) -> None:
+        if not (self._fanout_open or self._early_serial):
+            return
         serial_worker = self._pick_serial_worker()
         live = [w for w, s in self._workers.items() if not s.shut]
         fanout_workers = [w for w in live if w != serial_worker] or live
@@ -492,7 +518,7 @@ class Planner(Generic[W]):
             serial_lane = worker == serial_worker
             batch = self._take(self._serial, state, 1) if serial_lane and self._serial else []
             state.queue.extend(batch)
-            if not (serial_lane and self._serial):
+            if self._fanout_open and not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
                 # out, in the same pass, so that it never holds a single item.
                 sharing = len(live) if serial_lane else len(fanout_workers)

@@ -61,8 +61,11 @@ class RunRecord:
 class PoolAwareScheduling:
     """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
 
-    Nodes join the planner only once their collection is known: before that a worker
-    could not run anything anyway.
+    Nodes join the planner as soon as their collection is known. The first collection
+    starts the serial lane at once, on the first worker up, while the others still boot;
+    the fan-out is shared out when xdist calls ``schedule`` (every worker has collected).
+    A collection that differs from the first is a collection error: that worker takes no
+    part, and the others run every test of the first.
     """
 
     def __init__(
@@ -89,9 +92,15 @@ class PoolAwareScheduling:
             settings.budget, unknown_need=settings.unknown_need
         )
         self._collections: dict[WorkerController, list[str]] = {}
+        #: Collections received, the rejected ones included: xdist's "all collected".
+        self._collected = 0
+        #: Whether xdist has called ``schedule`` (from then on it sees the run as active).
+        self._scheduled = False
         self._nodes: list[WorkerController] = []
         self._joined: set[WorkerController] = set()
         self.collection: list[str] | None = None
+        #: The worker whose collection is the run's (named in collection-diff errors).
+        self._collection_source = ""
         self._markers: list[tuple[bool, bool]] | None = None
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
 
@@ -103,7 +112,7 @@ class PoolAwareScheduling:
 
     @property
     def collection_is_completed(self) -> bool:
-        return self.collection is not None or len(self._collections) >= self.numnodes
+        return self._collected >= self.numnodes
 
     @property
     def tests_finished(self) -> bool:
@@ -111,7 +120,10 @@ class PoolAwareScheduling:
 
     @property
     def has_pending(self) -> bool:
-        return self.planner.has_pending
+        """False until ``schedule`` though the serial lane may run: DSession prints its
+        "N workers [M items]" line when the last collection comes in and nothing is
+        pending yet, as with its own schedulers."""
+        return self._scheduled and self.planner.has_pending
 
     def add_node(self, node: WorkerController) -> None:
         """Called by ``DSession.worker_workerready``."""
@@ -119,39 +131,63 @@ class PoolAwareScheduling:
         self._nodes.append(node)
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
-        """Called by ``DSession.worker_collectionfinish``; a late node (a replacement) joins."""
-        if self.collection is not None and list(collection) != self.collection:
-            msg = report_collection_diff(
-                self.collection, collection, self._nodes[0].gateway.id, node.gateway.id
-            )
-            self.log(msg)
+        """Called by ``DSession.worker_collectionfinish``, before ``schedule``: the first
+        collection starts the run; a node whose collection matches it joins at once."""
+        self._collected += 1
+        self._drain()
+        collected = list(collection)
+        if self.collection is None:
+            self._start(node, collected)
+        elif collected != self.collection:
+            self._reject(node, collected)
             return
-        self._collections[node] = list(collection)
+        self._collections[node] = collected
+        self._join(node)
 
     def schedule(self) -> None:
-        """Called by ``DSession.worker_collectionfinish`` once every node has collected."""
+        """Called by ``DSession.worker_collectionfinish`` once every initial node has
+        collected, and again for each replacement: share out the fan-out."""
         self._drain()
-        if self.collection is None:
-            if not self._same_collections():
-                self.log("**Different tests collected, aborting run**")
-                return
-            self.collection = next(iter(self._collections.values()))
-            stale = self.history.forget_missing(self.collection)
-            if stale:
-                self.record.notes.append(
-                    f"forgot the learned data of {stale} tests that no longer exist"
-                )
-            if self._markers is None or len(self._markers) != len(self.collection):
-                self._markers = [(False, False)] * len(self.collection)
-            if self.record.conflicts:
-                from pytest_poolaware.plugin import conflict_message
+        self._scheduled = True
+        if self.planner.loaded:
+            self._apply(self.planner.open_fanout())
 
-                raise pytest.UsageError(conflict_message(self.record.conflicts))
-            self._apply(self.planner.load(self._tests()))
-        for node in list(self._collections):
-            if node not in self._joined and node in self._nodes:
-                self._joined.add(node)
-                self._apply(self.planner.add_worker(node))
+    def _start(self, node: WorkerController, collection: list[str]) -> None:
+        """Load the planner with the first collection, the fan-out held until ``schedule``."""
+        self.collection = collection
+        self._collection_source = node.gateway.id
+        stale = self.history.forget_missing(collection)
+        if stale:
+            self.record.notes.append(
+                f"forgot the learned data of {stale} tests that no longer exist"
+            )
+        if self._markers is None or len(self._markers) != len(collection):
+            self._markers = [(False, False)] * len(collection)
+        if self.record.conflicts:
+            from pytest_poolaware.plugin import conflict_message
+
+            raise pytest.UsageError(conflict_message(self.record.conflicts))
+        self._apply(self.planner.load(self._tests(), fanout_open=False))
+
+    def _join(self, node: WorkerController) -> None:
+        if node not in self._joined and node in self._nodes:
+            self._joined.add(node)
+            self._apply(self.planner.add_worker(node))
+
+    def _reject(self, node: WorkerController, collection: Sequence[str]) -> None:
+        """A worker collected other tests than the run's: report it as a collection error
+        (the run fails) and shut it down; the other workers carry on."""
+        assert self.collection is not None
+        msg = report_collection_diff(
+            self.collection, list(collection), self._collection_source, node.gateway.id
+        )
+        self.log(msg)
+        self.config.hook.pytest_collectreport(
+            report=pytest.CollectReport(
+                nodeid=node.gateway.id, outcome="failed", longrepr=msg, result=[]
+            )
+        )
+        node.shutdown()
 
     def mark_test_complete(
         self, node: WorkerController, item_index: int, duration: float = 0
@@ -251,21 +287,6 @@ class PoolAwareScheduling:
                 )
             )
         return tests
-
-    def _same_collections(self) -> bool:
-        (first, col), *rest = self._collections.items()
-        same = True
-        for node, collection in rest:
-            msg = report_collection_diff(col, collection, first.gateway.id, node.gateway.id)
-            if msg:
-                same = False
-                self.log(msg)
-                self.config.hook.pytest_collectreport(
-                    report=pytest.CollectReport(
-                        nodeid=node.gateway.id, outcome="failed", longrepr=msg, result=[]
-                    )
-                )
-        return same
 
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
