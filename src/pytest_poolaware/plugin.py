@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pytest_poolaware import report
+from pytest_poolaware import priority, report
 from pytest_poolaware.history import History
 from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, Message, WorkerLink
 from pytest_poolaware.settings import (
@@ -56,6 +56,12 @@ class _DistChoice:
                         "the rest fanned out, all within a PostgreSQL connection budget "
                         "(pytest-poolaware)."
                     )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """A worker of a poolaware run lowers its priority before its conftests' imports."""
+    priority.lower_priority(priority.take_in_worker())
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -158,6 +164,8 @@ class Controller:
         self.monitor: Any = None
         self.stats: Any = None
         self.files: list[str] = []
+        #: Workers xdist has yet to spawn (see ``priority``).
+        self.spawning = 0
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Runs before xdist starts the workers (its hook is trylast), so the monitor's
@@ -172,6 +180,16 @@ class Controller:
                 source=self.settings.monitor_source,
             )
             self.monitor.start()
+
+    def pytest_xdist_setupnodes(self, specs: Any) -> None:
+        """xdist is about to spawn the workers: they inherit the niceness offer."""
+        self.spawning = len(specs)
+        priority.offer_to_workers(self.settings.fanout_nice)
+
+    def pytest_xdist_newgateway(self, gateway: Any) -> None:
+        self.spawning -= 1
+        if self.spawning <= 0:  # the last one is spawned; replacements run as they are
+            priority.withdraw()
 
     def pytest_configure_node(self, node: Any) -> None:
         channel = node.gateway.newchannel()
@@ -215,6 +233,7 @@ class Controller:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.finished = time.time()
+        priority.withdraw()
         server = self.monitor.stop() if self.monitor is not None else None
         scheduler = self.scheduler
         if scheduler is None:

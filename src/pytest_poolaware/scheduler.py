@@ -32,6 +32,7 @@ from pytest_poolaware.core import (
 )
 from pytest_poolaware.history import History
 from pytest_poolaware.link import ControllerLink, ItemMeasures, Message
+from pytest_poolaware.priority import SERIAL_LANE_WORKER
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
@@ -61,11 +62,12 @@ class RunRecord:
 class PoolAwareScheduling:
     """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
 
-    Nodes join the planner as soon as their collection is known. The first collection
-    starts the serial lane at once, on the first worker up, while the others still boot;
-    the fan-out is shared out when xdist calls ``schedule`` (every worker has collected).
-    A collection that differs from the first is a collection error: that worker takes no
-    part, and the others run every test of the first.
+    The first collection in is the run's. ``gw0``, the worker that keeps its CPU priority
+    (see ``priority``), joins the planner as soon as it has collected, and may start the
+    serial lane while the others still boot; they join, and the fan-out is shared out,
+    when xdist calls ``schedule`` (every worker has collected). A collection that differs
+    from the run's is a collection error: that worker takes no part, and the others run
+    every test of the run's collection.
     """
 
     def __init__(
@@ -132,7 +134,7 @@ class PoolAwareScheduling:
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
         """Called by ``DSession.worker_collectionfinish``, before ``schedule``: the first
-        collection starts the run; a node whose collection matches it joins at once."""
+        collection starts the run; ``gw0`` and replacements join at once."""
         self._collected += 1
         self._drain()
         collected = list(collection)
@@ -142,13 +144,16 @@ class PoolAwareScheduling:
             self._reject(node, collected)
             return
         self._collections[node] = collected
-        self._join(node)
+        if self._scheduled or node.gateway.id == SERIAL_LANE_WORKER:
+            self._join(node)
 
     def schedule(self) -> None:
         """Called by ``DSession.worker_collectionfinish`` once every initial node has
         collected, and again for each replacement: share out the fan-out."""
         self._drain()
         self._scheduled = True
+        for node in list(self._collections):
+            self._join(node)
         if self.planner.loaded:
             self._apply(self.planner.open_fanout())
 

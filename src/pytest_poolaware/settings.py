@@ -45,6 +45,11 @@ INI_RISKY_NEED: Final = "poolaware_risky_need"
 INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
 INI_FAST_EXIT: Final = "poolaware_fast_exit"
+INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
+
+#: CPU niceness every worker but the serial lane's adds to its own: enough for the
+#: critical path to get about three times the CPU of a fan-out worker when they compete.
+DEFAULT_FANOUT_NICE: Final = 5
 
 #: Marker advice: an unmarked test holding at least this share of the budget at once is
 #: a ``serial_only`` candidate (rounded up), unless ``poolaware_risky_need`` says otherwise.
@@ -189,6 +194,8 @@ class Settings:
     retry_on_limit: bool = True
     #: Skip the interpreter's last garbage collections when the run's processes exit.
     fast_exit: bool = True
+    #: Niceness the fan-out workers add to their own (0: all workers alike).
+    fanout_nice: int = DEFAULT_FANOUT_NICE
     gate_timeout: float = DEFAULT_POOL_TIMEOUT
     #: Marker advice thresholds (connections checked out at once); 0: half the budget.
     risky_need: int = 0
@@ -231,6 +238,7 @@ class Settings:
         unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
         retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
         fast_exit = pick("poolaware_fast_exit", INI_FAST_EXIT, boolean)
+        fanout_nice = pick("poolaware_fanout_nice", INI_FANOUT_NICE, non_negative_int)
         gate = pick("poolaware_gate_timeout", INI_GATE_TIMEOUT, positive_seconds)
         risky = pick("poolaware_risky_need", INI_RISKY_NEED, positive_int)
         idle = pick("poolaware_idle_need", INI_IDLE_NEED, non_negative_int)
@@ -249,6 +257,7 @@ class Settings:
             unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
             retry_on_limit=retry[0] if retry else True,
             fast_exit=fast_exit[0] if fast_exit else True,
+            fanout_nice=fanout_nice[0] if fanout_nice else DEFAULT_FANOUT_NICE,
             gate_timeout=gate[0] if gate else pools.pool_timeout,
             risky_need=risky[0] if risky else 0,
             idle_need=idle[0] if idle else DEFAULT_IDLE_NEED,
@@ -325,6 +334,16 @@ def add_options(parser: pytest.Parser) -> None:
         "garbage collections (default: true).",
     )
     group.addoption(
+        "--poolaware-fanout-nice",
+        dest="poolaware_fanout_nice",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="CPU niceness added by every local worker but gw0, which starts the serial "
+        f"lane, so the run's critical path gets the CPU first; 0: off "
+        f"(default: {DEFAULT_FANOUT_NICE}).",
+    )
+    group.addoption(
         "--poolaware-gate-timeout",
         dest="poolaware_gate_timeout",
         type=positive_seconds,
@@ -386,6 +405,7 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
     parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
     parser.addini(INI_FAST_EXIT, "Exit without the interpreter's final garbage collections.")
+    parser.addini(INI_FANOUT_NICE, "CPU niceness added by every worker but the serial lane's.")
     parser.addini(INI_GATE_TIMEOUT, "Seconds a worker waits for budget before connecting anyway.")
     parser.addini(INI_RISKY_NEED, "Marker advice: connections at once making a test serial_only.")
     parser.addini(INI_IDLE_NEED, "Marker advice: connections at most for parallel_safe advice.")
