@@ -109,6 +109,13 @@ DEMO_MODES: Final = (
         "poolaware",
         clear_cache=False,
     ),
+    # And if every worker kept the same CPU priority: shows what the niceness is worth.
+    Mode(
+        "poolaware-warm-same-nice",
+        ((*DIST, "poolaware", *NO_MONITOR, "--poolaware-fanout-nice", "0"),),
+        "poolaware",
+        clear_cache=False,
+    ),
 )
 EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers")
 ALL_NAMES: Final = tuple(m.name for m in DEMO_MODES) + EXTRA_BENCHMARKS
@@ -523,6 +530,7 @@ DEMO_RATIOS: Final = (
     ("poolaware-warm", "two-pass"),
     ("poolaware-cold", "two-pass"),
     ("poolaware-warm-gc-exit", "two-pass"),
+    ("poolaware-warm-same-nice", "two-pass"),
 )
 
 
