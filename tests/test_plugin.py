@@ -62,6 +62,8 @@ def test_both_markers_is_a_usage_error_naming_the_test(pytester: pytest.Pytester
         ([], {"PG_MAX_OVERFLOW": "-1"}, "*PG_MAX_OVERFLOW='-1'*non-negative integer*"),
         ([], {"PG_POOL_TIMEOUT": "soon"}, "*PG_POOL_TIMEOUT='soon'*seconds*"),
         (["--poolaware-unmarked", "sometimes"], {}, "*--poolaware-unmarked*'sometimes'*"),
+        (["--poolaware-fanout-nice", "-1"], {}, "*--poolaware-fanout-nice*non-negative*'-1'*"),
+        (["--poolaware-fast-exit", "maybe"], {}, "*--poolaware-fast-exit*true or false*'maybe'*"),
     ],
 )
 def test_bad_settings_are_usage_errors(

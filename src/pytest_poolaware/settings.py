@@ -340,7 +340,7 @@ def add_options(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help="CPU niceness added by every local worker but gw0, which starts the serial "
-        f"lane, so the run's critical path gets the CPU first; 0: off "
+        "lane, so the run's critical path gets the CPU first; 0: off "
         f"(default: {DEFAULT_FANOUT_NICE}).",
     )
     group.addoption(
