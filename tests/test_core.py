@@ -551,6 +551,17 @@ def test_first_worker_up_starts_a_long_serial_lane_while_the_fanout_waits_for_th
     assert abs(len(t.queues["b"]) - len(t.queues["c"])) <= 1
 
 
+def test_an_early_single_serial_item_gets_a_follower_so_it_can_start() -> None:
+    """xdist starts an item only once its worker holds the next one: a lone serial item
+    started early takes one fan-out item behind it, no more, until every worker is in."""
+    t = Tracker()
+    t.load(serial(1, duration=EARLY_START_SECONDS) + fanout(40), fanout_open=False)
+    actions = t.add("a")
+    assert t.sent(actions) == {"a": [0, 1]}
+    assert goes(actions)[:1] == [("a", 0)]
+    assert t.sent(t.add("b")) == {}
+
+
 @pytest.mark.parametrize("first", [None, EARLY_START_SECONDS / 2])
 def test_a_quick_or_unknown_serial_lane_waits_for_every_worker(first: float | None) -> None:
     """A quick first item would be reported amid xdist's start-up lines: not worth it."""
@@ -1138,6 +1149,20 @@ def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int
         "rerun_crashed": False,
     },
     seed=0,
+)
+@example(
+    # A serial item crashes and is rerun after its lane was handed out and the fan-out
+    # emptied: the workers must not all be shut down with the rerun still in the lane.
+    run={
+        "tests": fanout(1) + serial(1, duration=EARLY_START_SECONDS) + serial(1),
+        "budget": 1,
+        "workers": 3,
+        "peaks": [1, 1, 1],
+        "crashes": 1,
+        "rerun_crashed": True,
+        "staggered": True,
+    },
+    seed=1,
 )
 def test_random_runs_never_hang_under_xdists_protocol(run: dict[str, object], seed: int) -> None:
     run_randomly(run, seed, strict_xdist=True)

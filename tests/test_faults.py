@@ -74,10 +74,10 @@ def test_fan(i):
 
 
 def test_a_worker_collecting_other_tests_is_an_error_and_the_run_still_ends(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, log: Path
 ) -> None:
-    """The first collection in is the run's (its serial lane starts at once); a worker
-    that collected something else is reported, and every test of the run is run."""
+    """The first collection in is the run's, markers included; a worker that collected
+    something else is reported, and every test of the run is run."""
     pytester.makepyfile(test_odd=WORKER_DEPENDENT)
     result = run(pytester, "-n", "3", "--dist", "poolaware", "-rA")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -88,6 +88,10 @@ def test_a_worker_collecting_other_tests_is_an_error_and_the_run_still_ends(
     expected = {f"test_odd.py::test_serial[{i}]" for i in range(3)}
     expected |= {f"test_odd.py::test_fan[{i}]" for i in range(cases)}
     assert reported(result) == dict.fromkeys(expected, "PASSED")
+    serial = sorted((e for e in entries(log) if e["serial"]), key=lambda e: e["start"])
+    assert len({e["worker"] for e in serial}) == 1
+    for before, after in itertools.pairwise(serial):
+        assert before["end"] <= after["start"]
 
 
 def test_crash_in_the_fan_out(pytester: pytest.Pytester, log: Path) -> None:

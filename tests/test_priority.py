@@ -21,7 +21,6 @@ from pytest_poolaware.priority import (
     ("env", "niceness"),
     [
         ({ENV_WORKER_NICE: "5", "PYTEST_XDIST_WORKER": "gw1"}, 5),
-        ({ENV_WORKER_NICE: "5", "PYTEST_XDIST_WORKER": "gw0"}, 0),  # the serial lane's
         ({ENV_WORKER_NICE: "5"}, 0),  # not a worker
         ({ENV_WORKER_NICE: "lots", "PYTEST_XDIST_WORKER": "gw1"}, 0),
         ({"PYTEST_XDIST_WORKER": "gw1"}, 0),  # not a poolaware run
@@ -75,18 +74,30 @@ def niceness_run(
     log = pytester.path / "niceness.jsonl"
     monkeypatch.setenv("NICENESS_LOG", str(log))
     pytester.makepyfile(test_nice=NICENESS_TESTS)
-    run(pytester, "-n", "3", *args).assert_outcomes(passed=33)
+    run(pytester, *args).assert_outcomes(passed=33)
     return [json.loads(line) for line in Path(log).read_text().splitlines()]
 
 
+@pytest.mark.parametrize(
+    ("workers", "first"),
+    [
+        (("-n", "3"), "gw0"),
+        (("--tx", "popen//id=alpha", "--tx", "popen//id=beta", "--tx", "popen//id=gamma"), "alpha"),
+    ],
+    ids=["numbered", "named"],
+)
 def test_fanout_workers_run_at_a_lower_priority_than_the_serial_lanes(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: tuple[str, ...],
+    first: str,
 ) -> None:
+    """The first worker spawned keeps its priority and runs the serial lane."""
     base = os.nice(0)
-    notes = niceness_run(pytester, monkeypatch, "--dist", "poolaware")
-    assert {n["worker"] for n in notes if n["test"] == "serial"} == {"gw0"}
+    notes = niceness_run(pytester, monkeypatch, *workers, "--dist", "poolaware")
+    assert {n["worker"] for n in notes if n["test"] == "serial"} == {first}
     niceness = {n["worker"]: n["nice"] for n in notes}
-    assert niceness.pop("gw0") == base
+    assert niceness.pop(first) == base
     assert niceness  # the fan-out ran on other workers too
     assert set(niceness.values()) == {min(base + 5, 19)}
     assert not any(n["leaked"] for n in notes)
@@ -101,5 +112,5 @@ def test_every_worker_keeps_its_priority_otherwise(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
 ) -> None:
     base = os.nice(0)
-    notes = niceness_run(pytester, monkeypatch, *args)
+    notes = niceness_run(pytester, monkeypatch, "-n", "3", *args)
     assert {n["nice"] for n in notes} == {base}

@@ -511,6 +511,11 @@ class Planner(Generic[W]):
         if not (self._fanout_open or self._early_serial):
             return
         serial_worker = self._pick_serial_worker()
+        # Serial items back in the lane (a crashed one rerun) that their worker, shut down
+        # meanwhile, cannot take: keep the others up, one of them takes the lane over.
+        orphaned = bool(self._serial) and (
+            serial_worker is None or self._workers[serial_worker].shut
+        )
         live = [w for w, s in self._workers.items() if not s.shut]
         fanout_workers = [w for w in live if w != serial_worker] or live
         for worker in live:
@@ -518,16 +523,23 @@ class Planner(Generic[W]):
             serial_lane = worker == serial_worker
             batch = self._take(self._serial, state, 1) if serial_lane and self._serial else []
             state.queue.extend(batch)
-            if self._fanout_open and not (serial_lane and self._serial):
+            if not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
-                # out, in the same pass, so that it never holds a single item.
-                sharing = len(live) if serial_lane else len(fanout_workers)
-                more = self._take(self._fanout, state, sharing)
+                # out, in the same pass, so that it never holds a single item. Before
+                # every worker is in, it takes only what lets its last serial item start.
+                if self._fanout_open:
+                    sharing = len(live) if serial_lane else len(fanout_workers)
+                    more = self._take(self._fanout, state, sharing)
+                elif serial_lane:
+                    wanted = min(len(self._fanout), MIN_QUEUE - len(state.queue))
+                    more = [self._fanout.popleft() for _ in range(wanted)]
+                else:
+                    more = []
                 state.queue.extend(more)
                 batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
-            if not self._fanout and not (serial_lane and self._serial):
+            if not self._fanout and not (serial_lane and self._serial) and not orphaned:
                 # Nothing left for it: shut down now, even right after a batch, since
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True

@@ -164,8 +164,9 @@ class Controller:
         self.monitor: Any = None
         self.stats: Any = None
         self.files: list[str] = []
-        #: Workers xdist has yet to spawn (see ``priority``).
+        #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
         self.spawning = 0
+        self.serial_worker: str | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Runs before xdist starts the workers (its hook is trylast), so the monitor's
@@ -182,13 +183,18 @@ class Controller:
             self.monitor.start()
 
     def pytest_xdist_setupnodes(self, specs: Any) -> None:
-        """xdist is about to spawn the workers: they inherit the niceness offer."""
+        """xdist is about to spawn the workers, one after the other."""
         self.spawning = len(specs)
-        priority.offer_to_workers(self.settings.fanout_nice)
 
     def pytest_xdist_newgateway(self, gateway: Any) -> None:
+        """The first worker spawned keeps its priority and will hold the serial lane; the
+        ones spawned after it inherit the niceness offer (replacements run as they are)."""
+        if self.serial_worker is None:
+            self.serial_worker = gateway.id
         self.spawning -= 1
-        if self.spawning <= 0:  # the last one is spawned; replacements run as they are
+        if self.spawning > 0:
+            priority.offer_to_workers(self.settings.fanout_nice)
+        else:
             priority.withdraw()
 
     def pytest_configure_node(self, node: Any) -> None:
@@ -213,6 +219,7 @@ class Controller:
             links=self.links,
             inbox=self.inbox,
             record=self.record,
+            serial_worker=self.serial_worker,
         )
         return self.scheduler
 
@@ -260,6 +267,9 @@ class Controller:
                 root=self.config.rootpath,
                 invocation_dir=Path(self.config.invocation_params.dir),
             )
+
+    def pytest_unconfigure(self) -> None:
+        priority.withdraw()  # xdist may have failed to spawn the workers: no sessionfinish
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.stats is not None:

@@ -2,15 +2,15 @@
 
 The serial lane is the run's critical path, and on a machine with fewer cores than
 workers every process competes for the CPU: while booting (interpreter, plugins,
-conftests) and while running tests. Every worker but the first (``gw0``, which starts
-the serial lane) lowers its priority by ``poolaware_fanout_nice``, so the critical path
+conftests) and while running tests. Every worker but the first spawned, which starts
+the serial lane, lowers its priority by ``poolaware_fanout_nice``, so the critical path
 gets the CPU first; when the cores are idle, niceness changes nothing.
 
-The worker must lower its priority before its conftests' imports, before
+A worker must lower its priority before its conftests' imports, before
 ``config.workerinput`` exists, so the controller hands the value down the only way that
-early: in the environment the workers are spawned with (local workers only), for the
-moment of their spawning. Each worker takes it out of its own environment, so processes
-it starts in turn (a nested pytest run) never inherit it.
+early: in the environment, from the moment the first worker is spawned until the last
+one is (local workers only). Each worker takes it out of its own environment, so the
+processes it starts in turn (a nested pytest run) never inherit it.
 """
 
 from __future__ import annotations
@@ -20,21 +20,19 @@ import os
 from collections.abc import MutableMapping
 from typing import Final
 
-#: Set in the controller's environment only while xdist spawns the workers.
+#: Set in the controller's environment only while xdist spawns the workers after the first.
 ENV_WORKER_NICE: Final = "POOLAWARE_WORKER_NICE"
-#: The worker that starts the serial lane, and so keeps its priority: xdist's first.
-SERIAL_LANE_WORKER: Final = "gw0"
 
 
 def offer_to_workers(niceness: int, environ: MutableMapping[str, str] | None = None) -> None:
-    """Controller, right before xdist spawns the workers."""
+    """Controller, once the first worker is spawned: the next ones inherit the offer."""
     env = os.environ if environ is None else environ
     if niceness > 0:
         env[ENV_WORKER_NICE] = str(niceness)
 
 
 def withdraw(environ: MutableMapping[str, str] | None = None) -> None:
-    """Controller, once the workers are spawned (and at the end of the session)."""
+    """Controller, once the last worker is spawned (and at the end, whatever happened)."""
     env = os.environ if environ is None else environ
     env.pop(ENV_WORKER_NICE, None)
 
@@ -44,8 +42,7 @@ def take_in_worker(environ: MutableMapping[str, str] | None = None) -> int:
     environment."""
     env = os.environ if environ is None else environ
     raw = env.pop(ENV_WORKER_NICE, None)
-    worker = env.get("PYTEST_XDIST_WORKER")
-    if raw is None or worker is None or worker == SERIAL_LANE_WORKER:
+    if raw is None or "PYTEST_XDIST_WORKER" not in env:
         return 0
     try:
         return max(0, int(raw))

@@ -32,7 +32,6 @@ from pytest_poolaware.core import (
 )
 from pytest_poolaware.history import History
 from pytest_poolaware.link import ControllerLink, ItemMeasures, Message
-from pytest_poolaware.priority import SERIAL_LANE_WORKER
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
@@ -62,12 +61,12 @@ class RunRecord:
 class PoolAwareScheduling:
     """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
 
-    The first collection in is the run's. ``gw0``, the worker that keeps its CPU priority
-    (see ``priority``), joins the planner as soon as it has collected, and may start the
-    serial lane while the others still boot; they join, and the fan-out is shared out,
-    when xdist calls ``schedule`` (every worker has collected). A collection that differs
-    from the run's is a collection error: that worker takes no part, and the others run
-    every test of the run's collection.
+    The first collection in is the run's. The first worker spawned, which keeps its CPU
+    priority (see ``priority``), joins the planner as soon as it has collected, and may
+    start the serial lane while the others still boot; they join, and the fan-out is
+    shared out, when xdist calls ``schedule``. A collection that differs from the run's
+    is a collection error: that worker takes no part, and the others run every test of
+    the run's collection.
     """
 
     def __init__(
@@ -80,6 +79,7 @@ class PoolAwareScheduling:
         links: dict[WorkerController, ControllerLink],
         inbox: queue.SimpleQueue[tuple[Any, Message]],
         record: RunRecord,
+        serial_worker: str | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -93,6 +93,9 @@ class PoolAwareScheduling:
         self.planner: Planner[WorkerController] = Planner(
             settings.budget, unknown_need=settings.unknown_need
         )
+        #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
+        #: joins as soon as it has collected, to start the serial lane.
+        self.serial_worker = serial_worker
         self._collections: dict[WorkerController, list[str]] = {}
         #: Collections received, the rejected ones included: xdist's "all collected".
         self._collected = 0
@@ -104,6 +107,8 @@ class PoolAwareScheduling:
         #: The worker whose collection is the run's (named in collection-diff errors).
         self._collection_source = ""
         self._markers: list[tuple[bool, bool]] | None = None
+        #: Markers and marker conflicts each worker reported with its collection.
+        self._reported: dict[Any, tuple[list[tuple[bool, bool]], list[str]]] = {}
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -134,7 +139,8 @@ class PoolAwareScheduling:
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
         """Called by ``DSession.worker_collectionfinish``, before ``schedule``: the first
-        collection starts the run; ``gw0`` and replacements join at once."""
+        collection starts the run. The serial lane's worker joins at once, the others at
+        ``schedule``, or at once when it has been called (replacements)."""
         self._collected += 1
         self._drain()
         collected = list(collection)
@@ -144,12 +150,13 @@ class PoolAwareScheduling:
             self._reject(node, collected)
             return
         self._collections[node] = collected
-        if self._scheduled or node.gateway.id == SERIAL_LANE_WORKER:
+        if self._scheduled or node.gateway.id == self.serial_worker:
             self._join(node)
 
     def schedule(self) -> None:
-        """Called by ``DSession.worker_collectionfinish`` once every initial node has
-        collected, and again for each replacement: share out the fan-out."""
+        """Called by ``DSession.worker_collectionfinish`` once as many collections as
+        ``-n`` have come in (those of crashed, replaced or rejected workers count), and
+        again for each later one: every collected worker joins; the fan-out opens."""
         self._drain()
         self._scheduled = True
         for node in list(self._collections):
@@ -166,8 +173,11 @@ class PoolAwareScheduling:
             self.record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
-        if self._markers is None or len(self._markers) != len(collection):
-            self._markers = [(False, False)] * len(collection)
+        markers, self.record.conflicts = self._reported.pop(node, ([], []))
+        self._reported.clear()
+        if len(markers) != len(collection):
+            markers = [(False, False)] * len(collection)
+        self._markers = markers
         if self.record.conflicts:
             from pytest_poolaware.plugin import conflict_message
 
@@ -306,9 +316,9 @@ class PoolAwareScheduling:
             tag = message[0]
             self.log("received", node.gateway.id, message if tag != "collected" else tag)
             if tag == "collected":
-                if self._markers is None:
-                    self._markers = [(bool(s), bool(p)) for s, p in message[1]]
-                    self.record.conflicts = list(message[2])
+                if self.collection is None:  # only the run's collection's are used
+                    markers = [(bool(s), bool(p)) for s, p in message[1]]
+                    self._reported[node] = (markers, list(message[2]))
             elif tag == "counts":
                 _, open_, idle, released, version = message
                 self.record.timeline.append((time.time(), node.gateway.id, open_))

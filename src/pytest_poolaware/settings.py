@@ -339,8 +339,8 @@ def add_options(parser: pytest.Parser) -> None:
         type=non_negative_int,
         default=None,
         metavar="N",
-        help="CPU niceness added by every local worker but gw0, which starts the serial "
-        "lane, so the run's critical path gets the CPU first; 0: off "
+        help="CPU niceness added by every local worker but the first (gw0), which starts "
+        "the serial lane, so the run's critical path gets the CPU first; 0: off "
         f"(default: {DEFAULT_FANOUT_NICE}).",
     )
     group.addoption(
