@@ -82,12 +82,20 @@ def test_bad_settings_are_usage_errors(
     assert "Traceback" not in result.stderr.str()
 
 
-def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\npoolaware_budget = 1.5\n")
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("poolaware_budget = 1.5", "*poolaware_budget='1.5'*positive integer*"),
+        ("poolaware_fast_exit = sometimes", "*poolaware_fast_exit='sometimes'*true or false*"),
+    ],
+)
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester, ini: str, message: str) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile(TWO_TESTS)
     result = run(pytester, "-n", "2", "--dist", "poolaware")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*poolaware_budget='1.5'*positive integer*"])
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
 
 
 def test_settings_precedence(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,12 +160,3 @@ def test_fast_exit_skips_the_final_collections_of_every_process(
     result = run(pytester, "-n", "2", *args)
     result.assert_outcomes(passed=2)
     assert sorted(path.name for path in witnesses.iterdir()) == collected_at_exit
-
-
-def test_bad_fast_exit_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\npoolaware_fast_exit = sometimes\n")
-    pytester.makepyfile(TWO_TESTS)
-    result = run(pytester, "-n", "2", "--dist", "poolaware")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*poolaware_fast_exit='sometimes'*true or false*"])
-    assert "Traceback" not in result.stderr.str()

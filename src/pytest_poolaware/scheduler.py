@@ -96,7 +96,8 @@ class PoolAwareScheduling:
         #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
         #: joins as soon as it has collected, to start the serial lane.
         self.serial_worker = serial_worker
-        self._collections: dict[WorkerController, list[str]] = {}
+        #: Workers whose collection is the run's, in the order they collected.
+        self._collected_nodes: list[WorkerController] = []
         #: Collections received, the rejected ones included: xdist's "all collected".
         self._collected = 0
         #: Whether xdist has called ``schedule`` (from then on it sees the run as active).
@@ -149,7 +150,7 @@ class PoolAwareScheduling:
         elif collected != self.collection:
             self._reject(node, collected)
             return
-        self._collections[node] = collected
+        self._collected_nodes.append(node)
         if self._scheduled or node.gateway.id == self.serial_worker:
             self._join(node)
 
@@ -159,7 +160,7 @@ class PoolAwareScheduling:
         again for each later one: every collected worker joins; the fan-out opens."""
         self._drain()
         self._scheduled = True
-        for node in list(self._collections):
+        for node in list(self._collected_nodes):
             self._join(node)
         if self.planner.loaded:
             self._apply(self.planner.open_fanout())
@@ -189,12 +190,12 @@ class PoolAwareScheduling:
             self._joined.add(node)
             self._apply(self.planner.add_worker(node))
 
-    def _reject(self, node: WorkerController, collection: Sequence[str]) -> None:
+    def _reject(self, node: WorkerController, collection: list[str]) -> None:
         """A worker collected other tests than the run's: report it as a collection error
         (the run fails) and shut it down; the other workers carry on."""
         assert self.collection is not None
         msg = report_collection_diff(
-            self.collection, list(collection), self._collection_source, node.gateway.id
+            self.collection, collection, self._collection_source, node.gateway.id
         )
         self.log(msg)
         self.config.hook.pytest_collectreport(
@@ -259,7 +260,8 @@ class PoolAwareScheduling:
         """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``."""
         self._drain()
         self._nodes.remove(node)
-        self._collections.pop(node, None)
+        if node in self._collected_nodes:
+            self._collected_nodes.remove(node)
         self._links.pop(node, None)
         if node not in self._joined:
             return None
