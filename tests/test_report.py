@@ -16,6 +16,8 @@ from inner import ENGINE_CONFTEST, TWO_TESTS, run
 from PIL import Image
 
 from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
+from pytest_poolaware.core import Lane
+from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
 from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound
 from pytest_poolaware.settings import default_risky_need, monitor_dsn
@@ -320,13 +322,12 @@ def facts(
     duration: float = 1.0,
     serial: bool = False,
     parallel: bool = False,
-    lane: str | None = None,
+    lane: Lane | None = None,
 ) -> ItemFacts:
     return ItemFacts(
         nodeid,
-        serial,
-        parallel,
-        lane or ("serial" if serial else "fanout"),
+        Markers(serial, parallel),
+        lane or (Lane.SERIAL if serial else Lane.FANOUT),
         worker="gw0",
         start=0.0,
         end=duration,
@@ -363,7 +364,7 @@ def test_lower_bound_terms(
 def test_run_stats_wall_top_needs_and_json() -> None:
     items = (
         facts("a.py::test_a", need=3, duration=2.0),
-        ItemFacts("a.py::test_b", False, False, "fanout", start=5.0, end=6.5, duration=1.5, need=7),
+        ItemFacts("a.py::test_b", start=5.0, end=6.5, duration=1.5, need=7),
         facts("a.py::test_c", need=None),
         facts("a.py::test_d", need=0, serial=True),
     )

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER
 from pytest_poolaware.runstats import ItemFacts
-from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
 
 _DEFINITIONS: Final = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -58,7 +58,7 @@ def advise(items: Sequence[ItemFacts], *, risky_need: int, idle_need: int) -> li
         if not measured:
             continue
         need = max(m.need or 0 for m in measured)
-        unmarked = all(not m.serial_marker and not m.parallel_marker for m in members)
+        unmarked = all(not m.markers.serial and not m.markers.parallel for m in members)
         if unmarked and need >= risky_need:
             serial.append(
                 Candidate(
@@ -69,7 +69,7 @@ def advise(items: Sequence[ItemFacts], *, risky_need: int, idle_need: int) -> li
                     f"unmarked, held {need} connections at once (advice from {risky_need})",
                 )
             )
-        all_serial = all(m.serial_marker and not m.parallel_marker for m in members)
+        all_serial = all(m.markers.serial and not m.markers.parallel for m in members)
         if all_serial and len(measured) == len(members) and need <= idle_need:
             held = "no connections" if need == 0 else f"at most {need} connections at once"
             parallel[target] = Candidate(

@@ -13,15 +13,10 @@ import pytest
 
 from pytest_poolaware import priority, report
 from pytest_poolaware.history import History
-from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, Message, WorkerLink
-from pytest_poolaware.settings import (
-    DIST_MODE,
-    PARALLEL_MARKER,
-    SERIAL_MARKER,
-    ConfigError,
-    Settings,
-    add_options,
-)
+from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
+from pytest_poolaware.protocol import ProtocolError, WorkerMessage, WorkerSettings
+from pytest_poolaware.settings import DIST_MODE, ConfigError, Settings, add_options
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
@@ -113,14 +108,17 @@ def exit_without_final_collections() -> None:
 def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> None:
     from pytest_poolaware.worker import WorkerAgent
 
-    options = workerinput[WORKER_SETTINGS_KEY]
-    if options["fast_exit"]:
+    try:
+        options = WorkerSettings.from_wire(workerinput[WORKER_SETTINGS_KEY])
+    except ProtocolError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if options.fast_exit:
         exit_without_final_collections()
     agent = WorkerAgent(
         WorkerLink(workerinput[WORKERINPUT_KEY]),
-        budget=options["budget"],
-        gate_timeout=options["gate_timeout"],
-        retry_on_limit=options["retry_on_limit"],
+        budget=options.budget,
+        gate_timeout=options.gate_timeout,
+        retry_on_limit=options.retry_on_limit,
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 
@@ -133,13 +131,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     from pytest_poolaware.worker import item_markers
 
-    both = [item.nodeid for item in items if all(item_markers(item))]
+    both = [item.nodeid for item in items if item_markers(item).both]
     if both:
         raise pytest.UsageError(conflict_message(both))
-
-
-def conflict_message(nodeids: list[str]) -> str:
-    return f"tests marked both {SERIAL_MARKER} and {PARALLEL_MARKER}: " + ", ".join(nodeids)
 
 
 class Controller:
@@ -155,8 +149,8 @@ class Controller:
         self.cache = cache
         self.history = History.load(cache) if cache is not None else History()
         self.record = RunRecord(notes=list(self.history.problems))
-        self.links: dict[Any, ControllerLink] = {}
-        self.inbox: queue.SimpleQueue[tuple[Any, Message]] = queue.SimpleQueue()
+        self.links: dict[Any, ControllerLink[Any]] = {}
+        self.inbox: queue.SimpleQueue[tuple[Any, WorkerMessage]] = queue.SimpleQueue()
         self.scheduler: Any = None
         # For the report: session times, outcomes, server monitoring, the run's facts.
         self.started = self.finished = time.time()
@@ -200,12 +194,12 @@ class Controller:
     def pytest_configure_node(self, node: Any) -> None:
         channel = node.gateway.newchannel()
         node.workerinput[WORKERINPUT_KEY] = channel
-        node.workerinput[WORKER_SETTINGS_KEY] = {
-            "budget": self.settings.budget,
-            "gate_timeout": self.settings.gate_timeout,
-            "retry_on_limit": self.settings.retry_on_limit,
-            "fast_exit": self.settings.fast_exit,
-        }
+        node.workerinput[WORKER_SETTINGS_KEY] = WorkerSettings(
+            budget=self.settings.budget,
+            gate_timeout=self.settings.gate_timeout,
+            retry_on_limit=self.settings.retry_on_limit,
+            fast_exit=self.settings.fast_exit,
+        ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, _wake)
 
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:

@@ -11,15 +11,15 @@ from typing import Any, Final
 import pytest
 
 from pytest_poolaware.advice import Candidate, advice_text, advise
+from pytest_poolaware.core import Lane
+from pytest_poolaware.markers import UNMARKED
 from pytest_poolaware.runstats import (
-    FANOUT_LANE,
-    SERIAL_LANE,
     ItemFacts,
     LaneTime,
-    Overrun,
     RunStats,
     ServerView,
     lane_times,
+    worker_times,
 )
 from pytest_poolaware.settings import ENV_DSN, Settings
 
@@ -28,7 +28,7 @@ TOP_NEEDS: Final = 3
 TOP_NEEDS_VERBOSE: Final = 10
 #: Marker advice lines shown by default (all of them with -v or in the advice file).
 ADVICE_SHOWN: Final = 5
-LANE_NAMES: Final = {SERIAL_LANE: "serial lane", FANOUT_LANE: "fan-out"}
+LANE_NAMES: Final = {Lane.SERIAL: "serial lane", Lane.FANOUT: "fan-out"}
 
 
 def collect(
@@ -44,26 +44,24 @@ def collect(
 ) -> RunStats:
     """Gather the run's facts from the scheduler (``PoolAwareScheduling``) and its record."""
     collection: list[str] = list(scheduler.collection or [])
-    markers: list[tuple[bool, bool]] = scheduler.markers
+    markers = scheduler.markers
     if len(markers) != len(collection):
-        markers = [(False, False)] * len(collection)
+        markers = [UNMARKED] * len(collection)
     planner = scheduler.planner
     results = {result.nodeid: result for result in record.results}  # the last attempt wins
     items = []
     for index, nodeid in enumerate(collection):
-        serial, parallel = markers[index]
-        lane = planner.lane_of(index).value if planner.loaded else FANOUT_LANE
+        lane = planner.lane_of(index) if planner.loaded else Lane.FANOUT
         result = results.get(nodeid)
         if result is None:
-            items.append(ItemFacts(nodeid, serial, parallel, lane, outcome=outcomes.get(nodeid)))
+            items.append(ItemFacts(nodeid, markers[index], lane, outcome=outcomes.get(nodeid)))
             continue
         m = result.measures
         items.append(
             ItemFacts(
                 nodeid,
-                serial,
-                parallel,
-                result.lane.value,
+                markers[index],
+                result.lane,
                 worker=result.worker,
                 start=m.start,
                 end=m.end,
@@ -76,15 +74,6 @@ def collect(
             )
         )
     stats = planner.statistics()
-    overruns = tuple(
-        Overrun(
-            collection[o.index] if 0 <= o.index < len(collection) else "?",
-            o.need,
-            o.budget,
-            o.alone,
-        )
-        for o in stats.overruns
-    )
     advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
     return RunStats(
         budget=settings.budget,
@@ -96,7 +85,7 @@ def collect(
         finished=finished,
         timeline=tuple(record.timeline),
         server=server,
-        overruns=overruns,
+        overruns=stats.overruns,
         notes=(*record.notes, *notes),
         advice=tuple(advice),
     )
@@ -120,7 +109,7 @@ def write_files(
                 serial=[
                     timeline.Span(i.start, i.end, i.nodeid)
                     for i in stats.items
-                    if i.lane == SERIAL_LANE and i.start is not None and i.end is not None
+                    if i.lane is Lane.SERIAL and i.start is not None and i.end is not None
                 ],
                 server=stats.server.timeline if stats.server else (),
                 start=stats.started,
@@ -205,16 +194,16 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"
         )
     lanes = lane_times(stats.items)
-    for lane in (SERIAL_LANE, FANOUT_LANE):
+    for lane in Lane:
         lines.append(_time_line(LANE_NAMES[lane], lanes.get(lane, LaneTime())))
     if verbose > 0:
-        workers = lane_times(stats.items, key="worker")
+        workers = worker_times(stats.items)
         for worker in sorted(workers):
             lines.append("  " + _time_line(f"worker {worker}", workers[worker]))
     top = stats.top_needs(TOP_NEEDS_VERBOSE if verbose > 0 else TOP_NEEDS)
     if top:
         lines.append("most connections at once:")
-        lines += [f"  {item.need:>3}  {item.lane:<6}  {item.nodeid}" for item in top]
+        lines += [f"  {item.need:>3}  {item.lane.value:<6}  {item.nodeid}" for item in top]
     lines.append(_wall_line(stats))
     lines += _advice_lines(stats.advice, settings, verbose)
     return lines
@@ -261,7 +250,7 @@ def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int)
 
 def _warnings(stats: RunStats) -> list[str]:
     lines = [
-        f"WARNING: {o.nodeid} needed {o.need} connections, more than the room in the "
+        f"WARNING: {stats.nodeid_of(o)} needed {o.need} connections, more than the room in the "
         f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
         for o in stats.overruns
     ]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from pytest_poolaware.core import Lane, Overrun
+from pytest_poolaware.markers import UNMARKED, Markers
 
 if TYPE_CHECKING:
     from pytest_poolaware.advice import Candidate
 
+K = TypeVar("K", bound=Hashable)
+
 #: Version of the JSON written by ``--poolaware-report`` (README: "Run report").
 SCHEMA_VERSION: Final = 1
-SERIAL_LANE: Final = "serial"
-FANOUT_LANE: Final = "fanout"
 #: Digits kept for seconds and timestamps in the JSON report.
 JSON_DIGITS: Final = 6
 
@@ -22,9 +25,8 @@ class ItemFacts:
     """One collected item: its markers and lane, and what was measured if it ran."""
 
     nodeid: str
-    serial_marker: bool
-    parallel_marker: bool
-    lane: str
+    markers: Markers = UNMARKED
+    lane: Lane = Lane.FANOUT
     worker: str | None = None
     start: float | None = None  # time.time() when it started (after its go)
     end: float | None = None
@@ -39,16 +41,11 @@ class ItemFacts:
     def measured(self) -> bool:
         return self.need is not None and self.duration is not None
 
-    @property
-    def markers(self) -> list[str]:
-        names = [("serial_only", self.serial_marker), ("parallel_safe", self.parallel_marker)]
-        return [name for name, present in names if present]
-
     def to_json(self) -> dict[str, Any]:
         return {
             "nodeid": self.nodeid,
-            "markers": self.markers,
-            "lane": self.lane,
+            "markers": self.markers.names,
+            "lane": self.lane.value,
             "worker": self.worker,
             "start": _round(self.start),
             "end": _round(self.end),
@@ -70,11 +67,20 @@ class LaneTime:
     waited: float = 0.0
 
 
-def lane_times(items: Iterable[ItemFacts], key: str = "lane") -> dict[str, LaneTime]:
-    """Sum durations and waits per ``lane`` (or per ``worker``) over the measured items."""
-    totals: dict[str, LaneTime] = {}
+def lane_times(items: Iterable[ItemFacts]) -> dict[Lane, LaneTime]:
+    """Sum durations and waits per lane over the measured items."""
+    return _times(items, lambda item: item.lane)
+
+
+def worker_times(items: Iterable[ItemFacts]) -> dict[str, LaneTime]:
+    """Sum durations and waits per worker over the measured items."""
+    return _times(items, lambda item: item.worker)
+
+
+def _times(items: Iterable[ItemFacts], key: Callable[[ItemFacts], K | None]) -> dict[K, LaneTime]:
+    totals: dict[K, LaneTime] = {}
     for item in items:
-        name = getattr(item, key)
+        name = key(item)
         if not item.measured or name is None:
             continue
         total = totals.get(name, LaneTime())
@@ -157,14 +163,6 @@ class ServerView:
 
 
 @dataclass(frozen=True)
-class Overrun:
-    nodeid: str
-    need: int
-    budget: int
-    alone: bool
-
-
-@dataclass(frozen=True)
 class RunStats:
     """Everything the summary, the JSON report, the timeline and the advice are made of."""
 
@@ -205,14 +203,19 @@ class RunStats:
                 for item in self.measured
                 if item.lane == lane
             ]
-            for lane in (SERIAL_LANE, FANOUT_LANE)
+            for lane in Lane
         }
-        return lower_bound(self.workers, self.budget, pairs[SERIAL_LANE], pairs[FANOUT_LANE])
+        return lower_bound(self.workers, self.budget, pairs[Lane.SERIAL], pairs[Lane.FANOUT])
 
     @property
     def wall_over_lb(self) -> float | None:
         bound = self.lower_bound.value
         return self.wall / bound if bound > 0 else None
+
+    def nodeid_of(self, overrun: Overrun) -> str:
+        """The node id of the test an overrun names ("?" if it is not in the collection)."""
+        index = overrun.index
+        return self.items[index].nodeid if 0 <= index < len(self.items) else "?"
 
     def top_needs(self, count: int) -> list[ItemFacts]:
         """The tests that held the most connections at once (none of those that held none)."""
@@ -243,15 +246,20 @@ class RunStats:
                 "lower_bound": self.lower_bound.to_json(),
                 "wall_over_lb": _round(self.wall_over_lb),
                 "lanes": {
-                    lane: {
+                    lane.value: {
                         "items": lanes.get(lane, LaneTime()).items,
                         "running": _round(lanes.get(lane, LaneTime()).running),
                         "waited": _round(lanes.get(lane, LaneTime()).waited),
                     }
-                    for lane in (SERIAL_LANE, FANOUT_LANE)
+                    for lane in Lane
                 },
                 "overruns": [
-                    {"nodeid": o.nodeid, "need": o.need, "budget": o.budget, "alone": o.alone}
+                    {
+                        "nodeid": self.nodeid_of(o),
+                        "need": o.need,
+                        "budget": o.budget,
+                        "alone": o.alone,
+                    }
                     for o in self.overruns
                 ],
                 "notes": list(self.notes),

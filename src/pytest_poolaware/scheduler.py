@@ -31,7 +31,19 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.history import History
-from pytest_poolaware.link import ControllerLink, ItemMeasures, Message
+from pytest_poolaware.link import ControllerLink
+from pytest_poolaware.markers import UNMARKED, Markers, conflict_message
+from pytest_poolaware.protocol import (
+    Collected,
+    Counts,
+    Goes,
+    ItemMeasures,
+    Note,
+    ReleaseIdle,
+    RequestAnswer,
+    RoomRequest,
+    WorkerMessage,
+)
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
@@ -76,8 +88,8 @@ class PoolAwareScheduling:
         *,
         settings: Settings,
         history: History,
-        links: dict[WorkerController, ControllerLink],
-        inbox: queue.SimpleQueue[tuple[Any, Message]],
+        links: dict[WorkerController, ControllerLink[WorkerController]],
+        inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         record: RunRecord,
         serial_worker: str | None = None,
     ) -> None:
@@ -107,9 +119,9 @@ class PoolAwareScheduling:
         self.collection: list[str] | None = None
         #: The worker whose collection is the run's (named in collection-diff errors).
         self._collection_source = ""
-        self._markers: list[tuple[bool, bool]] | None = None
+        self._markers: list[Markers] | None = None
         #: Markers and marker conflicts each worker reported with its collection.
-        self._reported: dict[Any, tuple[list[tuple[bool, bool]], list[str]]] = {}
+        self._reported: dict[WorkerController, Collected] = {}
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -174,14 +186,14 @@ class PoolAwareScheduling:
             self.record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
-        markers, self.record.conflicts = self._reported.pop(node, ([], []))
+        reported = self._reported.pop(node, Collected(()))
         self._reported.clear()
+        self.record.conflicts = list(reported.conflicts)
+        markers = list(reported.markers)
         if len(markers) != len(collection):
-            markers = [(False, False)] * len(collection)
+            markers = [UNMARKED] * len(collection)
         self._markers = markers
         if self.record.conflicts:
-            from pytest_poolaware.plugin import conflict_message
-
             raise pytest.UsageError(conflict_message(self.record.conflicts))
         self._apply(self.planner.load(self._tests(), fanout_open=False))
 
@@ -230,11 +242,11 @@ class PoolAwareScheduling:
             return []
         return [self.collection[i] for i in self.planner.unfinished()]
 
-    def note_measures(self, node: WorkerController, item_index: int, data: Any) -> None:
+    def note_measures(self, node: WorkerController, item_index: int, data: str) -> None:
         """Called by the controller plugin's ``pytest_runtest_logreport`` for an item's
         last report, which arrives before xdist's completion event."""
         self._drain()  # side-channel news sent before this report comes first
-        measures = ItemMeasures.from_json(data)
+        measures = ItemMeasures.from_wire(data)
         self._measures[(node, item_index)] = measures
         if node in self._joined and self.planner.counts_changed(
             node, measures.open, measures.idle, measures.version
@@ -275,9 +287,9 @@ class PoolAwareScheduling:
         return self.collection[crashed]
 
     @property
-    def markers(self) -> list[tuple[bool, bool]]:
-        """(serial_only, parallel_safe) per collected item, as the workers reported them
-        (a copy, read by the report and the marker advice)."""
+    def markers(self) -> list[Markers]:
+        """Markers per collected item, as the workers reported them (a copy, read by the
+        report and the marker advice)."""
         return list(self._markers or [])
 
     # -- helpers ----------------------------------------------------------------------------
@@ -287,11 +299,11 @@ class PoolAwareScheduling:
         assert self._markers is not None
         unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
         tests = []
-        for nodeid, (serial, parallel) in zip(self.collection, self._markers, strict=True):
+        for nodeid, markers in zip(self.collection, self._markers, strict=True):
             measure = self.history.get(nodeid)
             lane = lane_for(
-                serial=serial,
-                parallel=parallel,
+                serial=markers.serial,
+                parallel=markers.parallel,
                 measured=measure is not None,
                 unmarked_serial=unmarked_serial,
             )
@@ -315,25 +327,30 @@ class PoolAwareScheduling:
                 node, message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            tag = message[0]
-            self.log("received", node.gateway.id, message if tag != "collected" else tag)
-            if tag == "collected":
+            shown = message.kind if isinstance(message, Collected) else message
+            self.log("received", node.gateway.id, shown)
+            if isinstance(message, Collected):
                 if self.collection is None:  # only the run's collection's are used
-                    markers = [(bool(s), bool(p)) for s, p in message[1]]
-                    self._reported[node] = (markers, list(message[2]))
-            elif tag == "counts":
-                _, open_, idle, released, version = message
-                self.record.timeline.append((time.time(), node.gateway.id, open_))
+                    self._reported[node] = message
+            elif isinstance(message, Counts):
+                self.record.timeline.append((time.time(), node.gateway.id, message.open))
                 if node in self._joined:
                     self._apply(
-                        self.planner.counts(node, open_, idle, released=released, version=version)
+                        self.planner.counts(
+                            node,
+                            message.open,
+                            message.idle,
+                            released=message.released,
+                            version=message.version,
+                        )
                     )
-            elif tag == "request":
+            elif isinstance(message, RoomRequest):
                 if node in self._joined:
-                    _, request, want, index = message
-                    self._apply(self.planner.request(node, request, want, item=index))
-            elif tag == "note":
-                self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
+                    self._apply(
+                        self.planner.request(node, message.request, message.want, item=message.item)
+                    )
+            elif isinstance(message, Note):
+                self.record.notes.append(f"[{node.gateway.id}] {message.text}")
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[Any, list[int]] = {}
@@ -353,11 +370,11 @@ class PoolAwareScheduling:
                 if link is None:
                     continue
                 if isinstance(action, Grant):
-                    link.send("grant", action.request, action.answer.value)
+                    link.send(RequestAnswer(action.request, action.answer))
                 elif isinstance(action, Release):
-                    link.send("release")
+                    link.send(ReleaseIdle())
         # One message per worker: goes are the most frequent answer.
         for node, indices in goes.items():
             link = self._links.get(node)
             if link is not None:
-                link.send("go", indices)
+                link.send(Goes(tuple(indices)))

@@ -27,8 +27,6 @@ DEFAULT_POOL_TIMEOUT: Final = 30.0
 ENV_DSN: Final = "POOLAWARE_DSN"
 
 DIST_MODE: Final = "poolaware"
-SERIAL_MARKER: Final = "serial_only"
-PARALLEL_MARKER: Final = "parallel_safe"
 
 #: Where tests without either marker go before their connection needs are known.
 UNMARKED_POLICIES: Final = ("parallel", "serial")
