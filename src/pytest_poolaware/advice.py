@@ -5,34 +5,13 @@ from __future__ import annotations
 import ast
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER
-from pytest_poolaware.runstats import ItemFacts
+from pytest_poolaware.runstats import Candidate, ItemFacts
 
 _DEFINITIONS: Final = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A definition (test function or class) that should carry ``marker``."""
-
-    marker: str
-    target: str  # node id of the function (parameters stripped) or of the class
-    need: int  # most connections any of its tests held at once
-    tests: int  # collected tests it covers
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "marker": self.marker,
-            "target": self.target,
-            "need": self.need,
-            "tests": self.tests,
-            "reason": self.reason,
-        }
 
 
 def definition(nodeid: str) -> str:

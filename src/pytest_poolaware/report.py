@@ -6,16 +6,17 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 
-from pytest_poolaware.advice import Candidate, advice_text, advise
+from pytest_poolaware.advice import advice_text, advise
 from pytest_poolaware.core import Lane
-from pytest_poolaware.markers import UNMARKED
 from pytest_poolaware.runstats import (
+    Candidate,
     ItemFacts,
     LaneTime,
+    RunSnapshot,
     RunStats,
     ServerView,
     lane_times,
@@ -34,33 +35,28 @@ LANE_NAMES: Final = {Lane.SERIAL: "serial lane", Lane.FANOUT: "fan-out"}
 def collect(
     *,
     settings: Settings,
-    scheduler: Any,
-    record: Any,
+    snapshot: RunSnapshot,
     started: float,
     finished: float,
     outcomes: Mapping[str, str],
     server: ServerView | None = None,
     notes: Sequence[str] = (),
 ) -> RunStats:
-    """Gather the run's facts from the scheduler (``PoolAwareScheduling``) and its record."""
-    collection: list[str] = list(scheduler.collection or [])
-    markers = scheduler.markers
-    if len(markers) != len(collection):
-        markers = [UNMARKED] * len(collection)
-    planner = scheduler.planner
-    results = {result.nodeid: result for result in record.results}  # the last attempt wins
+    """The run's facts: the scheduler's snapshot, the outcomes, what the server saw."""
+    results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
     items = []
-    for index, nodeid in enumerate(collection):
-        lane = planner.lane_of(index) if planner.loaded else Lane.FANOUT
+    for nodeid, markers, lane in zip(
+        snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
+    ):
         result = results.get(nodeid)
         if result is None:
-            items.append(ItemFacts(nodeid, markers[index], lane, outcome=outcomes.get(nodeid)))
+            items.append(ItemFacts(nodeid, markers, lane, outcome=outcomes.get(nodeid)))
             continue
         m = result.measures
         items.append(
             ItemFacts(
                 nodeid,
-                markers[index],
+                markers,
                 result.lane,
                 worker=result.worker,
                 start=m.start,
@@ -73,20 +69,19 @@ def collect(
                 outcome=outcomes.get(nodeid),
             )
         )
-    stats = planner.statistics()
     advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
     return RunStats(
         budget=settings.budget,
         budget_source=settings.budget_source,
-        workers=record.workers,
+        workers=snapshot.workers,
         items=tuple(items),
-        peak_open=stats.peak_open,
+        peak_open=snapshot.peak_open,
         started=started,
         finished=finished,
-        timeline=tuple(record.timeline),
+        timeline=snapshot.timeline,
         server=server,
-        overruns=stats.overruns,
-        notes=(*record.notes, *notes),
+        overruns=snapshot.overruns,
+        notes=(*snapshot.notes, *notes),
         advice=tuple(advice),
     )
 
@@ -144,7 +139,7 @@ def write_files(
 
 
 def write_summary(
-    terminalreporter: Any, stats: RunStats, settings: Settings, files: list[str]
+    terminalreporter: pytest.TerminalReporter, stats: RunStats, settings: Settings, files: list[str]
 ) -> None:
     """One section: a line with -q, the usual picture by default, more with -v; reruns,
     warnings and notes at every verbosity but -qq, which keeps only warnings and notes."""

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from pytest_poolaware.core import Lane, Overrun
 from pytest_poolaware.markers import UNMARKED, Markers
-
-if TYPE_CHECKING:
-    from pytest_poolaware.advice import Candidate
+from pytest_poolaware.protocol import ItemMeasures
 
 K = TypeVar("K", bound=Hashable)
 
@@ -18,6 +16,53 @@ K = TypeVar("K", bound=Hashable)
 SCHEMA_VERSION: Final = 1
 #: Digits kept for seconds and timestamps in the JSON report.
 JSON_DIGITS: Final = 6
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What the controller learned about one finished item."""
+
+    nodeid: str
+    lane: Lane
+    worker: str
+    measures: ItemMeasures
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What the scheduler knows of the run, frozen for reporting
+    (``PoolAwareScheduling.snapshot``)."""
+
+    workers: int  # asked for (``-n``)
+    collection: tuple[str, ...] = ()  # node ids, in collection order
+    markers: tuple[Markers, ...] = ()  # per item, as the workers reported them
+    lanes: tuple[Lane, ...] = ()  # per item, as planned
+    results: tuple[ItemResult, ...] = ()  # per finished attempt, in the order they ended
+    overruns: tuple[Overrun, ...] = ()
+    peak_open: int = 0  # most connections open at once over all workers
+    #: (time.time(), worker id, open connections) each time a worker's count changed.
+    timeline: tuple[tuple[float, str, int], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A definition (test function or class) that should carry ``marker`` (``advice``)."""
+
+    marker: str
+    target: str  # node id of the function (parameters stripped) or of the class
+    need: int  # most connections any of its tests held at once
+    tests: int  # collected tests it covers
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "marker": self.marker,
+            "target": self.target,
+            "need": self.need,
+            "tests": self.tests,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)

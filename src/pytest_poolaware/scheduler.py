@@ -11,7 +11,6 @@ import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from xdist.remote import Producer
@@ -44,30 +43,17 @@ from pytest_poolaware.protocol import (
     RoomRequest,
     WorkerMessage,
 )
+from pytest_poolaware.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
-@dataclass(frozen=True)
-class ItemResult:
-    """What the controller learned about one finished item."""
-
-    nodeid: str
-    lane: Lane
-    worker: str
-    measures: ItemMeasures
-
-
 @dataclass
-class RunRecord:
-    """Per-run facts collected for the summary and the learned data."""
+class _RunRecord:
+    """What the scheduler gathers as the run goes, for ``snapshot``."""
 
     results: list[ItemResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
-    #: (time.time(), worker id, open connections) each time a worker's count changed.
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
-    #: Workers the run asked for (``-n``).
-    workers: int = 0
 
 
 class PoolAwareScheduling:
@@ -90,16 +76,15 @@ class PoolAwareScheduling:
         history: History,
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
-        record: RunRecord,
         serial_worker: str | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
         self.numnodes = len(parse_tx_spec_config(config))
-        record.workers = self.numnodes
         self.settings = settings
         self.history = history
-        self.record = record
+        #: Notes start with the learned data's problems, as they were found first.
+        self._record = _RunRecord(notes=list(history.problems))
         self._links = links
         self._inbox = inbox
         self.planner: Planner[WorkerController] = Planner(
@@ -183,18 +168,17 @@ class PoolAwareScheduling:
         self._collection_source = node.gateway.id
         stale = self.history.forget_missing(collection)
         if stale:
-            self.record.notes.append(
+            self._record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
         reported = self._reported.pop(node, Collected(()))
         self._reported.clear()
-        self.record.conflicts = list(reported.conflicts)
         markers = list(reported.markers)
         if len(markers) != len(collection):
             markers = [UNMARKED] * len(collection)
         self._markers = markers
-        if self.record.conflicts:
-            raise pytest.UsageError(conflict_message(self.record.conflicts))
+        if reported.conflicts:
+            raise pytest.UsageError(conflict_message(reported.conflicts))
         self._apply(self.planner.load(self._tests(), fanout_open=False))
 
     def _join(self, node: WorkerController) -> None:
@@ -228,7 +212,7 @@ class PoolAwareScheduling:
             return
         assert self.collection is not None
         nodeid = self.collection[item_index]
-        self.record.results.append(
+        self._record.results.append(
             ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
         )
         self.history.record(nodeid, measures.need, measures.duration)
@@ -286,11 +270,27 @@ class PoolAwareScheduling:
             return None
         return self.collection[crashed]
 
-    @property
-    def markers(self) -> list[Markers]:
-        """Markers per collected item, as the workers reported them (a copy, read by the
-        report and the marker advice)."""
-        return list(self._markers or [])
+    def snapshot(self) -> RunSnapshot:
+        """The run as the scheduler saw it, for the report and the marker advice."""
+        collection = tuple(self.collection or ())
+        markers = tuple(self._markers or ())
+        if len(markers) != len(collection):
+            markers = (UNMARKED,) * len(collection)
+        loaded = self.planner.loaded
+        statistics = self.planner.statistics()
+        return RunSnapshot(
+            workers=self.numnodes,
+            collection=collection,
+            markers=markers,
+            lanes=tuple(
+                self.planner.lane_of(i) if loaded else Lane.FANOUT for i in range(len(collection))
+            ),
+            results=tuple(self._record.results),
+            overruns=statistics.overruns,
+            peak_open=statistics.peak_open,
+            timeline=tuple(self._record.timeline),
+            notes=tuple(self._record.notes),
+        )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -333,7 +333,7 @@ class PoolAwareScheduling:
                 if self.collection is None:  # only the run's collection's are used
                     self._reported[node] = message
             elif isinstance(message, Counts):
-                self.record.timeline.append((time.time(), node.gateway.id, message.open))
+                self._record.timeline.append((time.time(), node.gateway.id, message.open))
                 if node in self._joined:
                     self._apply(
                         self.planner.counts(
@@ -350,15 +350,15 @@ class PoolAwareScheduling:
                         self.planner.request(node, message.request, message.want, item=message.item)
                     )
             elif isinstance(message, Note):
-                self.record.notes.append(f"[{node.gateway.id}] {message.text}")
+                self._record.notes.append(f"[{node.gateway.id}] {message.text}")
 
     def _apply(self, actions: list[Action]) -> None:
-        goes: dict[Any, list[int]] = {}
+        goes: dict[WorkerController, list[int]] = {}
         if actions and self.log.enabled:  # describing the state costs: only for --debug
             self.log("state", self.planner.describe())
         for action in actions:
             self.log(action)
-            node: Any = action.worker
+            node: WorkerController = action.worker
             if isinstance(action, Send):
                 node.send_runtest_some(list(action.indices))
             elif isinstance(action, Shutdown):
