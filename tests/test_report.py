@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,10 @@ from PIL import Image
 
 from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
 from pytest_poolaware.core import Lane
+from pytest_poolaware.lowerbound import lower_bound
 from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
-from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound
+from pytest_poolaware.runstats import ItemFacts, RunStats
 from pytest_poolaware.settings import default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
@@ -347,6 +350,9 @@ def facts(
         (4, [(1.0, 15)], [(2.0, 15)] * 3, 7.0, "budget"),
         (1, [(2.0, 1)], [(1.0, 1)] * 3, 5.0, "workers"),
         (4, [], [], 0.0, "serial lane"),
+        # Over the whole budget: it ran alone, holding the budget (15), not its need (45).
+        (4, [], [(2.0, 45)], 2.0, "longest test"),
+        (4, [(1.0, 30), (1.0, 15)], [], 2.0, "serial lane"),
     ],
 )
 def test_lower_bound_terms(
@@ -359,6 +365,39 @@ def test_lower_bound_terms(
     bound = lower_bound(workers, 15, serial, fanout)
     assert bound.value == pytest.approx(value)
     assert bound.binding == binding
+
+
+def load_benchmarks() -> Any:
+    """``benchmarks/run.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("poolaware_benchmarks", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_benchmarks_measure_against_the_summary_s_lower_bound(workers: int) -> None:
+    bench = load_benchmarks()
+    cases = [
+        bench.TestCase(duration=3.0, outcome="passed", conn_error=False, peak=8, serial=True),
+        bench.TestCase(duration=2.0, outcome="passed", conn_error=False, peak=40, serial=False),
+        bench.TestCase(duration=1.0, outcome="passed", conn_error=False, peak=None, serial=False),
+    ]
+    reported = bench.demo_lower_bound(cases, workers, 15)
+    bound = lower_bound(workers, 15, [(3.0, 8)], [(2.0, 40), (1.0, 0)])
+    assert (reported["value"], reported["binding"]) == (bound.value, bound.binding)
+    assert reported["peak_by_lane"] == {"serial_only": 8, "other": 40}
+    # The 40-connection test holds the budget (15), not 40, for its 2 s: 3.6 s, not 6.9 s.
+    assert bound.connections == pytest.approx((3.0 * 8 + 2.0 * 15) / 15)
+    # One worker runs everything one after another: 6 s.
+    assert bound.value == pytest.approx(6.0 if workers == 1 else 3.6)
 
 
 def test_run_stats_wall_top_needs_and_json() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from pytest_poolaware.core import Lane, Overrun
+from pytest_poolaware.lowerbound import LowerBound, lower_bound
 from pytest_poolaware.markers import UNMARKED, Markers
 from pytest_poolaware.protocol import ItemMeasures
 
@@ -138,65 +139,6 @@ def _times(items: Iterable[ItemFacts], key: Callable[[ItemFacts], K | None]) -> 
 
 
 @dataclass(frozen=True)
-class LowerBound:
-    """No schedule of these tests on these workers within this budget is faster than
-    ``value`` (xdist-facts.md): each term is one reason, ``binding`` names the largest."""
-
-    serial: float  # the serial lane runs its tests one after another
-    longest: float  # the longest fanned-out test
-    workers: float  # the fan-out shared by the other workers (all of it, with one worker)
-    connections: float  # connection-seconds over the budget
-
-    @property
-    def value(self) -> float:
-        return max(self.serial, self.longest, self.workers, self.connections)
-
-    @property
-    def binding(self) -> str:
-        terms = {
-            "serial lane": self.serial,
-            "longest test": self.longest,
-            "workers": self.workers,
-            "budget": self.connections,
-        }
-        return max(terms, key=lambda name: terms[name])
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "value": _round(self.value),
-            "binding": self.binding,
-            "serial": _round(self.serial),
-            "longest": _round(self.longest),
-            "workers": _round(self.workers),
-            "connections": _round(self.connections),
-        }
-
-
-def lower_bound(
-    workers: int,
-    budget: int,
-    serial: Sequence[tuple[float, int]],
-    fanout: Sequence[tuple[float, int]],
-) -> LowerBound:
-    """LB = max(sum_S p, max_P p, sum_P p / (W - 1), sum c*p / B) over (p, c) pairs of
-    measured duration and need.
-
-    With one worker the serial lane and the fan-out share it, so the third term becomes
-    the sum of all durations.
-    """
-    serial_sum = sum(p for p, _ in serial)
-    fanout_sum = sum(p for p, _ in fanout)
-    shared = fanout_sum / (workers - 1) if workers > 1 else serial_sum + fanout_sum
-    connection_seconds = sum(p * c for p, c in [*serial, *fanout])
-    return LowerBound(
-        serial=serial_sum,
-        longest=max((p for p, _ in fanout), default=0.0),
-        workers=shared,
-        connections=connection_seconds / budget,
-    )
-
-
-@dataclass(frozen=True)
 class ServerView:
     """What server-side monitoring saw (``monitor.ServerMonitor``)."""
 
@@ -288,7 +230,7 @@ class RunStats:
                 "finished": _round(self.finished),
                 "session": _round(self.session),
                 "wall": _round(self.wall),
-                "lower_bound": self.lower_bound.to_json(),
+                "lower_bound": _bound_json(self.lower_bound),
                 "wall_over_lb": _round(self.wall_over_lb),
                 "lanes": {
                     lane.value: {
@@ -314,6 +256,17 @@ class RunStats:
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
         }
+
+
+def _bound_json(bound: LowerBound) -> dict[str, Any]:
+    return {
+        "value": _round(bound.value),
+        "binding": bound.binding,
+        "serial": _round(bound.serial),
+        "longest": _round(bound.longest),
+        "workers": _round(bound.workers),
+        "connections": _round(bound.connections),
+    }
 
 
 def _round(value: float | None) -> float | None:
