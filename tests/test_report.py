@@ -17,12 +17,12 @@ import pytest
 from inner import ENGINE_CONFTEST, TWO_TESTS, run
 from PIL import Image
 
-from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
+from pytest_poolaware.advice import advice_text, advise, definition, locate
 from pytest_poolaware.core import Lane
 from pytest_poolaware.lowerbound import lower_bound
 from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
-from pytest_poolaware.runstats import ItemFacts, RunStats
+from pytest_poolaware.runstats import Candidate, ItemFacts, RunStats
 from pytest_poolaware.settings import default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
@@ -509,21 +509,26 @@ def png(svg: str) -> Image.Image:
 def pixel_counts(image: Image.Image) -> dict[tuple[int, int, int], int]:
     counts: dict[tuple[int, int, int], int] = {}
     for count, colour in image.getcolors(maxcolors=image.width * image.height) or []:
-        counts[colour] = count
+        assert isinstance(colour, tuple), colour  # an RGB image's colours are (r, g, b)
+        red, green, blue = colour
+        counts[(red, green, blue)] = count
     return counts
+
+
+def shaded(colour: tuple[int, int, int], shade: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``colour`` under the serial lane's translucent shade."""
+    red, green, blue = (
+        round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
+        for c, s in zip(colour, shade, strict=True)
+    )
+    return (red, green, blue)
 
 
 def area_pixels(image: Image.Image) -> int:
     """Pixels of the worker colours, plain or under the serial lane's shade."""
     targets = [rgb(c) for c in WORKER_COLOURS]
     shade = rgb(SERIAL_COLOUR)
-    targets += [
-        tuple(
-            round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
-            for c, s in zip(t, shade, strict=True)
-        )
-        for t in targets
-    ]
+    targets += [shaded(t, shade) for t in targets]
     counts = pixel_counts(image)
     return sum(
         n
