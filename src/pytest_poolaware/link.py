@@ -4,7 +4,8 @@ xdist's main channel only carries its own event names, and a worker's test repor
 the controller only at phase boundaries; connection counts must flow while a test runs.
 So the controller opens one more execnet channel per worker on the same gateway (it
 works for any ``--tx``, remote workers included) and hands it over in ``workerinput``.
-What travels on it is defined in ``protocol``; this module only moves it.
+What travels on it is defined in ``protocol`` (``docs/design.md``, "Protocol"); this
+module only moves it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``xdist.dsession.DSession`` calls this class on the controller's main thread; it turns
 xdist's events and the workers' side-channel messages into planner inputs, and the
-planner's actions into xdist commands and side-channel answers.
+planner's actions into xdist commands and side-channel answers. What it relies on in
+xdist: ``docs/design.md``, "What the adapter relies on in xdist".
 """
 
 from __future__ import annotations
