@@ -209,9 +209,9 @@ class Option(Generic[T]):
     env: str | None = None
     #: Used when none of the three is set (None: ``Settings.from_config`` works it out).
     default: T | None = None
-    #: Environment values taken as they are, not parsed (``$POOLAWARE_DSN`` is shared
-    #: with the suite under test, which may read it its own way).
-    env_as_is: bool = False
+    #: Parser of environment values, when not ``parse`` (``$POOLAWARE_DSN`` is shared with
+    #: the suite under test, which may read it its own way: it is taken as it is).
+    env_parse: Callable[[str], T_co] | None = None
     #: Values may hold a password: errors never echo them unmasked.
     secret: bool = False
 
@@ -245,9 +245,8 @@ class Option(Generic[T]):
         raw = env.get(self.env, "").strip() if self.env is not None else ""
         if not raw:
             return None
-        if self.env_as_is:
-            return raw, f"${self.env}"  # type: ignore[return-value]
-        return parse_setting(str(self.env), raw, self.parse, secret=self.secret), f"${self.env}"
+        parse = self.parse if self.env_parse is None else self.env_parse
+        return parse_setting(str(self.env), raw, parse, secret=self.secret), f"${self.env}"
 
     def value(self, config: pytest.Config) -> T | None:
         """The resolved value, else the default."""
@@ -356,7 +355,7 @@ TIMELINE_PATH: Final = Option[str](
     "PATH",
     "Write an SVG picture of open connections over time per worker to PATH.",
 )
-MONITOR: Final = Option(
+MONITOR: Final = Option[str](
     "--poolaware-monitor",
     "DSN|off",
     "Sample pg_stat_activity through DSN during the run and report the server's "
@@ -365,7 +364,7 @@ MONITOR: Final = Option(
     INI_MONITOR,
     "DSN to sample pg_stat_activity with during the run, or off.",
     env=ENV_DSN,
-    env_as_is=True,
+    env_parse=text,
     secret=True,
 )
 #: Every option, in the order ``--help`` lists them (ini keys: ``pytest --help`` too).
