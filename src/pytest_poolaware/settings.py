@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     import pytest
 
 T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 # Environment variables these teams already use to size their pools.
 ENV_POOL_SIZE: Final = "PG_POOL_SIZE"
@@ -211,7 +210,7 @@ class Option(Generic[T]):
     default: T | None = None
     #: Parser of environment values, when not ``parse`` (``$POOLAWARE_DSN`` is shared with
     #: the suite under test, which may read it its own way: it is taken as it is).
-    env_parse: Callable[[str], T_co] | None = None
+    env_parse: Callable[[str], T] | None = None
     #: Values may hold a password: errors never echo them unmasked.
     secret: bool = False
 
