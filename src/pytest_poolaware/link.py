@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from pytest_poolaware.core import Answer
 from pytest_poolaware.protocol import (
@@ -30,6 +30,9 @@ from pytest_poolaware.protocol import (
     WorkerMessage,
     decode,
 )
+
+if TYPE_CHECKING:
+    import execnet
 
 #: Key under which the side channel travels in ``node.workerinput``.
 WORKERINPUT_KEY: Final = "poolaware_channel"
@@ -48,7 +51,7 @@ class ControllerLink(Generic[N]):
 
     def __init__(
         self,
-        channel: Any,
+        channel: execnet.Channel,
         node: N,
         inbox: queue.SimpleQueue[tuple[N, WorkerMessage]],
         wake: Callable[[N], None],
@@ -81,7 +84,9 @@ class ControllerLink(Generic[N]):
 class WorkerLink:
     """Worker end: send events, and wait (bounded) for the controller's answers."""
 
-    def __init__(self, channel: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, channel: execnet.Channel, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.channel = channel
         self._clock = clock
         self._cond = threading.Condition()

@@ -39,6 +39,7 @@ from pytest_poolaware.protocol import (
     Goes,
     ItemMeasures,
     Note,
+    ProtocolError,
     ReleaseIdle,
     RequestAnswer,
     RoomRequest,
@@ -231,7 +232,11 @@ class PoolAwareScheduling:
         """Called by the controller plugin's ``pytest_runtest_logreport`` for an item's
         last report, which arrives before xdist's completion event."""
         self._drain()  # side-channel news sent before this report comes first
-        measures = ItemMeasures.from_wire(data)
+        try:
+            measures = ItemMeasures.from_wire(data)
+        except ProtocolError as exc:  # the item is still reported; only its measures are lost
+            self._record.notes.append(f"[{node.gateway.id}] {exc}")
+            return
         self._measures[(node, item_index)] = measures
         if node in self._joined and self.planner.counts_changed(
             node, measures.open, measures.idle, measures.version
