@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -17,13 +18,15 @@ import pytest
 from inner import ENGINE_CONFTEST, TWO_TESTS, run
 from PIL import Image
 
+from pytest_poolaware import report
 from pytest_poolaware.advice import advice_text, advise, definition, locate
-from pytest_poolaware.core import Lane
+from pytest_poolaware.core import Lane, Overrun
 from pytest_poolaware.lowerbound import lower_bound
 from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
-from pytest_poolaware.runstats import Candidate, ItemFacts, RunStats
-from pytest_poolaware.settings import default_risky_need, monitor_dsn
+from pytest_poolaware.protocol import ItemMeasures
+from pytest_poolaware.runstats import Candidate, ItemFacts, ItemResult, RunSnapshot, RunStats
+from pytest_poolaware.settings import Settings, default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
     BUDGET_COLOUR,
@@ -398,6 +401,56 @@ def test_benchmarks_measure_against_the_summary_s_lower_bound(workers: int) -> N
     assert bound.connections == pytest.approx((3.0 * 8 + 2.0 * 15) / 15)
     # One worker runs everything one after another: 6 s.
     assert bound.value == pytest.approx(6.0 if workers == 1 else 3.6)
+
+
+def test_the_report_is_made_of_the_scheduler_s_snapshot() -> None:
+    """The last attempt of an item counts; an item that never ran is listed with its
+    planned lane; an overrun names its test; the scheduler's notes come first."""
+    measures = ItemMeasures(
+        need=20, peak_open=21, duration=2.0, waited=0.5, start=10.0, end=12.0,
+        rerun="", open=0, idle=0, version=3,
+    )  # fmt: skip
+    first = dataclasses.replace(measures, need=1, duration=9.0)
+    snapshot = RunSnapshot(
+        workers=2,
+        collection=("t.py::test_serial", "t.py::test_heavy", "t.py::test_never"),
+        markers=(Markers(serial=True), Markers(), Markers(parallel=True)),
+        lanes=(Lane.SERIAL, Lane.FANOUT, Lane.FANOUT),
+        results=(
+            ItemResult("t.py::test_heavy", Lane.FANOUT, "gw1", first),
+            ItemResult("t.py::test_heavy", Lane.FANOUT, "gw1", measures),
+        ),
+        overruns=(Overrun(index=1, need=20, budget=15, alone=True),),
+        peak_open=21,
+        timeline=((10.0, "gw1", 21),),
+        notes=("[gw1] waited 30s for connection budget; connecting anyway",),
+    )
+    settings = Settings(budget=15, budget_source="--pool-budget")
+    stats = report.collect(
+        settings=settings,
+        snapshot=snapshot,
+        started=9.0,
+        finished=13.0,
+        outcomes={"t.py::test_heavy": "passed"},
+        notes=["server monitoring off"],
+    )
+    serial, heavy, never = stats.items
+    assert (serial.lane, serial.markers, serial.need) == (Lane.SERIAL, Markers(serial=True), None)
+    assert (heavy.worker, heavy.need, heavy.duration, heavy.outcome) == ("gw1", 20, 2.0, "passed")
+    assert (never.lane, never.markers.names, never.outcome) == (
+        Lane.FANOUT,
+        ["parallel_safe"],
+        None,
+    )
+    assert [stats.nodeid_of(o) for o in stats.overruns] == ["t.py::test_heavy"]
+    assert stats.notes == (*snapshot.notes, "server monitoring off")
+    assert (stats.workers, stats.peak_open, stats.timeline) == (2, 21, snapshot.timeline)
+    assert [c.target for c in stats.advice] == ["t.py::test_heavy"]  # 20 >= half of 15
+    data = stats.to_json()
+    assert data["run"]["overruns"] == [
+        {"nodeid": "t.py::test_heavy", "need": 20, "budget": 15, "alone": True}
+    ]
+    assert [t["markers"] for t in data["tests"]] == [["serial_only"], [], ["parallel_safe"]]
 
 
 def test_run_stats_wall_top_needs_and_json() -> None:
