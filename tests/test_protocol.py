@@ -7,6 +7,7 @@ import json
 
 import execnet
 import pytest
+from inner import TWO_TESTS, run
 
 from pytest_poolaware.core import Answer
 from pytest_poolaware.markers import Markers
@@ -125,3 +126,29 @@ def test_worker_settings_carry_the_protocol_version() -> None:
     assert WorkerSettings.from_wire(wire) == settings
     with pytest.raises(ProtocolError, match="install the same pytest-poolaware on both"):
         WorkerSettings.from_wire({**wire, VERSION: PROTOCOL_VERSION + 1})
+
+
+#: An inner conftest making every worker speak another protocol version than its controller.
+OTHER_VERSION_CONFTEST = """
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import pytest_poolaware.protocol as protocol
+
+    protocol.PROTOCOL_VERSION += 1
+"""
+
+
+def test_a_worker_of_another_protocol_version_says_so(pytester: pytest.Pytester) -> None:
+    """It refuses to start, naming both versions; the controller neither hangs nor fails
+    inside xdist on a worker that never became ready."""
+    pytester.makeconftest(OTHER_VERSION_CONFTEST)
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--max-worker-restart", "1")
+    output = result.stdout.str() + result.stderr.str()
+    assert (
+        f"the controller speaks pytest-poolaware protocol {PROTOCOL_VERSION}, this worker "
+        f"{PROTOCOL_VERSION + 1}: install the same pytest-poolaware on both"
+    ) in output
+    assert "INTERNALERROR" not in output
+    result.stdout.fnmatch_lines(["*maximum crashed workers reached: 1*"])

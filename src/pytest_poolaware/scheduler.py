@@ -259,8 +259,15 @@ class PoolAwareScheduling:
         self._apply([])
 
     def remove_node(self, node: WorkerController) -> str | None:
-        """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``."""
+        """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``.
+
+        A worker that died before it was ready (its session could not start) raises
+        KeyError, as with xdist's own schedulers: ``worker_errordown`` expects it.
+        """
         self._drain()
+        self._links.pop(node, None)
+        if node not in self._nodes:
+            raise KeyError(node)
         self._nodes.remove(node)
         if node in self._collected_nodes:
             self._collected_nodes.remove(node)
