@@ -214,6 +214,8 @@ class Sim:
         self.sent_count: Counter[int] = Counter()
         self.may_resend: Counter[int] = Counter()
         self.starts: list[tuple[str, int]] = []
+        #: ``len(starts)`` at the first crash (None: no crash yet).
+        self.first_crash: int | None = None
         self.running_at_start: dict[int, set[int]] = {}
         self.completions: list[int] = []
         self.refusals: Counter[int] = Counter()
@@ -222,12 +224,14 @@ class Sim:
         self.problems: list[str] = []  # invariant violations
         self.peak_open = 0
         self.steps = 0
-        # as the adapter does it: the collection first, then each worker as it is ready
-        self.apply(self.planner.load(self.tests, fanout_open=not staggered))
+        # as the adapter does it: the collection first, then each worker as it is ready,
+        # the fan-out shared out once all are in
+        # (one worker: nothing to wait for, as ``-n 1`` in the adapter)
+        self.apply(self.planner.load(self.tests, fanout_open=workers == 1))
         self.to_join = workers - 1 if staggered else 0
         for _ in range(workers - self.to_join):
             self.add_worker()
-        if staggered and not self.to_join:
+        if not self.to_join:
             self.apply(self.planner.open_fanout())
 
     # -- the controller's side --------------------------------------------------------
@@ -454,6 +458,8 @@ class Sim:
             self._deliver(self.workers[name])
         w = self.workers.pop(name)
         self.crashes_left = max(0, self.crashes_left - 1)
+        if self.first_crash is None:
+            self.first_crash = len(self.starts)
         crashed, actions = self.planner.remove_worker(name)
         expected = w.queue[0] if w.queue else None
         if crashed != expected:
@@ -493,6 +499,24 @@ class Sim:
             else:
                 assert outcome in (["completed"], ["crashed"]), (index, outcome)
         assert self.planner.tests_finished
+        assert self.order_breaks() == []
+
+    def order_breaks(self) -> list[str]:
+        """Starts that break the per-worker watermark: each worker runs its items in
+        ascending collection order (as xdist's ``load`` does). Exempt, as with ``load``:
+        items a crash returned or requeued, and serial items after a crash (the lane
+        resumes on another worker)."""
+        breaks = []
+        watermark: dict[str, tuple[int, int]] = {}
+        for position, (worker, index) in enumerate(self.starts):
+            crashed_before = self.first_crash is not None and position >= self.first_crash
+            if self.may_resend[index] or (crashed_before and self.is_serial(index)):
+                continue
+            before, at = watermark.get(worker, (-1, -1))
+            if index <= before:
+                breaks.append(f"{worker} started {index} after {before} (start {at})")
+            watermark[worker] = (max(before, index), position)
+        return breaks
 
     def start_order(self, lane: Lane) -> list[int]:
         """First start of each item of the lane, in time order."""
@@ -517,8 +541,9 @@ def test_serial_items_run_on_one_worker_one_at_a_time_in_collection_order() -> N
 def test_serial_worker_gets_no_fanout_while_serial_items_wait() -> None:
     """The serial lane is the run's critical path: its worker does nothing else."""
     t = Tracker()
-    t.load(serial(8) + fanout(40))
+    t.load(serial(8) + fanout(40), fanout_open=False)
     t.add("a", "b")
+    t.open_fanout()
     assert t.queues["a"]
     assert all(i < 8 for i in t.queues["a"])
     assert t.queues["b"]
@@ -581,10 +606,11 @@ def test_a_serial_only_suite_ends_before_the_other_workers_are_up() -> None:
     assert sim.to_join == 2
 
 
-def test_single_worker_runs_everything_serial_items_first() -> None:
+def test_single_worker_runs_everything_in_collection_order() -> None:
+    """Alone, the serial lane's worker has no one to leave earlier fan-out items to."""
     sim = Sim(fanout(3) + serial(2) + fanout(3), workers=1).run()
     sim.assert_sound()
-    assert [i for _, i in sim.starts] == [3, 4, 0, 1, 2, 5, 6, 7]
+    assert [i for _, i in sim.starts] == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize(
@@ -1042,24 +1068,17 @@ def test_item_over_budget_is_not_failed_by_an_idle_connection_elsewhere() -> Non
 # -- ordering -------------------------------------------------------------------------------
 
 
-def test_fanout_runs_unmeasured_first_then_longest_first() -> None:
-    """Long work starts early; unmeasured items first, to learn about them."""
-    durations = [1.0, None, 5.0, 0.5, None, 3.0, 5.0]
-    tests = [Item(FANOUT, 1, d, group=f"module{i}") for i, d in enumerate(durations)]
-    sim = Sim(tests, workers=1, strict_xdist=False).run()
-    sim.assert_sound()
-    assert [i for _, i in sim.starts] == [1, 4, 2, 6, 5, 0, 3]
-
-
-def test_fanout_keeps_groups_together_longest_group_first() -> None:
-    """Items of one module stay together, in collection order (module fixtures are set
-    up once); groups go by total duration, unmeasured groups first."""
-    spec = [("short", 1.0), ("long", 2.0), ("short", 1.0), ("long", 2.0), ("new", None)]
-    spec += [("short", 1.0), ("new", 0.1)]
-    tests = [Item(FANOUT, 1, d, group=g) for g, d in spec]
-    sim = Sim(tests, workers=1, strict_xdist=False).run()
-    sim.assert_sound()
-    assert [i for _, i in sim.starts] == [4, 6, 1, 3, 0, 2, 5]
+def test_each_worker_runs_its_fanout_items_in_collection_order_whatever_the_durations() -> None:
+    """As with xdist's ``load``: learned durations never make a worker run a test before
+    one that comes earlier in the collection (hidden order dependencies stay hidden)."""
+    durations = [1.0, None, 5.0, 0.5, None, 3.0, 5.0, 0.1, 9.0, None]
+    tests = [Item(FANOUT, 1, d, group=f"module{i // 2}") for i, d in enumerate(durations)]
+    for workers in (1, 3):
+        sim = Sim(tests, workers=workers, strict_xdist=False).run()
+        sim.assert_sound()  # includes the per-worker order
+        for worker in {w for w, _ in sim.starts}:
+            started = [i for w, i in sim.starts if w == worker]
+            assert started == sorted(started)
 
 
 def test_serial_lane_keeps_collection_order_whatever_the_durations() -> None:

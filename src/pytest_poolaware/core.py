@@ -11,15 +11,20 @@ Vocabulary:
 * a worker's *commitment* is what it may hold open: the larger of its live open
   connections and the expected need of each item it may start;
 * a *request* is a worker blocked mid-test, asking for one more connection (or for
-  room to rerun a test that hit the server's limit).
+  room to rerun a test that hit the server's limit);
+* a worker's *watermark* is the highest collection index handed to it: as with xdist's
+  ``load``, a worker is never handed a test that comes before one it already holds or
+  ran, so each worker runs its tests in collection order (tests returned by a crash are
+  the exception, as with ``load``).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 from collections import Counter, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -173,6 +178,9 @@ class _Worker:
     rerunning: bool = False
     #: When its head item was first found not to fit (0: not waiting); oldest go first.
     waiting_since: int = 0
+    #: Highest collection index handed to it (returned items aside): it is handed only
+    #: items above this, so it runs its tests in collection order.
+    watermark: int = -1
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,9 @@ class Planner(Generic[W]):
         self._fanout_open = True
         self._early_serial = False
         self._completed: set[int] = set()
+        #: Items a crashed worker held, or requeued: they go to whoever takes work next,
+        #: below its watermark maybe, as with ``load``.
+        self._returned: set[int] = set()
         self._needs: dict[int, int] = {}
         self._counter = 0
         self._peak_open = 0
@@ -219,8 +230,7 @@ class Planner(Generic[W]):
     # -- inputs -------------------------------------------------------------------------
 
     def load(self, tests: Sequence[ItemSpec], *, fanout_open: bool = True) -> list[Action]:
-        """Take the collection (once): the serial lane in collection order, the fan-out
-        longest group first.
+        """Take the collection (once): both lanes in collection order.
 
         With ``fanout_open=False`` nothing starts until ``open_fanout`` (every worker is
         in), except a serial lane whose first item is long (``EARLY_START_SECONDS``):
@@ -233,24 +243,8 @@ class Planner(Generic[W]):
         first = self._tests[self._serial[0]].duration if self._serial else None
         self._fanout_open = fanout_open
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
-        self._fanout = deque(
-            self._longest_groups_first([i for i, t in enumerate(tests) if t.lane is Lane.FANOUT])
-        )
+        self._fanout = deque(i for i, t in enumerate(tests) if t.lane is Lane.FANOUT)
         return self._plan()
-
-    def _longest_groups_first(self, indices: list[int]) -> list[int]:
-        """Whole groups (modules) in order of total duration, unmeasured ones first, each
-        in collection order: long work starts early, and module fixtures are set up once
-        per worker rather than once per item."""
-        groups: dict[str, list[int]] = {}
-        for index in indices:
-            groups.setdefault(self._tests[index].group, []).append(index)
-
-        def weight(members: list[int]) -> tuple[bool, float]:
-            durations = [self._tests[i].duration for i in members]
-            return (None not in durations, -sum(d or 0.0 for d in durations))
-
-        return [i for members in sorted(groups.values(), key=weight) for i in members]
 
     def open_fanout(self) -> list[Action]:
         """Every worker expected at the start is in: share out the fan-out (idempotent)."""
@@ -278,6 +272,7 @@ class Planner(Generic[W]):
             running = state.queue.popleft()
             self._completed.add(running)
         if state.queue:
+            self._returned.update(state.queue)
             for index in reversed(state.queue):
                 self._lane_of(index).appendleft(index)
         return running, self._plan()
@@ -291,6 +286,7 @@ class Planner(Generic[W]):
     def requeue(self, index: int) -> list[Action]:
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
         self._completed.discard(index)
+        self._returned.add(index)
         self._lane_of(index).appendleft(index)
         return self._plan()
 
@@ -388,7 +384,7 @@ class Planner(Generic[W]):
         # ``_fill_queues`` shares the fan-out among the live workers but the serial one; a
         # stale serial worker only makes ``sharing`` smaller, the target larger: safe side.
         sharing = live - (serial is not None and live > 1)
-        if len(state.queue) <= self._target(self._fanout, sharing) // 2:
+        if len(state.queue) <= self._target(len(self._fanout), sharing) // 2:
             return False  # ``_take`` would refill it
         if self._serial and (
             serial is None
@@ -518,11 +514,17 @@ class Planner(Generic[W]):
         )
         live = [w for w, s in self._workers.items() if not s.shut]
         fanout_workers = [w for w in live if w != serial_worker] or live
+        # A worker alone in the run has no one to leave the earlier fan-out items to: it
+        # runs both lanes in collection order.
+        alone = self._fanout_open and len(live) == 1
         for worker in live:
             state = self._workers[worker]
             serial_lane = worker == serial_worker
-            batch = self._take(self._serial, state, 1) if serial_lane and self._serial else []
-            state.queue.extend(batch)
+            if serial_lane and self._serial:
+                batch = self._take_in_order(state) if alone else self._take(self._serial, state, 1)
+            else:
+                batch = []
+            self._hand_out(state, batch)
             if not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
                 # out, in the same pass, so that it never holds a single item. Before
@@ -531,19 +533,80 @@ class Planner(Generic[W]):
                     sharing = len(live) if serial_lane else len(fanout_workers)
                     more = self._take(self._fanout, state, sharing)
                 elif serial_lane:
-                    wanted = min(len(self._fanout), MIN_QUEUE - len(state.queue))
-                    more = [self._fanout.popleft() for _ in range(wanted)]
+                    more = []
+                    while len(state.queue) + len(more) < MIN_QUEUE:
+                        index = self._pop_fanout(state)
+                        if index is None:
+                            break
+                        more.append(index)
                 else:
                     more = []
-                state.queue.extend(more)
+                self._hand_out(state, more)
                 batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
-            if not self._fanout and not (serial_lane and self._serial) and not orphaned:
+            if (
+                not (serial_lane and self._serial)
+                and not orphaned
+                and not self._has_fanout_for(state)
+            ):
                 # Nothing left for it: shut down now, even right after a batch, since
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
+
+    def _hand_out(self, state: _Worker, indices: list[int]) -> None:
+        """Queue items on a worker and raise its watermark past them."""
+        if not indices:
+            return
+        state.queue.extend(indices)
+        returned = self._returned
+        state.watermark = max(
+            state.watermark, max((i for i in indices if i not in returned), default=-1)
+        )
+
+    def _has_fanout_for(self, state: _Worker) -> bool:
+        """Whether the fan-out holds an item this worker may take: one above its
+        watermark, or one a crash returned (those are a prefix of the lane; the rest is in
+        collection order, so its last item is its highest)."""
+        lane = self._fanout
+        return bool(lane) and (lane[-1] > state.watermark or lane[0] in self._returned)
+
+    def _fanout_position(self, state: _Worker) -> int | None:
+        """Where the next fan-out item this worker may take sits in the lane, if any:
+        returned items first, then the lowest above its watermark. Workers that only ever
+        took the lane's head take it again; one that ran later tests (the serial lane's)
+        takes from the middle."""
+        lane = self._fanout
+        if not lane:
+            return None
+        if lane[0] > state.watermark or lane[0] in self._returned:
+            return 0
+        if lane[-1] > state.watermark:  # no returned items: the lane is in order
+            return bisect.bisect_right(lane, state.watermark)
+        return None
+
+    def _pop_fanout(self, state: _Worker) -> int | None:
+        position = self._fanout_position(state)
+        if position is None:
+            return None
+        if position == 0:
+            return self._fanout.popleft()
+        index = self._fanout[position]
+        del self._fanout[position]
+        return index
+
+    def _take_in_order(self, state: _Worker) -> list[int]:
+        """A batch from both lanes merged in collection order (for a worker alone)."""
+
+        def pop() -> int | None:
+            position = self._fanout_position(state)
+            fanout = None if position is None else self._fanout[position]
+            if self._serial and (fanout is None or self._serial[0] < fanout):
+                return self._serial.popleft()
+            return None if fanout is None else self._pop_fanout(state)
+
+        return self._batch(state, len(self._serial) + len(self._fanout), 1, pop)
 
     def _pick_serial_worker(self) -> W | None:
         """The serial lane keeps its worker; a new one is picked when it is gone."""
@@ -564,31 +627,51 @@ class Planner(Generic[W]):
             # crash): the least-loaded worker, a new replacement maybe, starts it sooner.
             self._serial_worker = None
         if self._serial_worker is None:
+            head = self._serial[0] if self._serial else -1
+            # Preferably one that has run nothing after the lane's next item.
             candidates = [
-                (len(s.queue), s.order, w) for w, s in self._workers.items() if not s.shut
+                (s.watermark > head, len(s.queue), s.order, w)
+                for w, s in self._workers.items()
+                if not s.shut
             ]
             if candidates:
-                self._serial_worker = min(candidates, key=lambda c: (c[0], c[1]))[2]
+                self._serial_worker = min(candidates, key=lambda c: c[:3])[3]
         return self._serial_worker
 
     def _take(self, lane: deque[int], state: _Worker, sharing: int) -> list[int]:
-        """Items to add to a worker's queue, load-style: big batches early, small late."""
-        if len(state.queue) >= MIN_QUEUE and len(state.queue) > self._target(lane, sharing) // 2:
+        """Items to add to a worker's queue from one lane (the serial lane is run in its
+        own order by its one worker; the fan-out respects the worker's watermark)."""
+
+        def pop() -> int | None:
+            if lane is not self._serial:
+                return self._pop_fanout(state)
+            return lane.popleft() if lane else None
+
+        return self._batch(state, len(lane), sharing, pop)
+
+    def _batch(
+        self, state: _Worker, pending: int, sharing: int, pop: Callable[[], int | None]
+    ) -> list[int]:
+        """Load-style batches: big early, small late, and only a few seconds of known
+        work ahead of a worker."""
+        target = self._target(pending, sharing)
+        if len(state.queue) >= MIN_QUEUE and len(state.queue) > target // 2:
             return []
-        target = self._target(lane, sharing)
         seconds = sum(self._tests[i].duration or 0.0 for i in state.queue)
         batch: list[int] = []
-        while lane and len(state.queue) + len(batch) < target:
+        while len(state.queue) + len(batch) < target:
             if len(state.queue) + len(batch) >= MIN_QUEUE and seconds >= QUEUE_SECONDS:
                 break
-            index = lane.popleft()
+            index = pop()
+            if index is None:
+                break
             batch.append(index)
             seconds += self._tests[index].duration or 0.0
         return batch
 
     @staticmethod
-    def _target(lane: deque[int], sharing: int) -> int:
-        return max(MIN_QUEUE, min(MAX_QUEUE, len(lane) // (max(1, sharing) * QUEUE_SPLIT)))
+    def _target(pending: int, sharing: int) -> int:
+        return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
 
     def _commitment(self, state: _Worker) -> int:
         if any(r.kind is RequestKind.RERUN for r in state.requests):

@@ -166,7 +166,8 @@ class PoolAwareScheduling:
             self._apply(self.planner.open_fanout())
 
     def _start(self, node: WorkerController, collection: list[str]) -> None:
-        """Load the planner with the first collection, the fan-out held until ``schedule``."""
+        """Load the planner with the first collection, the fan-out held until ``schedule``
+        (unless the run has a single worker)."""
         self.collection = collection
         self._collection_source = node.gateway.id
         stale = self.history.forget_missing(collection)
@@ -183,7 +184,9 @@ class PoolAwareScheduling:
             from pytest_poolaware.plugin import conflict_message
 
             raise pytest.UsageError(conflict_message(self.record.conflicts))
-        self._apply(self.planner.load(self._tests(), fanout_open=False))
+        # With one worker there is no one to wait for (and the worker alone must run the
+        # serial lane and the fan-out interleaved, in collection order).
+        self._apply(self.planner.load(self._tests(), fanout_open=self.numnodes == 1))
 
     def _join(self, node: WorkerController) -> None:
         if node not in self._joined and node in self._nodes:
