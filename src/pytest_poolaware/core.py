@@ -20,13 +20,14 @@ Vocabulary:
 
 from __future__ import annotations
 
-import bisect
 import enum
 import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
+
+from pytest_poolaware.fanout import FanoutPool, Placement, expected_seconds
 
 W = TypeVar("W", bound=Hashable)
 
@@ -44,6 +45,17 @@ QUEUE_SECONDS = 2.0
 #: to take at least this long: a quick one would end, and be reported, in the middle of
 #: xdist's start-up status lines, to save less time than it costs to read.
 EARLY_START_SECONDS = 1.0
+
+
+class Order(enum.Enum):
+    """How each worker's tests are ordered (``poolaware_order``)."""
+
+    #: As with ``--dist load``: each worker runs its tests in collection order; learned
+    #: durations decide which worker runs which contiguous range of the collection.
+    COLLECTION = "collection"
+    #: Longest module first, from one shared queue: a worker may run a test before one
+    #: that comes earlier in the collection, which exposes hidden order dependencies.
+    DURATION = "duration"
 
 
 class Lane(enum.Enum):
@@ -196,6 +208,8 @@ class Statistics:
     in_flight: int
     completed: int
     overruns: tuple[Overrun, ...]
+    #: Collected items whose learned duration was known at the start (0: a cold run).
+    learned: int = 0
 
 
 class Planner(Generic[W]):
@@ -205,15 +219,21 @@ class Planner(Generic[W]):
     main thread; every method returns the actions to carry out, in order.
     """
 
-    def __init__(self, budget: int, *, unknown_need: int = 1) -> None:
+    def __init__(
+        self, budget: int, *, unknown_need: int = 1, order: Order = Order.COLLECTION
+    ) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
         self.unknown_need = unknown_need
+        self.order = order
+        self.placement = Placement.RANGES if order is Order.COLLECTION else Placement.SHARED
         self._tests: list[ItemSpec] = []
+        self._seconds: list[float] = []
+        self._learned = 0
         self._loaded = False
         self._serial: deque[int] = deque()
-        self._fanout: deque[int] = deque()
+        self._fanout: FanoutPool[W] = FanoutPool((), seconds=(), groups=())
         self._workers: dict[W, _Worker] = {}
         self._serial_worker: W | None = None
         self._fanout_open = True
@@ -230,7 +250,9 @@ class Planner(Generic[W]):
     # -- inputs -------------------------------------------------------------------------
 
     def load(self, tests: Sequence[ItemSpec], *, fanout_open: bool = True) -> list[Action]:
-        """Take the collection (once): both lanes in collection order.
+        """Take the collection (once): the serial lane in collection order, the fan-out
+        in collection order cut into ranges once the workers are in (``Order.COLLECTION``)
+        or longest group first (``Order.DURATION``).
 
         With ``fanout_open=False`` nothing starts until ``open_fanout`` (every worker is
         in), except a serial lane whose first item is long (``EARLY_START_SECONDS``):
@@ -243,8 +265,32 @@ class Planner(Generic[W]):
         first = self._tests[self._serial[0]].duration if self._serial else None
         self._fanout_open = fanout_open
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
-        self._fanout = deque(i for i, t in enumerate(tests) if t.lane is Lane.FANOUT)
+        fanout = [i for i, t in enumerate(tests) if t.lane is Lane.FANOUT]
+        if self.order is Order.DURATION:
+            fanout = self._longest_groups_first(fanout)
+        self._seconds = expected_seconds([t.duration for t in tests])
+        self._learned = sum(t.duration is not None for t in tests)
+        self._fanout = FanoutPool(
+            fanout,
+            seconds=self._seconds,
+            groups=[t.group for t in tests],
+            placement=self.placement,
+        )
         return self._plan()
+
+    def _longest_groups_first(self, indices: list[int]) -> list[int]:
+        """Whole groups (modules) in order of total duration, unmeasured ones first, each
+        in collection order: long work starts early, and module fixtures are set up once
+        per worker rather than once per item."""
+        groups: dict[str, list[int]] = {}
+        for index in indices:
+            groups.setdefault(self._tests[index].group, []).append(index)
+
+        def weight(members: list[int]) -> tuple[bool, float]:
+            durations = [self._tests[i].duration for i in members]
+            return (None not in durations, -sum(d or 0.0 for d in durations))
+
+        return [i for members in sorted(groups.values(), key=weight) for i in members]
 
     def open_fanout(self) -> list[Action]:
         """Every worker expected at the start is in: share out the fan-out (idempotent)."""
@@ -273,8 +319,10 @@ class Planner(Generic[W]):
             self._completed.add(running)
         if state.queue:
             self._returned.update(state.queue)
-            for index in reversed(state.queue):
-                self._lane_of(index).appendleft(index)
+            serial = [i for i in state.queue if self._tests[i].lane is Lane.SERIAL]
+            self._serial.extendleft(reversed(serial))
+            self._fanout.give_back([i for i in state.queue if self._tests[i].lane is Lane.FANOUT])
+        self._fanout.release(worker)
         return running, self._plan()
 
     def shut_down(self, worker: W) -> None:
@@ -287,7 +335,10 @@ class Planner(Generic[W]):
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
         self._completed.discard(index)
         self._returned.add(index)
-        self._lane_of(index).appendleft(index)
+        if self._tests[index].lane is Lane.SERIAL:
+            self._serial.appendleft(index)
+        else:
+            self._fanout.give_back([index])
         return self._plan()
 
     def counts(
@@ -384,8 +435,8 @@ class Planner(Generic[W]):
         # ``_fill_queues`` shares the fan-out among the live workers but the serial one; a
         # stale serial worker only makes ``sharing`` smaller, the target larger: safe side.
         sharing = live - (serial is not None and live > 1)
-        if len(state.queue) <= self._target(len(self._fanout), sharing) // 2:
-            return False  # ``_take`` would refill it
+        if len(state.queue) <= self._fanout_target(worker, sharing) // 2:
+            return False  # ``_take_fanout`` would refill it
         if self._serial and (
             serial is None
             or not any(self._tests[i].lane is Lane.SERIAL for i in self._workers[serial].queue)
@@ -490,6 +541,7 @@ class Planner(Generic[W]):
             in_flight=sum(len(s.queue) for s in self._workers.values()),
             completed=len(self._completed),
             overruns=tuple(self.overruns),
+            learned=self._learned,
         )
 
     # -- decisions ----------------------------------------------------------------------
@@ -516,12 +568,18 @@ class Planner(Generic[W]):
         fanout_workers = [w for w in live if w != serial_worker] or live
         # A worker alone in the run has no one to leave the earlier fan-out items to: it
         # runs both lanes in collection order.
-        alone = self._fanout_open and len(live) == 1
+        alone = self._fanout_open and len(live) == 1 and self.order is Order.COLLECTION
+        if self._fanout_open and live and not self._fanout.split_done:
+            self._split(serial_worker, fanout_workers)
         for worker in live:
             state = self._workers[worker]
             serial_lane = worker == serial_worker
             if serial_lane and self._serial:
-                batch = self._take_in_order(state) if alone else self._take(self._serial, state, 1)
+                batch = (
+                    self._take_in_order(worker, state)
+                    if alone
+                    else self._batch(state, self._target(len(self._serial), 1), self._pop_serial)
+                )
             else:
                 batch = []
             self._hand_out(state, batch)
@@ -531,11 +589,11 @@ class Planner(Generic[W]):
                 # every worker is in, it takes only what lets its last serial item start.
                 if self._fanout_open:
                     sharing = len(live) if serial_lane else len(fanout_workers)
-                    more = self._take(self._fanout, state, sharing)
+                    more = self._take_fanout(worker, state, sharing, serial_lane)
                 elif serial_lane:
                     more = []
                     while len(state.queue) + len(more) < MIN_QUEUE:
-                        index = self._pop_fanout(state)
+                        index = self._pop_fanout(worker, state)
                         if index is None:
                             break
                         more.append(index)
@@ -548,7 +606,7 @@ class Planner(Generic[W]):
             if (
                 not (serial_lane and self._serial)
                 and not orphaned
-                and not self._has_fanout_for(state)
+                and not self._fanout.has_for(worker, state.watermark)
             ):
                 # Nothing left for it: shut down now, even right after a batch, since
                 # xdist starts an item only once it holds the next one or a shutdown.
@@ -565,48 +623,45 @@ class Planner(Generic[W]):
             state.watermark, max((i for i in indices if i not in returned), default=-1)
         )
 
-    def _has_fanout_for(self, state: _Worker) -> bool:
-        """Whether the fan-out holds an item this worker may take: one above its
-        watermark, or one a crash returned (those are a prefix of the lane; the rest is in
-        collection order, so its last item is its highest)."""
-        lane = self._fanout
-        return bool(lane) and (lane[-1] > state.watermark or lane[0] in self._returned)
+    def _split(self, serial_worker: W | None, fanout_workers: list[W]) -> None:
+        """Cut the fan-out into one range per fan-out worker; when a serial lane is still
+        to run, keep the collection's end for its worker, sized so that it ends about
+        when the others do (its lane's expected seconds count against its share)."""
+        owners = sorted(fanout_workers, key=lambda w: self._workers[w].order)
+        reserve, after = 0.0, -1
+        if serial_worker is not None and serial_worker not in owners:
+            state = self._workers[serial_worker]
+            lane = [*self._serial, *(i for i in state.queue if self._tests[i].lane is Lane.SERIAL)]
+            serial_seconds = sum(self._seconds[i] for i in lane)
+            fanout_seconds = sum(self._seconds[i] for i in self._fanout)
+            share = (serial_seconds + fanout_seconds) / (len(owners) + 1)
+            reserve = max(0.0, share - serial_seconds)
+            after = max(state.watermark, *lane) if lane else state.watermark
+        self._fanout.split(owners, reserve=reserve, reserve_after=after)
 
-    def _fanout_position(self, state: _Worker) -> int | None:
-        """Where the next fan-out item this worker may take sits in the lane, if any:
-        returned items first, then the lowest above its watermark. Workers that only ever
-        took the lane's head take it again; one that ran later tests (the serial lane's)
-        takes from the middle."""
-        lane = self._fanout
-        if not lane:
-            return None
-        if lane[0] > state.watermark or lane[0] in self._returned:
-            return 0
-        if lane[-1] > state.watermark:  # no returned items: the lane is in order
-            return bisect.bisect_right(lane, state.watermark)
-        return None
-
-    def _pop_fanout(self, state: _Worker) -> int | None:
-        position = self._fanout_position(state)
-        if position is None:
-            return None
-        if position == 0:
-            return self._fanout.popleft()
-        index = self._fanout[position]
-        del self._fanout[position]
+    def _pop_fanout(
+        self, worker: W, state: _Worker, *, before: int | None = None, reserved: bool = False
+    ) -> int | None:
+        """The worker's next fan-out item, its watermark raised past it at once (a dry
+        worker picks its next range above the items it is being handed right now)."""
+        index = self._fanout.pop(worker, state.watermark, before=before, reserved=reserved)
+        if index is not None and index > state.watermark and index not in self._returned:
+            state.watermark = index
         return index
 
-    def _take_in_order(self, state: _Worker) -> list[int]:
+    def _pop_serial(self) -> int | None:
+        return self._serial.popleft() if self._serial else None
+
+    def _take_in_order(self, worker: W, state: _Worker) -> list[int]:
         """A batch from both lanes merged in collection order (for a worker alone)."""
 
         def pop() -> int | None:
-            position = self._fanout_position(state)
-            fanout = None if position is None else self._fanout[position]
-            if self._serial and (fanout is None or self._serial[0] < fanout):
-                return self._serial.popleft()
-            return None if fanout is None else self._pop_fanout(state)
+            head = self._serial[0] if self._serial else None
+            index = self._pop_fanout(worker, state, before=head)
+            return self._pop_serial() if index is None else index
 
-        return self._batch(state, len(self._serial) + len(self._fanout), 1, pop)
+        pending = len(self._serial) + len(self._fanout)
+        return self._batch(state, self._target(pending, 1), pop)
 
     def _pick_serial_worker(self) -> W | None:
         """The serial lane keeps its worker; a new one is picked when it is gone."""
@@ -638,23 +693,25 @@ class Planner(Generic[W]):
                 self._serial_worker = min(candidates, key=lambda c: c[:3])[3]
         return self._serial_worker
 
-    def _take(self, lane: deque[int], state: _Worker, sharing: int) -> list[int]:
-        """Items to add to a worker's queue from one lane (the serial lane is run in its
-        own order by its one worker; the fan-out respects the worker's watermark)."""
+    def _take_fanout(self, worker: W, state: _Worker, sharing: int, serial_lane: bool) -> list[int]:
+        """Fan-out items to add to a worker's queue (the serial lane's worker may claim the
+        range kept for it)."""
+        return self._batch(
+            state,
+            self._fanout_target(worker, sharing),
+            lambda: self._pop_fanout(worker, state, reserved=serial_lane),
+        )
 
-        def pop() -> int | None:
-            if lane is not self._serial:
-                return self._pop_fanout(state)
-            return lane.popleft() if lane else None
+    def _fanout_target(self, worker: W, sharing: int) -> int:
+        """Queue length aimed at: a share of the worker's own range (ranges), or of the
+        whole fan-out among the workers sharing it (shared)."""
+        if self._fanout.in_order:
+            return self._target(self._fanout.own_pending(worker), 1)
+        return self._target(len(self._fanout), sharing)
 
-        return self._batch(state, len(lane), sharing, pop)
-
-    def _batch(
-        self, state: _Worker, pending: int, sharing: int, pop: Callable[[], int | None]
-    ) -> list[int]:
+    def _batch(self, state: _Worker, target: int, pop: Callable[[], int | None]) -> list[int]:
         """Load-style batches: big early, small late, and only a few seconds of known
         work ahead of a worker."""
-        target = self._target(pending, sharing)
         if len(state.queue) >= MIN_QUEUE and len(state.queue) > target // 2:
             return []
         seconds = sum(self._tests[i].duration or 0.0 for i in state.queue)
@@ -843,9 +900,6 @@ class Planner(Generic[W]):
         if later not in state.queue or earlier not in state.queue:
             return False
         return state.queue.index(earlier) < state.queue.index(later)  # type: ignore[arg-type]
-
-    def _lane_of(self, index: int) -> deque[int]:
-        return self._serial if self._tests[index].lane is Lane.SERIAL else self._fanout
 
     def _next(self) -> int:
         self._counter += 1
