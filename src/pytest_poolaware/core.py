@@ -231,6 +231,8 @@ class Planner(Generic[W]):
         self._tests: list[ItemSpec] = []
         self._seconds: list[float] = []
         self._learned = 0
+        #: The worker the end of the collection was kept for when the fan-out was cut.
+        self._reserved_for: W | None = None
         self._loaded = False
         self._serial: deque[int] = deque()
         self._fanout: FanoutPool[W] = FanoutPool((), seconds=(), groups=())
@@ -570,7 +572,7 @@ class Planner(Generic[W]):
         # runs both lanes in collection order.
         alone = self._fanout_open and len(live) == 1 and self.order is Order.COLLECTION
         if self._fanout_open and live and not self._fanout.split_done:
-            self._split(serial_worker, fanout_workers)
+            self._split(serial_worker, live)
         for worker in live:
             state = self._workers[worker]
             serial_lane = worker == serial_worker
@@ -589,7 +591,8 @@ class Planner(Generic[W]):
                 # every worker is in, it takes only what lets its last serial item start.
                 if self._fanout_open:
                     sharing = len(live) if serial_lane else len(fanout_workers)
-                    more = self._take_fanout(worker, state, sharing, serial_lane)
+                    reserved = serial_lane or worker == self._reserved_for
+                    more = self._take_fanout(worker, state, sharing, reserved)
                 elif serial_lane:
                     more = []
                     while len(state.queue) + len(more) < MIN_QUEUE:
@@ -623,20 +626,29 @@ class Planner(Generic[W]):
             state.watermark, max((i for i in indices if i not in returned), default=-1)
         )
 
-    def _split(self, serial_worker: W | None, fanout_workers: list[W]) -> None:
-        """Cut the fan-out into one range per fan-out worker; when a serial lane is still
-        to run, keep the collection's end for its worker, sized so that it ends about
-        when the others do (its lane's expected seconds count against its share)."""
-        owners = sorted(fanout_workers, key=lambda w: self._workers[w].order)
+    def _split(self, serial_worker: W | None, live: list[W]) -> None:
+        """Cut the fan-out into one range per fan-out worker that has run nothing yet.
+
+        The serial lane's worker, or one that ran tests while the others booted (it
+        started the serial lane early), gets the collection's end after what it has run,
+        sized so that it ends about when the others do (what it still holds, and the
+        serial lane, count against its share): a range below its watermark would be
+        stranded there.
+        """
+        order = sorted(live, key=lambda w: self._workers[w].order)
+        owners = [w for w in order if w != serial_worker and self._workers[w].watermark < 0]
+        if not owners:
+            owners = [w for w in order if self._workers[w].watermark < 0]
+        ahead = [w for w in order if w not in owners]
         reserve, after = 0.0, -1
-        if serial_worker is not None and serial_worker not in owners:
-            state = self._workers[serial_worker]
-            lane = [*self._serial, *(i for i in state.queue if self._tests[i].lane is Lane.SERIAL)]
-            serial_seconds = sum(self._seconds[i] for i in lane)
-            fanout_seconds = sum(self._seconds[i] for i in self._fanout)
-            share = (serial_seconds + fanout_seconds) / (len(owners) + 1)
-            reserve = max(0.0, share - serial_seconds)
-            after = max(state.watermark, *lane) if lane else state.watermark
+        if ahead and owners:
+            state = self._workers[ahead[0]]
+            lane = list(self._serial) if ahead[0] == serial_worker else []
+            held = sum(self._seconds[i] for i in [*lane, *state.queue])
+            share = (held + sum(self._seconds[i] for i in self._fanout)) / (len(owners) + 1)
+            reserve = max(0.0, share - held)
+            after = max([state.watermark, *lane])
+            self._reserved_for = ahead[0]
         self._fanout.split(owners, reserve=reserve, reserve_after=after)
 
     def _pop_fanout(
@@ -693,13 +705,13 @@ class Planner(Generic[W]):
                 self._serial_worker = min(candidates, key=lambda c: c[:3])[3]
         return self._serial_worker
 
-    def _take_fanout(self, worker: W, state: _Worker, sharing: int, serial_lane: bool) -> list[int]:
-        """Fan-out items to add to a worker's queue (the serial lane's worker may claim the
-        range kept for it)."""
+    def _take_fanout(self, worker: W, state: _Worker, sharing: int, reserved: bool) -> list[int]:
+        """Fan-out items to add to a worker's queue (``reserved``: it may claim the range
+        kept for the serial lane's worker)."""
         return self._batch(
             state,
             self._fanout_target(worker, sharing),
-            lambda: self._pop_fanout(worker, state, reserved=serial_lane),
+            lambda: self._pop_fanout(worker, state, reserved=reserved),
         )
 
     def _fanout_target(self, worker: W, sharing: int) -> int:
