@@ -107,16 +107,23 @@ def worker_order(report: dict[str, Any]) -> dict[str, list[int]]:
     return {worker: [i for _, i in sorted(s)] for worker, s in started.items()}
 
 
-def poolaware(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
-    """One poolaware run that must pass every test; returns its JSON report."""
+def poolaware(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
+    """One poolaware run; its result and JSON report."""
     report = pytester.path / "report.json"
     result = run(
         pytester, "-n", WORKERS, "--dist", "poolaware", f"--poolaware-report={report}", *args
     )
-    result.assert_outcomes(passed=TESTS)
     data: dict[str, Any] = json.loads(report.read_text())
+    return result, data
+
+
+def in_order(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
+    """A poolaware run that passes every test, each worker in collection order."""
+    result, data = poolaware(pytester, *args)
+    result.assert_outcomes(passed=TESTS)
     for worker, indices in worker_order(data).items():
         assert indices == sorted(indices), (worker, indices)
+    assert (data["run"]["order"], data["run"]["placement"]) == ("collection", "ranges")
     return data
 
 
@@ -137,7 +144,8 @@ def test_poolaware_keeps_each_workers_collection_order_cold_and_warm(
 ) -> None:
     """Cold, then warm runs over learned durations drawn at random: every test passes,
     and each worker started its tests in ascending collection order."""
-    cold = poolaware(planted, "--cache-clear")
+    cold = in_order(planted, "--cache-clear")
+    assert cold["run"]["learned"] == 0
     nodeids = [test["nodeid"] for test in cold["tests"]]
     rng = random.Random(SEED)
     for attempt in range(WARM_RUNS):
@@ -146,4 +154,17 @@ def test_poolaware_keeps_each_workers_collection_order_cold_and_warm(
         else:
             durations = {nodeid: rng.choice([0.0, 0.01, 0.3, 1.5, 4.0]) for nodeid in nodeids}
         learn(planted.path, durations)
-        poolaware(planted)
+        assert in_order(planted)["run"]["learned"] == TESTS
+
+
+def test_duration_order_is_opt_in_and_reorders_workers(planted: pytest.Pytester) -> None:
+    """``poolaware_order = duration`` sends the longest modules first: the risk its
+    documentation names, shown on the planted dependency (and recorded in the report)."""
+    planted.makeini("[pytest]\npoolaware_order = duration\n")
+    _, cold = poolaware(planted, "--cache-clear")
+    learn(planted.path, adversarial([test["nodeid"] for test in cold["tests"]]))
+    result, warm = poolaware(planted)
+    assert (warm["run"]["order"], warm["run"]["placement"]) == ("duration", "shared")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) > 0
+    assert any(indices != sorted(indices) for indices in worker_order(warm).values())

@@ -99,6 +99,9 @@ def collect(
         overruns=overruns,
         notes=(*record.notes, *notes),
         advice=tuple(advice),
+        order=planner.order.value,
+        placement=planner.placement.value,
+        learned=stats.learned,
     )
 
 

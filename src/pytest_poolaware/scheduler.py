@@ -24,6 +24,7 @@ from pytest_poolaware.core import (
     Grant,
     ItemSpec,
     Lane,
+    Order,
     Planner,
     Release,
     Send,
@@ -59,7 +60,7 @@ class RunRecord:
 
 
 class PoolAwareScheduling:
-    """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
+    """Serial lane, budgeted fan-out, learned placement (``--dist poolaware``).
 
     The first collection in is the run's. The first worker spawned, which keeps its CPU
     priority (see ``priority``), joins the planner as soon as it has collected, and may
@@ -91,7 +92,7 @@ class PoolAwareScheduling:
         self._links = links
         self._inbox = inbox
         self.planner: Planner[WorkerController] = Planner(
-            settings.budget, unknown_need=settings.unknown_need
+            settings.budget, unknown_need=settings.unknown_need, order=Order(settings.order)
         )
         #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
         #: joins as soon as it has collected, to start the serial lane.

@@ -35,6 +35,10 @@ UNMARKED_POLICIES: Final = ("parallel", "serial")
 DEFAULT_UNMARKED_POLICY: Final = "parallel"
 #: Connections a test is assumed to need before it has been measured.
 DEFAULT_UNKNOWN_NEED: Final = 1
+#: How each worker's tests are ordered: ``collection`` (as ``--dist load``: each worker in
+#: collection order) or ``duration`` (longest module first, across the collection).
+ORDERS: Final = ("collection", "duration")
+DEFAULT_ORDER: Final = "collection"
 
 INI_BUDGET: Final = "poolaware_budget"
 INI_UNMARKED: Final = "poolaware_unmarked"
@@ -46,6 +50,7 @@ INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
 INI_FAST_EXIT: Final = "poolaware_fast_exit"
 INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
+INI_ORDER: Final = "poolaware_order"
 
 #: CPU niceness every worker but the serial lane's adds to its own: enough for the
 #: critical path to get about three times the CPU of a fan-out worker when they compete.
@@ -113,6 +118,14 @@ def unmarked_policy(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected one of {', '.join(UNMARKED_POLICIES)}, got {text!r}"
         )
+    return value
+
+
+def order_policy(text: str) -> str:
+    """Parse a ``poolaware_order`` value (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value not in ORDERS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(ORDERS)}, got {text!r}")
     return value
 
 
@@ -191,6 +204,8 @@ class Settings:
     budget_source: str
     unmarked: str = DEFAULT_UNMARKED_POLICY
     unknown_need: int = DEFAULT_UNKNOWN_NEED
+    #: ``collection`` or ``duration`` (``ORDERS``).
+    order: str = DEFAULT_ORDER
     retry_on_limit: bool = True
     #: Skip the interpreter's last garbage collections when the run's processes exit.
     fast_exit: bool = True
@@ -236,6 +251,7 @@ class Settings:
             )
         unmarked = pick("poolaware_unmarked", INI_UNMARKED, unmarked_policy)
         unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
+        order = pick("poolaware_order", INI_ORDER, order_policy)
         retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
         fast_exit = pick("poolaware_fast_exit", INI_FAST_EXIT, boolean)
         fanout_nice = pick("poolaware_fanout_nice", INI_FANOUT_NICE, non_negative_int)
@@ -255,6 +271,7 @@ class Settings:
             budget_source=budget[1],
             unmarked=unmarked[0] if unmarked else DEFAULT_UNMARKED_POLICY,
             unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
+            order=order[0] if order else DEFAULT_ORDER,
             retry_on_limit=retry[0] if retry else True,
             fast_exit=fast_exit[0] if fast_exit else True,
             fanout_nice=fanout_nice[0] if fanout_nice else DEFAULT_FANOUT_NICE,
@@ -315,6 +332,16 @@ def add_options(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help=f"Connections assumed for a test not measured yet (default: {DEFAULT_UNKNOWN_NEED}).",
+    )
+    group.addoption(
+        "--poolaware-order",
+        dest="poolaware_order",
+        type=order_policy,
+        default=None,
+        metavar="ORDER",
+        help="collection: each worker runs its tests in collection order, as with "
+        "--dist load; duration: longest modules first, which may run a test after one "
+        f"that comes later in the collection (default: {DEFAULT_ORDER}).",
     )
     group.addoption(
         "--poolaware-retry-on-limit",
@@ -403,6 +430,7 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini(INI_BUDGET, "Connection budget for --dist poolaware (positive integer).")
     parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
     parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
+    parser.addini(INI_ORDER, f"Order of each worker's tests: {', '.join(ORDERS)}.")
     parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
     parser.addini(INI_FAST_EXIT, "Exit without the interpreter's final garbage collections.")
     parser.addini(INI_FANOUT_NICE, "CPU niceness added by every worker but the serial lane's.")
