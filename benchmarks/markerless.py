@@ -196,6 +196,9 @@ class Mode:
     warm: bool = False
 
 
+#: Outcomes are compared with load's test by test: every run keeps the collection's order
+#: (pytest-randomly, where installed, would shuffle each run differently).
+KEEP_ORDER: Final = ("-p", "no:randomly")
 POOLAWARE = ("--dist", "poolaware", "--pool-budget", str(BUDGET), *bench.NO_MONITOR)
 MODES: Final = (
     Mode("load", ("--dist", "load")),
@@ -222,7 +225,8 @@ def run_rounds(
                 f"[markerless] {mode.name} {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True
             )
             cache = work / ("cache-load" if mode.name == "load" else "cache-poolaware")
-            args = [str(suite), "-o", f"cache_dir={cache}", "-n", str(WORKERS), *mode.args]
+            args = [str(suite), "-o", f"cache_dir={cache}", "-n", str(WORKERS), *KEEP_ORDER]
+            args += mode.args
             if not mode.warm:
                 args.append("--cache-clear")
             label = f"markerless-{mode.name}-{round_}"
