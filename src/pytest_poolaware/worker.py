@@ -10,8 +10,8 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
-from _pytest.runner import runtestprotocol
 
+from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import ItemMeasures, WorkerLink
 from pytest_poolaware.meter import BudgetRefused, PoolMeter
@@ -150,7 +150,7 @@ class WorkerAgent:
         started = time.time()
         start = self._clock()
         self.meter.begin()
-        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
         if reason:
@@ -162,7 +162,7 @@ class WorkerAgent:
             )
             start = self._clock()
             self.meter.begin()
-            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            reports = run_test_protocol(item, nextitem)
             window = self.meter.end()
         duration = self._clock() - start
         if self.link.take_release():
