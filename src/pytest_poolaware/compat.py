@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 #: pins of ``constraints/oldest.txt`` and ``constraints/newest.txt``.
 TESTED: Final[Mapping[str, tuple[str, str]]] = {
     "pytest": ("8.0.0", "9.2.0"),
-    "pytest-xdist": ("3.6.0", "3.8.0"),
+    "pytest-xdist": ("3.6.1", "3.8.0"),
 }
 
 

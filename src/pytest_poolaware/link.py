@@ -48,18 +48,22 @@ class ItemMeasures:
     open: int  # the worker's open connections once it ended
     idle: int
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
+    #: (start, end) time.time() of each wait for the budget long enough to show (the trace).
+    waits: tuple[tuple[float, float], ...] = ()
 
     def to_json(self) -> str:
         """A JSON list in field order, as one string: it rides on every item's report,
         and execnet serializes one string much faster than a list of ten values."""
         return json.dumps([
             self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
-            self.rerun, self.open, self.idle, self.version,
+            self.rerun, self.open, self.idle, self.version, self.waits,
         ])  # fmt: skip
 
     @classmethod
     def from_json(cls, data: str) -> ItemMeasures:
-        return cls(*json.loads(data))
+        fields = json.loads(data)
+        fields[-1] = tuple((start, end) for start, end in fields[-1])
+        return cls(*fields)
 
 
 #: Key under which the side channel travels in ``node.workerinput``.

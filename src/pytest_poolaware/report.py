@@ -73,6 +73,7 @@ def collect(
                 waited=m.waited,
                 rerun=m.rerun,
                 outcome=outcomes.get(nodeid),
+                waits=m.waits,
             )
         )
     stats = planner.statistics()
@@ -107,7 +108,7 @@ def write_files(
 ) -> list[str]:
     """Write the report, timeline and advice files asked for; one line per file for the
     summary (a file that cannot be written is a warning, not a failure)."""
-    from pytest_poolaware import timeline
+    from pytest_poolaware import timeline, trace_events
 
     outputs: list[tuple[str, str | None, Callable[[], str]]] = [
         ("report", settings.report_path, lambda: json.dumps(stats.to_json(), indent=1) + "\n"),
@@ -127,6 +128,7 @@ def write_files(
                 end=stats.finished,
             ),
         ),
+        ("trace", settings.trace_path, lambda: trace_events.render(stats)),
         (
             "advice",
             settings.advice_path,

@@ -207,6 +207,7 @@ class Settings:
     #: Files to write at the end of the run (absolute paths), if asked for.
     report_path: str | None = None
     timeline_path: str | None = None
+    trace_path: str | None = None
     advice_path: str | None = None
 
     @property
@@ -265,6 +266,7 @@ class Settings:
             monitor_source=monitor_source,
             report_path=path("poolaware_report"),
             timeline_path=path("poolaware_timeline"),
+            trace_path=path("poolaware_trace"),
             advice_path=path("poolaware_advice"),
         )
 
@@ -390,6 +392,14 @@ def add_options(parser: pytest.Parser) -> None:
         default=None,
         metavar="PATH",
         help="Write an SVG picture of open connections over time per worker to PATH.",
+    )
+    group.addoption(
+        "--poolaware-trace",
+        dest="poolaware_trace",
+        default=None,
+        metavar="PATH",
+        help="Write the run to PATH in the Chrome trace event format (JSON), for Perfetto "
+        "or chrome://tracing: a track per worker, each test a span, connections as counters.",
     )
     group.addoption(
         "--poolaware-monitor",
