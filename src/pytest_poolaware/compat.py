@@ -87,7 +87,7 @@ INTERNALS: Final[tuple[Internal, ...]] = (
     ),
     Internal(
         "pytest-xdist",
-        "xdist.workermanage.parse_tx_spec_config(config)",
+        "xdist.workermanage.parse_tx_spec_config(config) (parse_spec_config up to 3.6)",
         "scheduler.py (worker_count)",
         "how many workers -n/--tx asks for, as xdist counts them",
     ),
@@ -219,9 +219,12 @@ def finished_normally(node: Any) -> bool:
 
 def worker_count(config: pytest.Config) -> int:
     """Workers the run asked for (``-n``/``--tx``), as xdist counts them."""
-    from xdist.workermanage import parse_tx_spec_config
+    from xdist import workermanage
 
-    return len(parse_tx_spec_config(config))
+    parse = getattr(workermanage, "parse_tx_spec_config", None)
+    if parse is None:  # its name up to 3.6
+        parse = workermanage.parse_spec_config
+    return len(parse(config))
 
 
 def collection_diff(base: list[str], other: list[str], base_id: str, other_id: str) -> str:
