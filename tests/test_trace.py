@@ -19,6 +19,7 @@ from pytest_poolaware.trace_events import (
     OPEN_COUNTER,
     SERVER_COUNTER,
     WAIT_CATEGORY,
+    merged,
     render,
 )
 
@@ -176,6 +177,18 @@ def test_trace_of_a_run_with_a_crash_holds_the_tests_that_never_ran() -> None:
     ]
 
 
+def test_waits_at_once_are_one_span_on_the_track() -> None:
+    """Connections opened from several threads of one test wait at the gate together."""
+    waits = ((100.5, 101.0), (102.0, 103.0), (102.5, 104.0), (103.5, 103.75))
+    item = ItemFacts("t.py::test_threads", False, False, "fanout", worker="gw0", start=101.0,
+                     end=105.0, duration=4.0, need=3, waits=waits)  # fmt: skip
+    doc = json.loads(render(stats_of([item])))
+    assert problems(doc) == []
+    spans = [(e["ts"], e["dur"]) for e in events(doc, "X", cat=WAIT_CATEGORY)]
+    assert spans == [(500_000, 500_000), (2_000_000, 2_000_000)]
+    assert merged([(3.0, 4.0), (1.0, 2.0), (2.0, 2.5)]) == [(1.0, 2.5), (3.0, 4.0)]
+
+
 def test_trace_of_an_empty_run_is_still_valid() -> None:
     doc = json.loads(render(stats_of([])))
     assert problems(doc) == []
@@ -202,6 +215,16 @@ T = {"nodeid": "t"}
 def test_the_check_finds_what_breaks_the_format(event: dict[str, Any], problem: str) -> None:
     (found,) = problems({"traceEvents": [event]})
     assert problem in found
+
+
+def test_the_check_finds_spans_that_do_not_nest() -> None:
+    def span(name: str, ts: float, dur: float) -> dict[str, Any]:
+        return {"name": name, "ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "args": T}
+
+    nested = [span("a", 0, 10), span("b", 2, 3), span("c", 10, 5), span("d", 15, 0)]
+    assert problems({"traceEvents": nested}) == []
+    (found,) = problems({"traceEvents": [span("a", 0, 10), span("b", 5, 10)]})
+    assert found == "pid 1 tid 1: 'b' overlaps 'a'"
 
 
 def test_the_check_as_a_script(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,8 @@ METADATA_ARG = {
     "process_sort_index": "sort_index",
     "thread_sort_index": "sort_index",
 }
+#: Microseconds by which two spans' ends may disagree (rounding of ts and dur).
+NESTING_SLACK = 0.01
 #: Spans that are not tests (waits for the budget).
 NON_TEST_CATEGORIES = {"wait"}
 
@@ -81,6 +83,29 @@ def problems(doc: Any) -> list[str]:
             key = METADATA_ARG.get(event.get("name", ""))
             if key is None or key not in args:
                 found.append(f"{where}: metadata {event.get('name')!r} without args.{key}")
+    # Nesting is only checked once every event has its fields.
+    return found or _nesting(doc["traceEvents"])
+
+
+def _nesting(events: list[dict[str, Any]]) -> list[str]:
+    """Spans on one thread must nest (a viewer stacks them): each either ends before the
+    next starts or holds it whole."""
+    tracks: dict[tuple[int, int], list[tuple[float, float, str]]] = {}
+    for event in events:
+        if event["ph"] == "X":
+            start = event["ts"]
+            tracks.setdefault((event["pid"], event["tid"]), []).append(
+                (start, start + event["dur"], event["name"])
+            )
+    found = []
+    for (pid, tid), spans in tracks.items():
+        open_: list[tuple[float, float, str]] = []
+        for start, end, name in sorted(spans, key=lambda s: (s[0], -s[1])):
+            while open_ and open_[-1][1] <= start + NESTING_SLACK:
+                open_.pop()
+            if open_ and end > open_[-1][1] + NESTING_SLACK:
+                found.append(f"pid {pid} tid {tid}: {name!r} overlaps {open_[-1][2]!r}")
+            open_.append((start, end, name))
     return found
 
 

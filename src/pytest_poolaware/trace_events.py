@@ -14,7 +14,7 @@ their own, so every collected test is in the file.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from pytest_poolaware.runstats import SERIAL_LANE, ItemFacts, RunStats
@@ -70,7 +70,7 @@ def trace(stats: RunStats) -> dict[str, Any]:
             not_run.append(_instant(item, us(stats.finished)))
             continue
         spans.append(_span(item, tid[item.worker], us(item.start), us(item.end)))
-        for start, end in item.waits:
+        for start, end in merged(item.waits):
             spans.append(
                 {
                     "name": WAIT_NAME,
@@ -79,7 +79,7 @@ def trace(stats: RunStats) -> dict[str, Any]:
                     "pid": PID,
                     "tid": tid[item.worker],
                     "ts": us(start),
-                    "dur": max(0.0, round((end - start) * MICROSECONDS, DIGITS)),
+                    "dur": max(0.0, round(us(end) - us(start), DIGITS)),
                     "args": {"nodeid": item.nodeid},
                 }
             )
@@ -101,6 +101,22 @@ def trace(stats: RunStats) -> dict[str, Any]:
             "tests": len(stats.items),
         },
     }
+
+
+def merged(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``spans`` as disjoint (start, end) spans, in order.
+
+    A test that opens connections from several threads or tasks waits at the gate for
+    each of them at once; on its worker's track the waits must not overlap (viewers
+    nest the spans of one track), and what matters there is when the worker was held.
+    """
+    union: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
 
 
 def _meta(kind: str, tid: int, **args: Any) -> dict[str, Any]:
