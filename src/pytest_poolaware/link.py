@@ -53,7 +53,7 @@ class ItemMeasures:
 
     def to_json(self) -> str:
         """A JSON list in field order, as one string: it rides on every item's report,
-        and execnet serializes one string much faster than a list of ten values."""
+        and execnet serializes one string much faster than a list of eleven values."""
         return json.dumps([
             self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
             self.rerun, self.open, self.idle, self.version, self.waits,
