@@ -13,9 +13,11 @@ Worker -> controller (tuples, tag first):
                                      live connections of the worker process; ``released``
                                      when answering a release request; ``version`` orders
                                      them against the counts on item reports
-  ("request", request_id, want, index)
+  ("request", request_id, want, index, background)
                                      item ``index`` is blocked until it may hold ``want``
-                                     connections (None: one more)
+                                     connections (None: one more); ``background`` (may be
+                                     absent: False) when a pool opens it in its own thread
+                                     or task, which is never refused
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
   ("go", [index, ...])  ("grant", request_id, answer)  ("release",)
@@ -23,13 +25,14 @@ Controller -> worker:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 
@@ -48,13 +51,15 @@ class ItemMeasures:
     open: int  # the worker's open connections once it ended
     idle: int
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
+    drivers: list[str] = field(default_factory=list)  # drivers of the connections it used
+    leaks: int = 0  # connections its own code opened or checked out and still held at its end
 
     def to_json(self) -> str:
         """A JSON list in field order, as one string: it rides on every item's report,
         and execnet serializes one string much faster than a list of ten values."""
         return json.dumps([
             self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
-            self.rerun, self.open, self.idle, self.version,
+            self.rerun, self.open, self.idle, self.version, self.drivers, self.leaks,
         ])  # fmt: skip
 
     @classmethod
@@ -118,6 +123,8 @@ class WorkerLink:
         self._release = False
         self._closed = False
         self._next_request = 0
+        #: Requests awaited on event loops: woken through their loop, never blocked on.
+        self._awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, message: Message | None) -> None:
@@ -125,15 +132,25 @@ class WorkerLink:
             if message is None:  # the controller is gone: stop waiting for it
                 self._closed = True
                 self._cond.notify_all()
+                self._wake_awaiting(None)
                 return
             tag = message[0]
             if tag == "go":
                 self._goes.update(message[1])
             elif tag == "grant":
                 self._grants[message[1]] = message[2]
+                self._wake_awaiting(message[1])
             elif tag == "release":
                 self._release = True
+                self._wake_awaiting(None)
             self._cond.notify_all()
+
+    def _wake_awaiting(self, rid: int | None) -> None:
+        """Wake the awaited request ``rid`` (None: all of them), each on its own loop."""
+        for key, (loop, future) in list(self._awaiting.items()):
+            if rid is None or key == rid:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    loop.call_soon_threadsafe(_resolve, future)
 
     def send(self, *message: Any) -> None:
         self.channel.send(message)
@@ -149,22 +166,71 @@ class WorkerLink:
         self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
 
     def request(
-        self, index: int, want: int | None, timeout: float, on_release: Callable[[], None]
+        self,
+        index: int,
+        want: int | None,
+        timeout: float,
+        on_release: Callable[[], None],
+        *,
+        background: bool = False,
     ) -> str | None:
         """Ask for item ``index`` to hold ``want`` connections (None: one more); wait for
         the answer.
 
         Returns the answer (``core.Answer`` value), or None if ``timeout`` passed first.
         """
-        with self._cond:  # tests may connect from several threads at once
-            self._next_request += 1
-            rid = self._next_request
-        self.send("request", rid, want, index)
+        rid = self._send_request(want, index, background)
         granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
         if not granted:
             return None
         with self._cond:
             return self._grants.pop(rid)
+
+    def _send_request(self, want: int | None, index: int, background: bool) -> int:
+        with self._cond:  # tests may connect from several threads at once
+            self._next_request += 1
+            rid = self._next_request
+        if background:
+            self.send("request", rid, want, index, True)
+        else:
+            self.send("request", rid, want, index)
+        return rid
+
+    async def request_async(
+        self,
+        index: int,
+        timeout: float,
+        on_release: Callable[[], Awaitable[None]],
+        *,
+        background: bool = False,
+    ) -> str | None:
+        """``request`` for one more connection, awaited on the running event loop: other
+        coroutines of that loop keep running (they may hold what would free room)."""
+        loop = asyncio.get_running_loop()
+        rid = self._send_request(None, index, background)
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                future: asyncio.Future[None] = loop.create_future()
+                with self._cond:
+                    if rid in self._grants:
+                        return self._grants.pop(rid)
+                    if self._closed:
+                        return None
+                    release, self._release = self._release, False
+                    if not release:
+                        self._awaiting[rid] = (loop, future)
+                if release:
+                    await on_release()
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(future, remaining)
+        finally:
+            with self._cond:
+                self._awaiting.pop(rid, None)
 
     def _wait(
         self,
@@ -194,3 +260,8 @@ class WorkerLink:
                     continue
             if release:  # outside the lock: closing connections may take a moment
                 on_release()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -73,6 +73,8 @@ def collect(
                 waited=m.waited,
                 rerun=m.rerun,
                 outcome=outcomes.get(nodeid),
+                drivers=tuple(m.drivers),
+                leaks=m.leaks,
             )
         )
     stats = planner.statistics()
@@ -214,10 +216,20 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
     top = stats.top_needs(TOP_NEEDS_VERBOSE if verbose > 0 else TOP_NEEDS)
     if top:
         lines.append("most connections at once:")
-        lines += [f"  {item.need:>3}  {item.lane:<6}  {item.nodeid}" for item in top]
+        lines += [
+            f"  {item.need:>3}  {item.lane:<6}  {item.nodeid}{_drivers(item)}" for item in top
+        ]
+    leaking = stats.leaking
+    if leaking:
+        lines.append("connections still held at a test's end (opened or checked out by it):")
+        lines += [f"  {item.leaks:>3}  {item.nodeid}" for item in leaking]
     lines.append(_wall_line(stats))
     lines += _advice_lines(stats.advice, settings, verbose)
     return lines
+
+
+def _drivers(item: ItemFacts) -> str:
+    return f"  ({', '.join(item.drivers)})" if item.drivers else ""
 
 
 def _time_line(name: str, time: LaneTime) -> str:

@@ -34,6 +34,8 @@ class ItemFacts:
     waited: float | None = None  # seconds held back by the budget
     rerun: str = ""  # why it ran twice, "" if it ran once
     outcome: str | None = None  # passed, failed, skipped, error
+    drivers: tuple[str, ...] = ()  # drivers of the connections it used
+    leaks: int = 0  # connections its code opened or checked out and still held at its end
 
     @property
     def measured(self) -> bool:
@@ -58,6 +60,8 @@ class ItemFacts:
             "waited": _round(self.waited),
             "rerun": self.rerun or None,
             "outcome": self.outcome,
+            "drivers": list(self.drivers),
+            "leaks": self.leaks,
         }
 
 
@@ -213,6 +217,11 @@ class RunStats:
     def wall_over_lb(self) -> float | None:
         bound = self.lower_bound.value
         return self.wall / bound if bound > 0 else None
+
+    @property
+    def leaking(self) -> list[ItemFacts]:
+        """Tests that ended holding connections their own code opened or checked out."""
+        return [item for item in self.items if item.leaks]
 
     def top_needs(self, count: int) -> list[ItemFacts]:
         """The tests that held the most connections at once (none of those that held none)."""

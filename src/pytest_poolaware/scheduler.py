@@ -330,8 +330,11 @@ class PoolAwareScheduling:
                     )
             elif tag == "request":
                 if node in self._joined:
-                    _, request, want, index = message
-                    self._apply(self.planner.request(node, request, want, item=index))
+                    _, request, want, index, *rest = message
+                    background = bool(rest[0]) if rest else False
+                    self._apply(
+                        self.planner.request(node, request, want, item=index, background=background)
+                    )
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
 

@@ -110,17 +110,19 @@ class WorkerAgent:
                 "counts", open_, idle, released, version
             ),
             gate=self._gate,
+            gate_async=self._gate_async,
             on_error=self._report_error,
         )
 
     # -- hooks ------------------------------------------------------------------------------
 
     def pytest_configure(self, config: pytest.Config) -> None:
-        self._install_meter()
+        """Hook the drivers: those imported now, the others as they are imported."""
+        self.meter.install()
 
     def _install_meter(self) -> None:
-        """Instrument pools once SQLAlchemy is in use (conftests usually import it before
-        this runs); a worker that never imports it does not pay for the import."""
+        """Instrument SQLAlchemy's pools once it is in use (conftests usually import it
+        before this runs); a worker that never imports it does not pay for the import."""
         if not self.meter.installed and "sqlalchemy" in sys.modules:
             self.meter.install()
 
@@ -149,7 +151,7 @@ class WorkerAgent:
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         started = time.time()
         start = self._clock()
-        self.meter.begin()
+        self.meter.begin(index)
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
         window = self.meter.end()
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
@@ -161,7 +163,7 @@ class WorkerAgent:
                 lambda: self.link.request(index, self.budget, self.gate_timeout, self._release)
             )
             start = self._clock()
-            self.meter.begin()
+            self.meter.begin(index)
             reports = runtestprotocol(item, nextitem=nextitem, log=False)
             window = self.meter.end()
         duration = self._clock() - start
@@ -180,6 +182,8 @@ class WorkerAgent:
             open=open_,
             idle=idle,
             version=version,
+            drivers=list(window.drivers),
+            leaks=window.leaks,
         ).to_json()
         for report in reports:
             if reason:
@@ -192,6 +196,15 @@ class WorkerAgent:
         begun = self._clock()
         wait()
         self._waited += self._clock() - begun
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        """What the test's own code opens and keeps past its end is a leak."""
+        self.meter.call_started()
+        try:
+            return (yield)
+        finally:
+            self.meter.call_ended()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
@@ -207,17 +220,32 @@ class WorkerAgent:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _gate(self) -> None:
+    def _gate(self, background: bool) -> None:
         """Called before each new connection: wait until the budget has room for it."""
         begun = self._clock()
-        answer = self.link.request(self._running, None, self.gate_timeout, self._release)
+        answer = self.link.request(
+            self._running, None, self.gate_timeout, self._release, background=background
+        )
         self._waited += self._clock() - begun
+        self._answered(answer, background)
+
+    async def _gate_async(self, background: bool) -> None:
+        """The gate for a connect on an event loop: awaits the answer, so the loop's other
+        coroutines (which may hold the connections that would free room) keep running."""
+        begun = self._clock()
+        answer = await self.link.request_async(
+            self._running, self.gate_timeout, self._release_async, background=background
+        )
+        self._waited += self._clock() - begun
+        self._answered(answer, background)
+
+    def _answered(self, answer: str | None, background: bool) -> None:
         if answer is None:
             self.link.send(
                 "note",
                 f"waited {self.gate_timeout:g}s for connection budget; connecting anyway",
             )
-        elif answer == Answer.REFUSED.value:
+        elif answer == Answer.REFUSED.value and not background:
             raise BudgetRefused(
                 "pytest-poolaware: too many connections: every test holding connections "
                 "was waiting for more; this one gives way and is rerun alone"
@@ -225,6 +253,10 @@ class WorkerAgent:
 
     def _release(self) -> None:
         self.meter.release_idle()
+        self.meter.report(released=True)
+
+    async def _release_async(self) -> None:
+        await self.meter.release_idle_async()
         self.meter.report(released=True)
 
     def _report_error(self, exc: BaseException) -> None:

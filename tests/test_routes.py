@@ -1,0 +1,176 @@
+"""End to end, one suite per route to the server that is not SQLAlchemy: raw psycopg, a
+module-scoped psycopg_pool, per-test asyncpg pools, bare asyncpg connects, serial tests
+holding six asyncpg connections, and asyncio.gather of more connects than the budget.
+Real xdist workers against a role with a connection limit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+from inner import RECORDING_CONFTEST, connection_errors, run
+from test_scheduling import POOL_ENV, ROLE_LIMIT, ServerSampler
+
+CONFTEST = (
+    """
+import asyncio, os
+import asyncpg
+import pytest
+from psycopg import connect  # imported by name before the plugin hooks the drivers
+from psycopg_pool import ConnectionPool
+
+DSN = os.environ["POOLAWARE_DSN"]
+
+def hold_psycopg(n, seconds):
+    conns = [connect(DSN) for _ in range(n)]
+    try:
+        conns[0].execute("select pg_sleep(%s)", [seconds])
+    finally:
+        for conn in conns:
+            conn.close()
+
+async def hold_asyncpg(n, seconds, gather=False):
+    if gather:
+        conns = await asyncio.gather(*(asyncpg.connect(DSN) for _ in range(n)))
+    else:
+        conns = [await asyncpg.connect(DSN) for _ in range(n)]
+    try:
+        await conns[0].execute(f"select pg_sleep({seconds})")
+    finally:
+        for conn in conns:
+            await conn.close()
+
+@pytest.fixture(scope="module")
+def pg_pool():
+    with ConnectionPool(DSN, min_size=2, max_size=4, timeout=60) as pool:
+        yield pool
+"""
+    + RECORDING_CONFTEST
+)
+
+SUITE = """
+import asyncio
+import asyncpg
+import pytest
+from conftest import DSN, hold_asyncpg, hold_psycopg
+
+@pytest.mark.serial_only
+@pytest.mark.parametrize("n", range(3))
+def test_serial_six_asyncpg(n):
+    asyncio.run(hold_asyncpg(6, 0.3))
+
+@pytest.mark.parametrize("n", range(12))
+def test_raw_psycopg(n):
+    hold_psycopg(3, 0.1)
+
+@pytest.mark.parametrize("n", range(12))
+def test_module_pool(pg_pool, n):
+    conns = [pg_pool.getconn() for _ in range(3)]
+    try:
+        conns[0].execute("select pg_sleep(0.1)")
+    finally:
+        for conn in conns:
+            pg_pool.putconn(conn)
+
+@pytest.mark.parametrize("n", range(12))
+def test_asyncpg_pool_per_test(n):
+    async def use():
+        async with asyncpg.create_pool(DSN, min_size=2, max_size=4) as pool:
+            async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c:
+                await a.execute("select pg_sleep(0.1)")
+    asyncio.run(use())
+
+@pytest.mark.parametrize("n", range(12))
+def test_bare_asyncpg(n):
+    asyncio.run(hold_asyncpg(3, 0.1))
+"""
+
+GATHER_SUITE = """
+import asyncio
+import pytest
+from conftest import hold_asyncpg
+
+@pytest.mark.parametrize("n", range(6))
+def test_gather(n):
+    asyncio.run(hold_asyncpg(8, 0.2, gather=True))
+"""
+
+PASSED = 3 + 4 * 12
+
+
+@pytest.fixture
+def role_limit() -> int:
+    return ROLE_LIMIT
+
+
+@pytest.fixture
+def routes(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    role_limit: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    role_dsn = limited_role(role_limit)
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", str(pytester.path / "events.jsonl"))
+    for name, value in POOL_ENV.items():
+        monkeypatch.setenv(name, value)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_routes=SUITE)
+    return {"dsn": role_dsn, "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]}
+
+
+def test_load_exhausts_connections_where_poolaware_does_not(
+    pytester: pytest.Pytester, routes: dict[str, Any], postgres_dsn: str
+) -> None:
+    load = run(pytester, "-n", "4", "--dist", "load")
+    assert load.ret == pytest.ExitCode.TESTS_FAILED
+    assert connection_errors(load) > 0
+
+    report = pytester.path / "report.json"
+    for warm in (False, True):
+        with ServerSampler(postgres_dsn, routes["role"]) as sampler:
+            result = run(
+                pytester,
+                "-n",
+                "4",
+                "--dist",
+                "poolaware",
+                f"--poolaware-report={report}",
+                *(() if warm else ("--cache-clear",)),
+            )
+        result.assert_outcomes(passed=PASSED)
+        out = result.stdout.str()
+        assert connection_errors(result) == 0
+        assert "rerun" not in out
+        assert "waited" not in out  # no gate timed out
+        assert 0 < sampler.peak <= 15
+        data = json.loads(report.read_text())
+        assert 0 < data["run"]["peak_open_workers"] <= 15
+        needs = {t["nodeid"].split("[")[0]: t["need"] for t in data["tests"]}
+        assert needs["test_routes.py::test_serial_six_asyncpg"] == 6
+        drivers = {t["nodeid"].split("[")[0]: tuple(t["drivers"]) for t in data["tests"]}
+        assert drivers["test_routes.py::test_raw_psycopg"] == ("psycopg",)
+        assert drivers["test_routes.py::test_bare_asyncpg"] == ("asyncpg",)
+        assert "serial_only" not in {a["marker"] for a in data["advice"]} - {"serial_only"}
+        assert not any(
+            a["marker"] == "parallel_safe" and "six_asyncpg" in a["target"] for a in data["advice"]
+        )
+
+
+@pytest.mark.parametrize("role_limit", [32])
+def test_gather_beyond_the_budget_finishes_without_a_gate_timeout(
+    pytester: pytest.Pytester, routes: dict[str, Any]
+) -> None:
+    # Each test awaits 8 connects at once on one event loop; the budget has room for 5.
+    # The gate must answer them by awaiting (a blocking wait would freeze the loop that
+    # holds the connections) and break the wait by making tests give way.
+    pytester.makepyfile(test_routes=GATHER_SUITE)
+    result = run(pytester, "-n", "4", "--dist", "poolaware", "--pool-budget", "5")
+    result.assert_outcomes(passed=6)
+    out = result.stdout.str()
+    assert "waited" not in out
+    assert "the server refused a connection" not in out
+    assert "needed 8 connections, more than the room in the budget of 5" in out
