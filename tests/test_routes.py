@@ -174,3 +174,33 @@ def test_gather_beyond_the_budget_finishes_without_a_gate_timeout(
     assert "waited" not in out
     assert "the server refused a connection" not in out
     assert "needed 8 connections, more than the room in the budget of 5" in out
+
+
+BLIND_SPOT = """
+import os, subprocess, sys
+
+def test_subprocess_holds_a_connection():
+    code = "import os, time, psycopg; c = psycopg.connect(os.environ['POOLAWARE_DSN']); "
+    code += "time.sleep(1)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+"""
+
+
+@pytest.mark.parametrize("role_limit", [ROLE_LIMIT + 1])
+def test_monitored_run_counts_agree_with_the_server(
+    pytester: pytest.Pytester, routes: dict[str, Any]
+) -> None:
+    # One slot more than the budget's own: room for the monitor's connection, so the
+    # server's count of the role is compared with the workers'.
+    pytester.makepyfile(test_blind=BLIND_SPOT)
+    report = pytester.path / "report.json"
+    result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=PASSED + 1)
+    run_data = json.loads(report.read_text())["run"]
+    assert 0 < run_data["peak_open_server"] <= 15
+    # The subprocess's connection is the only one the workers could not see.
+    assert run_data["uncounted"]["most"] == 1
+    assert run_data["uncounted"]["end_workers"] == run_data["uncounted"]["end_server"] == 0
+    assert "not counted by the workers (server minus workers): up to 1 at once" in (
+        result.stdout.str()
+    )

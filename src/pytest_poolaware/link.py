@@ -21,6 +21,9 @@ Worker -> controller (tuples, tag first):
   ("note", text)                     a warning to show on the controller
 Controller -> worker:
   ("go", [index, ...])  ("grant", request_id, answer)  ("release",)
+  ("alive", time, [pid, ...])        the backend pids the server listed at ``time`` (when
+                                     monitored): connections counted before then and not
+                                     listed were ended by the server
 """
 
 from __future__ import annotations
@@ -125,9 +128,15 @@ class WorkerLink:
         self._next_request = 0
         #: Requests awaited on event loops: woken through their loop, never blocked on.
         self._awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
+        #: Called (on the receiving thread) with the server's (time, pids).
+        self.on_alive: Callable[[float, list[int]], object] | None = None
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, message: Message | None) -> None:
+        if message is not None and message[0] == "alive":
+            if self.on_alive is not None:  # outside the lock: it sends counts
+                self.on_alive(message[1], message[2])
+            return
         with self._cond:
             if message is None:  # the controller is gone: stop waiting for it
                 self._closed = True

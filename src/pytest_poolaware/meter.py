@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class _Counted:
     loop: asyncio.AbstractEventLoop | None  # where it was opened (asyncio drivers)
     pooled: bool
     in_use: bool
+    opened_at: float  # time.time(), to compare with the server's samples
     opened_by: int = NO_ITEM
     lent_by: int = NO_ITEM
     finalizer: Any = field(default=None, repr=False)
@@ -227,6 +229,7 @@ class PoolMeter:
                     loop=running_loop(),
                     pooled=pool is not None,
                     in_use=pool is None,
+                    opened_at=time.time(),
                     opened_by=self._item if self._in_call else NO_ITEM,
                 )
                 record.finalizer = weakref.finalize(conn, self._collected.append, record)
@@ -330,13 +333,18 @@ class PoolMeter:
         with self._lock:
             return sorted(self._by_pid)
 
-    def reconcile(self, alive: Collection[int]) -> int:
+    def reconcile(self, alive: Collection[int], before: float | None = None) -> int:
         """Uncount the connections whose backend is not in ``alive`` (pids the server's
-        ``pg_stat_activity`` lists): the server ended them, and the driver will notice
-        only on next use. Returns how many were uncounted."""
+        ``pg_stat_activity`` listed at time ``before``; connections opened since are
+        kept): the server ended them, and the driver would notice only on next use.
+        Returns how many were uncounted."""
         alive = set(alive)
         with self._lock:
-            gone = [r for pid, r in self._by_pid.items() if pid not in alive]
+            gone = [
+                r
+                for pid, r in self._by_pid.items()
+                if pid not in alive and (before is None or r.opened_at < before)
+            ]
             for record in gone:
                 self._forget(record)
             if gone:

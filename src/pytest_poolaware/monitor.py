@@ -27,10 +27,11 @@ _CLIENTS: Final = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
 #: counts a connection for a moment after the client closed it.
 CLOSING_SLACK = 1
 #: A role with a connection limit: count what that limit counts, every connection of it.
-ROLE_QUERY: Final = f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
+#: Backend pids, not just a count: workers check what they counted against them.
+ROLE_QUERY: Final = f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
 #: A superuser (whose connections no limit counts): the connections the engine helper tagged.
 TAGGED_QUERY: Final = (
-    f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
+    f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
 )
 _ROLE: Final = (
     "SELECT current_user, r.rolsuper, r.rolconnlimit FROM pg_roles r WHERE r.rolname = current_user"
@@ -69,6 +70,8 @@ class ServerMonitor:
         self.peak = 0
         self.scope = ""
         self.problem: str | None = None
+        #: The latest sample's time and backend pids (replaced whole: read from any thread).
+        self.latest: tuple[float, frozenset[int]] | None = None
         self._conn: Any = None
         self._query = ""
         self._param = ""
@@ -142,16 +145,18 @@ class ServerMonitor:
         if self._conn is None:
             return False
         try:
-            row = self._conn.execute(self._query, (self._param,)).fetchone()
+            rows = self._conn.execute(self._query, (self._param,)).fetchall()
         except Exception as exc:
             self.problem = (
                 f"server monitoring stopped after {len(self.samples)} samples: {_first_line(exc)}"
             )
             self._close()
             return False
-        count = int(row[0]) if row is not None else 0
-        self.samples.append((self._clock(), count))
-        self.peak = max(self.peak, count)
+        now = self._clock()
+        pids = frozenset(int(pid) for (pid,) in rows)
+        self.latest = (now, pids)
+        self.samples.append((now, len(pids)))
+        self.peak = max(self.peak, len(pids))
         return True
 
     def _close(self) -> None:

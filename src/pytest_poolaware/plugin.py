@@ -220,8 +220,13 @@ class Controller:
             inbox=self.inbox,
             record=self.record,
             serial_worker=self.serial_worker,
+            server_pids=self._server_pids,
         )
         return self.scheduler
+
+    def _server_pids(self) -> tuple[float, frozenset[int]] | None:
+        monitor = self.monitor
+        return None if monitor is None else monitor.latest
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.
@@ -250,6 +255,7 @@ class Controller:
         if self.cache is not None and scheduler.collection:
             self.history.save(self.cache, keep=scheduler.collection)
         if scheduler.collection:
+            scheduler.take_last_news()
             problem = self.monitor.problem if self.monitor is not None else None
             self.stats = report.collect(
                 settings=self.settings,

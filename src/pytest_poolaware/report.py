@@ -202,6 +202,13 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"peak open connections (server): {server.peak} ({server.scope}, "
             f"{server.samples} samples every {server.interval:g}s)"
         )
+        missed = stats.uncounted
+        if missed is not None:
+            lines.append(
+                f"not counted by the workers (server minus workers): up to {missed.most} "
+                f"at once; at the end {missed.end_server} open on the server, "
+                f"{missed.end_workers} counted"
+            )
     elif verbose > 0 and not settings.monitor_dsn:
         lines.append(
             f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"

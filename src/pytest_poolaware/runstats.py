@@ -160,6 +160,54 @@ class ServerView:
     timeline: tuple[tuple[float, int], ...] = ()
 
 
+#: Seconds an excess of the server's count over the workers' must last to be reported as
+#: connections the workers did not count: shorter ones are opens and closes in flight
+#: between the two views.
+UNCOUNTED_HOLD: Final = 0.25
+
+
+@dataclass(frozen=True)
+class Uncounted:
+    """The server's count for the run's login against the workers' own (when monitored)."""
+
+    most: int  # most connections the workers did not count, held UNCOUNTED_HOLD or longer
+    end_server: int  # at the last sample
+    end_workers: int  # the workers' last counts, summed
+
+
+def uncounted(
+    workers: Sequence[tuple[float, str, int]],
+    server: Sequence[tuple[float, int]],
+    hold: float = UNCOUNTED_HOLD,
+) -> Uncounted:
+    """Connections the server saw that the workers did not count (subprocesses, drivers
+    that are not hooked): a blind spot made visible instead of silent."""
+    last: dict[str, int] = {}
+    changes = sorted(workers)
+    excess: list[tuple[float, int]] = []
+    i = 0
+    for at, count in server:
+        while i < len(changes) and changes[i][0] <= at:
+            last[changes[i][1]] = changes[i][2]
+            i += 1
+        excess.append((at, count - sum(last.values())))
+    for _, worker, open_ in changes[i:]:
+        last[worker] = open_
+    most = 0
+    for j, (start, _) in enumerate(excess):
+        low = None
+        for at, value in excess[j:]:
+            low = value if low is None else min(low, value)
+            if at - start >= hold:
+                most = max(most, low)
+                break
+    return Uncounted(
+        most=most,
+        end_server=server[-1][1] if server else 0,
+        end_workers=sum(last.values()),
+    )
+
+
 @dataclass(frozen=True)
 class Overrun:
     nodeid: str
@@ -219,6 +267,12 @@ class RunStats:
         return self.wall / bound if bound > 0 else None
 
     @property
+    def uncounted(self) -> Uncounted | None:
+        if self.server is None:
+            return None
+        return uncounted(self.timeline, self.server.timeline)
+
+    @property
     def leaking(self) -> list[ItemFacts]:
         """Tests that ended holding connections their own code opened or checked out."""
         return [item for item in self.items if item.leaks]
@@ -245,6 +299,7 @@ class RunStats:
                 "peak_open_server": server.peak if server else None,
                 "server_scope": server.scope if server else None,
                 "server_samples": server.samples if server else 0,
+                "uncounted": _uncounted_json(self.uncounted),
                 "started": _round(self.started),
                 "finished": _round(self.finished),
                 "session": _round(self.session),
@@ -270,6 +325,12 @@ class RunStats:
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
         }
+
+
+def _uncounted_json(value: Uncounted | None) -> dict[str, int] | None:
+    if value is None:
+        return None
+    return {"most": value.most, "end_server": value.end_server, "end_workers": value.end_workers}
 
 
 def _round(value: float | None) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class PoolAwareScheduling:
         inbox: queue.SimpleQueue[tuple[Any, Message]],
         record: RunRecord,
         serial_worker: str | None = None,
+        server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -90,6 +91,10 @@ class PoolAwareScheduling:
         self.record = record
         self._links = links
         self._inbox = inbox
+        #: The server's latest (time, backend pids) when it is monitored, and the time of
+        #: the last one sent to the workers.
+        self._server_pids = server_pids
+        self._pids_sent = 0.0
         self.planner: Planner[WorkerController] = Planner(
             settings.budget, unknown_need=settings.unknown_need
         )
@@ -305,6 +310,11 @@ class PoolAwareScheduling:
             )
         return tests
 
+    def take_last_news(self) -> None:
+        """At the session's end: the workers' last counts (sent as they finished) may
+        still wait in the inbox; the report's end-of-run figures need them."""
+        self._drain()
+
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
         for node in self._joined:
@@ -337,6 +347,19 @@ class PoolAwareScheduling:
                     )
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
+
+    def _reconcile(self) -> None:
+        """A gate wait begins: send the server's backend pids to the workers, so they
+        uncount connections the server ended (their drivers notice only on next use)."""
+        sample = self._server_pids() if self._server_pids is not None else None
+        if sample is None or sample[0] <= self._pids_sent:
+            return
+        self._pids_sent = sample[0]
+        pids = sorted(sample[1])
+        for node in self._joined:
+            link = self._links.get(node)
+            if link is not None:
+                link.send("alive", sample[0], pids)
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[Any, list[int]] = {}

@@ -113,6 +113,7 @@ class WorkerAgent:
             gate_async=self._gate_async,
             on_error=self._report_error,
         )
+        link.on_alive = lambda taken, pids: self.meter.reconcile(pids, before=taken)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -215,7 +216,8 @@ class WorkerAgent:
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Give every idle connection back: this worker will run nothing more."""
+        """Give every idle connection back: this worker will run nothing more. The last
+        counts say what is still open (checked against the server by the controller)."""
         self._release()
 
     # -- helpers ------------------------------------------------------------------------------
