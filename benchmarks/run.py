@@ -34,6 +34,8 @@ from typing import Any, Final
 
 HERE: Final = Path(__file__).resolve().parent
 SUITE: Final = HERE.parent / "demo" / "suite"
+#: A suite that opens its connections without SQLAlchemy (psycopg, psycopg_pool, asyncpg).
+RAW_SUITE: Final = HERE / "rawdrivers"
 DEFAULT_OUT: Final = HERE / "results"
 
 WORKERS: Final = 4
@@ -67,6 +69,7 @@ OVERHEAD_WORKERS: Final = 2
 OVERHEAD_ROUNDS: Final = 5
 #: Rounds of the demo modes, interleaved (every mode once per round); medians are shown.
 DEMO_ROUNDS: Final = 3
+RAW_ROUNDS: Final = 3
 NOMARKERS_TESTS: Final = 2000
 NOMARKERS_MODULES: Final = 20
 NOMARKERS_WORKERS: Final = WORKERS
@@ -117,7 +120,7 @@ DEMO_MODES: Final = (
         clear_cache=False,
     ),
 )
-EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers")
+EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers", "rawdrivers")
 ALL_NAMES: Final = tuple(m.name for m in DEMO_MODES) + EXTRA_BENCHMARKS
 
 
@@ -479,6 +482,40 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
     }
 
 
+def benchmark_rawdrivers(work: Path, admin_dsn: str) -> dict[str, Any]:
+    """The raw-driver suite against the demo's limited role and budget: load against
+    poolaware cold and warm, in interleaved rounds (connection errors and server peak)."""
+    with demo_role(admin_dsn) as (role, dsn):
+        env = pool_env(dsn)
+        runs: dict[str, list[Outcome]] = {"load": [], "poolaware-cold": [], "poolaware-warm": []}
+        for round_ in range(RAW_ROUNDS):
+            modes = (
+                Mode("load", ((*DIST, "load"),), f"raw-load-{round_}"),
+                Mode("poolaware-cold", ((*DIST, "poolaware", *NO_MONITOR),), f"raw-pa-{round_}"),
+                Mode(
+                    "poolaware-warm",
+                    ((*DIST, "poolaware", *NO_MONITOR),),
+                    f"raw-pa-{round_}",
+                    clear_cache=False,
+                ),
+            )
+            for mode in modes:
+                outcome, _ = run_mode(
+                    dataclasses.replace(mode, name=f"rawdrivers-{mode.name}-{round_}"),
+                    RAW_SUITE,
+                    env,
+                    work,
+                    (admin_dsn, role),
+                )
+                runs[mode.name].append(outcome)
+    return {
+        "workers": WORKERS,
+        "budget": BUDGET,
+        "role_limit": ROLE_LIMIT,
+        "modes": {name: dataclasses.asdict(fold_rounds(o)) for name, o in runs.items()},
+    }
+
+
 def loadavg() -> list[float] | None:
     """1/5/15-minute load averages: the machine is shared, so say how busy it was."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -640,6 +677,25 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {o['errors']} "
                 f"| {_fmt(o['server_peak'], 'd')} | {_fmt(o['ratio_over_load'], '.2f')} |"
             )
+    raw = report.get("rawdrivers")
+    if raw:
+        lines += [
+            "",
+            f"Raw drivers (psycopg, psycopg_pool, asyncpg; no SQLAlchemy), -n {raw['workers']}, "
+            f"role CONNECTION LIMIT {raw['role_limit']}, budget {raw['budget']}; "
+            f"{RAW_ROUNDS} interleaved rounds, counts from the worst round:",
+            "",
+            "| mode | wall s (median) | passed | failed | errors | conn errors | server peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, o in raw["modes"].items():
+            if not o["ran"]:
+                lines.append(f"| {name} | did not run: `{headline(o['tail'])}` | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {o['wall']:.1f} | {o['passed']} | {o['failed']} | {o['errors']} "
+                f"| {o['conn_errors']} | {_fmt(o['server_peak'], 'd')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -719,6 +775,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("[bench] nomarkers ...", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="poolaware-nomarkers-") as tmp:
                 report["nomarkers"] = benchmark_nomarkers(Path(tmp), admin_dsn)
+        if "rawdrivers" in args.only:
+            print("[bench] rawdrivers ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="poolaware-rawdrivers-") as tmp:
+                report["rawdrivers"] = benchmark_rawdrivers(Path(tmp), admin_dsn)
     report["loadavg_at_end"] = loadavg()
     markdown = render_markdown(report)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
-from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound
+from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound, uncounted
 from pytest_poolaware.settings import default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
@@ -577,3 +577,12 @@ def test_monitor_counts_every_connection_of_a_limited_role(limited_role: Any) ->
         view = monitor.stop()
     assert view is not None
     assert (view.scope, view.timeline[0][1], view.timeline[-1][1]) == (f"role {role}", 0, 2)
+
+
+def test_uncounted_connections_are_the_lasting_excess_of_the_server_over_the_workers() -> None:
+    workers = [(0.0, "gw0", 2), (0.5, "gw1", 1), (2.0, "gw0", 0), (2.0, "gw1", 0)]
+    # 0.1-0.2: one in flight (too short to report); 1.0-1.6: one more, held (a blind spot).
+    server = [(0.1, 3), (0.2, 2), (0.6, 3), (1.0, 4), (1.3, 4), (1.6, 4), (1.9, 3), (2.5, 0)]
+    seen = uncounted(workers, server, hold=0.25)
+    assert (seen.most, seen.end_server, seen.end_workers) == (1, 0, 0)
+    assert uncounted(workers, server[:2], hold=0.25).most == 0

@@ -6,86 +6,18 @@ Real xdist workers against a role with a connection limit."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from inner import RECORDING_CONFTEST, connection_errors, run
+from inner import connection_errors, run
 from test_scheduling import POOL_ENV, ROLE_LIMIT, ServerSampler
 
-CONFTEST = (
-    """
-import asyncio, os
-import asyncpg
-import pytest
-from psycopg import connect  # imported by name before the plugin hooks the drivers
-from psycopg_pool import ConnectionPool
-
-DSN = os.environ["POOLAWARE_DSN"]
-
-def hold_psycopg(n, seconds):
-    conns = [connect(DSN) for _ in range(n)]
-    try:
-        conns[0].execute("select pg_sleep(%s)", [seconds])
-    finally:
-        for conn in conns:
-            conn.close()
-
-async def hold_asyncpg(n, seconds, gather=False):
-    if gather:
-        conns = await asyncio.gather(*(asyncpg.connect(DSN) for _ in range(n)))
-    else:
-        conns = [await asyncpg.connect(DSN) for _ in range(n)]
-    try:
-        await conns[0].execute(f"select pg_sleep({seconds})")
-    finally:
-        for conn in conns:
-            await conn.close()
-
-@pytest.fixture(scope="module")
-def pg_pool():
-    with ConnectionPool(DSN, min_size=2, max_size=4, timeout=60) as pool:
-        yield pool
-"""
-    + RECORDING_CONFTEST
-)
-
-SUITE = """
-import asyncio
-import asyncpg
-import pytest
-from conftest import DSN, hold_asyncpg, hold_psycopg
-
-@pytest.mark.serial_only
-@pytest.mark.parametrize("n", range(3))
-def test_serial_six_asyncpg(n):
-    asyncio.run(hold_asyncpg(6, 0.3))
-
-@pytest.mark.parametrize("n", range(12))
-def test_raw_psycopg(n):
-    hold_psycopg(3, 0.1)
-
-@pytest.mark.parametrize("n", range(12))
-def test_module_pool(pg_pool, n):
-    conns = [pg_pool.getconn() for _ in range(3)]
-    try:
-        conns[0].execute("select pg_sleep(0.1)")
-    finally:
-        for conn in conns:
-            pg_pool.putconn(conn)
-
-@pytest.mark.parametrize("n", range(12))
-def test_asyncpg_pool_per_test(n):
-    async def use():
-        async with asyncpg.create_pool(DSN, min_size=2, max_size=4) as pool:
-            async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c:
-                await a.execute("select pg_sleep(0.1)")
-    asyncio.run(use())
-
-@pytest.mark.parametrize("n", range(12))
-def test_bare_asyncpg(n):
-    asyncio.run(hold_asyncpg(3, 0.1))
-"""
+#: The raw-driver suite the benchmarks run too: one copy of it.
+RAW_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "rawdrivers"
+CONFTEST = (RAW_SUITE / "conftest.py").read_text()
+SUITE = (RAW_SUITE / "test_routes.py").read_text()
 
 GATHER_SUITE = """
 import asyncio
@@ -114,7 +46,6 @@ def routes(
 ) -> dict[str, Any]:
     role_dsn = limited_role(role_limit)
     monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
-    monkeypatch.setenv("POOLAWARE_TEST_LOG", str(pytester.path / "events.jsonl"))
     for name, value in POOL_ENV.items():
         monkeypatch.setenv(name, value)
     pytester.makeconftest(CONFTEST)
@@ -154,7 +85,6 @@ def test_load_exhausts_connections_where_poolaware_does_not(
         drivers = {t["nodeid"].split("[")[0]: tuple(t["drivers"]) for t in data["tests"]}
         assert drivers["test_routes.py::test_raw_psycopg"] == ("psycopg",)
         assert drivers["test_routes.py::test_bare_asyncpg"] == ("asyncpg",)
-        assert "serial_only" not in {a["marker"] for a in data["advice"]} - {"serial_only"}
         assert not any(
             a["marker"] == "parallel_safe" and "six_asyncpg" in a["target"] for a in data["advice"]
         )

@@ -1,0 +1,40 @@
+"""A suite that never touches SQLAlchemy: raw psycopg, a module-scoped psycopg_pool,
+per-test asyncpg pools, bare asyncpg connects, and serial tests holding six asyncpg
+connections at once. The benchmarks' raw-driver suite, and the end-to-end tests'."""
+
+import asyncio
+import os
+
+import asyncpg
+import pytest
+from psycopg import connect  # imported by name before the plugin hooks the drivers
+from psycopg_pool import ConnectionPool
+
+DSN = os.environ["POOLAWARE_DSN"]
+
+
+def hold_psycopg(n, seconds):
+    conns = [connect(DSN) for _ in range(n)]
+    try:
+        conns[0].execute("select pg_sleep(%s)", [seconds])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+async def hold_asyncpg(n, seconds, gather=False):
+    if gather:
+        conns = await asyncio.gather(*(asyncpg.connect(DSN) for _ in range(n)))
+    else:
+        conns = [await asyncpg.connect(DSN) for _ in range(n)]
+    try:
+        await conns[0].execute(f"select pg_sleep({seconds})")
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+@pytest.fixture(scope="module")
+def pg_pool():
+    with ConnectionPool(DSN, min_size=2, max_size=4, timeout=60) as pool:
+        yield pool
