@@ -177,6 +177,10 @@ def test_psycopg_pool_idle_not_in_use_and_reclaimed(
         assert meter.open == 0
         with pool.connection() as conn:  # the pool still serves
             assert conn.execute("select 1").fetchone() == (1,)
+        # ...and grows back to min_size in its own threads (psycopg_pool 3.1 would leak
+        # a connection added while it closes).
+        pool.wait()
+        assert (meter.open, meter.checked_out) == (3, 0)
     meter.sweep()
     assert meter.open == 0
 
@@ -197,6 +201,8 @@ def test_async_psycopg_pool_reclaimed_on_its_loop(
             assert meter.open == 0
             async with pool.connection() as conn:
                 await conn.execute("select 1")
+            await pool.wait()
+            assert meter.open == 2
         assert meter.open == 0
 
     asyncio.run(use())

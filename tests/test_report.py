@@ -135,8 +135,12 @@ def test_summary_shows_budget_peaks_lanes_needs_wall_and_advice(
     assert serial >= 0.4  # two tests of 0.2 s each
     assert number(rf"fan-out: {FANOUT_TESTS} tests, running (\d+\.\d+)s, held back", text) > 0.3
     top = lines.index("most connections at once:")
-    assert re.fullmatch(r"\s+9\s+fanout\s+test_suite.py::test_unmarked_heavy", lines[top + 1])
-    assert re.fullmatch(r"\s+3\s+serial\s+test_suite.py::TestMigrations::test_\w+", lines[top + 2])
+    assert re.fullmatch(
+        r"\s+9\s+fanout\s+test_suite.py::test_unmarked_heavy  \(psycopg\)", lines[top + 1]
+    )
+    assert re.fullmatch(
+        r"\s+3\s+serial\s+test_suite.py::TestMigrations::test_\w+  \(psycopg\)", lines[top + 2]
+    )
     wall = number(r"wall: (\d+\.\d+)s from the first test's start", text)
     bound = number(r"lower bound (\d+\.\d+)s \(", text)
     assert 0 < bound <= wall * 1.5
