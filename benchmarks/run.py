@@ -320,6 +320,23 @@ def run_mode(
     return total, all_cases
 
 
+def run_round(
+    modes: Sequence[Mode],
+    label: str,
+    suite: Path,
+    env: dict[str, str],
+    work: Path,
+    monitor: tuple[str, str],
+    runs: dict[str, list[Outcome]],
+) -> None:
+    """One round of interleaved modes; each outcome joins its mode's list in ``runs``
+    (``label`` names the passes, ``{}`` standing for the mode)."""
+    for mode in modes:
+        named = dataclasses.replace(mode, name=label.format(mode.name))
+        outcome, _ = run_mode(named, suite, env, work, monitor)
+        runs[mode.name].append(outcome)
+
+
 @dataclass(frozen=True)
 class LowerBound:
     """xdist-facts.md: LB = max(sum_S p, max_P p, sum_P p / (W-1), sum_all c*p / B)."""
@@ -457,15 +474,7 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
                 Mode("poolaware-cold", ((*DIST, "poolaware", *budget),), f"nm-pa-{round_}"),
                 Mode("poolaware-warm", ((*DIST, "poolaware", *budget),), f"nm-pa-{round_}", False),
             )
-            for mode in modes:
-                outcome, _ = run_mode(
-                    dataclasses.replace(mode, name=f"nomarkers-{mode.name}-{round_}"),
-                    suite,
-                    env,
-                    work,
-                    (admin_dsn, role),
-                )
-                runs[mode.name].append(outcome)
+            run_round(modes, f"nomarkers-{{}}-{round_}", suite, env, work, (admin_dsn, role), runs)
         results = {name: dataclasses.asdict(fold_rounds(o)) for name, o in runs.items()}
     finally:
         drop_role(admin_dsn, role)
@@ -499,15 +508,9 @@ def benchmark_rawdrivers(work: Path, admin_dsn: str) -> dict[str, Any]:
                     clear_cache=False,
                 ),
             )
-            for mode in modes:
-                outcome, _ = run_mode(
-                    dataclasses.replace(mode, name=f"rawdrivers-{mode.name}-{round_}"),
-                    RAW_SUITE,
-                    env,
-                    work,
-                    (admin_dsn, role),
-                )
-                runs[mode.name].append(outcome)
+            run_round(
+                modes, f"rawdrivers-{{}}-{round_}", RAW_SUITE, env, work, (admin_dsn, role), runs
+            )
     return {
         "workers": WORKERS,
         "budget": BUDGET,

@@ -9,9 +9,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from inner import connection_errors, run
+from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from psycopg import sql
-from test_scheduling import POOL_ENV, ROLE_LIMIT, ServerSampler
+from test_scheduling import ServerSampler
 
 SETTINGS = """
 import os
@@ -92,14 +92,10 @@ def django_project(
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
-    role_dsn = limited_role(ROLE_LIMIT)
-    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    _, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(role)))
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
     monkeypatch.setenv("DJANGO_DB_NAME", f"shop_{uuid.uuid4().hex[:8]}")
-    for name, value in POOL_ENV.items():
-        monkeypatch.setenv(name, value)
     pytester.makefile(".py", settings=SETTINGS)
     pytester.mkpydir("shop")
     (pytester.path / "shop" / "models.py").write_text(MODELS)

@@ -12,7 +12,7 @@ from typing import Any
 import cairosvg
 import psycopg
 import pytest
-from inner import ENGINE_CONFTEST, TWO_TESTS, run
+from inner import ENGINE_CONFTEST, TWO_TESTS, run, serve_limited_role
 from PIL import Image
 
 from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
@@ -34,7 +34,6 @@ from pytest_poolaware.timeline import (
 from pytest_poolaware.worker import RERUN_DEADLOCK, RERUN_SERVER
 
 #: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
-POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 BUDGET = 15
 #: Room for the budget, the slot kept for connections still closing, and the monitor.
 ROLE_LIMIT = BUDGET + 2
@@ -105,13 +104,10 @@ def suite(
     pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
     """SUITE against a role limited to the budget plus the monitor's connection."""
-    role_dsn = limited_role(ROLE_LIMIT)
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
-    for name, value in POOL_ENV.items():
-        monkeypatch.setenv(name, value)
+    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_suite=SUITE)
-    return {"dsn": role_dsn, "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]}
+    return {"dsn": role_dsn, "role": role}
 
 
 # -- end to end ---------------------------------------------------------------------------

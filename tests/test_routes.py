@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from inner import connection_errors, run
-from test_scheduling import POOL_ENV, ROLE_LIMIT, ServerSampler
+from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
+from test_scheduling import ServerSampler
 
 #: The raw-driver suite the benchmarks run too: one copy of it.
 RAW_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "rawdrivers"
@@ -33,24 +32,16 @@ PASSED = 3 + 4 * 12
 
 
 @pytest.fixture
-def role_limit() -> int:
-    return ROLE_LIMIT
-
-
-@pytest.fixture
 def routes(
     pytester: pytest.Pytester,
     limited_role: Any,
     role_limit: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
-    role_dsn = limited_role(role_limit)
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
-    for name, value in POOL_ENV.items():
-        monkeypatch.setenv(name, value)
+    role_dsn, role = serve_limited_role(limited_role, role_limit, monkeypatch)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_routes=SUITE)
-    return {"dsn": role_dsn, "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]}
+    return {"dsn": role_dsn, "role": role}
 
 
 def test_load_exhausts_connections_where_poolaware_does_not(

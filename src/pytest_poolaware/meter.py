@@ -362,15 +362,8 @@ class PoolMeter:
     # -- SQLAlchemy listeners -----------------------------------------------------------------
 
     def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
-        if self.hooks.sees(getattr(dialect, "driver", "")):
-            return  # the driver's own hook gates it
-        try:
-            self.sweep()
-            self._gate(False)
-        except BudgetRefused:
-            raise
-        except Exception as exc:
-            self._contain(exc)
+        if not self.hooks.sees(getattr(dialect, "driver", "")):
+            self.gate(False)  # else the driver's own hook gates it
 
     def _on_engine_connect(self, connection: Any) -> None:
         """Remember each engine's pool (and asyncio loop) so idle connections can be released."""
