@@ -261,7 +261,9 @@ def test_asyncpg_pool_released_from_outside_its_loop(
         loop.close()
 
 
-def test_unhooked_leak_is_reported(metered: tuple[PoolMeter, Seen], postgres_dsn: str) -> None:
+def test_a_connection_kept_past_the_test_is_a_leak(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
     meter, _ = metered
     meter.begin(7)
     meter.call_started()

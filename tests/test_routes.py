@@ -125,3 +125,30 @@ def test_monitored_run_counts_agree_with_the_server(
     assert "not counted by the workers (server minus workers): up to 1 at once" in (
         result.stdout.str()
     )
+
+
+LEAKY = """
+import os
+import psycopg
+
+KEPT = []
+
+def test_keeps_a_connection():
+    KEPT.append(psycopg.connect(os.environ["POOLAWARE_DSN"]))
+
+def test_closes_its_connection():
+    with psycopg.connect(os.environ["POOLAWARE_DSN"]) as conn:
+        conn.execute("select 1")
+"""
+
+
+def test_a_test_ending_with_its_connection_open_is_listed(
+    pytester: pytest.Pytester, routes: dict[str, Any]
+) -> None:
+    pytester.makepyfile(test_routes=LEAKY)
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    result.assert_outcomes(passed=2)
+    lines = result.stdout.lines
+    at = lines.index("connections still held at a test's end (opened or checked out by it):")
+    assert lines[at + 1].split() == ["1", "test_routes.py::test_keeps_a_connection"]
+    assert "test_closes_its_connection" not in "\n".join(lines[at + 1 :])

@@ -11,6 +11,7 @@ from psycopg import connect  # imported by name before the plugin hooks the driv
 from psycopg_pool import ConnectionPool
 
 DSN = os.environ["POOLAWARE_DSN"]
+POOL_TIMEOUT = 15
 
 
 def hold_psycopg(n, seconds):
@@ -36,5 +37,6 @@ async def hold_asyncpg(n, seconds, gather=False):
 
 @pytest.fixture(scope="module")
 def pg_pool():
-    with ConnectionPool(DSN, min_size=2, max_size=4, timeout=60) as pool:
+    # A pool that cannot connect makes each test wait this long before it fails.
+    with ConnectionPool(DSN, min_size=2, max_size=4, timeout=POOL_TIMEOUT) as pool:
         yield pool
