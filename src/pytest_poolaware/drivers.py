@@ -8,7 +8,8 @@ the plugin loaded (``from psycopg import connect``). The wrappers hand what they
 ``ConnectionSink`` (the worker's meter); they never decide anything themselves.
 
 These are private internals of the drivers: each one is listed in ``HOOKED_INTERNALS``
-with the versions it was checked against, and ``DriverHooks`` installs a driver's hooks
+with the versions it was checked against (public methods wrapped too, ``close``,
+``getconn``, ``putconn``, are not), and ``DriverHooks`` installs a driver's hooks
 only once the process has imported that driver (``sys.modules`` check plus an import
 hook), so a worker that never imports asyncpg pays nothing for it.
 """
@@ -23,7 +24,7 @@ import importlib.machinery
 import sys
 import threading
 import types
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -106,13 +107,8 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
     ),
 )
 
-#: Modules whose import installs hooks, and the driver they belong to.
-DRIVER_MODULES: Final = {
-    "psycopg": "psycopg",
-    "psycopg_pool": "psycopg_pool",
-    "asyncpg": "asyncpg",
-    "psycopg2": "psycopg2",
-}
+#: Modules whose first import installs their hooks.
+DRIVER_MODULES: Final = ("psycopg", "psycopg_pool", "asyncpg", "psycopg2")
 
 #: SQLAlchemy dialect driver names whose connections the hooks see (SQLAlchemy then only
 #: says which ones are checked out).
@@ -591,8 +587,3 @@ class DriverHooks:
     def sees(self, sqlalchemy_driver: str) -> bool:
         """Whether connections of this SQLAlchemy dialect driver are counted here."""
         return SQLALCHEMY_DRIVERS.get(sqlalchemy_driver) in self._hooked
-
-
-def hooked_internals(driver: str) -> Iterator[HookedInternal]:
-    """The internals one driver's hooks rely on."""
-    return (h for h in HOOKED_INTERNALS if h.driver == driver)
