@@ -47,7 +47,8 @@ def routes(
 def test_load_exhausts_connections_where_poolaware_does_not(
     pytester: pytest.Pytester, routes: dict[str, Any], postgres_dsn: str
 ) -> None:
-    load = run(pytester, "-n", "4", "--dist", "load")
+    # Stopped early: a pool that cannot connect makes each of its tests wait for it.
+    load = run(pytester, "-n", "4", "--dist", "load", "--maxfail=10")
     assert load.ret == pytest.ExitCode.TESTS_FAILED
     assert connection_errors(load) > 0
 
