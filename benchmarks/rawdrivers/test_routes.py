@@ -30,11 +30,13 @@ def test_module_pool(pg_pool, n):
 def test_asyncpg_pool_per_test(n):
     async def use():
         async with asyncpg.create_pool(DSN, min_size=2, max_size=4) as pool:
-            a, b, c = [await pool.acquire() for _ in range(3)]
-            try:
-                await a.execute("select pg_sleep(0.1)")
+            conns = []
+            try:  # a pool closes only once every connection is back
+                for _ in range(3):
+                    conns.append(await pool.acquire())
+                await conns[0].execute("select pg_sleep(0.1)")
             finally:
-                for conn in (a, b, c):
+                for conn in conns:
                     await pool.release(conn)
 
     asyncio.run(use())
