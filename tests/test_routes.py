@@ -49,7 +49,7 @@ def test_load_exhausts_connections_where_poolaware_does_not(
 ) -> None:
     # Stopped early: a pool that cannot connect makes each of its tests wait for it.
     load = run(pytester, "-n", "4", "--dist", "load", "--maxfail=10")
-    assert load.ret == pytest.ExitCode.TESTS_FAILED
+    assert load.ret in (pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.INTERRUPTED)
     assert connection_errors(load) > 0
 
     report = pytester.path / "report.json"
