@@ -16,6 +16,9 @@ from pytest_poolaware.runstats import ServerView
 #: Seconds between two samples: short enough to catch a test's burst of connections,
 #: long enough that the sampler costs the server nothing noticeable.
 SAMPLE_INTERVAL: Final = 0.05
+#: Longest wait, at the end of the run, for connections the workers closed (or that
+#: went with their processes) to leave the server, so the last sample says what is left.
+END_SETTLE: Final = 1.0
 #: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
 CONNECT_TIMEOUT: Final = 5
 #: The monitor's own connection, named so that nobody counts it as one of the run's.
@@ -128,13 +131,20 @@ class ServerMonitor:
         if thread is not None:
             self._stop.set()
             thread.join()
-            self._sample()
+            self._settle()
         self._close()
         if not self.samples:
             return None
         return ServerView(
             self.peak, len(self.samples), self.scope, self.interval, tuple(self.samples)
         )
+
+    def _settle(self) -> None:
+        """Sample until the server holds none of the run's connections, for END_SETTLE
+        at most: the server ends a backend a moment after its client went away."""
+        deadline = self._clock() + END_SETTLE
+        while self._sample() and self.samples[-1][1] > 0 and self._clock() < deadline:
+            time.sleep(self.interval)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
