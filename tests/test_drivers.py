@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -20,6 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from pytest_poolaware.drivers import HOOKED_INTERNALS
+from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.meter import PoolMeter
 
 
@@ -273,3 +276,62 @@ def test_a_connection_kept_past_the_test_is_a_leak(
     meter.call_ended()
     assert meter.end().leaks == 1
     kept.close()
+
+
+class LoopbackChannel:
+    """The side channel's worker end, answered by the test from another thread."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+        self.callback: Any = None
+        self.has_sent = threading.Event()
+
+    def setcallback(self, callback: Any, endmarker: Any = None) -> None:
+        self.callback = callback
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.sent.append(message)
+        self.has_sent.set()
+
+
+def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
+    channel = LoopbackChannel()
+    link = WorkerLink(channel)
+    released: list[bool] = []
+    has_released = threading.Event()
+    ticks = 0
+
+    async def release() -> None:
+        released.append(asyncio.get_running_loop() is loop)
+        has_released.set()
+
+    async def other_coroutine() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def connect() -> str | None:
+        ticker = asyncio.ensure_future(other_coroutine())
+        try:
+            return await link.request_async(3, 30.0, release, background=True)
+        finally:
+            ticker.cancel()
+
+    def controller() -> None:
+        if channel.has_sent.wait(10):
+            channel.callback(("release",))
+        if has_released.wait(10):
+            channel.callback(("grant", channel.sent[0][1], "granted"))
+
+    loop = asyncio.new_event_loop()
+    answering = threading.Thread(target=controller)
+    answering.start()
+    try:
+        assert loop.run_until_complete(connect()) == "granted"
+    finally:
+        answering.join()
+        loop.close()
+    assert channel.sent == [("request", 1, None, 3, True)]
+    assert released == [True]  # on the loop that was waiting
+    assert ticks > 0  # the loop's other coroutines ran while the connect waited
