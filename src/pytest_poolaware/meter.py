@@ -504,7 +504,7 @@ class PoolMeter:
         work handed over.
         """
         try:
-            self._release_sqlalchemy(current=None)
+            self._release_sqlalchemy()
             for pool, loop in self._idle_driver_pools():
                 self._release_driver_pool(pool, loop)
         except Exception as exc:
@@ -515,7 +515,7 @@ class PoolMeter:
         """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""
         current = running_loop()
         try:
-            self._release_sqlalchemy(current=None)
+            self._release_sqlalchemy()
             for pool in self._sa_pools_of(current):
                 from sqlalchemy.util import greenlet_spawn
 
@@ -529,7 +529,7 @@ class PoolMeter:
             self._contain(exc)
         self.sweep()
 
-    def _release_sqlalchemy(self, current: asyncio.AbstractEventLoop | None) -> None:
+    def _release_sqlalchemy(self) -> None:
         if not self._sa_installed:
             return
         for pool in self._releasable_sa_pools():
