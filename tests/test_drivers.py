@@ -21,9 +21,11 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from pytest_poolaware.core import Answer
 from pytest_poolaware.drivers import HOOKED_INTERNALS
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
 
 
 class Seen:
@@ -282,21 +284,21 @@ class LoopbackChannel:
     """The side channel's worker end, answered by the test from another thread."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
+        self.sent: list[Any] = []
         self.callback: Any = None
         self.has_sent = threading.Event()
 
     def setcallback(self, callback: Any, endmarker: Any = None) -> None:
         self.callback = callback
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: Any) -> None:
         self.sent.append(message)
         self.has_sent.set()
 
 
 def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
     channel = LoopbackChannel()
-    link = WorkerLink(channel)
+    link = WorkerLink(channel)  # type: ignore[arg-type]  # the channel's two calls used
     released: list[bool] = []
     has_released = threading.Event()
     ticks = 0
@@ -311,7 +313,7 @@ def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
             ticks += 1
             await asyncio.sleep(0)
 
-    async def connect() -> str | None:
+    async def connect() -> Answer | None:
         ticker = asyncio.ensure_future(other_coroutine())
         try:
             return await link.request_async(3, 30.0, release, background=True)
@@ -320,18 +322,18 @@ def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
 
     def controller() -> None:
         if channel.has_sent.wait(10):
-            channel.callback(("release",))
+            channel.callback(ReleaseIdle().to_wire())
         if has_released.wait(10):
-            channel.callback(("grant", channel.sent[0][1], "granted"))
+            channel.callback(RequestAnswer(1, Answer.GRANTED).to_wire())
 
     loop = asyncio.new_event_loop()
     answering = threading.Thread(target=controller)
     answering.start()
     try:
-        assert loop.run_until_complete(connect()) == "granted"
+        assert loop.run_until_complete(connect()) is Answer.GRANTED
     finally:
         answering.join()
         loop.close()
-    assert channel.sent == [("request", 1, None, 3, True)]
+    assert [decode(wire) for wire in channel.sent] == [RoomRequest(1, None, 3, background=True)]
     assert released == [True]  # on the loop that was waiting
     assert ticks > 0  # the loop's other coroutines ran while the connect waited

@@ -2,8 +2,11 @@
 per-test asyncpg pools, bare asyncpg connects, and serial tests holding six asyncpg
 connections at once. The benchmarks' raw-driver suite, and the end-to-end tests'."""
 
+from __future__ import annotations
+
 import asyncio
 import os
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -14,7 +17,7 @@ DSN = os.environ["POOLAWARE_DSN"]
 POOL_TIMEOUT = 15
 
 
-def hold_psycopg(n, seconds):
+def hold_psycopg(n: int, seconds: float) -> None:
     conns = [connect(DSN) for _ in range(n)]
     try:
         conns[0].execute("select pg_sleep(%s)", [seconds])
@@ -23,7 +26,7 @@ def hold_psycopg(n, seconds):
             conn.close()
 
 
-async def hold_asyncpg(n, seconds, gather=False):
+async def hold_asyncpg(n: int, seconds: float, gather: bool = False) -> None:
     if gather:
         conns = await asyncio.gather(*(asyncpg.connect(DSN) for _ in range(n)))
     else:
@@ -36,7 +39,7 @@ async def hold_asyncpg(n, seconds, gather=False):
 
 
 @pytest.fixture(scope="module")
-def pg_pool():
+def pg_pool() -> Iterator[ConnectionPool]:
     # A pool that cannot connect makes each test wait this long before it fails.
     with ConnectionPool(DSN, min_size=2, max_size=4, timeout=POOL_TIMEOUT) as pool:
         yield pool
