@@ -153,3 +153,55 @@ def test_a_test_ending_with_its_connection_open_is_listed(
     at = lines.index("connections still held at a test's end (opened or checked out by it):")
     assert lines[at + 1].split() == ["1", "test_routes.py::test_keeps_a_connection"]
     assert "test_closes_its_connection" not in "\n".join(lines[at + 1 :])
+
+
+TERMINATED = """
+import os, time
+import psycopg
+import pytest
+
+DSN = os.environ["POOLAWARE_DSN"]
+KEPT = []
+
+def test_holds_one_for_a_while():
+    with psycopg.connect(DSN) as conn:
+        conn.execute("select pg_sleep(4)")
+
+@pytest.mark.serial_only
+def test_keeps_a_connection():
+    KEPT.append(psycopg.connect(DSN))
+
+@pytest.mark.serial_only
+def test_the_server_ends_it():
+    pid = KEPT[0].info.backend_pid
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute("select pg_terminate_backend(%s)", [pid])
+        deadline = time.monotonic() + 10
+        while conn.execute(
+            "select count(*) from pg_stat_activity where pid = %s", [pid]
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline
+
+@pytest.mark.serial_only
+def test_needs_two_more():
+    with psycopg.connect(DSN) as a, psycopg.connect(DSN) as b:
+        a.execute("select 1")
+        b.execute("select 1")
+"""
+
+
+@pytest.mark.parametrize("role_limit", [ROLE_LIMIT + 1])
+def test_a_connection_the_server_ended_is_uncounted_when_a_wait_begins(
+    pytester: pytest.Pytester, routes: dict[str, Any]
+) -> None:
+    # Budget 3: the serial lane's worker counts the ended connection (its driver has not
+    # noticed) and opens two more beside the other worker's one, so it has to wait; the
+    # server's backend pids, sent when the wait begins, uncount the ended one.
+    pytester.makepyfile(test_routes=TERMINATED)
+    report = pytester.path / "report.json"
+    result = run(
+        pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "3",
+        f"--poolaware-report={report}",
+    )  # fmt: skip
+    result.assert_outcomes(passed=4)
+    assert json.loads(report.read_text())["run"]["uncounted"]["end_workers"] == 0

@@ -75,6 +75,8 @@ class ServerMonitor:
         self.problem: str | None = None
         #: The latest sample's time and backend pids (replaced whole: read from any thread).
         self.latest: tuple[float, frozenset[int]] | None = None
+        #: The sampler thread and ``pids_now`` share the connection.
+        self._sampling = threading.Lock()
         self._conn: Any = None
         self._query = ""
         self._param = ""
@@ -139,6 +141,13 @@ class ServerMonitor:
             self.peak, len(self.samples), self.scope, self.interval, tuple(self.samples)
         )
 
+    def pids_now(self) -> tuple[float, frozenset[int]] | None:
+        """A fresh sample's time and backend pids (when a gate wait begins, the workers
+        check their counts against it); the latest one if sampling fails."""
+        with self._sampling:
+            self._sample()
+        return self.latest
+
     def _settle(self) -> None:
         """Sample until the server holds none of the run's connections, for END_SETTLE
         at most: the server ends a backend a moment after its client went away."""
@@ -148,8 +157,9 @@ class ServerMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self._sample():
-                return
+            with self._sampling:
+                if not self._sample():
+                    return
 
     def _sample(self) -> bool:
         if self._conn is None:

@@ -227,7 +227,7 @@ class Controller:
 
     def _server_pids(self) -> tuple[float, frozenset[int]] | None:
         monitor = self.monitor
-        return None if monitor is None else monitor.latest
+        return None if monitor is None else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.
