@@ -34,6 +34,8 @@ from typing import Any, Final
 
 HERE: Final = Path(__file__).resolve().parent
 SUITE: Final = HERE.parent / "demo" / "suite"
+#: A suite that opens its connections without SQLAlchemy (psycopg, psycopg_pool, asyncpg).
+RAW_SUITE: Final = HERE / "rawdrivers"
 DEFAULT_OUT: Final = HERE / "results"
 
 WORKERS: Final = 4
@@ -67,6 +69,7 @@ OVERHEAD_WORKERS: Final = 2
 OVERHEAD_ROUNDS: Final = 5
 #: Rounds of the demo modes, interleaved (every mode once per round); medians are shown.
 DEMO_ROUNDS: Final = 3
+RAW_ROUNDS: Final = 3
 NOMARKERS_TESTS: Final = 2000
 NOMARKERS_MODULES: Final = 20
 NOMARKERS_WORKERS: Final = WORKERS
@@ -117,7 +120,7 @@ DEMO_MODES: Final = (
         clear_cache=False,
     ),
 )
-EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers")
+EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers", "rawdrivers")
 ALL_NAMES: Final = tuple(m.name for m in DEMO_MODES) + EXTRA_BENCHMARKS
 
 
@@ -317,6 +320,23 @@ def run_mode(
     return total, all_cases
 
 
+def run_round(
+    modes: Sequence[Mode],
+    label: str,
+    suite: Path,
+    env: dict[str, str],
+    work: Path,
+    monitor: tuple[str, str],
+    runs: dict[str, list[Outcome]],
+) -> None:
+    """One round of interleaved modes; each outcome joins its mode's list in ``runs``
+    (``label`` names the passes, ``{}`` standing for the mode)."""
+    for mode in modes:
+        named = dataclasses.replace(mode, name=label.format(mode.name))
+        outcome, _ = run_mode(named, suite, env, work, monitor)
+        runs[mode.name].append(outcome)
+
+
 def demo_lower_bound(cases: Sequence[TestCase], workers: int, budget: int) -> dict[str, Any]:
     """The run summary's lower bound (``pytest_poolaware.lowerbound``, docs/design.md) over
     the serial run's test cases, with each lane's peak connections."""
@@ -448,15 +468,7 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
                 Mode("poolaware-cold", ((*DIST, "poolaware", *budget),), f"nm-pa-{round_}"),
                 Mode("poolaware-warm", ((*DIST, "poolaware", *budget),), f"nm-pa-{round_}", False),
             )
-            for mode in modes:
-                outcome, _ = run_mode(
-                    dataclasses.replace(mode, name=f"nomarkers-{mode.name}-{round_}"),
-                    suite,
-                    env,
-                    work,
-                    (admin_dsn, role),
-                )
-                runs[mode.name].append(outcome)
+            run_round(modes, f"nomarkers-{{}}-{round_}", suite, env, work, (admin_dsn, role), runs)
         results = {name: dataclasses.asdict(fold_rounds(o)) for name, o in runs.items()}
     finally:
         drop_role(admin_dsn, role)
@@ -470,6 +482,34 @@ def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
         "workers": NOMARKERS_WORKERS,
         "budget": NOMARKERS_BUDGET,
         "modes": results,
+    }
+
+
+def benchmark_rawdrivers(work: Path, admin_dsn: str) -> dict[str, Any]:
+    """The raw-driver suite against the demo's limited role and budget: load against
+    poolaware cold and warm, in interleaved rounds (connection errors and server peak)."""
+    with demo_role(admin_dsn) as (role, dsn):
+        env = pool_env(dsn)
+        runs: dict[str, list[Outcome]] = {"load": [], "poolaware-cold": [], "poolaware-warm": []}
+        for round_ in range(RAW_ROUNDS):
+            modes = (
+                Mode("load", ((*DIST, "load"),), f"raw-load-{round_}"),
+                Mode("poolaware-cold", ((*DIST, "poolaware", *NO_MONITOR),), f"raw-pa-{round_}"),
+                Mode(
+                    "poolaware-warm",
+                    ((*DIST, "poolaware", *NO_MONITOR),),
+                    f"raw-pa-{round_}",
+                    clear_cache=False,
+                ),
+            )
+            run_round(
+                modes, f"rawdrivers-{{}}-{round_}", RAW_SUITE, env, work, (admin_dsn, role), runs
+            )
+    return {
+        "workers": WORKERS,
+        "budget": BUDGET,
+        "role_limit": ROLE_LIMIT,
+        "modes": {name: dataclasses.asdict(fold_rounds(o)) for name, o in runs.items()},
     }
 
 
@@ -634,6 +674,25 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {o['errors']} "
                 f"| {_fmt(o['server_peak'], 'd')} | {_fmt(o['ratio_over_load'], '.2f')} |"
             )
+    raw = report.get("rawdrivers")
+    if raw:
+        lines += [
+            "",
+            f"Raw drivers (psycopg, psycopg_pool, asyncpg; no SQLAlchemy), -n {raw['workers']}, "
+            f"role CONNECTION LIMIT {raw['role_limit']}, budget {raw['budget']}; "
+            f"{RAW_ROUNDS} interleaved rounds, counts from the worst round:",
+            "",
+            "| mode | wall s (median) | passed | failed | errors | conn errors | server peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, o in raw["modes"].items():
+            if not o["ran"]:
+                lines.append(f"| {name} | did not run: `{headline(o['tail'])}` | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {o['wall']:.1f} | {o['passed']} | {o['failed']} | {o['errors']} "
+                f"| {o['conn_errors']} | {_fmt(o['server_peak'], 'd')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -713,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("[bench] nomarkers ...", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="poolaware-nomarkers-") as tmp:
                 report["nomarkers"] = benchmark_nomarkers(Path(tmp), admin_dsn)
+        if "rawdrivers" in args.only:
+            print("[bench] rawdrivers ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="poolaware-rawdrivers-") as tmp:
+                report["rawdrivers"] = benchmark_rawdrivers(Path(tmp), admin_dsn)
     report["loadavg_at_end"] = loadavg()
     markdown = render_markdown(report)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")

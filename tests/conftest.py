@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import settings
+from inner import ROLE_LIMIT
 
 from pytest_poolaware import pgserver
 
@@ -26,6 +27,12 @@ def postgres_dsn() -> Iterator[str]:
     """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session."""
     with pgserver.postgres_dsn() as dsn:
         yield dsn
+
+
+@pytest.fixture
+def role_limit() -> int:
+    """The connection limit of the role end-to-end suites run as (parametrize to change)."""
+    return ROLE_LIMIT
 
 
 @pytest.fixture

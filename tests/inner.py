@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 #: Bound on every inner run: a scheduler that hangs fails the test instead of the CI job.
@@ -71,6 +73,23 @@ def test_light():
 """
 
 CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limit")
+
+#: Pool sizing the teams in our write-up use; the budget defaults to their sum (15).
+POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
+#: A role limit just above that budget, as in the write-up's CI database.
+ROLE_LIMIT = 16
+
+
+def serve_limited_role(
+    limited_role: Callable[[int], str], limit: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
+    """Inner runs connect as a fresh role limited to ``limit`` connections, with the pool
+    variables of POOL_ENV: (its DSN, its name)."""
+    dsn = limited_role(limit)
+    monkeypatch.setenv("POOLAWARE_DSN", dsn)
+    for name, value in POOL_ENV.items():
+        monkeypatch.setenv(name, value)
+    return dsn, str(psycopg.conninfo.conninfo_to_dict(dsn)["user"])
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:

@@ -140,9 +140,16 @@ class Tracker:
         )
 
     def request(
-        self, worker: str, request: int, want: int | None = None, item: int | None = None
+        self,
+        worker: str,
+        request: int,
+        want: int | None = None,
+        item: int | None = None,
+        background: bool = False,
     ) -> list[Action]:
-        return self._track(self.planner.request(worker, request, want, item=item))
+        return self._track(
+            self.planner.request(worker, request, want, item=item, background=background)
+        )
 
 
 class Hang(AssertionError):
@@ -999,6 +1006,28 @@ def test_connects_waiting_on_each_other_the_youngest_is_refused() -> None:
     assert grants(t.request("a", 1)) == []
     assert grants(t.request("b", 7)) == [Grant("b", 7, Answer.REFUSED)]
     assert t.planner.overruns == []
+
+
+def test_a_pools_background_connect_is_never_the_one_refused() -> None:
+    """A pool growing in its own thread is delayed, never refused: the test would only see
+    the pool time out. The other waiting test gives way instead."""
+    t = running_pair(budget=2)
+    assert grants(t.request("b", 7)) == []
+    # The younger request, which wait-die would refuse, is the pool's: the older gives way.
+    assert grants(t.request("a", 1, background=True)) == [Grant("b", 7, Answer.REFUSED)]
+    actions = t.counts("b", 0, 0, released=True) + t.request("b", 8, want=2)
+    assert grants(actions) == [Grant("a", 1, Answer.GRANTED)]
+
+
+def test_a_background_connect_outlives_the_item_that_started_it() -> None:
+    """The pool's thread still waits once the test that made it grow has ended: its
+    request passes to the worker's next item instead of being dropped unanswered."""
+    t = running_pair(budget=2)
+    t.request("a", 1, background=True)
+    head = t.queues["a"][0]
+    actions = t.complete("a", head) + t.counts("b", 0, 0, released=True)
+    actions += t.complete("b") + t.complete("b")
+    assert Grant("a", 1, Answer.GRANTED) in actions
 
 
 def test_rerun_connects_up_to_the_budget_are_plain_grants() -> None:

@@ -25,7 +25,7 @@ class Seen:
 def seen() -> Iterator[tuple[PoolMeter, Seen]]:
     record = Seen()
 
-    def gate() -> None:
+    def gate(background: bool) -> None:
         record.gates += 1
 
     meter = PoolMeter(
@@ -85,7 +85,7 @@ def test_a_failing_listener_never_fails_the_test(postgres_dsn: str) -> None:
     def broken(open_: int, idle: int, released: bool, version: int) -> None:
         raise RuntimeError("channel gone")
 
-    meter = PoolMeter(on_change=broken, gate=lambda: None, on_error=errors.append)
+    meter = PoolMeter(on_change=broken, gate=lambda background: None, on_error=errors.append)
     meter.install()
     try:
         engine = make_engine(postgres_dsn)

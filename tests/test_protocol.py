@@ -25,6 +25,7 @@ from pytest_poolaware.protocol import (
     ReleaseIdle,
     RequestAnswer,
     RoomRequest,
+    ServerPids,
     WorkerMessage,
     WorkerSettings,
     decode,
@@ -38,10 +39,12 @@ EVERY_KIND: list[WorkerMessage | ControllerMessage] = [
     Counts(open=3, idle=1, released=True, version=17),
     RoomRequest(request=4, want=None, item=2),
     RoomRequest(request=5, want=6, item=0),
+    RoomRequest(request=6, want=None, item=1, background=True),
     Note("waited 30s for connection budget; connecting anyway"),
     Goes((0, 1, 5)),
     RequestAnswer(7, Answer.REFUSED),
     ReleaseIdle(),
+    ServerPids(12.5, (101, 202)),
 ]
 
 MEASURES = ItemMeasures(
@@ -56,6 +59,8 @@ MEASURES = ItemMeasures(
     idle=2,
     version=9,
     waits=((100.25, 100.75),),
+    drivers=("asyncpg", "psycopg"),
+    leaks=1,
 )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import cairosvg
 import psycopg
 import pytest
-from inner import ENGINE_CONFTEST, TWO_TESTS, run
+from inner import ENGINE_CONFTEST, TWO_TESTS, run, serve_limited_role
 from PIL import Image
 
 from pytest_poolaware import report
@@ -25,7 +25,14 @@ from pytest_poolaware.lowerbound import lower_bound
 from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
 from pytest_poolaware.protocol import ItemMeasures
-from pytest_poolaware.runstats import Candidate, ItemFacts, ItemResult, RunSnapshot, RunStats
+from pytest_poolaware.runstats import (
+    Candidate,
+    ItemFacts,
+    ItemResult,
+    RunSnapshot,
+    RunStats,
+    uncounted,
+)
 from pytest_poolaware.settings import Settings, default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
@@ -42,7 +49,6 @@ from pytest_poolaware.timeline import (
 from pytest_poolaware.worker import RERUN_DEADLOCK, RERUN_SERVER
 
 #: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
-POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 BUDGET = 15
 #: Room for the budget, the slot kept for connections still closing, and the monitor.
 ROLE_LIMIT = BUDGET + 2
@@ -113,13 +119,10 @@ def suite(
     pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
     """SUITE against a role limited to the budget plus the monitor's connection."""
-    role_dsn = limited_role(ROLE_LIMIT)
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
-    for name, value in POOL_ENV.items():
-        monkeypatch.setenv(name, value)
+    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_suite=SUITE)
-    return {"dsn": role_dsn, "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]}
+    return {"dsn": role_dsn, "role": role}
 
 
 # -- end to end ---------------------------------------------------------------------------
@@ -143,8 +146,12 @@ def test_summary_shows_budget_peaks_lanes_needs_wall_and_advice(
     assert serial >= 0.4  # two tests of 0.2 s each
     assert number(rf"fan-out: {FANOUT_TESTS} tests, running (\d+\.\d+)s, held back", text) > 0.3
     top = lines.index("most connections at once:")
-    assert re.fullmatch(r"\s+9\s+fanout\s+test_suite.py::test_unmarked_heavy", lines[top + 1])
-    assert re.fullmatch(r"\s+3\s+serial\s+test_suite.py::TestMigrations::test_\w+", lines[top + 2])
+    assert re.fullmatch(
+        r"\s+9\s+fanout\s+test_suite.py::test_unmarked_heavy  \(psycopg\)", lines[top + 1]
+    )
+    assert re.fullmatch(
+        r"\s+3\s+serial\s+test_suite.py::TestMigrations::test_\w+  \(psycopg\)", lines[top + 2]
+    )
     wall = number(r"wall: (\d+\.\d+)s from the first test's start", text)
     bound = number(r"lower bound (\d+\.\d+)s \(", text)
     assert 0 < bound <= wall * 1.5
@@ -677,3 +684,12 @@ def test_monitor_counts_every_connection_of_a_limited_role(limited_role: Any) ->
         view = monitor.stop()
     assert view is not None
     assert (view.scope, view.timeline[0][1], view.timeline[-1][1]) == (f"role {role}", 0, 2)
+
+
+def test_uncounted_connections_are_the_lasting_excess_of_the_server_over_the_workers() -> None:
+    workers = [(0.0, "gw0", 2), (0.5, "gw1", 1), (2.0, "gw0", 0), (2.0, "gw1", 0)]
+    # 0.1-0.2: one in flight (too short to report); 1.0-1.6: one more, held (a blind spot).
+    server = [(0.1, 3), (0.2, 2), (0.6, 3), (1.0, 4), (1.3, 4), (1.6, 4), (1.9, 3), (2.5, 0)]
+    seen = uncounted(workers, server, hold=0.25)
+    assert (seen.most, seen.end_server, seen.end_workers) == (1, 0, 0)
+    assert uncounted(workers, server[:2], hold=0.25).most == 0

@@ -15,12 +15,9 @@ from inner import (
     connection_errors,
     entries,
     run,
+    serve_limited_role,
 )
 
-#: Pool sizing the teams in our write-up use; the budget defaults to their sum (15).
-POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
-#: A role limit just above that budget, as in the write-up's CI database.
-ROLE_LIMIT = 16
 #: How often the server-side sampler looks at pg_stat_activity.
 SAMPLE_INTERVAL = 0.005
 
@@ -82,11 +79,6 @@ class ServerSampler:
 
 
 @pytest.fixture
-def role_limit() -> int:
-    return ROLE_LIMIT
-
-
-@pytest.fixture
 def suite(
     pytester: pytest.Pytester,
     limited_role: Any,
@@ -94,19 +86,12 @@ def suite(
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
     """The write-up's suite shape against a role with a connection limit."""
-    role_dsn = limited_role(role_limit)
+    role_dsn, role = serve_limited_role(limited_role, role_limit, monkeypatch)
     log = pytester.path / "events.jsonl"
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
     monkeypatch.setenv("POOLAWARE_TEST_LOG", str(log))
-    for name, value in POOL_ENV.items():
-        monkeypatch.setenv(name, value)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_suite=SUITE)
-    return {
-        "dsn": role_dsn,
-        "log": log,
-        "role": psycopg.conninfo.conninfo_to_dict(role_dsn)["user"],
-    }
+    return {"dsn": role_dsn, "log": log, "role": role}
 
 
 def test_load_exhausts_connections_where_poolaware_does_not(

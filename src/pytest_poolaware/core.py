@@ -158,6 +158,9 @@ class _Request:
     want: int = 0
     #: The item asking (None: not known, or asked outside any item).
     item: int | None = None
+    #: Opened by a pool in its own thread or task: delayed until there is room, never
+    #: refused (the test would only see the pool time out).
+    background: bool = False
 
 
 @dataclass
@@ -394,7 +397,7 @@ class Planner(Generic[W]):
         state.queue.remove(index)
         if state.requests:
             # A request left unanswered (its wait timed out) is void once its item is over.
-            state.requests = [r for r in state.requests if r.item != index]
+            state.requests = _outliving(state, {index})
         if state.floor_item not in state.queue:
             # What was granted belonged to this item (or to none still queued): free it.
             # Grants to a later item that already started stay until that one completes.
@@ -450,10 +453,17 @@ class Planner(Generic[W]):
         )
 
     def request(
-        self, worker: W, request: int, want: int | None = None, *, item: int | None = None
+        self,
+        worker: W,
+        request: int,
+        want: int | None = None,
+        *,
+        item: int | None = None,
+        background: bool = False,
     ) -> list[Action]:
         """Item ``item`` of a worker is blocked until it may hold one more connection, or,
-        with ``want``, that many (to rerun an item that hit the server's limit)."""
+        with ``want``, that many (to rerun an item that hit the server's limit).
+        ``background``: a pool's own connect, which is never refused."""
         state = self._workers.get(worker)
         if state is None:
             return []
@@ -466,7 +476,9 @@ class Planner(Generic[W]):
         else:
             kind = RequestKind.RERUN
             state.floor = 0  # the first attempt is over; what it was granted is free
-        state.requests.append(_Request(worker, request, self._next(), kind, want or 0, item))
+        state.requests.append(
+            _Request(worker, request, self._next(), kind, want or 0, item, background)
+        )
         return self._plan()
 
     def _forget_ended(self, state: _Worker, item: int) -> None:
@@ -479,7 +491,7 @@ class Planner(Generic[W]):
             return
         if state.floor_item in ended:
             self._free_grants(state)
-        state.requests = [r for r in state.requests if r.item not in ended]
+        state.requests = _outliving(state, ended)
 
     @staticmethod
     def _free_grants(state: _Worker) -> None:
@@ -870,7 +882,9 @@ class Planner(Generic[W]):
         connects = [
             r
             for r in waiting
-            if r.kind is RequestKind.CONNECT and not self._workers[r.worker].rerunning  # type: ignore[index]
+            if r.kind is RequestKind.CONNECT
+            and not r.background
+            and not self._workers[r.worker].rerunning  # type: ignore[index]
         ]
         victim = connects[-1].worker if connects else None
         if victim is not None and any(
@@ -916,6 +930,20 @@ class Planner(Generic[W]):
     def _next(self) -> int:
         self._counter += 1
         return self._counter
+
+
+def _outliving(state: _Worker, ended: set[int]) -> list[_Request]:
+    """The requests that outlive the ``ended`` items: those of other items, and a pool's
+    background connects (still waiting in the pool's thread: they pass to the worker's
+    next item)."""
+    kept = []
+    for request in state.requests:
+        if request.item in ended:
+            if not request.background:
+                continue
+            request.item = next((i for i in state.queue if i not in ended), None)
+        kept.append(request)
+    return kept
 
 
 def _granted_need(state: _Worker) -> int:

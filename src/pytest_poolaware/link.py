@@ -10,11 +10,12 @@ module only moves it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from pytest_poolaware.core import Answer
@@ -27,6 +28,7 @@ from pytest_poolaware.protocol import (
     ReleaseIdle,
     RequestAnswer,
     RoomRequest,
+    ServerPids,
     WorkerMessage,
     decode,
 )
@@ -95,6 +97,10 @@ class WorkerLink:
         self._release = False
         self._closed = False
         self._next_request = 0
+        #: Requests awaited on event loops: woken through their loop, never blocked on.
+        self._awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
+        #: Called (on the receiving thread) with the server's backend pids.
+        self.on_server_pids: Callable[[ServerPids], object] | None = None
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, wire: object) -> None:
@@ -106,16 +112,30 @@ class WorkerLink:
             except ProtocolError as exc:  # the controller must hear of it: it waits for us
                 self.send(Note(f"ignored a message from the controller: {exc}"))
                 return
+        if isinstance(message, ServerPids):
+            if self.on_server_pids is not None:  # outside the lock: it sends counts
+                self.on_server_pids(message)
+            return
         with self._cond:
             if message is None:  # the controller is gone: stop waiting for it
                 self._closed = True
+                self._wake_awaiting(None)
             elif isinstance(message, Goes):
                 self._goes.update(message.indices)
             elif isinstance(message, RequestAnswer):
                 self._grants[message.request] = message.answer
+                self._wake_awaiting(message.request)
             elif isinstance(message, ReleaseIdle):
                 self._release = True
+                self._wake_awaiting(None)
             self._cond.notify_all()
+
+    def _wake_awaiting(self, rid: int | None) -> None:
+        """Wake the awaited request ``rid`` (None: all of them), each on its own loop."""
+        for key, (loop, future) in list(self._awaiting.items()):
+            if rid is None or key == rid:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    loop.call_soon_threadsafe(_resolve, future)
 
     def send(self, message: WorkerMessage) -> None:
         self.channel.send(message.to_wire())
@@ -131,22 +151,68 @@ class WorkerLink:
         self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
 
     def request(
-        self, index: int, want: int | None, timeout: float, on_release: Callable[[], None]
+        self,
+        index: int,
+        want: int | None,
+        timeout: float,
+        on_release: Callable[[], None],
+        *,
+        background: bool = False,
     ) -> Answer | None:
         """Ask for item ``index`` to hold ``want`` connections (None: one more); wait for
         the answer.
 
         Returns the answer, or None if ``timeout`` passed first.
         """
-        with self._cond:  # tests may connect from several threads at once
-            self._next_request += 1
-            rid = self._next_request
-        self.send(RoomRequest(rid, want, index))
+        rid = self._send_request(want, index, background)
         granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
         if not granted:
             return None
         with self._cond:
             return self._grants.pop(rid)
+
+    def _send_request(self, want: int | None, index: int, background: bool) -> int:
+        with self._cond:  # tests may connect from several threads at once
+            self._next_request += 1
+            rid = self._next_request
+        self.send(RoomRequest(rid, want, index, background))
+        return rid
+
+    async def request_async(
+        self,
+        index: int,
+        timeout: float,
+        on_release: Callable[[], Awaitable[None]],
+        *,
+        background: bool = False,
+    ) -> Answer | None:
+        """``request`` for one more connection, awaited on the running event loop: other
+        coroutines of that loop keep running (they may hold what would free room)."""
+        loop = asyncio.get_running_loop()
+        rid = self._send_request(None, index, background)
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                future: asyncio.Future[None] = loop.create_future()
+                with self._cond:
+                    if rid in self._grants:
+                        return self._grants.pop(rid)
+                    if self._closed:
+                        return None
+                    release, self._release = self._release, False
+                    if not release:
+                        self._awaiting[rid] = (loop, future)
+                if release:
+                    await on_release()
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(future, remaining)
+        finally:
+            with self._cond:
+                self._awaiting.pop(rid, None)
 
     def _wait(
         self,
@@ -176,3 +242,8 @@ class WorkerLink:
                     continue
             if release:  # outside the lock: closing connections may take a moment
                 on_release()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,18 +1,32 @@
-"""Worker-side instrumentation: every SQLAlchemy pool in the process, counted live.
+"""Worker-side instrumentation: every PostgreSQL connection of the process, counted live.
 
-Listeners sit on the ``Pool`` class (and the dialect's ``do_connect``), so pools that user
-code creates, sync or asyncio, are measured with no change to that code. Connections
-opened outside SQLAlchemy pools are not seen.
+Connections are counted where the drivers make them (``drivers.py``: psycopg 3, psycopg2,
+asyncpg, and through them psycopg_pool, asyncpg pools, SQLAlchemy and Django), from open
+until closed, and identified by the server's backend pid. Pools say which of their
+connections are lent out: SQLAlchemy through class-level pool listeners, psycopg_pool and
+asyncpg pools through the driver hooks. A connection no pool has is in use while open.
+SQLAlchemy connections of a driver that is not hooked are counted by SQLAlchemy's
+listeners alone, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
+
+from pytest_poolaware.drivers import (
+    DriverHooks,
+    reclaim_async_psycopg_pool,
+    reclaim_asyncpg_pool,
+    reclaim_psycopg_pool,
+    running_loop,
+)
 
 
 class BudgetRefused(Exception):
@@ -31,7 +45,35 @@ class Window:
 
     need: int  # peak connections checked out at once
     peak_open: int  # peak connections open (idle ones included)
-    limit_hit: bool
+    limit_hit: bool = False
+    drivers: tuple[str, ...] = ()  # drivers of the connections it used
+    leaks: int = 0  # connections it opened or checked out in its call, still held at its end
+
+
+#: Item index meaning "no test is being called".
+NO_ITEM = -1
+
+Gate = Callable[[bool], None]
+AsyncGate = Callable[[bool], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _Counted:
+    """One open connection the driver hooks reported."""
+
+    pid: int
+    key: int  # id() of the driver's connection
+    driver: str
+    ref: Callable[[], Any]  # a weak reference to the driver's connection
+    is_closed: Callable[[Any], bool]
+    pool: Any  # the psycopg_pool / asyncpg pool that owns it, if any
+    loop: asyncio.AbstractEventLoop | None  # where it was opened (asyncio drivers)
+    pooled: bool
+    in_use: bool
+    opened_at: float  # time.time(), to compare with the server's samples
+    opened_by: int = NO_ITEM
+    lent_by: int = NO_ITEM
+    finalizer: Any = field(default=None, repr=False)
 
 
 class PoolMeter:
@@ -39,10 +81,11 @@ class PoolMeter:
 
     ``on_change(open, idle, released, version)`` is called whenever the open count changes;
     ``version`` grows with every change (checkouts and checkins included), so the controller
-    can tell a stale snapshot that arrived late from a newer one. ``gate()`` is called
-    before every new connection and may block until the budget has room.
-    Errors inside listeners are contained: they are handed to ``on_error`` once and
-    never reach the test.
+    can tell a stale snapshot that arrived late from a newer one. ``gate(background)`` is
+    called before every new connection and may block until the budget has room
+    (``gate_async`` on an event loop); ``background`` marks a pool's own growth, which is
+    delayed but never refused. Errors inside the instrumentation are contained: they are
+    handed to ``on_error`` once and never reach the test.
     """
 
     _EVENTS = ("connect", "close", "close_detached", "checkout", "checkin")
@@ -50,39 +93,69 @@ class PoolMeter:
     def __init__(
         self,
         on_change: Callable[[int, int, bool, int], None],
-        gate: Callable[[], None],
+        gate: Gate,
         on_error: Callable[[BaseException], None],
+        gate_async: AsyncGate | None = None,
     ) -> None:
-        self.open = 0
-        self.checked_out = 0
         self.version = 0
-        self._peak_checked_out = 0
-        self._peak_open = 0
         self._on_change = on_change
         self._gate = gate
+        self._gate_async = gate_async
         self._on_error = on_error
         self._error_seen = False
-        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._loops: weakref.WeakKeyDictionary[Any, asyncio.AbstractEventLoop] = (
+        # Counted by the driver hooks, by backend pid and by connection object.
+        self._by_pid: dict[int, _Counted] = {}
+        self._by_conn: dict[int, _Counted] = {}
+        self._in_use = 0
+        # Connections of SQLAlchemy dialects whose driver is not hooked.
+        self._sa_only: set[int] = set()
+        self._sa_checked_out: set[int] = set()
+        # Finalizers only queue (they may run inside any allocation, lock held or not).
+        self._collected: collections.deque[_Counted] = collections.deque()
+        self._peak_checked_out = 0
+        self._peak_open = 0
+        self._item = NO_ITEM
+        self._in_call = False
+        self._window_drivers: set[str] = set()
+        self._sa_pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sa_loops: weakref.WeakKeyDictionary[Any, asyncio.AbstractEventLoop] = (
             weakref.WeakKeyDictionary()
         )
-        self._installed = False
-        # Pool events fire on whichever thread uses the pool.
-        self._lock = threading.Lock()
+        self._sa_installed = False
+        self.hooks = DriverHooks(self, self._contain)
+        # Hooks fire on whichever thread uses a connection; reentrant for safety.
+        self._lock = threading.RLock()
+
+    # -- counts -------------------------------------------------------------------------------
+
+    @property
+    def open(self) -> int:
+        return len(self._by_pid) + len(self._sa_only)
+
+    @property
+    def checked_out(self) -> int:
+        return self._in_use + len(self._sa_checked_out)
 
     @property
     def idle(self) -> int:
         return max(0, self.open - self.checked_out)
 
-    # -- listeners ------------------------------------------------------------------------
+    # -- installing ---------------------------------------------------------------------------
 
     @property
     def installed(self) -> bool:
-        return self._installed
+        return self._sa_installed
 
     def install(self) -> None:
-        """Listen on every pool. Imports SQLAlchemy: call it once the process uses it (a
-        worker that never does should not pay for the import)."""
+        """Hook the drivers (now, or when imported) and, once SQLAlchemy is in use, its
+        pools (a worker that never imports it should not pay for the import)."""
+        self.hooks.install()
+        if self._sa_installed:
+            return
+        import sys
+
+        if "sqlalchemy" not in sys.modules:
+            return
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
         from sqlalchemy.pool import Pool
@@ -91,10 +164,11 @@ class PoolMeter:
             event.listen(Pool, name, getattr(self, f"_on_{name}"))
         event.listen(Engine, "do_connect", self._on_do_connect)
         event.listen(Engine, "engine_connect", self._on_engine_connect)
-        self._installed = True
+        self._sa_installed = True
 
     def uninstall(self) -> None:
-        if not self._installed:
+        self.hooks.uninstall()
+        if not self._sa_installed:
             return
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
@@ -104,63 +178,264 @@ class PoolMeter:
             event.remove(Pool, name, getattr(self, f"_on_{name}"))
         event.remove(Engine, "do_connect", self._on_do_connect)
         event.remove(Engine, "engine_connect", self._on_engine_connect)
-        self._installed = False
+        self._sa_installed = False
 
     def _contain(self, exc: BaseException) -> None:
         if not self._error_seen:
             self._error_seen = True
             self._on_error(exc)
 
-    def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
+    # -- what the driver hooks report (drivers.ConnectionSink) --------------------------------
+
+    def gate(self, background: bool) -> None:
         try:
-            self._gate()
+            self.sweep()
+            self._gate(background)
         except BudgetRefused:
             raise
         except Exception as exc:
             self._contain(exc)
 
+    async def gate_async(self, background: bool) -> None:
+        try:
+            self.sweep()
+            if self._gate_async is None:
+                self._gate(background)
+            else:
+                await self._gate_async(background)
+        except BudgetRefused:
+            raise
+        except Exception as exc:
+            self._contain(exc)
+
+    def opened(
+        self, conn: Any, pid: int, driver: str, pool: Any, closed: Callable[[Any], bool]
+    ) -> None:
+        try:
+            with self._lock:
+                self._drain_collected()
+                for stale in (self._by_pid.get(pid), self._by_conn.get(id(conn))):
+                    # The same backend or object seen twice: one count (a pid comes back
+                    # only once its backend has exited).
+                    if stale is not None:
+                        self._forget(stale)
+                record = _Counted(
+                    pid=pid,
+                    key=id(conn),
+                    driver=driver,
+                    ref=weakref.ref(conn),
+                    is_closed=closed,
+                    pool=pool,
+                    loop=running_loop(),
+                    pooled=pool is not None,
+                    in_use=pool is None,
+                    opened_at=time.time(),
+                    opened_by=self._item if self._in_call else NO_ITEM,
+                )
+                record.finalizer = weakref.finalize(conn, self._collected.append, record)
+                record.finalizer.atexit = False
+                self._by_pid[pid] = record
+                self._by_conn[id(conn)] = record
+                if record.in_use:
+                    self._in_use += 1
+                    self._window_drivers.add(driver)
+                self._changed()
+        except Exception as exc:
+            self._contain(exc)
+
+    def closed(self, conn: Any) -> None:
+        try:
+            with self._lock:
+                self._drain_collected()
+                record = self._by_conn.get(id(conn))
+                if record is not None:
+                    self._forget(record)
+                    self._changed()
+        except Exception as exc:
+            self._contain(exc)
+
+    def lent(self, conn: Any, in_use: bool) -> None:
+        try:
+            with self._lock:
+                record = self._by_conn.get(id(conn))
+                if record is None:
+                    return
+                record.pooled = True
+                self._lend(record, in_use)
+        except Exception as exc:
+            self._contain(exc)
+
+    def _lend(self, record: _Counted, in_use: bool) -> None:
+        self.version += 1
+        if record.in_use == in_use:
+            return
+        record.in_use = in_use
+        if in_use:
+            self._in_use += 1
+            record.lent_by = self._item if self._in_call else NO_ITEM
+            self._window_drivers.add(record.driver)
+            self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+        else:
+            self._in_use -= 1
+            record.lent_by = NO_ITEM
+
+    def _forget(self, record: _Counted) -> None:
+        """Uncount one connection (lock held)."""
+        if self._by_pid.get(record.pid) is record:
+            del self._by_pid[record.pid]
+        if self._by_conn.get(record.key) is record:
+            del self._by_conn[record.key]
+        if record.in_use:
+            self._in_use -= 1
+            record.in_use = False
+        if record.finalizer is not None:
+            record.finalizer.detach()
+
+    def _drain_collected(self) -> bool:
+        """Uncount the connections garbage-collected since last time (lock held)."""
+        changed = False
+        while self._collected:
+            record = self._collected.popleft()
+            if self._by_pid.get(record.pid) is record or self._by_conn.get(record.key) is record:
+                self._forget(record)
+                changed = True
+        return changed
+
+    def _changed(self) -> None:
+        """The open count moved (lock held): new peaks, and tell the controller."""
+        self.version += 1
+        self._peak_open = max(self._peak_open, self.open)
+        self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+        self._report(released=False)
+
+    # -- noticing closes the driver did not announce --------------------------------------------
+
+    def sweep(self) -> None:
+        """Uncount connections that were collected, or that their driver now says are closed
+        (psycopg2 has no close hook; a broken psycopg connection is closed without one)."""
+        with self._lock:
+            changed = self._drain_collected()
+            for record in list(self._by_pid.values()):
+                conn = record.ref()
+                try:
+                    gone = conn is None or record.is_closed(conn)
+                except Exception:
+                    gone = True
+                if gone:
+                    self._forget(record)
+                    changed = True
+            if changed:
+                self._changed()
+
+    def pids(self) -> list[int]:
+        """Backend pids of the connections counted now (to check against the server)."""
+        self.sweep()
+        with self._lock:
+            return sorted(self._by_pid)
+
+    def reconcile(self, alive: Collection[int], before: float | None = None) -> int:
+        """Uncount the connections whose backend is not in ``alive`` (pids the server's
+        ``pg_stat_activity`` listed at time ``before``; connections opened since are
+        kept): the server ended them, and the driver would notice only on next use.
+        Returns how many were uncounted."""
+        alive = set(alive)
+        with self._lock:
+            gone = [
+                r
+                for pid, r in self._by_pid.items()
+                if pid not in alive and (before is None or r.opened_at < before)
+            ]
+            for record in gone:
+                self._forget(record)
+            if gone:
+                self._changed()
+        return len(gone)
+
+    def drivers_open(self) -> dict[str, int]:
+        """Open connections per driver (SQLAlchemy-only ones under ``sqlalchemy``)."""
+        with self._lock:
+            counts = collections.Counter(r.driver for r in self._by_pid.values())
+            if self._sa_only:
+                counts["sqlalchemy"] += len(self._sa_only)
+            return dict(counts)
+
+    # -- SQLAlchemy listeners -----------------------------------------------------------------
+
+    def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
+        if not self.hooks.sees(getattr(dialect, "driver", "")):
+            self.gate(False)  # else the driver's own hook gates it
+
     def _on_engine_connect(self, connection: Any) -> None:
         """Remember each engine's pool (and asyncio loop) so idle connections can be released."""
         try:
             pool = connection.engine.pool
-            if pool not in self._pools:
-                self._pools.add(pool)
-                loop = _running_loop()
+            if pool not in self._sa_pools:
+                self._sa_pools.add(pool)
+                loop = running_loop()
                 if loop is not None:
-                    self._loops[pool] = loop
+                    self._sa_loops[pool] = loop
         except Exception as exc:
             self._contain(exc)
 
+    def _counted(self, dbapi_connection: Any) -> _Counted | None:
+        driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        return self._by_conn.get(id(driver_connection))
+
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
-        self._changed(+1)
+        with self._lock:
+            counted = self._counted(dbapi_connection)
+            if counted is not None:
+                counted.pooled = True  # SQLAlchemy's checkout follows
+                self._lend(counted, False)
+                return
+            self._sa_only.add(id(dbapi_connection))
+            self._changed()
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
-        self._changed(-1)
+        self._on_close_detached(dbapi_connection)
 
     def _on_close_detached(self, dbapi_connection: Any) -> None:
-        self._changed(-1)
+        with self._lock:
+            counted = self._counted(dbapi_connection)
+            if counted is not None:
+                # About to be closed: uncount now (psycopg2 has no close hook).
+                self._forget(counted)
+                self._changed()
+            elif id(dbapi_connection) in self._sa_only:
+                self._sa_only.discard(id(dbapi_connection))
+                self._sa_checked_out.discard(id(dbapi_connection))
+                self._changed()
 
     def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        with self._lock:
-            self.version += 1
-            self.checked_out += 1
-            self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+        self._sa_lend(dbapi_connection, True)
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
-        with self._lock:
-            self.version += 1
-            self.checked_out = max(0, self.checked_out - 1)
+        if dbapi_connection is not None:
+            self._sa_lend(dbapi_connection, False)
 
-    def _changed(self, delta: int) -> None:
+    def _sa_lend(self, dbapi_connection: Any, in_use: bool) -> None:
         with self._lock:
+            counted = self._counted(dbapi_connection)
+            if counted is not None:
+                self._lend(counted, in_use)
+                return
             self.version += 1
-            self.open = max(0, self.open + delta)
-            self._peak_open = max(self._peak_open, self.open)
-            self._report(released=False)
+            key = id(dbapi_connection)
+            if key not in self._sa_only:
+                return
+            if in_use:
+                self._sa_checked_out.add(key)
+                self._window_drivers.add("sqlalchemy")
+                self._peak_checked_out = max(self._peak_checked_out, self.checked_out)
+            else:
+                self._sa_checked_out.discard(key)
+
+    # -- reporting ------------------------------------------------------------------------------
 
     def report(self, *, released: bool) -> None:
         """Send the current counts (``released``: in answer to a release request)."""
         with self._lock:
+            self._drain_collected()
             self.version += 1  # a new message, even if nothing changed
             self._report(released=released)
 
@@ -179,46 +454,134 @@ class PoolMeter:
 
     # -- per-test windows -------------------------------------------------------------------
 
-    def begin(self) -> None:
+    def begin(self, item: int = NO_ITEM) -> None:
         """Start measuring one test: peaks restart from what is held now."""
-        self._peak_checked_out = self.checked_out
-        self._peak_open = self.open
+        self.sweep()
+        with self._lock:
+            self._item = item
+            self._peak_checked_out = self.checked_out
+            self._peak_open = self.open
+            self._window_drivers = {r.driver for r in self._by_pid.values() if r.in_use}
+            if self._sa_checked_out:
+                self._window_drivers.add("sqlalchemy")
+
+    def call_started(self) -> None:
+        """The test's own code runs: what it opens from now on and keeps is a leak."""
+        self._in_call = True
+
+    def call_ended(self) -> None:
+        self._in_call = False
 
     def end(self, limit_hit: bool = False) -> Window:
-        return Window(self._peak_checked_out, self._peak_open, limit_hit)
+        self.sweep()
+        with self._lock:
+            item = self._item
+            leaks = 0
+            if item != NO_ITEM:
+                leaks = sum(
+                    (r.opened_by == item and (r.in_use or not r.pooled))
+                    or (r.in_use and r.lent_by == item)
+                    for r in self._by_pid.values()
+                )
+            self._in_call = False
+            return Window(
+                self._peak_checked_out,
+                self._peak_open,
+                limit_hit,
+                tuple(sorted(self._window_drivers)),
+                leaks,
+            )
 
     # -- giving connections back ------------------------------------------------------------
 
     def release_idle(self) -> None:
         """Close idle pooled connections so another worker can have the room.
 
-        A pool with connections checked out is left alone (disposing it would disturb its
-        overflow accounting); an asyncio pool is disposed on its own event loop when that
-        loop is idle, since asyncpg connections can only be closed there.
+        SQLAlchemy pools with connections checked out are left alone (disposing them
+        would disturb their overflow accounting); psycopg_pool and asyncpg pools give
+        their idle connections back whatever is lent out. Asyncio pools are handled on
+        their own event loop when it is idle; a loop busy in another thread gets the
+        work handed over.
         """
-        if not self._installed:
-            return
-        from sqlalchemy.pool import QueuePool
-
         try:
-            for pool in list(self._pools):
-                if not isinstance(pool, QueuePool):
-                    continue  # nothing idle to give back (NullPool), or not ours to judge
-                if pool.checkedout() > 0 or pool.checkedin() == 0:
-                    continue
-                loop = self._loops.get(pool)
-                if loop is None:
-                    pool.dispose()
-                elif not loop.is_closed() and not loop.is_running():
-                    from sqlalchemy.util import greenlet_spawn
-
-                    loop.run_until_complete(greenlet_spawn(pool.dispose))
+            self._release_sqlalchemy()
+            for pool, loop in self._idle_driver_pools():
+                self._release_driver_pool(pool, loop)
         except Exception as exc:
             self._contain(exc)
+        self.sweep()
+
+    async def release_idle_async(self) -> None:
+        """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""
+        current = running_loop()
+        try:
+            self._release_sqlalchemy()
+            for pool in self._sa_pools_of(current):
+                from sqlalchemy.util import greenlet_spawn
+
+                await greenlet_spawn(pool.dispose)
+            for pool, loop in self._idle_driver_pools():
+                if loop is not None and loop is current:
+                    await _reclaim_async(pool)
+                else:
+                    self._release_driver_pool(pool, loop)
+        except Exception as exc:
+            self._contain(exc)
+        self.sweep()
+
+    def _release_sqlalchemy(self) -> None:
+        if not self._sa_installed:
+            return
+        for pool in self._releasable_sa_pools():
+            loop = self._sa_loops.get(pool)
+            if loop is None:
+                pool.dispose()
+            elif not loop.is_closed() and not loop.is_running():
+                from sqlalchemy.util import greenlet_spawn
+
+                loop.run_until_complete(greenlet_spawn(pool.dispose))
+
+    def _releasable_sa_pools(self) -> list[Any]:
+        from sqlalchemy.pool import QueuePool
+
+        return [
+            pool
+            for pool in list(self._sa_pools)
+            if isinstance(pool, QueuePool) and pool.checkedout() == 0 and pool.checkedin() > 0
+        ]
+
+    def _sa_pools_of(self, loop: asyncio.AbstractEventLoop | None) -> list[Any]:
+        if loop is None or not self._sa_installed:
+            return []
+        return [p for p in self._releasable_sa_pools() if self._sa_loops.get(p) is loop]
+
+    def _idle_driver_pools(self) -> list[tuple[Any, asyncio.AbstractEventLoop | None]]:
+        """psycopg_pool / asyncpg pools holding idle connections, with their loop."""
+        with self._lock:
+            pools: dict[int, tuple[Any, asyncio.AbstractEventLoop | None]] = {}
+            for record in self._by_pid.values():
+                if record.pool is not None and not record.in_use:
+                    pools.setdefault(id(record.pool), (record.pool, record.loop))
+            return list(pools.values())
+
+    def _release_driver_pool(self, pool: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is None:
+            reclaim_psycopg_pool(pool)
+        elif loop.is_closed():
+            return
+        elif not loop.is_running():
+            loop.run_until_complete(_reclaim_async(pool))
+        elif loop is not running_loop():
+            # Running in another thread: hand the work over, never wait on that loop.
+            asyncio.run_coroutine_threadsafe(_reclaim_async(pool), loop)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+async def _reclaim_async(pool: Any) -> None:
+    """Close an asyncio pool's idle connections, on its loop (this one)."""
+    if type(pool).__module__.startswith("asyncpg"):
+        if reclaim_asyncpg_pool(pool):
+            # Let the closed transports finish, so the server sees them go now.
+            for _ in range(2):
+                await asyncio.sleep(0)
+    else:
+        await reclaim_async_psycopg_pool(pool)

@@ -16,6 +16,9 @@ from pytest_poolaware.runstats import ServerView
 #: Seconds between two samples: short enough to catch a test's burst of connections,
 #: long enough that the sampler costs the server nothing noticeable.
 SAMPLE_INTERVAL: Final = 0.05
+#: Longest wait, at the end of the run, for connections the workers closed (or that
+#: went with their processes) to leave the server, so the last sample says what is left.
+END_SETTLE: Final = 1.0
 #: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
 CONNECT_TIMEOUT: Final = 5
 #: The monitor's own connection, named so that nobody counts it as one of the run's.
@@ -27,10 +30,11 @@ _CLIENTS: Final = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
 #: counts a connection for a moment after the client closed it.
 CLOSING_SLACK = 1
 #: A role with a connection limit: count what that limit counts, every connection of it.
-ROLE_QUERY: Final = f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
+#: Backend pids, not just a count: workers check what they counted against them.
+ROLE_QUERY: Final = f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
 #: A superuser (whose connections no limit counts): the connections the engine helper tagged.
 TAGGED_QUERY: Final = (
-    f"SELECT count(*) FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
+    f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
 )
 _ROLE: Final = (
     "SELECT current_user, r.rolsuper, r.rolconnlimit FROM pg_roles r WHERE r.rolname = current_user"
@@ -69,6 +73,10 @@ class ServerMonitor:
         self.peak = 0
         self.scope = ""
         self.problem: str | None = None
+        #: The latest sample's time and backend pids (replaced whole: read from any thread).
+        self.latest: tuple[float, frozenset[int]] | None = None
+        #: The sampler thread and ``pids_now`` share the connection.
+        self._sampling = threading.Lock()
         self._conn: Any = None
         self._query = ""
         self._param = ""
@@ -125,7 +133,7 @@ class ServerMonitor:
         if thread is not None:
             self._stop.set()
             thread.join()
-            self._sample()
+            self._settle()
         self._close()
         if not self.samples:
             return None
@@ -133,25 +141,42 @@ class ServerMonitor:
             self.peak, len(self.samples), self.scope, self.interval, tuple(self.samples)
         )
 
+    def pids_now(self) -> tuple[float, frozenset[int]] | None:
+        """A fresh sample's time and backend pids (when a gate wait begins, the workers
+        check their counts against it); the latest one if sampling fails."""
+        with self._sampling:
+            self._sample()
+        return self.latest
+
+    def _settle(self) -> None:
+        """Sample until the server holds none of the run's connections, for END_SETTLE
+        at most: the server ends a backend a moment after its client went away."""
+        deadline = self._clock() + END_SETTLE
+        while self._sample() and self.samples[-1][1] > 0 and self._clock() < deadline:
+            time.sleep(self.interval)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self._sample():
-                return
+            with self._sampling:
+                if not self._sample():
+                    return
 
     def _sample(self) -> bool:
         if self._conn is None:
             return False
         try:
-            row = self._conn.execute(self._query, (self._param,)).fetchone()
+            rows = self._conn.execute(self._query, (self._param,)).fetchall()
         except Exception as exc:
             self.problem = (
                 f"server monitoring stopped after {len(self.samples)} samples: {_first_line(exc)}"
             )
             self._close()
             return False
-        count = int(row[0]) if row is not None else 0
-        self.samples.append((self._clock(), count))
-        self.peak = max(self.peak, count)
+        now = self._clock()
+        pids = frozenset(int(pid) for (pid,) in rows)
+        self.latest = (now, pids)
+        self.samples.append((now, len(pids)))
+        self.peak = max(self.peak, len(pids))
         return True
 
     def _close(self) -> None:

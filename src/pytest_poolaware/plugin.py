@@ -222,8 +222,13 @@ class Controller:
             links=self.links,
             inbox=self.inbox,
             serial_worker=self.serial_worker,
+            server_pids=self._server_pids,
         )
         return self.scheduler
+
+    def _server_pids(self) -> tuple[float, frozenset[int]] | None:
+        monitor = self.monitor
+        return None if monitor is None else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.
@@ -252,6 +257,7 @@ class Controller:
         if self.cache is not None and scheduler.collection:
             self.history.save(self.cache, keep=scheduler.collection)
         if scheduler.collection:
+            scheduler.take_last_news()
             problem = self.monitor.problem if self.monitor is not None else None
             self.stats = report.collect(
                 settings=self.settings,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, TypeVar
 
 from pytest_poolaware.core import Answer
@@ -121,6 +121,9 @@ class RoomRequest(_Plain):
     request: int  # unique per worker; the answer names it
     want: int | None = None
     item: int = -1  # -1: outside any item
+    #: Opened by a pool in its own thread or task: delayed until there is room, never
+    #: refused (the test would only see the pool time out).
+    background: bool = False
 
 
 @_message
@@ -178,8 +181,24 @@ class ReleaseIdle(_Plain):
     kind: ClassVar[str] = "release"
 
 
+@_message
+@dataclass(frozen=True, slots=True)
+class ServerPids(_Plain):
+    """The backend pids the monitored server listed at ``taken`` (``time.time()``): the
+    connections a worker counted before then and that are not listed were ended by the
+    server (their driver notices only on next use)."""
+
+    kind: ClassVar[str] = "alive"
+    taken: float
+    pids: tuple[int, ...]
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ServerPids:
+        return cls(float(wire["taken"]), tuple(int(pid) for pid in wire["pids"]))
+
+
 WorkerMessage = Collected | Counts | RoomRequest | Note
-ControllerMessage = Goes | RequestAnswer | ReleaseIdle
+ControllerMessage = Goes | RequestAnswer | ReleaseIdle | ServerPids
 #: Messages that can unblock a decision: the controller looks at them at once; the
 #: others wait for the next xdist event.
 WAKING: Final = frozenset({RoomRequest, Counts})
@@ -250,6 +269,8 @@ class ItemMeasures:
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
     #: (start, end) time.time() of each wait for the budget long enough to show (the trace).
     waits: tuple[tuple[float, float], ...] = ()
+    drivers: tuple[str, ...] = ()  # drivers of the connections it used
+    leaks: int = 0  # connections its own code opened or checked out, still held at its end
 
     def to_wire(self) -> str:
         """A JSON object of the fields by name, as one string: it rides on every item's
@@ -260,15 +281,14 @@ class ItemMeasures:
     def from_wire(cls, data: str) -> ItemMeasures:
         try:
             values = json.loads(data)
-            measures = cls(**{name: values[name] for name in _REQUIRED_MEASURES})
-            waits = tuple((float(start), float(end)) for start, end in values.get("waits", ()))
+            for name in ("drivers", "waits"):
+                if name in values:
+                    values[name] = tuple(
+                        tuple(value) if isinstance(value, list) else value for value in values[name]
+                    )
+            return cls(**{name: values[name] for name in _MEASURE_NAMES if name in values})
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed item measures: {exc}") from None
-        return replace(measures, waits=waits)
 
 
 _MEASURE_NAMES: Final = tuple(f.name for f in fields(ItemMeasures))
-#: Fields every version of the protocol sends; later ones are optional on the wire.
-_REQUIRED_MEASURES: Final = tuple(
-    f.name for f in fields(ItemMeasures) if f.default is MISSING and f.default_factory is MISSING
-)

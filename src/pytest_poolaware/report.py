@@ -68,6 +68,8 @@ def collect(
                 rerun=m.rerun,
                 outcome=outcomes.get(nodeid),
                 waits=m.waits,
+                drivers=tuple(m.drivers),
+                leaks=m.leaks,
             )
         )
     advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
@@ -189,6 +191,13 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"peak open connections (server): {server.peak} ({server.scope}, "
             f"{server.samples} samples every {server.interval:g}s)"
         )
+        missed = stats.uncounted
+        if missed is not None:
+            lines.append(
+                f"not counted by the workers (server minus workers): up to {missed.most} "
+                f"at once; at the end {missed.end_server} open on the server, "
+                f"{missed.end_workers} counted"
+            )
     elif verbose > 0 and not settings.monitor_dsn:
         lines.append(
             f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"
@@ -203,10 +212,20 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
     top = stats.top_needs(TOP_NEEDS_VERBOSE if verbose > 0 else TOP_NEEDS)
     if top:
         lines.append("most connections at once:")
-        lines += [f"  {item.need:>3}  {item.lane.value:<6}  {item.nodeid}" for item in top]
+        lines += [
+            f"  {item.need:>3}  {item.lane.value:<6}  {item.nodeid}{_drivers(item)}" for item in top
+        ]
+    leaking = stats.leaking
+    if leaking:
+        lines.append("connections still held at a test's end (opened or checked out by it):")
+        lines += [f"  {item.leaks:>3}  {item.nodeid}" for item in leaking]
     lines.append(_wall_line(stats))
     lines += _advice_lines(stats.advice, settings, verbose)
     return lines
+
+
+def _drivers(item: ItemFacts) -> str:
+    return f"  ({', '.join(item.drivers)})" if item.drivers else ""
 
 
 def _time_line(name: str, time: LaneTime) -> str:

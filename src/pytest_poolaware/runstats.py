@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -89,6 +89,8 @@ class ItemFacts:
     outcome: str | None = None  # passed, failed, skipped, error
     #: (start, end) of each wait for the budget long enough to show (the trace only).
     waits: tuple[tuple[float, float], ...] = ()
+    drivers: tuple[str, ...] = ()  # drivers of the connections it used
+    leaks: int = 0  # connections its code opened or checked out and still held at its end
 
     @property
     def measured(self) -> bool:
@@ -108,6 +110,8 @@ class ItemFacts:
             "waited": _round(self.waited),
             "rerun": self.rerun or None,
             "outcome": self.outcome,
+            "drivers": list(self.drivers),
+            "leaks": self.leaks,
         }
 
 
@@ -154,6 +158,54 @@ class ServerView:
     scope: str  # which connections were counted, in words
     interval: float
     timeline: tuple[tuple[float, int], ...] = ()
+
+
+#: Seconds an excess of the server's count over the workers' must last to be reported as
+#: connections the workers did not count: shorter ones are opens and closes in flight
+#: between the two views.
+UNCOUNTED_HOLD: Final = 0.25
+
+
+@dataclass(frozen=True)
+class Uncounted:
+    """The server's count for the run's login against the workers' own (when monitored)."""
+
+    most: int  # most connections the workers did not count, held UNCOUNTED_HOLD or longer
+    end_server: int  # at the last sample
+    end_workers: int  # the workers' last counts, summed
+
+
+def uncounted(
+    workers: Sequence[tuple[float, str, int]],
+    server: Sequence[tuple[float, int]],
+    hold: float = UNCOUNTED_HOLD,
+) -> Uncounted:
+    """Connections the server saw that the workers did not count (subprocesses, drivers
+    that are not hooked): a blind spot made visible instead of silent."""
+    last: dict[str, int] = {}
+    changes = sorted(workers)
+    excess: list[tuple[float, int]] = []
+    i = 0
+    for at, count in server:
+        while i < len(changes) and changes[i][0] <= at:
+            last[changes[i][1]] = changes[i][2]
+            i += 1
+        excess.append((at, count - sum(last.values())))
+    for _, worker, open_ in changes[i:]:
+        last[worker] = open_
+    most = 0
+    for j, (start, _) in enumerate(excess):
+        low = None
+        for at, value in excess[j:]:
+            low = value if low is None else min(low, value)
+            if at - start >= hold:
+                most = max(most, low)
+                break
+    return Uncounted(
+        most=most,
+        end_server=server[-1][1] if server else 0,
+        end_workers=sum(last.values()),
+    )
 
 
 @dataclass(frozen=True)
@@ -211,6 +263,17 @@ class RunStats:
         bound = self.lower_bound.value
         return self.wall / bound if bound > 0 else None
 
+    @property
+    def uncounted(self) -> Uncounted | None:
+        if self.server is None:
+            return None
+        return uncounted(self.timeline, self.server.timeline)
+
+    @property
+    def leaking(self) -> list[ItemFacts]:
+        """Tests that ended holding connections their own code opened or checked out."""
+        return [item for item in self.items if item.leaks]
+
     def nodeid_of(self, overrun: Overrun) -> str:
         """The node id of the test an overrun names ("?" if it is not in the collection)."""
         index = overrun.index
@@ -241,6 +304,7 @@ class RunStats:
                 "peak_open_server": server.peak if server else None,
                 "server_scope": server.scope if server else None,
                 "server_samples": server.samples if server else 0,
+                "uncounted": _uncounted_json(self.uncounted),
                 "started": _round(self.started),
                 "finished": _round(self.finished),
                 "session": _round(self.session),
@@ -271,6 +335,12 @@ class RunStats:
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
         }
+
+
+def _uncounted_json(value: Uncounted | None) -> dict[str, int] | None:
+    if value is None:
+        return None
+    return {"most": value.most, "end_server": value.end_server, "end_workers": value.end_workers}
 
 
 def _bound_json(bound: LowerBound) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,7 @@ from pytest_poolaware.protocol import (
     ReleaseIdle,
     RequestAnswer,
     RoomRequest,
+    ServerPids,
     WorkerMessage,
 )
 from pytest_poolaware.runstats import ItemResult, RunSnapshot
@@ -83,6 +84,7 @@ class PoolAwareScheduling:
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         serial_worker: str | None = None,
+        server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -93,6 +95,10 @@ class PoolAwareScheduling:
         self._record = _RunRecord(notes=list(history.problems))
         self._links = links
         self._inbox = inbox
+        #: The server's latest (time, backend pids) when it is monitored, and the time of
+        #: the last one sent to the workers.
+        self._server_pids = server_pids
+        self._pids_sent = 0.0
         self.planner: Planner[WorkerController] = Planner(
             settings.budget, unknown_need=settings.unknown_need, order=Order(settings.order)
         )
@@ -339,6 +345,11 @@ class PoolAwareScheduling:
             )
         return tests
 
+    def take_last_news(self) -> None:
+        """At the session's end: the workers' last counts (sent as they finished) may
+        still wait in the inbox; the report's end-of-run figures need them."""
+        self._drain()
+
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
         for node in self._joined:
@@ -368,11 +379,34 @@ class PoolAwareScheduling:
                     )
             elif isinstance(message, RoomRequest):
                 if node in self._joined:
-                    self._apply(
-                        self.planner.request(node, message.request, message.want, item=message.item)
+                    actions = self.planner.request(
+                        node,
+                        message.request,
+                        message.want,
+                        item=message.item,
+                        background=message.background,
                     )
+                    if not any(
+                        isinstance(a, Grant) and a.worker == node and a.request == message.request
+                        for a in actions
+                    ):
+                        self._reconcile()
+                    self._apply(actions)
             elif isinstance(message, Note):
                 self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+
+    def _reconcile(self) -> None:
+        """A gate wait begins: send the server's backend pids to the workers, so they
+        uncount connections the server ended (their drivers notice only on next use)."""
+        sample = self._server_pids() if self._server_pids is not None else None
+        if sample is None or sample[0] <= self._pids_sent:
+            return
+        self._pids_sent = sample[0]
+        pids = tuple(sorted(sample[1]))
+        for node in self._joined:
+            link = self._links.get(node)
+            if link is not None:
+                link.send(ServerPids(sample[0], pids))
 
     def _apply(self, actions: list[Action]) -> None:
         goes: dict[WorkerController, list[int]] = {}

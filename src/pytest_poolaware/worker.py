@@ -119,17 +119,20 @@ class WorkerAgent:
                 Counts(open_, idle, released, version)
             ),
             gate=self._gate,
+            gate_async=self._gate_async,
             on_error=self._report_error,
         )
+        link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
 
     # -- hooks ------------------------------------------------------------------------------
 
     def pytest_configure(self, config: pytest.Config) -> None:
-        self._install_meter()
+        """Hook the drivers: those imported now, the others as they are imported."""
+        self.meter.install()
 
     def _install_meter(self) -> None:
-        """Instrument pools once SQLAlchemy is in use (conftests usually import it before
-        this runs); a worker that never imports it does not pay for the import."""
+        """Instrument SQLAlchemy's pools once it is in use (conftests usually import it
+        before this runs); a worker that never imports it does not pay for the import."""
         if not self.meter.installed and "sqlalchemy" in sys.modules:
             self.meter.install()
 
@@ -159,7 +162,7 @@ class WorkerAgent:
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         started = time.time()
         start = self._clock()
-        self.meter.begin()
+        self.meter.begin(index)
         reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
@@ -171,7 +174,7 @@ class WorkerAgent:
                 lambda: self.link.request(index, self.budget, self.gate_timeout, self._release)
             )
             start = self._clock()
-            self.meter.begin()
+            self.meter.begin(index)
             reports = run_test_protocol(item, nextitem)
             window = self.meter.end()
         duration = self._clock() - start
@@ -191,6 +194,8 @@ class WorkerAgent:
             idle=idle,
             version=version,
             waits=tuple(self._waits),
+            drivers=window.drivers,
+            leaks=window.leaks,
         ).to_wire()
         for report in reports:
             if reason:
@@ -203,11 +208,24 @@ class WorkerAgent:
         """Run ``wait`` and count it as time held back by the budget."""
         begun, begun_at = self._clock(), time.time()
         result = wait()
+        self._count_wait(begun, begun_at)
+        return result
+
+    def _count_wait(self, begun: float, begun_at: float) -> None:
+        """Count a wait that began at ``begun`` (``_clock``) and ``begun_at`` (wall clock)."""
         waited = self._clock() - begun
         self._waited += waited
         if waited >= WAIT_SPAN_MIN:
             self._waits.append((begun_at, time.time()))
-        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        """What the test's own code opens and keeps past its end is a leak."""
+        self.meter.call_started()
+        try:
+            return (yield)
+        finally:
+            self.meter.call_ended()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
@@ -218,21 +236,37 @@ class WorkerAgent:
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Give every idle connection back: this worker will run nothing more."""
+        """Give every idle connection back: this worker will run nothing more. The last
+        counts say what is still open (checked against the server by the controller)."""
         self._release()
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _gate(self) -> None:
+    def _gate(self, background: bool) -> None:
         """Called before each new connection: wait until the budget has room for it."""
         answer = self._timed_wait(
-            lambda: self.link.request(self._running, None, self.gate_timeout, self._release)
+            lambda: self.link.request(
+                self._running, None, self.gate_timeout, self._release, background=background
+            )
         )
+        self._answered(answer, background)
+
+    async def _gate_async(self, background: bool) -> None:
+        """The gate for a connect on an event loop: awaits the answer, so the loop's other
+        coroutines (which may hold the connections that would free room) keep running."""
+        begun, begun_at = self._clock(), time.time()
+        answer = await self.link.request_async(
+            self._running, self.gate_timeout, self._release_async, background=background
+        )
+        self._count_wait(begun, begun_at)
+        self._answered(answer, background)
+
+    def _answered(self, answer: Answer | None, background: bool) -> None:
         if answer is None:
             self.link.send(
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
             )
-        elif answer is Answer.REFUSED:
+        elif answer is Answer.REFUSED and not background:
             raise BudgetRefused(
                 "pytest-poolaware: too many connections: every test holding connections "
                 "was waiting for more; this one gives way and is rerun alone"
@@ -240,6 +274,10 @@ class WorkerAgent:
 
     def _release(self) -> None:
         self.meter.release_idle()
+        self.meter.report(released=True)
+
+    async def _release_async(self) -> None:
+        await self.meter.release_idle_async()
         self.meter.report(released=True)
 
     def _report_error(self, exc: BaseException) -> None:

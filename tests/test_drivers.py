@@ -1,0 +1,339 @@
+"""Driver-level counting against a real server: every route, each connection counted once.
+
+Run against the installed driver versions; ``drivers.HOOKED_INTERNALS`` lists the versions
+these tests were run against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import psycopg2
+import pytest
+from psycopg import connect as connect_imported_early  # bound before the hooks exist
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from pytest_poolaware.core import Answer
+from pytest_poolaware.drivers import HOOKED_INTERNALS
+from pytest_poolaware.link import WorkerLink
+from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
+
+
+class Seen:
+    """What a meter asked and reported."""
+
+    def __init__(self) -> None:
+        self.gates: list[bool] = []
+        self.async_gates: list[bool] = []
+        self.errors: list[BaseException] = []
+
+
+@pytest.fixture
+def metered() -> Iterator[tuple[PoolMeter, Seen]]:
+    seen = Seen()
+
+    async def gate_async(background: bool) -> None:
+        seen.async_gates.append(background)
+
+    meter = PoolMeter(
+        on_change=lambda *counts: None,
+        gate=seen.gates.append,
+        gate_async=gate_async,
+        on_error=seen.errors.append,
+    )
+    meter.install()
+    yield meter, seen
+    meter.uninstall()
+    assert seen.errors == []
+
+
+def server_pids(dsn: str) -> set[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "select pid from pg_stat_activity where backend_type = 'client backend'"
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def test_every_hooked_internal_names_the_versions_checked() -> None:
+    assert {h.driver for h in HOOKED_INTERNALS} == {
+        "psycopg",
+        "psycopg_pool",
+        "asyncpg",
+        "psycopg2",
+    }
+    assert all(len(h.checked) >= 1 for h in HOOKED_INTERNALS)
+
+
+def test_psycopg_open_close_by_backend_pid(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+    meter.begin(0)
+    conn = connect_imported_early(postgres_dsn)
+    assert meter.pids() == [conn.info.backend_pid]
+    assert (meter.open, meter.checked_out, seen.gates) == (1, 1, [False])
+    conn.close()
+    assert (meter.open, meter.end().need) == (0, 1)
+    assert meter.end().drivers == ("psycopg",)
+
+
+def test_psycopg_async_waits_by_awaiting(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+
+    async def use() -> None:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            assert meter.pids() == [conn.info.backend_pid]
+        assert meter.open == 0
+
+    asyncio.run(use())
+    assert (seen.async_gates, seen.gates) == ([False], [])
+
+
+def test_server_side_termination_reconciled(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    conn = psycopg.connect(postgres_dsn, autocommit=True)
+    pid = conn.info.backend_pid
+    with psycopg.connect(postgres_dsn, autocommit=True) as killer:
+        killer.execute("select pg_terminate_backend(%s)", [pid])
+        meter.sweep()
+        assert pid in meter.pids()  # the driver has not noticed: the server is asked
+        for _ in range(200):
+            if pid not in server_pids(postgres_dsn):
+                break
+    assert meter.reconcile(server_pids(postgres_dsn)) == 1
+    assert meter.open == 0
+    conn.close()
+    assert meter.open == 0
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_garbage_collected_connection_uncounted(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    conns = [psycopg.connect(postgres_dsn), psycopg2.connect(postgres_dsn)]
+    conns.append(conns)  # a cycle: only the collector frees them
+    assert meter.open == 2
+    del conns
+    gc.collect()
+    meter.sweep()
+    assert meter.open == 0
+
+
+def test_psycopg2_counted_and_closed(metered: tuple[PoolMeter, Seen], postgres_dsn: str) -> None:
+    meter, seen = metered
+    conn = psycopg2.connect(postgres_dsn)
+    assert meter.pids() == [conn.get_backend_pid()]
+    conn.close()
+    meter.sweep()
+    assert (meter.open, seen.gates) == (0, [False])
+
+
+def test_sqlalchemy_and_driver_count_once(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+    url = postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    for pool_class in (None, NullPool):
+        kwargs = {} if pool_class is None else {"poolclass": pool_class}
+        engine = create_engine(url, **kwargs)
+        meter.begin(0)
+        with engine.connect() as a, engine.connect() as b:
+            a.execute(text("select 1"))
+            b.execute(text("select 1"))
+            assert (meter.open, meter.checked_out) == (2, 2)
+        assert meter.end().need == 2
+        assert meter.checked_out == 0
+        meter.release_idle()
+        assert meter.open == 0
+        engine.dispose()
+    assert seen.gates == [False] * 4  # once per connection, at the driver
+
+
+def test_psycopg_pool_idle_not_in_use_and_reclaimed(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+    with ConnectionPool(postgres_dsn, min_size=3, max_size=4, open=True) as pool:
+        pool.wait()
+        assert (meter.open, meter.checked_out) == (3, 0)
+        assert seen.gates == [True] * 3  # the pool's own threads: delayed, never refused
+        meter.begin(0)
+        with pool.connection() as conn:
+            conn.execute("select 1")
+            assert meter.checked_out == 1
+        assert (meter.end().need, meter.checked_out) == (1, 0)
+        meter.release_idle()  # below min_size too
+        assert meter.open == 0
+        with pool.connection() as conn:  # the pool still serves
+            assert conn.execute("select 1").fetchone() == (1,)
+        # ...and grows back to min_size in its own threads (psycopg_pool 3.1 would leak
+        # a connection added while it closes).
+        pool.wait()
+        assert (meter.open, meter.checked_out) == (3, 0)
+    meter.sweep()
+    assert meter.open == 0
+
+
+def test_async_psycopg_pool_reclaimed_on_its_loop(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+
+    async def use() -> None:
+        async with AsyncConnectionPool(postgres_dsn, min_size=2, open=False) as pool:
+            await pool.wait()
+            assert (meter.open, meter.checked_out) == (2, 0)
+            async with pool.connection() as conn:
+                assert meter.checked_out == 1
+                await conn.execute("select 1")
+            await meter.release_idle_async()
+            assert meter.open == 0
+            async with pool.connection() as conn:
+                await conn.execute("select 1")
+            await pool.wait()
+            assert meter.open == 2
+        assert meter.open == 0
+
+    asyncio.run(use())
+    assert set(seen.async_gates) == {True}
+
+
+def test_asyncpg_connect_pool_terminate_and_reclaim(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, seen = metered
+
+    async def use() -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        assert meter.pids() == [conn.get_server_pid()]
+        await conn.close()
+        assert meter.open == 0
+
+        pool = await asyncpg.create_pool(postgres_dsn, min_size=3, max_size=3)
+        assert (meter.open, meter.checked_out) == (3, 0)
+        meter.begin(0)
+        async with pool.acquire() as a, pool.acquire() as b:
+            await a.fetchval("select 1")
+            await b.fetchval("select 1")
+            assert meter.checked_out == 2
+        assert (meter.end().need, meter.checked_out) == (2, 0)
+        await meter.release_idle_async()  # below min_size too
+        assert meter.open == 0
+        await asyncio.sleep(0.05)
+        assert meter.open == 0  # not refilled behind our back
+        assert await pool.fetchval("select 1") == 1  # the pool still serves
+        pool.terminate()
+        assert meter.open == 0
+
+    asyncio.run(use())
+    # Each connect awaited the gate once: the bare one, the pool's three, the reconnect.
+    assert len(seen.async_gates) == 5
+    assert seen.gates == []
+
+
+def test_asyncpg_pool_released_from_outside_its_loop(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def make() -> asyncpg.Pool:
+            return await asyncpg.create_pool(postgres_dsn, min_size=2)
+
+        pool = loop.run_until_complete(make())
+        assert meter.open == 2
+        meter.release_idle()  # the loop is idle: run on it
+        assert meter.open == 0
+        loop.run_until_complete(pool.close())
+    finally:
+        loop.close()
+
+
+def test_a_connection_kept_past_the_test_is_a_leak(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    meter.begin(7)
+    meter.call_started()
+    kept = psycopg.connect(postgres_dsn)
+    closed = psycopg.connect(postgres_dsn)
+    closed.close()
+    meter.call_ended()
+    assert meter.end().leaks == 1
+    kept.close()
+
+
+class LoopbackChannel:
+    """The side channel's worker end, answered by the test from another thread."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.callback: Any = None
+        self.has_sent = threading.Event()
+
+    def setcallback(self, callback: Any, endmarker: Any = None) -> None:
+        self.callback = callback
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+        self.has_sent.set()
+
+
+def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
+    channel = LoopbackChannel()
+    link = WorkerLink(channel)  # type: ignore[arg-type]  # the channel's two calls used
+    released: list[bool] = []
+    has_released = threading.Event()
+    ticks = 0
+
+    async def release() -> None:
+        released.append(asyncio.get_running_loop() is loop)
+        has_released.set()
+
+    async def other_coroutine() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def connect() -> Answer | None:
+        ticker = asyncio.ensure_future(other_coroutine())
+        try:
+            return await link.request_async(3, 30.0, release, background=True)
+        finally:
+            ticker.cancel()
+
+    def controller() -> None:
+        if channel.has_sent.wait(10):
+            channel.callback(ReleaseIdle().to_wire())
+        if has_released.wait(10):
+            channel.callback(RequestAnswer(1, Answer.GRANTED).to_wire())
+
+    loop = asyncio.new_event_loop()
+    answering = threading.Thread(target=controller)
+    answering.start()
+    try:
+        assert loop.run_until_complete(connect()) is Answer.GRANTED
+    finally:
+        answering.join()
+        loop.close()
+    assert [decode(wire) for wire in channel.sent] == [RoomRequest(1, None, 3, background=True)]
+    assert released == [True]  # on the loop that was waiting
+    assert ticks > 0  # the loop's other coroutines ran while the connect waited
