@@ -336,14 +336,16 @@ def test_embedded_programs_are_copied_where_the_account_can_run_them(tmp_path: P
     assert account is not None
     assert not accounts.can_traverse(hidden.bindir, account)
 
-    with testserver.ThrowawayPostgres(binaries=hidden) as server:
-        staged = server.binaries.bindir
-        data_dir, postmaster, _ = server_facts(server.dsn)
-        assert staged.is_relative_to(data_dir.parent)
-        assert accounts.can_traverse(staged, account)
-        assert Path(os.readlink(f"/proc/{postmaster}/exe")) == staged / "postgres"
-        assert_runs_as(server.dsn, account.pw_uid)
-    assert not staged.exists()
+    server = testserver.ThrowawayPostgres(binaries=hidden)
+    for _start in range(2):  # a restart stages afresh: the first copy went with the server
+        with server:
+            staged = server.binaries.bindir
+            data_dir, postmaster, _ = server_facts(server.dsn)
+            assert staged.is_relative_to(data_dir.parent)
+            assert accounts.can_traverse(staged, account)
+            assert Path(os.readlink(f"/proc/{postmaster}/exe")) == staged / "postgres"
+            assert_runs_as(server.dsn, account.pw_uid)
+        assert not staged.exists()
 
 
 def test_command_line_without_the_wheel_says_what_to_do(tmp_path: Path) -> None:

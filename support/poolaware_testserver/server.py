@@ -98,7 +98,8 @@ class ThrowawayPostgres:
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.max_connections = max_connections
-        self._binaries = binaries
+        self._given = binaries
+        self._binaries: ServerBinaries | None = None
         self._environ = environ
         self._account: pwd.struct_passwd | None = None
         self._tempdir: Path | None = None
@@ -136,7 +137,7 @@ class ThrowawayPostgres:
         """Create the cluster, start the server, wait until it accepts connections."""
         if self._dsn is not None:
             return self._dsn
-        binaries = self._binaries or find_server_binaries(self._environ)
+        binaries = self._given or find_server_binaries(self._environ)
         self._account = server_account(self._environ)
         # /tmp, not $TMPDIR: the account must reach it and the socket path must stay short.
         self._tempdir = Path(tempfile.mkdtemp(prefix="poolaware-pg-", dir="/tmp"))
@@ -183,6 +184,7 @@ class ThrowawayPostgres:
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
+        self._binaries = None
         self._dsn = None
         atexit.unregister(self.stop)
 
