@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -20,6 +21,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from mirakuru.base import ENV_UUID
 
 import poolaware_testserver as testserver
 from poolaware_testserver import accounts, binaries, cli
@@ -289,6 +291,18 @@ def test_crashed_caller_leaves_no_server() -> None:
     if leaked[1]:  # the test failed: do not leave the server behind for the rest of the run
         os.kill(int(pid), signal.SIGQUIT)
     assert leaked == [False, False]
+
+
+def test_no_exit_elsewhere_can_kill_the_server(
+    private_server: testserver.ThrowawayPostgres,
+) -> None:
+    """mirakuru, as any process that imported it exits, kills the processes whose marker
+    variable holds that process's pid digits: our server must carry no marker at all."""
+    _, postmaster, backends = server_facts(private_server.dsn)
+    for pid in (postmaster, *backends):
+        with contextlib.suppress(FileNotFoundError):  # a backend that has just ended
+            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert [v for v in variables if v.startswith(ENV_UUID.encode() + b"=")] == []
 
 
 def test_postgres_dsn_prefers_environment() -> None:

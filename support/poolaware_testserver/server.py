@@ -17,6 +17,7 @@ from typing import IO, Final, TypedDict
 
 import port_for
 from mirakuru import AlreadyRunning, Executor, ExecutorError, ProcessExitedWithError, TimeoutExpired
+from mirakuru.base import ENV_UUID
 
 from pytest_poolaware.settings import ENV_DSN
 
@@ -75,6 +76,18 @@ class _Postmaster(Executor):
         )
         self._port = port
         self._ready = ready
+
+    @property
+    def envvars(self) -> dict[str, str]:
+        """Our environment without mirakuru's marker variable.
+
+        Every process that imports mirakuru kills, as it exits, the processes whose marker
+        contains its own pid's digits; a marker is a pid and a uuid, so some unrelated
+        exit would kill the server. The server's session is stopped as a group instead.
+        """
+        env = super().envvars
+        env.pop(ENV_UUID, None)
+        return env
 
     def pre_start_check(self) -> bool:
         return port_for.port_is_used(self._port)
