@@ -319,34 +319,28 @@ def run_mode(
     return total, all_cases
 
 
-@dataclass(frozen=True)
-class LowerBound:
-    """xdist-facts.md: LB = max(sum_S p, max_P p, sum_P p / (W-1), sum_all c*p / B)."""
+def demo_lower_bound(cases: Sequence[TestCase], workers: int, budget: int) -> dict[str, Any]:
+    """The run summary's lower bound (``pytest_poolaware.lowerbound``, docs/design.md) over
+    the serial run's test cases, with each lane's peak connections."""
+    from pytest_poolaware.lowerbound import lower_bound
 
-    serial_sum: float
-    parallel_max: float
-    parallel_share: float
-    connection_area: float
-    peak_by_lane: dict[str, int]
-
-    @property
-    def value(self) -> float:
-        return max(self.serial_sum, self.parallel_max, self.parallel_share, self.connection_area)
-
-    @classmethod
-    def from_cases(cls, cases: Sequence[TestCase], workers: int, budget: int) -> LowerBound:
-        serial = [c for c in cases if c.serial]
-        parallel = [c for c in cases if not c.serial]
-        return cls(
-            serial_sum=sum(c.duration for c in serial),
-            parallel_max=max((c.duration for c in parallel), default=0.0),
-            parallel_share=sum(c.duration for c in parallel) / max(1, workers - 1),
-            connection_area=sum((c.peak or 0) * c.duration for c in cases) / budget,
-            peak_by_lane={
-                "serial_only": max((c.peak or 0 for c in serial), default=0),
-                "other": max((c.peak or 0 for c in parallel), default=0),
-            },
-        )
+    serial = [c for c in cases if c.serial]
+    fanout = [c for c in cases if not c.serial]
+    bound = lower_bound(
+        workers,
+        budget,
+        [(c.duration, c.peak or 0) for c in serial],
+        [(c.duration, c.peak or 0) for c in fanout],
+    )
+    return {
+        **dataclasses.asdict(bound),
+        "value": bound.value,
+        "binding": bound.binding,
+        "peak_by_lane": {
+            "serial_only": max((c.peak or 0 for c in serial), default=0),
+            "other": max((c.peak or 0 for c in fanout), default=0),
+        },
+    }
 
 
 def pool_env(dsn: str, pythonpath: Path | None = None) -> dict[str, str]:
@@ -571,9 +565,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lb = report.get("lower_bound")
     if lb:
         lines += [
-            f"LB = {lb['value']:.1f} s = max(sum_S p {lb['serial_sum']:.1f}, "
-            f"max_P p {lb['parallel_max']:.1f}, sum_P p/(W-1) {lb['parallel_share']:.1f}, "
-            f"sum c*p/B {lb['connection_area']:.1f}); from the serial run. Peak c: "
+            f"LB = {lb['value']:.1f} s = max(sum_S p {lb['serial']:.1f}, "
+            f"max_P p {lb['longest']:.1f}, sum_P p/(W-1) {lb['workers']:.1f}, "
+            f"sum min(c,B)*p/B {lb['connections']:.1f}); from the serial run. Peak c: "
             f"serial_only {lb['peak_by_lane']['serial_only']}, others "
             f"{lb['peak_by_lane']['other']}. wall includes startup (shown apart); "
             "wall/LB uses wall.",
@@ -712,11 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["modes"] = [fold_rounds(r) for r in rounds.values()]
                 report["ratios"] = demo_ratios(rounds)
                 if serial_cases:
-                    lb = LowerBound.from_cases(serial_cases, WORKERS, BUDGET)
-                    report["lower_bound"] = {**dataclasses.asdict(lb), "value": lb.value}
+                    lb = demo_lower_bound(serial_cases, WORKERS, BUDGET)
+                    report["lower_bound"] = lb
                     for outcome in report["modes"]:
-                        if outcome.ran and lb.value > 0:
-                            outcome.wall_over_lb = outcome.wall / lb.value
+                        if outcome.ran and lb["value"] > 0:
+                            outcome.wall_over_lb = outcome.wall / lb["value"]
         report["modes"] = [dataclasses.asdict(o) for o in report["modes"]]
         if "overhead" in args.only:
             print("[bench] overhead ...", file=sys.stderr, flush=True)

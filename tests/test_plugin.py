@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from inner import TWO_TESTS, run
 
-from pytest_poolaware.settings import PoolSettings, Settings
+from pytest_poolaware.settings import (
+    BUDGET,
+    GATE_TIMEOUT,
+    OPTIONS,
+    ConfigError,
+    PoolSettings,
+    Settings,
+)
 
 
 def test_dist_poolaware_is_listed_in_help(pytester: pytest.Pytester) -> None:
@@ -160,3 +167,72 @@ def test_fast_exit_skips_the_final_collections_of_every_process(
     result = run(pytester, "-n", "2", *args)
     result.assert_outcomes(passed=2)
     assert sorted(path.name for path in witnesses.iterdir()) == collected_at_exit
+
+
+def test_every_option_is_registered_from_the_table(pytester: pytest.Pytester) -> None:
+    config = pytester.parseconfig()
+    for option in OPTIONS:
+        assert config.getoption(option.dest) is None, option.flag
+        if option.ini is not None:
+            assert config.getini(option.ini) == "", option.ini
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines([f"*{option.flag}*" for option in OPTIONS])
+    result.stdout.fnmatch_lines([f"*{option.ini}*" for option in OPTIONS if option.ini])
+
+
+def test_option_over_ini_over_environment(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PG_POOL_TIMEOUT", "7")
+    monkeypatch.setenv("POOLAWARE_DSN", "postgresql://app@db/env")
+    settings = Settings.from_config(pytester.parseconfig())
+    assert settings.gate_timeout == 7.0
+    assert (settings.monitor_dsn, settings.monitor_source) == (
+        "postgresql://app@db/env",
+        "$POOLAWARE_DSN",
+    )
+    pytester.makeini(
+        "[pytest]\npoolaware_gate_timeout = 5\npoolaware_monitor = postgresql://app@db/ini\n"
+    )
+    settings = Settings.from_config(pytester.parseconfig())
+    assert settings.gate_timeout == 5.0
+    assert (settings.monitor_dsn, settings.monitor_source) == (
+        "postgresql://app@db/ini",
+        "ini poolaware_monitor",
+    )
+    config = pytester.parseconfig("--poolaware-gate-timeout", "3", "--poolaware-monitor", "off")
+    settings = Settings.from_config(config)
+    assert settings.gate_timeout == 3.0
+    assert (settings.monitor_dsn, settings.monitor_source) == ("", "--poolaware-monitor")
+    assert GATE_TIMEOUT.resolve(config) == (3.0, "--poolaware-gate-timeout")
+    assert BUDGET.resolve(config) is None  # none of the three: the pools' sizes decide
+
+
+@pytest.mark.parametrize(
+    ("ini", "env", "message"),
+    [
+        ("", {"PG_POOL_TIMEOUT": "-2"}, "PG_POOL_TIMEOUT='-2': expected a positive number"),
+        ("poolaware_unknown_need = x", {}, "poolaware_unknown_need='x': expected a non-negative"),
+        ("poolaware_unmarked = both", {}, "poolaware_unmarked='both': expected one of"),
+        (
+            "poolaware_monitor = mysql://u:s3cret@db/x",
+            {},
+            "poolaware_monitor: expected a PostgreSQL DSN or 'off', got 'mysql://u:***@db/x'",
+        ),
+    ],
+)
+def test_ini_and_environment_errors_name_the_key_and_value(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    ini: str,
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_config(pytester.parseconfig())
+    assert str(excinfo.value).startswith(message)
+    assert "s3cret" not in str(excinfo.value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import io
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,15 @@ import pytest
 from inner import ENGINE_CONFTEST, TWO_TESTS, run
 from PIL import Image
 
-from pytest_poolaware.advice import Candidate, advice_text, advise, definition, locate
+from pytest_poolaware import report
+from pytest_poolaware.advice import advice_text, advise, definition, locate
+from pytest_poolaware.core import Lane, Overrun
+from pytest_poolaware.lowerbound import lower_bound
+from pytest_poolaware.markers import Markers
 from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
-from pytest_poolaware.runstats import ItemFacts, RunStats, lower_bound
-from pytest_poolaware.settings import default_risky_need, monitor_dsn
+from pytest_poolaware.protocol import ItemMeasures
+from pytest_poolaware.runstats import Candidate, ItemFacts, ItemResult, RunSnapshot, RunStats
+from pytest_poolaware.settings import Settings, default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
     BUDGET_COLOUR,
@@ -204,14 +212,14 @@ def test_json_report_has_every_test_and_the_run(
     assert tests["test_suite.py::test_wireguard_config"]["need"] == 0
     assert tests["test_suite.py::test_light[0]"]["need"] == 1
     assert {tests[n]["worker"] for n in tests if tests[n]["lane"] == "serial"} != set()
-    # The lower bound, recomputed from the per-test data with xdist-facts' formula.
+    # The lower bound, recomputed from the per-test data (docs/design.md, "Lower bound").
     serial_sum = sum(t["duration"] for t in tests.values() if t["lane"] == "serial")
     fanout = [t["duration"] for t in tests.values() if t["lane"] == "fanout"]
     expected = max(
         serial_sum,
         max(fanout),
         sum(fanout) / 3,
-        sum(t["duration"] * t["need"] for t in tests.values()) / BUDGET,
+        sum(t["duration"] * min(t["need"], BUDGET) for t in tests.values()) / BUDGET,
     )
     assert run_["lower_bound"]["value"] == pytest.approx(expected, abs=1e-4)
     assert run_["wall_over_lb"] == pytest.approx(run_["wall"] / expected, rel=1e-3)
@@ -320,13 +328,12 @@ def facts(
     duration: float = 1.0,
     serial: bool = False,
     parallel: bool = False,
-    lane: str | None = None,
+    lane: Lane | None = None,
 ) -> ItemFacts:
     return ItemFacts(
         nodeid,
-        serial,
-        parallel,
-        lane or ("serial" if serial else "fanout"),
+        Markers(serial, parallel),
+        lane or (Lane.SERIAL if serial else Lane.FANOUT),
         worker="gw0",
         start=0.0,
         end=duration,
@@ -346,6 +353,9 @@ def facts(
         (4, [(1.0, 15)], [(2.0, 15)] * 3, 7.0, "budget"),
         (1, [(2.0, 1)], [(1.0, 1)] * 3, 5.0, "workers"),
         (4, [], [], 0.0, "serial lane"),
+        # Over the whole budget: it ran alone, holding the budget (15), not its need (45).
+        (4, [], [(2.0, 45)], 2.0, "longest test"),
+        (4, [(1.0, 30), (1.0, 15)], [], 2.0, "serial lane"),
     ],
 )
 def test_lower_bound_terms(
@@ -360,10 +370,93 @@ def test_lower_bound_terms(
     assert bound.binding == binding
 
 
+def load_benchmarks() -> Any:
+    """``benchmarks/run.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("poolaware_benchmarks", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_benchmarks_measure_against_the_summary_s_lower_bound(workers: int) -> None:
+    bench = load_benchmarks()
+    cases = [
+        bench.TestCase(duration=3.0, outcome="passed", conn_error=False, peak=8, serial=True),
+        bench.TestCase(duration=2.0, outcome="passed", conn_error=False, peak=40, serial=False),
+        bench.TestCase(duration=1.0, outcome="passed", conn_error=False, peak=None, serial=False),
+    ]
+    reported = bench.demo_lower_bound(cases, workers, 15)
+    bound = lower_bound(workers, 15, [(3.0, 8)], [(2.0, 40), (1.0, 0)])
+    assert (reported["value"], reported["binding"]) == (bound.value, bound.binding)
+    assert reported["peak_by_lane"] == {"serial_only": 8, "other": 40}
+    # The 40-connection test holds the budget (15), not 40, for its 2 s: 3.6 s, not 6.9 s.
+    assert bound.connections == pytest.approx((3.0 * 8 + 2.0 * 15) / 15)
+    # One worker runs everything one after another: 6 s.
+    assert bound.value == pytest.approx(6.0 if workers == 1 else 3.6)
+
+
+def test_the_report_is_made_of_the_scheduler_s_snapshot() -> None:
+    """The last attempt of an item counts; an item that never ran is listed with its
+    planned lane; an overrun names its test; the scheduler's notes come first."""
+    measures = ItemMeasures(
+        need=20, peak_open=21, duration=2.0, waited=0.5, start=10.0, end=12.0,
+        rerun="", open=0, idle=0, version=3,
+    )  # fmt: skip
+    first = dataclasses.replace(measures, need=1, duration=9.0)
+    snapshot = RunSnapshot(
+        workers=2,
+        collection=("t.py::test_serial", "t.py::test_heavy", "t.py::test_never"),
+        markers=(Markers(serial=True), Markers(), Markers(parallel=True)),
+        lanes=(Lane.SERIAL, Lane.FANOUT, Lane.FANOUT),
+        results=(
+            ItemResult("t.py::test_heavy", Lane.FANOUT, "gw1", first),
+            ItemResult("t.py::test_heavy", Lane.FANOUT, "gw1", measures),
+        ),
+        overruns=(Overrun(index=1, need=20, budget=15, alone=True),),
+        peak_open=21,
+        timeline=((10.0, "gw1", 21),),
+        notes=("[gw1] waited 30s for connection budget; connecting anyway",),
+    )
+    settings = Settings(budget=15, budget_source="--pool-budget")
+    stats = report.collect(
+        settings=settings,
+        snapshot=snapshot,
+        started=9.0,
+        finished=13.0,
+        outcomes={"t.py::test_heavy": "passed"},
+        notes=["server monitoring off"],
+    )
+    serial, heavy, never = stats.items
+    assert (serial.lane, serial.markers, serial.need) == (Lane.SERIAL, Markers(serial=True), None)
+    assert (heavy.worker, heavy.need, heavy.duration, heavy.outcome) == ("gw1", 20, 2.0, "passed")
+    assert (never.lane, never.markers.names, never.outcome) == (
+        Lane.FANOUT,
+        ["parallel_safe"],
+        None,
+    )
+    assert [stats.nodeid_of(o) for o in stats.overruns] == ["t.py::test_heavy"]
+    assert stats.notes == (*snapshot.notes, "server monitoring off")
+    assert (stats.workers, stats.peak_open, stats.timeline) == (2, 21, snapshot.timeline)
+    assert [c.target for c in stats.advice] == ["t.py::test_heavy"]  # 20 >= half of 15
+    data = stats.to_json()
+    assert data["run"]["overruns"] == [
+        {"nodeid": "t.py::test_heavy", "need": 20, "budget": 15, "alone": True}
+    ]
+    assert [t["markers"] for t in data["tests"]] == [["serial_only"], [], ["parallel_safe"]]
+
+
 def test_run_stats_wall_top_needs_and_json() -> None:
     items = (
         facts("a.py::test_a", need=3, duration=2.0),
-        ItemFacts("a.py::test_b", False, False, "fanout", start=5.0, end=6.5, duration=1.5, need=7),
+        ItemFacts("a.py::test_b", start=5.0, end=6.5, duration=1.5, need=7),
         facts("a.py::test_c", need=None),
         facts("a.py::test_d", need=0, serial=True),
     )
@@ -469,21 +562,26 @@ def png(svg: str) -> Image.Image:
 def pixel_counts(image: Image.Image) -> dict[tuple[int, int, int], int]:
     counts: dict[tuple[int, int, int], int] = {}
     for count, colour in image.getcolors(maxcolors=image.width * image.height) or []:
-        counts[colour] = count
+        assert isinstance(colour, tuple), colour  # an RGB image's colours are (r, g, b)
+        red, green, blue = colour
+        counts[(red, green, blue)] = count
     return counts
+
+
+def shaded(colour: tuple[int, int, int], shade: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``colour`` under the serial lane's translucent shade."""
+    red, green, blue = (
+        round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
+        for c, s in zip(colour, shade, strict=True)
+    )
+    return (red, green, blue)
 
 
 def area_pixels(image: Image.Image) -> int:
     """Pixels of the worker colours, plain or under the serial lane's shade."""
     targets = [rgb(c) for c in WORKER_COLOURS]
     shade = rgb(SERIAL_COLOUR)
-    targets += [
-        tuple(
-            round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
-            for c, s in zip(t, shade, strict=True)
-        )
-        for t in targets
-    ]
+    targets += [shaded(t, shade) for t in targets]
     counts = pixel_counts(image)
     return sum(
         n

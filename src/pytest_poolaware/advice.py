@@ -5,34 +5,13 @@ from __future__ import annotations
 import ast
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from pytest_poolaware.runstats import ItemFacts
-from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER
+from pytest_poolaware.runstats import Candidate, ItemFacts
 
 _DEFINITIONS: Final = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A definition (test function or class) that should carry ``marker``."""
-
-    marker: str
-    target: str  # node id of the function (parameters stripped) or of the class
-    need: int  # most connections any of its tests held at once
-    tests: int  # collected tests it covers
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "marker": self.marker,
-            "target": self.target,
-            "need": self.need,
-            "tests": self.tests,
-            "reason": self.reason,
-        }
 
 
 def definition(nodeid: str) -> str:
@@ -58,7 +37,7 @@ def advise(items: Sequence[ItemFacts], *, risky_need: int, idle_need: int) -> li
         if not measured:
             continue
         need = max(m.need or 0 for m in measured)
-        unmarked = all(not m.serial_marker and not m.parallel_marker for m in members)
+        unmarked = all(not m.markers.serial and not m.markers.parallel for m in members)
         if unmarked and need >= risky_need:
             serial.append(
                 Candidate(
@@ -69,7 +48,7 @@ def advise(items: Sequence[ItemFacts], *, risky_need: int, idle_need: int) -> li
                     f"unmarked, held {need} connections at once (advice from {risky_need})",
                 )
             )
-        all_serial = all(m.serial_marker and not m.parallel_marker for m in members)
+        all_serial = all(m.markers.serial and not m.markers.parallel for m in members)
         if all_serial and len(measured) == len(members) and need <= idle_need:
             held = "no connections" if need == 0 else f"at most {need} connections at once"
             parallel[target] = Candidate(

@@ -7,21 +7,25 @@ import gc
 import queue
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_poolaware import priority, report
 from pytest_poolaware.history import History
-from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, Message, WorkerLink
-from pytest_poolaware.settings import (
-    DIST_MODE,
-    PARALLEL_MARKER,
-    SERIAL_MARKER,
-    ConfigError,
-    Settings,
-    add_options,
-)
+from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
+from pytest_poolaware.protocol import ProtocolError, WorkerMessage, WorkerSettings
+from pytest_poolaware.settings import DIST_MODE, ConfigError, Settings, add_options
+
+if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run needs them
+    import execnet
+    from xdist.remote import Producer
+    from xdist.workermanage import WorkerController
+
+    from pytest_poolaware.monitor import ServerMonitor
+    from pytest_poolaware.runstats import RunStats
+    from pytest_poolaware.scheduler import PoolAwareScheduling
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
@@ -113,14 +117,17 @@ def exit_without_final_collections() -> None:
 def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> None:
     from pytest_poolaware.worker import WorkerAgent
 
-    options = workerinput[WORKER_SETTINGS_KEY]
-    if options["fast_exit"]:
+    try:
+        options = WorkerSettings.from_wire(workerinput[WORKER_SETTINGS_KEY])
+    except ProtocolError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if options.fast_exit:
         exit_without_final_collections()
     agent = WorkerAgent(
         WorkerLink(workerinput[WORKERINPUT_KEY]),
-        budget=options["budget"],
-        gate_timeout=options["gate_timeout"],
-        retry_on_limit=options["retry_on_limit"],
+        budget=options.budget,
+        gate_timeout=options.gate_timeout,
+        retry_on_limit=options.retry_on_limit,
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 
@@ -133,13 +140,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     from pytest_poolaware.worker import item_markers
 
-    both = [item.nodeid for item in items if all(item_markers(item))]
+    both = [item.nodeid for item in items if item_markers(item).both]
     if both:
         raise pytest.UsageError(conflict_message(both))
-
-
-def conflict_message(nodeids: list[str]) -> str:
-    return f"tests marked both {SERIAL_MARKER} and {PARALLEL_MARKER}: " + ", ".join(nodeids)
 
 
 class Controller:
@@ -147,22 +150,19 @@ class Controller:
     with workers (so ``-p no:xdist`` never sees an xdist hook)."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
-        from pytest_poolaware.scheduler import RunRecord
-
         self.config = config
         self.settings = settings
         cache: pytest.Cache | None = getattr(config, "cache", None)  # None: -p no:cacheprovider
         self.cache = cache
         self.history = History.load(cache) if cache is not None else History()
-        self.record = RunRecord(notes=list(self.history.problems))
-        self.links: dict[Any, ControllerLink] = {}
-        self.inbox: queue.SimpleQueue[tuple[Any, Message]] = queue.SimpleQueue()
-        self.scheduler: Any = None
+        self.links: dict[WorkerController, ControllerLink[WorkerController]] = {}
+        self.inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]] = queue.SimpleQueue()
+        self.scheduler: PoolAwareScheduling | None = None
         # For the report: session times, outcomes, server monitoring, the run's facts.
         self.started = self.finished = time.time()
         self.outcomes: dict[str, str] = {}
-        self.monitor: Any = None
-        self.stats: Any = None
+        self.monitor: ServerMonitor | None = None
+        self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
         self.spawning = 0
@@ -182,11 +182,11 @@ class Controller:
             )
             self.monitor.start()
 
-    def pytest_xdist_setupnodes(self, specs: Any) -> None:
+    def pytest_xdist_setupnodes(self, specs: list[execnet.XSpec]) -> None:
         """xdist is about to spawn the workers, one after the other."""
         self.spawning = len(specs)
 
-    def pytest_xdist_newgateway(self, gateway: Any) -> None:
+    def pytest_xdist_newgateway(self, gateway: execnet.Gateway) -> None:
         """The first worker spawned keeps its priority and will hold the serial lane; the
         ones spawned after it inherit the niceness offer (replacements run as they are)."""
         if self.serial_worker is None:
@@ -197,18 +197,20 @@ class Controller:
         else:
             priority.withdraw()
 
-    def pytest_configure_node(self, node: Any) -> None:
+    def pytest_configure_node(self, node: WorkerController) -> None:
         channel = node.gateway.newchannel()
         node.workerinput[WORKERINPUT_KEY] = channel
-        node.workerinput[WORKER_SETTINGS_KEY] = {
-            "budget": self.settings.budget,
-            "gate_timeout": self.settings.gate_timeout,
-            "retry_on_limit": self.settings.retry_on_limit,
-            "fast_exit": self.settings.fast_exit,
-        }
+        node.workerinput[WORKER_SETTINGS_KEY] = WorkerSettings(
+            budget=self.settings.budget,
+            gate_timeout=self.settings.gate_timeout,
+            retry_on_limit=self.settings.retry_on_limit,
+            fast_exit=self.settings.fast_exit,
+        ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, _wake)
 
-    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+    def pytest_xdist_make_scheduler(
+        self, config: pytest.Config, log: Producer
+    ) -> PoolAwareScheduling:
         from pytest_poolaware.scheduler import PoolAwareScheduling
 
         self.scheduler = PoolAwareScheduling(
@@ -218,7 +220,6 @@ class Controller:
             history=self.history,
             links=self.links,
             inbox=self.inbox,
-            record=self.record,
             serial_worker=self.serial_worker,
         )
         return self.scheduler
@@ -253,8 +254,7 @@ class Controller:
             problem = self.monitor.problem if self.monitor is not None else None
             self.stats = report.collect(
                 settings=self.settings,
-                scheduler=scheduler,
-                record=self.record,
+                snapshot=scheduler.snapshot(),
                 started=self.started,
                 finished=self.finished,
                 outcomes=self.outcomes,
@@ -271,12 +271,12 @@ class Controller:
     def pytest_unconfigure(self) -> None:
         priority.withdraw()  # xdist may have failed to spawn the workers: no sessionfinish
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.stats is not None:
             report.write_summary(terminalreporter, self.stats, self.settings, self.files)
 
 
-def _wake(node: Any) -> None:
+def _wake(node: WorkerController) -> None:
     """Make xdist's controller loop call the scheduler now.
 
     ``unscheduled`` is xdist's own event; with no indices it reaches

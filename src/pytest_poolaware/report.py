@@ -6,20 +6,21 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 
-from pytest_poolaware.advice import Candidate, advice_text, advise
+from pytest_poolaware.advice import advice_text, advise
+from pytest_poolaware.core import Lane
 from pytest_poolaware.runstats import (
-    FANOUT_LANE,
-    SERIAL_LANE,
+    Candidate,
     ItemFacts,
     LaneTime,
-    Overrun,
+    RunSnapshot,
     RunStats,
     ServerView,
     lane_times,
+    worker_times,
 )
 from pytest_poolaware.settings import ENV_DSN, Settings
 
@@ -28,42 +29,35 @@ TOP_NEEDS: Final = 3
 TOP_NEEDS_VERBOSE: Final = 10
 #: Marker advice lines shown by default (all of them with -v or in the advice file).
 ADVICE_SHOWN: Final = 5
-LANE_NAMES: Final = {SERIAL_LANE: "serial lane", FANOUT_LANE: "fan-out"}
+LANE_NAMES: Final = {Lane.SERIAL: "serial lane", Lane.FANOUT: "fan-out"}
 
 
 def collect(
     *,
     settings: Settings,
-    scheduler: Any,
-    record: Any,
+    snapshot: RunSnapshot,
     started: float,
     finished: float,
     outcomes: Mapping[str, str],
     server: ServerView | None = None,
     notes: Sequence[str] = (),
 ) -> RunStats:
-    """Gather the run's facts from the scheduler (``PoolAwareScheduling``) and its record."""
-    collection: list[str] = list(scheduler.collection or [])
-    markers: list[tuple[bool, bool]] = scheduler.markers
-    if len(markers) != len(collection):
-        markers = [(False, False)] * len(collection)
-    planner = scheduler.planner
-    results = {result.nodeid: result for result in record.results}  # the last attempt wins
+    """The run's facts: the scheduler's snapshot, the outcomes, what the server saw."""
+    results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
     items = []
-    for index, nodeid in enumerate(collection):
-        serial, parallel = markers[index]
-        lane = planner.lane_of(index).value if planner.loaded else FANOUT_LANE
+    for nodeid, markers, lane in zip(
+        snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
+    ):
         result = results.get(nodeid)
         if result is None:
-            items.append(ItemFacts(nodeid, serial, parallel, lane, outcome=outcomes.get(nodeid)))
+            items.append(ItemFacts(nodeid, markers, lane, outcome=outcomes.get(nodeid)))
             continue
         m = result.measures
         items.append(
             ItemFacts(
                 nodeid,
-                serial,
-                parallel,
-                result.lane.value,
+                markers,
+                result.lane,
                 worker=result.worker,
                 start=m.start,
                 end=m.end,
@@ -75,29 +69,19 @@ def collect(
                 outcome=outcomes.get(nodeid),
             )
         )
-    stats = planner.statistics()
-    overruns = tuple(
-        Overrun(
-            collection[o.index] if 0 <= o.index < len(collection) else "?",
-            o.need,
-            o.budget,
-            o.alone,
-        )
-        for o in stats.overruns
-    )
     advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
     return RunStats(
         budget=settings.budget,
         budget_source=settings.budget_source,
-        workers=record.workers,
+        workers=snapshot.workers,
         items=tuple(items),
-        peak_open=stats.peak_open,
+        peak_open=snapshot.peak_open,
         started=started,
         finished=finished,
-        timeline=tuple(record.timeline),
+        timeline=snapshot.timeline,
         server=server,
-        overruns=overruns,
-        notes=(*record.notes, *notes),
+        overruns=snapshot.overruns,
+        notes=(*snapshot.notes, *notes),
         advice=tuple(advice),
     )
 
@@ -120,7 +104,7 @@ def write_files(
                 serial=[
                     timeline.Span(i.start, i.end, i.nodeid)
                     for i in stats.items
-                    if i.lane == SERIAL_LANE and i.start is not None and i.end is not None
+                    if i.lane is Lane.SERIAL and i.start is not None and i.end is not None
                 ],
                 server=stats.server.timeline if stats.server else (),
                 start=stats.started,
@@ -155,7 +139,7 @@ def write_files(
 
 
 def write_summary(
-    terminalreporter: Any, stats: RunStats, settings: Settings, files: list[str]
+    terminalreporter: pytest.TerminalReporter, stats: RunStats, settings: Settings, files: list[str]
 ) -> None:
     """One section: a line with -q, the usual picture by default, more with -v; reruns,
     warnings and notes at every verbosity but -qq, which keeps only warnings and notes."""
@@ -205,16 +189,16 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"
         )
     lanes = lane_times(stats.items)
-    for lane in (SERIAL_LANE, FANOUT_LANE):
+    for lane in Lane:
         lines.append(_time_line(LANE_NAMES[lane], lanes.get(lane, LaneTime())))
     if verbose > 0:
-        workers = lane_times(stats.items, key="worker")
+        workers = worker_times(stats.items)
         for worker in sorted(workers):
             lines.append("  " + _time_line(f"worker {worker}", workers[worker]))
     top = stats.top_needs(TOP_NEEDS_VERBOSE if verbose > 0 else TOP_NEEDS)
     if top:
         lines.append("most connections at once:")
-        lines += [f"  {item.need:>3}  {item.lane:<6}  {item.nodeid}" for item in top]
+        lines += [f"  {item.need:>3}  {item.lane.value:<6}  {item.nodeid}" for item in top]
     lines.append(_wall_line(stats))
     lines += _advice_lines(stats.advice, settings, verbose)
     return lines
@@ -261,7 +245,7 @@ def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int)
 
 def _warnings(stats: RunStats) -> list[str]:
     lines = [
-        f"WARNING: {o.nodeid} needed {o.need} connections, more than the room in the "
+        f"WARNING: {stats.nodeid_of(o)} needed {o.need} connections, more than the room in the "
         f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
         for o in stats.overruns
     ]

@@ -2,19 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, TypeVar
 
-if TYPE_CHECKING:
-    from pytest_poolaware.advice import Candidate
+from pytest_poolaware.core import Lane, Overrun
+from pytest_poolaware.lowerbound import LowerBound, lower_bound
+from pytest_poolaware.markers import UNMARKED, Markers
+from pytest_poolaware.protocol import ItemMeasures
+
+K = TypeVar("K", bound=Hashable)
 
 #: Version of the JSON written by ``--poolaware-report`` (README: "Run report").
 SCHEMA_VERSION: Final = 1
-SERIAL_LANE: Final = "serial"
-FANOUT_LANE: Final = "fanout"
 #: Digits kept for seconds and timestamps in the JSON report.
 JSON_DIGITS: Final = 6
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What the controller learned about one finished item."""
+
+    nodeid: str
+    lane: Lane
+    worker: str
+    measures: ItemMeasures
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What the scheduler knows of the run, frozen for reporting
+    (``PoolAwareScheduling.snapshot``)."""
+
+    workers: int  # asked for (``-n``)
+    collection: tuple[str, ...] = ()  # node ids, in collection order
+    markers: tuple[Markers, ...] = ()  # per item, as the workers reported them
+    lanes: tuple[Lane, ...] = ()  # per item, as planned
+    results: tuple[ItemResult, ...] = ()  # per finished attempt, in the order they ended
+    overruns: tuple[Overrun, ...] = ()
+    peak_open: int = 0  # most connections open at once over all workers
+    #: (time.time(), worker id, open connections) each time a worker's count changed.
+    timeline: tuple[tuple[float, str, int], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A definition (test function or class) that should carry ``marker`` (``advice``)."""
+
+    marker: str
+    target: str  # node id of the function (parameters stripped) or of the class
+    need: int  # most connections any of its tests held at once
+    tests: int  # collected tests it covers
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "marker": self.marker,
+            "target": self.target,
+            "need": self.need,
+            "tests": self.tests,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -22,9 +71,8 @@ class ItemFacts:
     """One collected item: its markers and lane, and what was measured if it ran."""
 
     nodeid: str
-    serial_marker: bool
-    parallel_marker: bool
-    lane: str
+    markers: Markers = UNMARKED
+    lane: Lane = Lane.FANOUT
     worker: str | None = None
     start: float | None = None  # time.time() when it started (after its go)
     end: float | None = None
@@ -39,16 +87,11 @@ class ItemFacts:
     def measured(self) -> bool:
         return self.need is not None and self.duration is not None
 
-    @property
-    def markers(self) -> list[str]:
-        names = [("serial_only", self.serial_marker), ("parallel_safe", self.parallel_marker)]
-        return [name for name, present in names if present]
-
     def to_json(self) -> dict[str, Any]:
         return {
             "nodeid": self.nodeid,
-            "markers": self.markers,
-            "lane": self.lane,
+            "markers": self.markers.names,
+            "lane": self.lane.value,
             "worker": self.worker,
             "start": _round(self.start),
             "end": _round(self.end),
@@ -70,11 +113,20 @@ class LaneTime:
     waited: float = 0.0
 
 
-def lane_times(items: Iterable[ItemFacts], key: str = "lane") -> dict[str, LaneTime]:
-    """Sum durations and waits per ``lane`` (or per ``worker``) over the measured items."""
-    totals: dict[str, LaneTime] = {}
+def lane_times(items: Iterable[ItemFacts]) -> dict[Lane, LaneTime]:
+    """Sum durations and waits per lane over the measured items."""
+    return _times(items, lambda item: item.lane)
+
+
+def worker_times(items: Iterable[ItemFacts]) -> dict[str, LaneTime]:
+    """Sum durations and waits per worker over the measured items."""
+    return _times(items, lambda item: item.worker)
+
+
+def _times(items: Iterable[ItemFacts], key: Callable[[ItemFacts], K | None]) -> dict[K, LaneTime]:
+    totals: dict[K, LaneTime] = {}
     for item in items:
-        name = getattr(item, key)
+        name = key(item)
         if not item.measured or name is None:
             continue
         total = totals.get(name, LaneTime())
@@ -87,65 +139,6 @@ def lane_times(items: Iterable[ItemFacts], key: str = "lane") -> dict[str, LaneT
 
 
 @dataclass(frozen=True)
-class LowerBound:
-    """No schedule of these tests on these workers within this budget is faster than
-    ``value`` (xdist-facts.md): each term is one reason, ``binding`` names the largest."""
-
-    serial: float  # the serial lane runs its tests one after another
-    longest: float  # the longest fanned-out test
-    workers: float  # the fan-out shared by the other workers (all of it, with one worker)
-    connections: float  # connection-seconds over the budget
-
-    @property
-    def value(self) -> float:
-        return max(self.serial, self.longest, self.workers, self.connections)
-
-    @property
-    def binding(self) -> str:
-        terms = {
-            "serial lane": self.serial,
-            "longest test": self.longest,
-            "workers": self.workers,
-            "budget": self.connections,
-        }
-        return max(terms, key=lambda name: terms[name])
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "value": _round(self.value),
-            "binding": self.binding,
-            "serial": _round(self.serial),
-            "longest": _round(self.longest),
-            "workers": _round(self.workers),
-            "connections": _round(self.connections),
-        }
-
-
-def lower_bound(
-    workers: int,
-    budget: int,
-    serial: Sequence[tuple[float, int]],
-    fanout: Sequence[tuple[float, int]],
-) -> LowerBound:
-    """LB = max(sum_S p, max_P p, sum_P p / (W - 1), sum c*p / B) over (p, c) pairs of
-    measured duration and need.
-
-    With one worker the serial lane and the fan-out share it, so the third term becomes
-    the sum of all durations.
-    """
-    serial_sum = sum(p for p, _ in serial)
-    fanout_sum = sum(p for p, _ in fanout)
-    shared = fanout_sum / (workers - 1) if workers > 1 else serial_sum + fanout_sum
-    connection_seconds = sum(p * c for p, c in [*serial, *fanout])
-    return LowerBound(
-        serial=serial_sum,
-        longest=max((p for p, _ in fanout), default=0.0),
-        workers=shared,
-        connections=connection_seconds / budget,
-    )
-
-
-@dataclass(frozen=True)
 class ServerView:
     """What server-side monitoring saw (``monitor.ServerMonitor``)."""
 
@@ -154,14 +147,6 @@ class ServerView:
     scope: str  # which connections were counted, in words
     interval: float
     timeline: tuple[tuple[float, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Overrun:
-    nodeid: str
-    need: int
-    budget: int
-    alone: bool
 
 
 @dataclass(frozen=True)
@@ -205,14 +190,19 @@ class RunStats:
                 for item in self.measured
                 if item.lane == lane
             ]
-            for lane in (SERIAL_LANE, FANOUT_LANE)
+            for lane in Lane
         }
-        return lower_bound(self.workers, self.budget, pairs[SERIAL_LANE], pairs[FANOUT_LANE])
+        return lower_bound(self.workers, self.budget, pairs[Lane.SERIAL], pairs[Lane.FANOUT])
 
     @property
     def wall_over_lb(self) -> float | None:
         bound = self.lower_bound.value
         return self.wall / bound if bound > 0 else None
+
+    def nodeid_of(self, overrun: Overrun) -> str:
+        """The node id of the test an overrun names ("?" if it is not in the collection)."""
+        index = overrun.index
+        return self.items[index].nodeid if 0 <= index < len(self.items) else "?"
 
     def top_needs(self, count: int) -> list[ItemFacts]:
         """The tests that held the most connections at once (none of those that held none)."""
@@ -240,18 +230,23 @@ class RunStats:
                 "finished": _round(self.finished),
                 "session": _round(self.session),
                 "wall": _round(self.wall),
-                "lower_bound": self.lower_bound.to_json(),
+                "lower_bound": _bound_json(self.lower_bound),
                 "wall_over_lb": _round(self.wall_over_lb),
                 "lanes": {
-                    lane: {
+                    lane.value: {
                         "items": lanes.get(lane, LaneTime()).items,
                         "running": _round(lanes.get(lane, LaneTime()).running),
                         "waited": _round(lanes.get(lane, LaneTime()).waited),
                     }
-                    for lane in (SERIAL_LANE, FANOUT_LANE)
+                    for lane in Lane
                 },
                 "overruns": [
-                    {"nodeid": o.nodeid, "need": o.need, "budget": o.budget, "alone": o.alone}
+                    {
+                        "nodeid": self.nodeid_of(o),
+                        "need": o.need,
+                        "budget": o.budget,
+                        "alone": o.alone,
+                    }
                     for o in self.overruns
                 ],
                 "notes": list(self.notes),
@@ -261,6 +256,17 @@ class RunStats:
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
         }
+
+
+def _bound_json(bound: LowerBound) -> dict[str, Any]:
+    return {
+        "value": _round(bound.value),
+        "binding": bound.binding,
+        "serial": _round(bound.serial),
+        "longest": _round(bound.longest),
+        "workers": _round(bound.workers),
+        "connections": _round(bound.connections),
+    }
 
 
 def _round(value: float | None) -> float | None:

@@ -2,7 +2,8 @@
 
 ``xdist.dsession.DSession`` calls this class on the controller's main thread; it turns
 xdist's events and the workers' side-channel messages into planner inputs, and the
-planner's actions into xdist commands and side-channel answers.
+planner's actions into xdist commands and side-channel answers. What it relies on in
+xdist: ``docs/design.md``, "What the adapter relies on in xdist".
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from xdist.remote import Producer
@@ -31,31 +31,31 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.history import History
-from pytest_poolaware.link import ControllerLink, ItemMeasures, Message
+from pytest_poolaware.link import ControllerLink
+from pytest_poolaware.markers import UNMARKED, Markers, conflict_message
+from pytest_poolaware.protocol import (
+    Collected,
+    Counts,
+    Goes,
+    ItemMeasures,
+    Note,
+    ProtocolError,
+    ReleaseIdle,
+    RequestAnswer,
+    RoomRequest,
+    WorkerMessage,
+)
+from pytest_poolaware.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 
-@dataclass(frozen=True)
-class ItemResult:
-    """What the controller learned about one finished item."""
-
-    nodeid: str
-    lane: Lane
-    worker: str
-    measures: ItemMeasures
-
-
 @dataclass
-class RunRecord:
-    """Per-run facts collected for the summary and the learned data."""
+class _RunRecord:
+    """What the scheduler gathers as the run goes, for ``snapshot``."""
 
     results: list[ItemResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
-    #: (time.time(), worker id, open connections) each time a worker's count changed.
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
-    #: Workers the run asked for (``-n``).
-    workers: int = 0
 
 
 class PoolAwareScheduling:
@@ -76,18 +76,17 @@ class PoolAwareScheduling:
         *,
         settings: Settings,
         history: History,
-        links: dict[WorkerController, ControllerLink],
-        inbox: queue.SimpleQueue[tuple[Any, Message]],
-        record: RunRecord,
+        links: dict[WorkerController, ControllerLink[WorkerController]],
+        inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         serial_worker: str | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
         self.numnodes = len(parse_tx_spec_config(config))
-        record.workers = self.numnodes
         self.settings = settings
         self.history = history
-        self.record = record
+        #: Notes start with the learned data's problems, as they were found first.
+        self._record = _RunRecord(notes=list(history.problems))
         self._links = links
         self._inbox = inbox
         self.planner: Planner[WorkerController] = Planner(
@@ -107,9 +106,9 @@ class PoolAwareScheduling:
         self.collection: list[str] | None = None
         #: The worker whose collection is the run's (named in collection-diff errors).
         self._collection_source = ""
-        self._markers: list[tuple[bool, bool]] | None = None
+        self._markers: list[Markers] | None = None
         #: Markers and marker conflicts each worker reported with its collection.
-        self._reported: dict[Any, tuple[list[tuple[bool, bool]], list[str]]] = {}
+        self._reported: dict[WorkerController, Collected] = {}
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -171,18 +170,17 @@ class PoolAwareScheduling:
         self._collection_source = node.gateway.id
         stale = self.history.forget_missing(collection)
         if stale:
-            self.record.notes.append(
+            self._record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
-        markers, self.record.conflicts = self._reported.pop(node, ([], []))
+        reported = self._reported.pop(node, Collected(()))
         self._reported.clear()
+        markers = list(reported.markers)
         if len(markers) != len(collection):
-            markers = [(False, False)] * len(collection)
+            markers = [UNMARKED] * len(collection)
         self._markers = markers
-        if self.record.conflicts:
-            from pytest_poolaware.plugin import conflict_message
-
-            raise pytest.UsageError(conflict_message(self.record.conflicts))
+        if reported.conflicts:
+            raise pytest.UsageError(conflict_message(reported.conflicts))
         self._apply(self.planner.load(self._tests(), fanout_open=False))
 
     def _join(self, node: WorkerController) -> None:
@@ -216,7 +214,7 @@ class PoolAwareScheduling:
             return
         assert self.collection is not None
         nodeid = self.collection[item_index]
-        self.record.results.append(
+        self._record.results.append(
             ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
         )
         self.history.record(nodeid, measures.need, measures.duration)
@@ -230,11 +228,15 @@ class PoolAwareScheduling:
             return []
         return [self.collection[i] for i in self.planner.unfinished()]
 
-    def note_measures(self, node: WorkerController, item_index: int, data: Any) -> None:
+    def note_measures(self, node: WorkerController, item_index: int, data: str) -> None:
         """Called by the controller plugin's ``pytest_runtest_logreport`` for an item's
         last report, which arrives before xdist's completion event."""
         self._drain()  # side-channel news sent before this report comes first
-        measures = ItemMeasures.from_json(data)
+        try:
+            measures = ItemMeasures.from_wire(data)
+        except ProtocolError as exc:  # the item is still reported; only its measures are lost
+            self._record.notes.append(f"[{node.gateway.id}] {exc}")
+            return
         self._measures[(node, item_index)] = measures
         if node in self._joined and self.planner.counts_changed(
             node, measures.open, measures.idle, measures.version
@@ -257,8 +259,15 @@ class PoolAwareScheduling:
         self._apply([])
 
     def remove_node(self, node: WorkerController) -> str | None:
-        """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``."""
+        """Called by ``DSession.worker_workerfinished`` and ``worker_errordown``.
+
+        A worker that died before it was ready (its session could not start) raises
+        KeyError, as with xdist's own schedulers: ``worker_errordown`` expects it.
+        """
         self._drain()
+        self._links.pop(node, None)
+        if node not in self._nodes:
+            raise KeyError(node)
         self._nodes.remove(node)
         if node in self._collected_nodes:
             self._collected_nodes.remove(node)
@@ -274,11 +283,27 @@ class PoolAwareScheduling:
             return None
         return self.collection[crashed]
 
-    @property
-    def markers(self) -> list[tuple[bool, bool]]:
-        """(serial_only, parallel_safe) per collected item, as the workers reported them
-        (a copy, read by the report and the marker advice)."""
-        return list(self._markers or [])
+    def snapshot(self) -> RunSnapshot:
+        """The run as the scheduler saw it, for the report and the marker advice."""
+        collection = tuple(self.collection or ())
+        markers = tuple(self._markers or ())
+        if len(markers) != len(collection):
+            markers = (UNMARKED,) * len(collection)
+        loaded = self.planner.loaded
+        statistics = self.planner.statistics()
+        return RunSnapshot(
+            workers=self.numnodes,
+            collection=collection,
+            markers=markers,
+            lanes=tuple(
+                self.planner.lane_of(i) if loaded else Lane.FANOUT for i in range(len(collection))
+            ),
+            results=tuple(self._record.results),
+            overruns=statistics.overruns,
+            peak_open=statistics.peak_open,
+            timeline=tuple(self._record.timeline),
+            notes=tuple(self._record.notes),
+        )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -287,11 +312,11 @@ class PoolAwareScheduling:
         assert self._markers is not None
         unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
         tests = []
-        for nodeid, (serial, parallel) in zip(self.collection, self._markers, strict=True):
+        for nodeid, markers in zip(self.collection, self._markers, strict=True):
             measure = self.history.get(nodeid)
             lane = lane_for(
-                serial=serial,
-                parallel=parallel,
+                serial=markers.serial,
+                parallel=markers.parallel,
                 measured=measure is not None,
                 unmarked_serial=unmarked_serial,
             )
@@ -315,33 +340,38 @@ class PoolAwareScheduling:
                 node, message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            tag = message[0]
-            self.log("received", node.gateway.id, message if tag != "collected" else tag)
-            if tag == "collected":
+            shown = message.kind if isinstance(message, Collected) else message
+            self.log("received", node.gateway.id, shown)
+            if isinstance(message, Collected):
                 if self.collection is None:  # only the run's collection's are used
-                    markers = [(bool(s), bool(p)) for s, p in message[1]]
-                    self._reported[node] = (markers, list(message[2]))
-            elif tag == "counts":
-                _, open_, idle, released, version = message
-                self.record.timeline.append((time.time(), node.gateway.id, open_))
+                    self._reported[node] = message
+            elif isinstance(message, Counts):
+                self._record.timeline.append((time.time(), node.gateway.id, message.open))
                 if node in self._joined:
                     self._apply(
-                        self.planner.counts(node, open_, idle, released=released, version=version)
+                        self.planner.counts(
+                            node,
+                            message.open,
+                            message.idle,
+                            released=message.released,
+                            version=message.version,
+                        )
                     )
-            elif tag == "request":
+            elif isinstance(message, RoomRequest):
                 if node in self._joined:
-                    _, request, want, index = message
-                    self._apply(self.planner.request(node, request, want, item=index))
-            elif tag == "note":
-                self.record.notes.append(f"[{node.gateway.id}] {message[1]}")
+                    self._apply(
+                        self.planner.request(node, message.request, message.want, item=message.item)
+                    )
+            elif isinstance(message, Note):
+                self._record.notes.append(f"[{node.gateway.id}] {message.text}")
 
     def _apply(self, actions: list[Action]) -> None:
-        goes: dict[Any, list[int]] = {}
+        goes: dict[WorkerController, list[int]] = {}
         if actions and self.log.enabled:  # describing the state costs: only for --debug
             self.log("state", self.planner.describe())
         for action in actions:
             self.log(action)
-            node: Any = action.worker
+            node: WorkerController = action.worker
             if isinstance(action, Send):
                 node.send_runtest_some(list(action.indices))
             elif isinstance(action, Shutdown):
@@ -353,11 +383,11 @@ class PoolAwareScheduling:
                 if link is None:
                     continue
                 if isinstance(action, Grant):
-                    link.send("grant", action.request, action.answer.value)
+                    link.send(RequestAnswer(action.request, action.answer))
                 elif isinstance(action, Release):
-                    link.send("release")
+                    link.send(ReleaseIdle())
         # One message per worker: goes are the most frequent answer.
         for node, indices in goes.items():
             link = self._links.get(node)
             if link is not None:
-                link.send("go", indices)
+                link.send(Goes(tuple(indices)))

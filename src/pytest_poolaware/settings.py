@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pytest_poolaware.dsn import mask_dsn
 
@@ -29,8 +29,6 @@ DEFAULT_POOL_TIMEOUT: Final = 30.0
 ENV_DSN: Final = "POOLAWARE_DSN"
 
 DIST_MODE: Final = "poolaware"
-SERIAL_MARKER: Final = "serial_only"
-PARALLEL_MARKER: Final = "parallel_safe"
 
 #: Where tests without either marker go before their connection needs are known.
 UNMARKED_POLICIES: Final = ("parallel", "serial")
@@ -146,12 +144,20 @@ def default_risky_need(budget: int) -> int:
     return max(1, math.ceil(budget * RISKY_SHARE))
 
 
-def parse_setting(name: str, text: str, parse: Callable[[str], T]) -> T:
-    """Apply a ``type=`` parser to a value that came from the ini or the environment."""
+def text(value: str) -> str:
+    """A value taken as it is (paths)."""
+    return value
+
+
+def parse_setting(name: str, text: str, parse: Callable[[str], T], *, secret: bool = False) -> T:
+    """Apply a ``type=`` parser to a value that came from the ini or the environment; the
+    error names the key or variable, and the value unless it may hold a password (the
+    parser's own message shows it masked)."""
     try:
         return parse(text)
     except argparse.ArgumentTypeError as exc:
-        raise ConfigError(f"{name}={text!r}: {exc}") from None
+        shown = name if secret else f"{name}={text!r}"
+        raise ConfigError(f"{shown}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,201 @@ class PoolSettings:
     def max_connections(self) -> int:
         """The most connections one such pool can open."""
         return self.pool_size + self.max_overflow
+
+
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    """One setting, declared once: its command-line flag, ini key and environment variable
+    (resolved in that order), its parser, default and help.
+
+    ``parse`` is a pure ``type=`` parser raising ``argparse.ArgumentTypeError``: pytest
+    turns that into a usage error naming the flag and the value, and ``resolve`` into a
+    ``ConfigError`` naming the ini key or variable and the value.
+    """
+
+    flag: str
+    metavar: str
+    help: str
+    parse: Callable[[str], T] = text  # type: ignore[assignment]
+    ini: str | None = None
+    ini_help: str = ""
+    env: str | None = None
+    #: Used when none of the three is set (None: ``Settings.from_config`` works it out).
+    default: T | None = None
+    #: Parser of environment values, when not ``parse`` (``$POOLAWARE_DSN`` is shared with
+    #: the suite under test, which may read it its own way: it is taken as it is).
+    env_parse: Callable[[str], T] | None = None
+    #: Values may hold a password: errors never echo them unmasked.
+    secret: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The attribute of ``config.option``: the flag's name with underscores."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def register(self, group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+        kwargs = {} if self.parse is text else {"type": self.parse}
+        group.addoption(
+            self.flag, dest=self.dest, default=None, metavar=self.metavar, help=self.help, **kwargs
+        )
+        if self.ini is not None:
+            parser.addini(self.ini, self.ini_help)
+
+    def resolve(
+        self, config: pytest.Config, environ: Mapping[str, str] | None = None
+    ) -> tuple[T, str] | None:
+        """The value and where it came from, or None when none of the three is set."""
+        value: T | None = config.getoption(self.dest)
+        if value is not None:
+            return value, self.flag
+        if self.ini is not None:
+            raw = config.getini(self.ini)
+            if isinstance(raw, str) and raw.strip():
+                return parse_setting(
+                    self.ini, raw, self.parse, secret=self.secret
+                ), f"ini {self.ini}"
+        env = os.environ if environ is None else environ
+        raw = env.get(self.env, "").strip() if self.env is not None else ""
+        if not raw:
+            return None
+        parse = self.parse if self.env_parse is None else self.env_parse
+        return parse_setting(str(self.env), raw, parse, secret=self.secret), f"${self.env}"
+
+    def value(self, config: pytest.Config) -> T | None:
+        """The resolved value, else the default."""
+        resolved = self.resolve(config)
+        return self.default if resolved is None else resolved[0]
+
+
+BUDGET: Final = Option(
+    "--pool-budget",
+    "N",
+    "Most PostgreSQL connections the whole run may hold open at once "
+    f"(default: ini {INI_BUDGET}, else ${ENV_POOL_SIZE} + ${ENV_MAX_OVERFLOW}).",
+    positive_int,
+    INI_BUDGET,
+    "Connection budget for --dist poolaware (positive integer).",
+)
+UNMARKED: Final = Option(
+    "--poolaware-unmarked",
+    "POLICY",
+    "Where tests with neither marker go until their needs are measured: "
+    f"{' or '.join(UNMARKED_POLICIES)} (default: {DEFAULT_UNMARKED_POLICY}).",
+    unmarked_policy,
+    INI_UNMARKED,
+    f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.",
+    default=DEFAULT_UNMARKED_POLICY,
+)
+UNKNOWN_NEED: Final = Option(
+    "--poolaware-unknown-need",
+    "N",
+    f"Connections assumed for a test not measured yet (default: {DEFAULT_UNKNOWN_NEED}).",
+    non_negative_int,
+    INI_UNKNOWN_NEED,
+    "Connections assumed for a test not measured yet.",
+    default=DEFAULT_UNKNOWN_NEED,
+)
+RETRY_ON_LIMIT: Final = Option(
+    "--poolaware-retry-on-limit",
+    "BOOL",
+    "Run a test again, alone, when it failed on a connection limit (default: true).",
+    boolean,
+    INI_RETRY,
+    "Rerun a test alone when it failed on a connection limit.",
+    default=True,
+)
+FAST_EXIT: Final = Option(
+    "--poolaware-fast-exit",
+    "BOOL",
+    "Let the controller and the workers exit without the interpreter's final "
+    "garbage collections (default: true).",
+    boolean,
+    INI_FAST_EXIT,
+    "Exit without the interpreter's final garbage collections.",
+    default=True,
+)
+FANOUT_NICE: Final = Option(
+    "--poolaware-fanout-nice",
+    "N",
+    "CPU niceness added by every local worker but the first (gw0), which starts "
+    "the serial lane, so the run's critical path gets the CPU first; 0: off "
+    f"(default: {DEFAULT_FANOUT_NICE}).",
+    non_negative_int,
+    INI_FANOUT_NICE,
+    "CPU niceness added by every worker but the serial lane's.",
+    default=DEFAULT_FANOUT_NICE,
+)
+GATE_TIMEOUT: Final = Option(
+    "--poolaware-gate-timeout",
+    "SECONDS",
+    "How long a worker waits for budget before opening a connection anyway "
+    f"(default: ${ENV_POOL_TIMEOUT}, else {DEFAULT_POOL_TIMEOUT:g}).",
+    positive_seconds,
+    INI_GATE_TIMEOUT,
+    "Seconds a worker waits for budget before connecting anyway.",
+    env=ENV_POOL_TIMEOUT,
+    default=DEFAULT_POOL_TIMEOUT,
+)
+RISKY_NEED: Final = Option(
+    "--poolaware-risky-need",
+    "N",
+    "Marker advice: unmarked tests that held at least N connections at once are "
+    f"serial_only candidates (default: ini {INI_RISKY_NEED}, else half the budget).",
+    positive_int,
+    INI_RISKY_NEED,
+    "Marker advice: connections at once making a test serial_only.",
+)
+IDLE_NEED: Final = Option(
+    "--poolaware-idle-need",
+    "N",
+    "Marker advice: serial_only tests that held at most N connections at once are "
+    f"parallel_safe candidates (default: {DEFAULT_IDLE_NEED}).",
+    non_negative_int,
+    INI_IDLE_NEED,
+    "Marker advice: connections at most for parallel_safe advice.",
+    default=DEFAULT_IDLE_NEED,
+)
+ADVICE_PATH: Final = Option[str](
+    "--poolaware-advice",
+    "PATH",
+    "Write the marker advice to PATH, one 'file:line: @pytest.mark.X' line per test.",
+)
+REPORT_PATH: Final = Option[str](
+    "--poolaware-report", "PATH", "Write the run's report (per test and per run) to PATH as JSON."
+)
+TIMELINE_PATH: Final = Option[str](
+    "--poolaware-timeline",
+    "PATH",
+    "Write an SVG picture of open connections over time per worker to PATH.",
+)
+MONITOR: Final = Option[str](
+    "--poolaware-monitor",
+    "DSN|off",
+    "Sample pg_stat_activity through DSN during the run and report the server's "
+    f"peak (default: ini {INI_MONITOR}, else ${ENV_DSN} when set).",
+    monitor_dsn,
+    INI_MONITOR,
+    "DSN to sample pg_stat_activity with during the run, or off.",
+    env=ENV_DSN,
+    env_parse=text,
+    secret=True,
+)
+#: Every option, in the order ``--help`` lists them (ini keys: ``pytest --help`` too).
+OPTIONS: Final[tuple[Option[Any], ...]] = (
+    BUDGET,
+    UNMARKED,
+    UNKNOWN_NEED,
+    RETRY_ON_LIMIT,
+    FAST_EXIT,
+    FANOUT_NICE,
+    GATE_TIMEOUT,
+    RISKY_NEED,
+    IDLE_NEED,
+    ADVICE_PATH,
+    REPORT_PATH,
+    TIMELINE_PATH,
+    MONITOR,
+)
 
 
 @dataclass(frozen=True)
@@ -218,34 +419,14 @@ class Settings:
     def from_config(cls, config: pytest.Config) -> Settings:
         """Resolve options over ini keys over environment; raise ConfigError on bad values."""
         pools = PoolSettings.from_env()
+        budget = BUDGET.resolve(config) or (
+            pools.max_connections,
+            f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
+        )
+        monitor, monitor_source = MONITOR.resolve(config) or ("", "")
 
-        def pick(option: str, ini: str, parse: Callable[[str], T]) -> tuple[T, str] | None:
-            value: T | None = config.getoption(option)
-            if value is not None:
-                return value, f"--{option.replace('_', '-')}"
-            raw = config.getini(ini)
-            if isinstance(raw, str) and raw.strip():
-                return parse_setting(ini, raw, parse), f"ini {ini}"
-            return None
-
-        budget = pick("pool_budget", INI_BUDGET, positive_int)
-        if budget is None:
-            budget = (
-                pools.max_connections,
-                f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
-            )
-        unmarked = pick("poolaware_unmarked", INI_UNMARKED, unmarked_policy)
-        unknown = pick("poolaware_unknown_need", INI_UNKNOWN_NEED, non_negative_int)
-        retry = pick("poolaware_retry_on_limit", INI_RETRY, boolean)
-        fast_exit = pick("poolaware_fast_exit", INI_FAST_EXIT, boolean)
-        fanout_nice = pick("poolaware_fanout_nice", INI_FANOUT_NICE, non_negative_int)
-        gate = pick("poolaware_gate_timeout", INI_GATE_TIMEOUT, positive_seconds)
-        risky = pick("poolaware_risky_need", INI_RISKY_NEED, positive_int)
-        idle = pick("poolaware_idle_need", INI_IDLE_NEED, non_negative_int)
-        monitor, monitor_source = _monitor(config)
-
-        def path(option: str) -> str | None:
-            value: str | None = config.getoption(option)
+        def path(option: Option[str]) -> str | None:
+            value = config.getoption(option.dest)
             if not value:
                 return None
             return str(config.invocation_params.dir / os.path.expanduser(value))
@@ -253,160 +434,30 @@ class Settings:
         return cls(
             budget=budget[0],
             budget_source=budget[1],
-            unmarked=unmarked[0] if unmarked else DEFAULT_UNMARKED_POLICY,
-            unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
-            retry_on_limit=retry[0] if retry else True,
-            fast_exit=fast_exit[0] if fast_exit else True,
-            fanout_nice=fanout_nice[0] if fanout_nice else DEFAULT_FANOUT_NICE,
-            gate_timeout=gate[0] if gate else pools.pool_timeout,
-            risky_need=risky[0] if risky else 0,
-            idle_need=idle[0] if idle else DEFAULT_IDLE_NEED,
+            unmarked=UNMARKED.value(config) or DEFAULT_UNMARKED_POLICY,
+            unknown_need=_given(UNKNOWN_NEED.value(config)),
+            retry_on_limit=_given(RETRY_ON_LIMIT.value(config)),
+            fast_exit=_given(FAST_EXIT.value(config)),
+            fanout_nice=_given(FANOUT_NICE.value(config)),
+            gate_timeout=_given(GATE_TIMEOUT.value(config)),
+            risky_need=RISKY_NEED.value(config) or 0,
+            idle_need=_given(IDLE_NEED.value(config)),
             monitor_dsn=monitor,
             monitor_source=monitor_source,
-            report_path=path("poolaware_report"),
-            timeline_path=path("poolaware_timeline"),
-            advice_path=path("poolaware_advice"),
+            report_path=path(REPORT_PATH),
+            timeline_path=path(TIMELINE_PATH),
+            advice_path=path(ADVICE_PATH),
         )
 
 
-def _monitor(config: pytest.Config) -> tuple[str, str]:
-    """The monitoring DSN and its source: option, ini, else ``POOLAWARE_DSN``; "" when off.
-
-    Like ``parse_setting``, but an ini value is never echoed: it may hold a password.
-    """
-    value: str | None = config.getoption("poolaware_monitor")
-    if value is not None:
-        return value, "--poolaware-monitor"
-    raw = config.getini(INI_MONITOR)
-    if isinstance(raw, str) and raw.strip():
-        try:
-            return monitor_dsn(raw), f"ini {INI_MONITOR}"
-        except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"{INI_MONITOR}: {exc}") from None
-    env = os.environ.get(ENV_DSN, "").strip()
-    return (env, f"${ENV_DSN}") if env else ("", "")
+def _given(value: T | None) -> T:
+    """A value whose option has a default, so it is never None."""
+    assert value is not None
+    return value
 
 
 def add_options(parser: pytest.Parser) -> None:
     """Register the plugin's options and ini keys (called from ``pytest_addoption``)."""
     group = parser.getgroup("poolaware", "connection-budget scheduling (--dist poolaware)")
-    group.addoption(
-        "--pool-budget",
-        dest="pool_budget",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="Most PostgreSQL connections the whole run may hold open at once "
-        f"(default: ini {INI_BUDGET}, else ${ENV_POOL_SIZE} + ${ENV_MAX_OVERFLOW}).",
-    )
-    group.addoption(
-        "--poolaware-unmarked",
-        dest="poolaware_unmarked",
-        type=unmarked_policy,
-        default=None,
-        metavar="POLICY",
-        help="Where tests with neither marker go until their needs are measured: "
-        f"{' or '.join(UNMARKED_POLICIES)} (default: {DEFAULT_UNMARKED_POLICY}).",
-    )
-    group.addoption(
-        "--poolaware-unknown-need",
-        dest="poolaware_unknown_need",
-        type=non_negative_int,
-        default=None,
-        metavar="N",
-        help=f"Connections assumed for a test not measured yet (default: {DEFAULT_UNKNOWN_NEED}).",
-    )
-    group.addoption(
-        "--poolaware-retry-on-limit",
-        dest="poolaware_retry_on_limit",
-        type=boolean,
-        default=None,
-        metavar="BOOL",
-        help="Run a test again, alone, when it failed on a connection limit (default: true).",
-    )
-    group.addoption(
-        "--poolaware-fast-exit",
-        dest="poolaware_fast_exit",
-        type=boolean,
-        default=None,
-        metavar="BOOL",
-        help="Let the controller and the workers exit without the interpreter's final "
-        "garbage collections (default: true).",
-    )
-    group.addoption(
-        "--poolaware-fanout-nice",
-        dest="poolaware_fanout_nice",
-        type=non_negative_int,
-        default=None,
-        metavar="N",
-        help="CPU niceness added by every local worker but the first (gw0), which starts "
-        "the serial lane, so the run's critical path gets the CPU first; 0: off "
-        f"(default: {DEFAULT_FANOUT_NICE}).",
-    )
-    group.addoption(
-        "--poolaware-gate-timeout",
-        dest="poolaware_gate_timeout",
-        type=positive_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="How long a worker waits for budget before opening a connection anyway "
-        f"(default: ${ENV_POOL_TIMEOUT}, else {DEFAULT_POOL_TIMEOUT:g}).",
-    )
-    group.addoption(
-        "--poolaware-risky-need",
-        dest="poolaware_risky_need",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="Marker advice: unmarked tests that held at least N connections at once are "
-        f"serial_only candidates (default: ini {INI_RISKY_NEED}, else half the budget).",
-    )
-    group.addoption(
-        "--poolaware-idle-need",
-        dest="poolaware_idle_need",
-        type=non_negative_int,
-        default=None,
-        metavar="N",
-        help="Marker advice: serial_only tests that held at most N connections at once are "
-        f"parallel_safe candidates (default: {DEFAULT_IDLE_NEED}).",
-    )
-    group.addoption(
-        "--poolaware-advice",
-        dest="poolaware_advice",
-        default=None,
-        metavar="PATH",
-        help="Write the marker advice to PATH, one 'file:line: @pytest.mark.X' line per test.",
-    )
-    group.addoption(
-        "--poolaware-report",
-        dest="poolaware_report",
-        default=None,
-        metavar="PATH",
-        help="Write the run's report (per test and per run) to PATH as JSON.",
-    )
-    group.addoption(
-        "--poolaware-timeline",
-        dest="poolaware_timeline",
-        default=None,
-        metavar="PATH",
-        help="Write an SVG picture of open connections over time per worker to PATH.",
-    )
-    group.addoption(
-        "--poolaware-monitor",
-        dest="poolaware_monitor",
-        type=monitor_dsn,
-        default=None,
-        metavar="DSN|off",
-        help="Sample pg_stat_activity through DSN during the run and report the server's "
-        f"peak (default: ini {INI_MONITOR}, else ${ENV_DSN} when set).",
-    )
-    parser.addini(INI_BUDGET, "Connection budget for --dist poolaware (positive integer).")
-    parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
-    parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
-    parser.addini(INI_RETRY, "Rerun a test alone when it failed on a connection limit.")
-    parser.addini(INI_FAST_EXIT, "Exit without the interpreter's final garbage collections.")
-    parser.addini(INI_FANOUT_NICE, "CPU niceness added by every worker but the serial lane's.")
-    parser.addini(INI_GATE_TIMEOUT, "Seconds a worker waits for budget before connecting anyway.")
-    parser.addini(INI_RISKY_NEED, "Marker advice: connections at once making a test serial_only.")
-    parser.addini(INI_IDLE_NEED, "Marker advice: connections at most for parallel_safe advice.")
-    parser.addini(INI_MONITOR, "DSN to sample pg_stat_activity with during the run, or off.")
+    for option in OPTIONS:
+        option.register(group, parser)

@@ -13,9 +13,10 @@ import pytest
 from _pytest.runner import runtestprotocol
 
 from pytest_poolaware.core import Answer
-from pytest_poolaware.link import ItemMeasures, WorkerLink
+from pytest_poolaware.link import WorkerLink
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
 from pytest_poolaware.meter import BudgetRefused, PoolMeter
-from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
+from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note
 
 #: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
 TOO_MANY_CONNECTIONS = "53300"
@@ -69,11 +70,11 @@ def _drop_failed_attempt() -> None:
         gc.collect()
 
 
-def item_markers(item: pytest.Item) -> tuple[bool, bool]:
-    """(serial_only, parallel_safe) for one item, markers on classes and modules included."""
-    return (
-        item.get_closest_marker(SERIAL_MARKER) is not None,
-        item.get_closest_marker(PARALLEL_MARKER) is not None,
+def item_markers(item: pytest.Item) -> Markers:
+    """The plugin's markers on one item, markers on classes and modules included."""
+    return Markers(
+        serial=item.get_closest_marker(SERIAL_MARKER) is not None,
+        parallel=item.get_closest_marker(PARALLEL_MARKER) is not None,
     )
 
 
@@ -107,7 +108,7 @@ class WorkerAgent:
         self._running = -1
         self.meter = PoolMeter(
             on_change=lambda open_, idle, released, version: self.link.send(
-                "counts", open_, idle, released, version
+                Counts(open_, idle, released, version)
             ),
             gate=self._gate,
             on_error=self._report_error,
@@ -132,11 +133,11 @@ class WorkerAgent:
         """Send markers before xdist's own collectionfinish, so they arrive first."""
         self._install_meter()
         self._index = {item: i for i, item in enumerate(session.items)}
-        markers = [item_markers(item) for item in session.items]
-        conflicts = [
-            item.nodeid for item, (s, p) in zip(session.items, markers, strict=True) if s and p
-        ]
-        self.link.send("collected", markers, conflicts)
+        markers = tuple(item_markers(item) for item in session.items)
+        conflicts = tuple(
+            item.nodeid for item, m in zip(session.items, markers, strict=True) if m.both
+        )
+        self.link.send(Collected(markers, conflicts))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
@@ -180,7 +181,7 @@ class WorkerAgent:
             open=open_,
             idle=idle,
             version=version,
-        ).to_json()
+        ).to_wire()
         for report in reports:
             if reason:
                 report.user_properties.append(("poolaware_rerun", reason))
@@ -214,10 +215,9 @@ class WorkerAgent:
         self._waited += self._clock() - begun
         if answer is None:
             self.link.send(
-                "note",
-                f"waited {self.gate_timeout:g}s for connection budget; connecting anyway",
+                Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
             )
-        elif answer == Answer.REFUSED.value:
+        elif answer is Answer.REFUSED:
             raise BudgetRefused(
                 "pytest-poolaware: too many connections: every test holding connections "
                 "was waiting for more; this one gives way and is rerun alone"
@@ -228,4 +228,4 @@ class WorkerAgent:
         self.meter.report(released=True)
 
     def _report_error(self, exc: BaseException) -> None:
-        self.link.send("note", f"connection instrumentation failed and was disabled: {exc!r}")
+        self.link.send(Note(f"connection instrumentation failed and was disabled: {exc!r}"))

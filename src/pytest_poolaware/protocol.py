@@ -1,0 +1,266 @@
+"""The messages between the controller and its workers, one typed class per kind.
+
+Three routes (``docs/design.md``, "Protocol"):
+
+* ``WorkerSettings`` travels once, in ``workerinput``, beside the side channel;
+* the side channel (``link``) carries ``Collected``, ``Counts``, ``RoomRequest`` and
+  ``Note`` from a worker, ``Goes``, ``RequestAnswer`` and ``ReleaseIdle`` from the
+  controller;
+* ``ItemMeasures`` rides on an item's last report, on xdist's own channel.
+
+On the wire a message is a dict of plain values that execnet can serialize: its fields
+by name, ``kind`` and the protocol version ``v``. A reader ignores fields it does not
+know and lets missing fields take their defaults, so fields may be added without a new
+version; anything else that changes (a field's meaning, a field removed) needs one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, TypeVar
+
+from pytest_poolaware.core import Answer
+from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
+
+#: Bumped for any change a reader of the previous version would misread.
+PROTOCOL_VERSION: Final = 1
+KIND: Final = "kind"
+VERSION: Final = "v"
+
+Wire = dict[str, Any]
+
+
+class ProtocolError(ValueError):
+    """A message that is not one of ours, or of another protocol version."""
+
+
+class _Plain:
+    """A message whose fields are plain values: on the wire, the fields by name."""
+
+    kind: ClassVar[str]
+    #: Field names, filled in by ``_message`` once the dataclass exists.
+    _names: ClassVar[tuple[str, ...]] = ()
+
+    def to_wire(self) -> Wire:
+        wire: Wire = {KIND: self.kind, VERSION: PROTOCOL_VERSION}
+        for name in self._names:
+            wire[name] = getattr(self, name)
+        return wire
+
+    @classmethod
+    def from_wire(cls: type[_P], wire: Mapping[str, Any]) -> _P:
+        return cls(**{name: wire[name] for name in cls._names if name in wire})
+
+
+_P = TypeVar("_P", bound=_Plain)
+_KINDS: dict[str, Callable[[Mapping[str, Any]], _Plain]] = {}
+
+
+def _message(cls: type[_P]) -> type[_P]:
+    """Register a message class under its ``kind`` (after ``@dataclass`` made its fields)."""
+    cls._names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    assert cls.kind not in _KINDS, cls.kind
+    _KINDS[cls.kind] = cls.from_wire
+    return cls
+
+
+# -- worker -> controller --------------------------------------------------------------------
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Collected(_Plain):
+    """Once, after collection, before xdist's own ``collectionfinish``: every item's markers
+    in collection order, and the node ids carrying both."""
+
+    kind: ClassVar[str] = "collected"
+    markers: tuple[Markers, ...]
+    conflicts: tuple[str, ...] = ()
+
+    def to_wire(self) -> Wire:
+        """Markers as the indices carrying each: a collection may hold thousands of items."""
+        return {
+            KIND: self.kind,
+            VERSION: PROTOCOL_VERSION,
+            "items": len(self.markers),
+            SERIAL_MARKER: [i for i, m in enumerate(self.markers) if m.serial],
+            PARALLEL_MARKER: [i for i, m in enumerate(self.markers) if m.parallel],
+            "conflicts": list(self.conflicts),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Collected:
+        serial = set(wire.get(SERIAL_MARKER, ()))
+        parallel = set(wire.get(PARALLEL_MARKER, ()))
+        markers = tuple(Markers(i in serial, i in parallel) for i in range(int(wire["items"])))
+        return cls(markers, tuple(str(c) for c in wire.get("conflicts", ())))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Counts(_Plain):
+    """The worker's live connections, each time its open count changes."""
+
+    kind: ClassVar[str] = "counts"
+    open: int
+    idle: int
+    #: Sent in answer to ``ReleaseIdle``: what is idle now could not be given back.
+    released: bool = False
+    #: Grows with every change; orders these counts against those on item reports.
+    version: int = 0
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RoomRequest(_Plain):
+    """Item ``item`` is blocked until it may hold ``want`` connections (None: one more)."""
+
+    kind: ClassVar[str] = "request"
+    request: int  # unique per worker; the answer names it
+    want: int | None = None
+    item: int = -1  # -1: outside any item
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Note(_Plain):
+    """A warning to show in the controller's summary."""
+
+    kind: ClassVar[str] = "note"
+    text: str
+
+
+# -- controller -> worker --------------------------------------------------------------------
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Goes(_Plain):
+    """These queued items may start (one message per worker per decision)."""
+
+    kind: ClassVar[str] = "go"
+    indices: tuple[int, ...]
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Goes:
+        return cls(tuple(wire["indices"]))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RequestAnswer(_Plain):
+    """The answer to a ``RoomRequest``."""
+
+    kind: ClassVar[str] = "grant"
+    request: int
+    answer: Answer = Answer.GRANTED
+
+    def to_wire(self) -> Wire:
+        return {
+            KIND: self.kind,
+            VERSION: PROTOCOL_VERSION,
+            "request": self.request,
+            "answer": self.answer.value,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> RequestAnswer:
+        return cls(int(wire["request"]), Answer(wire.get("answer", Answer.GRANTED.value)))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class ReleaseIdle(_Plain):
+    """Close your idle pooled connections: another worker waits for room."""
+
+    kind: ClassVar[str] = "release"
+
+
+WorkerMessage = Collected | Counts | RoomRequest | Note
+ControllerMessage = Goes | RequestAnswer | ReleaseIdle
+#: Messages that can unblock a decision: the controller looks at them at once; the
+#: others wait for the next xdist event.
+WAKING: Final = frozenset({RoomRequest, Counts})
+
+
+def decode(wire: object) -> WorkerMessage | ControllerMessage:
+    """The message a wire dict holds; ``ProtocolError`` for anything else."""
+    if not isinstance(wire, dict):
+        raise ProtocolError(f"not a pytest-poolaware message: {wire!r:.80}")
+    version = wire.get(VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"a message of protocol version {version!r}, this side speaks {PROTOCOL_VERSION} "
+            "(install the same pytest-poolaware on the controller and the workers)"
+        )
+    reader = _KINDS.get(wire.get(KIND, ""))
+    if reader is None:
+        raise ProtocolError(f"unknown message kind {wire.get(KIND)!r}")
+    try:
+        message = reader(wire)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {wire.get(KIND)!r} message: {exc}") from None
+    assert isinstance(message, WorkerMessage | ControllerMessage)
+    return message
+
+
+# -- beside the side channel ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs of the run's settings; travels once, in ``workerinput``, and
+    carries the protocol version the controller speaks."""
+
+    budget: int
+    gate_timeout: float
+    retry_on_limit: bool
+    fast_exit: bool
+
+    def to_wire(self) -> Wire:
+        return {VERSION: PROTOCOL_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> WorkerSettings:
+        version = wire.get(VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the controller speaks pytest-poolaware protocol {version!r}, this worker "
+                f"{PROTOCOL_VERSION}: install the same pytest-poolaware on both"
+            )
+        return cls(**{f.name: wire[f.name] for f in fields(cls) if f.name in wire})
+
+
+@dataclass(frozen=True)
+class ItemMeasures:
+    """What a worker measured of one item; it travels as an attribute of the item's last
+    report (xdist serializes report attributes)."""
+
+    need: int  # peak connections checked out at once
+    peak_open: int  # peak connections open in the worker, idle ones included
+    duration: float  # seconds of the attempt that counted
+    waited: float  # seconds spent waiting for the budget (go and connect gate)
+    start: float  # wall-clock time.time() when it started
+    end: float
+    rerun: str  # why it ran twice, "" if it ran once
+    open: int  # the worker's open connections once it ended
+    idle: int
+    version: int  # of the meter's counts above (``PoolMeter.snapshot``)
+
+    def to_wire(self) -> str:
+        """A JSON object of the fields by name, as one string: it rides on every item's
+        report, and execnet serializes one string much faster than ten values."""
+        return json.dumps({name: getattr(self, name) for name in _MEASURE_NAMES})
+
+    @classmethod
+    def from_wire(cls, data: str) -> ItemMeasures:
+        try:
+            values = json.loads(data)
+            return cls(**{name: values[name] for name in _MEASURE_NAMES})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed item measures: {exc}") from None
+
+
+_MEASURE_NAMES: Final = tuple(f.name for f in fields(ItemMeasures))

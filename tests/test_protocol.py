@@ -1,0 +1,154 @@
+"""The messages between controller and workers: named fields, one version, what execnet carries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import execnet
+import pytest
+from inner import TWO_TESTS, run
+
+from pytest_poolaware.core import Answer
+from pytest_poolaware.markers import Markers
+from pytest_poolaware.protocol import (
+    KIND,
+    PROTOCOL_VERSION,
+    VERSION,
+    Collected,
+    ControllerMessage,
+    Counts,
+    Goes,
+    ItemMeasures,
+    Note,
+    ProtocolError,
+    ReleaseIdle,
+    RequestAnswer,
+    RoomRequest,
+    WorkerMessage,
+    WorkerSettings,
+    decode,
+)
+
+EVERY_KIND: list[WorkerMessage | ControllerMessage] = [
+    Collected(
+        (Markers(), Markers(serial=True), Markers(parallel=True), Markers(True, True)),
+        ("t.py::test_both",),
+    ),
+    Counts(open=3, idle=1, released=True, version=17),
+    RoomRequest(request=4, want=None, item=2),
+    RoomRequest(request=5, want=6, item=0),
+    Note("waited 30s for connection budget; connecting anyway"),
+    Goes((0, 1, 5)),
+    RequestAnswer(7, Answer.REFUSED),
+    ReleaseIdle(),
+]
+
+MEASURES = ItemMeasures(
+    need=4,
+    peak_open=5,
+    duration=1.25,
+    waited=0.5,
+    start=100.0,
+    end=101.75,
+    rerun="the server refused a connection",
+    open=2,
+    idle=2,
+    version=9,
+)
+
+
+@pytest.mark.parametrize("message", EVERY_KIND, ids=lambda m: type(m).__name__)
+def test_every_message_survives_execnet_serialization(
+    message: WorkerMessage | ControllerMessage,
+) -> None:
+    wire = execnet.loads(execnet.dumps(message.to_wire()))
+    assert wire[KIND] == message.kind
+    assert wire[VERSION] == PROTOCOL_VERSION
+    assert decode(wire) == message
+
+
+def test_every_kind_is_registered_once() -> None:
+    kinds = [type(m).kind for m in EVERY_KIND]
+    assert len(set(kinds)) == len({type(m) for m in EVERY_KIND})
+
+
+def test_fields_are_read_by_name_not_position() -> None:
+    wire = {"version": 3, "released": False, "idle": 2, "open": 5, VERSION: 1, KIND: "counts"}
+    assert decode(wire) == Counts(open=5, idle=2, released=False, version=3)
+
+
+def test_added_fields_are_ignored_and_missing_ones_take_defaults() -> None:
+    """Fields may be added without a new version: old readers skip them, new readers
+    fill in what an old writer did not send."""
+    newer = {**Counts(1, 0).to_wire(), "backend_pids": [123, 456]}
+    assert decode(newer) == Counts(1, 0)
+    older = {KIND: "request", VERSION: PROTOCOL_VERSION, "request": 3}
+    assert decode(older) == RoomRequest(3, want=None, item=-1)
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (("counts", 1, 0, False, 0), "not a pytest-poolaware message"),
+        ({KIND: "counts", VERSION: 2, "open": 1, "idle": 0}, "protocol version 2"),
+        ({KIND: "hello", VERSION: PROTOCOL_VERSION}, "unknown message kind 'hello'"),
+        ({KIND: "counts", VERSION: PROTOCOL_VERSION, "open": 1}, "malformed 'counts'"),
+        ({KIND: "grant", VERSION: PROTOCOL_VERSION, "request": 1, "answer": "x"}, "malformed"),
+    ],
+)
+def test_what_is_not_a_message_of_ours_is_a_protocol_error(wire: object, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode(wire)
+
+
+def test_markers_travel_as_indices_and_come_back_per_item() -> None:
+    markers = tuple(Markers(serial=i % 3 == 0, parallel=i % 5 == 0) for i in range(30))
+    wire = Collected(markers).to_wire()
+    assert wire["serial_only"] == list(range(0, 30, 3))
+    assert wire["parallel_safe"] == list(range(0, 30, 5))
+    assert decode(wire) == Collected(markers)
+
+
+def test_item_measures_travel_by_field_name() -> None:
+    data = MEASURES.to_wire()
+    assert isinstance(data, str)
+    assert json.loads(data) == dataclasses.asdict(MEASURES)
+    reordered = json.dumps(dict(reversed(list(json.loads(data).items()))))
+    assert ItemMeasures.from_wire(reordered) == MEASURES
+    with pytest.raises(ProtocolError, match="malformed item measures"):
+        ItemMeasures.from_wire(json.dumps([4, 5, 1.25]))
+
+
+def test_worker_settings_carry_the_protocol_version() -> None:
+    settings = WorkerSettings(budget=15, gate_timeout=30.0, retry_on_limit=True, fast_exit=False)
+    wire = execnet.loads(execnet.dumps(settings.to_wire()))
+    assert WorkerSettings.from_wire(wire) == settings
+    with pytest.raises(ProtocolError, match="install the same pytest-poolaware on both"):
+        WorkerSettings.from_wire({**wire, VERSION: PROTOCOL_VERSION + 1})
+
+
+#: An inner conftest making every worker speak another protocol version than its controller.
+OTHER_VERSION_CONFTEST = """
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import pytest_poolaware.protocol as protocol
+
+    protocol.PROTOCOL_VERSION += 1
+"""
+
+
+def test_a_worker_of_another_protocol_version_says_so(pytester: pytest.Pytester) -> None:
+    """It refuses to start, naming both versions; the controller neither hangs nor fails
+    inside xdist on a worker that never became ready."""
+    pytester.makeconftest(OTHER_VERSION_CONFTEST)
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--max-worker-restart", "1")
+    output = result.stdout.str() + result.stderr.str()
+    assert (
+        f"the controller speaks pytest-poolaware protocol {PROTOCOL_VERSION}, this worker "
+        f"{PROTOCOL_VERSION + 1}: install the same pytest-poolaware on both"
+    ) in output
+    assert "INTERNALERROR" not in output
+    result.stdout.fnmatch_lines(["*maximum crashed workers reached: 1*"])
