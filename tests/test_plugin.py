@@ -69,6 +69,7 @@ def test_both_markers_is_a_usage_error_naming_the_test(pytester: pytest.Pytester
         ([], {"PG_MAX_OVERFLOW": "-1"}, "*PG_MAX_OVERFLOW='-1'*non-negative integer*"),
         ([], {"PG_POOL_TIMEOUT": "soon"}, "*PG_POOL_TIMEOUT='soon'*seconds*"),
         (["--poolaware-unmarked", "sometimes"], {}, "*--poolaware-unmarked*'sometimes'*"),
+        (["--poolaware-order", "sideways"], {}, "*--poolaware-order*collection*'sideways'*"),
         (["--poolaware-fanout-nice", "-1"], {}, "*--poolaware-fanout-nice*non-negative*'-1'*"),
         (["--poolaware-fast-exit", "maybe"], {}, "*--poolaware-fast-exit*true or false*'maybe'*"),
     ],
@@ -94,6 +95,7 @@ def test_bad_settings_are_usage_errors(
     [
         ("poolaware_budget = 1.5", "*poolaware_budget='1.5'*positive integer*"),
         ("poolaware_fast_exit = sometimes", "*poolaware_fast_exit='sometimes'*true or false*"),
+        ("poolaware_order = random", "*poolaware_order='random'*collection, duration*"),
     ],
 )
 def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester, ini: str, message: str) -> None:

@@ -190,6 +190,8 @@ def test_json_report_has_every_test_and_the_run(
     assert 9 <= run_["peak_open_workers"] <= BUDGET
     assert 9 <= run_["peak_open_server"] <= BUDGET
     assert run_["server_scope"] == f"role {suite['role']}"
+    # cold: nothing learned to place tests by
+    assert (run_["order"], run_["placement"], run_["learned"]) == ("collection", "ranges", 0)
     tests = {t["nodeid"]: t for t in data["tests"]}
     collected = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:randomly")
     nodeids = [line for line in collected.stdout.lines if "::" in line]

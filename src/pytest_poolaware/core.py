@@ -11,7 +11,11 @@ Vocabulary:
 * a worker's *commitment* is what it may hold open: the larger of its live open
   connections and the expected need of each item it may start;
 * a *request* is a worker blocked mid-test, asking for one more connection (or for
-  room to rerun a test that hit the server's limit).
+  room to rerun a test that hit the server's limit);
+* a worker's *watermark* is the highest collection index handed to it: as with xdist's
+  ``load``, a worker is never handed a test that comes before one it already holds or
+  ran, so each worker runs its tests in collection order (tests returned by a crash are
+  the exception, as with ``load``).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
+
+from pytest_poolaware.fanout import FanoutPool, Placement, expected_seconds
 
 W = TypeVar("W", bound=Hashable)
 
@@ -39,6 +45,17 @@ QUEUE_SECONDS = 2.0
 #: to take at least this long: a quick one would end, and be reported, in the middle of
 #: xdist's start-up status lines, to save less time than it costs to read.
 EARLY_START_SECONDS = 1.0
+
+
+class Order(enum.Enum):
+    """How each worker's tests are ordered (``poolaware_order``)."""
+
+    #: As with ``--dist load``: each worker runs its tests in collection order; learned
+    #: durations decide which worker runs which contiguous range of the collection.
+    COLLECTION = "collection"
+    #: Longest module first, from one shared queue: a worker may run a test before one
+    #: that comes earlier in the collection, which exposes hidden order dependencies.
+    DURATION = "duration"
 
 
 class Lane(enum.Enum):
@@ -173,6 +190,9 @@ class _Worker:
     rerunning: bool = False
     #: When its head item was first found not to fit (0: not waiting); oldest go first.
     waiting_since: int = 0
+    #: Highest collection index handed to it (returned items aside): it is handed only
+    #: items above this, so it runs its tests in collection order.
+    watermark: int = -1
 
 
 @dataclass(frozen=True)
@@ -188,6 +208,8 @@ class Statistics:
     in_flight: int
     completed: int
     overruns: tuple[Overrun, ...]
+    #: Collected items whose learned duration was known at the start (0: a cold run).
+    learned: int = 0
 
 
 class Planner(Generic[W]):
@@ -197,20 +219,31 @@ class Planner(Generic[W]):
     main thread; every method returns the actions to carry out, in order.
     """
 
-    def __init__(self, budget: int, *, unknown_need: int = 1) -> None:
+    def __init__(
+        self, budget: int, *, unknown_need: int = 1, order: Order = Order.COLLECTION
+    ) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
         self.unknown_need = unknown_need
+        self.order = order
+        self.placement = Placement.RANGES if order is Order.COLLECTION else Placement.SHARED
         self._tests: list[ItemSpec] = []
+        self._seconds: list[float] = []
+        self._learned = 0
+        #: The worker the end of the collection was kept for when the fan-out was cut.
+        self._reserved_for: W | None = None
         self._loaded = False
         self._serial: deque[int] = deque()
-        self._fanout: deque[int] = deque()
+        self._fanout: FanoutPool[W] = FanoutPool((), seconds=(), groups=())
         self._workers: dict[W, _Worker] = {}
         self._serial_worker: W | None = None
         self._fanout_open = True
         self._early_serial = False
         self._completed: set[int] = set()
+        #: Items a crashed worker held, or requeued: they go to whoever takes work next,
+        #: below its watermark maybe, as with ``load``.
+        self._returned: set[int] = set()
         self._needs: dict[int, int] = {}
         self._counter = 0
         self._peak_open = 0
@@ -220,7 +253,8 @@ class Planner(Generic[W]):
 
     def load(self, tests: Sequence[ItemSpec], *, fanout_open: bool = True) -> list[Action]:
         """Take the collection (once): the serial lane in collection order, the fan-out
-        longest group first.
+        in collection order cut into ranges once the workers are in (``Order.COLLECTION``)
+        or longest group first (``Order.DURATION``).
 
         With ``fanout_open=False`` nothing starts until ``open_fanout`` (every worker is
         in), except a serial lane whose first item is long (``EARLY_START_SECONDS``):
@@ -233,8 +267,16 @@ class Planner(Generic[W]):
         first = self._tests[self._serial[0]].duration if self._serial else None
         self._fanout_open = fanout_open
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
-        self._fanout = deque(
-            self._longest_groups_first([i for i, t in enumerate(tests) if t.lane is Lane.FANOUT])
+        fanout = [i for i, t in enumerate(tests) if t.lane is Lane.FANOUT]
+        if self.order is Order.DURATION:
+            fanout = self._longest_groups_first(fanout)
+        self._seconds = expected_seconds([t.duration for t in tests])
+        self._learned = sum(t.duration is not None for t in tests)
+        self._fanout = FanoutPool(
+            fanout,
+            seconds=self._seconds,
+            groups=[t.group for t in tests],
+            placement=self.placement,
         )
         return self._plan()
 
@@ -278,8 +320,11 @@ class Planner(Generic[W]):
             running = state.queue.popleft()
             self._completed.add(running)
         if state.queue:
-            for index in reversed(state.queue):
-                self._lane_of(index).appendleft(index)
+            self._returned.update(state.queue)
+            serial = [i for i in state.queue if self._tests[i].lane is Lane.SERIAL]
+            self._serial.extendleft(reversed(serial))
+            self._fanout.give_back([i for i in state.queue if self._tests[i].lane is Lane.FANOUT])
+        self._fanout.release(worker)
         return running, self._plan()
 
     def shut_down(self, worker: W) -> None:
@@ -291,7 +336,11 @@ class Planner(Generic[W]):
     def requeue(self, index: int) -> list[Action]:
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
         self._completed.discard(index)
-        self._lane_of(index).appendleft(index)
+        self._returned.add(index)
+        if self._tests[index].lane is Lane.SERIAL:
+            self._serial.appendleft(index)
+        else:
+            self._fanout.give_back([index])
         return self._plan()
 
     def counts(
@@ -388,8 +437,8 @@ class Planner(Generic[W]):
         # ``_fill_queues`` shares the fan-out among the live workers but the serial one; a
         # stale serial worker only makes ``sharing`` smaller, the target larger: safe side.
         sharing = live - (serial is not None and live > 1)
-        if len(state.queue) <= self._target(self._fanout, sharing) // 2:
-            return False  # ``_take`` would refill it
+        if len(state.queue) <= self._fanout_target(worker, sharing) // 2:
+            return False  # ``_take_fanout`` would refill it
         if self._serial and (
             serial is None
             or not any(self._tests[i].lane is Lane.SERIAL for i in self._workers[serial].queue)
@@ -494,6 +543,7 @@ class Planner(Generic[W]):
             in_flight=sum(len(s.queue) for s in self._workers.values()),
             completed=len(self._completed),
             overruns=tuple(self.overruns),
+            learned=self._learned,
         )
 
     # -- decisions ----------------------------------------------------------------------
@@ -518,32 +568,112 @@ class Planner(Generic[W]):
         )
         live = [w for w, s in self._workers.items() if not s.shut]
         fanout_workers = [w for w in live if w != serial_worker] or live
+        # A worker alone in the run has no one to leave the earlier fan-out items to: it
+        # runs both lanes in collection order.
+        alone = self._fanout_open and len(live) == 1 and self.order is Order.COLLECTION
+        if self._fanout_open and live and not self._fanout.split_done:
+            self._split(serial_worker, live)
         for worker in live:
             state = self._workers[worker]
             serial_lane = worker == serial_worker
-            batch = self._take(self._serial, state, 1) if serial_lane and self._serial else []
-            state.queue.extend(batch)
+            if serial_lane and self._serial:
+                batch = (
+                    self._take_in_order(worker, state)
+                    if alone
+                    else self._batch(state, self._target(len(self._serial), 1), self._pop_serial)
+                )
+            else:
+                batch = []
+            self._hand_out(state, batch)
             if not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
                 # out, in the same pass, so that it never holds a single item. Before
                 # every worker is in, it takes only what lets its last serial item start.
                 if self._fanout_open:
                     sharing = len(live) if serial_lane else len(fanout_workers)
-                    more = self._take(self._fanout, state, sharing)
+                    reserved = serial_lane or worker == self._reserved_for
+                    more = self._take_fanout(worker, state, sharing, reserved)
                 elif serial_lane:
-                    wanted = min(len(self._fanout), MIN_QUEUE - len(state.queue))
-                    more = [self._fanout.popleft() for _ in range(wanted)]
+                    more = []
+                    while len(state.queue) + len(more) < MIN_QUEUE:
+                        index = self._pop_fanout(worker, state)
+                        if index is None:
+                            break
+                        more.append(index)
                 else:
                     more = []
-                state.queue.extend(more)
+                self._hand_out(state, more)
                 batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
-            if not self._fanout and not (serial_lane and self._serial) and not orphaned:
+            if (
+                not (serial_lane and self._serial)
+                and not orphaned
+                and not self._fanout.has_for(worker, state.watermark)
+            ):
                 # Nothing left for it: shut down now, even right after a batch, since
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
+
+    def _hand_out(self, state: _Worker, indices: list[int]) -> None:
+        """Queue items on a worker and raise its watermark past them."""
+        if not indices:
+            return
+        state.queue.extend(indices)
+        returned = self._returned
+        state.watermark = max(
+            state.watermark, max((i for i in indices if i not in returned), default=-1)
+        )
+
+    def _split(self, serial_worker: W | None, live: list[W]) -> None:
+        """Cut the fan-out into one range per fan-out worker that has run nothing yet.
+
+        The serial lane's worker, or one that ran tests while the others booted (it
+        started the serial lane early), gets the collection's end after what it has run,
+        sized so that it ends about when the others do (what it still holds, and the
+        serial lane, count against its share): a range below its watermark would be
+        stranded there.
+        """
+        order = sorted(live, key=lambda w: self._workers[w].order)
+        owners = [w for w in order if w != serial_worker and self._workers[w].watermark < 0]
+        if not owners:
+            owners = [w for w in order if self._workers[w].watermark < 0]
+        ahead = [w for w in order if w not in owners]
+        reserve, after = 0.0, -1
+        if ahead and owners:
+            state = self._workers[ahead[0]]
+            lane = list(self._serial) if ahead[0] == serial_worker else []
+            held = sum(self._seconds[i] for i in [*lane, *state.queue])
+            share = (held + sum(self._seconds[i] for i in self._fanout)) / (len(owners) + 1)
+            reserve = max(0.0, share - held)
+            after = max([state.watermark, *lane])
+            self._reserved_for = ahead[0]
+        self._fanout.split(owners, reserve=reserve, reserve_after=after)
+
+    def _pop_fanout(
+        self, worker: W, state: _Worker, *, before: int | None = None, reserved: bool = False
+    ) -> int | None:
+        """The worker's next fan-out item, its watermark raised past it at once (a dry
+        worker picks its next range above the items it is being handed right now)."""
+        index = self._fanout.pop(worker, state.watermark, before=before, reserved=reserved)
+        if index is not None and index > state.watermark and index not in self._returned:
+            state.watermark = index
+        return index
+
+    def _pop_serial(self) -> int | None:
+        return self._serial.popleft() if self._serial else None
+
+    def _take_in_order(self, worker: W, state: _Worker) -> list[int]:
+        """A batch from both lanes merged in collection order (for a worker alone)."""
+
+        def pop() -> int | None:
+            head = self._serial[0] if self._serial else None
+            index = self._pop_fanout(worker, state, before=head)
+            return self._pop_serial() if index is None else index
+
+        pending = len(self._serial) + len(self._fanout)
+        return self._batch(state, self._target(pending, 1), pop)
 
     def _pick_serial_worker(self) -> W | None:
         """The serial lane keeps its worker; a new one is picked when it is gone."""
@@ -564,31 +694,53 @@ class Planner(Generic[W]):
             # crash): the least-loaded worker, a new replacement maybe, starts it sooner.
             self._serial_worker = None
         if self._serial_worker is None:
+            head = self._serial[0] if self._serial else -1
+            # Preferably one that has run nothing after the lane's next item.
             candidates = [
-                (len(s.queue), s.order, w) for w, s in self._workers.items() if not s.shut
+                (s.watermark > head, len(s.queue), s.order, w)
+                for w, s in self._workers.items()
+                if not s.shut
             ]
             if candidates:
-                self._serial_worker = min(candidates, key=lambda c: (c[0], c[1]))[2]
+                self._serial_worker = min(candidates, key=lambda c: c[:3])[3]
         return self._serial_worker
 
-    def _take(self, lane: deque[int], state: _Worker, sharing: int) -> list[int]:
-        """Items to add to a worker's queue, load-style: big batches early, small late."""
-        if len(state.queue) >= MIN_QUEUE and len(state.queue) > self._target(lane, sharing) // 2:
+    def _take_fanout(self, worker: W, state: _Worker, sharing: int, reserved: bool) -> list[int]:
+        """Fan-out items to add to a worker's queue (``reserved``: it may claim the range
+        kept for the serial lane's worker)."""
+        return self._batch(
+            state,
+            self._fanout_target(worker, sharing),
+            lambda: self._pop_fanout(worker, state, reserved=reserved),
+        )
+
+    def _fanout_target(self, worker: W, sharing: int) -> int:
+        """Queue length aimed at: a share of the worker's own range (ranges), or of the
+        whole fan-out among the workers sharing it (shared)."""
+        if self._fanout.in_order:
+            return self._target(self._fanout.own_pending(worker), 1)
+        return self._target(len(self._fanout), sharing)
+
+    def _batch(self, state: _Worker, target: int, pop: Callable[[], int | None]) -> list[int]:
+        """Load-style batches: big early, small late, and only a few seconds of known
+        work ahead of a worker."""
+        if len(state.queue) >= MIN_QUEUE and len(state.queue) > target // 2:
             return []
-        target = self._target(lane, sharing)
         seconds = sum(self._tests[i].duration or 0.0 for i in state.queue)
         batch: list[int] = []
-        while lane and len(state.queue) + len(batch) < target:
+        while len(state.queue) + len(batch) < target:
             if len(state.queue) + len(batch) >= MIN_QUEUE and seconds >= QUEUE_SECONDS:
                 break
-            index = lane.popleft()
+            index = pop()
+            if index is None:
+                break
             batch.append(index)
             seconds += self._tests[index].duration or 0.0
         return batch
 
     @staticmethod
-    def _target(lane: deque[int], sharing: int) -> int:
-        return max(MIN_QUEUE, min(MAX_QUEUE, len(lane) // (max(1, sharing) * QUEUE_SPLIT)))
+    def _target(pending: int, sharing: int) -> int:
+        return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
 
     def _commitment(self, state: _Worker) -> int:
         if any(r.kind is RequestKind.RERUN for r in state.requests):
@@ -760,9 +912,6 @@ class Planner(Generic[W]):
         if later not in state.queue or earlier not in state.queue:
             return False
         return state.queue.index(earlier) < state.queue.index(later)  # type: ignore[arg-type]
-
-    def _lane_of(self, index: int) -> deque[int]:
-        return self._serial if self._tests[index].lane is Lane.SERIAL else self._fanout
 
     def _next(self) -> int:
         self._counter += 1

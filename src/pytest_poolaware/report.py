@@ -83,6 +83,9 @@ def collect(
         overruns=snapshot.overruns,
         notes=(*snapshot.notes, *notes),
         advice=tuple(advice),
+        order=snapshot.order,
+        placement=snapshot.placement,
+        learned=snapshot.learned,
     )
 
 

@@ -44,6 +44,11 @@ class RunSnapshot:
     #: (time.time(), worker id, open connections) each time a worker's count changed.
     timeline: tuple[tuple[float, str, int], ...] = ()
     notes: tuple[str, ...] = ()
+    #: ``poolaware_order`` and the fan-out's placement this run used, and how many tests
+    #: had a learned duration to place them by (0: a cold run).
+    order: str = ""
+    placement: str = ""
+    learned: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,11 @@ class RunStats:
     overruns: tuple[Overrun, ...] = ()
     notes: tuple[str, ...] = ()
     advice: tuple[Candidate, ...] = ()
+    #: ``poolaware_order`` and the fan-out's placement (``fanout.Placement``) this run
+    #: used, and how many tests had a learned duration to place them by (0: cold).
+    order: str = ""
+    placement: str = ""
+    learned: int = 0
 
     @property
     def measured(self) -> list[ItemFacts]:
@@ -222,6 +232,9 @@ class RunStats:
                 "workers": self.workers,
                 "budget": self.budget,
                 "budget_source": self.budget_source,
+                "order": self.order,
+                "placement": self.placement,
+                "learned": self.learned,
                 "peak_open_workers": self.peak_open,
                 "peak_open_server": server.peak if server else None,
                 "server_scope": server.scope if server else None,

@@ -24,6 +24,7 @@ from pytest_poolaware.core import (
     Grant,
     ItemSpec,
     Lane,
+    Order,
     Planner,
     Release,
     Send,
@@ -59,7 +60,7 @@ class _RunRecord:
 
 
 class PoolAwareScheduling:
-    """Serial lane, budgeted fan-out, learned ordering (``--dist poolaware``).
+    """Serial lane, budgeted fan-out, learned placement (``--dist poolaware``).
 
     The first collection in is the run's. The first worker spawned, which keeps its CPU
     priority (see ``priority``), joins the planner as soon as it has collected, and may
@@ -90,7 +91,7 @@ class PoolAwareScheduling:
         self._links = links
         self._inbox = inbox
         self.planner: Planner[WorkerController] = Planner(
-            settings.budget, unknown_need=settings.unknown_need
+            settings.budget, unknown_need=settings.unknown_need, order=Order(settings.order)
         )
         #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
         #: joins as soon as it has collected, to start the serial lane.
@@ -165,7 +166,8 @@ class PoolAwareScheduling:
             self._apply(self.planner.open_fanout())
 
     def _start(self, node: WorkerController, collection: list[str]) -> None:
-        """Load the planner with the first collection, the fan-out held until ``schedule``."""
+        """Load the planner with the first collection, the fan-out held until ``schedule``
+        (unless the run has a single worker)."""
         self.collection = collection
         self._collection_source = node.gateway.id
         stale = self.history.forget_missing(collection)
@@ -181,7 +183,9 @@ class PoolAwareScheduling:
         self._markers = markers
         if reported.conflicts:
             raise pytest.UsageError(conflict_message(reported.conflicts))
-        self._apply(self.planner.load(self._tests(), fanout_open=False))
+        # With one worker there is no one to wait for (and the worker alone must run the
+        # serial lane and the fan-out interleaved, in collection order).
+        self._apply(self.planner.load(self._tests(), fanout_open=self.numnodes == 1))
 
     def _join(self, node: WorkerController) -> None:
         if node not in self._joined and node in self._nodes:
@@ -303,6 +307,9 @@ class PoolAwareScheduling:
             peak_open=statistics.peak_open,
             timeline=tuple(self._record.timeline),
             notes=tuple(self._record.notes),
+            order=self.planner.order.value,
+            placement=self.planner.placement.value,
+            learned=statistics.learned,
         )
 
     # -- helpers ----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ UNMARKED_POLICIES: Final = ("parallel", "serial")
 DEFAULT_UNMARKED_POLICY: Final = "parallel"
 #: Connections a test is assumed to need before it has been measured.
 DEFAULT_UNKNOWN_NEED: Final = 1
+#: How each worker's tests are ordered: ``collection`` (as ``--dist load``: each worker in
+#: collection order) or ``duration`` (longest module first, across the collection).
+ORDERS: Final = ("collection", "duration")
+DEFAULT_ORDER: Final = "collection"
 
 INI_BUDGET: Final = "poolaware_budget"
 INI_UNMARKED: Final = "poolaware_unmarked"
@@ -46,6 +50,7 @@ INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
 INI_FAST_EXIT: Final = "poolaware_fast_exit"
 INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
+INI_ORDER: Final = "poolaware_order"
 
 #: CPU niceness every worker but the serial lane's adds to its own: enough for the
 #: critical path to get about three times the CPU of a fan-out worker when they compete.
@@ -113,6 +118,14 @@ def unmarked_policy(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected one of {', '.join(UNMARKED_POLICIES)}, got {text!r}"
         )
+    return value
+
+
+def order_policy(text: str) -> str:
+    """Parse a ``poolaware_order`` value (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value not in ORDERS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(ORDERS)}, got {text!r}")
     return value
 
 
@@ -281,6 +294,17 @@ UNKNOWN_NEED: Final = Option(
     "Connections assumed for a test not measured yet.",
     default=DEFAULT_UNKNOWN_NEED,
 )
+ORDER: Final = Option(
+    "--poolaware-order",
+    "ORDER",
+    "collection: each worker runs its tests in collection order, as with "
+    "--dist load; duration: longest modules first, which may run a test after one "
+    f"that comes later in the collection (default: {DEFAULT_ORDER}).",
+    order_policy,
+    INI_ORDER,
+    f"Order of each worker's tests: {', '.join(ORDERS)}.",
+    default=DEFAULT_ORDER,
+)
 RETRY_ON_LIMIT: Final = Option(
     "--poolaware-retry-on-limit",
     "BOOL",
@@ -371,6 +395,7 @@ OPTIONS: Final[tuple[Option[Any], ...]] = (
     BUDGET,
     UNMARKED,
     UNKNOWN_NEED,
+    ORDER,
     RETRY_ON_LIMIT,
     FAST_EXIT,
     FANOUT_NICE,
@@ -392,6 +417,8 @@ class Settings:
     budget_source: str
     unmarked: str = DEFAULT_UNMARKED_POLICY
     unknown_need: int = DEFAULT_UNKNOWN_NEED
+    #: ``collection`` or ``duration`` (``ORDERS``).
+    order: str = DEFAULT_ORDER
     retry_on_limit: bool = True
     #: Skip the interpreter's last garbage collections when the run's processes exit.
     fast_exit: bool = True
@@ -436,6 +463,7 @@ class Settings:
             budget_source=budget[1],
             unmarked=UNMARKED.value(config) or DEFAULT_UNMARKED_POLICY,
             unknown_need=_given(UNKNOWN_NEED.value(config)),
+            order=_given(ORDER.value(config)),
             retry_on_limit=_given(RETRY_ON_LIMIT.value(config)),
             fast_exit=_given(FAST_EXIT.value(config)),
             fanout_nice=_given(FANOUT_NICE.value(config)),
