@@ -29,7 +29,8 @@ DEFAULT_ROLE_LIMIT: Final = 16
 POOL_DEFAULTS: Final = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 ENV_DSN: Final = "POOLAWARE_DSN"
 ROLE_PREFIX: Final = "poolaware_demo"
-#: Where the demo leaves its connection timeline (SVG) and run report (JSON).
+#: Where the demo leaves its connection timeline (SVG), trace (Chrome trace event JSON, for
+#: Perfetto or chrome://tracing) and run report (JSON).
 OUTPUT: Final = Path(__file__).resolve().parent / "out"
 #: Drivers the suite's engines need (not dependencies of the plugin itself), and the
 #: project's throwaway-server support package, each with where it comes from.
@@ -74,6 +75,7 @@ def pytest_command(workers: int, extra: Sequence[str], monitor_dsn: str) -> list
         "--poolaware-monitor",
         monitor_dsn,
         f"--poolaware-timeline={OUTPUT / 'timeline.svg'}",
+        f"--poolaware-trace={OUTPUT / 'trace.json'}",
         f"--poolaware-report={OUTPUT / 'report.json'}",
         *extra,
     ]

@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import settings
 
-import poolaware_testserver as testserver
-
 # The core's property tests: each simulates whole runs, so fewer examples than
 # hypothesis's default by default; "deep" for a long look after changing the core.
 settings.register_profile("default", max_examples=80)
@@ -26,8 +24,10 @@ def postgres_dsn() -> Iterator[str]:
     """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session.
 
     When no server can be had the run stops with what to install or set, not a traceback
-    in every test that needs one.
+    in every test that needs one. (Imported here: ``tox -e package`` runs without it.)
     """
+    import poolaware_testserver as testserver
+
     try:
         with testserver.postgres_dsn() as dsn:
             yield dsn
@@ -38,6 +38,8 @@ def postgres_dsn() -> Iterator[str]:
 @pytest.fixture
 def limited_role(postgres_dsn: str) -> Iterator[Callable[[int], str]]:
     """Factory ``(connection_limit) -> DSN`` of a fresh role; the roles are dropped afterwards."""
+    import poolaware_testserver as testserver
+
     created: list[str] = []
 
     def make(connection_limit: int) -> str:

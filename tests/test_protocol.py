@@ -55,6 +55,7 @@ MEASURES = ItemMeasures(
     open=2,
     idle=2,
     version=9,
+    waits=((100.25, 100.75),),
 )
 
 
@@ -113,11 +114,16 @@ def test_markers_travel_as_indices_and_come_back_per_item() -> None:
 def test_item_measures_travel_by_field_name() -> None:
     data = MEASURES.to_wire()
     assert isinstance(data, str)
-    assert json.loads(data) == dataclasses.asdict(MEASURES)
+    assert json.loads(data) == json.loads(json.dumps(dataclasses.asdict(MEASURES)))
     reordered = json.dumps(dict(reversed(list(json.loads(data).items()))))
     assert ItemMeasures.from_wire(reordered) == MEASURES
     with pytest.raises(ProtocolError, match="malformed item measures"):
         ItemMeasures.from_wire(json.dumps([4, 5, 1.25]))
+
+
+def test_item_measures_from_a_worker_that_sends_no_waits_have_none() -> None:
+    older = {k: v for k, v in json.loads(MEASURES.to_wire()).items() if k != "waits"}
+    assert ItemMeasures.from_wire(json.dumps(older)) == dataclasses.replace(MEASURES, waits=())
 
 
 def test_worker_settings_carry_the_protocol_version() -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_poolaware import priority, report
+from pytest_poolaware import compat, priority, report
 from pytest_poolaware.history import History
 from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
+#: Packages newer than the tested range, one line each for the report header.
+_version_warnings_key = pytest.StashKey[tuple[str, ...]]()
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -49,17 +51,13 @@ class _DistChoice:
     def pytest_plugin_registered(self, plugin: object, manager: pytest.PytestPluginManager) -> None:
         if getattr(plugin, "__name__", None) != "xdist.plugin":
             return
-        for option in self.parser.getgroup("xdist").options:
-            if "--dist" in option.names():
-                attrs = option.attrs()
-                choices = attrs.get("choices")
-                if choices is not None and DIST_MODE not in choices:
-                    choices.append(DIST_MODE)
-                    attrs["help"] = (attrs.get("help") or "") + (
-                        f"\n\n{DIST_MODE}: serial_only tests one at a time on one worker, "
-                        "the rest fanned out, all within a PostgreSQL connection budget "
-                        "(pytest-poolaware)."
-                    )
+        compat.add_dist_choice(
+            self.parser,
+            DIST_MODE,
+            f"{DIST_MODE}: serial_only tests one at a time on one worker, "
+            "the rest fanned out, all within a PostgreSQL connection budget "
+            "(pytest-poolaware).",
+        )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -85,6 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if config.getoption("dist", "no") != DIST_MODE:
         return
+    config.stash[_version_warnings_key] = tuple(compat.check_versions())
     try:
         settings = Settings.from_config(config)
     except ConfigError as exc:
@@ -95,10 +94,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Controller(config, settings), "poolaware-controller")
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    warnings: tuple[str, ...] = config.stash.get(_version_warnings_key, ())
+    lines = list(warnings)
     if config.getoption("dist", "no") == DIST_MODE and not config.getoption("tx", None):
-        return "poolaware: no workers (-n/--tx): tests run in this process, one at a time"
-    return None
+        lines.append("poolaware: no workers (-n/--tx): tests run in this process, one at a time")
+    return lines
 
 
 def exit_without_final_collections() -> None:
@@ -206,7 +207,7 @@ class Controller:
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
         ).to_wire()
-        self.links[node] = ControllerLink(channel, node, self.inbox, _wake)
+        self.links[node] = ControllerLink(channel, node, self.inbox, compat.wake_controller)
 
     def pytest_xdist_make_scheduler(
         self, config: pytest.Config, log: Producer
@@ -228,9 +229,9 @@ class Controller:
         # Called three times per test: keep it lean.
         data = report.__dict__.get("poolaware")
         if data is not None and self.scheduler is not None:
-            node = getattr(report, "node", None)
-            if node is not None:
-                self.scheduler.note_measures(node, report.item_index, data)
+            origin = compat.report_origin(report)
+            if origin is not None:
+                self.scheduler.note_measures(*origin, data)
         outcome = report.outcome
         when = report.when
         if outcome == "failed":
@@ -274,12 +275,3 @@ class Controller:
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.stats is not None:
             report.write_summary(terminalreporter, self.stats, self.settings, self.files)
-
-
-def _wake(node: WorkerController) -> None:
-    """Make xdist's controller loop call the scheduler now.
-
-    ``unscheduled`` is xdist's own event; with no indices it reaches
-    ``PoolAwareScheduling.remove_pending_tests_from_node``, which reads the side channel.
-    """
-    node.notify_inproc("unscheduled", node=node, indices=[])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, ClassVar, Final, TypeVar
 
 from pytest_poolaware.core import Answer
@@ -248,6 +248,8 @@ class ItemMeasures:
     open: int  # the worker's open connections once it ended
     idle: int
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
+    #: (start, end) time.time() of each wait for the budget long enough to show (the trace).
+    waits: tuple[tuple[float, float], ...] = ()
 
     def to_wire(self) -> str:
         """A JSON object of the fields by name, as one string: it rides on every item's
@@ -258,9 +260,15 @@ class ItemMeasures:
     def from_wire(cls, data: str) -> ItemMeasures:
         try:
             values = json.loads(data)
-            return cls(**{name: values[name] for name in _MEASURE_NAMES})
+            measures = cls(**{name: values[name] for name in _REQUIRED_MEASURES})
+            waits = tuple((float(start), float(end)) for start, end in values.get("waits", ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed item measures: {exc}") from None
+        return replace(measures, waits=waits)
 
 
 _MEASURE_NAMES: Final = tuple(f.name for f in fields(ItemMeasures))
+#: Fields every version of the protocol sends; later ones are optional on the wire.
+_REQUIRED_MEASURES: Final = tuple(
+    f.name for f in fields(ItemMeasures) if f.default is MISSING and f.default_factory is MISSING
+)

@@ -67,6 +67,7 @@ def collect(
                 waited=m.waited,
                 rerun=m.rerun,
                 outcome=outcomes.get(nodeid),
+                waits=m.waits,
             )
         )
     advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
@@ -94,7 +95,7 @@ def write_files(
 ) -> list[str]:
     """Write the report, timeline and advice files asked for; one line per file for the
     summary (a file that cannot be written is a warning, not a failure)."""
-    from pytest_poolaware import timeline
+    from pytest_poolaware import timeline, trace_events
 
     outputs: list[tuple[str, str | None, Callable[[], str]]] = [
         ("report", settings.report_path, lambda: json.dumps(stats.to_json(), indent=1) + "\n"),
@@ -114,6 +115,7 @@ def write_files(
                 end=stats.finished,
             ),
         ),
+        ("trace", settings.trace_path, lambda: trace_events.render(stats)),
         (
             "advice",
             settings.advice_path,

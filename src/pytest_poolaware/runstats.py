@@ -87,6 +87,8 @@ class ItemFacts:
     waited: float | None = None  # seconds held back by the budget
     rerun: str = ""  # why it ran twice, "" if it ran once
     outcome: str | None = None  # passed, failed, skipped, error
+    #: (start, end) of each wait for the budget long enough to show (the trace only).
+    waits: tuple[tuple[float, float], ...] = ()
 
     @property
     def measured(self) -> bool:

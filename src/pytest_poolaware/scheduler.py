@@ -12,12 +12,11 @@ import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
-from xdist.remote import Producer
-from xdist.report import report_collection_diff
-from xdist.workermanage import WorkerController, parse_tx_spec_config
 
+from pytest_poolaware import compat
 from pytest_poolaware.core import (
     Action,
     Go,
@@ -48,6 +47,10 @@ from pytest_poolaware.protocol import (
 )
 from pytest_poolaware.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
+
+if TYPE_CHECKING:
+    from xdist.remote import Producer
+    from xdist.workermanage import WorkerController
 
 
 @dataclass
@@ -83,7 +86,7 @@ class PoolAwareScheduling:
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
-        self.numnodes = len(parse_tx_spec_config(config))
+        self.numnodes = compat.worker_count(config)
         self.settings = settings
         self.history = history
         #: Notes start with the learned data's problems, as they were found first.
@@ -196,7 +199,7 @@ class PoolAwareScheduling:
         """A worker collected other tests than the run's: report it as a collection error
         (the run fails) and shut it down; the other workers carry on."""
         assert self.collection is not None
-        msg = report_collection_diff(
+        msg = compat.collection_diff(
             self.collection, collection, self._collection_source, node.gateway.id
         )
         self.log(msg)
@@ -279,8 +282,7 @@ class PoolAwareScheduling:
         if node not in self._joined:
             return None
         self._joined.discard(node)
-        # xdist sets workeroutput when a worker ends its session normally.
-        finished = hasattr(node, "workeroutput")
+        finished = compat.finished_normally(node)
         crashed, actions = self.planner.remove_worker(node, crashed=not finished)
         self._apply(actions)
         if crashed is None or self.collection is None:
@@ -340,7 +342,7 @@ class PoolAwareScheduling:
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
         for node in self._joined:
-            if node.shutting_down:  # DSession stops the run by shutting workers down
+            if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
                 self.planner.shut_down(node)
         while True:
             try:

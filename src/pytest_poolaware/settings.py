@@ -378,6 +378,12 @@ TIMELINE_PATH: Final = Option[str](
     "PATH",
     "Write an SVG picture of open connections over time per worker to PATH.",
 )
+TRACE_PATH: Final = Option[str](
+    "--poolaware-trace",
+    "PATH",
+    "Write the run to PATH in the Chrome trace event format (JSON), for Perfetto "
+    "or chrome://tracing: a track per worker, each test a span, connections as counters.",
+)
 MONITOR: Final = Option[str](
     "--poolaware-monitor",
     "DSN|off",
@@ -405,6 +411,7 @@ OPTIONS: Final[tuple[Option[Any], ...]] = (
     ADVICE_PATH,
     REPORT_PATH,
     TIMELINE_PATH,
+    TRACE_PATH,
     MONITOR,
 )
 
@@ -435,6 +442,7 @@ class Settings:
     #: Files to write at the end of the run (absolute paths), if asked for.
     report_path: str | None = None
     timeline_path: str | None = None
+    trace_path: str | None = None
     advice_path: str | None = None
 
     @property
@@ -474,6 +482,7 @@ class Settings:
             monitor_source=monitor_source,
             report_path=path(REPORT_PATH),
             timeline_path=path(TIMELINE_PATH),
+            trace_path=path(TRACE_PATH),
             advice_path=path(ADVICE_PATH),
         )
 

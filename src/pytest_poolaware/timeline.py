@@ -61,7 +61,7 @@ def nice_step(span: float, ticks: int) -> float:
     return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
 
 
-def _worker_key(worker: str) -> tuple[str, int]:
+def worker_order(worker: str) -> tuple[str, int]:
     """gw2 before gw10."""
     match = re.fullmatch(r"(.*?)(\d+)", worker)
     return (match.group(1), int(match.group(2))) if match else (worker, -1)
@@ -102,7 +102,7 @@ def render(
     t0 = start if start is not None else min(times, default=0.0)
     t1 = end if end is not None else max(times, default=t0)
     t1 = max(t1, t0 + 1e-3)
-    workers = sorted({w for _, w, _ in timeline}, key=_worker_key)
+    workers = sorted({w for _, w, _ in timeline}, key=worker_order)
     rows = stacked_steps(timeline, workers, t0)
     highest = max([budget, *(sum(c) for _, c in rows), *(n for _, n in server)])
     y_step = max(1, round(nice_step(highest * HEADROOM, Y_TICKS)))

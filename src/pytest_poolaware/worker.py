@@ -8,10 +8,11 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
 
 import pytest
-from _pytest.runner import runtestprotocol
 
+from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
@@ -28,6 +29,12 @@ _LIMIT_TEXT = re.compile(
 _limit_hit_key = pytest.StashKey[str]()
 RERUN_DEADLOCK = "gave way to break a wait for connections"
 RERUN_SERVER = "the server refused a connection"
+
+#: Waits for the budget shorter than this are counted but not kept as spans (the trace):
+#: every item waits about one round trip to the controller for its go.
+WAIT_SPAN_MIN: Final = 0.002
+
+T = TypeVar("T")
 
 
 def is_connection_limit_error(exc: BaseException) -> bool:
@@ -103,6 +110,7 @@ class WorkerAgent:
         self._clock = clock
         self._index: dict[pytest.Item, int] = {}
         self._waited = 0.0
+        self._waits: list[tuple[float, float]] = []
         #: The item being run: connect requests name it, so the controller can tell them
         #: from the previous item's (its completion may reach the controller later).
         self._running = -1
@@ -145,13 +153,14 @@ class WorkerAgent:
         self._running = index
         self._install_meter()
         self._waited = 0.0
+        self._waits = []
         self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release))
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         started = time.time()
         start = self._clock()
         self.meter.begin()
-        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
         if reason:
@@ -163,7 +172,7 @@ class WorkerAgent:
             )
             start = self._clock()
             self.meter.begin()
-            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            reports = run_test_protocol(item, nextitem)
             window = self.meter.end()
         duration = self._clock() - start
         if self.link.take_release():
@@ -181,6 +190,7 @@ class WorkerAgent:
             open=open_,
             idle=idle,
             version=version,
+            waits=tuple(self._waits),
         ).to_wire()
         for report in reports:
             if reason:
@@ -189,10 +199,15 @@ class WorkerAgent:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _timed_wait(self, wait: Callable[[], object]) -> None:
-        begun = self._clock()
-        wait()
-        self._waited += self._clock() - begun
+    def _timed_wait(self, wait: Callable[[], T]) -> T:
+        """Run ``wait`` and count it as time held back by the budget."""
+        begun, begun_at = self._clock(), time.time()
+        result = wait()
+        waited = self._clock() - begun
+        self._waited += waited
+        if waited >= WAIT_SPAN_MIN:
+            self._waits.append((begun_at, time.time()))
+        return result
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
@@ -210,9 +225,9 @@ class WorkerAgent:
 
     def _gate(self) -> None:
         """Called before each new connection: wait until the budget has room for it."""
-        begun = self._clock()
-        answer = self.link.request(self._running, None, self.gate_timeout, self._release)
-        self._waited += self._clock() - begun
+        answer = self._timed_wait(
+            lambda: self.link.request(self._running, None, self.gate_timeout, self._release)
+        )
         if answer is None:
             self.link.send(
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")

@@ -1,0 +1,194 @@
+"""The run in the Chrome trace event format, for Perfetto (ui.perfetto.dev) and chrome://tracing.
+
+A suite of thousands of tests does not fit one picture: these viewers zoom from the whole
+run to one worker's second. The file is the format's JSON object form: ``traceEvents``
+holds one process (the run) with one thread per worker (``M`` metadata events name them),
+each test a complete ``X`` span on its worker's thread with its node id (category
+``serial`` for the serial lane, ``fanout`` for the rest), each wait for the budget an ``X``
+span of its own (category ``wait``), and counters (``C``) for every worker's open
+connections, the budget and, when monitored, the server's count. Times are microseconds
+from the session's start. Tests that never ran are instant events (``i``) on a thread of
+their own, so every collected test is in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from pytest_poolaware.core import Lane
+from pytest_poolaware.runstats import ItemFacts, RunStats
+from pytest_poolaware.timeline import stacked_steps, worker_order
+
+#: The one process of the trace: the run.
+PID: Final = 1
+PROCESS_NAME: Final = "pytest-poolaware run"
+#: Thread ids: the workers get 1, 2, ... in worker order; tests that never ran get this one.
+NOT_RUN_TID: Final = 0
+NOT_RUN_TRACK: Final = "not run"
+#: Categories of the spans: the lanes' names from ``runstats``, and the waits.
+WAIT_CATEGORY: Final = "wait"
+WAIT_NAME: Final = "waiting for the connection budget"
+#: Counter names (each counter's series are the keys of its ``args``).
+OPEN_COUNTER: Final = "open connections"
+BUDGET_COUNTER: Final = "connection budget"
+SERVER_COUNTER: Final = "server connections"
+MICROSECONDS: Final = 1_000_000
+#: Digits kept of a microsecond.
+DIGITS: Final = 3
+
+
+def render(stats: RunStats) -> str:
+    """The trace as a JSON document."""
+    return json.dumps(trace(stats), separators=(",", ":")) + "\n"
+
+
+def trace(stats: RunStats) -> dict[str, Any]:
+    """The trace event format's JSON object for one run."""
+    t0 = stats.started
+
+    def us(when: float) -> float:
+        return round((when - t0) * MICROSECONDS, DIGITS)
+
+    workers = sorted(
+        {item.worker for item in stats.items if item.worker} | {w for _, w, _ in stats.timeline},
+        key=worker_order,
+    )
+    tid = {worker: k + 1 for k, worker in enumerate(workers)}
+    serial_workers = {
+        item.worker for item in stats.items if item.lane is Lane.SERIAL and item.worker
+    }
+    events: list[dict[str, Any]] = [_meta("process_name", NOT_RUN_TID, name=PROCESS_NAME)]
+    for worker in workers:
+        title = f"{worker} (ran serial lane tests)" if worker in serial_workers else worker
+        events.append(_meta("thread_name", tid[worker], name=title))
+        events.append(_meta("thread_sort_index", tid[worker], sort_index=tid[worker]))
+    spans: list[dict[str, Any]] = []
+    not_run: list[dict[str, Any]] = []
+    for item in stats.items:
+        if item.worker is None or item.start is None or item.end is None:
+            not_run.append(_instant(item, us(stats.finished)))
+            continue
+        spans.append(_span(item, tid[item.worker], us(item.start), us(item.end)))
+        for start, end in merged(item.waits):
+            spans.append(
+                {
+                    "name": WAIT_NAME,
+                    "cat": WAIT_CATEGORY,
+                    "ph": "X",
+                    "pid": PID,
+                    "tid": tid[item.worker],
+                    "ts": us(start),
+                    "dur": max(0.0, round(us(end) - us(start), DIGITS)),
+                    "args": {"nodeid": item.nodeid},
+                }
+            )
+    if not_run:
+        events.append(_meta("thread_name", NOT_RUN_TID, name=NOT_RUN_TRACK))
+        events.append(_meta("thread_sort_index", NOT_RUN_TID, sort_index=len(workers) + 1))
+    spans.sort(key=lambda event: (event["tid"], event["ts"], -event["dur"]))
+    events += spans + not_run
+    events += _counters(stats, workers, us)
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "tool": "pytest-poolaware",
+            "started": stats.started,
+            "workers": stats.workers,
+            "budget": stats.budget,
+            "budget_source": stats.budget_source,
+            "tests": len(stats.items),
+        },
+    }
+
+
+def merged(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``spans`` as disjoint (start, end) spans, in order.
+
+    A test that opens connections from several threads or tasks waits at the gate for
+    each of them at once; on its worker's track the waits must not overlap (viewers
+    nest the spans of one track), and what matters there is when the worker was held.
+    """
+    union: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
+def _meta(kind: str, tid: int, **args: Any) -> dict[str, Any]:
+    """A metadata event: ``process_name``, ``thread_name`` or ``thread_sort_index``."""
+    return {"name": kind, "ph": "M", "pid": PID, "tid": tid, "args": args}
+
+
+def _span(item: ItemFacts, tid: int, start: float, end: float) -> dict[str, Any]:
+    return {
+        "name": item.nodeid,
+        "cat": item.lane.value,
+        "ph": "X",
+        "pid": PID,
+        "tid": tid,
+        "ts": start,
+        "dur": max(0.0, round(end - start, DIGITS)),
+        "args": _args(item),
+    }
+
+
+def _instant(item: ItemFacts, when: float) -> dict[str, Any]:
+    return {
+        "name": item.nodeid,
+        "cat": item.lane.value,
+        "ph": "i",
+        "s": "t",
+        "pid": PID,
+        "tid": NOT_RUN_TID,
+        "ts": when,
+        "args": _args(item),
+    }
+
+
+def _args(item: ItemFacts) -> dict[str, Any]:
+    return {
+        "nodeid": item.nodeid,
+        "lane": item.lane.value,
+        "markers": item.markers.names,
+        "outcome": item.outcome,
+        "need": item.need,
+        "peak_open": item.peak_open,
+        "waited_s": item.waited,
+        "rerun": item.rerun or None,
+    }
+
+
+def _counters(
+    stats: RunStats, workers: list[str], us: Callable[[float], float]
+) -> list[dict[str, Any]]:
+    """Open connections per worker (one series each, so viewers can stack them), the
+    budget as a flat line over the session, and the server's samples."""
+
+    def counter(name: str, when: float, values: dict[str, int]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "ph": "C",
+            "pid": PID,
+            "tid": NOT_RUN_TID,
+            "ts": us(when),
+            "args": values,
+        }
+
+    events = [
+        counter(BUDGET_COUNTER, stats.started, {"budget": stats.budget}),
+        counter(BUDGET_COUNTER, max(stats.finished, stats.started), {"budget": stats.budget}),
+    ]
+    if workers:
+        for when, counts in stacked_steps(stats.timeline, workers, stats.started):
+            events.append(counter(OPEN_COUNTER, when, dict(zip(workers, counts, strict=True))))
+    if stats.server is not None:
+        events += [
+            counter(SERVER_COUNTER, when, {"server": n}) for when, n in stats.server.timeline
+        ]
+    return events
