@@ -25,7 +25,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -153,7 +153,7 @@ def worker_databases(admin_dsn: str, role: str, workers: int) -> Iterator[str]:
     import psycopg
     from psycopg import sql
 
-    from pytest_poolaware.pgserver import create_role, drop_role
+    from poolaware_testserver import create_role, drop_role
 
     dsn = create_role(admin_dsn, role)
     names = [f"{role}_gw{n}" for n in range(workers)]
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if min(args.tests, args.modules, args.rounds) < 1:
         parser.error("--tests, --modules and --rounds must be positive")
-    from pytest_poolaware.pgserver import postgres_dsn
+    from poolaware_testserver import ServerUnavailable, postgres_dsn
 
     modes = (*MODES, DURATION_MODE) if args.with_duration else MODES
     report: dict[str, Any] = {
@@ -320,7 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         suite = work / "suite"
         write_suite(suite, args.tests, args.modules)
-        with postgres_dsn() as admin_dsn:
+        with ExitStack() as server:
+            try:
+                admin_dsn = server.enter_context(postgres_dsn())
+            except ServerUnavailable as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return bench.EXIT_NO_SERVER
             role = f"{bench.ROLE_PREFIX}_markerless_{os.getpid()}"
             with worker_databases(admin_dsn, role, WORKERS) as dsn:
                 report |= run_rounds(suite, work, bench.pool_env(dsn), modes, args.rounds)

@@ -27,7 +27,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -55,6 +55,8 @@ PASS_TIMEOUT: Final = 600.0
 TAIL_LINES: Final = 15
 #: pytest exit codes meaning "it ran": all passed, or some tests failed.
 RAN_EXIT_CODES: Final = (0, 1)
+#: Our exit status when no server could be had (what to install or set is printed).
+EXIT_NO_SERVER: Final = 2
 #: Failure text marking a connection error (server limit or client pool limit).
 CONNECTION_ERROR: Final = re.compile(
     r"53300|too many connections|too many clients|QueuePool limit", re.IGNORECASE
@@ -445,7 +447,7 @@ def benchmark_overhead(work: Path) -> dict[str, Any]:
 def benchmark_nomarkers(work: Path, admin_dsn: str) -> dict[str, Any]:
     """2000 one-query DB tests, no markers, unlimited role, large budget: load vs poolaware
     cold and warm, in interleaved rounds; the medians are compared."""
-    from pytest_poolaware.pgserver import create_role, drop_role
+    from poolaware_testserver import create_role, drop_role
 
     per_module = NOMARKERS_TESTS // NOMARKERS_MODULES
     suite = write_suite(
@@ -538,7 +540,7 @@ def machine_info(admin_dsn: str | None) -> dict[str, Any]:
 @contextmanager
 def demo_role(admin_dsn: str) -> Iterator[tuple[str, str]]:
     """The limited role the demo modes share, dropped afterwards; yields (role, its DSN)."""
-    from pytest_poolaware.pgserver import create_role, drop_role
+    from poolaware_testserver import create_role, drop_role
 
     role = f"{ROLE_PREFIX}_{os.getpid()}"
     dsn = create_role(admin_dsn, role, connection_limit=ROLE_LIMIT)
@@ -717,7 +719,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks, write the reports, print the Markdown."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pytest_poolaware.pgserver import postgres_dsn
+    from poolaware_testserver import ServerUnavailable, postgres_dsn
 
     out: Path = args.out
     work = out / "work"
@@ -734,7 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "modes": [],
     }
-    with postgres_dsn() as admin_dsn:
+    with ExitStack() as server:
+        try:
+            admin_dsn = server.enter_context(postgres_dsn())
+        except ServerUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NO_SERVER
         report["machine"] = machine_info(admin_dsn)
         selected = [m for m in DEMO_MODES if m.name in args.only]
         if selected:

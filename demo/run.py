@@ -32,8 +32,14 @@ ROLE_PREFIX: Final = "poolaware_demo"
 #: Where the demo leaves its connection timeline (SVG), trace (Chrome trace event JSON, for
 #: Perfetto or chrome://tracing) and run report (JSON).
 OUTPUT: Final = Path(__file__).resolve().parent / "out"
-#: Drivers the suite's engines need (not dependencies of the plugin itself).
-DRIVERS: Final = ("psycopg", "asyncpg", "greenlet")
+#: Drivers the suite's engines need (not dependencies of the plugin itself), and the
+#: project's throwaway-server support package, each with where it comes from.
+NEEDED: Final = {
+    "psycopg": ".[test]",
+    "asyncpg": ".[test]",
+    "greenlet": ".[test]",
+    "poolaware_testserver": "./support",
+}
 EXIT_USAGE: Final = 2
 
 
@@ -82,29 +88,34 @@ def suite_environment(role_dsn: str, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def missing_drivers() -> list[str]:
-    """Database drivers the suite needs that are not installed."""
-    return [name for name in DRIVERS if importlib.util.find_spec(name) is None]
+def missing_packages() -> list[str]:
+    """Packages the demo needs that are not installed."""
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Set up the server and role, run pytest, return its exit code."""
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    missing = missing_drivers()
+    missing = missing_packages()
     if missing:
-        print(f"error: the demo needs {', '.join(missing)}: pip install '.[test]'", file=sys.stderr)
+        sources = " ".join(sorted({f"'{NEEDED[name]}'" for name in missing}))
+        print(f"error: the demo needs {', '.join(missing)}: pip install {sources}", file=sys.stderr)
         return EXIT_USAGE
-    from pytest_poolaware.pgserver import create_role, drop_role, postgres_dsn
+    from poolaware_testserver import ServerUnavailable, create_role, drop_role, postgres_dsn
 
     role = f"{ROLE_PREFIX}_{os.getpid()}"
-    with postgres_dsn() as admin_dsn:
-        role_dsn = create_role(admin_dsn, role, connection_limit=args.role_limit)
-        try:
-            env = suite_environment(role_dsn, os.environ)
-            command = pytest_command(args.workers, extra, admin_dsn)
-            return subprocess.run(command, env=env).returncode
-        finally:
-            drop_role(admin_dsn, role)
+    try:
+        with postgres_dsn() as admin_dsn:
+            role_dsn = create_role(admin_dsn, role, connection_limit=args.role_limit)
+            try:
+                env = suite_environment(role_dsn, os.environ)
+                command = pytest_command(args.workers, extra, admin_dsn)
+                return subprocess.run(command, env=env).returncode
+            finally:
+                drop_role(admin_dsn, role)
+    except ServerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

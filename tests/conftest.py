@@ -1,6 +1,6 @@
 """Shared fixtures: one real PostgreSQL per test session, and roles with connection limits.
 
-Set ``POOLAWARE_DSN`` (or run ``python -m pytest_poolaware.pgserver -- pytest ...``) to reuse one
+Set ``POOLAWARE_DSN`` (or run ``python -m poolaware_testserver -- pytest ...``) to reuse one
 server instead of starting one per session (under xdist, one per worker).
 """
 
@@ -13,8 +13,6 @@ import pytest
 from hypothesis import settings
 from inner import ROLE_LIMIT
 
-from pytest_poolaware import pgserver
-
 # The core's property tests: each simulates whole runs, so fewer examples than
 # hypothesis's default by default; "deep" for a long look after changing the core.
 settings.register_profile("default", max_examples=80)
@@ -24,9 +22,18 @@ settings.load_profile("default")
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
-    """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session."""
-    with pgserver.postgres_dsn() as dsn:
-        yield dsn
+    """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session.
+
+    When no server can be had the run stops with what to install or set, not a traceback
+    in every test that needs one. (Imported here: ``tox -e package`` runs without it.)
+    """
+    import poolaware_testserver as testserver
+
+    try:
+        with testserver.postgres_dsn() as dsn:
+            yield dsn
+    except testserver.ServerUnavailable as exc:
+        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture
@@ -38,13 +45,15 @@ def role_limit() -> int:
 @pytest.fixture
 def limited_role(postgres_dsn: str) -> Iterator[Callable[[int], str]]:
     """Factory ``(connection_limit) -> DSN`` of a fresh role; the roles are dropped afterwards."""
+    import poolaware_testserver as testserver
+
     created: list[str] = []
 
     def make(connection_limit: int) -> str:
         role = f"poolaware_test_{uuid.uuid4().hex[:12]}"
         created.append(role)
-        return pgserver.create_role(postgres_dsn, role, connection_limit=connection_limit)
+        return testserver.create_role(postgres_dsn, role, connection_limit=connection_limit)
 
     yield make
     for role in created:
-        pgserver.drop_role(postgres_dsn, role)
+        testserver.drop_role(postgres_dsn, role)

@@ -399,11 +399,11 @@ def test_database_going_away_mid_run(
 def test_passwords_never_appear_in_the_output(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ) -> None:
-    from pytest_poolaware import pgserver
+    import poolaware_testserver as testserver
 
     secret = "s3cret-Pa55word"
     role = "poolaware_secret_role"
-    dsn = pgserver.create_role(postgres_dsn, role, connection_limit=10, password=secret)
+    dsn = testserver.create_role(postgres_dsn, role, connection_limit=10, password=secret)
     try:
         monkeypatch.setenv("POOLAWARE_DSN", dsn)
         pytester.makepyfile(
@@ -427,7 +427,7 @@ def test_passwords_never_appear_in_the_output(
         result.assert_outcomes(passed=1, failed=1)
         assert secret not in result.stdout.str() + result.stderr.str()
     finally:
-        pgserver.drop_role(postgres_dsn, role)
+        testserver.drop_role(postgres_dsn, role)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:

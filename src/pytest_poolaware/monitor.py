@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from pytest_poolaware.dsn import mask_dsn
 from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
-from pytest_poolaware.pgserver import mask_dsn
 from pytest_poolaware.runstats import ServerView
 
 #: Seconds between two samples: short enough to catch a test's burst of connections,

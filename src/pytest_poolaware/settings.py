@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
+from pytest_poolaware.dsn import mask_dsn
+
 if TYPE_CHECKING:
     import pytest
 
@@ -147,8 +149,6 @@ def monitor_dsn(text: str) -> str:
         return ""
     if _DSN_SCHEME.match(value) or "=" in value:
         return value
-    from pytest_poolaware.pgserver import mask_dsn
-
     raise argparse.ArgumentTypeError(f"expected a PostgreSQL DSN or 'off', got {mask_dsn(value)!r}")
 
 
