@@ -46,12 +46,18 @@ OVERHEAD_TESTS: Final = 3000
 OVERHEAD_MODULES: Final = 30
 OVERHEAD_WORKERS: Final = "2"
 PASS_TIMEOUT: Final = 600.0
+#: pytest's exit code when some tests failed (as opposed to a usage or internal error).
+TESTS_FAILED: Final = 1
 SIDES: Final = ("base", "head")
 NO_MONITOR: Final = ("--poolaware-monitor", "off")
 
 
-def run(python: str, args: Sequence[str], env: dict[str, str], log: Path) -> float:
-    """One pytest session; its wall time. A session that did not pass fails the benchmark."""
+def run(
+    python: str, args: Sequence[str], env: dict[str, str], log: Path, *, may_fail: bool = False
+) -> float:
+    """One pytest session; its wall time. A session that did not pass fails the benchmark,
+    unless ``may_fail`` (the two-pass split's parallel pass hits connection errors: that is
+    what it is measured for, its time still counts)."""
     start = time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(
@@ -62,7 +68,7 @@ def run(python: str, args: Sequence[str], env: dict[str, str], log: Path) -> flo
             timeout=PASS_TIMEOUT,
         ).returncode
     wall = time.perf_counter() - start
-    if code != 0:
+    if code != 0 and not (may_fail and code == TESTS_FAILED):
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise SystemExit(f"{log.name}: pytest exited {code}\n{tail}")
     return wall
@@ -83,12 +89,14 @@ def demo_round(python: str, side: str, env: dict[str, str], work: Path, n: int) 
         [str(SUITE), *two, "-m", "serial_only", "-n", "0"],
         env,
         work / f"two1-{side}-{n}.log",
+        may_fail=True,
     )
     fan = run(
         python,
         [str(SUITE), *two, "-m", "not serial_only", "-n", WORKERS, "--dist", "load"],
         env,
         work / f"two2-{side}-{n}.log",
+        may_fail=True,
     )
     return warm / (serial + fan)
 
