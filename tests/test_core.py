@@ -498,7 +498,9 @@ class Sim:
 
     def run(self, choose: Chooser | None = None) -> Sim:
         choose = choose or round_robin()
-        while not self.all_done():
+        # As xdist's loop: the run goes on while the planner holds items (a crashed one
+        # requeued before the fan-out opened waits for the workers still to come up).
+        while not (self.all_done() and self.planner.tests_finished):
             events = self.events()
             if not events:
                 raise Hang(f"nothing can happen; workers: {list(self.workers.values())}")
@@ -1205,6 +1207,33 @@ def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
 @pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
 @PROPERTY_SETTINGS
 @given(run=runs(), seed=SEEDS)
+@example(
+    # The fan-out item crashes on the only worker up yet (it took it along with the early
+    # serial lane) and is requeued: it waits for the workers still to come up, and the
+    # run must go on until they do and it is completed.
+    run={
+        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
+        "budget": 1,
+        "workers": 3,
+        "peaks": [0, 1],
+        "crashes": 1,
+        "rerun_crashed": True,
+        "staggered": True,
+    },
+    seed=0,
+)
+@example(
+    run={
+        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
+        "budget": 1,
+        "workers": 3,
+        "peaks": [0, 1],
+        "crashes": 1,
+        "rerun_crashed": True,
+        "staggered": True,
+    },
+    seed=9,
+)
 def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int) -> None:
     """Workers may start their last held item here (queue depth has its own tests)."""
     sim = run_randomly(run, seed, strict_xdist=False)

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 from psycopg import connect as connect_imported_early  # bound before the hooks exist
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from pytest_poolaware.core import Answer
@@ -133,6 +133,56 @@ def test_garbage_collected_connection_uncounted(
     gc.collect()
     meter.sweep()
     assert meter.open == 0
+
+
+#: Connect/close rounds per route: the server's backend exit races the next connect.
+CLOSE_ROUNDS = 20
+
+
+def _psycopg_round(dsn: str) -> int:
+    conn = psycopg.connect(dsn)
+    pid = conn.info.backend_pid
+    conn.close()
+    return pid
+
+
+def _psycopg_async_round(dsn: str) -> int:
+    async def use() -> int:
+        conn = await psycopg.AsyncConnection.connect(dsn)
+        pid = conn.info.backend_pid
+        await conn.close()
+        return pid
+
+    return asyncio.run(use())
+
+
+def _sqlalchemy_psycopg2_round(dsn: str) -> int:
+    engine = create_engine(make_url(dsn).set(drivername="postgresql+psycopg2"))
+    with engine.connect() as conn:
+        pid = int(conn.execute(text("select pg_backend_pid()")).scalar_one())
+    engine.dispose()
+    return pid
+
+
+@pytest.mark.parametrize(
+    "round_trip", [_psycopg_round, _psycopg_async_round, _sqlalchemy_psycopg2_round]
+)
+def test_a_close_is_counted_once_the_server_no_longer_counts_the_backend(
+    metered: tuple[PoolMeter, Seen],
+    postgres_dsn: str,
+    limited_role: Any,
+    round_trip: Any,
+) -> None:
+    """Another worker may be granted the slot as soon as a close is counted: by then the
+    server must have freed it, or a role limited to the budget refuses that worker."""
+    meter, _ = metered
+    dsn = limited_role(1)
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        for _ in range(CLOSE_ROUNDS):
+            pid = round_trip(dsn)  # a refused connect raises here
+            assert meter.open == 1  # the admin connection
+            listed = admin.execute("select count(*) from pg_stat_activity where pid = %s", (pid,))
+            assert listed.fetchone() == (0,)
 
 
 def test_psycopg2_counted_and_closed(metered: tuple[PoolMeter, Seen], postgres_dsn: str) -> None:

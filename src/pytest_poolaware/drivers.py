@@ -21,8 +21,11 @@ import contextvars
 import functools
 import importlib.abc
 import importlib.machinery
+import os
+import socket
 import sys
 import threading
+import time
 import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -207,6 +210,73 @@ def _background() -> bool:
     return opening is not None and opening[1]
 
 
+# -- a close is over once the server no longer counts the backend --------------------------------
+
+#: Longest wait, after closing a connection, for its backend to exit. The server frees the
+#: backend's slot (what a role's connection limit and max_connections count) only when
+#: the backend process exits, a moment after the client's close.
+BACKEND_EXIT_TIMEOUT: Final = 1.0
+#: Bytes read at a time while waiting for the server's end of the socket to close.
+_RECV_BYTES: Final = 4096
+
+
+def watch_backend(fileno: Callable[[], int]) -> socket.socket | None:
+    """A duplicate of a connection's socket, taken just before the client closes it.
+
+    The server closes its end of the socket only once the backend process has exited, so
+    end-of-file on the duplicate says the slot is free ("synchronous close"); the
+    client's own close still sends its Terminate message, which ends the backend. None
+    when the connection has no socket any more.
+    """
+    try:
+        return socket.socket(fileno=os.dup(fileno()))
+    except Exception:
+        return None
+
+
+def await_backend_exit(watch: socket.socket | None) -> None:
+    """Wait (at most BACKEND_EXIT_TIMEOUT) for end-of-file on ``watch_backend``'s socket."""
+    if watch is None:
+        return
+    with watch:
+        deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                watch.settimeout(left)
+                if not watch.recv(_RECV_BYTES):
+                    return
+        except OSError:  # timed out, or reset: nothing more to wait for
+            return
+
+
+async def await_backend_exit_async(watch: socket.socket | None) -> None:
+    """``await_backend_exit`` on an event loop, which keeps running meanwhile."""
+    if watch is None:
+        return
+    with watch:
+        watch.setblocking(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BACKEND_EXIT_TIMEOUT
+        try:
+            while (left := deadline - loop.time()) > 0:
+                if not await asyncio.wait_for(loop.sock_recv(watch, _RECV_BYTES), left):
+                    return
+        except (OSError, asyncio.TimeoutError):
+            return
+
+
+def close_awaiting_exit(conn: Any) -> None:
+    """Close a libpq connection that has no close hook (psycopg2's) and return once its
+    backend has exited; closing it again is a no-op."""
+    watch = watch_backend(conn.fileno)
+    conn.close()
+    await_backend_exit(watch)
+
+
+#: Drivers whose close hook reports a close only once the backend has exited.
+CLOSE_AWAITS_EXIT: Final = frozenset({"psycopg"})
+
+
 # -- psycopg 3 ----------------------------------------------------------------------------------
 
 
@@ -249,11 +319,15 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     @functools.wraps(sync_close)
     def close(self: Any) -> None:
+        watch = None if self.closed else watch_backend(self.fileno)
         try:
             sync_close(self)
         finally:
             if self.closed:
+                await_backend_exit(watch)
                 sink.closed(self)
+            elif watch is not None:
+                watch.close()
 
     _patch(psycopg.Connection, "close", close, undo)
 
@@ -261,11 +335,15 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     @functools.wraps(async_close)
     async def close_async(self: Any) -> None:
+        watch = None if self.closed else watch_backend(self.fileno)
         try:
             await async_close(self)
         finally:
             if self.closed:
+                await await_backend_exit_async(watch)
                 sink.closed(self)
+            elif watch is not None:
+                watch.close()
 
     _patch(psycopg.AsyncConnection, "close", close_async, undo)
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_poolaware.drivers import (
+    CLOSE_AWAITS_EXIT,
     DriverHooks,
+    close_awaiting_exit,
     reclaim_async_psycopg_pool,
     reclaim_asyncpg_pool,
     reclaim_psycopg_pool,
@@ -397,11 +399,26 @@ class PoolMeter:
     def _on_close_detached(self, dbapi_connection: Any) -> None:
         with self._lock:
             counted = self._counted(dbapi_connection)
-            if counted is not None:
-                # About to be closed: uncount now (psycopg2 has no close hook).
+        if counted is not None:
+            # About to be closed. Counted until its backend has exited, or another
+            # worker could be granted the slot the server still holds: psycopg's close
+            # hook reports then; a psycopg2 connection (no close hook) is closed here,
+            # SQLAlchemy's own close following as a no-op.
+            if counted.driver in CLOSE_AWAITS_EXIT:
+                return
+            if counted.driver == "psycopg2":
+                conn = counted.ref()
+                if conn is not None:
+                    try:
+                        close_awaiting_exit(conn)
+                    except Exception as exc:
+                        self._contain(exc)
+            with self._lock:
                 self._forget(counted)
                 self._changed()
-            elif id(dbapi_connection) in self._sa_only:
+            return
+        with self._lock:
+            if id(dbapi_connection) in self._sa_only:
                 self._sa_only.discard(id(dbapi_connection))
                 self._sa_checked_out.discard(id(dbapi_connection))
                 self._changed()
