@@ -13,6 +13,8 @@ import pytest
 from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from test_scheduling import ServerSampler
 
+from pytest_poolaware.monitor import APPLICATION_NAME as MONITOR_APPLICATION_NAME
+
 #: The raw-driver suite the benchmarks run too: one copy of it.
 RAW_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "rawdrivers"
 CONFTEST = (RAW_SUITE / "conftest.py").read_text()
@@ -98,13 +100,32 @@ def test_gather_beyond_the_budget_finishes_without_a_gate_timeout(
     assert "needed 8 connections, more than the room in the budget of 5" in out
 
 
-BLIND_SPOT = """
-import os, subprocess, sys
+#: The subprocess holds its connection until the monitor has begun this many samples
+#: after it connected (bounded by HOLD_SECONDS): the summary's "server minus workers" is
+#: taken per sample, and one sample could meet a worker's count a moment ahead of the
+#: server's and hide the connection.
+HOLD_SAMPLES = 10
+HOLD_SECONDS = 20
+HOLD = f"""
+import os, time, psycopg
+conn = psycopg.connect(os.environ["POOLAWARE_DSN"], autocommit=True)
+seen, deadline = set(), time.monotonic() + {HOLD_SECONDS}
+while len(seen) < {HOLD_SAMPLES} and time.monotonic() < deadline:
+    row = conn.execute(
+        "SELECT query_start FROM pg_stat_activity WHERE application_name = %s "
+        "AND query_start > (SELECT backend_start FROM pg_stat_activity "
+        "WHERE pid = pg_backend_pid())",
+        ({MONITOR_APPLICATION_NAME!r},),
+    ).fetchone()
+    if row:
+        seen.add(row[0])
+    time.sleep(0.01)
+"""
+BLIND_SPOT = f"""
+import subprocess, sys
 
 def test_subprocess_holds_a_connection():
-    code = "import os, time, psycopg; c = psycopg.connect(os.environ['POOLAWARE_DSN']); "
-    code += "time.sleep(1)"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", {HOLD!r}], check=True)
 """
 
 
