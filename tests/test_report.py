@@ -250,7 +250,7 @@ def test_timeline_svg_renders_with_the_budget_line(
     assert area_pixels(image) > 3000  # the stacked areas, shaded or not: not blank
 
 
-def test_server_monitoring_gives_way_to_a_role_with_no_room_for_it(
+def test_a_budget_that_leaves_no_slot_for_the_monitor_is_lowered_with_a_warning(
     pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     role_dsn = limited_role(3)
@@ -259,10 +259,15 @@ def test_server_monitoring_gives_way_to_a_role_with_no_room_for_it(
     result = run(pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "3")
     result.assert_outcomes(passed=2)
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    source = f"role {role} CONNECTION LIMIT 3, 1 kept for the monitor"
     result.stdout.fnmatch_lines(
-        [f"note: server monitoring off: role {role} allows 3 connections and the budget is 3*"]
+        [
+            f"budget: 2 connections ({source}; configured 3)",
+            f"peak open connections (server): 0 (role {role}, * samples every 0.05s)",
+            "WARNING: the configured budget 3 (--pool-budget) is more than the server allows "
+            f"this login ({source}): the run uses 2",
+        ]
     )
-    assert "peak open connections (server)" not in result.stdout.str()
 
 
 def test_server_monitoring_failure_is_a_note_without_the_password(
@@ -275,7 +280,8 @@ def test_server_monitoring_failure_is_a_note_without_the_password(
     result.stdout.fnmatch_lines(
         [
             "note: server monitoring off: cannot use postgresql://nobody:***@127.0.0.1:1/nowhere: "
-            "* (DSN from --poolaware-monitor; --poolaware-monitor=off turns monitoring off)"
+            "* (DSN from --poolaware-monitor; --poolaware-monitor=off turns monitoring off); "
+            "the budget was not checked against the server"
         ]
     )
     assert "s3cret" not in result.stdout.str() + result.stderr.str()

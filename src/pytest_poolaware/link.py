@@ -48,13 +48,17 @@ class ItemMeasures:
     open: int  # the worker's open connections once it ended
     idle: int
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
+    #: Its connections met contention: the server refused one (the rerun alone may still
+    #: count what the failed attempt's threads held), so ``need`` may count more, or
+    #: less, than the test holds alone.
+    contended: bool = False
 
     def to_json(self) -> str:
         """A JSON list in field order, as one string: it rides on every item's report,
         and execnet serializes one string much faster than a list of ten values."""
         return json.dumps([
             self.need, self.peak_open, self.duration, self.waited, self.start, self.end,
-            self.rerun, self.open, self.idle, self.version,
+            self.rerun, self.open, self.idle, self.version, self.contended,
         ])  # fmt: skip
 
     @classmethod

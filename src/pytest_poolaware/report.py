@@ -41,6 +41,7 @@ def collect(
     outcomes: Mapping[str, str],
     server: ServerView | None = None,
     notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
 ) -> RunStats:
     """Gather the run's facts from the scheduler (``PoolAwareScheduling``) and its record."""
     collection: list[str] = list(scheduler.collection or [])
@@ -98,6 +99,7 @@ def collect(
         server=server,
         overruns=overruns,
         notes=(*record.notes, *notes),
+        warnings=tuple(warnings),
         advice=tuple(advice),
     )
 
@@ -260,7 +262,7 @@ def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int)
 
 
 def _warnings(stats: RunStats) -> list[str]:
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in stats.warnings] + [
         f"WARNING: {o.nodeid} needed {o.need} connections, more than the room in the "
         f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
         for o in stats.overruns

@@ -179,6 +179,8 @@ class RunStats:
     server: ServerView | None = None
     overruns: tuple[Overrun, ...] = ()
     notes: tuple[str, ...] = ()
+    #: Shown as warnings (say, a configured budget the server cannot honour).
+    warnings: tuple[str, ...] = ()
     advice: tuple[Candidate, ...] = ()
 
     @property
@@ -255,6 +257,7 @@ class RunStats:
                     for o in self.overruns
                 ],
                 "notes": list(self.notes),
+                "warnings": list(self.warnings),
             },
             "tests": [item.to_json() for item in self.items],
             "advice": [candidate.to_json() for candidate in self.advice],

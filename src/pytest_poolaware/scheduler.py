@@ -80,6 +80,7 @@ class PoolAwareScheduling:
         inbox: queue.SimpleQueue[tuple[Any, Message]],
         record: RunRecord,
         serial_worker: str | None = None,
+        share: Any = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -90,8 +91,12 @@ class PoolAwareScheduling:
         self.record = record
         self._links = links
         self._inbox = inbox
+        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
+        #: consulted before every decision.
+        self.share = share
         self.planner: Planner[WorkerController] = Planner(
-            settings.budget, unknown_need=settings.unknown_need
+            share.budget() if share is not None else settings.budget,
+            unknown_need=settings.unknown_need,
         )
         #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
         #: joins as soon as it has collected, to start the serial lane.
@@ -219,7 +224,17 @@ class PoolAwareScheduling:
         self.record.results.append(
             ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
         )
-        self.history.record(nodeid, measures.need, measures.duration)
+        self.history.record(
+            nodeid,
+            measures.need,
+            measures.duration,
+            contended=measures.contended
+            or (
+                self.share is not None
+                and measures.waited > 0
+                and self.share.held_back_during(measures.start, measures.end)
+            ),
+        )
         self._apply(
             self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
         )
@@ -292,7 +307,7 @@ class PoolAwareScheduling:
             lane = lane_for(
                 serial=serial,
                 parallel=parallel,
-                measured=measure is not None,
+                measured=measure is not None and measure.need is not None,
                 unmarked_serial=unmarked_serial,
             )
             tests.append(
@@ -305,8 +320,25 @@ class PoolAwareScheduling:
             )
         return tests
 
+    def _consult_share(self) -> None:
+        """Tell the run's share what the run uses, and follow it when it moved."""
+        planner = self.planner
+        stats = planner.statistics()
+        pending = planner.has_pending or not planner.loaded
+        wants = planner.largest_waiting_need()
+        self.share.report(in_use=stats.committed, open_=stats.open, pending=pending, wants=wants)
+        self._apply(
+            planner.set_budget(
+                self.share.budget(),
+                ceiling=self.share.ceiling_now(),
+                give_way=self.share.give_way(),
+            )
+        )
+
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
+        if self.share is not None:
+            self._consult_share()
         for node in self._joined:
             if node.shutting_down:  # DSession stops the run by shutting workers down
                 self.planner.shut_down(node)
@@ -331,6 +363,8 @@ class PoolAwareScheduling:
             elif tag == "request":
                 if node in self._joined:
                     _, request, want, index = message
+                    if want is not None:  # a rerun asks for the whole budget: as it is now
+                        want = min(want, self.planner.budget)
                     self._apply(self.planner.request(node, request, want, item=index))
             elif tag == "note":
                 self.record.notes.append(f"[{node.gateway.id}] {message[1]}")

@@ -46,6 +46,17 @@ INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
 INI_FAST_EXIT: Final = "poolaware_fast_exit"
 INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
+INI_SHARE: Final = "poolaware_share"
+INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
+
+#: ``poolaware_share``: runs against one server share its room through it (``auto``: when
+#: the plugin has its own connection to the server), or each takes what it finds (``off``).
+SHARE_MODES: Final = ("auto", "off")
+DEFAULT_SHARE: Final = "off"
+#: Runs share the room with the runs of the same name space only.
+DEFAULT_SHARE_NAMESPACE: Final = "default"
+#: Longest name space accepted (it is hashed into the advisory-lock keys).
+MAX_NAMESPACE_LENGTH: Final = 63
 
 #: CPU niceness every worker but the serial lane's adds to its own: enough for the
 #: critical path to get about three times the CPU of a fan-out worker when they compete.
@@ -112,6 +123,24 @@ def unmarked_policy(text: str) -> str:
     if value not in UNMARKED_POLICIES:
         raise argparse.ArgumentTypeError(
             f"expected one of {', '.join(UNMARKED_POLICIES)}, got {text!r}"
+        )
+    return value
+
+
+def share_mode(text: str) -> str:
+    """Parse a ``poolaware_share`` value (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value not in SHARE_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(SHARE_MODES)}, got {text!r}")
+    return value
+
+
+def namespace(text: str) -> str:
+    """Parse a ``poolaware_share_namespace`` value: printable, 1 to 63 characters."""
+    value = text.strip()
+    if not value or len(value) > MAX_NAMESPACE_LENGTH or not value.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {MAX_NAMESPACE_LENGTH} printable characters, got {text!r}"
         )
     return value
 
@@ -189,6 +218,9 @@ class Settings:
 
     budget: int
     budget_source: str
+    #: Whether the user set the budget (option, ini key, or the pool variables); if not,
+    #: the room the server allows is the budget (``server_room``).
+    budget_configured: bool = True
     unmarked: str = DEFAULT_UNMARKED_POLICY
     unknown_need: int = DEFAULT_UNKNOWN_NEED
     retry_on_limit: bool = True
@@ -204,10 +236,18 @@ class Settings:
     #: and where it came from.
     monitor_dsn: str = ""
     monitor_source: str = ""
+    #: Sharing the server's room with other runs (``auto`` or ``off``), and with whom.
+    share: str = DEFAULT_SHARE
+    share_namespace: str = DEFAULT_SHARE_NAMESPACE
     #: Files to write at the end of the run (absolute paths), if asked for.
     report_path: str | None = None
     timeline_path: str | None = None
     advice_path: str | None = None
+
+    @property
+    def configured_budget(self) -> tuple[int, str] | None:
+        """(budget, where it came from) when the user set one."""
+        return (self.budget, self.budget_source) if self.budget_configured else None
 
     @property
     def serial_advice_need(self) -> int:
@@ -229,6 +269,9 @@ class Settings:
             return None
 
         budget = pick("pool_budget", INI_BUDGET, positive_int)
+        configured = budget is not None or any(
+            os.environ.get(name, "").strip() for name in (ENV_POOL_SIZE, ENV_MAX_OVERFLOW)
+        )
         if budget is None:
             budget = (
                 pools.max_connections,
@@ -243,6 +286,8 @@ class Settings:
         risky = pick("poolaware_risky_need", INI_RISKY_NEED, positive_int)
         idle = pick("poolaware_idle_need", INI_IDLE_NEED, non_negative_int)
         monitor, monitor_source = _monitor(config)
+        share = pick("poolaware_share", INI_SHARE, share_mode)
+        share_namespace = pick("poolaware_share_namespace", INI_SHARE_NAMESPACE, namespace)
 
         def path(option: str) -> str | None:
             value: str | None = config.getoption(option)
@@ -253,6 +298,7 @@ class Settings:
         return cls(
             budget=budget[0],
             budget_source=budget[1],
+            budget_configured=configured,
             unmarked=unmarked[0] if unmarked else DEFAULT_UNMARKED_POLICY,
             unknown_need=unknown[0] if unknown else DEFAULT_UNKNOWN_NEED,
             retry_on_limit=retry[0] if retry else True,
@@ -263,6 +309,8 @@ class Settings:
             idle_need=idle[0] if idle else DEFAULT_IDLE_NEED,
             monitor_dsn=monitor,
             monitor_source=monitor_source,
+            share=share[0] if share else DEFAULT_SHARE,
+            share_namespace=share_namespace[0] if share_namespace else DEFAULT_SHARE_NAMESPACE,
             report_path=path("poolaware_report"),
             timeline_path=path("poolaware_timeline"),
             advice_path=path("poolaware_advice"),
@@ -400,6 +448,24 @@ def add_options(parser: pytest.Parser) -> None:
         help="Sample pg_stat_activity through DSN during the run and report the server's "
         f"peak (default: ini {INI_MONITOR}, else ${ENV_DSN} when set).",
     )
+    group.addoption(
+        "--poolaware-share",
+        dest="poolaware_share",
+        type=share_mode,
+        default=None,
+        metavar="auto|off",
+        help="Share the server's room with other poolaware runs against it, through "
+        f"the server (default: {DEFAULT_SHARE}: when the plugin has its own connection).",
+    )
+    group.addoption(
+        "--poolaware-share-namespace",
+        dest="poolaware_share_namespace",
+        type=namespace,
+        default=None,
+        metavar="NAME",
+        help="Share only with runs of this name space "
+        f"(default: ini {INI_SHARE_NAMESPACE}, else {DEFAULT_SHARE_NAMESPACE!r}).",
+    )
     parser.addini(INI_BUDGET, "Connection budget for --dist poolaware (positive integer).")
     parser.addini(INI_UNMARKED, f"Placement of unmarked tests: {', '.join(UNMARKED_POLICIES)}.")
     parser.addini(INI_UNKNOWN_NEED, "Connections assumed for a test not measured yet.")
@@ -410,3 +476,5 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini(INI_RISKY_NEED, "Marker advice: connections at once making a test serial_only.")
     parser.addini(INI_IDLE_NEED, "Marker advice: connections at most for parallel_safe advice.")
     parser.addini(INI_MONITOR, "DSN to sample pg_stat_activity with during the run, or off.")
+    parser.addini(INI_SHARE, "Share the server's room with other runs against it: auto or off.")
+    parser.addini(INI_SHARE_NAMESPACE, "Name space of the runs that share the server's room.")

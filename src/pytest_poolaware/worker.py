@@ -29,6 +29,12 @@ RERUN_DEADLOCK = "gave way to break a wait for connections"
 RERUN_SERVER = "the server refused a connection"
 
 
+class RoomTooSmall(Exception):
+    """Raised into a test's connect call when the test needs more connections at once
+    than the server allows the run's login: connecting would be refused for certain,
+    and so would a rerun."""
+
+
 def is_connection_limit_error(exc: BaseException) -> bool:
     """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
     for error in _chain(exc):
@@ -93,9 +99,13 @@ class WorkerAgent:
         budget: int,
         gate_timeout: float,
         retry_on_limit: bool,
+        room: tuple[int, str] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.link = link
+        #: When the budget is the server's own room: what the server allows the login in
+        #: all, and which limit that is ("role acc_app CONNECTION LIMIT 16").
+        self.room = room
         self.budget = budget
         self.gate_timeout = gate_timeout
         self.retry_on_limit = retry_on_limit
@@ -152,6 +162,9 @@ class WorkerAgent:
         self.meter.begin()
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
         window = self.meter.end()
+        # The server refused a connection: what the meter counted may include connections
+        # the failed attempt's threads still held while the test (or its rerun) went on.
+        contended = item.stash.get(_limit_hit_key, "") == RERUN_SERVER
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
         if reason:
             del item.stash[_limit_hit_key]
@@ -180,6 +193,7 @@ class WorkerAgent:
             open=open_,
             idle=idle,
             version=version,
+            contended=contended,
         ).to_json()
         for report in reports:
             if reason:
@@ -216,6 +230,17 @@ class WorkerAgent:
             self.link.send(
                 "note",
                 f"waited {self.gate_timeout:g}s for connection budget; connecting anyway",
+            )
+        elif (
+            answer == Answer.OVER_BUDGET.value
+            and self.room is not None
+            and self.meter.checked_out + 1 > self.budget
+        ):
+            allows, limit = self.room
+            raise RoomTooSmall(
+                f"pytest-poolaware: this test needs {self.meter.checked_out + 1} connections "
+                f"at once; the server allows this login {allows} ({limit}), {self.budget} "
+                "of them for the run's tests"
             )
         elif answer == Answer.REFUSED.value:
             raise BudgetRefused(
