@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from inner import connection_errors, run
+from inner import TWO_TESTS, connection_errors, run
 from psycopg import sql
 from test_scheduling import CONFTEST, SUITE
 
@@ -29,6 +36,8 @@ from pytest_poolaware.server_room import (
 from pytest_poolaware.worker import RERUN_SERVER
 
 ROLE_LIMIT = 16
+#: Bound on waiting for a server process to listen (seconds).
+LISTEN_WAIT = 30.0
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
 
@@ -314,3 +323,78 @@ def test_a_configured_budget_above_the_room_is_warned_about_once(
         "monitor): the run uses 15"
     )
     assert result.stdout.lines.count(warning) == 1
+
+
+# -- behind a pooler --------------------------------------------------------------------------
+
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+@pytest.fixture
+def pgbouncer(postgres_dsn: str, limited_role: Any) -> Iterator[str]:
+    """pgbouncer in transaction mode in front of the server; yields a limited role's DSN
+    through it."""
+    if not os.path.exists(PGBOUNCER):
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    role_dsn = limited_role(ROLE_LIMIT)
+    params = psycopg.conninfo.conninfo_to_dict(role_dsn)
+    port = pgserver._free_port()
+    # Outside pytest's own temporary directory, which its unprivileged account cannot enter.
+    with tempfile.TemporaryDirectory(prefix="poolaware-pgbouncer-") as directory:
+        yield from _serve_pgbouncer(Path(directory), params, port)
+
+
+def _serve_pgbouncer(home: Path, params: dict[str, Any], port: int) -> Iterator[str]:
+    home.chmod(0o777)
+    (home / "users.txt").write_text(f'"{params["user"]}" ""\n')
+    (home / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"postgres = host={params['host']} port={params['port']} dbname=postgres\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {home / 'users.txt'}\npool_mode = transaction\n"
+        f"logfile = {home / 'pgbouncer.log'}\n"
+    )
+    for path in home.iterdir():
+        path.chmod(0o666)
+    command = [PGBOUNCER, str(home / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        command[1:1] = ["-u", "postgres"]  # it will not run as root
+    errors = (home / "stderr.txt").open("w")
+    process = subprocess.Popen(command, stdout=errors, stderr=errors)
+    try:
+        deadline = time.monotonic() + LISTEN_WAIT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, (home / "stderr.txt").read_text()
+                assert time.monotonic() < deadline, "pgbouncer did not listen"
+                time.sleep(0.05)
+        yield f"postgresql://{params['user']}@127.0.0.1:{port}/postgres"
+    finally:
+        process.terminate()
+        process.wait()
+        errors.close()
+
+
+def test_behind_pgbouncer_the_budget_is_read_and_sharing_is_off_with_a_note(
+    pytester: pytest.Pytester, pgbouncer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = discover(pgbouncer, None)
+    assert found.connection is not None
+    found.connection.close()
+    assert found.pooled
+    assert found.choice is not None
+    assert found.choice.budget == ROLE_LIMIT - 1
+    monkeypatch.setenv("POOLAWARE_DSN", pgbouncer)
+    pytester.makepyfile(TWO_TESTS)
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "budget: 15 connections (role * CONNECTION LIMIT 16, 1 kept for the monitor)",
+            "note: sharing the server's room with other runs is off: a pooler (pgbouncer) *",
+        ]
+    )

@@ -199,7 +199,7 @@ class Controller:
             )
             if found.room is not None and found.choice.budget >= found.room.budget:
                 self.room = (found.room.allows, found.room.limit)
-            sharing = found.connection is not None and settings.share != "off"
+            sharing = found.connection is not None and settings.share != "off" and not found.pooled
             if found.choice.warning and not sharing:  # else the share's own, just below
                 self.warnings.append(found.choice.warning)
         self.server_connection = found.connection
@@ -219,6 +219,14 @@ class Controller:
         room as if this run were alone, and the run's share of it moves with the others."""
         from pytest_poolaware.server_room import choose_budget, room_of
         from pytest_poolaware.share import ShareCoordinator
+
+        if found.pooled:
+            self.record.notes.append(
+                "sharing the server's room with other runs is off: a pooler (pgbouncer) "
+                "stands between the plugin and the server, and session-level advisory "
+                "locks do not hold there (point the DSN at the server itself to share)"
+            )
+            return
 
         alone = room_of(
             dataclasses.replace(found.facts, others_server=0, others_role=0, others_database=0)
@@ -253,7 +261,9 @@ class Controller:
         share, self.share = self.share, None
         if share is not None:
             share.stop()
-            self.record.notes.append(share.summary())
+            summary = share.summary()
+            if summary:
+                self.record.notes.append(summary)
             if share.problem:
                 self.record.notes.append(share.problem)
 

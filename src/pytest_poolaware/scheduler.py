@@ -322,17 +322,23 @@ class PoolAwareScheduling:
 
     def _consult_share(self) -> None:
         """Tell the run's share what the run uses, and follow it when it moved."""
+        share = self.share
+        self._apply(
+            self.planner.set_budget(
+                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
+            )
+        )
+
+    def _report_to_share(self) -> None:
+        """What the run uses and waits for, after every decision: the share moves on it."""
         planner = self.planner
         stats = planner.statistics()
-        pending = planner.has_pending or not planner.loaded
-        wants = planner.largest_waiting_need()
-        self.share.report(in_use=stats.committed, open_=stats.open, pending=pending, wants=wants)
-        self._apply(
-            planner.set_budget(
-                self.share.budget(),
-                ceiling=self.share.ceiling_now(),
-                give_way=self.share.give_way(),
-            )
+        self.share.report(
+            in_use=stats.committed,
+            open_=stats.open,
+            pending=planner.has_pending or not planner.loaded,
+            wants=planner.largest_waiting_need(),
+            using=planner.budget,
         )
 
     def _drain(self) -> None:
@@ -395,3 +401,5 @@ class PoolAwareScheduling:
             link = self._links.get(node)
             if link is not None:
                 link.send("go", indices)
+        if self.share is not None:
+            self._report_to_share()

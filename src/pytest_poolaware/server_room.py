@@ -234,6 +234,13 @@ def read_facts(conn: Any, database: str) -> ServerFacts:
     )
 
 
+def behind_pooler(conn: Any) -> bool:
+    """Whether a pooler (pgbouncer) stands between this connection and the server: the
+    backend pid the protocol announced is the pooler's own, not the server's."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return row is not None and int(row[0]) != conn.info.backend_pid
+
+
 def target_database(dsn: str) -> str:
     """The database the DSN's connections use, with libpq's defaults (PGDATABASE, the user)."""
     from psycopg.conninfo import conninfo_to_dict
@@ -290,6 +297,8 @@ class Discovery:
     facts: ServerFacts | None = None
     room: Room | None = None
     choice: BudgetChoice | None = None
+    #: A pooler (pgbouncer) stands between the plugin and the server.
+    pooled: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -329,6 +338,10 @@ def discover(dsn: str, configured: tuple[int, str] | None, origin: str = "") -> 
             "checked against the server"
         )
         return found
+    try:
+        found.pooled = behind_pooler(found.connection)
+    except Exception:  # it answered the facts: count it as direct
+        found.pooled = False
     found.room = room_of(found.facts)
     found.choice = choose_budget(configured, found.room)
     if found.choice.no_room:

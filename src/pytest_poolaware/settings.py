@@ -52,7 +52,7 @@ INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
 #: ``poolaware_share``: runs against one server share its room through it (``auto``: when
 #: the plugin has its own connection to the server), or each takes what it finds (``off``).
 SHARE_MODES: Final = ("auto", "off")
-DEFAULT_SHARE: Final = "off"
+DEFAULT_SHARE: Final = "auto"
 #: Runs share the room with the runs of the same name space only.
 DEFAULT_SHARE_NAMESPACE: Final = "default"
 #: Longest name space accepted (it is hashed into the advisory-lock keys).

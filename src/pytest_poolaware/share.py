@@ -52,10 +52,13 @@ def shares_with_priority(
     if priority is None or priority[0] not in demands:
         return fair_shares(total, demands)
     run, amount = priority
-    first = max(0, min(amount, total, demands[run]))
-    rest = fair_shares(total - first, {**demands, run: demands[run] - first})
-    rest[run] += first
-    return rest
+    # Every other run that wants room keeps one connection: nobody is left with none.
+    keep = sum(1 for other, demand in demands.items() if other != run and demand > 0)
+    first = max(0, min(amount, total - keep, demands[run]))
+    others = {other: demand for other, demand in demands.items() if other != run}
+    shares = fair_shares(total - first, others)
+    shares[run] = min(demands[run], total - sum(shares.values()))
+    return shares
 
 
 def fair_shares(total: int, demands: Mapping[int, int]) -> dict[int, int]:
@@ -82,7 +85,8 @@ def fair_shares(total: int, demands: Mapping[int, int]) -> dict[int, int]:
 class Others:
     """What the other runs in the same name space hold and want (from ``pg_locks``)."""
 
-    held: Mapping[int, int]  # run (backend pid) -> slot leases
+    #: Run (backend pid) -> slot leases, the one for its own connection included.
+    held: Mapping[int, int]
     demand: Mapping[int, int]
     #: The run (any, this one included) holding the priority, and for how many.
     priority: tuple[int, int] | None = None
@@ -110,6 +114,7 @@ def plan(
     in_use: int,
     others: Others,
     live_others: int,
+    ceiling: int | None = None,
 ) -> Plan:
     """One step towards this run's share.
 
@@ -121,18 +126,32 @@ def plan(
     it does not use, and meanwhile starts nothing new above the share.
     """
     runs = len(others.held.keys() | others.demand.keys())
-    others_leased = sum(others.held.values()) + runs
+    # Every run leases a slot for its own connection first (``held`` counts it); one
+    # that could not yet still has that connection open.
+    slotless = sum(1 for run in others.demand if not others.held.get(run))
+    others_leased = sum(others.held.values()) + slotless
     outsiders = max(0, live_others - others_leased)
     pool = allows - 1 - runs - outsiders
     demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
     demands[me] = demand
     share = shares_with_priority(pool, demands, others.priority)[me]
+    if not runs and demand:
+        # Alone: the whole room (up to the run's own ceiling), not just what it asked
+        # for the moment before.
+        share = max(share, pool if ceiling is None else min(pool, ceiling))
     free = allows - 1 - max(others_leased, live_others) - held
     # Below the share: take what is free. Above it: give back what is not in use.
     grow = held + max(0, min(max(share, in_use) - held, free))
     hold = grow if held < max(share, in_use) else max(share, min(held, in_use))
+    if demand and held:
+        hold = max(hold, 1)  # a run with work left never gives up its last lease
     budget = max(1, min(hold, share)) if demand else max(1, hold)
     return Plan(hold, budget, share, held_back=share < demand, reachable=max(1, pool))
+
+
+#: Seconds a run waits for its share to grow for an item that needs more than it has,
+#: before it lets the item past its share (as the connect gate does with its timeout).
+GROWTH_WAIT: Final = 30.0
 
 
 _LOCKS: Final = """
@@ -205,6 +224,9 @@ class ShareCoordinator:
         self._priority = 0
         self._priority_elsewhere = False
         self._reachable = ceiling
+        self._wanting_since = 0.0
+        #: Looks at which an item had waited ``GROWTH_WAIT`` for the share to grow.
+        self.overdue = 0
         self._in_use = 0
         self._open = 0
         self.problem: str | None = None
@@ -235,13 +257,20 @@ class ShareCoordinator:
         with self._lock:
             return self._priority_elsewhere
 
-    def report(self, *, in_use: int, open_: int, pending: bool, wants: int = 0) -> None:
-        """What the run holds committed and open now, whether it has work left, and the
-        need of the largest item held back by the budget (0: none)."""
+    def report(
+        self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
+    ) -> None:
+        """What the run holds committed and open now, whether it has work left, the need
+        of the largest item held back by the budget (0: none), and the budget the
+        planner now uses: leases are never given back below it, since the planner may
+        grant up to it before it hears of a smaller one."""
         with self._lock:
-            self._in_use = in_use
+            self._in_use = max(in_use, using)
             self._open = open_
-            self._demand = self.ceiling if pending else in_use
+            # Demand: what it holds, and room for the item it waits to start (or one
+            # more connection when nothing waits), as long as it has work left.
+            wanted = in_use + max(wants, 1)
+            self._demand = min(self.ceiling, wanted) if pending else in_use
             self._wants = wants
 
     def held_back_during(self, start: float, end: float) -> bool:
@@ -293,25 +322,41 @@ class ShareCoordinator:
             step = plan(
                 me=self._me,
                 allows=self.room.allows,
-                held=len(self._slots),
+                held=max(0, len(self._slots) - 1),
                 demand=demand,
                 in_use=in_use,
                 others=others,
                 live_others=max(0, live - open_),
+                ceiling=self.ceiling,
             )
             self._set_demand(demand)
-            self._move_to(step.hold, others)
+            # One slot more than the tests': the plugin's own connection takes one too,
+            # so that all runs' slot locks together never exceed what the limit allows.
+            self._move_to(step.hold + 1, others)
         except Exception as exc:
             self.problem = (
                 f"sharing the server's room stopped: {first_line(exc)}; the run keeps "
                 f"its last budget ({self.budget()}) without coordinating"
             )
+            with self._lock:  # nothing will move it any more: never wait for growth
+                self._reachable = self._budget
+                self._priority_elsewhere = False
+            self._on_change()
             return False
         self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
         self._share = step.share
-        budget = min(step.budget, len(self._slots)) if self._slots else 1
-        self._note_held_back(step.held_back and budget < demand)
+        budget = max(1, min(step.budget, len(self._slots) - 1))
+        # Held back by another run: a test waits for room, and the run has less than it
+        # would have alone.
+        self._note_held_back(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
+        if wants > budget:
+            self._wanting_since = self._wanting_since or self._clock()
+            if self._clock() - self._wanting_since > GROWTH_WAIT:
+                reachable = budget  # the share did not grow: go past it rather than hang
+                self.overdue += 1
+        else:
+            self._wanting_since = 0.0
         elsewhere = others.priority is not None and others.priority[0] != self._me
         with self._lock:
             changed = (budget, reachable, elsewhere) != (
@@ -427,13 +472,19 @@ class ShareCoordinator:
         self.held_back += max(0.0, tick - self._held_tick)
         self._held_since = None
 
-    def summary(self) -> str:
-        """One line for the summary: with whom the room was shared, and what it cost."""
+    def summary(self) -> str | None:
+        """One line for the summary: with whom the room was shared, and what it cost
+        (None when no other run came)."""
         peers = self.peers_seen
         if not peers:
-            return f"shared the server's room (name space {self.namespace!r}): no other run came"
+            return None
         return (
             f"shared the server's room with up to {peers} other run(s) (name space "
             f"{self.namespace!r}): budget down to {self.lowest} at times, held back "
             f"{self.held_back:.2f}s waiting for another run"
+            + (
+                f"; waited {GROWTH_WAIT:g}s for room and went past the share"
+                if self.overdue
+                else ""
+            )
         )
