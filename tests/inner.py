@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +99,20 @@ def reported(result: pytest.RunResult) -> dict[str, str]:
         if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
             outcomes[rest.split(" - ")[0].strip()] = word
     return outcomes
+
+
+#: Bound on waiting for a helper server (socket server, pgbouncer) to listen, in seconds.
+LISTEN_WAIT = 30.0
+
+
+def wait_listening(port: int, process: subprocess.Popen[Any], why: str = "") -> None:
+    """Wait, bounded, until ``process`` accepts connections on localhost ``port``."""
+    deadline = time.monotonic() + LISTEN_WAIT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, f"it exited before listening on {port}. {why}"
+            assert time.monotonic() < deadline, f"nothing listens on port {port}"
+            time.sleep(0.05)

@@ -6,10 +6,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from inner import TWO_TESTS, connection_errors, run
+from inner import TWO_TESTS, connection_errors, run, wait_listening
 from psycopg import sql
 from test_scheduling import CONFTEST, SUITE
 
@@ -36,8 +34,6 @@ from pytest_poolaware.server_room import (
 from pytest_poolaware.worker import RERUN_SERVER
 
 ROLE_LIMIT = 16
-#: Bound on waiting for a server process to listen (seconds).
-LISTEN_WAIT = 30.0
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
 
@@ -363,15 +359,10 @@ def _serve_pgbouncer(home: Path, params: dict[str, Any], port: int) -> Iterator[
     errors = (home / "stderr.txt").open("w")
     process = subprocess.Popen(command, stdout=errors, stderr=errors)
     try:
-        deadline = time.monotonic() + LISTEN_WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, (home / "stderr.txt").read_text()
-                assert time.monotonic() < deadline, "pgbouncer did not listen"
-                time.sleep(0.05)
+        try:
+            wait_listening(port, process)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{(home / 'stderr.txt').read_text()}") from None
         yield f"postgresql://{params['user']}@127.0.0.1:{port}/postgres"
     finally:
         process.terminate()
@@ -397,4 +388,42 @@ def test_behind_pgbouncer_the_budget_is_read_and_sharing_is_off_with_a_note(
             "budget: 15 connections (role * CONNECTION LIMIT 16, 1 kept for the monitor)",
             "note: sharing the server's room with other runs is off: a pooler (pgbouncer) *",
         ]
+    )
+
+
+TOO_BIG = """
+import pytest
+from conftest import hold
+
+def test_too_big(engine):
+    hold(engine, 8, 0.1)
+
+@pytest.mark.parametrize("n", range(6))
+def test_small(engine, n):
+    hold(engine, 2, 0.05)
+"""
+
+
+def test_a_test_needing_more_than_the_server_allows_fails_with_a_clear_message(
+    pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role_dsn = limited_role(6)
+    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", os.devnull)
+    for name in ("PG_POOL_SIZE", "PG_MAX_OVERFLOW"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=TOO_BIG)
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "-rA")
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*RoomTooSmall: pytest-poolaware: this test needs 6 connections at once; the server "
+            f"allows this login 6 (role {role} CONNECTION LIMIT 6), 5 of them for the run's tests"
+        ]
+    )
+    # Failed once, at once, not rerun: a rerun would be refused the same.
+    assert "test_suite.py::test_too_big" not in "".join(
+        line for line in result.stdout.lines if line.startswith("rerun alone")
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from inner import CONNECTION_ERRORS, RUN_TIMEOUT
+from inner import CONNECTION_ERRORS, RUN_TIMEOUT, wait_listening
 from test_scheduling import CONFTEST, SUITE
 
 from pytest_poolaware import pgserver
@@ -206,8 +205,6 @@ def test_a_run_with_work_left_keeps_its_last_lease() -> None:
 # -- remote workers ---------------------------------------------------------------------------
 
 SOCKET_WORKERS = 4
-#: Bound on waiting for a socket server to listen (seconds).
-LISTEN_WAIT = 30.0
 
 
 @pytest.fixture
@@ -227,15 +224,8 @@ def socket_servers(shared_role: str, tmp_path: Path) -> Iterator[list[str]]:
         for port in ports
     ]
     try:
-        deadline = time.monotonic() + LISTEN_WAIT
-        for port in ports:
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, f"no socket server on port {port}"
-                    time.sleep(0.05)
+        for port, process in zip(ports, servers, strict=True):
+            wait_listening(port, process)
         yield [f"127.0.0.1:{port}" for port in ports]
     finally:
         for process in servers:

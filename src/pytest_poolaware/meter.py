@@ -25,6 +25,12 @@ class BudgetRefused(Exception):
     sqlstate = "53300"
 
 
+class RoomTooSmall(Exception):
+    """Raised into a test's connect call when the test needs more connections at once
+    than the server allows the run's login: connecting would be refused for certain,
+    and so would a rerun (so no SQLSTATE: it is not a rerun's cue)."""
+
+
 @dataclass(frozen=True)
 class Window:
     """What one test did to the worker's connections."""
@@ -114,7 +120,7 @@ class PoolMeter:
     def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
         try:
             self._gate()
-        except BudgetRefused:
+        except (BudgetRefused, RoomTooSmall):
             raise
         except Exception as exc:
             self._contain(exc)

@@ -14,7 +14,7 @@ from _pytest.runner import runtestprotocol
 
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import ItemMeasures, WorkerLink
-from pytest_poolaware.meter import BudgetRefused, PoolMeter
+from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
 from pytest_poolaware.settings import PARALLEL_MARKER, SERIAL_MARKER
 
 #: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
@@ -27,12 +27,6 @@ _LIMIT_TEXT = re.compile(
 _limit_hit_key = pytest.StashKey[str]()
 RERUN_DEADLOCK = "gave way to break a wait for connections"
 RERUN_SERVER = "the server refused a connection"
-
-
-class RoomTooSmall(Exception):
-    """Raised into a test's connect call when the test needs more connections at once
-    than the server allows the run's login: connecting would be refused for certain,
-    and so would a rerun."""
 
 
 def is_connection_limit_error(exc: BaseException) -> bool:
