@@ -6,7 +6,7 @@ Cases, each in interleaved rounds after one cold run per copy (so every case run
 
 - ``alone``: one run;
 - ``sequential``: the two copies one after the other (the wall is the sum);
-- ``pair``: both started at the same moment, sharing the room (``poolaware_share = auto``);
+- ``pair``: both started at the same moment, sharing the room (``--poolaware-share auto``);
 - ``pair-no-share``: the same with ``--poolaware-share off``: each takes what it finds;
 - ``pair-killed``: both started together, one killed with SIGKILL after ``KILL_AFTER``
   seconds; the figures are the survivor's.
@@ -126,7 +126,7 @@ def run_case(case: str, env: dict[str, str], work: Path, peak: PeakMonitor) -> F
             passes.append(Pass(f"{label}-{copy}", copy, env, work))
             passes[-1].wait()
     else:
-        extra = ("--poolaware-share", "off") if case == "pair-no-share" else ()
+        extra = ("--poolaware-share", "off" if case == "pair-no-share" else "auto")
         passes = [Pass(f"{label}-{copy}", copy, env, work, *extra) for copy in ("a", "b")]
         if case == "pair-killed":
             time.sleep(KILL_AFTER)

@@ -47,6 +47,11 @@ _SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.
 
 #: Words for the plugin's own connection in the budget's source.
 OWN_CONNECTION: Final = "1 kept for the monitor"
+#: Slots left free for connections a worker has closed and the server still counts for
+#: a moment (its backend has not exited yet): without it, a new connection granted at
+#: once in their place can be refused on a busy machine.
+CLOSING_SLACK: Final = 1
+CLOSING_WORDS: Final = f"{CLOSING_SLACK} for connections still closing"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Room:
             parts.append(f"{self.others} held by other clients")
         if self.own:
             parts.append(OWN_CONNECTION)
+        parts.append(CLOSING_WORDS)
         return ", ".join(parts)
 
 
@@ -108,7 +114,7 @@ def room_of(facts: ServerFacts) -> Room:
     reserved = facts.superuser_reserved + (0 if facts.uses_reserved else facts.reserved)
     if facts.superuser:
         return Room(
-            facts.max_connections - facts.others_server - 1,
+            facts.max_connections - facts.others_server - 1 - CLOSING_SLACK,
             f"max_connections {facts.max_connections}",
             facts.max_connections,
             facts.others_server,
@@ -118,11 +124,12 @@ def room_of(facts: ServerFacts) -> Room:
     if reserved:
         words += f" less {reserved} reserved"
     allows = facts.max_connections - reserved
-    rooms = [Room(allows - facts.others_server - 1, words, allows, facts.others_server, 1)]
+    slack = CLOSING_SLACK
+    rooms = [Room(allows - facts.others_server - 1 - slack, words, allows, facts.others_server, 1)]
     if facts.role_limit >= 0:
         rooms.append(
             Room(
-                facts.role_limit - facts.others_role - 1,
+                facts.role_limit - facts.others_role - 1 - slack,
                 f"role {facts.role} CONNECTION LIMIT {facts.role_limit}",
                 facts.role_limit,
                 facts.others_role,
@@ -134,7 +141,7 @@ def room_of(facts: ServerFacts) -> Room:
         own = 1 if facts.own_in_database else 0
         rooms.append(
             Room(
-                facts.database_limit - facts.others_database - own,
+                facts.database_limit - facts.others_database - own - slack,
                 f"database {facts.database} CONNECTION LIMIT {facts.database_limit}",
                 facts.database_limit,
                 facts.others_database,

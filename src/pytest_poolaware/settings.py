@@ -50,9 +50,10 @@ INI_SHARE: Final = "poolaware_share"
 INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
 
 #: ``poolaware_share``: runs against one server share its room through it (``auto``: when
-#: the plugin has its own connection to the server), or each takes what it finds (``off``).
+#: the plugin has its own connection to the server), or each takes what it finds (``off``,
+#: the default while sharing can still stall under heavy CPU load).
 SHARE_MODES: Final = ("auto", "off")
-DEFAULT_SHARE: Final = "auto"
+DEFAULT_SHARE: Final = "off"
 #: Runs share the room with the runs of the same name space only.
 DEFAULT_SHARE_NAMESPACE: Final = "default"
 #: Longest name space accepted (it is hashed into the advisory-lock keys).
@@ -455,7 +456,7 @@ def add_options(parser: pytest.Parser) -> None:
         default=None,
         metavar="auto|off",
         help="Share the server's room with other poolaware runs against it, through "
-        f"the server (default: {DEFAULT_SHARE}: when the plugin has its own connection).",
+        f"the server; auto: when the plugin has its own connection (default: {DEFAULT_SHARE}).",
     )
     group.addoption(
         "--poolaware-share-namespace",

@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pytest_poolaware.server_room import DATABASE, ROLE, Room, ServerFacts, first_line
+from pytest_poolaware.server_room import (
+    CLOSING_SLACK,
+    DATABASE,
+    ROLE,
+    Room,
+    ServerFacts,
+    first_line,
+)
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
 LEASE_INTERVAL: Final = 0.1
@@ -131,7 +138,7 @@ def plan(
     slotless = sum(1 for run in others.demand if not others.held.get(run))
     others_leased = sum(others.held.values()) + slotless
     outsiders = max(0, live_others - others_leased)
-    pool = allows - 1 - runs - outsiders
+    pool = allows - 1 - runs - outsiders - CLOSING_SLACK
     demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
     demands[me] = demand
     share = shares_with_priority(pool, demands, others.priority)[me]
@@ -139,14 +146,16 @@ def plan(
         # Alone: the whole room (up to the run's own ceiling), not just what it asked
         # for the moment before.
         share = max(share, pool if ceiling is None else min(pool, ceiling))
-    free = allows - 1 - max(others_leased, live_others) - held
+    free = allows - 1 - CLOSING_SLACK - max(others_leased, live_others) - held
     # Below the share: take what is free. Above it: give back what is not in use.
     grow = held + max(0, min(max(share, in_use) - held, free))
     hold = grow if held < max(share, in_use) else max(share, min(held, in_use))
     if demand and held:
         hold = max(hold, 1)  # a run with work left never gives up its last lease
     budget = max(1, min(hold, share)) if demand else max(1, hold)
-    return Plan(hold, budget, share, held_back=share < demand, reachable=max(1, pool))
+    return Plan(
+        hold, budget, share, held_back=bool(runs) and share < demand, reachable=max(1, pool)
+    )
 
 
 #: Seconds a run waits for its share to grow for an item that needs more than it has,
