@@ -16,7 +16,7 @@ from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
-from pytest_poolaware.meter import BudgetRefused, PoolMeter
+from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
 from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note
 
 #: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
@@ -101,9 +101,13 @@ class WorkerAgent:
         budget: int,
         gate_timeout: float,
         retry_on_limit: bool,
+        room: tuple[int, str] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.link = link
+        #: When the budget is the server's own room: what the server allows the login in
+        #: all, and which limit that is ("role acc_app CONNECTION LIMIT 16").
+        self.room = room
         self.budget = budget
         self.gate_timeout = gate_timeout
         self.retry_on_limit = retry_on_limit
@@ -165,6 +169,9 @@ class WorkerAgent:
         self.meter.begin(index)
         reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
+        # The server refused a connection: what the meter counted may include connections
+        # the failed attempt's threads still held while the test (or its rerun) went on.
+        contended = item.stash.get(_limit_hit_key, "") == RERUN_SERVER
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
         if reason:
             del item.stash[_limit_hit_key]
@@ -196,6 +203,7 @@ class WorkerAgent:
             waits=tuple(self._waits),
             drivers=window.drivers,
             leaks=window.leaks,
+            contended=contended,
         ).to_wire()
         for report in reports:
             if reason:
@@ -265,6 +273,18 @@ class WorkerAgent:
         if answer is None:
             self.link.send(
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
+            )
+        elif (
+            answer is Answer.OVER_BUDGET
+            and not background
+            and self.room is not None
+            and self.meter.checked_out + 1 > self.budget
+        ):
+            allows, limit = self.room
+            raise RoomTooSmall(
+                f"pytest-poolaware: this test needs {self.meter.checked_out + 1} connections "
+                f"at once; the server allows this login {allows} ({limit}), {self.budget} "
+                "of them for the run's tests"
             )
         elif answer is Answer.REFUSED and not background:
             raise BudgetRefused(
