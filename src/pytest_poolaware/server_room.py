@@ -15,6 +15,7 @@ import contextlib
 import getpass
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -36,9 +37,6 @@ KEEPALIVE_COUNT: Final = 3
 #: SQLSTATEs saying the login may not use the maintenance database (it does not exist, no
 #: CONNECT privilege, no pg_hba entry): the DSN's own database is used instead.
 NO_ACCESS: Final = frozenset({"3D000", "42501", "28000"})
-#: SQLSTATE of "too many clients" / "too many connections for role|database": the
-#: plugin's own connection met a full server.
-NO_SLOTS: Final = "53300"
 #: Why a run is held to one connection at a time.
 NO_ROOM: Final = "no room left for this login; one connection at a time"
 #: The first PostgreSQL release with ``reserved_connections`` (server_version_num).
@@ -48,6 +46,11 @@ SERVER: Final = "server"
 ROLE: Final = "role"
 DATABASE: Final = "database"
 
+#: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
+TOO_MANY_CONNECTIONS: Final = "53300"
+_LIMIT_TEXT: Final = re.compile(
+    r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
+)
 _SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
 
 #: Words for the plugin's own connection in the budget's source.
@@ -288,6 +291,31 @@ def open_connection(dsn: str) -> Any:
     return psycopg.connect(dsn, **options)
 
 
+def is_connection_limit_error(exc: BaseException) -> bool:
+    """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
+    for error in error_chain(exc):
+        if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS:
+            return True
+        if getattr(error, "pgcode", None) == TOO_MANY_CONNECTIONS:
+            return True
+        if _LIMIT_TEXT.search(str(error)):
+            return True
+    return False
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """An error, its causes and contexts, and what a wrapper (SQLAlchemy) holds."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
+
+
 def libpq_dsn(dsn: str) -> str:
     """A DSN libpq accepts: SQLAlchemy's ``postgresql+driver://`` loses its ``+driver``."""
     return _SQLALCHEMY_DRIVER.sub(r"\1://", dsn.strip())
@@ -334,7 +362,7 @@ def discover(dsn: str, configured: tuple[int, str] | None, origin: str = "") -> 
     except Exception as exc:
         close_quietly(found.connection)
         found.connection = None
-        if getattr(exc, "sqlstate", None) == NO_SLOTS:
+        if is_connection_limit_error(exc):
             # Full already: the run's tests would meet the same answer.
             found.choice = BudgetChoice(1, f"{NO_ROOM} ({first_line(exc)})", no_room=True)
             found.notes.append(f"server monitoring off: {found.choice.source}")

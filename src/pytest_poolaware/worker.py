@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import re
 import sys
 import time
 import warnings
@@ -18,12 +17,7 @@ from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
 from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
 from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note
-
-#: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
-TOO_MANY_CONNECTIONS = "53300"
-_LIMIT_TEXT = re.compile(
-    r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
-)
+from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 
 #: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
 _limit_hit_key = pytest.StashKey[str]()
@@ -35,30 +29,6 @@ RERUN_SERVER = "the server refused a connection"
 WAIT_SPAN_MIN: Final = 0.002
 
 T = TypeVar("T")
-
-
-def is_connection_limit_error(exc: BaseException) -> bool:
-    """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
-    for error in _chain(exc):
-        if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if getattr(error, "pgcode", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if _LIMIT_TEXT.search(str(error)):
-            return True
-    return False
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        error = todo.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        yield error
-        todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
 
 
 def _drop_failed_attempt() -> None:
@@ -240,7 +210,7 @@ class WorkerAgent:
         """Notes a connection-limit failure; returns None, so the report is made as usual
         (a plain hook, not a wrapper: it runs three times per test)."""
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
-            refused = any(isinstance(e, BudgetRefused) for e in _chain(call.excinfo.value))
+            refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
