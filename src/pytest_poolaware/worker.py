@@ -245,7 +245,9 @@ class WorkerAgent:
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
             )
         elif (
-            answer is Answer.OVER_BUDGET
+            # Past the budget when the budget is the server's room: refused for certain,
+            # and so would a rerun be (alone it would be let past the same budget).
+            answer in (Answer.OVER_BUDGET, Answer.REFUSED)
             and not background
             and self.room is not None
             and self.meter.checked_out + 1 > self.budget
