@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,3 +118,28 @@ def reported(result: pytest.RunResult) -> dict[str, str]:
         if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
             outcomes[rest.split(" - ")[0].strip()] = word
     return outcomes
+
+
+#: Bound on waiting for a helper server (socket server, pgbouncer) to listen, in seconds.
+LISTEN_WAIT = 30.0
+
+
+def wait_listening(port: int, process: subprocess.Popen[Any], why: str = "") -> None:
+    """Wait, bounded, until ``process`` accepts connections on localhost ``port``."""
+    deadline = time.monotonic() + LISTEN_WAIT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, f"it exited before listening on {port}. {why}"
+            assert time.monotonic() < deadline, f"nothing listens on port {port}"
+            time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on now (for a helper server a test starts)."""
+    import port_for  # with the test server's package: the package checks run without it
+
+    port: int = port_for.select_random()
+    return port

@@ -842,6 +842,23 @@ def test_item_needing_more_than_the_budget_runs_alone_with_an_overrun() -> None:
     assert sim.planner.overruns[0].alone
 
 
+def test_a_budget_lowered_mid_run_holds_new_goes_until_there_is_room_again() -> None:
+    t = Tracker(budget=4)
+    t.add("a", "b")
+    t.load([Item(FANOUT, 2) for _ in range(8)])
+    assert t.planner.statistics().committed == 4  # a and b hold 2 each
+    assert t.planner.set_budget(4) == []
+    assert goes(t.planner.set_budget(3)) == []
+    # a's go'ed items end: b still holds 2 of 3, so a's next one (2) must wait.
+    t.complete("a", need=2)
+    assert goes(t.complete("a", need=2)) == []
+    assert t.planner.statistics().committed <= 3
+    # The other run gives its share back: a starts its queue at once.
+    assert goes(t.planner.set_budget(4)) == [("a", index) for index in t.queues["a"]]
+    with pytest.raises(ValueError, match="budget must be positive"):
+        t.planner.set_budget(0)
+
+
 def test_blocked_head_reserves_room_so_a_lighter_item_cannot_take_it() -> None:
     t = Tracker(budget=4)
     t.add("a", "b", "c")

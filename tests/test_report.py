@@ -23,7 +23,7 @@ from pytest_poolaware.advice import advice_text, advise, definition, locate
 from pytest_poolaware.core import Lane, Overrun
 from pytest_poolaware.lowerbound import lower_bound
 from pytest_poolaware.markers import Markers
-from pytest_poolaware.monitor import ServerMonitor, libpq_dsn
+from pytest_poolaware.monitor import ServerMonitor
 from pytest_poolaware.protocol import ItemMeasures
 from pytest_poolaware.runstats import (
     Candidate,
@@ -33,6 +33,7 @@ from pytest_poolaware.runstats import (
     RunStats,
     uncounted,
 )
+from pytest_poolaware.server_room import libpq_dsn
 from pytest_poolaware.settings import Settings, default_risky_need, monitor_dsn
 from pytest_poolaware.timeline import (
     BOTTOM,
@@ -267,7 +268,7 @@ def test_timeline_svg_renders_with_the_budget_line(
     assert area_pixels(image) > 3000  # the stacked areas, shaded or not: not blank
 
 
-def test_server_monitoring_gives_way_to_a_role_with_no_room_for_it(
+def test_a_budget_that_leaves_no_slot_for_the_monitor_is_lowered_with_a_warning(
     pytester: pytest.Pytester, limited_role: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     role_dsn = limited_role(3)
@@ -276,10 +277,17 @@ def test_server_monitoring_gives_way_to_a_role_with_no_room_for_it(
     result = run(pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "3")
     result.assert_outcomes(passed=2)
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
-    result.stdout.fnmatch_lines(
-        [f"note: server monitoring off: role {role} allows 3 connections and the budget is 3*"]
+    source = (
+        f"role {role} CONNECTION LIMIT 3, 1 kept for the monitor, 1 for connections still closing"
     )
-    assert "peak open connections (server)" not in result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: 1 connections ({source}; configured 3)",
+            f"peak open connections (server): 0 (role {role}, * samples every 0.05s)",
+            "WARNING: the configured budget 3 (--pool-budget) is more than the server allows "
+            f"this login ({source}): the run uses 1",
+        ]
+    )
 
 
 def test_server_monitoring_failure_is_a_note_without_the_password(
@@ -292,7 +300,8 @@ def test_server_monitoring_failure_is_a_note_without_the_password(
     result.stdout.fnmatch_lines(
         [
             "note: server monitoring off: cannot use postgresql://nobody:***@127.0.0.1:1/nowhere: "
-            "* (DSN from --poolaware-monitor; --poolaware-monitor=off turns monitoring off)"
+            "* (DSN from --poolaware-monitor; --poolaware-monitor=off turns monitoring off); "
+            "the budget was not checked against the server"
         ]
     )
     assert "s3cret" not in result.stdout.str() + result.stderr.str()

@@ -228,6 +228,9 @@ class Planner(Generic[W]):
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
+        #: What the budget may still grow to (``set_budget``).
+        self._ceiling = budget
+        self._give_way = False
         self.unknown_need = unknown_need
         self.order = order
         self.placement = Placement.RANGES if order is Order.COLLECTION else Placement.SHARED
@@ -329,6 +332,39 @@ class Planner(Generic[W]):
             self._fanout.give_back([i for i in state.queue if self._tests[i].lane is Lane.FANOUT])
         self._fanout.release(worker)
         return running, self._plan()
+
+    def set_budget(
+        self, budget: int, *, ceiling: int | None = None, give_way: bool = False
+    ) -> list[Action]:
+        """The room changed mid-run (another run on the server took or gave back a
+        share): what already started keeps what it was granted, new goes and grants
+        follow the new budget.
+
+        ``ceiling`` is what the budget can still grow to (another run giving its share
+        back): an item that needs more than the budget but no more than that waits for
+        it, rather than be let past the budget. With ``give_way`` (another run is being
+        served first), running items blocked on a connection give way, as in a deadlock,
+        rather than hold their connections while that run waits for them.
+        """
+        if budget < 1:
+            raise ValueError(f"budget must be positive, got {budget}")
+        ceiling = budget if ceiling is None else max(budget, ceiling)
+        if (budget, ceiling, give_way) == (self.budget, self._ceiling, self._give_way):
+            return []
+        self.budget, self._ceiling, self._give_way = budget, ceiling, give_way
+        return self._plan()
+
+    def largest_waiting_need(self) -> int:
+        """The most connections an item held back by the budget expects (0: none is),
+        so that a run sharing the server's room can ask for more of it."""
+        wants = [
+            self.need_of(s.queue[s.granted])
+            for s in self._workers.values()
+            if s.waiting_since and s.granted < len(s.queue)
+        ]
+        wants += [r.want for s in self._workers.values() for r in s.requests]
+        wants += [s.open + s.connecting + 1 for s in self._workers.values() if s.requests]
+        return max(wants, default=0)
 
     def shut_down(self, worker: W) -> None:
         """The worker was told to shut down by someone else (xdist stopping the run)."""
@@ -774,6 +810,7 @@ class Planner(Generic[W]):
                 # A rerun waits until it has the run to itself; meanwhile nothing new
                 # starts, so the run drains towards that.
                 if not draining and not self._others_busy(worker):
+                    request.want = min(request.want, self.budget)  # it may have shrunk
                     committed[worker] = max(committed[worker], request.want)
                     self._answer(request, Answer.GRANTED, actions)
                 else:
@@ -792,7 +829,9 @@ class Planner(Generic[W]):
         # Once something waits for room, nothing else starts unless it fits in what is
         # left after that reservation, even within its worker's commitment: otherwise a
         # worker streaming light items never lets its commitment drop.
-        reserved = bool(blocked)
+        # A budget lowered below what is committed (``set_budget``) holds every new go,
+        # even one within its worker's commitment, until commitments drop.
+        reserved = bool(blocked) or room < 0
         for worker in [] if draining else self._go_order():
             state = self._workers[worker]
             while state.granted < len(state.queue) and not state.requests:
@@ -811,7 +850,7 @@ class Planner(Generic[W]):
                     continue
                 if starts_now:
                     room -= extra
-                    if extra > 0:
+                    if extra > 0 or room < 0:
                         blocked.append(worker)
                         reserved = True
                         state.waiting_since = state.waiting_since or self._next()
@@ -887,13 +926,16 @@ class Planner(Generic[W]):
             and not self._workers[r.worker].rerunning  # type: ignore[index]
         ]
         victim = connects[-1].worker if connects else None
-        if victim is not None and any(
-            self._commitment(s) > 0 for w, s in self._workers.items() if w != victim
+        if victim is not None and (
+            self._give_way
+            or any(self._commitment(s) > 0 for w, s in self._workers.items() if w != victim)
         ):
             # Wait-die: the youngest waiting test gives way (all its waiting threads);
             # it fails on a connection-limit error and is rerun alone.
             for request in [r for r in connects if r.worker == victim]:
                 self._answer(request, Answer.REFUSED, actions)
+        elif self.budget < self._ceiling:
+            return  # the budget will grow: wait for it rather than overrun it
         elif waiting:
             # Alone, or only reruns are waiting: nothing else will ever free room.
             self._answer(waiting[0], Answer.OVER_BUDGET, actions)

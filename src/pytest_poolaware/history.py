@@ -20,8 +20,11 @@ SCHEMA: Final = 1
 
 @dataclass(frozen=True)
 class Measure:
-    need: int  # peak connections checked out at once
+    #: Peak connections checked out at once, as trusted (None: no trusted sighting yet).
+    need: int | None
     duration: float  # seconds
+    #: A higher need seen once, not trusted until a later run sees more than ``need`` too.
+    pending: int | None = None
 
 
 class History:
@@ -45,8 +48,28 @@ class History:
             del self._entries[nodeid]
         return len(stale)
 
-    def record(self, nodeid: str, need: int, duration: float) -> None:
-        self._entries[nodeid] = Measure(need, duration)
+    def record(self, nodeid: str, need: int, duration: float, *, contended: bool = False) -> None:
+        """Learn what one attempt of a test held at once.
+
+        A need that goes down (or stays) is trusted at once: the budget and the connect
+        gate protect the next run if it was an accident. A need that jumps is only a
+        ``pending`` sighting until a later run sees more than the trusted need as well;
+        it is then trusted at the smaller of the two sightings. An attempt that was
+        ``contended`` (refused a connection, rerun, held back by another run) may have
+        counted connections that were not its own at once: it never raises a trusted
+        need, and for a test with none it counts only as a first sighting.
+        """
+        old = self._entries.get(nodeid)
+        trusted, pending = (old.need, old.pending) if old else (None, None)
+        if trusted is not None and need <= trusted:
+            self._entries[nodeid] = Measure(need, duration)
+        elif pending is not None and (trusted is None or not contended):
+            self._entries[nodeid] = Measure(min(pending, need), duration)
+        elif trusted is None and not contended:
+            self._entries[nodeid] = Measure(need, duration)
+        else:
+            seen = need if pending is None else min(pending, need)
+            self._entries[nodeid] = Measure(trusted, duration, seen)
 
     @classmethod
     def from_json(cls, data: Any) -> History:
@@ -78,7 +101,7 @@ class History:
         return {
             "schema": SCHEMA,
             "tests": {
-                nodeid: [m.need, round(m.duration, 6)]
+                nodeid: _entry(m)
                 for nodeid, m in self._entries.items()
                 if wanted is None or nodeid in wanted
             },
@@ -114,14 +137,27 @@ class History:
         os.replace(partial, path)
 
 
+def _entry(measure: Measure) -> list[Any]:
+    """``[need, duration]``, or ``[need, duration, pending]`` with a pending sighting."""
+    entry: list[Any] = [measure.need, round(measure.duration, 6)]
+    return entry if measure.pending is None else [*entry, measure.pending]
+
+
+def _count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
 def _measure(value: Any) -> Measure | None:
-    if not isinstance(value, list) or len(value) != 2:
+    if not isinstance(value, list) or len(value) not in (2, 3):
         return None
-    need, duration = value
-    if isinstance(need, bool) or not isinstance(need, int) or need < 0:
+    need, duration, *rest = value
+    pending = rest[0] if rest else None
+    if not (_count(need) or (need is None and pending is not None)):
+        return None
+    if pending is not None and not _count(pending):
         return None
     if isinstance(duration, bool) or not isinstance(duration, (int, float)):
         return None
     if not math.isfinite(duration) or duration < 0:
         return None
-    return Measure(need, float(duration))
+    return Measure(need, float(duration), pending)

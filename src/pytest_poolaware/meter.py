@@ -41,6 +41,12 @@ class BudgetRefused(Exception):
     sqlstate = "53300"
 
 
+class RoomTooSmall(Exception):
+    """Raised into a test's connect call when the test needs more connections at once
+    than the server allows the run's login: connecting would be refused for certain,
+    and so would a rerun (so no SQLSTATE: it is not a rerun's cue)."""
+
+
 @dataclass(frozen=True)
 class Window:
     """What one test did to the worker's connections."""
@@ -193,7 +199,7 @@ class PoolMeter:
         try:
             self.sweep()
             self._gate(background)
-        except BudgetRefused:
+        except (BudgetRefused, RoomTooSmall):
             raise
         except Exception as exc:
             self._contain(exc)
@@ -205,7 +211,7 @@ class PoolMeter:
                 self._gate(background)
             else:
                 await self._gate_async(background)
-        except BudgetRefused:
+        except (BudgetRefused, RoomTooSmall):
             raise
         except Exception as exc:
             self._contain(exc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any, Final
 from pytest_poolaware.dsn import mask_dsn
 from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
 from pytest_poolaware.runstats import ServerView
+from pytest_poolaware.server_room import APPLICATION_NAME, CONNECT_TIMEOUT, first_line, libpq_dsn
 
 #: Seconds between two samples: short enough to catch a test's burst of connections,
 #: long enough that the sampler costs the server nothing noticeable.
@@ -19,12 +19,7 @@ SAMPLE_INTERVAL: Final = 0.05
 #: Longest wait, at the end of the run, for connections the workers closed (or that
 #: went with their processes) to leave the server, so the last sample says what is left.
 END_SETTLE: Final = 1.0
-#: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
-CONNECT_TIMEOUT: Final = 5
-#: The monitor's own connection, named so that nobody counts it as one of the run's.
-APPLICATION_NAME: Final = "pytest-poolaware-monitor"
 
-_SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
 _CLIENTS: Final = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
 #: Slots of a limited role the monitor leaves alone beyond the budget: the server still
 #: counts a connection for a moment after the client closed it.
@@ -41,11 +36,6 @@ _ROLE: Final = (
 )
 
 
-def libpq_dsn(dsn: str) -> str:
-    """A DSN libpq accepts: SQLAlchemy's ``postgresql+driver://`` loses its ``+driver``."""
-    return _SQLALCHEMY_DRIVER.sub(r"\1://", dsn.strip())
-
-
 class ServerMonitor:
     """Counts the run's connections in ``pg_stat_activity`` every ``interval`` seconds.
 
@@ -53,6 +43,9 @@ class ServerMonitor:
     limited role that connection takes one of the role's slots, so it gives up (with a
     note) rather than take a slot the budget counts on. Any failure is a one-line
     ``problem``, never an exception: the run must not depend on its monitor.
+
+    Given the plugin's own ``connection`` (whose slot the discovered budget already
+    leaves free), it samples on that one and leaves closing it to its owner.
     """
 
     def __init__(
@@ -63,8 +56,10 @@ class ServerMonitor:
         source: str = "",
         interval: float = SAMPLE_INTERVAL,
         clock: Callable[[], float] = time.time,
+        connection: Any = None,
     ) -> None:
         self.dsn = dsn
+        self._shared = connection
         self.budget = budget
         self.source = source  # where the DSN came from, for the notes
         self.interval = interval
@@ -93,7 +88,7 @@ class ServerMonitor:
             return
         where = mask_dsn(self.dsn)
         try:
-            self._conn = psycopg.connect(
+            self._conn = self._shared or psycopg.connect(
                 libpq_dsn(self.dsn),
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT,
@@ -103,13 +98,13 @@ class ServerMonitor:
         except Exception as exc:
             origin = f"DSN from {self.source}; " if self.source else ""
             self.problem = (
-                f"server monitoring off: cannot use {where}: {_first_line(exc)} "
+                f"server monitoring off: cannot use {where}: {first_line(exc)} "
                 f"({origin}--poolaware-monitor=off turns monitoring off)"
             )
             self._close()
             return
         role, superuser, limit = row if row is not None else ("?", True, -1)
-        if not superuser and 0 <= limit <= self.budget + CLOSING_SLACK:
+        if self._shared is None and not superuser and 0 <= limit <= self.budget + CLOSING_SLACK:
             self.problem = (
                 f"server monitoring off: role {role} allows {limit} connections and the "
                 f"budget is {self.budget}; the monitor's own would take one of them "
@@ -168,7 +163,7 @@ class ServerMonitor:
             rows = self._conn.execute(self._query, (self._param,)).fetchall()
         except Exception as exc:
             self.problem = (
-                f"server monitoring stopped after {len(self.samples)} samples: {_first_line(exc)}"
+                f"server monitoring stopped after {len(self.samples)} samples: {first_line(exc)}"
             )
             self._close()
             return False
@@ -181,12 +176,7 @@ class ServerMonitor:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and conn is not self._shared:
             # Closing a broken connection may fail: nothing is left to do then.
             with contextlib.suppress(Exception):
                 conn.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

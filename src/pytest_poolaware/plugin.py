@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import queue
 import time
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from pytest_poolaware.monitor import ServerMonitor
     from pytest_poolaware.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
+    from pytest_poolaware.share import ShareCoordinator
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
@@ -129,6 +131,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         budget=options.budget,
         gate_timeout=options.gate_timeout,
         retry_on_limit=options.retry_on_limit,
+        room=options.room,
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 
@@ -163,6 +166,16 @@ class Controller:
         self.started = self.finished = time.time()
         self.outcomes: dict[str, str] = {}
         self.monitor: ServerMonitor | None = None
+        #: The plugin's own server connection (discovery, monitoring), if any.
+        self.server_connection: Any = None
+        #: This run's share of the server's room, when it shares it with other runs.
+        self.share: ShareCoordinator | None = None
+        #: When the budget is the server's room: what it allows the login, and which
+        #: limit (a test needing more than that fails with a clear message).
+        self.room: tuple[int, str] | None = None
+        #: Notes and warnings of the controller's own (discovery, sharing) for the report.
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -170,18 +183,93 @@ class Controller:
         self.serial_worker: str | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """Runs before xdist starts the workers (its hook is trylast), so the monitor's
-        connection is made before any of theirs."""
+        """Runs before xdist starts the workers (its hook is trylast), so the plugin's own
+        connection is made, and the budget chosen, before any of theirs."""
         self.started = time.time()
         if self.settings.monitor_dsn:
-            from pytest_poolaware.monitor import ServerMonitor
+            self._discover()
 
+    def _discover(self) -> None:
+        """Set the budget from what the server allows, then monitor on the same connection."""
+        from pytest_poolaware.monitor import ServerMonitor
+        from pytest_poolaware.server_room import discover
+
+        settings = self.settings
+        found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
+        self.notes.extend(found.notes)
+        if found.choice is not None:
+            self.settings = dataclasses.replace(
+                settings, budget=found.choice.budget, budget_source=found.choice.source
+            )
+            if found.room is not None and found.choice.budget >= found.room.budget:
+                self.room = (found.room.allows, found.room.limit)
+            sharing = found.connection is not None and settings.share != "off" and not found.pooled
+            if found.choice.warning and not sharing:  # else the share's own, just below
+                self.warnings.append(found.choice.warning)
+        self.server_connection = found.connection
+        if found.connection is not None and settings.share != "off":
+            self._share(found, settings.configured_budget)
+        if found.connection is not None:
             self.monitor = ServerMonitor(
-                self.settings.monitor_dsn,
+                settings.monitor_dsn,
                 budget=self.settings.budget,
-                source=self.settings.monitor_source,
+                source=settings.monitor_source,
+                connection=found.connection,
             )
             self.monitor.start()
+
+    def _share(self, found: Any, configured: tuple[int, str] | None) -> None:
+        """Share the room with the other runs of the name space: the budget is then the
+        room as if this run were alone, and the run's share of it moves with the others."""
+        from pytest_poolaware.server_room import choose_budget, room_of
+        from pytest_poolaware.share import ShareCoordinator
+
+        if found.pooled:
+            self.notes.append(
+                "sharing the server's room with other runs is off: a pooler (pgbouncer) "
+                "stands between the plugin and the server, and session-level advisory "
+                "locks do not hold there (point the DSN at the server itself to share)"
+            )
+            return
+
+        alone = room_of(
+            dataclasses.replace(found.facts, others_server=0, others_role=0, others_database=0)
+        )
+        ceiling = choose_budget(configured, alone)
+        if ceiling.no_room:
+            return
+        if ceiling.warning:
+            self.warnings.append(ceiling.warning)
+        self.room = (alone.allows, alone.limit) if ceiling.budget >= alone.budget else None
+        settings = self.settings
+        self.settings = dataclasses.replace(
+            settings, budget=ceiling.budget, budget_source=ceiling.source
+        )
+        self.share = ShareCoordinator(
+            found.connection,
+            namespace=settings.share_namespace,
+            facts=found.facts,
+            room=alone,
+            ceiling=ceiling.budget,
+            on_change=self._wake_scheduler,
+        )
+        self.share.start()
+
+    def _wake_scheduler(self) -> None:
+        """Called from the sharing thread when the run's share moved."""
+        for node in list(self.links):
+            compat.wake_controller(node)
+            return
+
+    def _stop_sharing(self) -> None:
+        share, self.share = self.share, None
+        if share is not None:
+            share.stop()
+            summary = share.summary()
+            if summary:
+                self.notes.append(summary)
+            if share.problem:
+                self.notes.append(share.problem)
 
     def pytest_xdist_setupnodes(self, specs: list[execnet.XSpec]) -> None:
         """xdist is about to spawn the workers, one after the other."""
@@ -206,6 +294,7 @@ class Controller:
             gate_timeout=self.settings.gate_timeout,
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
+            room=self.room,
         ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, compat.wake_controller)
 
@@ -223,6 +312,7 @@ class Controller:
             inbox=self.inbox,
             serial_worker=self.serial_worker,
             server_pids=self._server_pids,
+            share=self.share,
         )
         return self.scheduler
 
@@ -248,7 +338,9 @@ class Controller:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.finished = time.time()
         priority.withdraw()
+        self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None
+        self._close_server_connection()
         scheduler = self.scheduler
         if scheduler is None:
             return
@@ -266,7 +358,8 @@ class Controller:
                 finished=self.finished,
                 outcomes=self.outcomes,
                 server=server,
-                notes=[problem] if problem else [],
+                notes=[*self.notes, *([problem] if problem else [])],
+                warnings=self.warnings,
             )
             self.files = report.write_files(
                 self.stats,
@@ -275,8 +368,16 @@ class Controller:
                 invocation_dir=Path(self.config.invocation_params.dir),
             )
 
+    def _close_server_connection(self) -> None:
+        from pytest_poolaware.server_room import close_quietly
+
+        connection, self.server_connection = self.server_connection, None
+        close_quietly(connection)
+
     def pytest_unconfigure(self) -> None:
         priority.withdraw()  # xdist may have failed to spawn the workers: no sessionfinish
+        self._stop_sharing()
+        self._close_server_connection()
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.stats is not None:

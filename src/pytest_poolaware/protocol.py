@@ -237,6 +237,10 @@ class WorkerSettings:
     gate_timeout: float
     retry_on_limit: bool
     fast_exit: bool
+    #: When the budget is the server's own room: what the server allows the login in all,
+    #: and which limit that is ("role acc_app CONNECTION LIMIT 16"); a test needing more
+    #: fails with a clear message.
+    room: tuple[int, str] | None = None
 
     def to_wire(self) -> Wire:
         return {VERSION: PROTOCOL_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -249,7 +253,12 @@ class WorkerSettings:
                 f"the controller speaks pytest-poolaware protocol {version!r}, this worker "
                 f"{PROTOCOL_VERSION}: install the same pytest-poolaware on both"
             )
-        return cls(**{f.name: wire[f.name] for f in fields(cls) if f.name in wire})
+        values = {f.name: wire[f.name] for f in fields(cls) if f.name in wire}
+        room = values.get("room")
+        if room is not None:  # execnet hands a tuple back as a list
+            allows, limit = room
+            values["room"] = (int(allows), str(limit))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -271,6 +280,10 @@ class ItemMeasures:
     waits: tuple[tuple[float, float], ...] = ()
     drivers: tuple[str, ...] = ()  # drivers of the connections it used
     leaks: int = 0  # connections its own code opened or checked out, still held at its end
+    #: Its connections met contention: the server refused one (the rerun alone may still
+    #: count what the failed attempt's threads held), so ``need`` may count more, or
+    #: less, than the test holds alone.
+    contended: bool = False
 
     def to_wire(self) -> str:
         """A JSON object of the fields by name, as one string: it rides on every item's

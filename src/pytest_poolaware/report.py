@@ -41,6 +41,7 @@ def collect(
     outcomes: Mapping[str, str],
     server: ServerView | None = None,
     notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
 ) -> RunStats:
     """The run's facts: the scheduler's snapshot, the outcomes, what the server saw."""
     results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
@@ -85,6 +86,7 @@ def collect(
         server=server,
         overruns=snapshot.overruns,
         notes=(*snapshot.notes, *notes),
+        warnings=tuple(warnings),
         advice=tuple(advice),
         order=snapshot.order,
         placement=snapshot.placement,
@@ -268,7 +270,7 @@ def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int)
 
 
 def _warnings(stats: RunStats) -> list[str]:
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in stats.warnings] + [
         f"WARNING: {stats.nodeid_of(o)} needed {o.need} connections, more than the room in the "
         f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
         for o in stats.overruns

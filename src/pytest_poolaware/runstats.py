@@ -223,6 +223,8 @@ class RunStats:
     server: ServerView | None = None
     overruns: tuple[Overrun, ...] = ()
     notes: tuple[str, ...] = ()
+    #: Shown as warnings (say, a configured budget the server cannot honour).
+    warnings: tuple[str, ...] = ()
     advice: tuple[Candidate, ...] = ()
     #: ``poolaware_order`` and the fan-out's placement (``fanout.Placement``) this run
     #: used, and how many tests had a learned duration to place them by (0: cold).
@@ -329,6 +331,7 @@ class RunStats:
                     for o in self.overruns
                 ],
                 "notes": list(self.notes),
+                "warnings": list(self.warnings),
             },
             "tests": [item.to_json() for item in self.items],
             "advice": [candidate.to_json() for candidate in self.advice],

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.share import ShareCoordinator
+
 
 @dataclass
 class _RunRecord:
@@ -85,6 +87,7 @@ class PoolAwareScheduling:
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         serial_worker: str | None = None,
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
+        share: ShareCoordinator | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -99,8 +102,13 @@ class PoolAwareScheduling:
         #: the last one sent to the workers.
         self._server_pids = server_pids
         self._pids_sent = 0.0
+        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
+        #: consulted before every decision.
+        self.share = share
         self.planner: Planner[WorkerController] = Planner(
-            settings.budget, unknown_need=settings.unknown_need, order=Order(settings.order)
+            share.budget() if share is not None else settings.budget,
+            unknown_need=settings.unknown_need,
+            order=Order(settings.order),
         )
         #: Gateway id of the worker that keeps its CPU priority (the first spawned): it
         #: joins as soon as it has collected, to start the serial lane.
@@ -230,7 +238,17 @@ class PoolAwareScheduling:
         self._record.results.append(
             ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
         )
-        self.history.record(nodeid, measures.need, measures.duration)
+        self.history.record(
+            nodeid,
+            measures.need,
+            measures.duration,
+            contended=measures.contended
+            or (
+                self.share is not None
+                and measures.waited > 0
+                and self.share.held_back_during(measures.start, measures.end)
+            ),
+        )
         self._apply(
             self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
         )
@@ -332,7 +350,7 @@ class PoolAwareScheduling:
             lane = lane_for(
                 serial=markers.serial,
                 parallel=markers.parallel,
-                measured=measure is not None,
+                measured=measure is not None and measure.need is not None,
                 unmarked_serial=unmarked_serial,
             )
             tests.append(
@@ -350,8 +368,30 @@ class PoolAwareScheduling:
         still wait in the inbox; the report's end-of-run figures need them."""
         self._drain()
 
+    def _consult_share(self, share: ShareCoordinator) -> None:
+        """Follow the run's share of the server's room when it moved."""
+        self._apply(
+            self.planner.set_budget(
+                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
+            )
+        )
+
+    def _report_to_share(self, share: ShareCoordinator) -> None:
+        """What the run uses and waits for, after every decision: the share moves on it."""
+        planner = self.planner
+        stats = planner.statistics()
+        share.report(
+            in_use=stats.committed,
+            open_=stats.open,
+            pending=planner.has_pending or not planner.loaded,
+            wants=planner.largest_waiting_need(),
+            using=planner.budget,
+        )
+
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
+        if self.share is not None:
+            self._consult_share(self.share)
         for node in self._joined:
             if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
                 self.planner.shut_down(node)
@@ -379,10 +419,13 @@ class PoolAwareScheduling:
                     )
             elif isinstance(message, RoomRequest):
                 if node in self._joined:
+                    want = message.want
+                    if want is not None:  # a rerun asks for the whole budget: as it is now
+                        want = min(want, self.planner.budget)
                     actions = self.planner.request(
                         node,
                         message.request,
-                        message.want,
+                        want,
                         item=message.item,
                         background=message.background,
                     )
@@ -434,3 +477,5 @@ class PoolAwareScheduling:
             link = self._links.get(node)
             if link is not None:
                 link.send(Goes(tuple(indices)))
+        if self.share is not None:
+            self._report_to_share(self.share)

@@ -51,6 +51,18 @@ INI_MONITOR: Final = "poolaware_monitor"
 INI_FAST_EXIT: Final = "poolaware_fast_exit"
 INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
 INI_ORDER: Final = "poolaware_order"
+INI_SHARE: Final = "poolaware_share"
+INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
+
+#: ``poolaware_share``: runs against one server share its room through it (``auto``: when
+#: the plugin has its own connection to the server), or each takes what it finds (``off``,
+#: the default while sharing can still stall under heavy CPU load).
+SHARE_MODES: Final = ("auto", "off")
+DEFAULT_SHARE: Final = "off"
+#: Runs share the room with the runs of the same name space only.
+DEFAULT_SHARE_NAMESPACE: Final = "default"
+#: Longest name space accepted (it is hashed into the advisory-lock keys).
+MAX_NAMESPACE_LENGTH: Final = 63
 
 #: CPU niceness every worker but the serial lane's adds to its own: enough for the
 #: critical path to get about three times the CPU of a fan-out worker when they compete.
@@ -126,6 +138,24 @@ def order_policy(text: str) -> str:
     value = text.strip().lower()
     if value not in ORDERS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(ORDERS)}, got {text!r}")
+    return value
+
+
+def share_mode(text: str) -> str:
+    """Parse a ``poolaware_share`` value (argparse ``type=``)."""
+    value = text.strip().lower()
+    if value not in SHARE_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(SHARE_MODES)}, got {text!r}")
+    return value
+
+
+def namespace(text: str) -> str:
+    """Parse a ``poolaware_share_namespace`` value: printable, 1 to 63 characters."""
+    value = text.strip()
+    if not value or len(value) > MAX_NAMESPACE_LENGTH or not value.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {MAX_NAMESPACE_LENGTH} printable characters, got {text!r}"
+        )
     return value
 
 
@@ -396,6 +426,26 @@ MONITOR: Final = Option[str](
     env_parse=text,
     secret=True,
 )
+SHARE: Final = Option(
+    "--poolaware-share",
+    "auto|off",
+    "Share the server's room with other poolaware runs against it, through the "
+    f"server; auto: when the plugin has its own connection (default: {DEFAULT_SHARE}).",
+    share_mode,
+    INI_SHARE,
+    "Share the server's room with other runs against it: auto or off.",
+    default=DEFAULT_SHARE,
+)
+SHARE_NAMESPACE: Final = Option(
+    "--poolaware-share-namespace",
+    "NAME",
+    "Share only with runs of this name space "
+    f"(default: ini {INI_SHARE_NAMESPACE}, else {DEFAULT_SHARE_NAMESPACE!r}).",
+    namespace,
+    INI_SHARE_NAMESPACE,
+    "Name space of the runs that share the server's room.",
+    default=DEFAULT_SHARE_NAMESPACE,
+)
 #: Every option, in the order ``--help`` lists them (ini keys: ``pytest --help`` too).
 OPTIONS: Final[tuple[Option[Any], ...]] = (
     BUDGET,
@@ -413,6 +463,8 @@ OPTIONS: Final[tuple[Option[Any], ...]] = (
     TIMELINE_PATH,
     TRACE_PATH,
     MONITOR,
+    SHARE,
+    SHARE_NAMESPACE,
 )
 
 
@@ -422,6 +474,9 @@ class Settings:
 
     budget: int
     budget_source: str
+    #: Whether the user set the budget (option, ini key, or the pool variables); if not,
+    #: the room the server allows is the budget (``server_room``).
+    budget_configured: bool = True
     unmarked: str = DEFAULT_UNMARKED_POLICY
     unknown_need: int = DEFAULT_UNKNOWN_NEED
     #: ``collection`` or ``duration`` (``ORDERS``).
@@ -439,11 +494,19 @@ class Settings:
     #: and where it came from.
     monitor_dsn: str = ""
     monitor_source: str = ""
+    #: Sharing the server's room with other runs (``auto`` or ``off``), and with whom.
+    share: str = DEFAULT_SHARE
+    share_namespace: str = DEFAULT_SHARE_NAMESPACE
     #: Files to write at the end of the run (absolute paths), if asked for.
     report_path: str | None = None
     timeline_path: str | None = None
     trace_path: str | None = None
     advice_path: str | None = None
+
+    @property
+    def configured_budget(self) -> tuple[int, str] | None:
+        """(budget, where it came from) when the user set one."""
+        return (self.budget, self.budget_source) if self.budget_configured else None
 
     @property
     def serial_advice_need(self) -> int:
@@ -454,7 +517,11 @@ class Settings:
     def from_config(cls, config: pytest.Config) -> Settings:
         """Resolve options over ini keys over environment; raise ConfigError on bad values."""
         pools = PoolSettings.from_env()
-        budget = BUDGET.resolve(config) or (
+        given = BUDGET.resolve(config)
+        configured = given is not None or any(
+            os.environ.get(name, "").strip() for name in (ENV_POOL_SIZE, ENV_MAX_OVERFLOW)
+        )
+        budget = given or (
             pools.max_connections,
             f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
         )
@@ -469,6 +536,7 @@ class Settings:
         return cls(
             budget=budget[0],
             budget_source=budget[1],
+            budget_configured=configured,
             unmarked=UNMARKED.value(config) or DEFAULT_UNMARKED_POLICY,
             unknown_need=_given(UNKNOWN_NEED.value(config)),
             order=_given(ORDER.value(config)),
@@ -480,6 +548,8 @@ class Settings:
             idle_need=_given(IDLE_NEED.value(config)),
             monitor_dsn=monitor,
             monitor_source=monitor_source,
+            share=_given(SHARE.value(config)),
+            share_namespace=_given(SHARE_NAMESPACE.value(config)),
             report_path=path(REPORT_PATH),
             timeline_path=path(TIMELINE_PATH),
             trace_path=path(TRACE_PATH),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import re
 import sys
 import time
 import warnings
@@ -16,14 +15,9 @@ from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
-from pytest_poolaware.meter import BudgetRefused, PoolMeter
+from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
 from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note
-
-#: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
-TOO_MANY_CONNECTIONS = "53300"
-_LIMIT_TEXT = re.compile(
-    r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
-)
+from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 
 #: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
 _limit_hit_key = pytest.StashKey[str]()
@@ -35,30 +29,6 @@ RERUN_SERVER = "the server refused a connection"
 WAIT_SPAN_MIN: Final = 0.002
 
 T = TypeVar("T")
-
-
-def is_connection_limit_error(exc: BaseException) -> bool:
-    """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
-    for error in _chain(exc):
-        if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if getattr(error, "pgcode", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if _LIMIT_TEXT.search(str(error)):
-            return True
-    return False
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        error = todo.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        yield error
-        todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
 
 
 def _drop_failed_attempt() -> None:
@@ -101,9 +71,13 @@ class WorkerAgent:
         budget: int,
         gate_timeout: float,
         retry_on_limit: bool,
+        room: tuple[int, str] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.link = link
+        #: When the budget is the server's own room: what the server allows the login in
+        #: all, and which limit that is ("role acc_app CONNECTION LIMIT 16").
+        self.room = room
         self.budget = budget
         self.gate_timeout = gate_timeout
         self.retry_on_limit = retry_on_limit
@@ -165,6 +139,9 @@ class WorkerAgent:
         self.meter.begin(index)
         reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
+        # The server refused a connection: what the meter counted may include connections
+        # the failed attempt's threads still held while the test (or its rerun) went on.
+        contended = item.stash.get(_limit_hit_key, "") == RERUN_SERVER
         reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
         if reason:
             del item.stash[_limit_hit_key]
@@ -196,6 +173,7 @@ class WorkerAgent:
             waits=tuple(self._waits),
             drivers=window.drivers,
             leaks=window.leaks,
+            contended=contended,
         ).to_wire()
         for report in reports:
             if reason:
@@ -232,7 +210,7 @@ class WorkerAgent:
         """Notes a connection-limit failure; returns None, so the report is made as usual
         (a plain hook, not a wrapper: it runs three times per test)."""
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
-            refused = any(isinstance(e, BudgetRefused) for e in _chain(call.excinfo.value))
+            refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -265,6 +243,20 @@ class WorkerAgent:
         if answer is None:
             self.link.send(
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
+            )
+        elif (
+            # Past the budget when the budget is the server's room: refused for certain,
+            # and so would a rerun be (alone it would be let past the same budget).
+            answer in (Answer.OVER_BUDGET, Answer.REFUSED)
+            and not background
+            and self.room is not None
+            and self.meter.checked_out + 1 > self.budget
+        ):
+            allows, limit = self.room
+            raise RoomTooSmall(
+                f"pytest-poolaware: this test needs {self.meter.checked_out + 1} connections "
+                f"at once; the server allows this login {allows} ({limit}), {self.budget} "
+                "of them for the run's tests"
             )
         elif answer is Answer.REFUSED and not background:
             raise BudgetRefused(

@@ -1,0 +1,499 @@
+"""Runs against one server share its room, coordinating through the server itself.
+
+Each run holds slot leases: session-level advisory locks ``(slot class, n)`` taken on
+the plugin's own connection, one per connection the run may open. A run publishes its
+demand as shared locks ``(demand class, 0..demand-1)``. Every run reads the others'
+leases and demands from ``pg_locks`` and the live connection count from
+``pg_stat_activity``, and moves towards its share: the room divided by demand, max-min
+fair, so a run alone gets all of it. Leases die with the session, so a run killed or cut
+off (TCP keepalives) frees its share without anyone's help; since its workers'
+connections may outlive it for a moment, a run never takes more than the live count
+leaves free.
+
+``fair_shares`` and ``plan`` are pure; ``ShareCoordinator`` does the talking, in a
+background thread, and the scheduler reads ``budget()`` before it grants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pytest_poolaware.server_room import (
+    CLOSING_SLACK,
+    DATABASE,
+    ROLE,
+    Room,
+    ServerFacts,
+    first_line,
+)
+
+#: Seconds between two looks at the other runs: a share moves within about this long.
+LEASE_INTERVAL: Final = 0.1
+#: Seconds a run waits at the start for the others to make room for its first share.
+START_WAIT: Final = 5.0
+
+
+def lock_classes(namespace: str, limit: str) -> tuple[int, int, int]:
+    """Advisory-lock class ids (slots, demand, priority) of one name space and one
+    binding limit: runs share only with runs that meet the same limit in the same name
+    space."""
+    digest = hashlib.blake2b(f"{namespace}\0{limit}".encode(), digest_size=12).digest()
+    mask = 0x7FFFFFFF  # non-negative: pg_locks shows the keys as oid
+    slot, demand, priority = (
+        int.from_bytes(digest[i : i + 4], "big") & mask for i in range(0, 12, 4)
+    )
+    return slot, demand, priority
+
+
+def shares_with_priority(
+    total: int, demands: Mapping[int, int], priority: tuple[int, int] | None
+) -> dict[int, int]:
+    """``fair_shares``, but the run holding the priority (run id, connections) gets that
+    many first: one item that needs more than its run's fair share is served before the
+    shares are evened out again (one at a time, first come, first served)."""
+    if priority is None or priority[0] not in demands:
+        return fair_shares(total, demands)
+    run, amount = priority
+    # Every other run that wants room keeps one connection: nobody is left with none.
+    keep = sum(1 for other, demand in demands.items() if other != run and demand > 0)
+    first = max(0, min(amount, total - keep, demands[run]))
+    others = {other: demand for other, demand in demands.items() if other != run}
+    shares = fair_shares(total - first, others)
+    shares[run] = min(demands[run], total - sum(shares.values()))
+    return shares
+
+
+def fair_shares(total: int, demands: Mapping[int, int]) -> dict[int, int]:
+    """Max-min fair integer split of ``total`` among ``demands`` (by run id): nobody gets
+    more than it asks for; what one does not need goes to the others; the rest of an
+    uneven split goes to the lowest ids, so every run computes the same split."""
+    shares = dict.fromkeys(demands, 0)
+    left = max(0, total)
+    wanting = sorted(run for run, demand in demands.items() if demand > 0)
+    while left > 0 and wanting:
+        each = max(1, left // len(wanting))
+        for run in list(wanting):
+            give = min(each, demands[run] - shares[run], left)
+            shares[run] += give
+            left -= give
+            if shares[run] >= demands[run]:
+                wanting.remove(run)
+            if left == 0:
+                break
+    return shares
+
+
+@dataclass(frozen=True)
+class Others:
+    """What the other runs in the same name space hold and want (from ``pg_locks``)."""
+
+    #: Run (backend pid) -> slot leases, the one for its own connection included.
+    held: Mapping[int, int]
+    demand: Mapping[int, int]
+    #: The run (any, this one included) holding the priority, and for how many.
+    priority: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    #: Leases to hold once this step is done, and the budget the planner may use now.
+    hold: int
+    budget: int
+    #: The run's fair share, and whether it is held below what it wants by other runs.
+    share: int
+    held_back: bool
+    #: The most this run could get with the priority: the room less the other runs' own
+    #: connections and the clients that take no part.
+    reachable: int
+
+
+def plan(
+    *,
+    me: int,
+    allows: int,
+    held: int,
+    demand: int,
+    in_use: int,
+    others: Others,
+    live_others: int,
+    ceiling: int | None = None,
+) -> Plan:
+    """One step towards this run's share.
+
+    ``allows`` is what the binding limit allows in all; every run's own connection takes
+    one slot of it. ``live_others`` counts the client connections in the limit's scope
+    that are not this run's (its workers' nor its own). Others occupy the larger of what
+    they lease and what is live, so lingering connections of a dead run, and clients that
+    do not take part, are never leased out twice. A run above its share gives back what
+    it does not use, and meanwhile starts nothing new above the share.
+    """
+    runs = len(others.held.keys() | others.demand.keys())
+    # Every run leases a slot for its own connection first (``held`` counts it); one
+    # that could not yet still has that connection open.
+    slotless = sum(1 for run in others.demand if not others.held.get(run))
+    others_leased = sum(others.held.values()) + slotless
+    outsiders = max(0, live_others - others_leased)
+    pool = allows - 1 - runs - outsiders - CLOSING_SLACK
+    demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
+    demands[me] = demand
+    share = shares_with_priority(pool, demands, others.priority)[me]
+    if not runs and demand:
+        # Alone: the whole room (up to the run's own ceiling), not just what it asked
+        # for the moment before.
+        share = max(share, pool if ceiling is None else min(pool, ceiling))
+    free = allows - 1 - CLOSING_SLACK - max(others_leased, live_others) - held
+    # Below the share: take what is free. Above it: give back what is not in use.
+    grow = held + max(0, min(max(share, in_use) - held, free))
+    hold = grow if held < max(share, in_use) else max(share, min(held, in_use))
+    if demand and held:
+        hold = max(hold, 1)  # a run with work left never gives up its last lease
+    budget = max(1, min(hold, share)) if demand else max(1, hold)
+    return Plan(
+        hold, budget, share, held_back=bool(runs) and share < demand, reachable=max(1, pool)
+    )
+
+
+#: Seconds a run waits for its share to grow for an item that needs more than it has,
+#: before it lets the item past its share (as the connect gate does with its timeout).
+GROWTH_WAIT: Final = 30.0
+
+
+_LOCKS: Final = """
+SELECT pid, classid::bigint, objid::bigint
+FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND pid <> pg_backend_pid()
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint IN (%s, %s, %s)
+"""
+_PRIORITY_HOLDER: Final = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND mode = 'ExclusiveLock'
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint = %s AND objid::bigint = 0
+"""
+_CLIENTS: Final = (
+    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+    "AND (backend_type = 'client backend' "
+    "OR (backend_type IS NULL AND usesysid IS NOT NULL AND datid IS NOT NULL))"
+)
+_LIVE_BY_SCOPE: Final = {
+    ROLE: _CLIENTS + " AND usename = %s",
+    DATABASE: _CLIENTS + " AND datname = %s",
+}
+
+
+class ShareCoordinator:
+    """This run's leases on the plugin's own connection, kept moving towards its share.
+
+    The scheduler tells it what the run uses and wants (``report``) and reads the budget
+    (``budget``) before it grants; ``on_change`` wakes the scheduler when that moves.
+    Any failure of the connection ends the sharing with a ``problem`` note; the run keeps
+    its last budget and carries on.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        *,
+        namespace: str,
+        facts: ServerFacts,
+        room: Room,
+        ceiling: int,
+        on_change: Callable[[], None] = lambda: None,
+        interval: float = LEASE_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._conn = connection
+        self.namespace = namespace
+        self.room = room
+        self.ceiling = ceiling
+        self._on_change = on_change
+        self._interval = interval
+        self._clock = clock
+        self._slot_class, self._demand_class, self._priority_class = lock_classes(
+            namespace, room.limit
+        )
+        self._scope_param = facts.role if room.scope == ROLE else facts.database
+        self._me: int = connection.info.backend_pid
+        self._slots: list[int] = []  # slot numbers this run holds, in order taken
+        self._demand_held = 0
+        self._lock = threading.Lock()
+        #: Until the first step, the run's own budget (what it would use with sharing off).
+        self._budget = ceiling
+        self._share = ceiling
+        self._demand = ceiling
+        #: Connections an item held back by the budget expects (``report``).
+        self._wants = 0
+        #: Connections this run holds the priority for (0: it does not hold it).
+        self._priority = 0
+        self._priority_elsewhere = False
+        self._reachable = ceiling
+        self._wanting_since = 0.0
+        #: Looks at which an item had waited ``GROWTH_WAIT`` for the share to grow.
+        self.overdue = 0
+        self._in_use = 0
+        self._open = 0
+        self.problem: str | None = None
+        self.peers_seen = 0
+        #: Seconds held below what the run wanted by other runs, and when that began.
+        self.held_back = 0.0
+        self._held_since: float | None = None
+        self._held_tick = 0.0
+        self._held_spans: list[tuple[float, float]] = []
+        self.lowest = ceiling
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what the scheduler calls ------------------------------------------------------------
+
+    def budget(self) -> int:
+        with self._lock:
+            return self._budget
+
+    def ceiling_now(self) -> int:
+        """What the budget may still grow to: the room less what cannot be had (the
+        other runs' own connections, clients that take no part)."""
+        with self._lock:
+            return self._reachable
+
+    def give_way(self) -> bool:
+        """Whether another run holds the priority: this one's blocked items give way."""
+        with self._lock:
+            return self._priority_elsewhere
+
+    def report(
+        self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
+    ) -> None:
+        """What the run holds committed and open now, whether it has work left, the need
+        of the largest item held back by the budget (0: none), and the budget the
+        planner now uses: leases are never given back below it, since the planner may
+        grant up to it before it hears of a smaller one."""
+        with self._lock:
+            self._in_use = max(in_use, using)
+            self._open = open_
+            # Demand: what it holds, and room for the item it waits to start (or one
+            # more connection when nothing waits), as long as it has work left.
+            wanted = in_use + max(wants, 1)
+            self._demand = min(self.ceiling, wanted) if pending else in_use
+            self._wants = wants
+
+    def held_back_during(self, start: float, end: float) -> bool:
+        """Whether the run was held back by another run between two ``time.time()``s."""
+        with self._lock:
+            spans = list(self._held_spans)
+            ongoing = self._held_since
+        if ongoing is not None and ongoing <= end:
+            return True
+        return any(begin <= end and start <= finish for begin, finish in spans)
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Take a first share (waiting a little for others to make room), then keep it
+        moving in the background; returns the starting budget."""
+        deadline = self._clock() + START_WAIT
+        while self.step() and self.budget() < self.ceiling and self._clock() < deadline:
+            if self._share <= len(self._slots) or self._stop.wait(self._interval):
+                break
+        if self.problem is None:
+            self._thread = threading.Thread(target=self._run, name="poolaware-share", daemon=True)
+            self._thread.start()
+        return self.budget()
+
+    def stop(self) -> None:
+        """Stop moving; the leases go with the connection, which its owner closes."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        self._close_span(time.time())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if not self.step():
+                return
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Look at the others and move this run's leases; False once sharing has failed."""
+        try:
+            others, live = self._look()
+            with self._lock:
+                demand, in_use, open_ = self._demand, self._in_use, self._open
+                wants, budget_now = self._wants, self._budget
+            others = self._claim_priority(others, wants, budget_now)
+            step = plan(
+                me=self._me,
+                allows=self.room.allows,
+                held=max(0, len(self._slots) - 1),
+                demand=demand,
+                in_use=in_use,
+                others=others,
+                live_others=max(0, live - open_),
+                ceiling=self.ceiling,
+            )
+            self._set_demand(demand)
+            # One slot more than the tests': the plugin's own connection takes one too,
+            # so that all runs' slot locks together never exceed what the limit allows.
+            self._move_to(step.hold + 1, others)
+        except Exception as exc:
+            self.problem = (
+                f"sharing the server's room stopped: {first_line(exc)}; the run keeps "
+                f"its last budget ({self.budget()}) without coordinating"
+            )
+            with self._lock:  # nothing will move it any more: never wait for growth
+                self._reachable = self._budget
+                self._priority_elsewhere = False
+            self._on_change()
+            return False
+        self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
+        self._share = step.share
+        budget = max(1, min(step.budget, len(self._slots) - 1))
+        # Held back by another run: a test waits for room, and the run has less than it
+        # would have alone.
+        self._note_held_back(step.held_back and wants > budget and budget < self.ceiling)
+        reachable = min(self.ceiling, step.reachable)
+        if wants > budget:
+            self._wanting_since = self._wanting_since or self._clock()
+            if self._clock() - self._wanting_since > GROWTH_WAIT:
+                reachable = budget  # the share did not grow: go past it rather than hang
+                self.overdue += 1
+        else:
+            self._wanting_since = 0.0
+        elsewhere = others.priority is not None and others.priority[0] != self._me
+        with self._lock:
+            changed = (budget, reachable, elsewhere) != (
+                self._budget,
+                self._reachable,
+                self._priority_elsewhere,
+            )
+            self._budget = budget
+            self._reachable = reachable
+            self._priority_elsewhere = elsewhere
+            self.lowest = min(self.lowest, budget)
+        if changed:
+            self._on_change()
+        return True
+
+    def _look(self) -> tuple[Others, int]:
+        held: dict[int, int] = {}
+        demand: dict[int, int] = {}
+        amounts: dict[int, int] = {}
+        classes = (self._slot_class, self._demand_class, self._priority_class)
+        for pid, cls, obj in self._conn.execute(_LOCKS, classes).fetchall():
+            if cls == self._priority_class:
+                amounts[pid] = max(amounts.get(pid, 0), int(obj))
+                continue
+            table = held if cls == self._slot_class else demand
+            table[pid] = table.get(pid, 0) + 1
+        holder = self._conn.execute(_PRIORITY_HOLDER, (self._priority_class,)).fetchone()
+        priority = None
+        if holder is not None and holder[0] != self._me:
+            priority = (int(holder[0]), amounts.get(int(holder[0]), 0))
+        query = _LIVE_BY_SCOPE.get(self.room.scope, _CLIENTS)
+        params = (self._scope_param,) if self.room.scope in _LIVE_BY_SCOPE else ()
+        row = self._conn.execute(query, params).fetchone()
+        return Others(held, demand, priority), int(row[0]) if row else 0
+
+    def _claim_priority(self, others: Others, wants: int, budget: int) -> Others:
+        """Take the priority for an item that needs more than the run's budget and no
+        more than the room can give (one run at a time holds it), give it back once the
+        item is through; returns ``others`` with the priority as it now stands."""
+        needed = budget < wants <= self._reachable
+        if self._priority and not needed:
+            self._set_priority_amount(0)
+            self._conn.execute("SELECT pg_advisory_unlock(%s, 0)", (self._priority_class,))
+            self._priority = 0
+        elif needed and not self._priority and others.priority is None:
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s, 0)", (self._priority_class,)
+            ).fetchone()
+            if row and row[0]:
+                self._priority = -1  # held; its amount is set just below
+        if self._priority and needed and self._priority != wants:
+            self._set_priority_amount(wants)
+        if self._priority:
+            return Others(others.held, others.demand, (self._me, self._priority))
+        return others
+
+    def _set_priority_amount(self, amount: int) -> None:
+        """Publish how many connections the priority is for (a shared lock on that key)."""
+        if self._priority > 0:
+            self._conn.execute(
+                "SELECT pg_advisory_unlock_shared(%s, %s)", (self._priority_class, self._priority)
+            )
+        if amount > 0:
+            self._conn.execute(
+                "SELECT pg_advisory_lock_shared(%s, %s)", (self._priority_class, amount)
+            )
+        self._priority = amount
+
+    def _set_demand(self, demand: int) -> None:
+        while self._demand_held < demand:
+            self._conn.execute(
+                "SELECT pg_advisory_lock_shared(%s, %s)", (self._demand_class, self._demand_held)
+            )
+            self._demand_held += 1
+        while self._demand_held > demand:
+            self._demand_held -= 1
+            self._conn.execute(
+                "SELECT pg_advisory_unlock_shared(%s, %s)", (self._demand_class, self._demand_held)
+            )
+
+    def _move_to(self, hold: int, others: Others) -> None:
+        while len(self._slots) > hold:
+            slot = self._slots.pop()
+            self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self._slot_class, slot))
+        slot = 0
+        taken = set(self._slots)
+        while len(self._slots) < hold and slot < self.room.allows:
+            if slot not in taken:
+                row = self._conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, %s)", (self._slot_class, slot)
+                ).fetchone()
+                if row and row[0]:
+                    self._slots.append(slot)
+            slot += 1
+
+    def _note_held_back(self, held_back: bool) -> None:
+        now, tick = time.time(), self._clock()
+        with self._lock:
+            if held_back and self._held_since is None:
+                self._held_since = now
+                self._held_tick = tick
+            elif not held_back and self._held_since is not None:
+                self._close_span_locked(now, tick)
+
+    def _close_span(self, now: float) -> None:
+        with self._lock:
+            if self._held_since is not None:
+                self._close_span_locked(now, self._clock())
+
+    def _close_span_locked(self, now: float, tick: float) -> None:
+        assert self._held_since is not None
+        self._held_spans.append((self._held_since, now))
+        self.held_back += max(0.0, tick - self._held_tick)
+        self._held_since = None
+
+    def summary(self) -> str | None:
+        """One line for the summary: with whom the room was shared, and what it cost
+        (None when no other run came)."""
+        peers = self.peers_seen
+        if not peers:
+            return None
+        return (
+            f"shared the server's room with up to {peers} other run(s) (name space "
+            f"{self.namespace!r}): budget down to {self.lowest} at times, held back "
+            f"{self.held_back:.2f}s waiting for another run"
+            + (
+                f"; waited {GROWTH_WAIT:g}s for room and went past the share"
+                if self.overdue
+                else ""
+            )
+        )
