@@ -67,10 +67,14 @@ class Run:
     def connection_errors(self) -> int:
         return sum(self.output.count(marker) for marker in CONNECTION_ERRORS)
 
+    @property
+    def history_path(self) -> Path:
+        return self.root / ".pytest_cache" / "d" / "poolaware" / "history.json"
+
     def history(self, *, required: bool = True) -> dict[str, list[Any]]:
         """What the run learned; with ``required=False``, nothing when it saved nothing
         (a run that the other one left no room to start, say)."""
-        path = self.root / ".pytest_cache" / "d" / "poolaware" / "history.json"
+        path = self.history_path
         if not required and not path.exists():
             return {}
         tests: dict[str, list[Any]] = json.loads(path.read_text())["tests"]
@@ -110,6 +114,7 @@ def test_what_a_contended_pair_learned_is_not_believed_by_a_run_alone(
     learned = first.history(required=False)  # only shown when the run alone is wrong
     alone = Run(first.root, *args)
     assert alone.wait() == 0, alone.output
+    assert alone.history_path.exists(), alone.output
     after = alone.history()
     for nodeid, entry in after.items():
         need = entry[0]
