@@ -28,8 +28,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_poolaware.core import (
-    EARLY_START_SECONDS,
-    MIN_QUEUE,
     Action,
     Answer,
     Go,
@@ -42,6 +40,7 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.core import ItemSpec as Item
+from pytest_poolaware.placement import EARLY_START_SECONDS, MIN_QUEUE
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT
@@ -1322,8 +1321,8 @@ class CheckedPlanner(Planner[str]):
         self.settled = 0
         self.missed: list[list[Action]] = []
 
-    def _settled_after_completion(self, worker: str, state: object) -> bool:
-        settled = super()._settled_after_completion(worker, state)  # type: ignore[arg-type]
+    def _settled_after_completion(self, worker: str) -> bool:
+        settled = super()._settled_after_completion(worker)
         if settled:
             self.settled += 1
             actions = self._plan()  # what the skipped plan would have decided
