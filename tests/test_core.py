@@ -1197,6 +1197,20 @@ SEEDS = st.integers(0, 2**32 - 1)
 PROPERTY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+#: The fan-out item crashes on the only worker up yet (it took it along with the early
+#: serial lane) and is requeued: it waits for the workers still to come up, and the run
+#: must go on until they do and it is completed (two interleavings that broke it).
+REQUEUED_BEFORE_THE_OTHERS_ARE_UP: dict[str, object] = {
+    "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
+    "budget": 1,
+    "workers": 3,
+    "peaks": [0, 1],
+    "crashes": 1,
+    "rerun_crashed": True,
+    "staggered": True,
+}
+
+
 def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
     """Run with the interleaving picked by ``seed``."""
     rng = random.Random(seed)
@@ -1223,33 +1237,8 @@ def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
 @pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
 @PROPERTY_SETTINGS
 @given(run=runs(), seed=SEEDS)
-@example(
-    # The fan-out item crashes on the only worker up yet (it took it along with the early
-    # serial lane) and is requeued: it waits for the workers still to come up, and the
-    # run must go on until they do and it is completed.
-    run={
-        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
-        "budget": 1,
-        "workers": 3,
-        "peaks": [0, 1],
-        "crashes": 1,
-        "rerun_crashed": True,
-        "staggered": True,
-    },
-    seed=0,
-)
-@example(
-    run={
-        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
-        "budget": 1,
-        "workers": 3,
-        "peaks": [0, 1],
-        "crashes": 1,
-        "rerun_crashed": True,
-        "staggered": True,
-    },
-    seed=9,
-)
+@example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=0)
+@example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=9)
 def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int) -> None:
     """Workers may start their last held item here (queue depth has its own tests)."""
     sim = run_randomly(run, seed, strict_xdist=False)
