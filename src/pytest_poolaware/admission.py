@@ -17,6 +17,12 @@ from typing import Generic, TypeVar
 
 W = TypeVar("W", bound=Hashable)
 
+#: Names one budget: connections to one server, role or database, each with its own limit.
+BudgetKey = str
+#: The run's own budget (the server and login of the run's DSN): what items' needs are
+#: measured against, and what a request names when it names none.
+DEFAULT_BUDGET: BudgetKey = ""
+
 
 @dataclass(frozen=True)
 class Go:
@@ -126,10 +132,20 @@ class Admission(Generic[W]):
     """Goes, grants, releases and wait-die for one budget.
 
     ``need_of`` gives an item's expected peak connections (measured, learned or
-    assumed): the planner owns what is known of items.
+    assumed): the planner owns what is known of items. With ``gates_items=False`` the
+    budget gates connects only (another server's or role's): its goes are given by the
+    run's own budget and reported here with ``started``. ``blocked_elsewhere`` tells
+    whether a worker waits on another budget: it will free nothing here until then.
     """
 
-    def __init__(self, budget: int, *, need_of: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        budget: int,
+        *,
+        need_of: Callable[[int], int],
+        gates_items: bool = True,
+        blocked_elsewhere: Callable[[W], bool] | None = None,
+    ) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
@@ -137,6 +153,11 @@ class Admission(Generic[W]):
         self._ceiling = budget
         self._give_way = False
         self.need_of = need_of
+        self.gates_items = gates_items
+        #: The budget was lowered below what the workers hold: until they are back
+        #: under it, idle connections are asked back even with nobody waiting.
+        self._lowered_under = False
+        self._blocked_elsewhere = blocked_elsewhere or (lambda worker: False)
         self._workers: dict[W, _Holder] = {}
         self._counter = 0
         self._peak_open = 0
@@ -155,12 +176,23 @@ class Admission(Generic[W]):
         """Items were handed to the worker (they start once they get a go)."""
         self._workers[worker].queue.extend(indices)
 
+    def started(self, worker: W, index: int) -> None:
+        """The run's own budget gave the worker's next item its go (``gates_items=False``)."""
+        state = self._workers[worker]
+        assert state.queue[state.granted] == index, (index, state.queue, state.granted)
+        state.granted += 1
+        state.granted_needs[self.need_of(index)] += 1
+
     def set_budget(
         self, budget: int, *, ceiling: int | None = None, give_way: bool = False
     ) -> bool:
         """The room changed mid-run (another run on the server took or gave back a
         share): what already started keeps what it was granted, new goes and grants
         follow the new budget. Returns whether anything changed.
+
+        Lowered below what the workers hold, it lets nothing new start and grants no
+        connect beyond what a running item was already granted, asks the workers for
+        their idle connections back, and the run converges to it as items end.
 
         ``ceiling`` is what the budget can still grow to (another run giving its share
         back): an item that needs more than the budget but no more than that waits for
@@ -174,6 +206,7 @@ class Admission(Generic[W]):
         if (budget, ceiling, give_way) == (self.budget, self._ceiling, self._give_way):
             return False
         self.budget, self._ceiling, self._give_way = budget, ceiling, give_way
+        self._lowered_under = self.committed > budget
         return True
 
     def counts(
@@ -301,6 +334,14 @@ class Admission(Generic[W]):
         wants += [s.open + s.connecting + 1 for s in self._workers.values() if s.requests]
         return max(wants, default=0)
 
+    def queue_of(self, worker: W) -> list[int]:
+        """The items handed to the worker and not completed, in run order."""
+        return list(self._workers[worker].queue)
+
+    def started_count(self, worker: W) -> int:
+        """How many of them have their go (a prefix of the queue)."""
+        return self._workers[worker].granted
+
     def running(self, worker: W) -> int | None:
         """The item the worker runs or starts next, if it may start one."""
         state = self._workers.get(worker)
@@ -354,6 +395,7 @@ class Admission(Generic[W]):
         committed = {w: self._commitment(s) for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
+        gating = self.gates_items
 
         draining = False
         for request in self._waiting():
@@ -385,7 +427,7 @@ class Admission(Generic[W]):
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(blocked) or room < 0
-        for worker in [] if draining else self._go_order(first):
+        for worker in [] if draining or not gating else self._go_order(first):
             state = self._workers[worker]
             while state.granted < len(state.queue) and not state.requests:
                 index = state.queue[state.granted]
@@ -411,13 +453,25 @@ class Admission(Generic[W]):
 
         if blocked:
             self._relieve(blocked, actions)
+        elif self._lowered_under:
+            # Over a lowered budget with nobody waiting: idle connections given back
+            # bring the run under it sooner (another run may be waiting for them).
+            self._lowered_under = room < 0
+            if self._lowered_under:
+                self._ask_idle_back(actions)
+
+    def _runs_freely(self, worker: W, state: _Holder) -> bool:
+        """Whether the worker runs an item that waits for nothing: its end frees room."""
+        return bool(state.granted) and not state.requests and not self._blocked_elsewhere(worker)
+
+    def has_requests(self, worker: W) -> bool:
+        state = self._workers.get(worker)
+        return state is not None and bool(state.requests)
 
     def _others_busy(self, worker: W) -> bool:
         """Whether any other worker holds connections or runs an item."""
         return any(
-            s.open > 0 or (s.granted and not s.requests)
-            for w, s in self._workers.items()
-            if w != worker
+            s.open > 0 or self._runs_freely(w, s) for w, s in self._workers.items() if w != worker
         )
 
     def _waiting(self) -> list[_Request]:
@@ -464,10 +518,7 @@ class Admission(Generic[W]):
     def _relieve(self, blocked: list[W], actions: list[AdmissionAction]) -> None:
         """Free room for blocked workers: ask for idle connections back; when nothing can
         free room any more, break the deadlock (see ``Answer``)."""
-        for worker, state in self._workers.items():
-            if state.idle > state.stuck_idle and not state.release_sent:
-                state.release_sent = True
-                actions.append(Release(worker))
+        self._ask_idle_back(actions)
         if self._can_progress(blocked):
             return
         waiting = self._waiting()
@@ -502,6 +553,13 @@ class Admission(Generic[W]):
             state.granted_needs = Counter({self.need_of(index): 1})
             actions.append(Go(first, index))
 
+    def _ask_idle_back(self, actions: list[AdmissionAction]) -> None:
+        """Ask every worker holding idle connections it may give back (once per answer)."""
+        for worker, state in self._workers.items():
+            if state.idle > state.stuck_idle and not state.release_sent:
+                state.release_sent = True
+                actions.append(Release(worker))
+
     def _can_progress(self, blocked: list[W]) -> bool:
         """Whether some worker will free room without help: it is running an item, or
         it is about to answer a request to release idle connections."""
@@ -509,7 +567,7 @@ class Admission(Generic[W]):
         for worker, state in self._workers.items():
             if state.release_sent:
                 return True
-            if worker not in stuck and state.granted and not state.requests:
+            if worker not in stuck and self._runs_freely(worker, state):
                 return True
         return False
 

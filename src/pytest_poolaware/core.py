@@ -27,8 +27,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from pytest_poolaware.admission import DEFAULT_BUDGET as DEFAULT_BUDGET
 from pytest_poolaware.admission import Admission as Admission
 from pytest_poolaware.admission import Answer as Answer
+from pytest_poolaware.admission import BudgetKey as BudgetKey
 from pytest_poolaware.admission import Go as Go
 from pytest_poolaware.admission import Grant as Grant
 from pytest_poolaware.admission import Overrun as Overrun
@@ -71,6 +73,10 @@ class Planner(Generic[W]):
     Called by the xdist adapter (``scheduler.PoolAwareScheduling``) on the controller's
     main thread; every method returns the actions to carry out, in order: placement's
     (``Send``, ``Shutdown``) first, then admission's (``Go``, ``Grant``, ``Release``).
+
+    Admission keeps one budget per ``BudgetKey``: the run's own (``DEFAULT_BUDGET``)
+    gates items and connects; any other (set with ``set_budget(..., key=...)``) gates
+    the connects that name it. A connect naming a budget never set is not gated.
     """
 
     def __init__(
@@ -78,7 +84,11 @@ class Planner(Generic[W]):
     ) -> None:
         self.unknown_need = unknown_need
         self._placer: Placer[W] = Placer(order=order)
-        self._admission: Admission[W] = Admission(budget, need_of=self.need_of)
+        self._admission: Admission[W] = Admission(
+            budget, need_of=self.need_of, blocked_elsewhere=self._blocked_elsewhere
+        )
+        #: Every budget by key, the run's own first.
+        self._budgets: dict[BudgetKey, Admission[W]] = {DEFAULT_BUDGET: self._admission}
         #: Peaks measured in this run, by item.
         self._needs: dict[int, int] = {}
 
@@ -104,7 +114,8 @@ class Planner(Generic[W]):
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
         self._placer.add_worker(worker)
-        self._admission.add_worker(worker)
+        for admission in self._budgets.values():
+            admission.add_worker(worker)
         return self._plan() if self.loaded else []
 
     def remove_worker(self, worker: W, *, crashed: bool = True) -> tuple[int | None, list[Action]]:
@@ -115,16 +126,47 @@ class Planner(Generic[W]):
         queued (it was shut down first), goes back to the front of its lane, in order.
         """
         running = self._placer.remove_worker(worker, crashed=crashed)
-        self._admission.remove_worker(worker)
+        for admission in self._budgets.values():
+            admission.remove_worker(worker)
         return running, self._plan()
 
     def set_budget(
-        self, budget: int, *, ceiling: int | None = None, give_way: bool = False
+        self,
+        budget: int,
+        *,
+        ceiling: int | None = None,
+        give_way: bool = False,
+        key: BudgetKey = DEFAULT_BUDGET,
     ) -> list[Action]:
-        """The room changed mid-run: see ``Admission.set_budget``."""
-        if not self._admission.set_budget(budget, ceiling=ceiling, give_way=give_way):
+        """The room changed mid-run, up or down: see ``Admission.set_budget``. A new
+        ``key`` starts gating the connects that name it from now on."""
+        admission = self._budgets.get(key)
+        if admission is None:
+            admission = self._budgets[key] = self._new_budget(budget)
+            admission.set_budget(budget, ceiling=ceiling, give_way=give_way)
+        elif not admission.set_budget(budget, ceiling=ceiling, give_way=give_way):
             return []
         return self._plan()
+
+    def _new_budget(self, budget: int) -> Admission[W]:
+        """Another budget, gating connects only: it learns the workers' queues and goes."""
+        admission: Admission[W] = Admission(
+            budget,
+            need_of=lambda index: 0,
+            gates_items=False,
+            blocked_elsewhere=self._blocked_elsewhere,
+        )
+        for worker in self._placer.workers:
+            admission.add_worker(worker)
+            queue = self._admission.queue_of(worker)
+            admission.queued(worker, queue)
+            for index in queue[: self._admission.started_count(worker)]:
+                admission.started(worker, index)
+        return admission
+
+    def _blocked_elsewhere(self, worker: W) -> bool:
+        """Whether the worker waits on any budget: it frees nothing anywhere meanwhile."""
+        return any(a.has_requests(worker) for a in self._budgets.values())
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
@@ -148,21 +190,36 @@ class Planner(Generic[W]):
         *,
         released: bool = False,
         version: int | None = None,
+        key: BudgetKey = DEFAULT_BUDGET,
     ) -> list[Action]:
-        """Live connection counts measured inside a worker: see ``Admission.counts``."""
-        if not self._admission.counts(worker, open_, idle, released=released, version=version):
+        """Live connection counts measured inside a worker, of the connections ``key``
+        gates: see ``Admission.counts``."""
+        admission = self._budgets.get(key)
+        if admission is None or not admission.counts(
+            worker, open_, idle, released=released, version=version
+        ):
             return []
         return self._plan()
 
-    def counts_changed(self, worker: W, open_: int, idle: int, version: int | None = None) -> bool:
+    def counts_changed(
+        self,
+        worker: W,
+        open_: int,
+        idle: int,
+        version: int | None = None,
+        key: BudgetKey = DEFAULT_BUDGET,
+    ) -> bool:
         """Whether these counts are news (most items end with the counts they began with)."""
-        return self._admission.counts_changed(worker, open_, idle, version)
+        admission = self._budgets.get(key)
+        return admission is not None and admission.counts_changed(worker, open_, idle, version)
 
     def completed(
         self, worker: W, index: int, *, need: int | None = None, duration: float | None = None
     ) -> list[Action]:
         """The worker finished an item; ``need`` is its measured peak, if measured."""
         self._admission.completed(worker, index, need=need)
+        for admission in self._others():
+            admission.completed(worker, index)
         self._placer.complete(worker, index)
         if need is not None:
             self._needs[index] = need
@@ -180,7 +237,9 @@ class Planner(Generic[W]):
         worker nothing. A completion only frees room, and nobody wants room, so
         ``_plan`` would return no action.
         """
-        return self._placer.settled_after_completion(worker) and self._admission.settled()
+        return self._placer.settled_after_completion(worker) and all(
+            a.settled() for a in self._budgets.values()
+        )
 
     def request(
         self,
@@ -190,11 +249,15 @@ class Planner(Generic[W]):
         *,
         item: int | None = None,
         background: bool = False,
+        key: BudgetKey = DEFAULT_BUDGET,
     ) -> list[Action]:
         """Item ``item`` of a worker is blocked until it may hold one more connection, or,
-        with ``want``, that many (to rerun an item that hit the server's limit).
-        ``background``: a pool's own connect, which is never refused."""
-        if not self._admission.request(worker, request, want, item=item, background=background):
+        with ``want``, that many (to rerun an item that hit the server's limit), of the
+        budget ``key``. ``background``: a pool's own connect, which is never refused."""
+        admission = self._budgets.get(key)
+        if admission is None:  # no such budget: nothing to wait for
+            return [Grant(worker, request)] if worker in self._placer.workers else []
+        if not admission.request(worker, request, want, item=item, background=background):
             return []
         return self._plan()
 
@@ -212,9 +275,15 @@ class Planner(Generic[W]):
     def placement(self) -> Placement:
         return self._placer.placement
 
+    def budget_of(self, key: BudgetKey) -> int | None:
+        """The budget ``key`` now (None: never set)."""
+        admission = self._budgets.get(key)
+        return None if admission is None else admission.budget
+
     @property
     def overruns(self) -> list[Overrun]:
-        return self._admission.overruns
+        """Items let past a budget, the run's own budget's first."""
+        return [o for a in self._budgets.values() for o in a.overruns]
 
     @property
     def loaded(self) -> bool:
@@ -265,7 +334,7 @@ class Planner(Generic[W]):
             pending_fanout=placer.pending_fanout,
             in_flight=placer.in_flight,
             completed=len(placer.completed),
-            overruns=tuple(admission.overruns),
+            overruns=tuple(self.overruns),
             learned=placer.learned,
         )
 
@@ -281,7 +350,33 @@ class Planner(Generic[W]):
         self._placer.fill(placed)
         for action in placed:
             if isinstance(action, Send):
-                self._admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
+                for admission in self._budgets.values():
+                    admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
         self._admission.admit(admitted, first=self._placer.serial_worker)
+        others = self._others()
+        if others:
+            goes = [a for a in admitted if isinstance(a, Go)]
+            for admission in others:
+                for go in goes:
+                    admission.started(go.worker, go.index)  # type: ignore[arg-type]
+                admission.admit(admitted)
+            admitted = _one_release_per_worker(admitted)
         return [*placed, *admitted]
+
+    def _others(self) -> list[Admission[W]]:
+        """The budgets other than the run's own."""
+        return [a for key, a in self._budgets.items() if key != DEFAULT_BUDGET]
+
+
+def _one_release_per_worker(actions: list[Go | Grant | Release]) -> list[Go | Grant | Release]:
+    """One release asks a worker for the idle connections of every budget."""
+    asked: set[Hashable] = set()
+    kept: list[Go | Grant | Release] = []
+    for action in actions:
+        if isinstance(action, Release):
+            if action.worker in asked:
+                continue
+            asked.add(action.worker)
+        kept.append(action)
+    return kept
