@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -127,6 +127,123 @@ class _Holder:
     #: When its head item was first found not to fit (0: not waiting); oldest go first.
     waiting_since: int = 0
 
+    def commitment(self) -> int:
+        if any(r.kind is RequestKind.RERUN for r in self.requests):
+            return self.open  # it starts nothing before its rerun is granted
+        return max(self.open, self.floor, self.granted_need())
+
+    def granted_need(self) -> int:
+        """The largest expected need among the go'ed items."""
+        return max(self.granted_needs, default=0)
+
+    def start(self, need: int) -> None:
+        """Its next queued item gets its go."""
+        self.granted += 1
+        self.granted_needs[need] += 1
+
+    def take_counts(self, open_: int, idle: int, released: bool, version: int | None) -> bool:
+        """See ``Admission.counts``."""
+        stale = version is not None and version <= self.version
+        if not stale:
+            self.version = self.version if version is None else version
+            if open_ > self.open:
+                self.connecting = max(0, self.connecting - (open_ - self.open))
+            self.open, self.idle = open_, idle
+        if released:
+            # The answer to a Release counts even when its numbers are not news: the
+            # deadlock check waits for it.
+            self.release_sent = False
+            self.stuck_idle = self.idle
+        elif stale:
+            return False
+        return True
+
+    def counts_changed(self, open_: int, idle: int, version: int | None) -> bool:
+        if version is not None and version <= self.version:
+            return False
+        return (self.open, self.idle) != (open_, idle)
+
+    def complete(self, index: int, expected: int) -> None:
+        """An item ended (``expected``: the need it was go'ed with)."""
+        if self.queue.index(index) < self.granted:
+            self.granted -= 1
+            self.granted_needs[expected] -= 1
+            if not self.granted_needs[expected]:
+                del self.granted_needs[expected]
+        self.queue.remove(index)
+        if self.requests:
+            # A request left unanswered (its wait timed out) is void once its item is over.
+            self.requests = self.outliving({index})
+        if self.floor_item not in self.queue:
+            # What was granted belonged to this item (or to none still queued): free it.
+            # Grants to a later item that already started stay until that one completes.
+            self.free_grants()
+        self.stuck_idle = 0
+
+    def ask(self, request: _Request) -> None:
+        """A request from one of its items (``item``: which, if still queued)."""
+        item = request.item
+        if item is None or item not in self.queue:
+            request.item = self.queue[0] if self.queue else None
+        else:
+            self.forget_ended(item)
+        if request.kind is RequestKind.RERUN:
+            self.floor = 0  # the first attempt is over; what it was granted is free
+        self.requests.append(request)
+
+    def forget_ended(self, item: int) -> None:
+        """``item`` asks: the items queued before it have ended (a worker runs its queue in
+        order), even if their completion has not reached us yet. What was granted to them
+        is free (their counts, sent before this request, are already taken), and requests
+        of theirs left unanswered by a timeout are void."""
+        ended = set(itertools.islice(self.queue, self.queue.index(item)))
+        if not ended:
+            return
+        if self.floor_item in ended:
+            self.free_grants()
+        self.requests = self.outliving(ended)
+
+    def free_grants(self) -> None:
+        self.floor = 0
+        self.connecting = 0
+        self.floor_item = None
+        self.rerunning = False
+
+    def outliving(self, ended: set[int]) -> list[_Request]:
+        """The requests that outlive the ``ended`` items: those of other items, and a
+        pool's background connects (still waiting in the pool's thread: they pass to the
+        worker's next item)."""
+        kept = []
+        for request in self.requests:
+            if request.item in ended:
+                if not request.background:
+                    continue
+                request.item = next((i for i in self.queue if i not in ended), None)
+            kept.append(request)
+        return kept
+
+    def queued_before(self, later: int | None, earlier: int | None) -> bool:
+        """Whether ``earlier`` sits before ``later`` in the queue."""
+        if later not in self.queue or earlier not in self.queue:
+            return False
+        return self.queue.index(earlier) < self.queue.index(later)  # type: ignore[arg-type]
+
+    def wants(self, need_of: Callable[[int], int]) -> int:
+        """The most its head, held back by the budget, or its requests want (0: none)."""
+        wants = [r.want for r in self.requests]
+        if self.requests:
+            wants.append(self.open + self.connecting + 1)
+        if self.waiting_since and self.granted < len(self.queue):
+            wants.append(need_of(self.queue[self.granted]))
+        return max(wants, default=0)
+
+    def describe(self) -> str:
+        return (
+            f"open={self.open} idle={self.idle} floor={self.floor} need={self.granted_need()} "
+            f"go={self.granted}/{len(self.queue)} req={[r.kind.value for r in self.requests]}"
+            f"{' rel' if self.release_sent else ''}"
+        )
+
 
 class Admission(Generic[W]):
     """Goes, grants, releases and wait-die for one budget.
@@ -180,8 +297,7 @@ class Admission(Generic[W]):
         """The run's own budget gave the worker's next item its go (``gates_items=False``)."""
         state = self._workers[worker]
         assert state.queue[state.granted] == index, (index, state.queue, state.granted)
-        state.granted += 1
-        state.granted_needs[self.need_of(index)] += 1
+        state.start(self.need_of(index))
 
     def set_budget(
         self, budget: int, *, ceiling: int | None = None, give_way: bool = False
@@ -223,48 +339,16 @@ class Admission(Generic[W]):
         channel, item reports): counts not newer than those already taken are ignored.
         Returns whether they are news to decide on."""
         state = self._workers.get(worker)
-        if state is None:
-            return False
-        stale = version is not None and version <= state.version
-        if not stale:
-            state.version = state.version if version is None else version
-            if open_ > state.open:
-                state.connecting = max(0, state.connecting - (open_ - state.open))
-            state.open, state.idle = open_, idle
-        if released:
-            # The answer to a Release counts even when its numbers are not news: the
-            # deadlock check waits for it.
-            state.release_sent = False
-            state.stuck_idle = state.idle
-        elif stale:
-            return False
-        return True
+        return state is not None and state.take_counts(open_, idle, released, version)
 
     def counts_changed(self, worker: W, open_: int, idle: int, version: int | None = None) -> bool:
         """Whether these counts are news (most items end with the counts they began with)."""
         state = self._workers.get(worker)
-        if state is None or (version is not None and version <= state.version):
-            return False
-        return (state.open, state.idle) != (open_, idle)
+        return state is not None and state.counts_changed(open_, idle, version)
 
     def completed(self, worker: W, index: int, *, need: int | None = None) -> None:
         """The worker finished an item; ``need`` is its measured peak, if measured."""
-        state = self._workers[worker]
-        if state.queue.index(index) < state.granted:
-            state.granted -= 1
-            expected = self.need_of(index)
-            state.granted_needs[expected] -= 1
-            if not state.granted_needs[expected]:
-                del state.granted_needs[expected]
-        state.queue.remove(index)
-        if state.requests:
-            # A request left unanswered (its wait timed out) is void once its item is over.
-            state.requests = _outliving(state, {index})
-        if state.floor_item not in state.queue:
-            # What was granted belonged to this item (or to none still queued): free it.
-            # Grants to a later item that already started stay until that one completes.
-            self._free_grants(state)
-        state.stuck_idle = 0
+        self._workers[worker].complete(index, self.need_of(index))
         if need is not None and self.overruns:
             # An overrun is reported with what the item turned out to need in all.
             self.overruns = [
@@ -287,52 +371,16 @@ class Admission(Generic[W]):
         state = self._workers.get(worker)
         if state is None:
             return False
-        if item is None or item not in state.queue:
-            item = state.queue[0] if state.queue else None
-        else:
-            self._forget_ended(state, item)
-        if want is None:
-            kind = RequestKind.CONNECT
-        else:
-            kind = RequestKind.RERUN
-            state.floor = 0  # the first attempt is over; what it was granted is free
-        state.requests.append(
-            _Request(worker, request, self._next(), kind, want or 0, item, background)
-        )
+        kind = RequestKind.CONNECT if want is None else RequestKind.RERUN
+        state.ask(_Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
-
-    def _forget_ended(self, state: _Holder, item: int) -> None:
-        """``item`` asks: the items queued before it have ended (a worker runs its queue in
-        order), even if their completion has not reached us yet. What was granted to them
-        is free (their counts, sent before this request, are already taken), and requests
-        of theirs left unanswered by a timeout are void."""
-        ended = set(itertools.islice(state.queue, state.queue.index(item)))
-        if not ended:
-            return
-        if state.floor_item in ended:
-            self._free_grants(state)
-        state.requests = _outliving(state, ended)
-
-    @staticmethod
-    def _free_grants(state: _Holder) -> None:
-        state.floor = 0
-        state.connecting = 0
-        state.floor_item = None
-        state.rerunning = False
 
     # -- queries ------------------------------------------------------------------------
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
         so that a run sharing the server's room can ask for more of it."""
-        wants = [
-            self.need_of(s.queue[s.granted])
-            for s in self._workers.values()
-            if s.waiting_since and s.granted < len(s.queue)
-        ]
-        wants += [r.want for s in self._workers.values() for r in s.requests]
-        wants += [s.open + s.connecting + 1 for s in self._workers.values() if s.requests]
-        return max(wants, default=0)
+        return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
 
     def queue_of(self, worker: W) -> list[int]:
         """The items handed to the worker and not completed, in run order."""
@@ -358,7 +406,7 @@ class Admission(Generic[W]):
 
     @property
     def committed(self) -> int:
-        return sum(self._commitment(s) for s in self._workers.values())
+        return sum(s.commitment() for s in self._workers.values())
 
     @property
     def open(self) -> int:
@@ -374,25 +422,15 @@ class Admission(Generic[W]):
 
     def describe(self, worker: W) -> str:
         """The worker's admission state in one short line, for ``--debug`` logs."""
-        s = self._workers[worker]
-        return (
-            f"open={s.open} idle={s.idle} floor={s.floor} need={_granted_need(s)} "
-            f"go={s.granted}/{len(s.queue)} req={[r.kind.value for r in s.requests]}"
-            f"{' rel' if s.release_sent else ''}"
-        )
+        return self._workers[worker].describe()
 
     # -- decisions ----------------------------------------------------------------------
-
-    def _commitment(self, state: _Holder) -> int:
-        if any(r.kind is RequestKind.RERUN for r in state.requests):
-            return state.open  # it starts nothing before its rerun is granted
-        return max(state.open, state.floor, _granted_need(state))
 
     def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
         room reserved, so later, smaller items cannot starve it."""
-        committed = {w: self._commitment(s) for w, s in self._workers.items()}
+        committed = {w: s.commitment() for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
         gating = self.gates_items
@@ -427,7 +465,7 @@ class Admission(Generic[W]):
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(blocked) or room < 0
-        for worker in [] if draining or not gating else self._go_order(first):
+        for worker in [] if draining or not gating else _go_order(self._workers, first):
             state = self._workers[worker]
             while state.granted < len(state.queue) and not state.requests:
                 index = state.queue[state.granted]
@@ -439,8 +477,7 @@ class Admission(Generic[W]):
                         state.waiting_since = 0
                     room -= extra
                     committed[worker] = raised
-                    state.granted += 1
-                    state.granted_needs[self.need_of(index)] += 1
+                    state.start(self.need_of(index))
                     actions.append(Go(worker, index))
                     continue
                 if starts_now:
@@ -475,28 +512,13 @@ class Admission(Generic[W]):
         )
 
     def _waiting(self) -> list[_Request]:
-        """Connect requests first, oldest first: they come from running items, whose
-        ending is what frees room; then reruns, which wait for the run to drain."""
-        waiting = [r for s in self._workers.values() for r in s.requests]
-        return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
-
-    def _go_order(self, first: W | None) -> list[W]:
-        """Waiting heads first, oldest first; then ``first``, then by arrival."""
-        return sorted(
-            self._workers,
-            key=lambda w: (
-                self._workers[w].waiting_since == 0,
-                self._workers[w].waiting_since,
-                w != first,
-                self._workers[w].order,
-            ),
-        )
+        return _waiting(self._workers.values())
 
     def _answer(self, request: _Request, answer: Answer, actions: list[AdmissionAction]) -> None:
         worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
         if answer is not Answer.REFUSED:
-            if not _queued_before(state, state.floor_item, request.item):
+            if not state.queued_before(state.floor_item, request.item):
                 state.floor_item = request.item  # grants follow the latest item asking
             if request.kind is RequestKind.RERUN:
                 state.floor = max(state.floor, request.want)
@@ -532,7 +554,7 @@ class Admission(Generic[W]):
         victim = connects[-1].worker if connects else None
         if victim is not None and (
             self._give_way
-            or any(self._commitment(s) > 0 for w, s in self._workers.items() if w != victim)
+            or any(s.commitment() > 0 for w, s in self._workers.items() if w != victim)
         ):
             # Wait-die: the youngest waiting test gives way (all its waiting threads);
             # it fails on a connection-limit error and is rerun alone.
@@ -576,27 +598,21 @@ class Admission(Generic[W]):
         return self._counter
 
 
-def _queued_before(state: _Holder, later: int | None, earlier: int | None) -> bool:
-    """Whether ``earlier`` sits before ``later`` in the worker's queue."""
-    if later not in state.queue or earlier not in state.queue:
-        return False
-    return state.queue.index(earlier) < state.queue.index(later)  # type: ignore[arg-type]
+def _waiting(holders: Iterable[_Holder]) -> list[_Request]:
+    """Connect requests first, oldest first: they come from running items, whose ending
+    is what frees room; then reruns, which wait for the run to drain."""
+    waiting = [r for s in holders for r in s.requests]
+    return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
 
 
-def _outliving(state: _Holder, ended: set[int]) -> list[_Request]:
-    """The requests that outlive the ``ended`` items: those of other items, and a pool's
-    background connects (still waiting in the pool's thread: they pass to the worker's
-    next item)."""
-    kept = []
-    for request in state.requests:
-        if request.item in ended:
-            if not request.background:
-                continue
-            request.item = next((i for i in state.queue if i not in ended), None)
-        kept.append(request)
-    return kept
-
-
-def _granted_need(state: _Holder) -> int:
-    """The largest expected need among a worker's go'ed items."""
-    return max(state.granted_needs, default=0)
+def _go_order(holders: Mapping[W, _Holder], first: W | None) -> list[W]:
+    """Waiting heads first, oldest first; then ``first``, then by arrival."""
+    return sorted(
+        holders,
+        key=lambda w: (
+            holders[w].waiting_since == 0,
+            holders[w].waiting_since,
+            w != first,
+            holders[w].order,
+        ),
+    )

@@ -94,6 +94,15 @@ class _Seat:
     #: items above this, so it runs its tests in collection order.
     watermark: int = -1
 
+    def hand_out(self, indices: list[int], returned: set[int]) -> None:
+        """Queue items and raise the watermark past them (``returned`` items aside)."""
+        if not indices:
+            return
+        self.queue.extend(indices)
+        self.watermark = max(
+            self.watermark, max((i for i in indices if i not in returned), default=-1)
+        )
+
 
 class Placer(Generic[W]):
     """Hands the collection out to workers: the serial lane to one worker at a time, the
@@ -134,7 +143,7 @@ class Placer(Generic[W]):
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
         fanout = [i for i, t in enumerate(tests) if t.lane is Lane.FANOUT]
         if self.order is Order.DURATION:
-            fanout = self._longest_groups_first(fanout)
+            fanout = longest_groups_first(self.tests, fanout)
         self._seconds = expected_seconds([t.duration for t in tests])
         self.learned = sum(t.duration is not None for t in tests)
         self._fanout = FanoutPool(
@@ -143,20 +152,6 @@ class Placer(Generic[W]):
             groups=[t.group for t in tests],
             placement=self.placement,
         )
-
-    def _longest_groups_first(self, indices: list[int]) -> list[int]:
-        """Whole groups (modules) in order of total duration, unmeasured ones first, each
-        in collection order: long work starts early, and module fixtures are set up once
-        per worker rather than once per item."""
-        groups: dict[str, list[int]] = {}
-        for index in indices:
-            groups.setdefault(self.tests[index].group, []).append(index)
-
-        def weight(members: list[int]) -> tuple[bool, float]:
-            durations = [self.tests[i].duration for i in members]
-            return (None not in durations, -sum(d or 0.0 for d in durations))
-
-        return [i for members in sorted(groups.values(), key=weight) for i in members]
 
     def open_fanout(self) -> None:
         self._fanout_open = True
@@ -304,11 +299,11 @@ class Placer(Generic[W]):
                 batch = (
                     self._take_in_order(worker, state)
                     if alone
-                    else self._batch(state, self._target(len(self._serial), 1), self._pop_serial)
+                    else self._batch(state, queue_target(len(self._serial), 1), self._pop_serial)
                 )
             else:
                 batch = []
-            self._hand_out(state, batch)
+            state.hand_out(batch, self._returned)
             if not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
                 # out, in the same pass, so that it never holds a single item. Before
@@ -326,7 +321,7 @@ class Placer(Generic[W]):
                         more.append(index)
                 else:
                     more = []
-                self._hand_out(state, more)
+                state.hand_out(more, self._returned)
                 batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
@@ -339,16 +334,6 @@ class Placer(Generic[W]):
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
-
-    def _hand_out(self, state: _Seat, indices: list[int]) -> None:
-        """Queue items on a worker and raise its watermark past them."""
-        if not indices:
-            return
-        state.queue.extend(indices)
-        returned = self._returned
-        state.watermark = max(
-            state.watermark, max((i for i in indices if i not in returned), default=-1)
-        )
 
     def _split(self, serial_worker: W | None, live: list[W]) -> None:
         """Cut the fan-out into one range per fan-out worker that has run nothing yet.
@@ -397,7 +382,7 @@ class Placer(Generic[W]):
             return self._pop_serial() if index is None else index
 
         pending = len(self._serial) + len(self._fanout)
-        return self._batch(state, self._target(pending, 1), pop)
+        return self._batch(state, queue_target(pending, 1), pop)
 
     def _pick_serial_worker(self) -> W | None:
         """The serial lane keeps its worker; a new one is picked when it is gone."""
@@ -442,8 +427,8 @@ class Placer(Generic[W]):
         """Queue length aimed at: a share of the worker's own range (ranges), or of the
         whole fan-out among the workers sharing it (shared)."""
         if self._fanout.in_order:
-            return self._target(self._fanout.own_pending(worker), 1)
-        return self._target(len(self._fanout), sharing)
+            return queue_target(self._fanout.own_pending(worker), 1)
+        return queue_target(len(self._fanout), sharing)
 
     def _batch(self, state: _Seat, target: int, pop: Callable[[], int | None]) -> list[int]:
         """Load-style batches: big early, small late, and only a few seconds of known
@@ -462,9 +447,25 @@ class Placer(Generic[W]):
             seconds += self.tests[index].duration or 0.0
         return batch
 
-    @staticmethod
-    def _target(pending: int, sharing: int) -> int:
-        return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
+
+def queue_target(pending: int, sharing: int) -> int:
+    """Queue length aimed at for ``pending`` items shared by ``sharing`` workers."""
+    return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
+
+
+def longest_groups_first(tests: Sequence[ItemSpec], indices: list[int]) -> list[int]:
+    """Whole groups (modules) in order of total duration, unmeasured ones first, each in
+    collection order: long work starts early, and module fixtures are set up once per
+    worker rather than once per item."""
+    groups: dict[str, list[int]] = {}
+    for index in indices:
+        groups.setdefault(tests[index].group, []).append(index)
+
+    def weight(members: list[int]) -> tuple[bool, float]:
+        durations = [tests[i].duration for i in members]
+        return (None not in durations, -sum(d or 0.0 for d in durations))
+
+    return [i for members in sorted(groups.values(), key=weight) for i in members]
 
 
 def lane_for(*, serial: bool, parallel: bool, measured: bool, unmarked_serial: bool) -> Lane:
