@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pytest_poolaware import compat
-from pytest_poolaware.core import Action, Go, Grant, Planner, Release, Send, Shutdown
+from pytest_poolaware.core import (
+    DEFAULT_BUDGET,
+    Action,
+    Go,
+    Grant,
+    Planner,
+    Release,
+    Send,
+    Shutdown,
+)
 from pytest_poolaware.link import ControllerLink
 from pytest_poolaware.protocol import (
     Collected,
@@ -118,7 +127,8 @@ class Dispatcher:
             if isinstance(message, Collected):
                 self._on_collected(node, message)
             elif isinstance(message, Counts):
-                self._record.timeline.append((time.time(), node.gateway.id, message.open))
+                if message.budget == DEFAULT_BUDGET:  # the timeline shows the run's own
+                    self._record.timeline.append((time.time(), node.gateway.id, message.open))
                 if node in self._joined:
                     self.apply(
                         self.planner.counts(
@@ -127,19 +137,22 @@ class Dispatcher:
                             message.idle,
                             released=message.released,
                             version=message.version,
+                            key=message.budget,
                         )
                     )
             elif isinstance(message, RoomRequest):
                 if node in self._joined:
                     want = message.want
-                    if want is not None:  # a rerun asks for the whole budget: as it is now
-                        want = min(want, self.planner.budget)
+                    budget = self.planner.budget_of(message.budget)
+                    if want is not None and budget is not None:
+                        want = min(want, budget)  # a rerun asks for the whole budget: as it is now
                     actions = self.planner.request(
                         node,
                         message.request,
                         want,
                         item=message.item,
                         background=message.background,
+                        key=message.budget,
                     )
                     if not any(
                         isinstance(a, Grant) and a.worker == node and a.request == message.request
