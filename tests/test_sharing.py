@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ import pytest
 from inner import CONNECTION_ERRORS, RUN_TIMEOUT, free_port, wait_listening
 from test_scheduling import CONFTEST, SUITE
 
-from pytest_poolaware.share import Others, fair_shares, plan, shares_with_priority
+from pytest_poolaware.server_room import open_connection, read_facts, room_of, target_database
+from pytest_poolaware.share import (
+    GROWTH_WAIT,
+    Others,
+    ShareCoordinator,
+    fair_shares,
+    plan,
+    shares_with_priority,
+)
 from pytest_poolaware.worker import RERUN_SERVER
 
 ROLE_LIMIT = 16
@@ -253,3 +262,112 @@ def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     assert "13 passed" in run.output
     assert "note: sharing the server's room stopped: " in run.output
     assert "note: server monitoring stopped after " in run.output
+
+
+# -- cross-run waits --------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves: the growth wait ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # monotonic clocks do not start at 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Coordinated:
+    """One run's coordinator on its own connection, as the plugin makes it, stepped by
+    hand (no background thread) against the real server."""
+
+    def __init__(self, dsn: str, namespace: str, clock: FakeClock) -> None:
+        self.connection = open_connection(dsn)
+        facts = read_facts(self.connection, target_database(dsn))
+        alone = room_of(facts)
+        self.share = ShareCoordinator(
+            self.connection,
+            namespace=namespace,
+            facts=facts,
+            room=alone,
+            ceiling=alone.budget,
+            clock=clock,
+        )
+
+    def wants(self, need: int, *, in_use: int = 0, open_: int = 0) -> None:
+        """The run's planner: it holds ``in_use`` and an item needing ``need`` waits."""
+        self.share.report(
+            in_use=in_use, open_=open_, pending=True, wants=need, using=self.share.budget()
+        )
+
+
+def settle(*runs: Coordinated, steps: int = 4) -> None:
+    for _ in range(steps):
+        for run in runs:
+            assert run.share.step(), run.share.problem
+
+
+@pytest.fixture
+def two_runs(limited_role: Any) -> Iterator[tuple[Coordinated, Coordinated, FakeClock]]:
+    dsn = limited_role(ROLE_LIMIT)
+    clock = FakeClock()
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    runs = (Coordinated(dsn, namespace, clock), Coordinated(dsn, namespace, clock))
+    try:
+        yield runs[0], runs[1], clock
+    finally:
+        for run in runs:
+            run.connection.close()
+
+
+def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """Each run has an item needing the whole room (14 of 16: more than a run can have
+    while the other keeps its own connection and one more): neither can take the
+    priority for it at first. After the growth wait, exactly one takes it; the other
+    gives way; neither goes past the room the server has free."""
+    first, second, clock = two_runs
+    for run in (first, second):
+        run.wants(14)
+    settle(first, second)
+    for run in (first, second):
+        assert run.share.budget() < 14
+        assert not run.share.give_way()
+    clock.now += GROWTH_WAIT + 1
+    settle(first, second)
+    # One holds the priority (the other gives way to it); it does not go past its share:
+    # the other run's own connection leaves the server 13 for it, not 14.
+    assert sorted([first.share.give_way(), second.share.give_way()]) == [False, True]
+    holder = first if not first.share.give_way() else second
+    assert holder.share.ceiling_now() > holder.share.budget()
+    assert holder.share.went_past == 0
+    # The other run ends (its connection, and so its leases, go): the holder gets the room.
+    other = second if holder is first else first
+    other.connection.close()
+    settle(holder)
+    assert holder.share.budget() == 14
+
+
+def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """An item needing 13 (what the server has free beside the other run's own
+    connection, yet more than a share leaves while that run keeps one test connection):
+    after the growth wait its run takes the priority and lets it past the share."""
+    first, second, clock = two_runs
+    first.wants(13)
+    second.wants(1)
+    settle(first, second)
+    clock.now += GROWTH_WAIT + 1
+    settle(first, second)
+    assert second.share.give_way()
+    assert not first.share.give_way()
+    assert first.share.went_past == 1
+    # The planner may now let it past the budget (the ceiling is the budget itself).
+    assert first.share.ceiling_now() == first.share.budget()
+    # The other run opens a test connection: no room left past the share any more.
+    second.wants(1, in_use=1, open_=1)
+    with psycopg.connect(second.connection.info.dsn, autocommit=True):
+        settle(first, second)
+        assert first.share.ceiling_now() > first.share.budget()

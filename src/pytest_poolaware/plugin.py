@@ -222,7 +222,7 @@ class Controller:
         """Share the room with the other runs of the name space: the budget is then the
         room as if this run were alone, and the run's share of it moves with the others."""
         from pytest_poolaware.server_room import choose_budget, room_of
-        from pytest_poolaware.share import ShareCoordinator
+        from pytest_poolaware.share import ShareCoordinator, share_growth_wait
 
         if found.pooled:
             self.notes.append(
@@ -252,6 +252,7 @@ class Controller:
             room=alone,
             ceiling=ceiling.budget,
             on_change=self._wake_scheduler,
+            growth_wait=share_growth_wait(settings.gate_timeout),
         )
         self.share.start()
 
