@@ -29,7 +29,7 @@ from pytest_poolaware.server_room import (
     ROLE,
     Room,
     ServerFacts,
-    first_line,
+    connection_failure,
 )
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
@@ -369,7 +369,8 @@ class ShareCoordinator:
             self._move_to(step.hold + 1, others)
         except Exception as exc:
             self.problem = (
-                f"sharing the server's room stopped: {first_line(exc)}; the run keeps "
+                f"sharing the server's room stopped: {connection_failure(self._conn, exc)}; "
+                "the run keeps "
                 f"its last budget ({self.budget()}) without coordinating"
             )
             with self._lock:  # nothing will move it any more: never wait for growth
