@@ -168,6 +168,8 @@ class Controller:
         self.monitor: ServerMonitor | None = None
         #: The plugin's own server connection (discovery, monitoring), if any.
         self.server_connection: Any = None
+        #: A pooler stands between the plugin and the server (``server_room.behind_pooler``).
+        self.pooled = False
         #: This run's share of the server's room, when it shares it with other runs.
         self.share: ShareCoordinator | None = None
         #: When the budget is the server's room: what it allows the login, and which
@@ -207,6 +209,9 @@ class Controller:
             if found.choice.warning and not sharing:  # else the share's own, just below
                 self.warnings.append(found.choice.warning)
         self.server_connection = found.connection
+        # Behind a pooler the server never lists the workers' backends: its list must
+        # not uncount their connections.
+        self.pooled = found.pooled
         if found.connection is not None and settings.share != "off":
             self._share(found, settings.configured_budget)
         if found.connection is not None:
@@ -319,7 +324,7 @@ class Controller:
 
     def _server_pids(self) -> tuple[float, frozenset[int]] | None:
         monitor = self.monitor
-        return None if monitor is None else monitor.pids_now()
+        return None if monitor is None or self.pooled else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.

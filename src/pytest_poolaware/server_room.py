@@ -48,6 +48,13 @@ WATCHDOG_INTERVAL: Final = 0.5
 #: SQLSTATEs saying the login may not use the maintenance database (it does not exist, no
 #: CONNECT privilege, no pg_hba entry): the DSN's own database is used instead.
 NO_ACCESS: Final = frozenset({"3D000", "42501", "28000"})
+#: What a run behind a pooler counts, and what it cannot.
+POOLED: Final = (
+    "a pooler (pgbouncer) stands between the plugin and the server: the budget holds the "
+    "run's connections to the pooler, as its workers count them, within the limits the "
+    "server reports for the login; the server's own count shows the pooler's backends, "
+    "not the run's connections, so it is not checked against the workers' counts"
+)
 #: Why a run is held to one connection at a time.
 NO_ROOM: Final = "no room left for this login; one connection at a time"
 #: The first PostgreSQL release with ``reserved_connections`` (server_version_num).
@@ -354,6 +361,9 @@ def _connect(dsn: str) -> Any:
 
     options: dict[str, Any] = {
         "autocommit": True,
+        # No server-side prepared statements: behind a pooler in transaction mode the
+        # next query may reach another backend, where they do not exist.
+        "prepare_threshold": None,
         "connect_timeout": CONNECT_TIMEOUT,
         "application_name": APPLICATION_NAME,
         "keepalives": 1,
@@ -466,6 +476,8 @@ def discover(dsn: str, configured: tuple[int, str] | None, origin: str = "") -> 
         found.pooled = behind_pooler(found.connection)
     except Exception:  # it answered the facts: count it as direct
         found.pooled = False
+    if found.pooled:
+        found.notes.append(POOLED)
     found.room = room_of(found.facts)
     found.choice = choose_budget(configured, found.room)
     if found.choice.no_room:
