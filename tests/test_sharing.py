@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import psycopg
 import pytest
 from inner import CONNECTION_ERRORS, RUN_TIMEOUT, free_port, wait_listening
 from test_scheduling import CONFTEST, SUITE
+from test_server_room import connections
 
 from pytest_poolaware.server_room import (
     QUERY_DEADLINE,
+    SERVER,
     open_connection,
     read_facts,
     room_of,
@@ -386,6 +389,47 @@ def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
     with psycopg.connect(second.connection.info.dsn, autocommit=True):
         settle(first, second)
         assert first.share.ceiling_now() > first.share.budget()
+
+
+def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
+    limited_role: Any,
+) -> None:
+    """A plain role (no pg_read_all_stats) sees other roles' connections without their
+    backend type; sharing the server's own limit, it still counts them as taken."""
+    mine, other = limited_role(-1), limited_role(-1)  # max_connections binds
+    clock = FakeClock()
+    run = Coordinated(mine, f"test-{uuid.uuid4().hex[:8]}", clock)
+    try:
+        run.wants(run.share.ceiling)
+        settle(run, steps=1)
+        before = run.share.ceiling_now()
+        with connections(other, 4):
+            settle(run, steps=1)
+            during = run.share.ceiling_now()
+    finally:
+        run.connection.close()
+    assert run.share.room.scope == SERVER
+    assert before - during >= 4
+
+
+def test_one_of_two_runs_killed_mid_run_leaves_the_other_every_test(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """Two runs share the role's room (the default); one is killed with SIGKILL once it
+    has started its tests. Its leases die with its connection, its workers' connections
+    linger a moment: the other run finishes every test, none refused by the server."""
+    args = ("-n", "4", "--dist", "poolaware")
+    killed, survivor = (Run(checkout(tmp_path / name), *args) for name in ("killed", "survivor"))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while killed.tests_done() < 3 and killed.process.poll() is None:
+        assert time.monotonic() < deadline, "the run to kill never started its tests"
+        time.sleep(0.05)
+    killed.process.send_signal(signal.SIGKILL)  # the controller only, as a runner might
+    killed.wait()
+    assert survivor.wait() == 0, survivor.output
+    assert f"{SUITE_TESTS} passed" in survivor.output
+    assert survivor.connection_errors() == 0, survivor.output
+    assert RERUN_SERVER not in survivor.output
 
 
 # -- a lost network ---------------------------------------------------------------------------
