@@ -168,6 +168,8 @@ class Controller:
         self.monitor: ServerMonitor | None = None
         #: The plugin's own server connection (discovery, monitoring), if any.
         self.server_connection: Any = None
+        #: A pooler stands between the plugin and the server (``server_room.behind_pooler``).
+        self.pooled = False
         #: This run's share of the server's room, when it shares it with other runs.
         self.share: ShareCoordinator | None = None
         #: When the budget is the server's room: what it allows the login, and which
@@ -207,6 +209,9 @@ class Controller:
             if found.choice.warning and not sharing:  # else the share's own, just below
                 self.warnings.append(found.choice.warning)
         self.server_connection = found.connection
+        # Behind a pooler the server never lists the workers' backends: its list must
+        # not uncount their connections.
+        self.pooled = found.pooled
         if found.connection is not None and settings.share != "off":
             self._share(found, settings.configured_budget)
         if found.connection is not None:
@@ -222,7 +227,7 @@ class Controller:
         """Share the room with the other runs of the name space: the budget is then the
         room as if this run were alone, and the run's share of it moves with the others."""
         from pytest_poolaware.server_room import choose_budget, room_of
-        from pytest_poolaware.share import ShareCoordinator
+        from pytest_poolaware.share import ShareCoordinator, share_growth_wait
 
         if found.pooled:
             self.notes.append(
@@ -252,6 +257,7 @@ class Controller:
             room=alone,
             ceiling=ceiling.budget,
             on_change=self._wake_scheduler,
+            growth_wait=share_growth_wait(settings.gate_timeout),
         )
         self.share.start()
 
@@ -318,7 +324,7 @@ class Controller:
 
     def _server_pids(self) -> tuple[float, frozenset[int]] | None:
         monitor = self.monitor
-        return None if monitor is None else monitor.pids_now()
+        return None if monitor is None or self.pooled else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.
