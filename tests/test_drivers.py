@@ -164,8 +164,79 @@ def _sqlalchemy_psycopg2_round(dsn: str) -> int:
     return pid
 
 
+def _psycopg2_round(dsn: str) -> int:
+    conn = psycopg2.connect(dsn)  # no close hook: a sweep notices the close
+    pid = int(conn.get_backend_pid())
+    conn.close()
+    return pid
+
+
+def _asyncpg_round(dsn: str) -> int:
+    async def use() -> int:
+        conn = await asyncpg.connect(dsn)
+        pid = int(conn.get_server_pid())
+        await conn.close()
+        return pid
+
+    return asyncio.run(use())
+
+
+def _asyncpg_terminate_round(dsn: str) -> int:
+    async def use() -> int:
+        conn = await asyncpg.connect(dsn)
+        pid = int(conn.get_server_pid())
+        conn.terminate()  # no Terminate message: the socket is just dropped
+        return pid
+
+    return asyncio.run(use())
+
+
+def _asyncpg_pool_terminate_round(dsn: str) -> int:
+    async def use() -> int:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        pid = int(await pool.fetchval("select pg_backend_pid()"))
+        pool.terminate()
+        return pid
+
+    return asyncio.run(use())
+
+
+def _collected_round(dsn: str) -> int:
+    conns: list[Any] = [psycopg.connect(dsn)]
+    pid = int(conns[0].info.backend_pid)
+    conns.append(conns)  # a cycle: only the collector frees it
+    del conns
+    gc.collect()
+    return pid
+
+
+def _collected_asyncpg_round(dsn: str) -> int:
+    async def use() -> int:
+        conns: list[Any] = [await asyncpg.connect(dsn)]
+        pid = int(conns[0].get_server_pid())
+        conns.append(conns)
+        del conns
+        gc.collect()
+        return pid
+
+    return asyncio.run(use())
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
-    "round_trip", [_psycopg_round, _psycopg_async_round, _sqlalchemy_psycopg2_round]
+    "round_trip",
+    [
+        _psycopg_round,
+        _psycopg_async_round,
+        _sqlalchemy_psycopg2_round,
+        _psycopg2_round,
+        _asyncpg_round,
+        _asyncpg_terminate_round,
+        _asyncpg_pool_terminate_round,
+        _collected_round,
+        _collected_asyncpg_round,
+    ],
 )
 def test_a_close_is_counted_once_the_server_no_longer_counts_the_backend(
     metered: tuple[PoolMeter, Seen],
@@ -180,6 +251,7 @@ def test_a_close_is_counted_once_the_server_no_longer_counts_the_backend(
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         for _ in range(CLOSE_ROUNDS):
             pid = round_trip(dsn)  # a refused connect raises here
+            meter.sweep()  # as before a gate: returns once the closes are reported
             assert meter.open == 1  # the admin connection
             listed = admin.execute("select count(*) from pg_stat_activity where pid = %s", (pid,))
             assert listed.fetchone() == (0,)
@@ -289,6 +361,7 @@ def test_asyncpg_connect_pool_terminate_and_reclaim(
         assert meter.open == 0  # not refilled behind our back
         assert await pool.fetchval("select 1") == 1  # the pool still serves
         pool.terminate()
+        await meter.release_idle_async()  # returns once the terminated one is reported
         assert meter.open == 0
 
     asyncio.run(use())

@@ -17,13 +17,11 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pytest_poolaware.drivers import (
-    CLOSE_AWAITS_EXIT,
     DriverHooks,
-    close_awaiting_exit,
     reclaim_async_psycopg_pool,
     reclaim_asyncpg_pool,
     reclaim_psycopg_pool,
@@ -73,7 +71,6 @@ class _Counted:
     key: int  # id() of the driver's connection
     driver: str
     ref: Callable[[], Any]  # a weak reference to the driver's connection
-    is_closed: Callable[[Any], bool]
     pool: Any  # the psycopg_pool / asyncpg pool that owns it, if any
     loop: asyncio.AbstractEventLoop | None  # where it was opened (asyncio drivers)
     pooled: bool
@@ -81,7 +78,6 @@ class _Counted:
     opened_at: float  # time.time(), to compare with the server's samples
     opened_by: int = NO_ITEM
     lent_by: int = NO_ITEM
-    finalizer: Any = field(default=None, repr=False)
 
 
 class PoolMeter:
@@ -118,8 +114,6 @@ class PoolMeter:
         # Connections of SQLAlchemy dialects whose driver is not hooked.
         self._sa_only: set[int] = set()
         self._sa_checked_out: set[int] = set()
-        # Finalizers only queue (they may run inside any allocation, lock held or not).
-        self._collected: collections.deque[_Counted] = collections.deque()
         self._peak_checked_out = 0
         self._peak_open = 0
         self._item = NO_ITEM
@@ -197,7 +191,7 @@ class PoolMeter:
 
     def gate(self, background: bool) -> None:
         try:
-            self.sweep()
+            self.hooks.sweep(wait=True)
             self._gate(background)
         except (BudgetRefused, RoomTooSmall):
             raise
@@ -206,7 +200,7 @@ class PoolMeter:
 
     async def gate_async(self, background: bool) -> None:
         try:
-            self.sweep()
+            self.hooks.sweep(wait=False)  # never block the loop: closes report on their own
             if self._gate_async is None:
                 self._gate(background)
             else:
@@ -216,12 +210,9 @@ class PoolMeter:
         except Exception as exc:
             self._contain(exc)
 
-    def opened(
-        self, conn: Any, pid: int, driver: str, pool: Any, closed: Callable[[Any], bool]
-    ) -> None:
+    def opened(self, conn: Any, pid: int, driver: str, pool: Any) -> None:
         try:
             with self._lock:
-                self._drain_collected()
                 for stale in (self._by_pid.get(pid), self._by_conn.get(id(conn))):
                     # The same backend or object seen twice: one count (a pid comes back
                     # only once its backend has exited).
@@ -232,7 +223,6 @@ class PoolMeter:
                     key=id(conn),
                     driver=driver,
                     ref=weakref.ref(conn),
-                    is_closed=closed,
                     pool=pool,
                     loop=running_loop(),
                     pooled=pool is not None,
@@ -240,8 +230,6 @@ class PoolMeter:
                     opened_at=time.time(),
                     opened_by=self._item if self._in_call else NO_ITEM,
                 )
-                record.finalizer = weakref.finalize(conn, self._collected.append, record)
-                record.finalizer.atexit = False
                 self._by_pid[pid] = record
                 self._by_conn[id(conn)] = record
                 if record.in_use:
@@ -251,12 +239,13 @@ class PoolMeter:
         except Exception as exc:
             self._contain(exc)
 
-    def closed(self, conn: Any) -> None:
+    def closed(self, pid: int, key: int) -> None:
+        """Reported by the hooks once the backend of a closed (or garbage-collected)
+        connection has exited: counted until then, as the server counts it."""
         try:
             with self._lock:
-                self._drain_collected()
-                record = self._by_conn.get(id(conn))
-                if record is not None:
+                record = self._by_pid.get(pid)
+                if record is not None and record.key == key:
                     self._forget(record)
                     self._changed()
         except Exception as exc:
@@ -296,18 +285,6 @@ class PoolMeter:
         if record.in_use:
             self._in_use -= 1
             record.in_use = False
-        if record.finalizer is not None:
-            record.finalizer.detach()
-
-    def _drain_collected(self) -> bool:
-        """Uncount the connections garbage-collected since last time (lock held)."""
-        changed = False
-        while self._collected:
-            record = self._collected.popleft()
-            if self._by_pid.get(record.pid) is record or self._by_conn.get(record.key) is record:
-                self._forget(record)
-                changed = True
-        return changed
 
     def _changed(self) -> None:
         """The open count moved (lock held): new peaks, and tell the controller."""
@@ -319,21 +296,13 @@ class PoolMeter:
     # -- noticing closes the driver did not announce --------------------------------------------
 
     def sweep(self) -> None:
-        """Uncount connections that were collected, or that their driver now says are closed
-        (psycopg2 has no close hook; a broken psycopg connection is closed without one)."""
-        with self._lock:
-            changed = self._drain_collected()
-            for record in list(self._by_pid.values()):
-                conn = record.ref()
-                try:
-                    gone = conn is None or record.is_closed(conn)
-                except Exception:
-                    gone = True
-                if gone:
-                    self._forget(record)
-                    changed = True
-            if changed:
-                self._changed()
+        """Uncount the connections their driver now says are closed (psycopg2 has no close
+        hook; a broken psycopg connection is closed without one) or that were collected,
+        returning once their backends have exited (bounded: ``drivers.BackendExits``)."""
+        try:
+            self.hooks.sweep(wait=True)
+        except Exception as exc:
+            self._contain(exc)
 
     def pids(self) -> list[int]:
         """Backend pids of the connections counted now (to check against the server)."""
@@ -407,21 +376,15 @@ class PoolMeter:
             counted = self._counted(dbapi_connection)
         if counted is not None:
             # About to be closed. Counted until its backend has exited, or another
-            # worker could be granted the slot the server still holds: psycopg's close
-            # hook reports then; a psycopg2 connection (no close hook) is closed here,
-            # SQLAlchemy's own close following as a no-op.
-            if counted.driver in CLOSE_AWAITS_EXIT:
-                return
-            if counted.driver == "psycopg2":
-                conn = counted.ref()
-                if conn is not None:
-                    try:
-                        close_awaiting_exit(conn)
-                    except Exception as exc:
-                        self._contain(exc)
-            with self._lock:
-                self._forget(counted)
-                self._changed()
+            # worker could be granted the slot the server still holds: the driver hooks
+            # report then. A psycopg2 connection (no close hook) is closed here, so that
+            # this returns once it is reported; SQLAlchemy's own close is then a no-op.
+            conn = counted.ref()
+            if counted.driver == "psycopg2" and conn is not None:
+                try:
+                    self.hooks.close_awaiting_exit(conn)
+                except Exception as exc:
+                    self._contain(exc)
             return
         with self._lock:
             if id(dbapi_connection) in self._sa_only:
@@ -458,7 +421,6 @@ class PoolMeter:
     def report(self, *, released: bool) -> None:
         """Send the current counts (``released``: in answer to a release request)."""
         with self._lock:
-            self._drain_collected()
             self.version += 1  # a new message, even if nothing changed
             self._report(released=released)
 
@@ -548,9 +510,10 @@ class PoolMeter:
                     await _reclaim_async(pool)
                 else:
                     self._release_driver_pool(pool, loop)
+            self.hooks.sweep(wait=False)
+            await self.hooks.settle_async()  # the closes reported, without blocking the loop
         except Exception as exc:
             self._contain(exc)
-        self.sweep()
 
     def _release_sqlalchemy(self) -> None:
         if not self._sa_installed:
