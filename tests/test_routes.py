@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from test_scheduling import ServerSampler
 
-from pytest_poolaware.monitor import APPLICATION_NAME as MONITOR_APPLICATION_NAME
+from pytest_poolaware.server_room import APPLICATION_NAME as MONITOR_APPLICATION_NAME
 
 #: The raw-driver suite the benchmarks run too: one copy of it.
 RAW_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "rawdrivers"
@@ -130,16 +129,6 @@ def test_subprocess_holds_a_connection():
 """
 
 
-#: The oldest psycopg the close hooks were checked against; the matrix's oldest end
-#: (3.1.0) closes by a route they do not see at once, so a worker's count lags the server.
-CLOSE_HOOKS_CHECKED_FROM = (3, 1, 18)
-_PSYCOPG = tuple(int(part) for part in psycopg.__version__.split(".")[:3] if part.isdigit())
-
-
-@pytest.mark.skipif(
-    _PSYCOPG < CLOSE_HOOKS_CHECKED_FROM,
-    reason=f"close hooks checked from psycopg 3.1.18; this has {psycopg.__version__}",
-)
 @pytest.mark.parametrize("role_limit", [ROLE_LIMIT + 1])
 def test_monitored_run_counts_agree_with_the_server(
     pytester: pytest.Pytester, routes: dict[str, Any]

@@ -12,6 +12,9 @@ with the versions it was checked against (public methods wrapped too, ``close``,
 ``getconn``, ``putconn``, are not), and ``DriverHooks`` installs a driver's hooks
 only once the process has imported that driver (``sys.modules`` check plus an import
 hook), so a worker that never imports asyncpg pays nothing for it.
+
+A close is reported only once the server has let the connection's backend go
+(``BackendExits``): until then the server still counts it against the login's limit.
 """
 
 from __future__ import annotations
@@ -54,14 +57,14 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
         "BaseConnection._connect_gen",
         "classmethod generator that builds each new connection (sync and async); "
         "wrapped to count the connection it returns",
-        ("3.1.18", "3.3.9"),
+        ("3.1.0", "3.3.9"),
     ),
     HookedInternal(
         "psycopg",
         "Connection._get_connection_params / AsyncConnection._get_connection_params",
         "classmethods called once per connect() before any attempt (the async one is "
         "awaited); wrapped to pass the connect gate",
-        ("3.1.18", "3.3.9"),
+        ("3.1.0", "3.3.9"),
     ),
     HookedInternal(
         "psycopg_pool",
@@ -89,6 +92,12 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
         "Connection._cleanup",
         "run on close(), terminate() and when the server drops the connection; wrapped "
         "to uncount it",
+        ("0.29.0", "0.32.0"),
+    ),
+    HookedInternal(
+        "asyncpg",
+        "Connection._transport",
+        "the connection's transport, whose socket is duplicated to see the backend exit",
         ("0.29.0", "0.32.0"),
     ),
     HookedInternal(
