@@ -447,10 +447,13 @@ class BackendExits:
             for watch in self._open.values():
                 if watch.finalizer is not None:
                     watch.finalizer.detach()
+                watch.release()  # the driver's own descriptor keeps the connection
             self._open.clear()
         if thread is not None:
             self._wake()
             thread.join(_WATCHER_STOP_TIMEOUT)
+        while self._handed:
+            self._handed.popleft().release()
         for fd in (self._wake_r, self._wake_w):
             if fd is not None:
                 with contextlib.suppress(OSError):
