@@ -25,6 +25,7 @@ from pytest_poolaware.core import Answer
 from pytest_poolaware.drivers import HOOKED_INTERNALS
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.monitor import ServerMonitor
 from pytest_poolaware.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
 
 
@@ -460,3 +461,38 @@ def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
     assert [decode(wire) for wire in channel.sent] == [RoomRequest(1, None, 3, background=True)]
     assert released == [True]  # on the loop that was waiting
     assert ticks > 0  # the loop's other coroutines ran while the connect waited
+
+
+class OpensDuringTheQuery:
+    """The monitor's connection, with a worker's connection opened while each of its
+    queries runs (after the server's snapshot, before the answer is back)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], dsn: str) -> None:
+        self._conn, self._dsn = conn, dsn
+        self.opened: list[psycopg.Connection[Any]] = []
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        cursor = self._conn.execute(query, params)
+        self.opened.append(psycopg.connect(self._dsn))
+        return cursor
+
+
+def test_a_connection_opened_while_the_server_is_sampled_is_not_taken_for_ended(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    with psycopg.connect(postgres_dsn, autocommit=True) as own:
+        during = OpensDuringTheQuery(own, postgres_dsn)
+        monitor = ServerMonitor(postgres_dsn, budget=5, connection=during)
+        monitor.start()
+        try:
+            sample = monitor.pids_now()
+            assert sample is not None
+            late = during.opened[-1].info.backend_pid
+            assert late not in sample[1]  # not in the server's snapshot...
+            meter.reconcile(sample[1], before=sample[0])
+            assert late in meter.pids()  # ...and still counted
+        finally:
+            monitor.stop()
+            for conn in during.opened:
+                conn.close()
