@@ -41,6 +41,8 @@ def routes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
     role_dsn, role = serve_limited_role(limited_role, role_limit, monkeypatch)
+    # The inner runs' rootdir, whatever configuration files lie above the test directory.
+    pytester.makeini("[pytest]\n")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_routes=SUITE)
     return {"dsn": role_dsn, "role": role}
@@ -135,13 +137,21 @@ def test_monitored_run_counts_agree_with_the_server(
 ) -> None:
     # One slot more than the budget's own: room for the monitor's connection, so the
     # server's count of the role is compared with the workers'.
-    pytester.makepyfile(test_blind=BLIND_SPOT)
     report = pytester.path / "report.json"
     result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
-    result.assert_outcomes(passed=PASSED + 1)
+    result.assert_outcomes(passed=PASSED)
     run_data = json.loads(report.read_text())["run"]
     assert 0 < run_data["peak_open_server"] <= 15
-    # The subprocess's connection is the only one the workers could not see.
+    # Every route's connections counted until the server let them go: none left over.
+    assert run_data["uncounted"]["end_workers"] == run_data["uncounted"]["end_server"] == 0
+
+    # A connection no worker can see (a subprocess's) is shown, not hidden. In a run of
+    # its own: the two views are compared by count, and the other tests' opens and
+    # closes in flight between them would, on a busy machine, cover it up at times.
+    pytester.makepyfile(test_routes=BLIND_SPOT)
+    result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=1)
+    run_data = json.loads(report.read_text())["run"]
     assert run_data["uncounted"]["most"] == 1
     assert run_data["uncounted"]["end_workers"] == run_data["uncounted"]["end_server"] == 0
     assert "not counted by the workers (server minus workers): up to 1 at once" in (
