@@ -1,5 +1,5 @@
 """End to end: a Django project tested with pytest-django under ``-n 4``, per-worker test
-databases, Django opening one psycopg connection per thread and keeping it."""
+databases, Django opening one psycopg (or psycopg2) connection per thread."""
 
 from __future__ import annotations
 
@@ -11,30 +11,32 @@ import psycopg
 import pytest
 from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from test_scheduling import ServerSampler
 
-#: Django 5.2's PostgreSQL backend refuses older psycopg 3 releases (the matrix's oldest
-#: end installs psycopg 3.1.0, below it; the newest end runs these tests).
+#: Django 5.2's PostgreSQL backend refuses psycopg 3 releases older than this one. With
+#: an older psycopg (the matrix's oldest end installs 3.1.0), the project runs on
+#: psycopg2, as a Django project without psycopg 3 does.
 DJANGO_MIN_PSYCOPG = (3, 1, 8)
 _psycopg = tuple(int(part) for part in psycopg.__version__.split(".")[:3] if part.isdigit())
-pytestmark = pytest.mark.skipif(
-    _psycopg < DJANGO_MIN_PSYCOPG,
-    reason=f"Django needs psycopg >= 3.1.8; this environment has {psycopg.__version__}",
-)
+DRIVER = "psycopg" if _psycopg >= DJANGO_MIN_PSYCOPG else "psycopg2"
 
 SETTINGS = """
 import os
-from psycopg.conninfo import conninfo_to_dict
+import sys
 
-_dsn = conninfo_to_dict(os.environ["POOLAWARE_DSN"])
+if os.environ["DJANGO_DRIVER"] == "psycopg2":
+    # Django's backend takes psycopg 3 when it can import it, else psycopg2.
+    sys.modules["psycopg"] = None
+
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": os.environ["DJANGO_DB_NAME"],
-        "USER": _dsn["user"],
-        "PASSWORD": _dsn.get("password", ""),
-        "HOST": _dsn["host"],
-        "PORT": _dsn["port"],
+        "USER": os.environ["DJANGO_DB_USER"],
+        "PASSWORD": os.environ["DJANGO_DB_PASSWORD"],
+        "HOST": os.environ["DJANGO_DB_HOST"],
+        "PORT": os.environ["DJANGO_DB_PORT"],
     }
 }
 INSTALLED_APPS = ["shop"]
@@ -101,7 +103,13 @@ def django_project(
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
-    _, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    dsn = conninfo_to_dict(role_dsn)
+    monkeypatch.setenv("DJANGO_DRIVER", DRIVER)
+    monkeypatch.setenv("DJANGO_DB_USER", str(dsn["user"]))
+    monkeypatch.setenv("DJANGO_DB_PASSWORD", str(dsn.get("password", "")))
+    monkeypatch.setenv("DJANGO_DB_HOST", str(dsn["host"]))
+    monkeypatch.setenv("DJANGO_DB_PORT", str(dsn["port"]))
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(role)))
     monkeypatch.setenv("DJANGO_DB_NAME", f"shop_{uuid.uuid4().hex[:8]}")
@@ -128,4 +136,4 @@ def test_django_load_exhausts_connections_where_poolaware_does_not(
     data = json.loads(report.read_text())
     needs = {t["nodeid"].split("[")[0]: t["need"] for t in data["tests"]}
     assert needs["test_shop.py::test_one_connection_per_thread"] == 7  # counted per thread
-    assert {d for t in data["tests"] for d in t["drivers"]} == {"psycopg"}
+    assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}

@@ -25,6 +25,7 @@ from pytest_poolaware.core import Answer
 from pytest_poolaware.drivers import HOOKED_INTERNALS
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.monitor import ServerMonitor
 from pytest_poolaware.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
 
 
@@ -164,8 +165,79 @@ def _sqlalchemy_psycopg2_round(dsn: str) -> int:
     return pid
 
 
+def _psycopg2_round(dsn: str) -> int:
+    conn = psycopg2.connect(dsn)  # no close hook: a sweep notices the close
+    pid = int(conn.get_backend_pid())
+    conn.close()
+    return pid
+
+
+def _asyncpg_round(dsn: str) -> int:
+    async def use() -> int:
+        conn = await asyncpg.connect(dsn)
+        pid = int(conn.get_server_pid())
+        await conn.close()
+        return pid
+
+    return asyncio.run(use())
+
+
+def _asyncpg_terminate_round(dsn: str) -> int:
+    async def use() -> int:
+        conn = await asyncpg.connect(dsn)
+        pid = int(conn.get_server_pid())
+        conn.terminate()  # no Terminate message: the socket is just dropped
+        return pid
+
+    return asyncio.run(use())
+
+
+def _asyncpg_pool_terminate_round(dsn: str) -> int:
+    async def use() -> int:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        pid = int(await pool.fetchval("select pg_backend_pid()"))
+        pool.terminate()
+        return pid
+
+    return asyncio.run(use())
+
+
+def _collected_round(dsn: str) -> int:
+    conns: list[Any] = [psycopg.connect(dsn)]
+    pid = int(conns[0].info.backend_pid)
+    conns.append(conns)  # a cycle: only the collector frees it
+    del conns
+    gc.collect()
+    return pid
+
+
+def _collected_asyncpg_round(dsn: str) -> int:
+    async def use() -> int:
+        conns: list[Any] = [await asyncpg.connect(dsn)]
+        pid = int(conns[0].get_server_pid())
+        conns.append(conns)
+        del conns
+        gc.collect()
+        return pid
+
+    return asyncio.run(use())
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
-    "round_trip", [_psycopg_round, _psycopg_async_round, _sqlalchemy_psycopg2_round]
+    "round_trip",
+    [
+        _psycopg_round,
+        _psycopg_async_round,
+        _sqlalchemy_psycopg2_round,
+        _psycopg2_round,
+        _asyncpg_round,
+        _asyncpg_terminate_round,
+        _asyncpg_pool_terminate_round,
+        _collected_round,
+        _collected_asyncpg_round,
+    ],
 )
 def test_a_close_is_counted_once_the_server_no_longer_counts_the_backend(
     metered: tuple[PoolMeter, Seen],
@@ -180,6 +252,7 @@ def test_a_close_is_counted_once_the_server_no_longer_counts_the_backend(
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         for _ in range(CLOSE_ROUNDS):
             pid = round_trip(dsn)  # a refused connect raises here
+            meter.sweep()  # as before a gate: returns once the closes are reported
             assert meter.open == 1  # the admin connection
             listed = admin.execute("select count(*) from pg_stat_activity where pid = %s", (pid,))
             assert listed.fetchone() == (0,)
@@ -289,6 +362,7 @@ def test_asyncpg_connect_pool_terminate_and_reclaim(
         assert meter.open == 0  # not refilled behind our back
         assert await pool.fetchval("select 1") == 1  # the pool still serves
         pool.terminate()
+        await meter.release_idle_async()  # returns once the terminated one is reported
         assert meter.open == 0
 
     asyncio.run(use())
@@ -387,3 +461,38 @@ def test_an_awaited_gate_keeps_its_loop_running_and_releases_on_it() -> None:
     assert [decode(wire) for wire in channel.sent] == [RoomRequest(1, None, 3, background=True)]
     assert released == [True]  # on the loop that was waiting
     assert ticks > 0  # the loop's other coroutines ran while the connect waited
+
+
+class OpensDuringTheQuery:
+    """The monitor's connection, with a worker's connection opened while each of its
+    queries runs (after the server's snapshot, before the answer is back)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], dsn: str) -> None:
+        self._conn, self._dsn = conn, dsn
+        self.opened: list[psycopg.Connection[Any]] = []
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        cursor = self._conn.execute(query, params)
+        self.opened.append(psycopg.connect(self._dsn))
+        return cursor
+
+
+def test_a_connection_opened_while_the_server_is_sampled_is_not_taken_for_ended(
+    metered: tuple[PoolMeter, Seen], postgres_dsn: str
+) -> None:
+    meter, _ = metered
+    with psycopg.connect(postgres_dsn, autocommit=True) as own:
+        during = OpensDuringTheQuery(own, postgres_dsn)
+        monitor = ServerMonitor(postgres_dsn, budget=5, connection=during)
+        monitor.start()
+        try:
+            sample = monitor.pids_now()
+            assert sample is not None
+            late = during.opened[-1].info.backend_pid
+            assert late not in sample[1]  # not in the server's snapshot...
+            meter.reconcile(sample[1], before=sample[0])
+            assert late in meter.pids()  # ...and still counted
+        finally:
+            monitor.stop()
+            for conn in during.opened:
+                conn.close()

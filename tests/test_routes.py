@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from test_scheduling import ServerSampler
@@ -42,6 +41,8 @@ def routes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
     role_dsn, role = serve_limited_role(limited_role, role_limit, monkeypatch)
+    # The inner runs' rootdir, whatever configuration files lie above the test directory.
+    pytester.makeini("[pytest]\n")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_routes=SUITE)
     return {"dsn": role_dsn, "role": role}
@@ -130,29 +131,27 @@ def test_subprocess_holds_a_connection():
 """
 
 
-#: The oldest psycopg the close hooks were checked against; the matrix's oldest end
-#: (3.1.0) closes by a route they do not see at once, so a worker's count lags the server.
-CLOSE_HOOKS_CHECKED_FROM = (3, 1, 18)
-_PSYCOPG = tuple(int(part) for part in psycopg.__version__.split(".")[:3] if part.isdigit())
-
-
-@pytest.mark.skipif(
-    _PSYCOPG < CLOSE_HOOKS_CHECKED_FROM,
-    reason=f"close hooks checked from psycopg 3.1.18; this has {psycopg.__version__}",
-)
 @pytest.mark.parametrize("role_limit", [ROLE_LIMIT + 1])
 def test_monitored_run_counts_agree_with_the_server(
     pytester: pytest.Pytester, routes: dict[str, Any]
 ) -> None:
     # One slot more than the budget's own: room for the monitor's connection, so the
     # server's count of the role is compared with the workers'.
-    pytester.makepyfile(test_blind=BLIND_SPOT)
     report = pytester.path / "report.json"
     result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
-    result.assert_outcomes(passed=PASSED + 1)
+    result.assert_outcomes(passed=PASSED)
     run_data = json.loads(report.read_text())["run"]
     assert 0 < run_data["peak_open_server"] <= 15
-    # The subprocess's connection is the only one the workers could not see.
+    # Every route's connections counted until the server let them go: none left over.
+    assert run_data["uncounted"]["end_workers"] == run_data["uncounted"]["end_server"] == 0
+
+    # A connection no worker can see (a subprocess's) is shown, not hidden. In a run of
+    # its own: the two views are compared by count, and the other tests' opens and
+    # closes in flight between them would, on a busy machine, cover it up at times.
+    pytester.makepyfile(test_routes=BLIND_SPOT)
+    result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=1)
+    run_data = json.loads(report.read_text())["run"]
     assert run_data["uncounted"]["most"] == 1
     assert run_data["uncounted"]["end_workers"] == run_data["uncounted"]["end_server"] == 0
     assert "not counted by the workers (server minus workers): up to 1 at once" in (

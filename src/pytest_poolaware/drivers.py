@@ -12,21 +12,28 @@ with the versions it was checked against (public methods wrapped too, ``close``,
 ``getconn``, ``putconn``, are not), and ``DriverHooks`` installs a driver's hooks
 only once the process has imported that driver (``sys.modules`` check plus an import
 hook), so a worker that never imports asyncpg pays nothing for it.
+
+A close is reported only once the server has let the connection's backend go
+(``BackendExits``): until then the server still counts it against the login's limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import contextvars
 import functools
 import importlib.abc
 import importlib.machinery
 import os
+import select
 import socket
 import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -50,14 +57,14 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
         "BaseConnection._connect_gen",
         "classmethod generator that builds each new connection (sync and async); "
         "wrapped to count the connection it returns",
-        ("3.1.18", "3.3.9"),
+        ("3.1.0", "3.3.9"),
     ),
     HookedInternal(
         "psycopg",
         "Connection._get_connection_params / AsyncConnection._get_connection_params",
         "classmethods called once per connect() before any attempt (the async one is "
         "awaited); wrapped to pass the connect gate",
-        ("3.1.18", "3.3.9"),
+        ("3.1.0", "3.3.9"),
     ),
     HookedInternal(
         "psycopg_pool",
@@ -85,6 +92,12 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
         "Connection._cleanup",
         "run on close(), terminate() and when the server drops the connection; wrapped "
         "to uncount it",
+        ("0.29.0", "0.32.0"),
+    ),
+    HookedInternal(
+        "asyncpg",
+        "Connection._transport",
+        "the connection's transport, whose socket is duplicated to see the backend exit",
         ("0.29.0", "0.32.0"),
     ),
     HookedInternal(
@@ -140,13 +153,12 @@ class ConnectionSink(Protocol):
     def gate_async(self, background: bool) -> Awaitable[None]:
         """The same for a connect on an event loop: waits by awaiting."""
 
-    def opened(
-        self, conn: Any, pid: int, driver: str, pool: Any, closed: Callable[[Any], bool]
-    ) -> None:
+    def opened(self, conn: Any, pid: int, driver: str, pool: Any) -> None:
         """A connection is open (``pool``: the pool that opened it, or None)."""
 
-    def closed(self, conn: Any) -> None:
-        """A counted connection was closed."""
+    def closed(self, pid: int, key: int) -> None:
+        """The connection ``key`` (its ``id()`` when it opened) with backend ``pid`` was
+        closed and its backend has exited (or BACKEND_EXIT_TIMEOUT passed)."""
 
     def lent(self, conn: Any, in_use: bool) -> None:
         """A pool lent a connection out (True) or got it back (False)."""
@@ -212,69 +224,352 @@ def _background() -> bool:
 
 # -- a close is over once the server no longer counts the backend --------------------------------
 
-#: Longest wait, after closing a connection, for its backend to exit. The server frees the
-#: backend's slot (what a role's connection limit and max_connections count) only when
-#: the backend process exits, a moment after the client's close.
+#: Longest wait, after a connection is closed, for its backend to exit. The server frees
+#: the backend's slot (what a role's connection limit and max_connections count) only
+#: when the backend process exits, a moment after the client's close.
 BACKEND_EXIT_TIMEOUT: Final = 1.0
 #: Bytes read at a time while waiting for the server's end of the socket to close.
 _RECV_BYTES: Final = 4096
+#: Longest wait, when the hooks are removed, for the exit watcher's thread to stop.
+_WATCHER_STOP_TIMEOUT: Final = 5.0
 
 
-def watch_backend(fileno: Callable[[], int]) -> socket.socket | None:
-    """A duplicate of a connection's socket, taken just before the client closes it.
+class _Watch:
+    """One counted connection's socket, duplicated when the connection opened."""
 
-    The server closes its end of the socket only once the backend process has exited, so
-    end-of-file on the duplicate says the slot is free ("synchronous close"); the
-    client's own close still sends its Terminate message, which ends the backend. None
-    when the connection has no socket any more.
-    """
+    __slots__ = ("deadline", "finalizer", "is_closed", "key", "pid", "ref", "sock")
+
+    def __init__(
+        self,
+        conn: Any,
+        pid: int,
+        sock: socket.socket | None,
+        is_closed: Callable[[Any], bool],
+    ) -> None:
+        self.pid = pid
+        self.key = id(conn)
+        self.ref = weakref.ref(conn)
+        self.sock = sock
+        self.is_closed = is_closed
+        self.deadline = 0.0
+        self.finalizer: Any = None
+
+    def hang_up(self) -> None:
+        """The client is done with the connection: end our side of the socket too.
+
+        The duplicate keeps the socket open, so a client that drops its socket without
+        a Terminate message (asyncpg's ``terminate()``, a collected connection) would
+        otherwise leave the backend waiting for more; shutting the write side down sends
+        the end-of-stream the backend exits on. What the client wrote before still goes
+        out first.
+        """
+        if self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def exited_now(self) -> bool:
+        """Whether the server's end is closed already (no wait)."""
+        if self.sock is None:
+            return True
+        try:
+            self.sock.setblocking(False)
+            while True:
+                if not self.sock.recv(_RECV_BYTES):
+                    return True
+        except BlockingIOError:
+            return False
+        except OSError:  # reset: the backend is gone
+            return True
+
+    def await_exit(self) -> None:
+        """Block until the server's end closes, at most BACKEND_EXIT_TIMEOUT."""
+        if self.sock is None:
+            return
+        deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(_RECV_BYTES):
+                    return
+        except OSError:  # timed out, or reset: nothing more to wait for
+            return
+
+    async def await_exit_async(self) -> None:
+        """``await_exit`` on an event loop, which keeps running meanwhile."""
+        if self.sock is None:
+            return
+        self.sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BACKEND_EXIT_TIMEOUT
+        try:
+            while (left := deadline - loop.time()) > 0:
+                if not await asyncio.wait_for(loop.sock_recv(self.sock, _RECV_BYTES), left):
+                    return
+        except (OSError, asyncio.TimeoutError):
+            return
+
+    def release(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _duplicate(fileno: Callable[[], int]) -> socket.socket | None:
     try:
         return socket.socket(fileno=os.dup(fileno()))
     except Exception:
         return None
 
 
-def await_backend_exit(watch: socket.socket | None) -> None:
-    """Wait (at most BACKEND_EXIT_TIMEOUT) for end-of-file on ``watch_backend``'s socket."""
-    if watch is None:
-        return
-    with watch:
+class BackendExits:
+    """Reports each counted connection's close once the server has let its backend go.
+
+    Each connection's socket is duplicated when it opens. The server closes its end of
+    the socket only once the backend process has exited, so end-of-file on the duplicate
+    says the slot is free again. When a close is seen (a close hook, the driver's closed
+    flag at a sweep, the garbage collector), the duplicate is hung up and the close is
+    reported at its end-of-file, or after BACKEND_EXIT_TIMEOUT at most: until then the
+    connection stays counted, so no other worker is granted a slot the server still
+    holds. A synchronous close waits for that inline, an asyncio one awaits it; the
+    others (asyncpg's closes, which must not block their loop, a psycopg2 connection
+    closed without a hook, a collected connection) are watched by one thread.
+    """
+
+    def __init__(
+        self, report: Callable[[int, int], None], on_error: Callable[[BaseException], None]
+    ) -> None:
+        self._report = report
+        self._on_error = on_error
+        self._open: dict[int, _Watch] = {}
+        # Handed to the thread; finalizers only append (any lock may be held then).
+        self._handed: collections.deque[_Watch] = collections.deque()
+        self._pending = 0  # handed over and not reported yet
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._wake_w: int | None = None
+        self._wake_r: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- what the hooks call --------------------------------------------------------------
+
+    def track(
+        self, conn: Any, pid: int, fileno: Callable[[], int], is_closed: Callable[[Any], bool]
+    ) -> None:
+        """Start watching a connection that just opened."""
+        watch = _Watch(conn, pid, _duplicate(fileno), is_closed)
+        with self._lock:
+            self._start_thread()
+            stale = self._open.get(watch.key)
+            if stale is not None and stale.ref() is None:
+                # Its connection was collected and the id reused: its finalizer has
+                # handed it over already, and the thread will report it.
+                pass
+            elif stale is not None:
+                self._take(stale)
+                stale.release()
+            self._open[watch.key] = watch
+            watch.finalizer = weakref.finalize(conn, self._collected, watch)
+            watch.finalizer.atexit = False
+
+    def closed(self, conn: Any) -> None:
+        """The client closed ``conn`` (never blocks): reported now if its backend is gone
+        already, else by the thread once it is."""
+        watch = self._take_conn(conn)
+        if watch is None:
+            return
+        watch.hang_up()
+        if watch.exited_now():
+            self._finish(watch)
+        else:
+            self._hand_over(watch)
+
+    def closed_sync(self, conn: Any) -> None:
+        """The client closed ``conn``: return once its backend has exited (bounded)."""
+        watch = self._take_conn(conn)
+        if watch is not None:
+            watch.hang_up()
+            watch.await_exit()
+            self._finish(watch)
+
+    async def closed_async(self, conn: Any) -> None:
+        """``closed_sync`` on an event loop, awaiting."""
+        watch = self._take_conn(conn)
+        if watch is not None:
+            watch.hang_up()
+            await watch.await_exit_async()
+            self._finish(watch)
+
+    def sweep(self, wait: bool) -> None:
+        """Hand over the connections their driver now says are closed (psycopg2 has no
+        close hook; a broken psycopg connection closes without one); ``wait``: return
+        once every close handed over is reported (bounded)."""
+        with self._lock:
+            watches = list(self._open.values())
+        for watch in watches:
+            conn = watch.ref()
+            if conn is None:
+                continue  # its finalizer hands it over
+            try:
+                gone = watch.is_closed(conn)
+            except Exception:
+                gone = True
+            del conn
+            if gone and self._take_if_open(watch):
+                watch.hang_up()
+                self._hand_over(watch)
+        if wait:
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait until every close handed over is reported, at most BACKEND_EXIT_TIMEOUT
+        after the last one."""
         deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                watch.settimeout(left)
-                if not watch.recv(_RECV_BYTES):
+        with self._lock:
+            while self._pending or self._handed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
                     return
-        except OSError:  # timed out, or reset: nothing more to wait for
-            return
+                self._settled.wait(left)
 
+    async def settle_async(self) -> None:
+        """``settle`` without blocking the event loop."""
+        with self._lock:
+            if not (self._pending or self._handed):
+                return
+        await asyncio.get_running_loop().run_in_executor(None, self.settle)
 
-async def await_backend_exit_async(watch: socket.socket | None) -> None:
-    """``await_backend_exit`` on an event loop, which keeps running meanwhile."""
-    if watch is None:
-        return
-    with watch:
-        watch.setblocking(False)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BACKEND_EXIT_TIMEOUT
+    def stop(self) -> None:
+        """Stop the thread and drop every duplicate (the hooks are being removed)."""
+        with self._lock:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+            for watch in self._open.values():
+                if watch.finalizer is not None:
+                    watch.finalizer.detach()
+                watch.release()  # the driver's own descriptor keeps the connection
+            self._open.clear()
+        if thread is not None:
+            self._wake()
+            thread.join(_WATCHER_STOP_TIMEOUT)
+        while self._handed:
+            self._handed.popleft().release()
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = None
+
+    # -- ownership of a watch: exactly one party reports it -------------------------------
+
+    def _take(self, watch: _Watch) -> None:
+        """Take ``watch`` out of the open ones (lock held)."""
+        del self._open[watch.key]
+        if watch.finalizer is not None:
+            watch.finalizer.detach()
+
+    def _take_if_open(self, watch: _Watch) -> bool:
+        with self._lock:
+            if self._open.get(watch.key) is not watch:
+                return False
+            self._take(watch)
+            return True
+
+    def _take_conn(self, conn: Any) -> _Watch | None:
+        with self._lock:
+            watch = self._open.get(id(conn))
+            if watch is None or watch.ref() is not conn:
+                return None
+            self._take(watch)
+            return watch
+
+    def _finish(self, watch: _Watch) -> None:
+        watch.release()
         try:
-            while (left := deadline - loop.time()) > 0:
-                if not await asyncio.wait_for(loop.sock_recv(watch, _RECV_BYTES), left):
-                    return
-        except (OSError, asyncio.TimeoutError):
+            self._report(watch.pid, watch.key)
+        except Exception as exc:
+            self._on_error(exc)
+
+    def _collected(self, watch: _Watch) -> None:
+        """A tracked connection was garbage-collected (runs inside any allocation, any
+        lock held: only queue it and wake the thread)."""
+        self._handed.append(watch)
+        self._wake()
+
+    def _hand_over(self, watch: _Watch) -> None:
+        self._handed.append(watch)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        """Start the watching thread (lock held) on the first connection."""
+        if self._thread is not None or self._stopping:
             return
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._wake_r,), name="poolaware-backend-exits", daemon=True
+        )
+        self._thread.start()
 
+    def _run(self, wake: int) -> None:
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        watching: dict[int, _Watch] = {}
+        while not self._stopping:
+            try:
+                self._watch_handed(poller, watching)
+                now = time.monotonic()
+                for fd, watch in list(watching.items()):
+                    if watch.deadline <= now or watch.exited_now():
+                        self._done(poller, watching, fd)
+                timeout = min((w.deadline for w in watching.values()), default=None)
+                wait_ms = None if timeout is None else max(0, int((timeout - now) * 1000) + 1)
+                for fd, _ in poller.poll(wait_ms):
+                    if fd == wake:
+                        with contextlib.suppress(OSError):
+                            os.read(wake, _RECV_BYTES)
+            except Exception as exc:  # never let the thread die with closes pending
+                self._on_error(exc)
+        for watch in watching.values():
+            watch.release()
 
-def close_awaiting_exit(conn: Any) -> None:
-    """Close a libpq connection that has no close hook (psycopg2's) and return once its
-    backend has exited; closing it again is a no-op."""
-    watch = watch_backend(conn.fileno)
-    conn.close()
-    await_backend_exit(watch)
+    def _watch_handed(self, poller: select.poll, watching: dict[int, _Watch]) -> None:
+        while True:
+            with self._lock:
+                if not self._handed:
+                    return
+                watch = self._handed.popleft()
+                self._pending += 1
+                if self._open.get(watch.key) is watch:  # collected: not taken yet
+                    del self._open[watch.key]
+            watch.hang_up()
+            if watch.sock is None:
+                self._finish(watch)
+                self._reported()
+                continue
+            watch.deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+            fd = watch.sock.fileno()
+            watching[fd] = watch
+            poller.register(fd, select.POLLIN)
 
+    def _done(self, poller: select.poll, watching: dict[int, _Watch], fd: int) -> None:
+        watch = watching.pop(fd)
+        poller.unregister(fd)
+        self._finish(watch)
+        self._reported()
 
-#: Drivers whose close hook reports a close only once the backend has exited.
-CLOSE_AWAITS_EXIT: Final = frozenset({"psycopg"})
+    def _reported(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._settled.notify_all()
 
 
 # -- psycopg 3 ----------------------------------------------------------------------------------
@@ -284,7 +579,9 @@ def _psycopg_closed(conn: Any) -> bool:
     return bool(conn.closed)
 
 
-def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> None:
+def _install_psycopg(
+    sink: ConnectionSink, exits: BackendExits, undo: list[Callable[[], None]]
+) -> None:
     import psycopg
 
     base = _definer(psycopg.Connection, "_connect_gen")
@@ -292,7 +589,9 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     def _connect_gen(cls: Any, *args: Any, **kwargs: Any) -> Any:
         conn = yield from connect_gen(cls, *args, **kwargs)
-        sink.opened(conn, conn.info.backend_pid, "psycopg", _opening_pool(), _psycopg_closed)
+        pid = conn.info.backend_pid
+        exits.track(conn, pid, conn.fileno, _psycopg_closed)
+        sink.opened(conn, pid, "psycopg", _opening_pool())
         return conn
 
     _patch(base, "_connect_gen", classmethod(_connect_gen), undo)
@@ -319,15 +618,11 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     @functools.wraps(sync_close)
     def close(self: Any) -> None:
-        watch = None if self.closed else watch_backend(self.fileno)
         try:
             sync_close(self)
         finally:
             if self.closed:
-                await_backend_exit(watch)
-                sink.closed(self)
-            elif watch is not None:
-                watch.close()
+                exits.closed_sync(self)
 
     _patch(psycopg.Connection, "close", close, undo)
 
@@ -335,15 +630,11 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     @functools.wraps(async_close)
     async def close_async(self: Any) -> None:
-        watch = None if self.closed else watch_backend(self.fileno)
         try:
             await async_close(self)
         finally:
             if self.closed:
-                await await_backend_exit_async(watch)
-                sink.closed(self)
-            elif watch is not None:
-                watch.close()
+                await exits.closed_async(self)
 
     _patch(psycopg.AsyncConnection, "close", close_async, undo)
 
@@ -351,7 +642,9 @@ def _install_psycopg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 # -- psycopg_pool -------------------------------------------------------------------------------
 
 
-def _install_psycopg_pool(sink: ConnectionSink, undo: list[Callable[[], None]]) -> None:
+def _install_psycopg_pool(
+    sink: ConnectionSink, exits: BackendExits, undo: list[Callable[[], None]]
+) -> None:
     from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
     connect = ConnectionPool.__dict__["_connect"]
@@ -449,7 +742,13 @@ def _asyncpg_closed(conn: Any) -> bool:
     return bool(conn.is_closed())
 
 
-def _install_asyncpg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> None:
+def _asyncpg_socket(conn: Any) -> Callable[[], int]:
+    return lambda: int(conn._transport.get_extra_info("socket").fileno())
+
+
+def _install_asyncpg(
+    sink: ConnectionSink, exits: BackendExits, undo: list[Callable[[], None]]
+) -> None:
     from asyncpg import connect_utils
     from asyncpg.connection import Connection
     from asyncpg.pool import Pool, PoolConnectionHolder
@@ -461,7 +760,9 @@ def _install_asyncpg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
         pool = _opening_pool()
         await sink.gate_async(_background())
         conn = await connect(*args, **kwargs)
-        sink.opened(conn, conn.get_server_pid(), "asyncpg", pool, _asyncpg_closed)
+        pid = conn.get_server_pid()
+        exits.track(conn, pid, _asyncpg_socket(conn), _asyncpg_closed)
+        sink.opened(conn, pid, "asyncpg", pool)
         return conn
 
     _patch(connect_utils, "_connect", _connect, undo)
@@ -470,7 +771,9 @@ def _install_asyncpg(sink: ConnectionSink, undo: list[Callable[[], None]]) -> No
 
     @functools.wraps(cleanup)
     def _cleanup(self: Any) -> None:
-        sink.closed(self)
+        # Closed, terminated or dropped by the server: reported once the backend has
+        # exited, by the exit watcher if not at once (never blocking this loop).
+        exits.closed(self)
         cleanup(self)
 
     _patch(Connection, "_cleanup", _cleanup, undo)
@@ -536,7 +839,9 @@ def _psycopg2_closed(conn: Any) -> bool:
     return bool(conn.closed)
 
 
-def _install_psycopg2(sink: ConnectionSink, undo: list[Callable[[], None]]) -> None:
+def _install_psycopg2(
+    sink: ConnectionSink, exits: BackendExits, undo: list[Callable[[], None]]
+) -> None:
     import psycopg2
 
     connect = psycopg2._connect
@@ -545,13 +850,16 @@ def _install_psycopg2(sink: ConnectionSink, undo: list[Callable[[], None]]) -> N
         sink.gate(False)
         conn = connect(*args, **kwargs)
         if not conn.async_:  # an asynchronous connection has no backend until polled
-            sink.opened(conn, conn.get_backend_pid(), "psycopg2", None, _psycopg2_closed)
+            pid = conn.get_backend_pid()
+            exits.track(conn, pid, conn.fileno, _psycopg2_closed)
+            sink.opened(conn, pid, "psycopg2", None)
         return conn
 
     _patch(psycopg2, "_connect", _connect, undo)
 
 
-_INSTALLERS: Final[dict[str, Callable[[ConnectionSink, list[Callable[[], None]]], None]]] = {
+_Installer = Callable[[ConnectionSink, BackendExits, list[Callable[[], None]]], None]
+_INSTALLERS: Final[dict[str, _Installer]] = {
     "psycopg": _install_psycopg,
     "psycopg_pool": _install_psycopg_pool,
     "asyncpg": _install_asyncpg,
@@ -620,6 +928,7 @@ class DriverHooks:
         self._undo: list[Callable[[], None]] = []
         self._hooked: set[str] = set()
         self._watcher: _ImportWatcher | None = None
+        self._exits = BackendExits(sink.closed, on_error)
         self._lock = threading.RLock()
 
     @property
@@ -630,6 +939,7 @@ class DriverHooks:
         """Hook the drivers already imported, and the others when they are imported."""
         with self._lock:
             if self._watcher is None:
+                self._exits = BackendExits(self._sink.closed, self._on_error)
                 self._watcher = _ImportWatcher(frozenset(DRIVER_MODULES), self._loaded)
                 sys.meta_path.insert(0, self._watcher)
             for name in DRIVER_MODULES:
@@ -643,7 +953,7 @@ class DriverHooks:
             self._hooked.add(name)
             undo: list[Callable[[], None]] = []
             try:
-                _INSTALLERS[name](self._sink, undo)
+                _INSTALLERS[name](self._sink, self._exits, undo)
             except Exception as exc:
                 for step in reversed(undo):
                     step()
@@ -661,6 +971,21 @@ class DriverHooks:
                 step()
             self._undo.clear()
             self._hooked.clear()
+            self._exits.stop()
+
+    def sweep(self, wait: bool) -> None:
+        """Notice closes no hook reported (``BackendExits.sweep``)."""
+        self._exits.sweep(wait)
+
+    async def settle_async(self) -> None:
+        """Wait, awaiting, until the closes noticed so far are reported (bounded)."""
+        await self._exits.settle_async()
+
+    def close_awaiting_exit(self, conn: Any) -> None:
+        """Close a connection whose driver has no close hook (psycopg2's), returning
+        once its backend has exited and the close is reported."""
+        conn.close()
+        self._exits.closed_sync(conn)
 
     def sees(self, sqlalchemy_driver: str) -> bool:
         """Whether connections of this SQLAlchemy dialect driver are counted here."""

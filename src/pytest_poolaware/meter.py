@@ -17,13 +17,11 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pytest_poolaware.drivers import (
-    CLOSE_AWAITS_EXIT,
     DriverHooks,
-    close_awaiting_exit,
     running_loop,
 )
 from pytest_poolaware.reclaim import IdlePool, Reclaimer
@@ -72,7 +70,6 @@ class _Counted:
     key: int  # id() of the driver's connection
     driver: str
     ref: Callable[[], Any]  # a weak reference to the driver's connection
-    is_closed: Callable[[Any], bool]
     pool: Any  # the psycopg_pool / asyncpg pool that owns it, if any
     loop: asyncio.AbstractEventLoop | None  # where it was opened (asyncio drivers)
     pooled: bool
@@ -80,7 +77,6 @@ class _Counted:
     opened_at: float  # time.time(), to compare with the server's samples
     opened_by: int = NO_ITEM
     lent_by: int = NO_ITEM
-    finalizer: Any = field(default=None, repr=False)
 
 
 class ConnectionLedger:
@@ -95,6 +91,10 @@ class ConnectionLedger:
     inside the instrumentation are contained: they are handed to ``on_error`` once and
     never reach the test.
     """
+
+    #: The driver hooks that feed this ledger, and report closes once backends exit
+    #: (made by the subclass, which is the hooks' full ``ConnectionSink``).
+    hooks: DriverHooks
 
     def __init__(
         self,
@@ -112,8 +112,6 @@ class ConnectionLedger:
         # Connections of SQLAlchemy dialects whose driver is not hooked.
         self._sa_only: set[int] = set()
         self._sa_checked_out: set[int] = set()
-        # Finalizers only queue (they may run inside any allocation, lock held or not).
-        self._collected: collections.deque[_Counted] = collections.deque()
         self._peak_checked_out = 0
         self._peak_open = 0
         self._item = NO_ITEM
@@ -143,12 +141,9 @@ class ConnectionLedger:
 
     # -- what the driver hooks report (drivers.ConnectionSink) --------------------------------
 
-    def opened(
-        self, conn: Any, pid: int, driver: str, pool: Any, closed: Callable[[Any], bool]
-    ) -> None:
+    def opened(self, conn: Any, pid: int, driver: str, pool: Any) -> None:
         try:
             with self._lock:
-                self._drain_collected()
                 for stale in (self._by_pid.get(pid), self._by_conn.get(id(conn))):
                     # The same backend or object seen twice: one count (a pid comes back
                     # only once its backend has exited).
@@ -159,7 +154,6 @@ class ConnectionLedger:
                     key=id(conn),
                     driver=driver,
                     ref=weakref.ref(conn),
-                    is_closed=closed,
                     pool=pool,
                     loop=running_loop(),
                     pooled=pool is not None,
@@ -167,8 +161,6 @@ class ConnectionLedger:
                     opened_at=time.time(),
                     opened_by=self._item if self._in_call else NO_ITEM,
                 )
-                record.finalizer = weakref.finalize(conn, self._collected.append, record)
-                record.finalizer.atexit = False
                 self._by_pid[pid] = record
                 self._by_conn[id(conn)] = record
                 if record.in_use:
@@ -178,12 +170,13 @@ class ConnectionLedger:
         except Exception as exc:
             self._contain(exc)
 
-    def closed(self, conn: Any) -> None:
+    def closed(self, pid: int, key: int) -> None:
+        """Reported by the hooks once the backend of a closed (or garbage-collected)
+        connection has exited: counted until then, as the server counts it."""
         try:
             with self._lock:
-                self._drain_collected()
-                record = self._by_conn.get(id(conn))
-                if record is not None:
+                record = self._by_pid.get(pid)
+                if record is not None and record.key == key:
                     self._forget(record)
                     self._changed()
         except Exception as exc:
@@ -223,18 +216,6 @@ class ConnectionLedger:
         if record.in_use:
             self._in_use -= 1
             record.in_use = False
-        if record.finalizer is not None:
-            record.finalizer.detach()
-
-    def _drain_collected(self) -> bool:
-        """Uncount the connections garbage-collected since last time (lock held)."""
-        changed = False
-        while self._collected:
-            record = self._collected.popleft()
-            if self._by_pid.get(record.pid) is record or self._by_conn.get(record.key) is record:
-                self._forget(record)
-                changed = True
-        return changed
 
     def _changed(self) -> None:
         """The open count moved (lock held): new peaks, and tell the controller."""
@@ -246,21 +227,18 @@ class ConnectionLedger:
     # -- noticing closes the driver did not announce --------------------------------------------
 
     def sweep(self) -> None:
-        """Uncount connections that were collected, or that their driver now says are closed
-        (psycopg2 has no close hook; a broken psycopg connection is closed without one)."""
-        with self._lock:
-            changed = self._drain_collected()
-            for record in list(self._by_pid.values()):
-                conn = record.ref()
-                try:
-                    gone = conn is None or record.is_closed(conn)
-                except Exception:
-                    gone = True
-                if gone:
-                    self._forget(record)
-                    changed = True
-            if changed:
-                self._changed()
+        """Uncount the connections their driver now says are closed (psycopg2 has no close
+        hook; a broken psycopg connection is closed without one) or that were collected,
+        returning once their backends have exited (bounded: ``drivers.BackendExits``)."""
+        try:
+            self.hooks.sweep(wait=True)
+        except Exception as exc:
+            self._contain(exc)
+
+    async def _sweep_async(self) -> None:
+        """``sweep`` from a coroutine: the closes reported, without blocking the loop."""
+        self.hooks.sweep(wait=False)
+        await self.hooks.settle_async()
 
     def pids(self) -> list[int]:
         """Backend pids of the connections counted now (to check against the server)."""
@@ -318,21 +296,15 @@ class ConnectionLedger:
             counted = self._counted(dbapi_connection)
         if counted is not None:
             # About to be closed. Counted until its backend has exited, or another
-            # worker could be granted the slot the server still holds: psycopg's close
-            # hook reports then; a psycopg2 connection (no close hook) is closed here,
-            # SQLAlchemy's own close following as a no-op.
-            if counted.driver in CLOSE_AWAITS_EXIT:
-                return
-            if counted.driver == "psycopg2":
-                conn = counted.ref()
-                if conn is not None:
-                    try:
-                        close_awaiting_exit(conn)
-                    except Exception as exc:
-                        self._contain(exc)
-            with self._lock:
-                self._forget(counted)
-                self._changed()
+            # worker could be granted the slot the server still holds: the driver hooks
+            # report then. A psycopg2 connection (no close hook) is closed here, so that
+            # this returns once it is reported; SQLAlchemy's own close is then a no-op.
+            conn = counted.ref()
+            if counted.driver == "psycopg2" and conn is not None:
+                try:
+                    self.hooks.close_awaiting_exit(conn)
+                except Exception as exc:
+                    self._contain(exc)
             return
         with self._lock:
             if id(dbapi_connection) in self._sa_only:
@@ -415,6 +387,7 @@ class PoolMeter(ConnectionLedger):
             idle_driver_pools=self._idle_driver_pools,
             contain=self._contain,
             sweep=self.sweep,
+            sweep_async=self._sweep_async,
         )
 
     # -- installing ---------------------------------------------------------------------------
@@ -437,7 +410,7 @@ class PoolMeter(ConnectionLedger):
 
     def gate(self, background: bool) -> None:
         try:
-            self.sweep()
+            self.hooks.sweep(wait=True)
             self._gate(background)
         except (BudgetRefused, RoomTooSmall):
             raise
@@ -446,7 +419,7 @@ class PoolMeter(ConnectionLedger):
 
     async def gate_async(self, background: bool) -> None:
         try:
-            self.sweep()
+            self.hooks.sweep(wait=False)  # never block the loop: closes report on their own
             if self._gate_async is None:
                 self._gate(background)
             else:
@@ -461,7 +434,6 @@ class PoolMeter(ConnectionLedger):
     def report(self, *, released: bool) -> None:
         """Send the current counts (``released``: in answer to a release request)."""
         with self._lock:
-            self._drain_collected()
             self.version += 1  # a new message, even if nothing changed
             self._report(released=released)
 

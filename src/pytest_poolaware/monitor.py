@@ -165,6 +165,10 @@ class ServerMonitor:
     def _sample(self) -> bool:
         if self._conn is None:
             return False
+        # Stamped before the query: the server's snapshot is taken after this moment, so
+        # a connection a worker counted after it may be missing from the sample and must
+        # not be taken for one the server ended (``PoolMeter.reconcile``).
+        now = self._clock()
         try:
             rows = self._conn.execute(self._query, (self._param,)).fetchall()
         except Exception as exc:
@@ -174,7 +178,6 @@ class ServerMonitor:
             )
             self._close()
             return False
-        now = self._clock()
         pids = frozenset(int(pid) for (pid,) in rows)
         self.latest = (now, pids)
         self.samples.append((now, len(pids)))

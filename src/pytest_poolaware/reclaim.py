@@ -10,7 +10,7 @@ loop when it is idle; a loop busy in another thread gets the work handed over.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pytest_poolaware.drivers import (
@@ -28,7 +28,7 @@ IdlePool = tuple[Any, asyncio.AbstractEventLoop | None]
 class Reclaimer:
     """Closes idle pooled connections: SQLAlchemy's pools (found by ``sqlalchemy``) and
     the driver pools ``idle_driver_pools`` lists. Errors go to ``contain``; ``sweep``
-    uncounts what was closed."""
+    uncounts what was closed (``sweep_async`` too, without blocking the event loop)."""
 
     def __init__(
         self,
@@ -37,11 +37,13 @@ class Reclaimer:
         idle_driver_pools: Callable[[], list[IdlePool]],
         contain: Callable[[BaseException], None],
         sweep: Callable[[], None],
+        sweep_async: Callable[[], Awaitable[None]],
     ) -> None:
         self._sqlalchemy = sqlalchemy
         self._idle_driver_pools = idle_driver_pools
         self._contain = contain
         self._sweep = sweep
+        self._sweep_async = sweep_async
 
     def release_idle(self) -> None:
         """Close idle pooled connections so another worker can have the room."""
@@ -67,9 +69,9 @@ class Reclaimer:
                     await _reclaim_async(pool)
                 else:
                     self._release_driver_pool(pool, loop)
+            await self._sweep_async()
         except Exception as exc:
             self._contain(exc)
-        self._sweep()
 
     def _release_sqlalchemy(self) -> None:
         if not self._sqlalchemy.installed:
