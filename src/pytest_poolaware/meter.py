@@ -104,8 +104,11 @@ class PoolMeter:
         gate: Gate,
         on_error: Callable[[BaseException], None],
         gate_async: AsyncGate | None = None,
+        on_opened: Callable[[Any, str], None] | None = None,
     ) -> None:
         self.version = 0
+        #: Called with each newly counted connection and its driver (outside the lock).
+        self._on_opened = on_opened
         self._on_change = on_change
         self._gate = gate
         self._gate_async = gate_async
@@ -248,6 +251,8 @@ class PoolMeter:
                     self._in_use += 1
                     self._window_drivers.add(driver)
                 self._changed()
+            if self._on_opened is not None:
+                self._on_opened(conn, driver)
         except Exception as exc:
             self._contain(exc)
 

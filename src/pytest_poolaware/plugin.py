@@ -24,9 +24,12 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.monitor import ServerMonitor
+    from pytest_poolaware.protocol import ServerSeen
     from pytest_poolaware.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
+    from pytest_poolaware.server_room import Discovery
     from pytest_poolaware.share import ShareCoordinator
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
@@ -132,6 +135,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         gate_timeout=options.gate_timeout,
         retry_on_limit=options.retry_on_limit,
         room=options.room,
+        learn=options.learn,
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 
@@ -176,6 +180,10 @@ class Controller:
         #: Notes and warnings of the controller's own (discovery, sharing) for the report.
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning: ServerLearning[WorkerController] | None = None
+        #: The settings before the budget was held to one connection to learn the server.
+        self._unlearned = settings
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -188,14 +196,60 @@ class Controller:
         self.started = time.time()
         if self.settings.monitor_dsn:
             self._discover()
+        elif not self.settings.monitor_source:  # not turned off: learn it from the tests
+            self._start_learning()
 
     def _discover(self) -> None:
         """Set the budget from what the server allows, then monitor on the same connection."""
-        from pytest_poolaware.monitor import ServerMonitor
         from pytest_poolaware.server_room import discover
 
         settings = self.settings
         found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
+        self._adopt(found, settings.monitor_dsn, settings.monitor_source)
+
+    def _start_learning(self) -> None:
+        """No DSN: hold the run to one connection at a time until the workers' first
+        connection says where the server is (``learning``)."""
+        try:
+            import psycopg  # noqa: F401  (the plugin's own connection needs it)
+        except ImportError:
+            self.notes.append(
+                "the budget was not checked against the server: reading it needs psycopg "
+                "on the controller (pip install psycopg)"
+            )
+            return
+        from pytest_poolaware.learning import LEARNING_SOURCE, ServerLearning
+
+        self.learning = ServerLearning(
+            self.settings.configured_budget, self.inbox, self._wake_scheduler, self._learned
+        )
+        self._unlearned = self.settings
+        self.settings = dataclasses.replace(self.settings, budget=1, budget_source=LEARNING_SOURCE)
+
+    def _learned(self, found: Discovery, dsn: str, login: ServerSeen) -> int:
+        """The server was read (or could not be): the run's budget from now on. Runs on
+        the controller's main thread (``ServerLearning.take``)."""
+        from pytest_poolaware.learning import LEARNED_ORIGIN
+        from pytest_poolaware.protocol import RoomKnown
+
+        unlearned = self._unlearned
+        self.settings = dataclasses.replace(
+            self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
+        )
+        self._adopt(found, dsn, LEARNED_ORIGIN)
+        if self.scheduler is not None and self.share is not None:
+            self.scheduler.share = self.share
+        allows, limit = self.room if self.room is not None else (None, "")
+        for link in self.links.values():
+            link.send(RoomKnown(self.settings.budget, allows, limit))
+        return self.share.budget() if self.share is not None else self.settings.budget
+
+    def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
+        """The budget from what the server allows; sharing and monitoring on the plugin's
+        connection."""
+        from pytest_poolaware.monitor import ServerMonitor
+
+        settings = self.settings
         self.notes.extend(found.notes)
         if found.choice is not None:
             self.settings = dataclasses.replace(
@@ -211,10 +265,7 @@ class Controller:
             self._share(found, settings.configured_budget)
         if found.connection is not None:
             self.monitor = ServerMonitor(
-                settings.monitor_dsn,
-                budget=self.settings.budget,
-                source=settings.monitor_source,
-                connection=found.connection,
+                dsn, budget=self.settings.budget, source=origin, connection=found.connection
             )
             self.monitor.start()
 
@@ -295,6 +346,7 @@ class Controller:
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
             room=self.room,
+            learn=self.learning is not None and self.learning.pending,
         ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, compat.wake_controller)
 
@@ -313,6 +365,7 @@ class Controller:
             serial_worker=self.serial_worker,
             server_pids=self._server_pids,
             share=self.share,
+            learning=self.learning,
         )
         return self.scheduler
 
@@ -338,6 +391,8 @@ class Controller:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.finished = time.time()
         priority.withdraw()
+        if self.learning is not None:
+            self.notes.extend(self.learning.notes())
         self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None
         self._close_server_connection()

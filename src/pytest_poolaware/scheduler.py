@@ -44,6 +44,7 @@ from pytest_poolaware.protocol import (
     RequestAnswer,
     RoomRequest,
     ServerPids,
+    ServerSeen,
     WorkerMessage,
 )
 from pytest_poolaware.runstats import ItemResult, RunSnapshot
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.share import ShareCoordinator
 
 
@@ -88,6 +90,7 @@ class PoolAwareScheduling:
         serial_worker: str | None = None,
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
         share: ShareCoordinator | None = None,
+        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -105,6 +108,8 @@ class PoolAwareScheduling:
         #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
         #: consulted before every decision.
         self.share = share
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning = learning
         self.planner: Planner[WorkerController] = Planner(
             share.budget() if share is not None else settings.budget,
             unknown_need=settings.unknown_need,
@@ -388,8 +393,19 @@ class PoolAwareScheduling:
             using=planner.budget,
         )
 
+    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
+        """The server was learned: follow its budget. Items let past the stand-in budget
+        of one connection meanwhile did not need more than the whole budget."""
+        budget = learning.take()
+        if budget is not None:
+            stand_in = len(self.planner.overruns)
+            self._apply(self.planner.set_budget(budget))
+            del self.planner.overruns[:stand_in]
+
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
+        if self.learning is not None:
+            self._follow_learning(self.learning)
         if self.share is not None:
             self._consult_share(self.share)
         for node in self._joined:
@@ -417,8 +433,13 @@ class PoolAwareScheduling:
                             version=message.version,
                         )
                     )
+            elif isinstance(message, ServerSeen):
+                if self.learning is not None:
+                    self.learning.seen(message)
             elif isinstance(message, RoomRequest):
-                if node in self._joined:
+                if node in self._joined and not (
+                    self.learning is not None and self.learning.hold(node, message)
+                ):
                     want = message.want
                     if want is not None:  # a rerun asks for the whole budget: as it is now
                         want = min(want, self.planner.budget)

@@ -1,0 +1,137 @@
+"""Controller side: learning the server from the first connection a worker opens.
+
+With no DSN given, the controller cannot read the server's room before the workers
+start. It holds the run to one connection at a time instead, and asks the workers to
+say where their first connection went (``protocol.ServerSeen``). The first one that
+arrives is read on the plugin's own connection (``server_room.discover``), in a thread
+of its own so the scheduler keeps going; meanwhile every further connect request is
+held, so that the run's only connection is the one being learned from. Once the room
+is known the held requests go back to the scheduler, which follows the new budget.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Hashable
+from typing import Final, Generic, TypeVar
+
+from pytest_poolaware.protocol import RoomRequest, ServerSeen, WorkerMessage
+from pytest_poolaware.server_room import Discovery, discover
+
+#: Where the budget comes from until the server is known.
+LEARNING_SOURCE: Final = (
+    "1 until the server is learned from the first connection a worker opens (no DSN given)"
+)
+#: Where the DSN of the plugin's connection came from, for notes.
+LEARNED_ORIGIN: Final = "the first connection a worker opened"
+
+N = TypeVar("N", bound=Hashable)
+
+
+def dsn_of(login: ServerSeen) -> str:
+    """A libpq DSN for the plugin's own connection as ``login`` (password included: never
+    show it, ``dsn.mask_dsn`` does)."""
+    from psycopg.conninfo import make_conninfo
+
+    params: dict[str, str | int] = {
+        "host": login.host,
+        "port": login.port,
+        "dbname": login.dbname,
+        "user": login.user,
+    }
+    if login.password is not None:
+        params["password"] = login.password
+    return make_conninfo("", **params)
+
+
+class ServerLearning(Generic[N]):
+    """The server learned from the workers' connections, for one run.
+
+    ``seen``, ``hold`` and ``take`` run on the controller's main thread (the scheduler's);
+    the discovery runs in a thread and wakes the scheduler with ``wake`` when done.
+    ``on_learned(discovery, dsn, login)`` adopts what was found and returns the run's
+    new budget.
+    """
+
+    def __init__(
+        self,
+        configured: tuple[int, str] | None,
+        inbox: queue.SimpleQueue[tuple[N, WorkerMessage]],
+        wake: Callable[[], None],
+        on_learned: Callable[[Discovery, str, ServerSeen], int],
+    ) -> None:
+        self._configured = configured
+        self._inbox = inbox
+        self._wake = wake
+        self._on_learned = on_learned
+        #: The login being learned from (the first one a worker reported).
+        self.login: ServerSeen | None = None
+        #: Other logins the run's tests connected as (notes).
+        self.others: dict[tuple[str, int, str, str], ServerSeen] = {}
+        self._found: Discovery | None = None
+        self._dsn = ""
+        self._done = threading.Event()
+        self._held: list[tuple[N, RoomRequest]] = []
+        #: True until the room is known (or could not be read) and adopted.
+        self.pending = True
+
+    def seen(self, login: ServerSeen) -> None:
+        """A worker opened its first connection as ``login``."""
+        if self.login is None:
+            self.login = login
+            self._dsn = dsn_of(login)
+            threading.Thread(target=self._discover, name="poolaware-learn", daemon=True).start()
+        elif login.key != self.login.key:
+            self.others.setdefault(login.key, login)
+
+    def _discover(self) -> None:
+        try:
+            assert self.login is not None
+            runs = [self.login.pid] if self.login.pid else []
+            self._found = discover(self._dsn, self._configured, LEARNED_ORIGIN, runs)
+        finally:
+            self._done.set()
+            self._wake()
+
+    def hold(self, node: N, request: RoomRequest) -> bool:
+        """Whether ``request`` must wait for the room: the server is being read."""
+        if self.pending and self.login is not None:
+            self._held.append((node, request))
+            return True
+        return False
+
+    def take(self) -> int | None:
+        """Once the server was read: adopt it (once), hand the held requests back to the
+        scheduler's inbox, and return the run's new budget; None before, and after."""
+        if not self.pending or not self._done.is_set():
+            return None
+        self.pending = False
+        assert self.login is not None
+        found = self._found if self._found is not None else Discovery()
+        budget = self._on_learned(found, self._dsn, self.login)
+        for held in self._held:
+            self._inbox.put(held)
+        self._held.clear()
+        return budget
+
+    def notes(self) -> list[str]:
+        """What the summary says of the logins seen."""
+        notes = []
+        if self.login is not None:
+            notes.append(
+                f"the server and login were learned from {LEARNED_ORIGIN}: {self.login.where()}"
+            )
+        for other in self.others.values():
+            notes.append(
+                f"tests also connected as {other.where()}: the budget was computed for "
+                f"{self.login.where() if self.login else 'the first login'} (set "
+                "POOLAWARE_DSN to the login whose limits bind)"
+            )
+        if self.login is None:
+            notes.append(
+                "no worker opened a PostgreSQL connection to learn the server from: the run "
+                "held itself to one connection at a time (set POOLAWARE_DSN or "
+                "poolaware_monitor to read the budget before the workers start)"
+            )
+        return notes

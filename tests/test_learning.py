@@ -1,0 +1,195 @@
+"""No DSN given: the server is learned from the first connection a worker opens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from inner import ENGINE_CONFTEST, RECORDING_CONFTEST, connection_errors, run
+from test_scheduling import SUITE
+
+from pytest_poolaware.learning import LEARNING_SOURCE, dsn_of
+from pytest_poolaware.login import login_of
+from pytest_poolaware.protocol import RoomKnown, ServerSeen, decode
+from pytest_poolaware.worker import RERUN_SERVER
+
+ROLE_LIMIT = 16
+#: Tests in test_scheduling.SUITE.
+SUITE_TESTS = 39
+#: The role's password: it must never appear in anything the run shows or writes.
+PASSWORD = "learn-secret-5e1f"
+#: The inner suite's own DSN variable: the plugin is not told about it.
+APP_CONFTEST = (ENGINE_CONFTEST + RECORDING_CONFTEST).replace("POOLAWARE_DSN", "APP_DSN")
+
+
+# -- the worker side: what a driver's connection says ----------------------------------------
+
+
+@pytest.fixture
+def secret_role(postgres_dsn: str) -> Any:
+    """A role limited to ROLE_LIMIT connections, with a password: (DSN, name)."""
+    import uuid
+
+    import poolaware_testserver as testserver
+
+    role = f"poolaware_learn_{uuid.uuid4().hex[:12]}"
+    dsn = testserver.create_role(postgres_dsn, role, connection_limit=ROLE_LIMIT, password=PASSWORD)
+    yield dsn, role
+    testserver.drop_role(postgres_dsn, role)
+
+
+def test_psycopg_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    dsn, role = secret_role
+    with psycopg.connect(dsn) as conn:
+        login = login_of(conn, "psycopg")
+        params = conn.info.get_parameters()
+    assert login is not None
+    assert (login.user, login.dbname, login.password) == (role, params["dbname"], PASSWORD)
+    assert PASSWORD not in repr(login)
+    # The plugin's own connection can be opened from it.
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_psycopg2_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    dsn, role = secret_role
+    conn = psycopg2.connect(dsn)
+    try:
+        login = login_of(conn, "psycopg2")
+    finally:
+        conn.close()
+    assert login is not None
+    assert (login.user, login.password, login.driver) == (role, PASSWORD, "psycopg2")
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_asyncpg_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    dsn, role = secret_role
+    expected = psycopg.conninfo.conninfo_to_dict(dsn)
+
+    async def learn() -> ServerSeen | None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return login_of(conn, "asyncpg")
+        finally:
+            await conn.close()
+
+    login = asyncio.run(learn())
+    assert login is not None
+    assert (login.user, login.password, login.dbname) == (role, PASSWORD, expected["dbname"])
+    assert login.port == int(expected.get("port") or 5432)
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_an_unknown_driver_or_connection_says_nothing() -> None:
+    assert login_of(object(), "psycopg") is None
+    assert login_of(object(), "other") is None
+
+
+def test_the_message_travels_without_showing_its_password() -> None:
+    seen = ServerSeen("db.example", 5433, "app", "acc_app", PASSWORD, "psycopg")
+    assert decode(seen.to_wire()) == seen
+    assert PASSWORD not in repr(seen)
+    assert seen.where() == "acc_app@db.example:5433/app"
+    known = RoomKnown(14, 16, "role acc_app CONNECTION LIMIT 16")
+    assert decode(known.to_wire()) == known
+    assert known.room == (16, "role acc_app CONNECTION LIMIT 16")
+    assert RoomKnown(30).room is None
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_suite(
+    pytester: pytest.Pytester, secret_role: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The write-up's suite shape, connecting through its own variable; no POOLAWARE_DSN,
+    no PG_POOL_*: the plugin knows nothing of the server."""
+    dsn, role = secret_role
+    monkeypatch.setenv("APP_DSN", dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", str(pytester.path / "events.jsonl"))
+    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(APP_CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return role
+
+
+def written(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_the_role_limit_is_learned_from_the_first_connection_cold_and_warm(
+    pytester: pytest.Pytester, app_suite: str
+) -> None:
+    role = app_suite
+    source = (
+        f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor, "
+        "1 for connections still closing"
+    )
+    files = ["--poolaware-report", "report.json", "--poolaware-trace", "trace.json"]
+    for first in (True, False):
+        args = ["-n", "4", "--dist", "poolaware", *files, "-rA"]
+        result = run(pytester, *args, *(["--cache-clear"] if first else []))
+        result.assert_outcomes(passed=SUITE_TESTS)
+        text = result.stdout.str() + result.stderr.str()
+        assert connection_errors(result) == 0, text
+        assert RERUN_SERVER not in text
+        result.stdout.fnmatch_lines(
+            [
+                f"budget: 14 connections ({source})",
+                f"note: the server and login were learned from the first connection a "
+                f"worker opened: {role}@*",
+            ]
+        )
+        assert LEARNING_SOURCE not in text
+        assert "WARNING" not in text
+        report = json.loads((pytester.path / "report.json").read_text())
+        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source)
+        assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
+        # Nothing the run said or wrote holds the password.
+        for shown in (text, written(pytester.path / "report.json")):
+            assert PASSWORD not in shown
+        assert PASSWORD not in written(pytester.path / "trace.json")
+
+
+def test_a_configured_budget_below_the_learned_room_is_kept(
+    pytester: pytest.Pytester, app_suite: str
+) -> None:
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "6")
+    result.assert_outcomes(passed=SUITE_TESTS)
+    assert connection_errors(result) == 0
+    result.stdout.fnmatch_lines(["budget: 6 connections (--pool-budget)"])
+
+
+def test_with_monitoring_turned_off_nothing_is_learned(
+    pytester: pytest.Pytester, app_suite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PG_POOL_SIZE", "5")
+    monkeypatch.setenv("PG_MAX_OVERFLOW", "10")
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--poolaware-monitor", "off")
+    result.assert_outcomes(passed=SUITE_TESTS)
+    result.stdout.fnmatch_lines(["budget: 15 connections (PG_POOL_SIZE + PG_MAX_OVERFLOW = *)"])
+    assert "were learned from" not in result.stdout.str()
+
+
+def test_a_run_that_never_connects_says_so(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makepyfile(test_free="def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    result = run(pytester, "-n", "2", "--dist", "poolaware")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["note: no worker opened a PostgreSQL connection to learn the server from*"]
+    )
