@@ -81,6 +81,8 @@ CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limi
 POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 #: A role limit just above that budget, as in the write-up's CI database.
 ROLE_LIMIT = 16
+#: The password of ``secret_role``: it must never appear in anything a run shows or writes.
+ROLE_PASSWORD = "learn-secret-5e1f"
 
 
 def serve_limited_role(

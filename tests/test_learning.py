@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
-from inner import ENGINE_CONFTEST, RECORDING_CONFTEST, connection_errors, run
+from inner import ENGINE_CONFTEST, RECORDING_CONFTEST, ROLE_LIMIT, connection_errors, run
+from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
 from pytest_poolaware.learning import LEARNING_SOURCE, dsn_of
@@ -17,29 +17,13 @@ from pytest_poolaware.login import login_of
 from pytest_poolaware.protocol import RoomKnown, ServerSeen, decode
 from pytest_poolaware.worker import RERUN_SERVER
 
-ROLE_LIMIT = 16
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
-#: The role's password: it must never appear in anything the run shows or writes.
-PASSWORD = "learn-secret-5e1f"
 #: The inner suite's own DSN variable: the plugin is not told about it.
 APP_CONFTEST = (ENGINE_CONFTEST + RECORDING_CONFTEST).replace("POOLAWARE_DSN", "APP_DSN")
 
 
 # -- the worker side: what a driver's connection says ----------------------------------------
-
-
-@pytest.fixture
-def secret_role(postgres_dsn: str) -> Any:
-    """A role limited to ROLE_LIMIT connections, with a password: (DSN, name)."""
-    import uuid
-
-    import poolaware_testserver as testserver
-
-    role = f"poolaware_learn_{uuid.uuid4().hex[:12]}"
-    dsn = testserver.create_role(postgres_dsn, role, connection_limit=ROLE_LIMIT, password=PASSWORD)
-    yield dsn, role
-    testserver.drop_role(postgres_dsn, role)
 
 
 def test_psycopg_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:

@@ -11,10 +11,11 @@ is known the held requests go back to the scheduler, which follows the new budge
 
 from __future__ import annotations
 
+import ipaddress
 import queue
 import threading
 from collections.abc import Callable, Hashable
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from pytest_poolaware.protocol import RoomRequest, ServerSeen, WorkerMessage
 from pytest_poolaware.server_room import Discovery, discover
@@ -27,6 +28,28 @@ LEARNING_SOURCE: Final = (
 LEARNED_ORIGIN: Final = "the first connection a worker opened"
 
 N = TypeVar("N", bound=Hashable)
+
+
+def names_its_own_machine(host: str) -> bool:
+    """Whether a server address means "this machine" wherever it is used: a loopback
+    address, ``localhost``, or a Unix-domain socket (a directory, or libpq's default)."""
+    if not host or host.startswith("/") or host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def on_this_machine(spec: Any) -> bool:
+    """Whether a worker's gateway (``execnet.XSpec``) runs on the controller's machine:
+    ``popen``, or a socket server on a loopback address."""
+    if getattr(spec, "popen", False):
+        return True
+    address = getattr(spec, "socket", None)
+    if isinstance(address, str):
+        return names_its_own_machine(address.rpartition(":")[0].strip("[]"))
+    return False
 
 
 def dsn_of(login: ServerSeen) -> str:
@@ -76,11 +99,26 @@ class ServerLearning(Generic[N]):
         #: True until the room is known (or could not be read) and adopted.
         self.pending = True
 
-    def seen(self, login: ServerSeen) -> None:
-        """A worker opened its first connection as ``login``."""
+    def seen(self, login: ServerSeen, local: bool = True) -> None:
+        """A worker opened its first connection as ``login``; ``local``: the worker runs
+        on the controller's machine."""
         if self.login is None:
             self.login = login
             self._dsn = dsn_of(login)
+            if not local and names_its_own_machine(login.host):
+                # The address means the worker's machine: here it would name another
+                # server, or none. Keep the configured budget rather than guess.
+                self._found = Discovery(
+                    notes=[
+                        f"the budget was not checked against the server: a worker on another "
+                        f"machine connected to {login.host or 'a local socket'}, which names "
+                        "its own machine (set POOLAWARE_DSN to an address the controller "
+                        "can reach)"
+                    ]
+                )
+                self._done.set()
+                self._wake()
+                return
             threading.Thread(target=self._discover, name="poolaware-learn", daemon=True).start()
         elif login.key != self.login.key:
             self.others.setdefault(login.key, login)

@@ -31,6 +31,7 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.history import History
+from pytest_poolaware.learning import on_this_machine
 from pytest_poolaware.link import ControllerLink
 from pytest_poolaware.markers import UNMARKED, Markers, conflict_message
 from pytest_poolaware.protocol import (
@@ -435,7 +436,7 @@ class PoolAwareScheduling:
                     )
             elif isinstance(message, ServerSeen):
                 if self.learning is not None:
-                    self.learning.seen(message)
+                    self.learning.seen(message, on_this_machine(node.gateway.spec))
             elif isinstance(message, RoomRequest):
                 if node in self._joined and not (
                     self.learning is not None and self.learning.hold(node, message)
