@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from inner import ENGINE_CONFTEST, RECORDING_CONFTEST, ROLE_LIMIT, connection_errors, run
+from inner import (
+    ENGINE_CONFTEST,
+    RECORDING_CONFTEST,
+    ROLE_LIMIT,
+    connection_errors,
+    free_port,
+    run,
+)
 from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
-from pytest_poolaware.learning import LEARNING_SOURCE, dsn_of
+from pytest_poolaware.learning import LEARNING_SOURCE, ServerLearning, dsn_of
 from pytest_poolaware.login import login_of
-from pytest_poolaware.protocol import RoomKnown, ServerSeen, decode
+from pytest_poolaware.protocol import RoomKnown, RoomRequest, ServerSeen, decode
+from pytest_poolaware.server_room import Discovery
 from pytest_poolaware.worker import RERUN_SERVER
 
 #: Tests in test_scheduling.SUITE.
@@ -89,6 +100,50 @@ def test_the_message_travels_without_showing_its_password() -> None:
     assert RoomKnown(30).room is None
 
 
+# -- the controller side ---------------------------------------------------------------------
+
+
+def learn_from(login: ServerSeen, *, local: bool = True) -> tuple[int | None, Discovery, Any]:
+    """Run ``ServerLearning`` on ``login`` with one request held meanwhile: (the budget it
+    returned, what it found, what came back to the inbox)."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    woken = threading.Event()
+    adopted: list[Discovery] = []
+
+    def on_learned(found: Discovery, dsn: str, seen: ServerSeen) -> int:
+        adopted.append(found)
+        return 30
+
+    learning = ServerLearning((30, "--pool-budget"), inbox, woken.set, on_learned)
+    assert learning.take() is None
+    learning.seen(login, local)
+    request = RoomRequest(1)
+    assert learning.hold("gw1", request)  # the server is being read
+    assert woken.wait(60)
+    budget = learning.take()
+    assert not learning.hold("gw1", request)
+    assert learning.take() is None  # adopted once
+    return budget, adopted[0], inbox.get_nowait()
+
+
+def test_a_server_that_cannot_be_read_keeps_the_configured_budget() -> None:
+    login = ServerSeen("127.0.0.1", free_port(), "app", "acc_app", PASSWORD, "psycopg", 4242)
+    budget, found, released = learn_from(login)
+    assert budget == 30
+    assert released == ("gw1", RoomRequest(1))  # the held request goes back to the scheduler
+    assert (found.choice, found.connection) == (None, None)
+    assert "cannot use" in found.notes[0]
+    assert PASSWORD not in found.notes[0]
+
+
+def test_a_remote_worker_connecting_to_its_own_machine_is_not_believed() -> None:
+    login = ServerSeen("localhost", 5432, "app", "acc_app", PASSWORD, "psycopg", 4242)
+    budget, found, _ = learn_from(login, local=False)
+    assert budget == 30
+    assert found.connection is None
+    assert "a worker on another machine connected to localhost" in found.notes[0]
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 
@@ -108,6 +163,36 @@ def app_suite(
     return role
 
 
+def source_of(role: str) -> str:
+    """The budget's source when the role's limit binds."""
+    return (
+        f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor, "
+        "1 for connections still closing"
+    )
+
+
+def assert_learned_and_kept(result: pytest.RunResult, role: str) -> str:
+    """Every test passed within the role's limit, learned from the workers' connections,
+    and the password shown nowhere; returns the run's output."""
+    result.assert_outcomes(passed=SUITE_TESTS)
+    text = result.stdout.str() + result.stderr.str()
+    assert connection_errors(result) == 0, text
+    assert RERUN_SERVER not in text
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: 14 connections ({source_of(role)})",
+            "peak open connections (workers): *",
+            f"note: the server and login were learned from the first connection a worker "
+            f"opened: {role}@*",
+        ]
+    )
+    # Counts came from every worker: the workers' peak is measured, not zero.
+    assert "peak open connections (workers): 0" not in text
+    assert LEARNING_SOURCE not in text
+    assert PASSWORD not in text
+    return text
+
+
 def written(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
@@ -116,33 +201,17 @@ def test_the_role_limit_is_learned_from_the_first_connection_cold_and_warm(
     pytester: pytest.Pytester, app_suite: str
 ) -> None:
     role = app_suite
-    source = (
-        f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor, "
-        "1 for connections still closing"
-    )
     files = ["--poolaware-report", "report.json", "--poolaware-trace", "trace.json"]
     for first in (True, False):
         args = ["-n", "4", "--dist", "poolaware", *files, "-rA"]
         result = run(pytester, *args, *(["--cache-clear"] if first else []))
-        result.assert_outcomes(passed=SUITE_TESTS)
-        text = result.stdout.str() + result.stderr.str()
-        assert connection_errors(result) == 0, text
-        assert RERUN_SERVER not in text
-        result.stdout.fnmatch_lines(
-            [
-                f"budget: 14 connections ({source})",
-                f"note: the server and login were learned from the first connection a "
-                f"worker opened: {role}@*",
-            ]
-        )
-        assert LEARNING_SOURCE not in text
+        text = assert_learned_and_kept(result, role)
         assert "WARNING" not in text
         report = json.loads((pytester.path / "report.json").read_text())
-        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source)
+        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source_of(role))
         assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
-        # Nothing the run said or wrote holds the password.
-        for shown in (text, written(pytester.path / "report.json")):
-            assert PASSWORD not in shown
+        # Nothing the run wrote holds the password either.
+        assert PASSWORD not in written(pytester.path / "report.json")
         assert PASSWORD not in written(pytester.path / "trace.json")
 
 

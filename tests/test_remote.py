@@ -11,16 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inner import ROLE_PASSWORD as PASSWORD
-from inner import connection_errors, free_port, run, wait_listening
-from test_learning import APP_CONFTEST, SUITE_TESTS
+from inner import execnet_socket_servers, run
+from test_learning import APP_CONFTEST, assert_learned_and_kept
 from test_scheduling import SUITE
 
 from pytest_poolaware.learning import names_its_own_machine, on_this_machine
-from pytest_poolaware.worker import RERUN_SERVER
 
 WORKERS = 4
-SOURCE = "CONNECTION LIMIT 16, 1 kept for the monitor, 1 for connections still closing"
 
 
 @pytest.fixture
@@ -41,49 +38,12 @@ def suite(pytester: pytest.Pytester, app_env: str) -> str:
     return app_env
 
 
-def assert_learned_and_kept(result: pytest.RunResult, role: str) -> None:
-    """Every test passed within the role's limit, learned from the workers' connections."""
-    result.assert_outcomes(passed=SUITE_TESTS)
-    text = result.stdout.str() + result.stderr.str()
-    assert connection_errors(result) == 0, text
-    assert RERUN_SERVER not in text
-    result.stdout.fnmatch_lines(
-        [
-            f"budget: 14 connections (role {role} {SOURCE})",
-            "peak open connections (workers): *",
-            f"note: the server and login were learned from the first connection a worker "
-            f"opened: {role}@*",
-        ]
-    )
-    # Counts came from every worker: the workers' peak is measured, not zero.
-    assert "peak open connections (workers): 0" not in text
-    assert PASSWORD not in text
-
-
 @pytest.fixture
 def socket_servers(app_env: str) -> Iterator[list[str]]:
-    """execnet socket servers on localhost, one per worker (each serves one gateway), with
-    the suite's environment as a machine of its own would have it."""
-    import execnet.script.socketserver as server_script
-
-    ports = [free_port() for _ in range(WORKERS)]
-    servers = [
-        subprocess.Popen(
-            [sys.executable, server_script.__file__, f"127.0.0.1:{port}"],
-            env=dict(os.environ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
-    try:
-        for port, process in zip(ports, servers, strict=True):
-            wait_listening(port, process)
-        yield [f"127.0.0.1:{port}" for port in ports]
-    finally:
-        for process in servers:
-            process.kill()
-            process.wait()
+    """execnet socket servers on localhost, one per worker, started with the suite's
+    environment (``app_env``) as a machine of its own would have it."""
+    with execnet_socket_servers(WORKERS) as addresses:
+        yield addresses
 
 
 def test_the_server_is_learned_from_workers_behind_socket_gateways(
