@@ -22,7 +22,7 @@ from inner import (
 from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
-from pytest_poolaware.learning import LEARNING_SOURCE, ServerLearning, dsn_of
+from pytest_poolaware.learning import LEARNING_ATTEMPTS, REMEMBERED, ServerLearning, dsn_of
 from pytest_poolaware.login import login_of
 from pytest_poolaware.protocol import RoomKnown, RoomRequest, ServerSeen, decode
 from pytest_poolaware.server_room import Discovery
@@ -110,7 +110,7 @@ def learn_from(login: ServerSeen, *, local: bool = True) -> tuple[int | None, Di
     woken = threading.Event()
     adopted: list[Discovery] = []
 
-    def on_learned(found: Discovery, dsn: str, seen: ServerSeen) -> int:
+    def on_learned(found: Discovery, dsn: str, seen: ServerSeen | None) -> int:
         adopted.append(found)
         return 30
 
@@ -124,6 +124,36 @@ def learn_from(login: ServerSeen, *, local: bool = True) -> tuple[int | None, Di
     assert not learning.hold("gw1", request)
     assert learning.take() is None  # adopted once
     return budget, adopted[0], inbox.get_nowait()
+
+
+def test_one_connection_passes_at_a_time_until_the_server_is_learned() -> None:
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    wakes: list[None] = []
+    learning: ServerLearning[str] = ServerLearning(
+        None, inbox, lambda: wakes.append(None), lambda found, dsn, seen: 30
+    )
+    first, second, third = RoomRequest(1, item=0), RoomRequest(1, item=5), RoomRequest(2, item=6)
+    assert not learning.hold("gw0", first)  # the one connection
+    assert learning.hold("gw1", second)
+    assert learning.hold("gw1", third)
+    # Its test ended and taught nothing (the connection failed): the next one may try.
+    learning.item_done("gw1", 5)  # not the one that passed: nothing changes
+    assert inbox.empty()
+    learning.item_done("gw0", 0)
+    assert (inbox.get_nowait(), len(wakes)) == (("gw1", second), 1)
+    assert not learning.hold("gw1", second)
+    passing = ("gw1", 5)
+    for _ in range(2, LEARNING_ATTEMPTS):
+        learning.item_done(*passing)
+        node, request = inbox.get_nowait()
+        assert not learning.hold(node, request)
+        passing = (node, request.item)
+    assert learning.pending
+    learning.item_done(*passing)
+    # Tests keep connecting without teaching anything: stop trying, keep the budget.
+    assert learning.take() == 30
+    assert not learning.pending
+    assert not learning.hold("gw1", third)
 
 
 def test_a_server_that_cannot_be_read_keeps_the_configured_budget() -> None:
@@ -188,7 +218,7 @@ def assert_learned_and_kept(result: pytest.RunResult, role: str) -> str:
     )
     # Counts came from every worker: the workers' peak is measured, not zero.
     assert "peak open connections (workers): 0" not in text
-    assert LEARNING_SOURCE not in text
+    assert REMEMBERED not in text
     assert PASSWORD not in text
     return text
 
@@ -235,14 +265,22 @@ def test_with_monitoring_turned_off_nothing_is_learned(
     assert "were learned from" not in result.stdout.str()
 
 
-def test_a_run_that_never_connects_says_so(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+def test_the_next_run_starts_within_what_the_last_one_learned(
+    pytester: pytest.Pytester, app_suite: str
 ) -> None:
-    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW"):
-        monkeypatch.delenv(name, raising=False)
-    pytester.makepyfile(test_free="def test_a():\n    pass\n\ndef test_b():\n    pass\n")
-    result = run(pytester, "-n", "2", "--dist", "poolaware")
-    result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(
-        ["note: no worker opened a PostgreSQL connection to learn the server from*"]
+    """Until it learns the server again, a run admits tests within the last run's budget
+    (its connections still wait for the room, one at a time)."""
+    pytester.makepyfile(test_free="def test_free():\n    pass\n")
+    first = run(pytester, "-n", "2", "--dist", "poolaware", "--cache-clear")
+    first.assert_outcomes(passed=SUITE_TESTS + 1)
+    # This one opens no connection: the budget stays the remembered one.
+    free = run(pytester, "-n", "2", "--dist", "poolaware", "test_free.py")
+    free.assert_outcomes(passed=1)
+    free.stdout.fnmatch_lines([f"budget: 14 connections ({source_of(app_suite)}, {REMEMBERED})"])
+    assert "were learned from" not in free.stdout.str()
+    assert (
+        PASSWORD
+        not in (pytester.path / ".pytest_cache")
+        .joinpath("v", "poolaware", "learned_budget")
+        .read_text()
     )

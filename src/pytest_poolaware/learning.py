@@ -1,12 +1,14 @@
 """Controller side: learning the server from the first connection a worker opens.
 
 With no DSN given, the controller cannot read the server's room before the workers
-start. It holds the run to one connection at a time instead, and asks the workers to
-say where their first connection went (``protocol.ServerSeen``). The first one that
-arrives is read on the plugin's own connection (``server_room.discover``), in a thread
-of its own so the scheduler keeps going; meanwhile every further connect request is
-held, so that the run's only connection is the one being learned from. Once the room
-is known the held requests go back to the scheduler, which follows the new budget.
+start. It asks the workers to say where their first connection went
+(``protocol.ServerSeen``) and holds the run to one connection at a time until it knows:
+the first connect request passes, every other one is held. The first ``ServerSeen`` is
+read on the plugin's own connection (``server_room.discover``), in a thread of its own
+so the scheduler keeps going. Once the room is known the held requests go back to the
+scheduler, which follows the new budget. Tests start meanwhile as the stand-in budget
+allows (what the last run learned, else the configured budget): only their connections
+wait.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Any, Final, Generic, TypeVar
 from pytest_poolaware.protocol import RoomRequest, ServerSeen, WorkerMessage
 from pytest_poolaware.server_room import Discovery, discover
 
-#: Where the budget comes from until the server is known.
-LEARNING_SOURCE: Final = (
-    "1 until the server is learned from the first connection a worker opens (no DSN given)"
-)
+#: Connect attempts that may end without teaching the server (the connection failed, or
+#: its driver did not say where it went) before the run stops trying to learn it.
+LEARNING_ATTEMPTS: Final = 3
+#: Where the stand-in budget came from when the last run learned it.
+REMEMBERED: Final = "as the last run learned it"
 #: Where the DSN of the plugin's connection came from, for notes.
 LEARNED_ORIGIN: Final = "the first connection a worker opened"
 
@@ -73,8 +76,8 @@ class ServerLearning(Generic[N]):
 
     ``seen``, ``hold`` and ``take`` run on the controller's main thread (the scheduler's);
     the discovery runs in a thread and wakes the scheduler with ``wake`` when done.
-    ``on_learned(discovery, dsn, login)`` adopts what was found and returns the run's
-    new budget.
+    ``on_learned(discovery, dsn, login)`` adopts what was found (``login`` None: nothing
+    could be learned) and returns the run's new budget.
     """
 
     def __init__(
@@ -82,7 +85,7 @@ class ServerLearning(Generic[N]):
         configured: tuple[int, str] | None,
         inbox: queue.SimpleQueue[tuple[N, WorkerMessage]],
         wake: Callable[[], None],
-        on_learned: Callable[[Discovery, str, ServerSeen], int],
+        on_learned: Callable[[Discovery, str, ServerSeen | None], int],
     ) -> None:
         self._configured = configured
         self._inbox = inbox
@@ -96,12 +99,19 @@ class ServerLearning(Generic[N]):
         self._dsn = ""
         self._done = threading.Event()
         self._held: list[tuple[N, RoomRequest]] = []
+        #: The worker and item whose connect request passed while nothing was learned.
+        self._passing: tuple[N, int] | None = None
+        self._attempts = 0
         #: True until the room is known (or could not be read) and adopted.
         self.pending = True
 
     def seen(self, login: ServerSeen, local: bool = True) -> None:
         """A worker opened its first connection as ``login``; ``local``: the worker runs
         on the controller's machine."""
+        if not self.pending:  # adopted already, or given up
+            if self.login is not None and login.key != self.login.key:
+                self.others.setdefault(login.key, login)
+            return
         if self.login is None:
             self.login = login
             self._dsn = dsn_of(login)
@@ -133,11 +143,37 @@ class ServerLearning(Generic[N]):
             self._wake()
 
     def hold(self, node: N, request: RoomRequest) -> bool:
-        """Whether ``request`` must wait for the room: the server is being read."""
-        if self.pending and self.login is not None:
-            self._held.append((node, request))
-            return True
-        return False
+        """Whether ``request`` must wait: one connection at a time until the room is known
+        (the first request passes; the others wait for the room)."""
+        if not self.pending:
+            return False
+        if self.login is None and self._passing is None:
+            self._passing = (node, request.item)
+            return False
+        self._held.append((node, request))
+        return True
+
+    def item_done(self, node: N, item: int) -> None:
+        """An item ended. If it was the one whose connection passed and nothing was
+        learned from it (the connection failed, or its driver did not say where it
+        went), let the next held request pass; after ``LEARNING_ATTEMPTS`` of those, stop
+        trying and keep the budget."""
+        if not self.pending or self.login is not None or self._passing != (node, item):
+            return
+        self._passing = None
+        self._attempts += 1
+        if self._attempts >= LEARNING_ATTEMPTS:
+            self._found = Discovery(
+                notes=[
+                    f"the budget was not checked against the server: {self._attempts} "
+                    "tests connected without the plugin learning where to (set "
+                    "POOLAWARE_DSN to read it)"
+                ]
+            )
+            self._done.set()
+        elif self._held:
+            self._inbox.put(self._held.pop(0))
+        self._wake()
 
     def take(self) -> int | None:
         """Once the server was read: adopt it (once), hand the held requests back to the
@@ -145,7 +181,6 @@ class ServerLearning(Generic[N]):
         if not self.pending or not self._done.is_set():
             return None
         self.pending = False
-        assert self.login is not None
         found = self._found if self._found is not None else Discovery()
         budget = self._on_learned(found, self._dsn, self.login)
         for held in self._held:
@@ -165,11 +200,5 @@ class ServerLearning(Generic[N]):
                 f"tests also connected as {other.where()}: the budget was computed for "
                 f"{self.login.where() if self.login else 'the first login'} (set "
                 "POOLAWARE_DSN to the login whose limits bind)"
-            )
-        if self.login is None:
-            notes.append(
-                "no worker opened a PostgreSQL connection to learn the server from: the run "
-                "held itself to one connection at a time (set POOLAWARE_DSN or "
-                "poolaware_monitor to read the budget before the workers start)"
             )
         return notes

@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
+#: pytest cache key: the budget the last run learned from the server when no DSN was given
+#: (a stand-in until this run learns it again; never the server's address or password).
+LEARNED_BUDGET_KEY = "poolaware/learned_budget"
 #: Packages newer than the tested range, one line each for the report header.
 _version_warnings_key = pytest.StashKey[tuple[str, ...]]()
 
@@ -182,8 +185,10 @@ class Controller:
         self.warnings: list[str] = []
         #: With no DSN given: the server learned from the workers' first connection.
         self.learning: ServerLearning[WorkerController] | None = None
-        #: The settings before the budget was held to one connection to learn the server.
+        #: The settings before a stand-in budget was chosen to learn the server.
         self._unlearned = settings
+        #: Whether the budget was learned from the server (no DSN given).
+        self.learned_room = False
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -209,7 +214,8 @@ class Controller:
 
     def _start_learning(self) -> None:
         """No DSN: hold the run to one connection at a time until the workers' first
-        connection says where the server is (``learning``)."""
+        connection says where the server is (``learning``). Tests start meanwhile within
+        what the last run learned, when that is smaller than the configured budget."""
         try:
             import psycopg  # noqa: F401  (the plugin's own connection needs it)
         except ImportError:
@@ -218,15 +224,27 @@ class Controller:
                 "on the controller (pip install psycopg)"
             )
             return
-        from pytest_poolaware.learning import LEARNING_SOURCE, ServerLearning
+        from pytest_poolaware.learning import REMEMBERED, ServerLearning
 
         self.learning = ServerLearning(
             self.settings.configured_budget, self.inbox, self._wake_scheduler, self._learned
         )
         self._unlearned = self.settings
-        self.settings = dataclasses.replace(self.settings, budget=1, budget_source=LEARNING_SOURCE)
+        remembered = self.cache.get(LEARNED_BUDGET_KEY, None) if self.cache is not None else None
+        if isinstance(remembered, dict):
+            budget, source = remembered.get("budget"), remembered.get("source")
+            if isinstance(budget, int) and 1 <= budget < self.settings.budget and source:
+                self.settings = dataclasses.replace(
+                    self.settings, budget=budget, budget_source=f"{source}, {REMEMBERED}"
+                )
 
-    def _learned(self, found: Discovery, dsn: str, login: ServerSeen) -> int:
+    def _remember_learned(self) -> None:
+        """The budget learned from the server, as the next run's stand-in."""
+        if self.cache is not None and self.learning is not None and self.learned_room:
+            source = self.settings.budget_source
+            self.cache.set(LEARNED_BUDGET_KEY, {"budget": self.settings.budget, "source": source})
+
+    def _learned(self, found: Discovery, dsn: str, login: ServerSeen | None) -> int:
         """The server was read (or could not be): the run's budget from now on. Runs on
         the controller's main thread (``ServerLearning.take``)."""
         from pytest_poolaware.learning import LEARNED_ORIGIN
@@ -237,6 +255,7 @@ class Controller:
             self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
         )
         self._adopt(found, dsn, LEARNED_ORIGIN)
+        self.learned_room = found.room is not None and found.choice is not None
         if self.scheduler is not None and self.share is not None:
             self.scheduler.share = self.share
         allows, limit = self.room if self.room is not None else (None, "")
@@ -393,6 +412,7 @@ class Controller:
         priority.withdraw()
         if self.learning is not None:
             self.notes.extend(self.learning.notes())
+            self._remember_learned()
         self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None
         self._close_server_connection()

@@ -235,6 +235,8 @@ class PoolAwareScheduling:
     ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
+        if self.learning is not None:
+            self.learning.item_done(node, item_index)
         measures = self._measures.pop((node, item_index), None)
         if measures is None:  # no report carried them (e.g. the item was not run)
             self._apply(self.planner.completed(node, item_index, duration=duration))
@@ -395,13 +397,10 @@ class PoolAwareScheduling:
         )
 
     def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
-        """The server was learned: follow its budget. Items let past the stand-in budget
-        of one connection meanwhile did not need more than the whole budget."""
+        """The server was learned: follow its budget."""
         budget = learning.take()
         if budget is not None:
-            stand_in = len(self.planner.overruns)
             self._apply(self.planner.set_budget(budget))
-            del self.planner.overruns[:stand_in]
 
     def _drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
