@@ -117,7 +117,7 @@ class ServerLearning(Generic[N]):
             self._dsn = dsn_of(login)
             if not local and names_its_own_machine(login.host):
                 # The address means the worker's machine: here it would name another
-                # server, or none. Keep the configured budget rather than guess.
+                # server, or none. Keep the budget rather than guess.
                 self._found = Discovery(
                     notes=[
                         f"the budget was not checked against the server: a worker on another "

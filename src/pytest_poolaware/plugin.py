@@ -251,9 +251,10 @@ class Controller:
         from pytest_poolaware.protocol import RoomKnown
 
         unlearned = self._unlearned
-        self.settings = dataclasses.replace(
-            self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
-        )
+        if found.choice is not None:  # else the stand-in stays: nothing better is known
+            self.settings = dataclasses.replace(
+                self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
+            )
         self._adopt(found, dsn, LEARNED_ORIGIN)
         self.learned_room = found.room is not None and found.choice is not None
         if self.scheduler is not None and self.share is not None:
