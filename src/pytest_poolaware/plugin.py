@@ -216,9 +216,10 @@ class Controller:
         """No DSN: hold the run to one connection at a time until the workers' first
         connection says where the server is (``learning``). Tests start meanwhile within
         what the last run learned, when that is smaller than the configured budget."""
-        try:
-            import psycopg  # noqa: F401  (the plugin's own connection needs it)
-        except ImportError:
+        import importlib.util
+
+        # Looked up, not imported: a run that never connects should not pay for it.
+        if importlib.util.find_spec("psycopg") is None:
             self.notes.append(
                 "the budget was not checked against the server: reading it needs psycopg "
                 "on the controller (pip install psycopg)"
