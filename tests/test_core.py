@@ -28,8 +28,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_poolaware.core import (
-    EARLY_START_SECONDS,
-    MIN_QUEUE,
     Action,
     Answer,
     Go,
@@ -42,6 +40,7 @@ from pytest_poolaware.core import (
     lane_for,
 )
 from pytest_poolaware.core import ItemSpec as Item
+from pytest_poolaware.placement import EARLY_START_SECONDS, MIN_QUEUE
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT
@@ -200,6 +199,8 @@ class Sim:
     item without a shutdown, to look at the budget apart from queue depth.
     ``staggered``: workers come up one at a time, at any point of the run's start, the
     fan-out held until the last is in (as the adapter starts the serial lane early).
+    ``budget_changes``: budgets set one after the other at any point of the run (another
+    run sharing the server takes or gives back room), up or down, below what is open too.
     """
 
     def __init__(
@@ -216,9 +217,14 @@ class Sim:
         unknown_need: int = 1,
         planner: Planner[str] | None = None,
         staggered: bool = False,
+        budget_changes: Sequence[int] = (),
     ) -> None:
         self.tests = list(tests)
         self.budget = budget
+        self.budget_changes = list(budget_changes)
+        #: What may be held now: the budget, or more while the run comes down to a budget
+        #: lowered below what it held; it only ever falls until the next change.
+        self.allowed = budget
         self.peaks = list(peaks) if peaks is not None else [t.need or 1 for t in tests]
         self.sticky = sticky
         self.strict_xdist = strict_xdist
@@ -290,15 +296,20 @@ class Sim:
                 worker.answer = action.answer
             elif isinstance(action, Release):
                 worker.release = True
-        self.check()
+        self.check(gave_go=any(isinstance(a, Go) for a in actions))
 
-    def check(self) -> None:
-        """Invariants after every planner call."""
+    def check(self, *, gave_go: bool = False) -> None:
+        """Invariants after every planner call (``gave_go``: it let an item start)."""
         overrun = bool(self.planner.overruns)
+        planned = self.planner.statistics().committed
+        if gave_go and planned > self.budget and not overrun:
+            # Over a budget lowered below what is held, nothing new starts, not even
+            # within a worker's commitment: the run must come down to the budget.
+            self.problems.append(f"an item started with {planned} committed > {self.budget}")
         physical = sum(w.open + self.connect_granted(w) for w in self.workers.values())
         self.peak_open = max(self.peak_open, physical)
-        if physical > self.budget and not overrun:
-            self.problems.append(f"{physical} connections open or granted > {self.budget}")
+        if physical > self.allowed and not overrun:
+            self.problems.append(f"{physical} connections open or granted > {self.allowed}")
         # the worker-side commitment: each worker may hold its open connections (a granted
         # connect included) or the need of any item it may start, whichever is larger
         # (a worker waiting for its rerun can start nothing until that is granted)
@@ -308,8 +319,10 @@ class Sim:
             if w.kind == "rerun" and w.answer is None:
                 needs = []
             committed += max([w.open + self.connect_granted(w), *needs])
-        if committed > self.budget and not overrun:
-            self.problems.append(f"committed {committed} > budget {self.budget}, no Overrun")
+        if committed > self.allowed and not overrun:
+            self.problems.append(f"committed {committed} > {self.allowed}, no Overrun")
+        # Over a lowered budget, what the planner has committed only falls.
+        self.allowed = max(self.budget, min(self.allowed, planned))
         holders = [w.name for w in self.workers.values() if any(map(self.is_serial, w.queue))]
         if len(holders) > 1:
             self.problems.append(f"serial items queued on several workers: {holders}")
@@ -334,6 +347,8 @@ class Sim:
 
     def events(self) -> list[Event]:
         out: list[Event] = [("join", "")] if self.to_join else []
+        if self.budget_changes:
+            out.append(("budget", ""))
         for w in self.workers.values():
             if w.reports:
                 out.append(("deliver", w.name))
@@ -366,6 +381,9 @@ class Sim:
         if kind == "join":
             self.join()
             return
+        if kind == "budget":
+            self.set_budget(self.budget_changes.pop(0))
+            return
         getattr(self, f"_{kind}")(self.workers[name])
 
     def join(self) -> str:
@@ -375,6 +393,13 @@ class Sim:
         if not self.to_join:
             self.apply(self.planner.open_fanout())
         return name
+
+    def set_budget(self, budget: int) -> None:
+        """The run's share of the server's room moves: what is held stays allowed until
+        it is given back."""
+        self.allowed = max(budget, self.allowed, self.planner.statistics().committed)
+        self.budget = budget
+        self.apply(self.planner.set_budget(budget))
 
     def _counts(self, w: SimWorker, released: bool = False) -> None:
         self.apply(
@@ -500,7 +525,8 @@ class Sim:
         choose = choose or round_robin()
         # As xdist's loop: the run goes on while the planner holds items (a crashed one
         # requeued before the fan-out opened waits for the workers still to come up).
-        while not (self.all_done() and self.planner.tests_finished):
+        # Budget changes still to come are taken too (the share moves after the end).
+        while not (self.all_done() and self.planner.tests_finished and not self.budget_changes):
             events = self.events()
             if not events:
                 raise Hang(f"nothing can happen; workers: {list(self.workers.values())}")
@@ -1128,6 +1154,50 @@ def test_item_over_budget_is_not_failed_by_an_idle_connection_elsewhere() -> Non
     assert sim.failed_by_scheduler == []
 
 
+# -- more than one budget -------------------------------------------------------------------
+
+
+def test_a_second_budget_gates_only_the_connects_that_name_it() -> None:
+    """Connections to another server or role count against their own budget: the run's
+    own budget and its goes are not touched."""
+    t = running_pair(budget=4)
+    assert t.planner.set_budget(1, key="replica") == []
+    assert t.planner.budget_of("replica") == 1
+    assert t.planner.request("a", 1, item=0, key="replica") == [Grant("a", 1)]
+    t.planner.counts("a", 1, 0, key="replica")
+    assert grants(t.planner.request("b", 2, item=2, key="replica")) == []
+    # the run's own budget still has room: b connects there at once
+    assert grants(t.planner.request("b", 3, item=2)) == [Grant("b", 3)]
+    t.counts("b", 2, 0)
+    # a's item ends and gives the replica's connection back: b may have it
+    actions = t.planner.counts("a", 0, 0, key="replica") + t.complete("a")
+    assert Grant("b", 2) in grants(actions)
+    assert t.planner.statistics().budget == 4
+
+
+def test_a_connect_naming_a_budget_never_set_is_not_gated() -> None:
+    t = running_pair(budget=2)
+    assert t.planner.budget_of("elsewhere") is None
+    assert t.planner.request("a", 1, item=0, key="elsewhere") == [Grant("a", 1)]
+    assert t.planner.request("gone", 2, key="elsewhere") == []
+
+
+def test_workers_waiting_on_each_others_budgets_do_not_hang() -> None:
+    """a holds x's only connection and waits for y's; b holds y's and waits for x's:
+    neither item ends by itself, so the wait is broken (wait-die, per budget)."""
+    t = running_pair(budget=4)
+    for key in ("x", "y"):
+        t.planner.set_budget(1, key=key)
+    t.planner.request("a", 1, item=0, key="x")
+    t.planner.counts("a", 1, 0, key="x")
+    t.planner.request("b", 2, item=2, key="y")
+    t.planner.counts("b", 1, 0, key="y")
+    assert grants(t.planner.request("a", 3, item=0, key="y")) == []
+    refused = grants(t.planner.request("b", 4, item=2, key="x"))
+    assert refused
+    assert all(g.answer is Answer.REFUSED for g in refused)
+
+
 # -- ordering -------------------------------------------------------------------------------
 
 
@@ -1198,6 +1268,20 @@ SEEDS = st.integers(0, 2**32 - 1)
 PROPERTY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+#: The fan-out item crashes on the only worker up yet (it took it along with the early
+#: serial lane) and is requeued: it waits for the workers still to come up, and the run
+#: must go on until they do and it is completed (two interleavings that broke it).
+REQUEUED_BEFORE_THE_OTHERS_ARE_UP: dict[str, object] = {
+    "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
+    "budget": 1,
+    "workers": 3,
+    "peaks": [0, 1],
+    "crashes": 1,
+    "rerun_crashed": True,
+    "staggered": True,
+}
+
+
 def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
     """Run with the interleaving picked by ``seed``."""
     rng = random.Random(seed)
@@ -1224,33 +1308,8 @@ def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
 @pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
 @PROPERTY_SETTINGS
 @given(run=runs(), seed=SEEDS)
-@example(
-    # The fan-out item crashes on the only worker up yet (it took it along with the early
-    # serial lane) and is requeued: it waits for the workers still to come up, and the
-    # run must go on until they do and it is completed.
-    run={
-        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
-        "budget": 1,
-        "workers": 3,
-        "peaks": [0, 1],
-        "crashes": 1,
-        "rerun_crashed": True,
-        "staggered": True,
-    },
-    seed=0,
-)
-@example(
-    run={
-        "tests": serial(1, need=None, duration=EARLY_START_SECONDS) + fanout(1, need=None),
-        "budget": 1,
-        "workers": 3,
-        "peaks": [0, 1],
-        "crashes": 1,
-        "rerun_crashed": True,
-        "staggered": True,
-    },
-    seed=9,
-)
+@example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=0)
+@example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=9)
 def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int) -> None:
     """Workers may start their last held item here (queue depth has its own tests)."""
     sim = run_randomly(run, seed, strict_xdist=False)
@@ -1314,6 +1373,38 @@ def test_random_runs_never_fail_an_item_for_the_budget(
     assert sim.failed_by_scheduler == []
 
 
+#: Budgets set one after the other mid-run: up, down, below what is open.
+BUDGET_CHANGES = st.lists(st.integers(1, 6), max_size=4)
+
+
+@pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
+@PROPERTY_SETTINGS
+@given(run=runs(), changes=BUDGET_CHANGES, strict=st.booleans(), seed=SEEDS)
+@example(
+    # Lowered to 1 while two workers hold 2 each, raised again while they come down.
+    run={
+        "tests": fanout(8, need=2),
+        "budget": 4,
+        "workers": 2,
+        "peaks": [2] * 8,
+        "crashes": 0,
+        "rerun_crashed": False,
+    },
+    changes=[1, 3],
+    strict=False,
+    seed=3,
+)
+def test_random_runs_follow_a_budget_that_changes_mid_run(
+    run: dict[str, object], changes: list[int], strict: bool, seed: int
+) -> None:
+    """Whatever the budget does, every item ends once and nothing hangs; over a budget
+    lowered below what is held, nothing new is committed until the run is under it
+    (``Sim.check``), and wait-die still ends every deadlock (no hang)."""
+    sim = run_randomly(run, seed, strict_xdist=strict, budget_changes=changes)
+    assert sim.budget_changes == []
+    assert sim.planner.budget == (changes[-1] if changes else run["budget"])
+
+
 class CheckedPlanner(Planner[str]):
     """Checks the completion fast path against the full plan it skips."""
 
@@ -1322,8 +1413,8 @@ class CheckedPlanner(Planner[str]):
         self.settled = 0
         self.missed: list[list[Action]] = []
 
-    def _settled_after_completion(self, worker: str, state: object) -> bool:
-        settled = super()._settled_after_completion(worker, state)  # type: ignore[arg-type]
+    def _settled_after_completion(self, worker: str) -> bool:
+        settled = super()._settled_after_completion(worker)
         if settled:
             self.settled += 1
             actions = self._plan()  # what the skipped plan would have decided

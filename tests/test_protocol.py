@@ -40,6 +40,8 @@ EVERY_KIND: list[WorkerMessage | ControllerMessage] = [
     RoomRequest(request=4, want=None, item=2),
     RoomRequest(request=5, want=6, item=0),
     RoomRequest(request=6, want=None, item=1, background=True),
+    RoomRequest(request=7, want=None, item=1, budget="replica"),
+    Counts(open=1, idle=0, version=2, budget="replica"),
     Note("waited 30s for connection budget; connecting anyway"),
     Goes((0, 1, 5)),
     RequestAnswer(7, Answer.REFUSED),

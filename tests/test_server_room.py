@@ -400,6 +400,39 @@ def test_behind_pgbouncer_the_budget_is_read_and_sharing_is_off_with_a_note(
     )
 
 
+def inner_suite(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, dsn: str, suite: str
+) -> None:
+    """An inner suite against ``dsn`` with no pool sizes configured: the server's room
+    is the budget."""
+    monkeypatch.setenv("POOLAWARE_DSN", dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", os.devnull)
+    for name in ("PG_POOL_SIZE", "PG_MAX_OVERFLOW"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=suite)
+
+
+def test_behind_pgbouncer_a_suite_keeps_its_budget_and_says_what_is_not_counted(
+    pytester: pytest.Pytester, pgbouncer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the pooler, the workers' connections are the pooler's clients: the server
+    never lists their backends, so the server's list must not uncount them."""
+    inner_suite(pytester, monkeypatch, pgbouncer, SUITE)
+    result = run(pytester, "-n", "4", "--dist", "poolaware")
+    result.assert_outcomes(passed=SUITE_TESTS)
+    assert connection_errors(result) == 0
+    assert RERUN_SERVER not in result.stdout.str()
+    # The plugin's own queries get through the pooler all run long.
+    assert "server monitoring stopped" not in result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "peak open connections (workers): 1[0-4]*",
+            "note: a pooler (pgbouncer) stands between the plugin and the server: *",
+        ]
+    )
+
+
 TOO_BIG = """
 import pytest
 from conftest import hold
@@ -418,12 +451,7 @@ def test_a_test_needing_more_than_the_server_allows_fails_with_a_clear_message(
 ) -> None:
     role_dsn = limited_role(6)
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
-    monkeypatch.setenv("POOLAWARE_DSN", role_dsn)
-    monkeypatch.setenv("POOLAWARE_TEST_LOG", os.devnull)
-    for name in ("PG_POOL_SIZE", "PG_MAX_OVERFLOW"):
-        monkeypatch.delenv(name, raising=False)
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_suite=TOO_BIG)
+    inner_suite(pytester, monkeypatch, role_dsn, TOO_BIG)
     result = run(pytester, "-n", "2", "--dist", "poolaware", "-rA")
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +20,24 @@ import psycopg
 import pytest
 from inner import CONNECTION_ERRORS, RUN_TIMEOUT, execnet_socket_servers
 from test_scheduling import CONFTEST, SUITE
+from test_server_room import connections
 
-from pytest_poolaware.share import Others, fair_shares, plan, shares_with_priority
+from pytest_poolaware.server_room import (
+    QUERY_DEADLINE,
+    SERVER,
+    open_connection,
+    read_facts,
+    room_of,
+    target_database,
+)
+from pytest_poolaware.share import (
+    GROWTH_WAIT,
+    Others,
+    ShareCoordinator,
+    fair_shares,
+    plan,
+    shares_with_priority,
+)
 from pytest_poolaware.worker import RERUN_SERVER
 
 ROLE_LIMIT = 16
@@ -28,6 +50,8 @@ REAL_NEEDS = {
     "test_unmarked_light": 2,
 }
 SUITE_TESTS = 39
+#: Seconds a closed connection's backend may take to leave the server on a busy machine.
+BACKEND_EXIT_BOUND = 30.0
 
 
 def real_need(nodeid: str) -> int:
@@ -67,10 +91,14 @@ class Run:
     def connection_errors(self) -> int:
         return sum(self.output.count(marker) for marker in CONNECTION_ERRORS)
 
+    @property
+    def history_path(self) -> Path:
+        return self.root / ".pytest_cache" / "d" / "poolaware" / "history.json"
+
     def history(self, *, required: bool = True) -> dict[str, list[Any]]:
         """What the run learned; with ``required=False``, nothing when it saved nothing
         (a run that the other one left no room to start, say)."""
-        path = self.root / ".pytest_cache" / "d" / "poolaware" / "history.json"
+        path = self.history_path
         if not required and not path.exists():
             return {}
         tests: dict[str, list[Any]] = json.loads(path.read_text())["tests"]
@@ -110,6 +138,7 @@ def test_what_a_contended_pair_learned_is_not_believed_by_a_run_alone(
     learned = first.history(required=False)  # only shown when the run alone is wrong
     alone = Run(first.root, *args)
     assert alone.wait() == 0, alone.output
+    assert alone.history_path.exists(), alone.output
     after = alone.history()
     for nodeid, entry in after.items():
         need = entry[0]
@@ -234,4 +263,243 @@ def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     assert run.wait() == 0, run.output
     assert "13 passed" in run.output
     assert "note: sharing the server's room stopped: " in run.output
+    assert "note: server monitoring stopped after " in run.output
+
+
+# -- cross-run waits --------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves: the growth wait ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # monotonic clocks do not start at 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Coordinated:
+    """One run's coordinator on its own connection, as the plugin makes it, stepped by
+    hand (no background thread) against the real server."""
+
+    def __init__(self, dsn: str, namespace: str, clock: FakeClock) -> None:
+        self.connection = open_connection(dsn)
+        facts = read_facts(self.connection, target_database(dsn))
+        alone = room_of(facts)
+        self.share = ShareCoordinator(
+            self.connection,
+            namespace=namespace,
+            facts=facts,
+            room=alone,
+            ceiling=alone.budget,
+            clock=clock,
+        )
+
+    def wants(self, need: int, *, in_use: int = 0, open_: int = 0) -> None:
+        """The run's planner: it holds ``in_use`` and an item needing ``need`` waits."""
+        self.share.report(
+            in_use=in_use, open_=open_, pending=True, wants=need, using=self.share.budget()
+        )
+
+
+def settle(*runs: Coordinated, steps: int = 4) -> None:
+    for _ in range(steps):
+        for run in runs:
+            assert run.share.step(), run.share.problem
+
+
+@pytest.fixture
+def two_runs(limited_role: Any) -> Iterator[tuple[Coordinated, Coordinated, FakeClock]]:
+    dsn = limited_role(ROLE_LIMIT)
+    clock = FakeClock()
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    runs = (Coordinated(dsn, namespace, clock), Coordinated(dsn, namespace, clock))
+    try:
+        yield runs[0], runs[1], clock
+    finally:
+        for run in runs:
+            run.connection.close()
+
+
+def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """Each run has an item needing the whole room (14 of 16: more than a run can have
+    while the other keeps its own connection and one more): neither can take the
+    priority for it at first. After the growth wait, exactly one takes it; the other
+    gives way; neither goes past the room the server has free."""
+    first, second, clock = two_runs
+    for run in (first, second):
+        run.wants(14)
+    settle(first, second)
+    for run in (first, second):
+        assert run.share.budget() < 14
+        assert not run.share.give_way()
+    clock.now += GROWTH_WAIT + 1
+    settle(first, second)
+    # One holds the priority (the other gives way to it); it does not go past its share:
+    # the other run's own connection leaves the server 13 for it, not 14.
+    assert sorted([first.share.give_way(), second.share.give_way()]) == [False, True]
+    holder = first if not first.share.give_way() else second
+    assert holder.share.ceiling_now() > holder.share.budget()
+    assert holder.share.went_past == 0
+    # The other run ends (its connection, and so its leases, go): the holder gets the room.
+    other = second if holder is first else first
+    other.connection.close()
+    # Its backend leaves the server a moment after the close: step until it has.
+    deadline = time.monotonic() + BACKEND_EXIT_BOUND
+    while holder.share.budget() < 14 and time.monotonic() < deadline:
+        settle(holder, steps=1)
+    assert holder.share.budget() == 14
+
+
+def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """An item needing 13 (what the server has free beside the other run's own
+    connection, yet more than a share leaves while that run keeps one test connection):
+    after the growth wait its run takes the priority and lets it past the share."""
+    first, second, clock = two_runs
+    first.wants(13)
+    second.wants(1)
+    settle(first, second)
+    clock.now += GROWTH_WAIT + 1
+    settle(first, second)
+    assert second.share.give_way()
+    assert not first.share.give_way()
+    assert first.share.went_past == 1
+    # The planner may now let it past the budget (the ceiling is the budget itself).
+    assert first.share.ceiling_now() == first.share.budget()
+    # The other run opens a test connection: no room left past the share any more.
+    second.wants(1, in_use=1, open_=1)
+    with psycopg.connect(second.connection.info.dsn, autocommit=True):
+        settle(first, second)
+        assert first.share.ceiling_now() > first.share.budget()
+
+
+def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
+    limited_role: Any,
+) -> None:
+    """A plain role (no pg_read_all_stats) sees other roles' connections without their
+    backend type; sharing the server's own limit, it still counts them as taken."""
+    mine, other = limited_role(-1), limited_role(-1)  # max_connections binds
+    clock = FakeClock()
+    run = Coordinated(mine, f"test-{uuid.uuid4().hex[:8]}", clock)
+    try:
+        run.wants(run.share.ceiling)
+        settle(run, steps=1)
+        before = run.share.ceiling_now()
+        with connections(other, 4):
+            settle(run, steps=1)
+            during = run.share.ceiling_now()
+    finally:
+        run.connection.close()
+    assert run.share.room.scope == SERVER
+    assert before - during >= 4
+
+
+def test_one_of_two_runs_killed_mid_run_leaves_the_other_every_test(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """Two runs share the role's room (the default); one is killed with SIGKILL once it
+    has started its tests. Its leases die with its connection, its workers' connections
+    linger a moment: the other run finishes every test, none refused by the server."""
+    args = ("-n", "4", "--dist", "poolaware")
+    killed, survivor = (Run(checkout(tmp_path / name), *args) for name in ("killed", "survivor"))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while killed.tests_done() < 3 and killed.process.poll() is None:
+        assert time.monotonic() < deadline, "the run to kill never started its tests"
+        time.sleep(0.05)
+    killed.process.send_signal(signal.SIGKILL)  # the controller only, as a runner might
+    killed.wait()
+    assert survivor.wait() == 0, survivor.output
+    assert f"{SUITE_TESTS} passed" in survivor.output
+    assert survivor.connection_errors() == 0, survivor.output
+    assert RERUN_SERVER not in survivor.output
+
+
+# -- a lost network ---------------------------------------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy on localhost in front of the server that, once ``stall`` is set, keeps
+    every connection open but delivers nothing more either way: a network that went
+    away without closing anything (the proxy's side still acknowledges, so TCP
+    keepalives see nothing wrong)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall = threading.Event()
+        self.accepted = 0
+        self._sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            self.accepted += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.stall.is_set():
+                    sink.sendall(data)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+STALLED_SUITE = """
+import pytest
+from conftest import hold
+
+@pytest.mark.parametrize("n", range(16))
+def test_small(engine, n):
+    hold(engine, 2, 0.3)
+"""
+
+
+def test_a_coordinating_connection_whose_network_stalls_is_given_up_with_a_note(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """The plugin's own connection goes through a proxy that stops delivering mid-run:
+    its queries would wait for ever. The run finishes every test, within the query
+    deadline's reach, and says why sharing and monitoring stopped."""
+    root = checkout(tmp_path / "stalled")
+    (root / "test_suite.py").write_text(STALLED_SUITE)
+    params = psycopg.conninfo.conninfo_to_dict(os.environ["POOLAWARE_DSN"])
+    proxy = StallingProxy(str(params["host"]), int(str(params["port"])))
+    through_proxy = psycopg.conninfo.make_conninfo(
+        os.environ["POOLAWARE_DSN"], host="127.0.0.1", port=proxy.port
+    )
+    try:
+        run = Run(root, "-n", "2", "--dist", "poolaware", "--poolaware-monitor", through_proxy)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while run.tests_done() < 2 and run.process.poll() is None:
+            assert time.monotonic() < deadline, "the run never started its tests"
+            time.sleep(0.05)
+        proxy.stall.set()
+        assert run.wait() == 0, run.output
+    finally:
+        proxy.close()
+    assert proxy.accepted == 1  # the plugin's own connection, and only it, went through
+    assert "16 passed" in run.output
+    assert run.connection_errors() == 0, run.output
+    assert (
+        f"note: sharing the server's room stopped: no answer from the server within "
+        f"{QUERY_DEADLINE:g}s (the network may be down)"
+    ) in run.output
     assert "note: server monitoring stopped after " in run.output

@@ -1,6 +1,6 @@
 """The fan-out's tests not handed out yet, and which worker may take which.
 
-Pure logic, no xdist imports (``core.Planner`` owns one). Two placements:
+Pure logic, no xdist imports (``placement.Placer`` owns one). Two placements:
 
 * ``ranges`` (the default, ``poolaware_order = collection``): the fan-out is cut into
   contiguous ranges of the collection, one per worker, balanced by expected duration

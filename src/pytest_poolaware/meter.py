@@ -24,11 +24,10 @@ from pytest_poolaware.drivers import (
     CLOSE_AWAITS_EXIT,
     DriverHooks,
     close_awaiting_exit,
-    reclaim_async_psycopg_pool,
-    reclaim_asyncpg_pool,
-    reclaim_psycopg_pool,
     running_loop,
 )
+from pytest_poolaware.reclaim import IdlePool, Reclaimer
+from pytest_poolaware.sqlalchemy_events import POOL_EVENTS, SqlAlchemyListeners
 
 
 class BudgetRefused(Exception):
@@ -84,34 +83,29 @@ class _Counted:
     finalizer: Any = field(default=None, repr=False)
 
 
-class PoolMeter:
-    """Counts open and checked-out connections of this process; gates new connections.
+class ConnectionLedger:
+    """Every PostgreSQL connection of the process, counted from open until closed: what
+    is open and checked out, by which driver and test, and what the server ended.
 
-    ``on_change(open, idle, released, version)`` is called whenever the open count changes;
-    ``version`` grows with every change (checkouts and checkins included), so the controller
-    can tell a stale snapshot that arrived late from a newer one. ``gate(background)`` is
-    called before every new connection and may block until the budget has room
-    (``gate_async`` on an event loop); ``background`` marks a pool's own growth, which is
-    delayed but never refused. Errors inside the instrumentation are contained: they are
-    handed to ``on_error`` once and never reach the test.
+    Fed by the driver hooks (``opened``, ``closed``, ``lent``) and SQLAlchemy's pool
+    events (the ``_on_*`` handlers), on whichever thread uses a connection.
+    ``on_change(open, idle, released, version)`` is called whenever the open count
+    changes; ``version`` grows with every change (checkouts and checkins included), so the
+    controller can tell a stale snapshot that arrived late from a newer one. Errors
+    inside the instrumentation are contained: they are handed to ``on_error`` once and
+    never reach the test.
     """
-
-    _EVENTS = ("connect", "close", "close_detached", "checkout", "checkin")
 
     def __init__(
         self,
         on_change: Callable[[int, int, bool, int], None],
-        gate: Gate,
         on_error: Callable[[BaseException], None],
-        gate_async: AsyncGate | None = None,
         on_opened: Callable[[Any, str], None] | None = None,
     ) -> None:
         self.version = 0
         #: Called with each newly counted connection and its driver (outside the lock).
         self._on_opened = on_opened
         self._on_change = on_change
-        self._gate = gate
-        self._gate_async = gate_async
         self._on_error = on_error
         self._error_seen = False
         # Counted by the driver hooks, by backend pid and by connection object.
@@ -128,12 +122,6 @@ class PoolMeter:
         self._item = NO_ITEM
         self._in_call = False
         self._window_drivers: set[str] = set()
-        self._sa_pools: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._sa_loops: weakref.WeakKeyDictionary[Any, asyncio.AbstractEventLoop] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._sa_installed = False
-        self.hooks = DriverHooks(self, self._contain)
         # Hooks fire on whichever thread uses a connection; reentrant for safety.
         self._lock = threading.RLock()
 
@@ -151,73 +139,12 @@ class PoolMeter:
     def idle(self) -> int:
         return max(0, self.open - self.checked_out)
 
-    # -- installing ---------------------------------------------------------------------------
-
-    @property
-    def installed(self) -> bool:
-        return self._sa_installed
-
-    def install(self) -> None:
-        """Hook the drivers (now, or when imported) and, once SQLAlchemy is in use, its
-        pools (a worker that never imports it should not pay for the import)."""
-        self.hooks.install()
-        if self._sa_installed:
-            return
-        import sys
-
-        if "sqlalchemy" not in sys.modules:
-            return
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-        from sqlalchemy.pool import Pool
-
-        for name in self._EVENTS:
-            event.listen(Pool, name, getattr(self, f"_on_{name}"))
-        event.listen(Engine, "do_connect", self._on_do_connect)
-        event.listen(Engine, "engine_connect", self._on_engine_connect)
-        self._sa_installed = True
-
-    def uninstall(self) -> None:
-        self.hooks.uninstall()
-        if not self._sa_installed:
-            return
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-        from sqlalchemy.pool import Pool
-
-        for name in self._EVENTS:
-            event.remove(Pool, name, getattr(self, f"_on_{name}"))
-        event.remove(Engine, "do_connect", self._on_do_connect)
-        event.remove(Engine, "engine_connect", self._on_engine_connect)
-        self._sa_installed = False
-
     def _contain(self, exc: BaseException) -> None:
         if not self._error_seen:
             self._error_seen = True
             self._on_error(exc)
 
     # -- what the driver hooks report (drivers.ConnectionSink) --------------------------------
-
-    def gate(self, background: bool) -> None:
-        try:
-            self.sweep()
-            self._gate(background)
-        except (BudgetRefused, RoomTooSmall):
-            raise
-        except Exception as exc:
-            self._contain(exc)
-
-    async def gate_async(self, background: bool) -> None:
-        try:
-            self.sweep()
-            if self._gate_async is None:
-                self._gate(background)
-            else:
-                await self._gate_async(background)
-        except (BudgetRefused, RoomTooSmall):
-            raise
-        except Exception as exc:
-            self._contain(exc)
 
     def opened(
         self, conn: Any, pid: int, driver: str, pool: Any, closed: Callable[[Any], bool]
@@ -372,23 +299,7 @@ class PoolMeter:
                 counts["sqlalchemy"] += len(self._sa_only)
             return dict(counts)
 
-    # -- SQLAlchemy listeners -----------------------------------------------------------------
-
-    def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
-        if not self.hooks.sees(getattr(dialect, "driver", "")):
-            self.gate(False)  # else the driver's own hook gates it
-
-    def _on_engine_connect(self, connection: Any) -> None:
-        """Remember each engine's pool (and asyncio loop) so idle connections can be released."""
-        try:
-            pool = connection.engine.pool
-            if pool not in self._sa_pools:
-                self._sa_pools.add(pool)
-                loop = running_loop()
-                if loop is not None:
-                    self._sa_loops[pool] = loop
-        except Exception as exc:
-            self._contain(exc)
+    # -- SQLAlchemy's pool events (installed by ``sqlalchemy_events``) -------------------------
 
     def _counted(self, dbapi_connection: Any) -> _Counted | None:
         driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
@@ -458,14 +369,7 @@ class PoolMeter:
             else:
                 self._sa_checked_out.discard(key)
 
-    # -- reporting ------------------------------------------------------------------------------
-
-    def report(self, *, released: bool) -> None:
-        """Send the current counts (``released``: in answer to a release request)."""
-        with self._lock:
-            self._drain_collected()
-            self.version += 1  # a new message, even if nothing changed
-            self._report(released=released)
+    # -- what the meter reads ------------------------------------------------------------------
 
     def _report(self, *, released: bool) -> None:
         # Called with the lock held, so that counts leave in the order they changed:
@@ -474,6 +378,98 @@ class PoolMeter:
             self._on_change(self.open, self.idle, released, self.version)
         except Exception as exc:
             self._contain(exc)
+
+    def _idle_driver_pools(self) -> list[IdlePool]:
+        """psycopg_pool / asyncpg pools holding idle connections, with their loop."""
+        with self._lock:
+            pools: dict[int, IdlePool] = {}
+            for record in self._by_pid.values():
+                if record.pool is not None and not record.in_use:
+                    pools.setdefault(id(record.pool), (record.pool, record.loop))
+            return list(pools.values())
+
+
+class PoolMeter(ConnectionLedger):
+    """Counts open and checked-out connections of this process (``ConnectionLedger``);
+    gates new connections, measures each test, gives idle connections back.
+
+    ``gate(background)`` is called before every new connection and may block until the
+    budget has room (``gate_async`` on an event loop); ``background`` marks a pool's own
+    growth, which is delayed but never refused.
+    """
+
+    def __init__(
+        self,
+        on_change: Callable[[int, int, bool, int], None],
+        gate: Gate,
+        on_error: Callable[[BaseException], None],
+        gate_async: AsyncGate | None = None,
+        on_opened: Callable[[Any, str], None] | None = None,
+    ) -> None:
+        super().__init__(on_change, on_error, on_opened)
+        self._gate = gate
+        self._gate_async = gate_async
+        self.hooks = DriverHooks(self, self._contain)
+        self._sqlalchemy = SqlAlchemyListeners(
+            {name: getattr(self, f"_on_{name}") for name in POOL_EVENTS},
+            gate=self.gate,
+            sees=self.hooks.sees,
+            contain=self._contain,
+        )
+        self._reclaimer = Reclaimer(
+            self._sqlalchemy,
+            idle_driver_pools=self._idle_driver_pools,
+            contain=self._contain,
+            sweep=self.sweep,
+        )
+
+    # -- installing ---------------------------------------------------------------------------
+
+    @property
+    def installed(self) -> bool:
+        return self._sqlalchemy.installed
+
+    def install(self) -> None:
+        """Hook the drivers (now, or when imported) and, once SQLAlchemy is in use, its
+        pools (``sqlalchemy_events``)."""
+        self.hooks.install()
+        self._sqlalchemy.install()
+
+    def uninstall(self) -> None:
+        self.hooks.uninstall()
+        self._sqlalchemy.uninstall()
+
+    # -- gating new connections ----------------------------------------------------------------
+
+    def gate(self, background: bool) -> None:
+        try:
+            self.sweep()
+            self._gate(background)
+        except (BudgetRefused, RoomTooSmall):
+            raise
+        except Exception as exc:
+            self._contain(exc)
+
+    async def gate_async(self, background: bool) -> None:
+        try:
+            self.sweep()
+            if self._gate_async is None:
+                self._gate(background)
+            else:
+                await self._gate_async(background)
+        except (BudgetRefused, RoomTooSmall):
+            raise
+        except Exception as exc:
+            self._contain(exc)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def report(self, *, released: bool) -> None:
+        """Send the current counts (``released``: in answer to a release request)."""
+        with self._lock:
+            self._drain_collected()
+            self.version += 1  # a new message, even if nothing changed
+            self._report(released=released)
 
     def snapshot(self) -> tuple[int, int, int]:
         """(open, idle, version), taken together."""
@@ -523,93 +519,9 @@ class PoolMeter:
     # -- giving connections back ------------------------------------------------------------
 
     def release_idle(self) -> None:
-        """Close idle pooled connections so another worker can have the room.
-
-        SQLAlchemy pools with connections checked out are left alone (disposing them
-        would disturb their overflow accounting); psycopg_pool and asyncpg pools give
-        their idle connections back whatever is lent out. Asyncio pools are handled on
-        their own event loop when it is idle; a loop busy in another thread gets the
-        work handed over.
-        """
-        try:
-            self._release_sqlalchemy()
-            for pool, loop in self._idle_driver_pools():
-                self._release_driver_pool(pool, loop)
-        except Exception as exc:
-            self._contain(exc)
-        self.sweep()
+        """Close idle pooled connections so another worker can have the room (``reclaim``)."""
+        self._reclaimer.release_idle()
 
     async def release_idle_async(self) -> None:
         """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""
-        current = running_loop()
-        try:
-            self._release_sqlalchemy()
-            for pool in self._sa_pools_of(current):
-                from sqlalchemy.util import greenlet_spawn
-
-                await greenlet_spawn(pool.dispose)
-            for pool, loop in self._idle_driver_pools():
-                if loop is not None and loop is current:
-                    await _reclaim_async(pool)
-                else:
-                    self._release_driver_pool(pool, loop)
-        except Exception as exc:
-            self._contain(exc)
-        self.sweep()
-
-    def _release_sqlalchemy(self) -> None:
-        if not self._sa_installed:
-            return
-        for pool in self._releasable_sa_pools():
-            loop = self._sa_loops.get(pool)
-            if loop is None:
-                pool.dispose()
-            elif not loop.is_closed() and not loop.is_running():
-                from sqlalchemy.util import greenlet_spawn
-
-                loop.run_until_complete(greenlet_spawn(pool.dispose))
-
-    def _releasable_sa_pools(self) -> list[Any]:
-        from sqlalchemy.pool import QueuePool
-
-        return [
-            pool
-            for pool in list(self._sa_pools)
-            if isinstance(pool, QueuePool) and pool.checkedout() == 0 and pool.checkedin() > 0
-        ]
-
-    def _sa_pools_of(self, loop: asyncio.AbstractEventLoop | None) -> list[Any]:
-        if loop is None or not self._sa_installed:
-            return []
-        return [p for p in self._releasable_sa_pools() if self._sa_loops.get(p) is loop]
-
-    def _idle_driver_pools(self) -> list[tuple[Any, asyncio.AbstractEventLoop | None]]:
-        """psycopg_pool / asyncpg pools holding idle connections, with their loop."""
-        with self._lock:
-            pools: dict[int, tuple[Any, asyncio.AbstractEventLoop | None]] = {}
-            for record in self._by_pid.values():
-                if record.pool is not None and not record.in_use:
-                    pools.setdefault(id(record.pool), (record.pool, record.loop))
-            return list(pools.values())
-
-    def _release_driver_pool(self, pool: Any, loop: asyncio.AbstractEventLoop | None) -> None:
-        if loop is None:
-            reclaim_psycopg_pool(pool)
-        elif loop.is_closed():
-            return
-        elif not loop.is_running():
-            loop.run_until_complete(_reclaim_async(pool))
-        elif loop is not running_loop():
-            # Running in another thread: hand the work over, never wait on that loop.
-            asyncio.run_coroutine_threadsafe(_reclaim_async(pool), loop)
-
-
-async def _reclaim_async(pool: Any) -> None:
-    """Close an asyncio pool's idle connections, on its loop (this one)."""
-    if type(pool).__module__.startswith("asyncpg"):
-        if reclaim_asyncpg_pool(pool):
-            # Let the closed transports finish, so the server sees them go now.
-            for _ in range(2):
-                await asyncio.sleep(0)
-    else:
-        await reclaim_async_psycopg_pool(pool)
+        await self._reclaimer.release_idle_async()

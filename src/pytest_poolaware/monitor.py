@@ -11,7 +11,13 @@ from typing import Any, Final
 from pytest_poolaware.dsn import mask_dsn
 from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
 from pytest_poolaware.runstats import ServerView
-from pytest_poolaware.server_room import APPLICATION_NAME, CONNECT_TIMEOUT, first_line, libpq_dsn
+from pytest_poolaware.server_room import (
+    APPLICATION_NAME,
+    CONNECT_TIMEOUT,
+    connection_failure,
+    first_line,
+    libpq_dsn,
+)
 
 #: Seconds between two samples: short enough to catch a test's burst of connections,
 #: long enough that the sampler costs the server nothing noticeable.
@@ -163,7 +169,8 @@ class ServerMonitor:
             rows = self._conn.execute(self._query, (self._param,)).fetchall()
         except Exception as exc:
             self.problem = (
-                f"server monitoring stopped after {len(self.samples)} samples: {first_line(exc)}"
+                f"server monitoring stopped after {len(self.samples)} samples: "
+                f"{connection_failure(self._conn, exc)}"
             )
             self._close()
             return False

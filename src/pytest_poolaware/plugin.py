@@ -175,6 +175,8 @@ class Controller:
         self.monitor: ServerMonitor | None = None
         #: The plugin's own server connection (discovery, monitoring), if any.
         self.server_connection: Any = None
+        #: A pooler stands between the plugin and the server (``server_room.behind_pooler``).
+        self.pooled = False
         #: This run's share of the server's room, when it shares it with other runs.
         self.share: ShareCoordinator | None = None
         #: When the budget is the server's room: what it allows the login, and which
@@ -259,7 +261,7 @@ class Controller:
         self._adopt(found, dsn, LEARNED_ORIGIN)
         self.learned_room = found.room is not None and found.choice is not None
         if self.scheduler is not None and self.share is not None:
-            self.scheduler.share = self.share
+            self.scheduler.follow_share(self.share)
         allows, limit = self.room if self.room is not None else (None, "")
         for link in self.links.values():
             link.send(RoomKnown(self.settings.budget, allows, limit))
@@ -282,6 +284,9 @@ class Controller:
             if found.choice.warning and not sharing:  # else the share's own, just below
                 self.warnings.append(found.choice.warning)
         self.server_connection = found.connection
+        # Behind a pooler the server never lists the workers' backends: its list must
+        # not uncount their connections.
+        self.pooled = found.pooled
         if found.connection is not None and settings.share != "off":
             self._share(found, settings.configured_budget)
         if found.connection is not None:
@@ -294,7 +299,7 @@ class Controller:
         """Share the room with the other runs of the name space: the budget is then the
         room as if this run were alone, and the run's share of it moves with the others."""
         from pytest_poolaware.server_room import choose_budget, room_of
-        from pytest_poolaware.share import ShareCoordinator
+        from pytest_poolaware.share import ShareCoordinator, share_growth_wait
 
         if found.pooled:
             self.notes.append(
@@ -324,6 +329,7 @@ class Controller:
             room=alone,
             ceiling=ceiling.budget,
             on_change=self._wake_scheduler,
+            growth_wait=share_growth_wait(settings.gate_timeout),
         )
         self.share.start()
 
@@ -392,7 +398,7 @@ class Controller:
 
     def _server_pids(self) -> tuple[float, frozenset[int]] | None:
         monitor = self.monitor
-        return None if monitor is None else monitor.pids_now()
+        return None if monitor is None or self.pooled else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, TypeVar
 
-from pytest_poolaware.core import Answer
+from pytest_poolaware.core import DEFAULT_BUDGET, Answer
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
 
 #: Bumped for any change a reader of the previous version would misread.
@@ -110,6 +110,9 @@ class Counts(_Plain):
     released: bool = False
     #: Grows with every change; orders these counts against those on item reports.
     version: int = 0
+    #: The budget these connections count against (``core.BudgetKey``): the run's own
+    #: unless they go to another server or role with a limit of its own.
+    budget: str = DEFAULT_BUDGET
 
 
 @_message
@@ -124,6 +127,8 @@ class RoomRequest(_Plain):
     #: Opened by a pool in its own thread or task: delayed until there is room, never
     #: refused (the test would only see the pool time out).
     background: bool = False
+    #: The budget the connection counts against (``core.BudgetKey``; see ``Counts``).
+    budget: str = DEFAULT_BUDGET
 
 
 @_message

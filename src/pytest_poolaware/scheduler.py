@@ -2,16 +2,15 @@
 
 ``xdist.dsession.DSession`` calls this class on the controller's main thread; it turns
 xdist's events and the workers' side-channel messages into planner inputs, and the
-planner's actions into xdist commands and side-channel answers. What it relies on in
-xdist: ``docs/design.md``, "What the adapter relies on in xdist".
+planner's actions into xdist commands and side-channel answers (``dispatch`` does the
+side channel's part). What it relies on in xdist: ``docs/design.md``, "What the adapter
+relies on in xdist".
 """
 
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,33 +18,20 @@ import pytest
 from pytest_poolaware import compat
 from pytest_poolaware.core import (
     Action,
-    Go,
-    Grant,
     ItemSpec,
     Lane,
     Order,
     Planner,
-    Release,
-    Send,
-    Shutdown,
     lane_for,
 )
+from pytest_poolaware.dispatch import Dispatcher, RunRecord
 from pytest_poolaware.history import History
-from pytest_poolaware.learning import on_this_machine
 from pytest_poolaware.link import ControllerLink
 from pytest_poolaware.markers import UNMARKED, Markers, conflict_message
 from pytest_poolaware.protocol import (
     Collected,
-    Counts,
-    Goes,
     ItemMeasures,
-    Note,
     ProtocolError,
-    ReleaseIdle,
-    RequestAnswer,
-    RoomRequest,
-    ServerPids,
-    ServerSeen,
     WorkerMessage,
 )
 from pytest_poolaware.runstats import ItemResult, RunSnapshot
@@ -57,15 +43,6 @@ if TYPE_CHECKING:
 
     from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.share import ShareCoordinator
-
-
-@dataclass
-class _RunRecord:
-    """What the scheduler gathers as the run goes, for ``snapshot``."""
-
-    results: list[ItemResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    timeline: list[tuple[float, str, int]] = field(default_factory=list)
 
 
 class PoolAwareScheduling:
@@ -99,15 +76,9 @@ class PoolAwareScheduling:
         self.settings = settings
         self.history = history
         #: Notes start with the learned data's problems, as they were found first.
-        self._record = _RunRecord(notes=list(history.problems))
+        self._record = RunRecord(notes=list(history.problems))
         self._links = links
-        self._inbox = inbox
-        #: The server's latest (time, backend pids) when it is monitored, and the time of
-        #: the last one sent to the workers.
-        self._server_pids = server_pids
-        self._pids_sent = 0.0
-        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
-        #: consulted before every decision.
+        #: This run's share of the server's room (``share.ShareCoordinator``), if shared.
         self.share = share
         #: With no DSN given: the server learned from the workers' first connection.
         self.learning = learning
@@ -134,6 +105,18 @@ class PoolAwareScheduling:
         #: Markers and marker conflicts each worker reported with its collection.
         self._reported: dict[WorkerController, Collected] = {}
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
+        self._dispatch = Dispatcher(
+            self.planner,
+            self.log,
+            links=links,
+            inbox=inbox,
+            joined=self._joined,
+            record=self._record,
+            on_collected=self._collected_report,
+            server_pids=server_pids,
+            share=share,
+            learning=learning,
+        )
 
     # -- Scheduling protocol ----------------------------------------------------------------
 
@@ -376,127 +359,18 @@ class PoolAwareScheduling:
         still wait in the inbox; the report's end-of-run figures need them."""
         self._drain()
 
-    def _consult_share(self, share: ShareCoordinator) -> None:
-        """Follow the run's share of the server's room when it moved."""
-        self._apply(
-            self.planner.set_budget(
-                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
-            )
-        )
+    def _collected_report(self, node: WorkerController, message: Collected) -> None:
+        """A worker's markers: only those of the run's collection are used."""
+        if self.collection is None:
+            self._reported[node] = message
 
-    def _report_to_share(self, share: ShareCoordinator) -> None:
-        """What the run uses and waits for, after every decision: the share moves on it."""
-        planner = self.planner
-        stats = planner.statistics()
-        share.report(
-            in_use=stats.committed,
-            open_=stats.open,
-            pending=planner.has_pending or not planner.loaded,
-            wants=planner.largest_waiting_need(),
-            using=planner.budget,
-        )
-
-    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
-        """The server was learned: follow its budget."""
-        budget = learning.take()
-        if budget is not None:
-            self._apply(self.planner.set_budget(budget))
+    def follow_share(self, share: ShareCoordinator) -> None:
+        """Sharing began mid-run (the server was learned): consult it from now on."""
+        self.share = share
+        self._dispatch.share = share
 
     def _drain(self) -> None:
-        """Feed the workers' side-channel messages to the planner, oldest first."""
-        if self.learning is not None:
-            self._follow_learning(self.learning)
-        if self.share is not None:
-            self._consult_share(self.share)
-        for node in self._joined:
-            if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
-                self.planner.shut_down(node)
-        while True:
-            try:
-                node, message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            shown = message.kind if isinstance(message, Collected) else message
-            self.log("received", node.gateway.id, shown)
-            if isinstance(message, Collected):
-                if self.collection is None:  # only the run's collection's are used
-                    self._reported[node] = message
-            elif isinstance(message, Counts):
-                self._record.timeline.append((time.time(), node.gateway.id, message.open))
-                if node in self._joined:
-                    self._apply(
-                        self.planner.counts(
-                            node,
-                            message.open,
-                            message.idle,
-                            released=message.released,
-                            version=message.version,
-                        )
-                    )
-            elif isinstance(message, ServerSeen):
-                if self.learning is not None:
-                    self.learning.seen(message, on_this_machine(node.gateway.spec))
-            elif isinstance(message, RoomRequest):
-                if node in self._joined and not (
-                    self.learning is not None and self.learning.hold(node, message)
-                ):
-                    want = message.want
-                    if want is not None:  # a rerun asks for the whole budget: as it is now
-                        want = min(want, self.planner.budget)
-                    actions = self.planner.request(
-                        node,
-                        message.request,
-                        want,
-                        item=message.item,
-                        background=message.background,
-                    )
-                    if not any(
-                        isinstance(a, Grant) and a.worker == node and a.request == message.request
-                        for a in actions
-                    ):
-                        self._reconcile()
-                    self._apply(actions)
-            elif isinstance(message, Note):
-                self._record.notes.append(f"[{node.gateway.id}] {message.text}")
-
-    def _reconcile(self) -> None:
-        """A gate wait begins: send the server's backend pids to the workers, so they
-        uncount connections the server ended (their drivers notice only on next use)."""
-        sample = self._server_pids() if self._server_pids is not None else None
-        if sample is None or sample[0] <= self._pids_sent:
-            return
-        self._pids_sent = sample[0]
-        pids = tuple(sorted(sample[1]))
-        for node in self._joined:
-            link = self._links.get(node)
-            if link is not None:
-                link.send(ServerPids(sample[0], pids))
+        self._dispatch.drain()
 
     def _apply(self, actions: list[Action]) -> None:
-        goes: dict[WorkerController, list[int]] = {}
-        if actions and self.log.enabled:  # describing the state costs: only for --debug
-            self.log("state", self.planner.describe())
-        for action in actions:
-            self.log(action)
-            node: WorkerController = action.worker
-            if isinstance(action, Send):
-                node.send_runtest_some(list(action.indices))
-            elif isinstance(action, Shutdown):
-                node.shutdown()
-            elif isinstance(action, Go):
-                goes.setdefault(node, []).append(action.index)
-            else:
-                link = self._links.get(node)
-                if link is None:
-                    continue
-                if isinstance(action, Grant):
-                    link.send(RequestAnswer(action.request, action.answer))
-                elif isinstance(action, Release):
-                    link.send(ReleaseIdle())
-        # One message per worker: goes are the most frequent answer.
-        for node, indices in goes.items():
-            link = self._links.get(node)
-            if link is not None:
-                link.send(Goes(tuple(indices)))
-        if self.share is not None:
-            self._report_to_share(self.share)
+        self._dispatch.apply(actions)

@@ -15,6 +15,9 @@ import contextlib
 import getpass
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -34,9 +37,24 @@ MAINTENANCE_DATABASE: Final = "postgres"
 KEEPALIVE_IDLE: Final = 5
 KEEPALIVE_INTERVAL: Final = 2
 KEEPALIVE_COUNT: Final = 3
+#: Seconds one query on the plugin's own connection may take before the connection is
+#: given up: a network that stops delivering without closing (the peer's side still
+#: acknowledges, so keepalives see nothing) must not hold the run, which waits on that
+#: connection for its counts and its share. Far above what a sample takes on a busy
+#: machine.
+QUERY_DEADLINE: Final = 15.0
+#: Seconds between two looks of the watchdog that enforces ``QUERY_DEADLINE``.
+WATCHDOG_INTERVAL: Final = 0.5
 #: SQLSTATEs saying the login may not use the maintenance database (it does not exist, no
 #: CONNECT privilege, no pg_hba entry): the DSN's own database is used instead.
 NO_ACCESS: Final = frozenset({"3D000", "42501", "28000"})
+#: What a run behind a pooler counts, and what it cannot.
+POOLED: Final = (
+    "a pooler (pgbouncer) stands between the plugin and the server: the budget holds the "
+    "run's connections to the pooler, as its workers count them, within the limits the "
+    "server reports for the login; the server's own count shows the pooler's backends, "
+    "not the run's connections, so it is not checked against the workers' counts"
+)
 #: Why a run is held to one connection at a time.
 NO_ROOM: Final = "no room left for this login; one connection at a time"
 #: The first PostgreSQL release with ``reserved_connections`` (server_version_num).
@@ -266,16 +284,87 @@ def target_database(dsn: str) -> str:
     return str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
+class GuardedConnection:
+    """The plugin's own connection, with a deadline on every query: a watchdog thread
+    shuts the socket down under a query that has waited ``deadline`` seconds, so the
+    query fails (and whoever ran it makes that a note) instead of waiting for ever.
+
+    Monitoring and sharing use it from several threads: psycopg serialises their
+    queries; each ``execute`` counts as one wait, its own and the time it queued.
+    """
+
+    def __init__(self, connection: Any, deadline: float = QUERY_DEADLINE) -> None:
+        self._conn = connection
+        self.info = connection.info
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._busy: dict[int, float] = {}  # waits under way: ticket -> when it began
+        self._tickets = 0
+        #: Set once the watchdog gave the connection up.
+        self.timed_out = False
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="poolaware-connection-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        with self._lock:
+            self._tickets += 1
+            ticket = self._tickets
+            self._busy[ticket] = time.monotonic()
+        try:
+            return self._conn.execute(query, params)
+        finally:
+            with self._lock:
+                self._busy.pop(ticket, None)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._conn.closed)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._conn.close()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(WATCHDOG_INTERVAL):
+            with self._lock:
+                oldest = min(self._busy.values(), default=None)
+            if oldest is not None and time.monotonic() - oldest > self.deadline:
+                self.timed_out = True
+                self._cut()
+                return
+
+    def _cut(self) -> None:
+        """Shut the socket down under the waiting query: libpq then sees a closed
+        connection and the query raises (the file descriptor stays the driver's)."""
+        with contextlib.suppress(Exception):
+            sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
 def open_connection(dsn: str) -> Any:
     """The plugin's own connection: autocommit, named, with TCP keepalives, in the
-    maintenance database when the login may connect there, else in the DSN's own.
+    maintenance database when the login may connect there, else in the DSN's own;
+    every query on it has a deadline (``GuardedConnection``).
 
     Raises whatever psycopg raises when neither works (the caller makes it a note).
     """
+    return GuardedConnection(_connect(dsn))
+
+
+def _connect(dsn: str) -> Any:
     import psycopg
 
     options: dict[str, Any] = {
         "autocommit": True,
+        # No server-side prepared statements: behind a pooler in transaction mode the
+        # next query may reach another backend, where they do not exist.
+        "prepare_threshold": None,
         "connect_timeout": CONNECT_TIMEOUT,
         "application_name": APPLICATION_NAME,
         "keepalives": 1,
@@ -326,6 +415,15 @@ def first_line(exc: BaseException) -> str:
     """An error in one line, for a note."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def connection_failure(conn: Any, exc: BaseException) -> str:
+    """Why a query on the plugin's own connection failed, for a note: the error, or the
+    deadline when the watchdog gave the connection up."""
+    if getattr(conn, "timed_out", False):
+        deadline = getattr(conn, "deadline", QUERY_DEADLINE)
+        return f"no answer from the server within {deadline:g}s (the network may be down)"
+    return first_line(exc)
 
 
 @dataclass
@@ -382,6 +480,8 @@ def discover(
         found.pooled = behind_pooler(found.connection)
     except Exception:  # it answered the facts: count it as direct
         found.pooled = False
+    if found.pooled:
+        found.notes.append(POOLED)
     found.room = room_of(found.facts)
     found.choice = choose_budget(configured, found.room)
     if found.choice.no_room:

@@ -54,11 +54,11 @@ INI_ORDER: Final = "poolaware_order"
 INI_SHARE: Final = "poolaware_share"
 INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
 
-#: ``poolaware_share``: runs against one server share its room through it (``auto``: when
-#: the plugin has its own connection to the server), or each takes what it finds (``off``,
-#: the default while sharing can still stall under heavy CPU load).
+#: ``poolaware_share``: runs against one server share its room through it (``auto``, the
+#: default: whenever the plugin has its own connection to the server and no pooler stands
+#: in between), or each takes what it finds (``off``).
 SHARE_MODES: Final = ("auto", "off")
-DEFAULT_SHARE: Final = "off"
+DEFAULT_SHARE: Final = "auto"
 #: Runs share the room with the runs of the same name space only.
 DEFAULT_SHARE_NAMESPACE: Final = "default"
 #: Longest name space accepted (it is hashed into the advisory-lock keys).
@@ -368,11 +368,12 @@ FANOUT_NICE: Final = Option(
 GATE_TIMEOUT: Final = Option(
     "--poolaware-gate-timeout",
     "SECONDS",
-    "How long a worker waits for budget before opening a connection anyway "
+    "How long a worker waits for budget before opening a connection anyway, or, "
+    "when the budget is the server's own room, giving way (the test is rerun alone) "
     f"(default: ${ENV_POOL_TIMEOUT}, else {DEFAULT_POOL_TIMEOUT:g}).",
     positive_seconds,
     INI_GATE_TIMEOUT,
-    "Seconds a worker waits for budget before connecting anyway.",
+    "Seconds a worker waits for budget before connecting anyway (or giving way).",
     env=ENV_POOL_TIMEOUT,
     default=DEFAULT_POOL_TIMEOUT,
 )
@@ -430,7 +431,8 @@ SHARE: Final = Option(
     "--poolaware-share",
     "auto|off",
     "Share the server's room with other poolaware runs against it, through the "
-    f"server; auto: when the plugin has its own connection (default: {DEFAULT_SHARE}).",
+    "server; auto: whenever the plugin has its own connection and no pooler stands in "
+    f"between; off: each run takes what it finds (default: {DEFAULT_SHARE}).",
     share_mode,
     INI_SHARE,
     "Share the server's room with other runs against it: auto or off.",

@@ -29,7 +29,7 @@ from pytest_poolaware.server_room import (
     ROLE,
     Room,
     ServerFacts,
-    first_line,
+    connection_failure,
 )
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
@@ -158,9 +158,19 @@ def plan(
     )
 
 
-#: Seconds a run waits for its share to grow for an item that needs more than it has,
-#: before it lets the item past its share (as the connect gate does with its timeout).
-GROWTH_WAIT: Final = 30.0
+#: Seconds a run waits for its share to grow for an item that needs more than it has
+#: before it stops waiting on the other runs: a test of its that holds connections and
+#: waits for more gives way (it is rerun alone), unless the run holds the priority; an
+#: item waiting to start takes the priority and may then go past the share, but only as
+#: far as the server's live count leaves room. Well below the connect gate's timeout, so
+#: that a cross-run wait ends here, never by a worker connecting past the room.
+GROWTH_WAIT: Final = 10.0
+
+
+def share_growth_wait(gate_timeout: float) -> float:
+    """How long an item waits for its share to grow: ``GROWTH_WAIT``, and at most half
+    the connect gate's timeout, so that the wait ends here, on the run's terms."""
+    return max(LEASE_INTERVAL, min(GROWTH_WAIT, gate_timeout / 2))
 
 
 _LOCKS: Final = """
@@ -207,8 +217,10 @@ class ShareCoordinator:
         on_change: Callable[[], None] = lambda: None,
         interval: float = LEASE_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        growth_wait: float = GROWTH_WAIT,
     ) -> None:
         self._conn = connection
+        self._growth_wait = growth_wait
         self.namespace = namespace
         self.room = room
         self.ceiling = ceiling
@@ -234,8 +246,16 @@ class ShareCoordinator:
         self._priority_elsewhere = False
         self._reachable = ceiling
         self._wanting_since = 0.0
-        #: Looks at which an item had waited ``GROWTH_WAIT`` for the share to grow.
-        self.overdue = 0
+        #: An item has waited ``growth_wait`` for the share to grow (``step``).
+        self._overdue = False
+        #: This run's own waiting tests give way (overdue, without the priority).
+        self._yield = False
+        #: What the server's live count leaves free for this run's tests right now.
+        self._live_free = ceiling
+        #: Times an overdue wait ended by a test giving way, and by going past the share
+        #: within the live room.
+        self.gave_way = 0
+        self.went_past = 0
         self._in_use = 0
         self._open = 0
         self.problem: str | None = None
@@ -262,9 +282,11 @@ class ShareCoordinator:
             return self._reachable
 
     def give_way(self) -> bool:
-        """Whether another run holds the priority: this one's blocked items give way."""
+        """Whether this run's blocked items give way: another run holds the priority, or
+        this run's own wait for its share to grow went on too long (wait-die across runs:
+        the run without the priority yields)."""
         with self._lock:
-            return self._priority_elsewhere
+            return self._priority_elsewhere or self._yield
 
     def report(
         self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
@@ -339,17 +361,22 @@ class ShareCoordinator:
                 ceiling=self.ceiling,
             )
             self._set_demand(demand)
+            # What the server could take now: the limit less every client connection but
+            # this run's own tests' (its own connection and the closing slot kept free).
+            self._live_free = max(0, self.room.allows - 1 - CLOSING_SLACK - live + open_)
             # One slot more than the tests': the plugin's own connection takes one too,
             # so that all runs' slot locks together never exceed what the limit allows.
             self._move_to(step.hold + 1, others)
         except Exception as exc:
             self.problem = (
-                f"sharing the server's room stopped: {first_line(exc)}; the run keeps "
+                f"sharing the server's room stopped: {connection_failure(self._conn, exc)}; "
+                "the run keeps "
                 f"its last budget ({self.budget()}) without coordinating"
             )
             with self._lock:  # nothing will move it any more: never wait for growth
                 self._reachable = self._budget
                 self._priority_elsewhere = False
+                self._yield = False
             self._on_change()
             return False
         self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
@@ -359,23 +386,40 @@ class ShareCoordinator:
         # would have alone.
         self._note_held_back(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
+        elsewhere = others.priority is not None and others.priority[0] != self._me
+        overdue = False
         if wants > budget:
             self._wanting_since = self._wanting_since or self._clock()
-            if self._clock() - self._wanting_since > GROWTH_WAIT:
-                reachable = budget  # the share did not grow: go past it rather than hang
-                self.overdue += 1
+            overdue = self._clock() - self._wanting_since > self._growth_wait
         else:
             self._wanting_since = 0.0
-        elsewhere = others.priority is not None and others.priority[0] != self._me
+        # The share did not grow in time: never wait on another run for ever, and never
+        # go past what the server has free. Without the priority, this run's waiting
+        # tests give way; with it (the item cannot be served while the other runs keep
+        # their last connection), the item goes past the share if the live count leaves
+        # it room, and else waits for the others' tests to end.
+        yield_ = overdue and not self._priority
+        # The run's connections once the item has what it wants past the budget.
+        after = max(open_, budget) + wants - budget
+        past = overdue and bool(self._priority) and after <= self._live_free
+        if past:
+            reachable = budget
+        self._overdue = overdue
         with self._lock:
-            changed = (budget, reachable, elsewhere) != (
+            changed = (budget, reachable, elsewhere, yield_) != (
                 self._budget,
                 self._reachable,
                 self._priority_elsewhere,
+                self._yield,
             )
+            if yield_ and not self._yield:
+                self.gave_way += 1
+            if past and self._reachable != reachable:
+                self.went_past += 1
             self._budget = budget
             self._reachable = reachable
             self._priority_elsewhere = elsewhere
+            self._yield = yield_
             self.lowest = min(self.lowest, budget)
         if changed:
             self._on_change()
@@ -405,7 +449,10 @@ class ShareCoordinator:
         """Take the priority for an item that needs more than the run's budget and no
         more than the room can give (one run at a time holds it), give it back once the
         item is through; returns ``others`` with the priority as it now stands."""
-        needed = budget < wants <= self._reachable
+        # An item the room can serve with the priority, or one that waited too long for
+        # its share to grow (it may then go past the share within the live room): only
+        # the holder of the priority does, so two runs never do it at once.
+        needed = budget < wants and (wants <= self._reachable or self._overdue)
         if self._priority and not needed:
             self._set_priority_amount(0)
             self._conn.execute("SELECT pg_advisory_unlock(%s, 0)", (self._priority_class,))
@@ -492,8 +539,15 @@ class ShareCoordinator:
             f"{self.namespace!r}): budget down to {self.lowest} at times, held back "
             f"{self.held_back:.2f}s waiting for another run"
             + (
-                f"; waited {GROWTH_WAIT:g}s for room and went past the share"
-                if self.overdue
+                f"; {self.gave_way} time(s) a test gave way after waiting "
+                f"{self._growth_wait:g}s for the share to grow"
+                if self.gave_way
+                else ""
+            )
+            + (
+                f"; {self.went_past} time(s) a test went past the share, within the room "
+                "the server had free"
+                if self.went_past
                 else ""
             )
         )

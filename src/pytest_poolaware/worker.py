@@ -246,6 +246,16 @@ class WorkerAgent:
         self._answered(answer, background)
 
     def _answered(self, answer: Answer | None, background: bool) -> None:
+        if answer is None and self.room is not None and not background:
+            # The budget is the server's own room (shared with other runs, perhaps):
+            # connecting past it would be refused, and would mislead what is learned.
+            self.link.send(
+                Note(f"waited {self.gate_timeout:g}s for connection budget; the test gave way")
+            )
+            raise BudgetRefused(
+                f"pytest-poolaware: too many connections: waited {self.gate_timeout:g}s for "
+                "a connection within the server's room; this test gives way and is rerun alone"
+            )
         if answer is None:
             self.link.send(
                 Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")

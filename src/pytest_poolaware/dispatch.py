@@ -1,0 +1,225 @@
+"""Between the planner and the workers, on the controller: the workers' side-channel
+news goes in, the planner's actions go out as xdist commands and side-channel answers.
+
+The xdist adapter (``scheduler``) owns the ``Scheduling`` protocol and the collection; it
+calls ``drain`` before every decision and ``apply`` after it.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pytest_poolaware import compat
+from pytest_poolaware.core import (
+    DEFAULT_BUDGET,
+    Action,
+    Go,
+    Grant,
+    Planner,
+    Release,
+    Send,
+    Shutdown,
+)
+from pytest_poolaware.learning import on_this_machine
+from pytest_poolaware.link import ControllerLink
+from pytest_poolaware.protocol import (
+    Collected,
+    Counts,
+    Goes,
+    Note,
+    ReleaseIdle,
+    RequestAnswer,
+    RoomRequest,
+    ServerPids,
+    ServerSeen,
+    WorkerMessage,
+)
+from pytest_poolaware.runstats import ItemResult
+
+if TYPE_CHECKING:
+    from xdist.remote import Producer
+    from xdist.workermanage import WorkerController
+
+    from pytest_poolaware.learning import ServerLearning
+    from pytest_poolaware.share import ShareCoordinator
+
+
+@dataclass
+class RunRecord:
+    """What the controller gathers as the run goes, for the scheduler's ``snapshot``."""
+
+    results: list[ItemResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timeline: list[tuple[float, str, int]] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Feeds the side channel's messages to the planner and carries out its actions.
+
+    ``joined``: the workers the planner knows (the adapter's own set: news from others is
+    not the planner's). ``on_collected``: where ``Collected`` messages go (the adapter
+    reads markers from them).
+    """
+
+    def __init__(
+        self,
+        planner: Planner[WorkerController],
+        log: Producer,
+        *,
+        links: dict[WorkerController, ControllerLink[WorkerController]],
+        inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
+        joined: set[WorkerController],
+        record: RunRecord,
+        on_collected: Callable[[WorkerController, Collected], None],
+        server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
+        share: ShareCoordinator | None = None,
+        learning: ServerLearning[WorkerController] | None = None,
+    ) -> None:
+        self.planner = planner
+        self.log = log
+        self._links = links
+        self._inbox = inbox
+        self._joined = joined
+        self._record = record
+        self._on_collected = on_collected
+        #: The server's latest (time, backend pids) when it is monitored, and the time of
+        #: the last one sent to the workers.
+        self._server_pids = server_pids
+        self._pids_sent = 0.0
+        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
+        #: consulted before every decision.
+        self.share = share
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning = learning
+
+    def _consult_share(self, share: ShareCoordinator) -> None:
+        """Follow the run's share of the server's room when it moved."""
+        self.apply(
+            self.planner.set_budget(
+                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
+            )
+        )
+
+    def _report_to_share(self, share: ShareCoordinator) -> None:
+        """What the run uses and waits for, after every decision: the share moves on it."""
+        planner = self.planner
+        stats = planner.statistics()
+        share.report(
+            in_use=stats.committed,
+            open_=stats.open,
+            pending=planner.has_pending or not planner.loaded,
+            wants=planner.largest_waiting_need(),
+            using=planner.budget,
+        )
+
+    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
+        """The server was learned: follow its budget."""
+        budget = learning.take()
+        if budget is not None:
+            self.apply(self.planner.set_budget(budget))
+
+    def drain(self) -> None:
+        """Feed the workers' side-channel messages to the planner, oldest first."""
+        if self.learning is not None:
+            self._follow_learning(self.learning)
+        if self.share is not None:
+            self._consult_share(self.share)
+        for node in self._joined:
+            if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
+                self.planner.shut_down(node)
+        while True:
+            try:
+                node, message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            shown = message.kind if isinstance(message, Collected) else message
+            self.log("received", node.gateway.id, shown)
+            if isinstance(message, Collected):
+                self._on_collected(node, message)
+            elif isinstance(message, Counts):
+                if message.budget == DEFAULT_BUDGET:  # the timeline shows the run's own
+                    self._record.timeline.append((time.time(), node.gateway.id, message.open))
+                if node in self._joined:
+                    self.apply(
+                        self.planner.counts(
+                            node,
+                            message.open,
+                            message.idle,
+                            released=message.released,
+                            version=message.version,
+                            key=message.budget,
+                        )
+                    )
+            elif isinstance(message, ServerSeen):
+                if self.learning is not None:
+                    self.learning.seen(message, on_this_machine(node.gateway.spec))
+            elif isinstance(message, RoomRequest):
+                if node in self._joined and not (
+                    self.learning is not None and self.learning.hold(node, message)
+                ):
+                    want = message.want
+                    budget = self.planner.budget_of(message.budget)
+                    if want is not None and budget is not None:
+                        want = min(want, budget)  # a rerun asks for the whole budget: as it is now
+                    actions = self.planner.request(
+                        node,
+                        message.request,
+                        want,
+                        item=message.item,
+                        background=message.background,
+                        key=message.budget,
+                    )
+                    if not any(
+                        isinstance(a, Grant) and a.worker == node and a.request == message.request
+                        for a in actions
+                    ):
+                        self._reconcile()
+                    self.apply(actions)
+            elif isinstance(message, Note):
+                self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+
+    def _reconcile(self) -> None:
+        """A gate wait begins: send the server's backend pids to the workers, so they
+        uncount connections the server ended (their drivers notice only on next use)."""
+        sample = self._server_pids() if self._server_pids is not None else None
+        if sample is None or sample[0] <= self._pids_sent:
+            return
+        self._pids_sent = sample[0]
+        pids = tuple(sorted(sample[1]))
+        for node in self._joined:
+            link = self._links.get(node)
+            if link is not None:
+                link.send(ServerPids(sample[0], pids))
+
+    def apply(self, actions: list[Action]) -> None:
+        goes: dict[WorkerController, list[int]] = {}
+        if actions and self.log.enabled:  # describing the state costs: only for --debug
+            self.log("state", self.planner.describe())
+        for action in actions:
+            self.log(action)
+            node: WorkerController = action.worker
+            if isinstance(action, Send):
+                node.send_runtest_some(list(action.indices))
+            elif isinstance(action, Shutdown):
+                node.shutdown()
+            elif isinstance(action, Go):
+                goes.setdefault(node, []).append(action.index)
+            else:
+                link = self._links.get(node)
+                if link is None:
+                    continue
+                if isinstance(action, Grant):
+                    link.send(RequestAnswer(action.request, action.answer))
+                elif isinstance(action, Release):
+                    link.send(ReleaseIdle())
+        # One message per worker: goes are the most frequent answer.
+        for node, indices in goes.items():
+            link = self._links.get(node)
+            if link is not None:
+                link.send(Goes(tuple(indices)))
+        if self.share is not None:
+            self._report_to_share(self.share)

@@ -1,0 +1,121 @@
+"""Worker side: giving idle pooled connections back when the controller asks
+(``ReleaseIdle``: another worker waits for room, or the budget was lowered).
+
+SQLAlchemy pools with connections checked out are left alone (disposing them would
+disturb their overflow accounting); psycopg_pool and asyncpg pools give their idle
+connections back whatever is lent out. Asyncio pools are handled on their own event
+loop when it is idle; a loop busy in another thread gets the work handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from pytest_poolaware.drivers import (
+    reclaim_async_psycopg_pool,
+    reclaim_asyncpg_pool,
+    reclaim_psycopg_pool,
+    running_loop,
+)
+from pytest_poolaware.sqlalchemy_events import SqlAlchemyListeners
+
+#: A driver pool holding idle connections, with the loop it was opened on (asyncio).
+IdlePool = tuple[Any, asyncio.AbstractEventLoop | None]
+
+
+class Reclaimer:
+    """Closes idle pooled connections: SQLAlchemy's pools (found by ``sqlalchemy``) and
+    the driver pools ``idle_driver_pools`` lists. Errors go to ``contain``; ``sweep``
+    uncounts what was closed."""
+
+    def __init__(
+        self,
+        sqlalchemy: SqlAlchemyListeners,
+        *,
+        idle_driver_pools: Callable[[], list[IdlePool]],
+        contain: Callable[[BaseException], None],
+        sweep: Callable[[], None],
+    ) -> None:
+        self._sqlalchemy = sqlalchemy
+        self._idle_driver_pools = idle_driver_pools
+        self._contain = contain
+        self._sweep = sweep
+
+    def release_idle(self) -> None:
+        """Close idle pooled connections so another worker can have the room."""
+        try:
+            self._release_sqlalchemy()
+            for pool, loop in self._idle_driver_pools():
+                self._release_driver_pool(pool, loop)
+        except Exception as exc:
+            self._contain(exc)
+        self._sweep()
+
+    async def release_idle_async(self) -> None:
+        """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""
+        current = running_loop()
+        try:
+            self._release_sqlalchemy()
+            for pool in self._sa_pools_of(current):
+                from sqlalchemy.util import greenlet_spawn
+
+                await greenlet_spawn(pool.dispose)
+            for pool, loop in self._idle_driver_pools():
+                if loop is not None and loop is current:
+                    await _reclaim_async(pool)
+                else:
+                    self._release_driver_pool(pool, loop)
+        except Exception as exc:
+            self._contain(exc)
+        self._sweep()
+
+    def _release_sqlalchemy(self) -> None:
+        if not self._sqlalchemy.installed:
+            return
+        for pool in self._releasable_sa_pools():
+            loop = self._sqlalchemy.loops.get(pool)
+            if loop is None:
+                pool.dispose()
+            elif not loop.is_closed() and not loop.is_running():
+                from sqlalchemy.util import greenlet_spawn
+
+                loop.run_until_complete(greenlet_spawn(pool.dispose))
+
+    def _releasable_sa_pools(self) -> list[Any]:
+        from sqlalchemy.pool import QueuePool
+
+        return [
+            pool
+            for pool in list(self._sqlalchemy.pools)
+            if isinstance(pool, QueuePool) and pool.checkedout() == 0 and pool.checkedin() > 0
+        ]
+
+    def _sa_pools_of(self, loop: asyncio.AbstractEventLoop | None) -> list[Any]:
+        if loop is None or not self._sqlalchemy.installed:
+            return []
+        loops = self._sqlalchemy.loops
+        return [p for p in self._releasable_sa_pools() if loops.get(p) is loop]
+
+    def _release_driver_pool(self, pool: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is None:
+            reclaim_psycopg_pool(pool)
+        elif loop.is_closed():
+            return
+        elif not loop.is_running():
+            loop.run_until_complete(_reclaim_async(pool))
+        elif loop is not running_loop():
+            # Running in another thread: hand the work over, never wait on that loop.
+            asyncio.run_coroutine_threadsafe(_reclaim_async(pool), loop)
+
+
+async def _reclaim_async(pool: Any) -> None:
+    """Close an asyncio pool's idle connections, on its loop (this one)."""
+    if type(pool).__module__.startswith("asyncpg"):
+        if reclaim_asyncpg_pool(pool):
+            # Let the closed transports finish, so the server sees them go now.
+            for _ in range(2):
+                await asyncio.sleep(0)
+    else:
+        await reclaim_async_psycopg_pool(pool)

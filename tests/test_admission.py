@@ -1,0 +1,194 @@
+"""Admission alone (``admission.Admission``): no placement, no xdist, no database.
+
+Items are handed to workers by hand (``queued``), as placement would; each test pins one
+rule of ``docs/design.md``, "Admission". The planner's property tests
+(``tests/test_core.py``) drive both parts together over random runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from pytest_poolaware.admission import (
+    Admission,
+    AdmissionAction,
+    Answer,
+    Go,
+    Grant,
+    Release,
+)
+
+
+def admission(
+    budget: int, needs: Mapping[int, int] | None = None, **options: object
+) -> Admission[str]:
+    """An admission whose items need 1 connection unless ``needs`` says otherwise."""
+    known = dict(needs or {})
+    return Admission(budget, need_of=lambda index: known.get(index, 1), **options)  # type: ignore[arg-type]
+
+
+def decide(adm: Admission[str], first: str | None = None) -> list[AdmissionAction]:
+    actions: list[AdmissionAction] = []
+    adm.admit(actions, first=first)
+    return actions
+
+
+def goes(actions: list[AdmissionAction]) -> list[tuple[object, int]]:
+    return [(a.worker, a.index) for a in actions if isinstance(a, Go)]
+
+
+def grants(actions: list[AdmissionAction]) -> list[Grant]:
+    return [a for a in actions if isinstance(a, Grant)]
+
+
+def releases(actions: list[AdmissionAction]) -> set[object]:
+    return {a.worker for a in actions if isinstance(a, Release)}
+
+
+def running(adm: Admission[str], queues: Mapping[str, list[int]]) -> Admission[str]:
+    """Workers joined with these queues, every head started."""
+    for worker, queue in queues.items():
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    decide(adm)
+    return adm
+
+
+def test_an_item_starts_when_its_need_fits_and_a_head_that_does_not_reserves_its_room() -> None:
+    adm = admission(4, {0: 3, 1: 3, 2: 2, 3: 1})
+    for worker, queue in {"a": [0, 1], "b": [2], "c": [3]}.items():
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    # a's items need 3 each (its commitment is the larger need, not the sum); b's head
+    # needs 2 and waits; c's would fit but must not take the room b waits for
+    assert goes(decide(adm)) == [("a", 0), ("a", 1)]
+    assert adm.committed == 3
+    adm.completed("a", 0)
+    adm.completed("a", 1)
+    assert goes(decide(adm)) == [("b", 2), ("c", 3)]
+
+
+def test_the_first_worker_named_goes_first() -> None:
+    """The planner names the serial lane's worker: the run's critical path."""
+    adm = admission(2, {0: 2, 1: 2})
+    for worker, index in (("a", 0), ("b", 1)):
+        adm.add_worker(worker)
+        adm.queued(worker, [index])
+    assert goes(decide(adm, first="b")) == [("b", 1)]
+
+
+def test_connects_waiting_on_each_other_the_youngest_gives_way() -> None:
+    adm = running(admission(2), {"a": [0], "b": [1]})
+    adm.counts("a", 1, 0)
+    adm.counts("b", 1, 0)
+    adm.request("a", 1)
+    assert grants(decide(adm)) == []  # b runs freely: its end frees room
+    adm.request("b", 2)
+    assert grants(decide(adm)) == [Grant("b", 2, Answer.REFUSED)]
+
+
+def test_a_connect_alone_over_the_budget_is_let_past_it_and_reported() -> None:
+    adm = running(admission(1), {"a": [0]})
+    adm.counts("a", 1, 0)
+    adm.request("a", 1)
+    assert grants(decide(adm)) == [Grant("a", 1, Answer.OVER_BUDGET)]
+    assert [(o.index, o.need, o.budget, o.alone) for o in adm.overruns] == [(0, 2, 1, True)]
+
+
+def test_set_budget_says_whether_anything_changed_and_refuses_a_budget_below_one() -> None:
+    adm = admission(3)
+    assert not adm.set_budget(3)
+    assert adm.set_budget(5)
+    assert adm.set_budget(5, ceiling=6)
+    with pytest.raises(ValueError, match="budget must be positive, got 0"):
+        adm.set_budget(0)
+    assert adm.budget == 5
+
+
+def test_a_budget_lowered_below_what_is_held_starts_nothing_asks_idle_back_and_converges() -> None:
+    adm = running(admission(4, {0: 2, 1: 2, 2: 2, 3: 2}), {"a": [0, 1], "b": [2, 3]})
+    adm.counts("a", 2, 1)  # a's item has one of its two connections idle
+    adm.counts("b", 2, 0)
+    assert adm.committed == 4
+    assert adm.set_budget(2)
+    actions = decide(adm)
+    # Nothing waits, yet the idle connection is asked back: the run is over its budget.
+    assert releases(actions) == {"a"}
+    assert goes(actions) == []
+    # b asks for a third connection: beyond what it was granted, so it waits.
+    adm.request("b", 7, item=2)
+    assert grants(decide(adm)) == []
+    adm.counts("a", 1, 0, released=True)
+    # a's items end: the run is back at 2 (b's), and a's queue stays held.
+    adm.completed("a", 0)
+    adm.completed("a", 1)
+    adm.counts("a", 0, 0)
+    adm.queued("a", [4])
+    assert adm.committed == 2
+    actions = decide(adm)
+    assert goes(actions) == []
+    # Nothing else runs: b's item is alone over the budget, and let past it.
+    assert grants(actions) == [Grant("b", 7, Answer.OVER_BUDGET)]
+    assert [(o.index, o.alone) for o in adm.overruns] == [(2, True)]
+    # b's items end: the run is under the budget, and starts again within it.
+    adm.completed("b", 2)
+    adm.completed("b", 3)
+    adm.counts("b", 0, 0)
+    assert goes(decide(adm)) == [("a", 4)]
+    assert adm.committed <= 2
+
+
+def test_a_budget_raised_again_lets_held_items_start_at_once() -> None:
+    adm = running(admission(2, {0: 2, 1: 2}), {"a": [0], "b": [1]})
+    assert adm.running("a") == 0
+    assert adm.running("b") is None  # b's head waits for a's room
+    assert adm.set_budget(4)
+    assert goes(decide(adm)) == [("b", 1)]
+
+
+def test_idle_connections_are_asked_back_only_once_per_answer() -> None:
+    adm = running(admission(2, {0: 1, 1: 1}), {"a": [0], "b": [1]})
+    adm.counts("a", 2, 1)
+    adm.set_budget(1)
+    assert releases(decide(adm)) == {"a"}
+    assert releases(decide(adm)) == set()
+    adm.counts("a", 2, 1, released=True)  # its pool could not give it back
+    assert releases(decide(adm)) == set()
+    adm.completed("a", 0)  # once an item ends, it may have something to give
+    assert releases(decide(adm)) == {"a"}
+
+
+def test_a_connect_only_budget_follows_the_goes_it_is_told_of() -> None:
+    """Another server's budget: it gives no goes, and gates only connects."""
+    adm = admission(1, {0: 0, 1: 0}, gates_items=False)  # items need none of it
+    for worker, index in (("a", 0), ("b", 1)):
+        adm.add_worker(worker)
+        adm.queued(worker, [index])
+    assert decide(adm) == []
+    adm.started("a", 0)
+    adm.started("b", 1)
+    assert (adm.running("a"), adm.running("b")) == (0, 1)
+    adm.request("a", 1)
+    assert grants(decide(adm)) == [Grant("a", 1)]
+    adm.counts("a", 1, 0)
+    adm.request("b", 2)
+    assert grants(decide(adm)) == []  # a's item runs: its end frees the room
+    adm.completed("a", 0)
+    adm.counts("a", 0, 0)
+    assert grants(decide(adm)) == [Grant("b", 2)]
+
+
+def test_a_worker_blocked_on_another_budget_frees_nothing_here() -> None:
+    """Once a waits on another budget (that b may hold), a's item will not end by itself:
+    b's wait here is a deadlock to break."""
+    blocked: set[str] = set()
+    adm = admission(2, blocked_elsewhere=lambda worker: worker in blocked)
+    running(adm, {"a": [0], "b": [1]})
+    adm.counts("a", 1, 0)
+    adm.counts("b", 1, 0)
+    adm.request("b", 1)
+    assert grants(decide(adm)) == []  # a's item runs freely: b waits for its end
+    blocked.add("a")
+    assert grants(decide(adm)) == [Grant("b", 1, Answer.REFUSED)]
