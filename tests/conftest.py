@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import settings
-from inner import ROLE_LIMIT
+from inner import ROLE_LIMIT, ROLE_PASSWORD
 
 # The core's property tests: each simulates whole runs, so fewer examples than
 # hypothesis's default by default; "deep" for a long look after changing the core.
@@ -57,3 +57,16 @@ def limited_role(postgres_dsn: str) -> Iterator[Callable[[int], str]]:
     yield make
     for role in created:
         testserver.drop_role(postgres_dsn, role)
+
+
+@pytest.fixture
+def secret_role(postgres_dsn: str) -> Iterator[tuple[str, str]]:
+    """A role limited to ROLE_LIMIT connections, with a password: (DSN, name)."""
+    import poolaware_testserver as testserver
+
+    role = f"poolaware_test_{uuid.uuid4().hex[:12]}"
+    dsn = testserver.create_role(
+        postgres_dsn, role, connection_limit=ROLE_LIMIT, password=ROLE_PASSWORD
+    )
+    yield dsn, role
+    testserver.drop_role(postgres_dsn, role)

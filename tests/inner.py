@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,8 @@ CONNECTION_ERRORS = ("too many connections", "too many clients", "QueuePool limi
 POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}
 #: A role limit just above that budget, as in the write-up's CI database.
 ROLE_LIMIT = 16
+#: The password of ``secret_role``: it must never appear in anything a run shows or writes.
+ROLE_PASSWORD = "learn-secret-5e1f"
 
 
 def serve_limited_role(
@@ -143,3 +148,29 @@ def free_port() -> int:
 
     port: int = port_for.select_random()
     return port
+
+
+@contextlib.contextmanager
+def execnet_socket_servers(count: int) -> Iterator[list[str]]:
+    """execnet socket servers on localhost (``HOST:PORT`` each), one per worker: each
+    serves one gateway, started with this environment as a remote machine would have it."""
+    import execnet.script.socketserver as server_script
+
+    ports = [free_port() for _ in range(count)]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, server_script.__file__, f"127.0.0.1:{port}"],
+            env={**os.environ, "POOLAWARE_TEST_LOG": os.devnull},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        for port, process in zip(ports, servers, strict=True):
+            wait_listening(port, process)
+        yield [f"127.0.0.1:{port}" for port in ports]
+    finally:
+        for process in servers:
+            process.kill()
+            process.wait()

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from inner import CONNECTION_ERRORS, RUN_TIMEOUT, free_port, wait_listening
+from inner import CONNECTION_ERRORS, RUN_TIMEOUT, execnet_socket_servers
 from test_scheduling import CONFTEST, SUITE
 from test_server_room import connections
 
@@ -207,26 +207,8 @@ SOCKET_WORKERS = 4
 def socket_servers(shared_role: str, tmp_path: Path) -> Iterator[list[str]]:
     """execnet socket servers on localhost, one per worker (each serves one gateway at
     a time), started with the suite's environment as a remote machine would have it."""
-    import execnet.script.socketserver as server_script
-
-    ports = [free_port() for _ in range(SOCKET_WORKERS)]
-    servers = [
-        subprocess.Popen(
-            [sys.executable, server_script.__file__, f"127.0.0.1:{port}"],
-            env={**os.environ, "POOLAWARE_TEST_LOG": os.devnull},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
-    try:
-        for port, process in zip(ports, servers, strict=True):
-            wait_listening(port, process)
-        yield [f"127.0.0.1:{port}" for port in ports]
-    finally:
-        for process in servers:
-            process.kill()
-            process.wait()
+    with execnet_socket_servers(SOCKET_WORKERS) as addresses:
+        yield addresses
 
 
 def test_workers_behind_socket_gateways_keep_the_budget(

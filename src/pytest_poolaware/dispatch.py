@@ -24,6 +24,7 @@ from pytest_poolaware.core import (
     Send,
     Shutdown,
 )
+from pytest_poolaware.learning import on_this_machine
 from pytest_poolaware.link import ControllerLink
 from pytest_poolaware.protocol import (
     Collected,
@@ -34,6 +35,7 @@ from pytest_poolaware.protocol import (
     RequestAnswer,
     RoomRequest,
     ServerPids,
+    ServerSeen,
     WorkerMessage,
 )
 from pytest_poolaware.runstats import ItemResult
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.share import ShareCoordinator
 
 
@@ -74,6 +77,7 @@ class Dispatcher:
         on_collected: Callable[[WorkerController, Collected], None],
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
         share: ShareCoordinator | None = None,
+        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.planner = planner
         self.log = log
@@ -89,6 +93,8 @@ class Dispatcher:
         #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
         #: consulted before every decision.
         self.share = share
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning = learning
 
     def _consult_share(self, share: ShareCoordinator) -> None:
         """Follow the run's share of the server's room when it moved."""
@@ -110,8 +116,16 @@ class Dispatcher:
             using=planner.budget,
         )
 
+    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
+        """The server was learned: follow its budget."""
+        budget = learning.take()
+        if budget is not None:
+            self.apply(self.planner.set_budget(budget))
+
     def drain(self) -> None:
         """Feed the workers' side-channel messages to the planner, oldest first."""
+        if self.learning is not None:
+            self._follow_learning(self.learning)
         if self.share is not None:
             self._consult_share(self.share)
         for node in self._joined:
@@ -140,8 +154,13 @@ class Dispatcher:
                             key=message.budget,
                         )
                     )
+            elif isinstance(message, ServerSeen):
+                if self.learning is not None:
+                    self.learning.seen(message, on_this_machine(node.gateway.spec))
             elif isinstance(message, RoomRequest):
-                if node in self._joined:
+                if node in self._joined and not (
+                    self.learning is not None and self.learning.hold(node, message)
+                ):
                     want = message.want
                     budget = self.planner.budget_of(message.budget)
                     if want is not None and budget is not None:

@@ -115,6 +115,13 @@ HOOKED_INTERNALS: Final[tuple[HookedInternal, ...]] = (
         ("0.29.0", "0.32.0"),
     ),
     HookedInternal(
+        "asyncpg",
+        "Connection._addr, Connection._params (user, password, database)",
+        "read by ``login`` when no DSN is given: the server and login of the first "
+        "connection, for the plugin's own connection",
+        ("0.29.0", "0.32.0"),
+    ),
+    HookedInternal(
         "psycopg2",
         "psycopg2._connect",
         "the C function psycopg2.connect() looks up on its module at call time; wrapped "

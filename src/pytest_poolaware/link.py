@@ -27,6 +27,7 @@ from pytest_poolaware.protocol import (
     ProtocolError,
     ReleaseIdle,
     RequestAnswer,
+    RoomKnown,
     RoomRequest,
     ServerPids,
     WorkerMessage,
@@ -101,6 +102,8 @@ class WorkerLink:
         self._awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         #: Called (on the receiving thread) with the server's backend pids.
         self.on_server_pids: Callable[[ServerPids], object] | None = None
+        #: Called (on the receiving thread) when the run's budget changed mid-run.
+        self.on_room_known: Callable[[RoomKnown], object] | None = None
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, wire: object) -> None:
@@ -115,6 +118,10 @@ class WorkerLink:
         if isinstance(message, ServerPids):
             if self.on_server_pids is not None:  # outside the lock: it sends counts
                 self.on_server_pids(message)
+            return
+        if isinstance(message, RoomKnown):
+            if self.on_room_known is not None:
+                self.on_room_known(message)
             return
         with self._cond:
             if message is None:  # the controller is gone: stop waiting for it

@@ -100,8 +100,11 @@ class ConnectionLedger:
         self,
         on_change: Callable[[int, int, bool, int], None],
         on_error: Callable[[BaseException], None],
+        on_opened: Callable[[Any, str], None] | None = None,
     ) -> None:
         self.version = 0
+        #: Called with each newly counted connection and its driver (outside the lock).
+        self._on_opened = on_opened
         self._on_change = on_change
         self._on_error = on_error
         self._error_seen = False
@@ -167,6 +170,8 @@ class ConnectionLedger:
                     self._in_use += 1
                     self._window_drivers.add(driver)
                 self._changed()
+            if self._on_opened is not None:
+                self._on_opened(conn, driver)
         except Exception as exc:
             self._contain(exc)
 
@@ -371,8 +376,9 @@ class PoolMeter(ConnectionLedger):
         gate: Gate,
         on_error: Callable[[BaseException], None],
         gate_async: AsyncGate | None = None,
+        on_opened: Callable[[Any, str], None] | None = None,
     ) -> None:
-        super().__init__(on_change, on_error)
+        super().__init__(on_change, on_error, on_opened)
         self._gate = gate
         self._gate_async = gate_async
         self.hooks = DriverHooks(self, self._contain)

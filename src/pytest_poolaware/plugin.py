@@ -24,13 +24,19 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.monitor import ServerMonitor
+    from pytest_poolaware.protocol import ServerSeen
     from pytest_poolaware.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
+    from pytest_poolaware.server_room import Discovery
     from pytest_poolaware.share import ShareCoordinator
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
+#: pytest cache key: the budget the last run learned from the server when no DSN was given
+#: (a stand-in until this run learns it again; never the server's address or password).
+LEARNED_BUDGET_KEY = "poolaware/learned_budget"
 #: Packages newer than the tested range, one line each for the report header.
 _version_warnings_key = pytest.StashKey[tuple[str, ...]]()
 
@@ -132,6 +138,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         gate_timeout=options.gate_timeout,
         retry_on_limit=options.retry_on_limit,
         room=options.room,
+        learn=options.learn,
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 
@@ -178,6 +185,12 @@ class Controller:
         #: Notes and warnings of the controller's own (discovery, sharing) for the report.
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning: ServerLearning[WorkerController] | None = None
+        #: The settings before a stand-in budget was chosen to learn the server.
+        self._unlearned = settings
+        #: Whether the budget was learned from the server (no DSN given).
+        self.learned_room = False
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -190,14 +203,76 @@ class Controller:
         self.started = time.time()
         if self.settings.monitor_dsn:
             self._discover()
+        elif not self.settings.monitor_source:  # not turned off: learn it from the tests
+            self._start_learning()
 
     def _discover(self) -> None:
         """Set the budget from what the server allows, then monitor on the same connection."""
-        from pytest_poolaware.monitor import ServerMonitor
         from pytest_poolaware.server_room import discover
 
         settings = self.settings
         found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
+        self._adopt(found, settings.monitor_dsn, settings.monitor_source)
+
+    def _start_learning(self) -> None:
+        """No DSN: hold the run to one connection at a time until the workers' first
+        connection says where the server is (``learning``). Tests start meanwhile within
+        what the last run learned, when that is smaller than the configured budget."""
+        import importlib.util
+
+        # Looked up, not imported: a run that never connects should not pay for it.
+        if importlib.util.find_spec("psycopg") is None:
+            self.notes.append(
+                "the budget was not checked against the server: reading it needs psycopg "
+                "on the controller (pip install psycopg)"
+            )
+            return
+        from pytest_poolaware.learning import REMEMBERED, ServerLearning
+
+        self.learning = ServerLearning(
+            self.settings.configured_budget, self.inbox, self._wake_scheduler, self._learned
+        )
+        self._unlearned = self.settings
+        remembered = self.cache.get(LEARNED_BUDGET_KEY, None) if self.cache is not None else None
+        if isinstance(remembered, dict):
+            budget, source = remembered.get("budget"), remembered.get("source")
+            if isinstance(budget, int) and 1 <= budget < self.settings.budget and source:
+                self.settings = dataclasses.replace(
+                    self.settings, budget=budget, budget_source=f"{source}, {REMEMBERED}"
+                )
+
+    def _remember_learned(self) -> None:
+        """The budget learned from the server, as the next run's stand-in."""
+        if self.cache is not None and self.learning is not None and self.learned_room:
+            source = self.settings.budget_source
+            self.cache.set(LEARNED_BUDGET_KEY, {"budget": self.settings.budget, "source": source})
+
+    def _learned(self, found: Discovery, dsn: str, login: ServerSeen | None) -> int:
+        """The server was read (or could not be): the run's budget from now on. Runs on
+        the controller's main thread (``ServerLearning.take``)."""
+        from pytest_poolaware.learning import LEARNED_ORIGIN
+        from pytest_poolaware.protocol import RoomKnown
+
+        unlearned = self._unlearned
+        if found.choice is not None:  # else the stand-in stays: nothing better is known
+            self.settings = dataclasses.replace(
+                self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
+            )
+        self._adopt(found, dsn, LEARNED_ORIGIN)
+        self.learned_room = found.room is not None and found.choice is not None
+        if self.scheduler is not None and self.share is not None:
+            self.scheduler.follow_share(self.share)
+        allows, limit = self.room if self.room is not None else (None, "")
+        for link in self.links.values():
+            link.send(RoomKnown(self.settings.budget, allows, limit))
+        return self.share.budget() if self.share is not None else self.settings.budget
+
+    def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
+        """The budget from what the server allows; sharing and monitoring on the plugin's
+        connection."""
+        from pytest_poolaware.monitor import ServerMonitor
+
+        settings = self.settings
         self.notes.extend(found.notes)
         if found.choice is not None:
             self.settings = dataclasses.replace(
@@ -216,10 +291,7 @@ class Controller:
             self._share(found, settings.configured_budget)
         if found.connection is not None:
             self.monitor = ServerMonitor(
-                settings.monitor_dsn,
-                budget=self.settings.budget,
-                source=settings.monitor_source,
-                connection=found.connection,
+                dsn, budget=self.settings.budget, source=origin, connection=found.connection
             )
             self.monitor.start()
 
@@ -301,6 +373,7 @@ class Controller:
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
             room=self.room,
+            learn=self.learning is not None and self.learning.pending,
         ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, compat.wake_controller)
 
@@ -319,6 +392,7 @@ class Controller:
             serial_worker=self.serial_worker,
             server_pids=self._server_pids,
             share=self.share,
+            learning=self.learning,
         )
         return self.scheduler
 
@@ -344,6 +418,9 @@ class Controller:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.finished = time.time()
         priority.withdraw()
+        if self.learning is not None:
+            self.notes.extend(self.learning.notes())
+            self._remember_learned()
         self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None
         self._close_server_connection()

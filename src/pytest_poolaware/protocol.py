@@ -3,9 +3,9 @@
 Three routes (``docs/design.md``, "Protocol"):
 
 * ``WorkerSettings`` travels once, in ``workerinput``, beside the side channel;
-* the side channel (``link``) carries ``Collected``, ``Counts``, ``RoomRequest`` and
-  ``Note`` from a worker, ``Goes``, ``RequestAnswer`` and ``ReleaseIdle`` from the
-  controller;
+* the side channel (``link``) carries ``Collected``, ``Counts``, ``RoomRequest``,
+  ``ServerSeen`` and ``Note`` from a worker, ``Goes``, ``RequestAnswer``, ``ReleaseIdle``,
+  ``ServerPids`` and ``RoomKnown`` from the controller;
 * ``ItemMeasures`` rides on an item's last report, on xdist's own channel.
 
 On the wire a message is a dict of plain values that execnet can serialize: its fields
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, TypeVar
 
 from pytest_poolaware.core import DEFAULT_BUDGET, Answer
@@ -133,6 +133,36 @@ class RoomRequest(_Plain):
 
 @_message
 @dataclass(frozen=True, slots=True)
+class ServerSeen(_Plain):
+    """The worker opened its first connection to this server as this login (sent only
+    when the controller asked to learn the server: no DSN was given).
+
+    The password travels only so that the controller can open the plugin's own
+    connection as the same login; it is left out of ``repr`` and never shown.
+    """
+
+    kind: ClassVar[str] = "server"
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str | None = field(default=None, repr=False)
+    driver: str = ""
+    #: The connection's backend pid: one of the run's, not another client's.
+    pid: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        """The server and login, without the password."""
+        return (self.host, self.port, self.dbname, self.user)
+
+    def where(self) -> str:
+        """``user@host:port/dbname``, for notes."""
+        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+@_message
+@dataclass(frozen=True, slots=True)
 class Note(_Plain):
     """A warning to show in the controller's summary."""
 
@@ -202,11 +232,27 @@ class ServerPids(_Plain):
         return cls(float(wire["taken"]), tuple(int(pid) for pid in wire["pids"]))
 
 
-WorkerMessage = Collected | Counts | RoomRequest | Note
-ControllerMessage = Goes | RequestAnswer | ReleaseIdle | ServerPids
+@_message
+@dataclass(frozen=True, slots=True)
+class RoomKnown(_Plain):
+    """The run's budget changed once the server was learned (``ServerSeen``): what a
+    worker asks for to rerun a test alone, and the server's room as in ``WorkerSettings``."""
+
+    kind: ClassVar[str] = "room"
+    budget: int
+    allows: int | None = None
+    limit: str = ""
+
+    @property
+    def room(self) -> tuple[int, str] | None:
+        return None if self.allows is None else (self.allows, self.limit)
+
+
+WorkerMessage = Collected | Counts | RoomRequest | ServerSeen | Note
+ControllerMessage = Goes | RequestAnswer | ReleaseIdle | ServerPids | RoomKnown
 #: Messages that can unblock a decision: the controller looks at them at once; the
 #: others wait for the next xdist event.
-WAKING: Final = frozenset({RoomRequest, Counts})
+WAKING: Final = frozenset({RoomRequest, Counts, ServerSeen})
 
 
 def decode(wire: object) -> WorkerMessage | ControllerMessage:
@@ -246,6 +292,9 @@ class WorkerSettings:
     #: and which limit that is ("role acc_app CONNECTION LIMIT 16"); a test needing more
     #: fails with a clear message.
     room: tuple[int, str] | None = None
+    #: No DSN was given: send the controller the server and login of the first connection
+    #: opened to each (``ServerSeen``), so that it can read the room there.
+    learn: bool = False
 
     def to_wire(self) -> Wire:
         return {VERSION: PROTOCOL_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.learning import ServerLearning
     from pytest_poolaware.share import ShareCoordinator
 
 
@@ -67,6 +68,7 @@ class PoolAwareScheduling:
         serial_worker: str | None = None,
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
         share: ShareCoordinator | None = None,
+        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -78,6 +80,8 @@ class PoolAwareScheduling:
         self._links = links
         #: This run's share of the server's room (``share.ShareCoordinator``), if shared.
         self.share = share
+        #: With no DSN given: the server learned from the workers' first connection.
+        self.learning = learning
         self.planner: Planner[WorkerController] = Planner(
             share.budget() if share is not None else settings.budget,
             unknown_need=settings.unknown_need,
@@ -111,6 +115,7 @@ class PoolAwareScheduling:
             on_collected=self._collected_report,
             server_pids=server_pids,
             share=share,
+            learning=learning,
         )
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -213,6 +218,8 @@ class PoolAwareScheduling:
     ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
+        if self.learning is not None:
+            self.learning.item_done(node, item_index)
         measures = self._measures.pop((node, item_index), None)
         if measures is None:  # no report carried them (e.g. the item was not run)
             self._apply(self.planner.completed(node, item_index, duration=duration))
@@ -356,6 +363,11 @@ class PoolAwareScheduling:
         """A worker's markers: only those of the run's collection are used."""
         if self.collection is None:
             self._reported[node] = message
+
+    def follow_share(self, share: ShareCoordinator) -> None:
+        """Sharing began mid-run (the server was learned): consult it from now on."""
+        self.share = share
+        self._dispatch.share = share
 
     def _drain(self) -> None:
         self._dispatch.drain()

@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -233,21 +233,22 @@ SELECT count(*),
        count(*) FILTER (WHERE datname = %s),
        count(*) FILTER (WHERE backend_type IS NULL)
 FROM pg_stat_activity
-WHERE pid <> pg_backend_pid()
+WHERE pid <> pg_backend_pid() AND pid <> ALL(%s::int[])
   AND (backend_type = 'client backend'
        OR (backend_type IS NULL AND usesysid IS NOT NULL AND datid IS NOT NULL))
 """
 
 
-def read_facts(conn: Any, database: str) -> ServerFacts:
-    """Read the limits that apply to this connection's login in ``database``."""
+def read_facts(conn: Any, database: str, runs: Collection[int] = ()) -> ServerFacts:
+    """Read the limits that apply to this connection's login in ``database``; the
+    backends ``runs`` (pids) are the run's own, not other clients'."""
     version, max_conn, su_reserved, role, superuser, role_limit = conn.execute(_SETTINGS).fetchone()
     reserved, uses_reserved = 0, False
     if version >= RESERVED_CONNECTIONS_SINCE:
         reserved, uses_reserved = conn.execute(_RESERVED).fetchone()
     row = conn.execute(_DATABASE_LIMIT, (database,)).fetchone()
     database_limit = -1 if row is None else int(row[0])
-    others, of_role, in_database, hidden = conn.execute(_CLIENTS, (database,)).fetchone()
+    others, of_role, in_database, hidden = conn.execute(_CLIENTS, (database, list(runs))).fetchone()
     return ServerFacts(
         version=int(version),
         max_connections=int(max_conn),
@@ -440,11 +441,14 @@ class Discovery:
     notes: list[str] = field(default_factory=list)
 
 
-def discover(dsn: str, configured: tuple[int, str] | None, origin: str = "") -> Discovery:
+def discover(
+    dsn: str, configured: tuple[int, str] | None, origin: str = "", runs: Collection[int] = ()
+) -> Discovery:
     """Open the plugin's connection and choose the run's budget from what the server allows.
 
     Never raises: a server that cannot be reached or read is a note, and the run keeps
-    the configured budget. ``origin`` says where the DSN came from, for that note.
+    the configured budget. ``origin`` says where the DSN came from, for that note;
+    ``runs`` are backend pids of the run's own connections open already.
     """
     found = Discovery()
     try:
@@ -456,7 +460,7 @@ def discover(dsn: str, configured: tuple[int, str] | None, origin: str = "") -> 
         return found
     try:
         found.connection = open_connection(libpq_dsn(dsn))
-        found.facts = read_facts(found.connection, target_database(libpq_dsn(dsn)))
+        found.facts = read_facts(found.connection, target_database(libpq_dsn(dsn)), runs)
     except Exception as exc:
         close_quietly(found.connection)
         found.connection = None

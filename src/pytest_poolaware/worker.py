@@ -14,9 +14,10 @@ import pytest
 from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
+from pytest_poolaware.login import login_of
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
 from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
-from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note
+from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note, RoomKnown
 from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 
 #: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
@@ -72,6 +73,7 @@ class WorkerAgent:
         gate_timeout: float,
         retry_on_limit: bool,
         room: tuple[int, str] | None = None,
+        learn: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.link = link
@@ -95,8 +97,12 @@ class WorkerAgent:
             gate=self._gate,
             gate_async=self._gate_async,
             on_error=self._report_error,
+            on_opened=self._learn if learn else None,
         )
+        #: Servers and logins already sent to the controller (``learn``).
+        self._logins_sent: set[tuple[str, int, str, str]] = set()
         link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
+        link.on_room_known = self._room_known
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -273,6 +279,19 @@ class WorkerAgent:
                 "pytest-poolaware: too many connections: every test holding connections "
                 "was waiting for more; this one gives way and is rerun alone"
             )
+
+    def _learn(self, conn: object, driver: str) -> None:
+        """A connection opened: the first one to each server and login tells the
+        controller where the server is (no DSN was given)."""
+        login = login_of(conn, driver)
+        if login is not None and login.key not in self._logins_sent:
+            self._logins_sent.add(login.key)
+            self.link.send(login)
+
+    def _room_known(self, known: RoomKnown) -> None:
+        """The controller learned the server: the budget (and room) changed."""
+        self.budget = known.budget
+        self.room = known.room
 
     def _release(self) -> None:
         self.meter.release_idle()

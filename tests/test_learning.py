@@ -1,0 +1,286 @@
+"""No DSN given: the server is learned from the first connection a worker opens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from inner import (
+    ENGINE_CONFTEST,
+    RECORDING_CONFTEST,
+    ROLE_LIMIT,
+    connection_errors,
+    free_port,
+    run,
+)
+from inner import ROLE_PASSWORD as PASSWORD
+from test_scheduling import SUITE
+
+from pytest_poolaware.learning import LEARNING_ATTEMPTS, REMEMBERED, ServerLearning, dsn_of
+from pytest_poolaware.login import login_of
+from pytest_poolaware.protocol import RoomKnown, RoomRequest, ServerSeen, decode
+from pytest_poolaware.server_room import Discovery
+from pytest_poolaware.worker import RERUN_SERVER
+
+#: Tests in test_scheduling.SUITE.
+SUITE_TESTS = 39
+#: The inner suite's own DSN variable: the plugin is not told about it.
+APP_CONFTEST = (ENGINE_CONFTEST + RECORDING_CONFTEST).replace("POOLAWARE_DSN", "APP_DSN")
+
+
+# -- the worker side: what a driver's connection says ----------------------------------------
+
+
+def test_psycopg_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    dsn, role = secret_role
+    with psycopg.connect(dsn) as conn:
+        login = login_of(conn, "psycopg")
+        params = conn.info.get_parameters()
+    assert login is not None
+    assert (login.user, login.dbname, login.password) == (role, params["dbname"], PASSWORD)
+    assert PASSWORD not in repr(login)
+    # The plugin's own connection can be opened from it.
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_psycopg2_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    dsn, role = secret_role
+    conn = psycopg2.connect(dsn)
+    try:
+        login = login_of(conn, "psycopg2")
+    finally:
+        conn.close()
+    assert login is not None
+    assert (login.user, login.password, login.driver) == (role, PASSWORD, "psycopg2")
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_asyncpg_says_where_its_connection_went(secret_role: tuple[str, str]) -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    dsn, role = secret_role
+    expected = psycopg.conninfo.conninfo_to_dict(dsn)
+
+    async def learn() -> ServerSeen | None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return login_of(conn, "asyncpg")
+        finally:
+            await conn.close()
+
+    login = asyncio.run(learn())
+    assert login is not None
+    assert (login.user, login.password, login.dbname) == (role, PASSWORD, expected["dbname"])
+    assert login.port == int(expected.get("port") or 5432)
+    with psycopg.connect(dsn_of(login)) as own:
+        assert own.info.user == role
+
+
+def test_an_unknown_driver_or_connection_says_nothing() -> None:
+    assert login_of(object(), "psycopg") is None
+    assert login_of(object(), "other") is None
+
+
+def test_the_message_travels_without_showing_its_password() -> None:
+    seen = ServerSeen("db.example", 5433, "app", "acc_app", PASSWORD, "psycopg")
+    assert decode(seen.to_wire()) == seen
+    assert PASSWORD not in repr(seen)
+    assert seen.where() == "acc_app@db.example:5433/app"
+    known = RoomKnown(14, 16, "role acc_app CONNECTION LIMIT 16")
+    assert decode(known.to_wire()) == known
+    assert known.room == (16, "role acc_app CONNECTION LIMIT 16")
+    assert RoomKnown(30).room is None
+
+
+# -- the controller side ---------------------------------------------------------------------
+
+
+def learn_from(login: ServerSeen, *, local: bool = True) -> tuple[int | None, Discovery, Any]:
+    """Run ``ServerLearning`` on ``login`` with one request held meanwhile: (the budget it
+    returned, what it found, what came back to the inbox)."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    woken = threading.Event()
+    adopted: list[Discovery] = []
+
+    def on_learned(found: Discovery, dsn: str, seen: ServerSeen | None) -> int:
+        adopted.append(found)
+        return 30
+
+    learning = ServerLearning((30, "--pool-budget"), inbox, woken.set, on_learned)
+    assert learning.take() is None
+    learning.seen(login, local)
+    request = RoomRequest(1)
+    assert learning.hold("gw1", request)  # the server is being read
+    assert woken.wait(60)
+    budget = learning.take()
+    assert not learning.hold("gw1", request)
+    assert learning.take() is None  # adopted once
+    return budget, adopted[0], inbox.get_nowait()
+
+
+def test_one_connection_passes_at_a_time_until_the_server_is_learned() -> None:
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    wakes: list[None] = []
+    learning: ServerLearning[str] = ServerLearning(
+        None, inbox, lambda: wakes.append(None), lambda found, dsn, seen: 30
+    )
+    first, second, third = RoomRequest(1, item=0), RoomRequest(1, item=5), RoomRequest(2, item=6)
+    assert not learning.hold("gw0", first)  # the one connection
+    assert learning.hold("gw1", second)
+    assert learning.hold("gw1", third)
+    # Its test ended and taught nothing (the connection failed): the next one may try.
+    learning.item_done("gw1", 5)  # not the one that passed: nothing changes
+    assert inbox.empty()
+    learning.item_done("gw0", 0)
+    assert (inbox.get_nowait(), len(wakes)) == (("gw1", second), 1)
+    assert not learning.hold("gw1", second)
+    passing = ("gw1", 5)
+    for _ in range(2, LEARNING_ATTEMPTS):
+        learning.item_done(*passing)
+        node, request = inbox.get_nowait()
+        assert not learning.hold(node, request)
+        passing = (node, request.item)
+    assert learning.pending
+    learning.item_done(*passing)
+    # Tests keep connecting without teaching anything: stop trying, keep the budget.
+    assert learning.take() == 30
+    assert not learning.pending
+    assert not learning.hold("gw1", third)
+
+
+def test_a_server_that_cannot_be_read_keeps_the_configured_budget() -> None:
+    login = ServerSeen("127.0.0.1", free_port(), "app", "acc_app", PASSWORD, "psycopg", 4242)
+    budget, found, released = learn_from(login)
+    assert budget == 30
+    assert released == ("gw1", RoomRequest(1))  # the held request goes back to the scheduler
+    assert (found.choice, found.connection) == (None, None)
+    assert "cannot use" in found.notes[0]
+    assert PASSWORD not in found.notes[0]
+
+
+def test_a_remote_worker_connecting_to_its_own_machine_is_not_believed() -> None:
+    login = ServerSeen("localhost", 5432, "app", "acc_app", PASSWORD, "psycopg", 4242)
+    budget, found, _ = learn_from(login, local=False)
+    assert budget == 30
+    assert found.connection is None
+    assert "a worker on another machine connected to localhost" in found.notes[0]
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_suite(
+    pytester: pytest.Pytester, secret_role: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The write-up's suite shape, connecting through its own variable; no POOLAWARE_DSN,
+    no PG_POOL_*: the plugin knows nothing of the server."""
+    dsn, role = secret_role
+    monkeypatch.setenv("APP_DSN", dsn)
+    monkeypatch.setenv("POOLAWARE_TEST_LOG", str(pytester.path / "events.jsonl"))
+    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(APP_CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return role
+
+
+def source_of(role: str) -> str:
+    """The budget's source when the role's limit binds."""
+    return (
+        f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor, "
+        "1 for connections still closing"
+    )
+
+
+def assert_learned_and_kept(result: pytest.RunResult, role: str) -> str:
+    """Every test passed within the role's limit, learned from the workers' connections,
+    and the password shown nowhere; returns the run's output."""
+    result.assert_outcomes(passed=SUITE_TESTS)
+    text = result.stdout.str() + result.stderr.str()
+    assert connection_errors(result) == 0, text
+    assert RERUN_SERVER not in text
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: 14 connections ({source_of(role)})",
+            "peak open connections (workers): *",
+            f"note: the server and login were learned from the first connection a worker "
+            f"opened: {role}@*",
+        ]
+    )
+    # Counts came from every worker: the workers' peak is measured, not zero.
+    assert "peak open connections (workers): 0" not in text
+    assert REMEMBERED not in text
+    assert PASSWORD not in text
+    return text
+
+
+def written(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_the_role_limit_is_learned_from_the_first_connection_cold_and_warm(
+    pytester: pytest.Pytester, app_suite: str
+) -> None:
+    role = app_suite
+    files = ["--poolaware-report", "report.json", "--poolaware-trace", "trace.json"]
+    for first in (True, False):
+        args = ["-n", "4", "--dist", "poolaware", *files, "-rA"]
+        result = run(pytester, *args, *(["--cache-clear"] if first else []))
+        text = assert_learned_and_kept(result, role)
+        assert "WARNING" not in text
+        report = json.loads((pytester.path / "report.json").read_text())
+        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source_of(role))
+        assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
+        # Nothing the run wrote holds the password either.
+        assert PASSWORD not in written(pytester.path / "report.json")
+        assert PASSWORD not in written(pytester.path / "trace.json")
+
+
+def test_a_configured_budget_below_the_learned_room_is_kept(
+    pytester: pytest.Pytester, app_suite: str
+) -> None:
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--pool-budget", "6")
+    result.assert_outcomes(passed=SUITE_TESTS)
+    assert connection_errors(result) == 0
+    result.stdout.fnmatch_lines(["budget: 6 connections (--pool-budget)"])
+
+
+def test_with_monitoring_turned_off_nothing_is_learned(
+    pytester: pytest.Pytester, app_suite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PG_POOL_SIZE", "5")
+    monkeypatch.setenv("PG_MAX_OVERFLOW", "10")
+    result = run(pytester, "-n", "2", "--dist", "poolaware", "--poolaware-monitor", "off")
+    result.assert_outcomes(passed=SUITE_TESTS)
+    result.stdout.fnmatch_lines(["budget: 15 connections (PG_POOL_SIZE + PG_MAX_OVERFLOW = *)"])
+    assert "were learned from" not in result.stdout.str()
+
+
+def test_the_next_run_starts_within_what_the_last_one_learned(
+    pytester: pytest.Pytester, app_suite: str
+) -> None:
+    """Until it learns the server again, a run admits tests within the last run's budget
+    (its connections still wait for the room, one at a time)."""
+    pytester.makepyfile(test_free="def test_free():\n    pass\n")
+    first = run(pytester, "-n", "2", "--dist", "poolaware", "--cache-clear")
+    first.assert_outcomes(passed=SUITE_TESTS + 1)
+    # This one opens no connection: the budget stays the remembered one.
+    free = run(pytester, "-n", "2", "--dist", "poolaware", "test_free.py")
+    free.assert_outcomes(passed=1)
+    free.stdout.fnmatch_lines([f"budget: 14 connections ({source_of(app_suite)}, {REMEMBERED})"])
+    assert "were learned from" not in free.stdout.str()
+    assert (
+        PASSWORD
+        not in (pytester.path / ".pytest_cache")
+        .joinpath("v", "poolaware", "learned_budget")
+        .read_text()
+    )
