@@ -1,18 +1,27 @@
 """Benchmarks of runs sharing one server: the demo suite twice against one limited role.
 
-    python benchmarks/shared.py [--rounds N] [--out DIR]
+    python benchmarks/shared.py [--rounds N] [--cases A,B,...] [--out DIR]
 
-Cases, each in interleaved rounds after one cold run per copy (so every case runs warm):
+Cases, each in interleaved rounds after one cold run per copy (so every case but
+``learned-cold`` runs warm):
 
 - ``alone``: one run;
 - ``sequential``: the two copies one after the other (the wall is the sum);
 - ``pair``: both started at the same moment, sharing the room (``--poolaware-share auto``);
 - ``pair-no-share``: the same with ``--poolaware-share off``: each takes what it finds;
 - ``pair-killed``: both started together, one killed with SIGKILL after ``KILL_AFTER``
-  seconds; the figures are the survivor's.
+  seconds; the figures are the survivor's;
+- ``learned-cold`` / ``learned-warm``: one run told nothing of the server (no ``PG_POOL_*``,
+  no budget option, no ``POOLAWARE_DSN``): the suite reads its DSN from ``APP_DSN`` and the
+  plugin learns the server from the first connection a worker opens; cold clears the
+  cache, warm follows it (run both, in that order, for a warm figure);
+- ``socket`` / ``socket-pair``: one run, or two started together, whose ``WORKERS``
+  workers each are reached through a ``--tx socket=`` gateway on an execnet socket server
+  of their own on localhost (fresh servers per run).
 
 Per case: wall, passed/failed/errors, connection errors (junitxml), refusals (tests the
-server refused a connection and poolaware reran), and the role's server-side peak.
+server refused a connection and poolaware reran), the role's server-side peak, and the
+budget each run's report gives with its source.
 Writes DIR/shared.md and DIR/shared.json. Timings from a busy machine mean little:
 compare the cases side by side, on a quiet one.
 """
@@ -20,15 +29,18 @@ compare the cases side by side, on a quiet one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,11 +60,24 @@ from run import (
 )
 
 ROUNDS: Final = 3
-CASES: Final = ("alone", "sequential", "pair", "pair-no-share", "pair-killed")
+CASES: Final = (
+    "alone", "sequential", "pair", "pair-no-share", "pair-killed",
+    "learned-cold", "learned-warm", "socket", "socket-pair",
+)  # fmt: skip
 #: Seconds after which the pair-killed case kills one run (mid-run on the demo suite).
 KILL_AFTER: Final = 6.0
 #: What poolaware's summary says of a test the server refused a connection and that it reran.
 REFUSED: Final = "rerun alone (the server refused a connection)"
+#: The suite's own DSN variable in the learned cases: the plugin is not told about it.
+APP_DSN: Final = "APP_DSN"
+#: The line of the demo conftest naming its DSN variable (rewritten for the learned cases).
+SUITE_DSN_LINE: Final = 'ENV_DSN: Final = "POOLAWARE_DSN"'
+#: Variables that would tell the plugin of the server or of a budget.
+CONFIGURING: Final = ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT")
+#: Bound on the wait for an execnet socket server to listen.
+LISTEN_TIMEOUT: Final = 30.0
+LISTEN_POLL: Final = 0.05
+LOCAL_WORKERS: Final = ("-n", str(WORKERS))
 
 
 @dataclass
@@ -66,24 +91,42 @@ class Figures:
     refusals: int = 0
     server_peak: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)
 
 
 class Pass:
     """One pytest run of the demo suite, started now, in its own session and cache."""
 
-    def __init__(self, label: str, copy: str, env: dict[str, str], work: Path, *extra: str):
+    def __init__(
+        self,
+        label: str,
+        copy: str,
+        env: dict[str, str],
+        work: Path,
+        *extra: str,
+        suite: Path = SUITE,
+        workers: Sequence[str] = LOCAL_WORKERS,
+    ):
         self.junit = work / f"{label}.xml"
         self.junit.unlink(missing_ok=True)
+        self.report = work / f"{label}.json"
+        self.report.unlink(missing_ok=True)
         self.log = work / f"{label}.log"
         cache = f"cache_dir={work / ('cache-' + copy)}"
-        command = [
-            sys.executable, "-m", "pytest", str(SUITE), "-o", cache, "-q",
-            "-n", str(WORKERS), "--dist", "poolaware", f"--junitxml={self.junit}", *extra,
+        command = [  # no path argument: xdist maps those onto rsync roots for remote workers
+            sys.executable, "-m", "pytest", "-o", cache, "-q", *workers,
+            "--dist", "poolaware", f"--junitxml={self.junit}",
+            f"--poolaware-report={self.report}", *extra,
         ]  # fmt: skip
         self._out = self.log.open("w")
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            command, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            cwd=suite,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         self.ended = self.started
 
@@ -111,13 +154,111 @@ class Pass:
                 if case.outcome in ("passed", "failed", "errors"):
                     setattr(figures, case.outcome, getattr(figures, case.outcome) + 1)
                 figures.conn_errors += case.conn_error
+        if self.report.exists():
+            run = json.loads(self.report.read_text())["run"]
+            figures.budgets.append(f"{run['budget']} ({run['budget_source']})")
 
 
-def run_case(case: str, env: dict[str, str], work: Path, peak: PeakMonitor) -> Figures:
+def free_port() -> int:
+    """A localhost port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextlib.contextmanager
+def socket_workers(count: int, env: dict[str, str], suite: Path) -> Iterator[list[str]]:
+    """``count`` execnet socket servers on localhost, started with ``env`` as a machine of
+    their own would have it; yields the ``--tx`` arguments reaching one worker on each."""
+    import execnet.script.socketserver as server_script
+
+    ports = [free_port() for _ in range(count)]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, server_script.__file__, f"127.0.0.1:{port}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        for port, server in zip(ports, servers, strict=True):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"no execnet socket server on port {port}") from None
+                    time.sleep(LISTEN_POLL)
+        yield [arg for port in ports for arg in ("--tx", f"socket=127.0.0.1:{port}//chdir={suite}")]
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+def learned_env(dsn: str) -> dict[str, str]:
+    """The environment of a run told nothing of the server: the suite's DSN in ``APP_DSN``."""
+    env = pool_env(dsn, pythonpath=HERE)
+    for name in CONFIGURING:
+        env.pop(name, None)
+    env[APP_DSN] = dsn
+    return env
+
+
+def suite_copy(work: Path, name: str) -> Path:
+    """A copy of the demo suite: what remote workers change into (xdist may sync files
+    there), or what the learned cases rewrite."""
+    suite = work / f"{name}-suite"
+    shutil.rmtree(suite, ignore_errors=True)
+    shutil.copytree(SUITE, suite, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+    return suite
+
+
+def learned_suite(work: Path) -> Path:
+    """A copy of the demo suite whose conftest reads its DSN from ``APP_DSN``."""
+    suite = suite_copy(work, "learned")
+    conftest = suite / "conftest.py"
+    text = conftest.read_text()
+    if SUITE_DSN_LINE not in text:
+        raise RuntimeError(f"{conftest} no longer has {SUITE_DSN_LINE!r}")
+    conftest.write_text(text.replace(SUITE_DSN_LINE, f'ENV_DSN: Final = "{APP_DSN}"'))
+    return suite
+
+
+def run_case(
+    case: str,
+    env: dict[str, str],
+    work: Path,
+    peak: PeakMonitor,
+    learned: tuple[dict[str, str], Path],
+    remote: Path,
+) -> Figures:
+    """One round of ``case``; ``learned`` is the learned cases' environment and suite,
+    ``remote`` the suite copy socket workers change into."""
     figures = Figures(case)
     label = f"{case}-{int(time.time() * 1000)}"
     begun = time.perf_counter()
-    if case == "alone":
+    if case.startswith("learned"):
+        learned_environ, suite = learned
+        clear = ("--cache-clear",) if case == "learned-cold" else ()
+        passes = [Pass(label, "learned", learned_environ, work, *clear, suite=suite)]
+        passes[0].wait()
+    elif case.startswith("socket"):
+        copies = ("a", "b") if case == "socket-pair" else ("a",)
+        with socket_workers(WORKERS * len(copies), env, remote) as tx:
+            share = tx[: 2 * WORKERS], tx[2 * WORKERS :]
+            passes = [
+                Pass(f"{label}-{copy}", copy, env, work, suite=remote, workers=workers)
+                for copy, workers in zip(copies, share, strict=False)
+            ]
+            for one in passes:
+                one.wait()
+    elif case == "alone":
         passes = [Pass(label, "a", env, work)]
         passes[0].wait()
     elif case == "sequential":
@@ -155,13 +296,15 @@ def fold(rounds: Sequence[Figures]) -> dict[str, Any]:
         "refusals": max(r.refusals for r in rounds),
         "server_peak": max(r.server_peak for r in rounds),
         "exit_codes": [c for r in rounds for c in r.exit_codes],
+        "budgets": sorted({b for r in rounds for b in r.budgets}),
     }
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Shared server: demo suite x2, W={WORKERS} each, one role, "
-        f"{report['rounds']} interleaved rounds (warm); machine {report['machine']}.",
+        f"{report['rounds']} interleaved rounds (every case but learned-cold warm); "
+        f"machine {report['machine']}.",
         "",
         "| case | wall s (median) | rounds | passed | failed | errors | conn errors "
         "| refusals | server peak |",
@@ -173,6 +316,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {row['failed']} | {row['errors']} | {row['conn_errors']} | {row['refusals']} "
             f"| {row['server_peak']} |"
         )
+    lines += ["", "Budgets the runs' reports gave:", ""]
+    lines += [f"- {row['case']}: {'; '.join(row['budgets']) or 'n/a'}" for row in report["cases"]]
     ratio = report.get("pair_over_sequential")
     if ratio is not None:
         lines += ["", f"pair / sequential: {ratio} (median of per-round ratios)"]
@@ -192,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poolaware_testserver import postgres_dsn
 
     out: Path = args.out
-    work = out / "work-shared"
+    work = (out / "work-shared").resolve()
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -201,15 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with postgres_dsn() as admin_dsn, demo_role(admin_dsn) as (role, dsn):
         report["machine"] = machine_info(admin_dsn)
         env = pool_env(dsn, pythonpath=HERE)
-        for copy in ("a", "b"):  # learn first: every case runs warm
-            warm_up = Pass(f"warm-up-{copy}", copy, env, work, "--cache-clear")
-            warm_up.wait()
+        learned, remote = (learned_env(dsn), learned_suite(work)), suite_copy(work, "remote")
+        if any(not case.startswith("learned") for case in cases):
+            for copy in ("a", "b"):  # learn first: every case but learned-cold runs warm
+                warm_up = Pass(f"warm-up-{copy}", copy, env, work, "--cache-clear")
+                warm_up.wait()
         rounds: dict[str, list[Figures]] = {case: [] for case in cases}
         for round_ in range(args.rounds):
             for case in cases:
                 print(f"[shared] {case} {round_ + 1}/{args.rounds} ...", file=sys.stderr)
                 with PeakMonitor(admin_dsn, role) as peak:
-                    rounds[case].append(run_case(case, env, work, peak))
+                    rounds[case].append(run_case(case, env, work, peak, learned, remote))
         report["cases"] = [fold(r) for r in rounds.values()]
         report["raw"] = {case: [asdict(r) for r in rs] for case, rs in rounds.items()}
         if "pair" in rounds and "sequential" in rounds:
