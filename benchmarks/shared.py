@@ -78,6 +78,8 @@ CONFIGURING: Final = ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_PO
 LISTEN_TIMEOUT: Final = 30.0
 LISTEN_POLL: Final = 0.05
 LOCAL_WORKERS: Final = ("-n", str(WORKERS))
+#: pytest's console script beside this Python.
+PYTEST: Final = Path(sys.executable).with_name("pytest")
 
 
 @dataclass
@@ -113,8 +115,10 @@ class Pass:
         self.report.unlink(missing_ok=True)
         self.log = work / f"{label}.log"
         cache = f"cache_dir={work / ('cache-' + copy)}"
-        command = [  # no path argument: xdist maps those onto rsync roots for remote workers
-            sys.executable, "-m", "pytest", "-o", cache, "-q", *workers,
+        # No path argument: xdist maps those onto rsync roots for remote workers. The
+        # console script, not ``-m``: the pytest xdist syncs into the directory is not ours.
+        command = [
+            str(PYTEST), "-o", cache, "-q", *workers,
             "--dist", "poolaware", f"--junitxml={self.junit}",
             f"--poolaware-report={self.report}", *extra,
         ]  # fmt: skip
