@@ -20,6 +20,17 @@ settings.register_profile("deep", max_examples=2000)
 settings.load_profile("default")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def inner_runs_keep_their_own_cache() -> Iterator[None]:
+    """Under tox, pytest puts every run's cache in ``$TOX_ENV_DIR/.pytest_cache``: inner
+    runs started without pytester (which drops the variable itself) would then share one
+    cache, and what one learned would leak into the next. Each keeps its own, as a user's
+    checkout does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TOX_ENV_DIR", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
     """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session.
