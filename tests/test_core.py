@@ -551,13 +551,18 @@ class Sim:
     def order_breaks(self) -> list[str]:
         """Starts that break the per-worker watermark: each worker runs its items in
         ascending collection order (as xdist's ``load`` does). Exempt, as with ``load``:
-        items a crash returned or requeued, and serial items after a crash (the lane
-        resumes on another worker)."""
+        items a crash returned or requeued, serial items after a crash (the lane
+        resumes on another worker), and items no worker could take in order."""
         breaks = []
+        stranded = self.planner.out_of_order
         watermark: dict[str, tuple[int, int]] = {}
         for position, (worker, index) in enumerate(self.starts):
             crashed_before = self.first_crash is not None and position >= self.first_crash
-            if self.may_resend[index] or (crashed_before and self.is_serial(index)):
+            if (
+                self.may_resend[index]
+                or index in stranded
+                or (crashed_before and self.is_serial(index))
+            ):
                 continue
             before, at = watermark.get(worker, (-1, -1))
             if index <= before:
@@ -1261,6 +1266,11 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
 
 #: Share of random runs whose staggered workers join only when nothing else can happen.
 LATE_JOIN_SHARE = 0.3
+#: Share of random runs whose workers go at uneven speeds (one may lag far behind the
+#: others: the serial lane's worker still in its lane when the fan-out is done, say).
+UNEVEN_SPEED_SHARE = 0.5
+#: The least chance a worker's events have against one another's (all 1: even speeds).
+SLOWEST_SPEED = 1e-3
 #: Seeds of the event interleaving (one draw: much faster than drawing every choice).
 SEEDS = st.integers(0, 2**32 - 1)
 #: The property tests' settings: 80 examples each by default; run
@@ -1282,19 +1292,38 @@ REQUEUED_BEFORE_THE_OTHERS_ARE_UP: dict[str, object] = {
 }
 
 
+#: A slow serial lane's worker is left alone with the end of the fan-out kept for it,
+#: the other worker having taken that end's last part: found with uneven worker speeds.
+SLOW_SERIAL_LANE: dict[str, object] = {
+    "tests": serial(4) + fanout(12),
+    "budget": 4,
+    "workers": 2,
+    "peaks": [1] * 16,
+    "crashes": 0,
+    "rerun_crashed": False,
+}
+
+
 def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
     """Run with the interleaving picked by ``seed``."""
     rng = random.Random(seed)
     # Some runs keep the later workers of a staggered start out as long as anything else
     # can happen: the first one up may then run much of the run alone.
     late_joins = rng.random() < LATE_JOIN_SHARE
+    # Some runs give each worker its own speed (how likely its events are picked; a
+    # cube, so some crawl), drawn apart so the other runs' interleavings stay as they were.
+    pace = random.Random(f"pace {seed}")
+    uneven = pace.random() < UNEVEN_SPEED_SHARE
+    speeds: defaultdict[str, float] = defaultdict(lambda: pace.random() ** 3 + SLOWEST_SPEED)
 
     def choose(events: list[Event]) -> int:
+        candidates = list(range(len(events)))
         if late_joins:
-            others = [n for n, (kind, _) in enumerate(events) if kind != "join"]
-            if others:
-                return rng.choice(others)
-        return rng.randrange(len(events))
+            candidates = [n for n in candidates if events[n][0] != "join"] or candidates
+        if uneven:
+            weights = [speeds[events[n][1]] if events[n][1] else 1.0 for n in candidates]
+            return rng.choices(candidates, weights=weights)[0]
+        return rng.choice(candidates)
 
     sim = Sim(**run, **options)  # type: ignore[arg-type]
     sim.run(choose)
@@ -1345,6 +1374,7 @@ def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int
     },
     seed=1,
 )
+@example(run=SLOW_SERIAL_LANE, seed=20)
 def test_random_runs_never_hang_under_xdists_protocol(run: dict[str, object], seed: int) -> None:
     run_randomly(run, seed, strict_xdist=True)
 
@@ -1445,6 +1475,62 @@ def test_completions_on_a_busy_fanout_skip_planning() -> None:
     planner = run_checked(run, seed=1)
     assert planner.settled > 200
     assert planner.missed == []
+
+
+def slow_worker(name: str) -> Chooser:
+    """Interleaving: the named worker acts only when nothing else can happen."""
+    counter = itertools.count()
+
+    def choose(events: list[Event]) -> int:
+        others = [n for n, (_, worker) in enumerate(events) if worker != name]
+        return others[next(counter) % len(others)] if others else 0
+
+    return choose
+
+
+def test_a_slow_serial_lane_left_alone_strands_no_fanout_test() -> None:
+    """The fan-out workers finish while the serial lane's worker is still in its lane,
+    one of them having taken the last part of the end kept for it: alone, that worker
+    must run the rest of that end, in collection order, before it is let go."""
+    sim = Sim(serial(4) + fanout(16), workers=2)
+    sim.run(slow_worker("gw0"))
+    sim.assert_sound()
+    assert sim.planner.out_of_order == frozenset()
+
+
+#: Lanes of a run (``s``: serial) in which a crash leaves fan-out tests below the
+#: watermark of every worker still up (two workers at uneven speeds, one crash).
+STRANDED_BY_A_CRASH = "fffffffsfffsfssffsfsfsfssff"
+
+
+def test_tests_no_worker_can_take_in_order_are_run_out_of_order_not_lost() -> None:
+    """The last worker able to take a test has run past it: the test is handed back,
+    exempt from the order, rather than the worker being let go with it pending."""
+    tests = [Item(SERIAL if lane == "s" else FANOUT) for lane in STRANDED_BY_A_CRASH]
+    run: dict[str, object] = {
+        "tests": tests,
+        "budget": 6,
+        "workers": 2,
+        "peaks": [1] * len(tests),
+        "crashes": 1,
+        "rerun_crashed": False,
+    }
+    sim = run_randomly(run, seed=5, strict_xdist=True)
+    assert sim.planner.out_of_order
+
+
+def test_hand_over_gives_every_test_still_in_a_lane_to_the_worker() -> None:
+    """The adapter's last resort: a worker about to be let go takes what no one holds."""
+    t = Tracker()
+    t.load(serial(2) + fanout(4))
+    t.add("gw0", "gw1")
+    held = {i for queue in t.queues.values() for i in queue}
+    waiting = sorted(set(range(6)) - held)
+    assert waiting
+    actions = t._track(t.planner.hand_over("gw1"))
+    assert t.sent(actions) == {"gw1": waiting}
+    assert not t.planner.unplaced
+    assert t.planner.out_of_order == frozenset(waiting)
 
 
 def test_a_serial_lane_run_before_the_others_are_up_strands_nothing() -> None:

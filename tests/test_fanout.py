@@ -75,6 +75,27 @@ def test_the_serial_lanes_worker_claims_the_end_kept_for_it() -> None:
     assert drain(fanout, "s", 14, count=2) == [15, 16]
 
 
+def test_a_worker_alone_claims_the_kept_end_from_its_front() -> None:
+    """The serial lane's worker left alone takes the end kept for it in order: taking
+    only its last part (as another dry worker does) would strand the front below it."""
+    fanout = pool([1.0] * 20)
+    fanout.split(["a"], reserve=6.0, reserve_after=3)
+    assert drain(fanout, "a", count=14) == list(range(14))
+    assert fanout.pop("s", 3, before=2, alone=True) is None  # its serial item 2 first
+    assert drain(fanout, "s", 3) == list(range(14, 20))
+
+
+def test_tests_below_every_watermark_are_handed_back() -> None:
+    fanout = pool([1.0] * 10)
+    fanout.split(["a", "b"])
+    assert drain(fanout, "b", count=2) == [5, 6]
+    assert fanout.hand_back_through(2) == [0, 1, 2]
+    assert len(fanout) == 8  # still to run, first
+    assert fanout.pop("b", 6) == 0  # exempt from b's watermark, as returned tests are
+    assert fanout.take_all() == [1, 2, 3, 4, 7, 8, 9]
+    assert not fanout
+
+
 def test_returned_tests_go_first_to_whoever_asks() -> None:
     fanout = pool([1.0] * 6)
     fanout.split(["a", "b"])

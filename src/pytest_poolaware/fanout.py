@@ -120,6 +120,30 @@ class FanoutPool(Generic[W]):
         self._returned.extendleft(reversed(indices))
         self._count += len(indices)
 
+    def hand_back_through(self, watermark: int) -> list[int]:
+        """Tests up to ``watermark`` (no live worker can take them in order: each has run
+        past them) go back as a crashed worker's do: first, to whoever asks next."""
+        stranded: list[int] = []
+        for source in self._ranges:
+            while source.items and source.items[0] <= watermark:
+                stranded.append(source.items.popleft())
+                source.seconds -= self.seconds[stranded[-1]]
+        if stranded:
+            stranded.sort()
+            self._count -= len(stranded)
+            self.give_back(stranded)
+        return stranded
+
+    def take_all(self) -> list[int]:
+        """Every test left, whoever may take it; the pool is then empty."""
+        items = list(self)
+        self._returned.clear()
+        for source in self._ranges:
+            source.items.clear()
+            source.seconds = 0.0
+        self._count = 0
+        return items
+
     def release(self, worker: W) -> None:
         """The worker is gone: what is left of its range is anyone's (lowest first)."""
         own = self._owned.pop(worker, None)
@@ -158,12 +182,20 @@ class FanoutPool(Generic[W]):
         self._ranges = sorted(ranges, key=lambda r: r.items[0] if r.items else -1)
 
     def pop(
-        self, worker: W, watermark: int, *, before: int | None = None, reserved: bool = False
+        self,
+        worker: W,
+        watermark: int,
+        *,
+        before: int | None = None,
+        reserved: bool = False,
+        alone: bool = False,
     ) -> int | None:
         """The next test for this worker, or None: a returned test, else the front of its
         range; a worker whose range is empty first takes a new one (``_steal``). With
         ranges, only tests above ``watermark`` (and below ``before``, if given) are
         handed out. ``reserved``: the worker may claim the serial lane's worker's range.
+        ``alone``: it is the only worker left, so it claims the lowest range above its
+        watermark, the reserved one included (a range's end would strand its front).
         """
         if self._returned:
             self._count -= 1
@@ -176,7 +208,7 @@ class FanoutPool(Generic[W]):
             return self._pop_lowest_above(watermark, before)
         own = self._owned.get(worker)
         if own is None or not own.items or own.items[0] <= watermark:
-            own = self._steal(worker, watermark, reserved)
+            own = self._steal(worker, watermark, reserved or alone, alone)
             if own is None:
                 return None
         if before is not None and own.items[0] > before:
@@ -208,10 +240,12 @@ class FanoutPool(Generic[W]):
         self._count -= 1
         return index
 
-    def _steal(self, worker: W, watermark: int, reserved: bool) -> _Range | None:
+    def _steal(
+        self, worker: W, watermark: int, reserved: bool, alone: bool = False
+    ) -> _Range | None:
         """Give a dry worker a new range above its watermark: the serial lane's reserved
-        one (``reserved``), else the lowest range nobody owns, else the end of the range
-        with the most work left."""
+        one (``reserved``; the lowest unowned one for a worker ``alone``), else the lowest
+        range nobody owns, else the end of the range with the most work left."""
         old = self._owned.pop(worker, None)
         if old is not None:
             old.owner = None
@@ -221,7 +255,10 @@ class FanoutPool(Generic[W]):
             return None
         claimable = [r for r in above if r.owner is None and (reserved or not r.reserved)]
         if claimable:
-            source = claimable[0] if not reserved else max(claimable, key=lambda r: r.reserved)
+            if reserved and not alone:
+                source = max(claimable, key=lambda r: r.reserved)
+            else:
+                source = claimable[0]
             start = bisect.bisect_right(source.items, watermark)
         else:
             source = max(above, key=lambda r: self._seconds_above(r, watermark))

@@ -128,6 +128,9 @@ class Placer(Generic[W]):
         #: Items a crashed worker held, or requeued: they go to whoever takes work next,
         #: below its watermark maybe, as with ``load``.
         self._returned: set[int] = set()
+        #: Items handed out below a watermark because no worker could take them in order
+        #: (see ``_hand_back_stranded``): the order guarantee's last exemption.
+        self.out_of_order: set[int] = set()
         self._counter = 0
 
     # -- inputs -------------------------------------------------------------------------
@@ -323,6 +326,14 @@ class Placer(Generic[W]):
                     more = []
                 state.hand_out(more, self._returned)
                 batch += more
+                if (
+                    self._fanout_open
+                    and not self._fanout.has_for(worker, state.watermark)
+                    and self._hand_back_stranded()
+                ):
+                    more = self._take_fanout(worker, state, len(live), reserved=True)
+                    state.hand_out(more, self._returned)
+                    batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
             if (
@@ -334,6 +345,28 @@ class Placer(Generic[W]):
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
+
+    def _hand_back_stranded(self) -> bool:
+        """Fan-out items that no live worker can take in collection order (every one has
+        run past them) go back as a crashed worker's do, to be run out of order rather
+        than never (xdist would end the run with them pending). Whether any did."""
+        lowest = min((s.watermark for s in self._workers.values() if not s.shut), default=None)
+        if lowest is None or not self._fanout.in_order:
+            return False
+        stranded = self._fanout.hand_back_through(lowest)
+        self._returned.update(stranded)
+        self.out_of_order.update(stranded)
+        return bool(stranded)
+
+    def hand_over(self, worker: W) -> list[int]:
+        """Every item still in a lane, to this worker, exempt from the order: the last
+        resort of an adapter about to let its last worker go with items pending."""
+        items = sorted([*self._serial, *self._fanout.take_all()])
+        self._serial.clear()
+        self._returned.update(items)
+        self.out_of_order.update(items)
+        self._workers[worker].hand_out(items, self._returned)
+        return items
 
     def _split(self, serial_worker: W | None, live: list[W]) -> None:
         """Cut the fan-out into one range per fan-out worker that has run nothing yet.
@@ -361,11 +394,19 @@ class Placer(Generic[W]):
         self._fanout.split(owners, reserve=reserve, reserve_after=after)
 
     def _pop_fanout(
-        self, worker: W, state: _Seat, *, before: int | None = None, reserved: bool = False
+        self,
+        worker: W,
+        state: _Seat,
+        *,
+        before: int | None = None,
+        reserved: bool = False,
+        alone: bool = False,
     ) -> int | None:
         """The worker's next fan-out item, its watermark raised past it at once (a dry
         worker picks its next range above the items it is being handed right now)."""
-        index = self._fanout.pop(worker, state.watermark, before=before, reserved=reserved)
+        index = self._fanout.pop(
+            worker, state.watermark, before=before, reserved=reserved, alone=alone
+        )
         if index is not None and index > state.watermark and index not in self._returned:
             state.watermark = index
         return index
@@ -378,7 +419,7 @@ class Placer(Generic[W]):
 
         def pop() -> int | None:
             head = self._serial[0] if self._serial else None
-            index = self._pop_fanout(worker, state, before=head)
+            index = self._pop_fanout(worker, state, before=head, alone=True)
             return self._pop_serial() if index is None else index
 
         pending = len(self._serial) + len(self._fanout)

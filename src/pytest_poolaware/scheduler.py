@@ -22,6 +22,7 @@ from pytest_poolaware.core import (
     Lane,
     Order,
     Planner,
+    Shutdown,
     lane_for,
 )
 from pytest_poolaware.dispatch import Dispatcher, RunRecord
@@ -323,13 +324,23 @@ class PoolAwareScheduling:
             overruns=statistics.overruns,
             peak_open=statistics.peak_open,
             timeline=tuple(self._record.timeline),
-            notes=tuple(self._record.notes),
+            notes=tuple(self._record.notes) + self._out_of_order_note(),
             order=self.planner.order.value,
             placement=self.planner.placement.value,
             learned=statistics.learned,
         )
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _out_of_order_note(self) -> tuple[str, ...]:
+        """Tests run out of collection order because no worker could take them in order
+        (a crash, usually): worth knowing when a hidden order dependency shows."""
+        count = len(self.planner.out_of_order)
+        if not count:
+            return ()
+        return (
+            f"{count} tests ran after later ones on their worker: none could take them in order",
+        )
 
     def _tests(self) -> list[ItemSpec]:
         assert self.collection is not None
@@ -373,4 +384,18 @@ class PoolAwareScheduling:
         self._dispatch.drain()
 
     def _apply(self, actions: list[Action]) -> None:
-        self._dispatch.apply(actions)
+        self._dispatch.apply(self._keep_a_worker(actions))
+
+    def _keep_a_worker(self, actions: list[Action]) -> list[Action]:
+        """Never let the last worker go while tests wait in a lane: xdist would end the
+        run with them never run. They go to that worker first, exempt from the order
+        (the planner should never come to this; it is the last guard)."""
+        leaving = [a for a in actions if isinstance(a, Shutdown)]
+        if not leaving or not self.collection_is_completed or not self.planner.unplaced:
+            return actions
+        gone = {a.worker for a in leaving}
+        if any(n not in gone and not compat.is_shutting_down(n) for n in self._nodes):
+            return actions
+        last = actions.index(leaving[-1])
+        rescue = self.planner.hand_over(leaving[-1].worker)
+        return [*actions[:last], *rescue, *actions[last:]]
