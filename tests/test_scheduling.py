@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -20,6 +21,8 @@ from inner import (
 
 #: How often the server-side sampler looks at pg_stat_activity.
 SAMPLE_INTERVAL = 0.005
+#: How long the backends of a run that just ended may take to exit.
+LEFTOVER_TIMEOUT = 10.0
 
 CONFTEST = ENGINE_CONFTEST + RECORDING_CONFTEST
 
@@ -70,8 +73,26 @@ class ServerSampler:
                 self._stop.wait(SAMPLE_INTERVAL)
 
     def __enter__(self) -> ServerSampler:
+        self._wait_for_leftovers()
         self._thread.start()
         return self
+
+    def _wait_for_leftovers(self) -> None:
+        """Start from a server with none of the role's backends: those of a run that just
+        ended (``--dist load``'s workers, say) take a moment to exit, and would be
+        counted in the next run's peak."""
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "select count(*) from pg_stat_activity where usename = %s", (self._role,)
+                ).fetchone()
+                assert row is not None
+                if row[0] == 0:
+                    return
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{row[0]} backend(s) of {self._role} outlived their run")
+                self._stop.wait(SAMPLE_INTERVAL)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
