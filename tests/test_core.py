@@ -1519,20 +1519,6 @@ def test_tests_no_worker_can_take_in_order_are_run_out_of_order_not_lost() -> No
     assert sim.planner.out_of_order
 
 
-def test_hand_over_gives_every_test_still_in_a_lane_to_the_worker() -> None:
-    """The adapter's last resort: a worker about to be let go takes what no one holds."""
-    t = Tracker()
-    t.load(serial(2) + fanout(4))
-    t.add("gw0", "gw1")
-    held = {i for queue in t.queues.values() for i in queue}
-    waiting = sorted(set(range(6)) - held)
-    assert waiting
-    actions = t._track(t.planner.hand_over("gw1"))
-    assert t.sent(actions) == {"gw1": waiting}
-    assert not t.planner.unplaced
-    assert t.planner.out_of_order == frozenset(waiting)
-
-
 def test_a_serial_lane_run_before_the_others_are_up_strands_nothing() -> None:
     """The first worker up runs a long serial lane (and a follower after it) before the
     others join: when the fan-out is cut into ranges, it gets none below what it ran."""

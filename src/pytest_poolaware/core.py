@@ -177,17 +177,6 @@ class Planner(Generic[W]):
         """The worker was told to shut down by someone else (xdist stopping the run)."""
         self._placer.shut_down(worker)
 
-    def hand_over(self, worker: W) -> list[Action]:
-        """Every item still in a lane, to this worker (shut down maybe), exempt from the
-        order: the adapter's last resort rather than let its last worker go with items
-        pending (xdist would end the run with them never run)."""
-        items = self._placer.hand_over(worker)
-        if not items:
-            return []
-        for admission in self._budgets.values():
-            admission.queued(worker, items)
-        return [Send(worker, tuple(items)), *self._plan()]
-
     def requeue(self, index: int) -> list[Action]:
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
         self._placer.requeue(index)
@@ -310,14 +299,9 @@ class Planner(Generic[W]):
         return self._placer.unfinished()
 
     @property
-    def unplaced(self) -> bool:
-        """Whether items wait in a lane, on no worker yet."""
-        return bool(self._placer.pending_serial or self._placer.pending_fanout)
-
-    @property
     def out_of_order(self) -> frozenset[int]:
         """Items run below a worker's watermark because no worker could take them in
-        collection order (handed back, or handed over by the adapter's last resort)."""
+        collection order (handed back as a crashed worker's are)."""
         return frozenset(self._placer.out_of_order)
 
     @property

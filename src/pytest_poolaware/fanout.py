@@ -134,16 +134,6 @@ class FanoutPool(Generic[W]):
             self.give_back(stranded)
         return stranded
 
-    def take_all(self) -> list[int]:
-        """Every test left, whoever may take it; the pool is then empty."""
-        items = list(self)
-        self._returned.clear()
-        for source in self._ranges:
-            source.items.clear()
-            source.seconds = 0.0
-        self._count = 0
-        return items
-
     def release(self, worker: W) -> None:
         """The worker is gone: what is left of its range is anyone's (lowest first)."""
         own = self._owned.pop(worker, None)

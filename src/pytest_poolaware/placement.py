@@ -358,16 +358,6 @@ class Placer(Generic[W]):
         self.out_of_order.update(stranded)
         return bool(stranded)
 
-    def hand_over(self, worker: W) -> list[int]:
-        """Every item still in a lane, to this worker, exempt from the order: the last
-        resort of an adapter about to let its last worker go with items pending."""
-        items = sorted([*self._serial, *self._fanout.take_all()])
-        self._serial.clear()
-        self._returned.update(items)
-        self.out_of_order.update(items)
-        self._workers[worker].hand_out(items, self._returned)
-        return items
-
     def _split(self, serial_worker: W | None, live: list[W]) -> None:
         """Cut the fan-out into one range per fan-out worker that has run nothing yet.
 

@@ -22,7 +22,6 @@ from pytest_poolaware.core import (
     Lane,
     Order,
     Planner,
-    Shutdown,
     lane_for,
 )
 from pytest_poolaware.dispatch import Dispatcher, RunRecord
@@ -384,18 +383,4 @@ class PoolAwareScheduling:
         self._dispatch.drain()
 
     def _apply(self, actions: list[Action]) -> None:
-        self._dispatch.apply(self._keep_a_worker(actions))
-
-    def _keep_a_worker(self, actions: list[Action]) -> list[Action]:
-        """Never let the last worker go while tests wait in a lane: xdist would end the
-        run with them never run. They go to that worker first, exempt from the order
-        (the planner should never come to this; it is the last guard)."""
-        leaving = [a for a in actions if isinstance(a, Shutdown)]
-        if not leaving or not self.collection_is_completed or not self.planner.unplaced:
-            return actions
-        gone = {a.worker for a in leaving}
-        if any(n not in gone and not compat.is_shutting_down(n) for n in self._nodes):
-            return actions
-        last = actions.index(leaving[-1])
-        rescue = self.planner.hand_over(leaving[-1].worker)
-        return [*actions[:last], *rescue, *actions[last:]]
+        self._dispatch.apply(actions)
