@@ -32,9 +32,11 @@ from pytest_poolaware.server_room import (
 )
 from pytest_poolaware.share import (
     GROWTH_WAIT,
+    DepartedRuns,
     Others,
     ShareCoordinator,
     fair_shares,
+    kept_by_others,
     plan,
     shares_with_priority,
 )
@@ -103,6 +105,23 @@ class Run:
             return {}
         tests: dict[str, list[Any]] = json.loads(path.read_text())["tests"]
         return tests
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process (its xdist workers, for a controller)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a process still runs (an exited one nobody reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def checkout(root: Path) -> Path:
@@ -190,6 +209,35 @@ def test_connections_that_outlive_a_run_are_not_leased_out_twice() -> None:
     step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=NOBODY, live_others=9)
     assert step.hold == 5  # 16 - 1 own - 1 closing - 9 lingering
     assert step.share == 5  # they count as clients that take no part, for now
+
+
+def test_a_departed_runs_leases_stay_taken_for_a_moment() -> None:
+    """Its workers may be opening connections granted just before it went, which the
+    server's live count does not show yet."""
+    departed = DepartedRuns(grace=1.0)
+    assert departed.update({7: 9, 8: 3}, now=10.0) == 0
+    assert departed.update({8: 3}, now=10.5) == 8  # 9 slots, one its own connection's
+    assert departed.update({8: 3}, now=11.4) == 8
+    assert departed.update({}, now=11.49) == 8 + 2
+    assert departed.update({}, now=11.5) == 2  # the first one's grace is over
+    assert departed.update({}, now=12.6) == 0
+    assert departed.update({7: 2}, now=12.7) == 0  # a pid back: a new run, holding its own
+
+
+def test_a_departed_run_is_not_leased_out_at_once() -> None:
+    lingering = Others({}, {}, departed=6)
+    step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=lingering, live_others=2)
+    assert step.hold == 8  # 16 - 1 own - 1 closing - 6 the departed run's - 4 held
+    step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=NOBODY, live_others=2)
+    assert step.hold == 12  # once the grace is over, only what is live
+
+
+def test_others_keep_their_own_connection_and_leases_beyond_their_last() -> None:
+    assert kept_by_others(NOBODY) == 0
+    # Two runs: 6 slots (own + 5 leases: 4 kept beyond the last), 1 slot (own only);
+    # a third still waiting for its first slot; 3 leases of a departed run.
+    others = Others({2: 6, 3: 1}, {2: 5, 4: 2}, departed=3)
+    assert kept_by_others(others) == 5 + 1 + 1 + 3
 
 
 def test_a_run_with_work_left_keeps_its_last_lease() -> None:
@@ -411,12 +459,61 @@ def test_one_of_two_runs_killed_mid_run_leaves_the_other_every_test(
     while killed.tests_done() < 3 and killed.process.poll() is None:
         assert time.monotonic() < deadline, "the run to kill never started its tests"
         time.sleep(0.05)
+    workers = children(killed.process.pid)
+    killed_at = time.time()
     killed.process.send_signal(signal.SIGKILL)  # the controller only, as a runner might
     killed.wait()
+    # Its workers start nothing more and go (their connections with them).
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the killed run's workers never ended"
+        time.sleep(0.05)
+    entries = [json.loads(line) for line in killed.log.read_text().splitlines()]
+    started_after = [e["nodeid"] for e in entries if e["start"] > killed_at]
+    assert len(started_after) <= len(workers), started_after  # one each was on its way
     assert survivor.wait() == 0, survivor.output
     assert f"{SUITE_TESTS} passed" in survivor.output
     assert survivor.connection_errors() == 0, survivor.output
     assert RERUN_SERVER not in survivor.output
+
+
+ORPHAN_SUITE = """
+import os, signal, time
+import psycopg
+
+def test_outlives_its_controller():
+    os.kill(os.getppid(), signal.SIGKILL)  # this worker's controller: the run is killed
+    outcomes = []
+    for attempt in range(3):
+        try:
+            psycopg.connect(os.environ["POOLAWARE_DSN"]).close()
+            outcomes.append("connected")
+        except Exception as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    with open(os.environ["ORPHAN_OUTCOME"], "w") as out:
+        out.write("\\n".join(outcomes))
+"""
+
+
+def test_a_worker_whose_run_was_killed_opens_no_connection(
+    shared_role: str, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's controller dies while a test runs: nothing holds that worker within a
+    budget any more, and another run may already be taking the room the dead one
+    leased. Its connect is refused (not let through ungated), whatever the gate hears."""
+    outcome = pytester.path / "outcome.txt"
+    monkeypatch.setenv("ORPHAN_OUTCOME", str(outcome))
+    pytester.makepyfile(test_orphan=ORPHAN_SUITE)
+    result = pytester.runpytest_subprocess("-n", "1", "--dist", "poolaware", "-p", "no:randomly")
+    assert result.ret == -signal.SIGKILL
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not outcome.exists() or len(outcome.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "the orphaned worker never tried to connect"
+        time.sleep(0.05)
+    outcomes = outcome.read_text().splitlines()
+    assert len(outcomes) == 3
+    for line in outcomes:
+        assert line.startswith("ControllerGone: pytest-poolaware: the run's controller has gone")
 
 
 # -- a lost network ---------------------------------------------------------------------------

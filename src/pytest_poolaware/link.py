@@ -145,7 +145,11 @@ class WorkerLink:
                     loop.call_soon_threadsafe(_resolve, future)
 
     def send(self, message: WorkerMessage) -> None:
-        self.channel.send(message.to_wire())
+        """Send to the controller; once it has gone, there is nobody to tell."""
+        if self.closed:
+            return
+        with contextlib.suppress(OSError):  # it went away just now
+            self.channel.send(message.to_wire())
 
     def take_release(self) -> bool:
         """Whether the controller asked for idle connections back (clears the request)."""
@@ -153,9 +157,16 @@ class WorkerLink:
             asked, self._release = self._release, False
             return asked
 
-    def wait_go(self, index: int, on_release: Callable[[], None]) -> None:
-        """Block until ``index`` may start (the controller always answers, or goes away)."""
-        self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
+    @property
+    def closed(self) -> bool:
+        """Whether the controller has gone (its run was killed, or its connection lost)."""
+        with self._cond:
+            return self._closed
+
+    def wait_go(self, index: int, on_release: Callable[[], None]) -> bool:
+        """Block until ``index`` may start (the controller always answers, or goes away);
+        False when the controller went away first."""
+        return self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
 
     def request(
         self,

@@ -28,7 +28,12 @@ from pytest_poolaware.reclaim import IdlePool, Reclaimer
 from pytest_poolaware.sqlalchemy_events import POOL_EVENTS, SqlAlchemyListeners
 
 
-class BudgetRefused(Exception):
+class GateRefusal(Exception):
+    """The connect gate's own refusals: they reach the test's connect call (any other
+    failure of the instrumentation is contained, and the connection proceeds)."""
+
+
+class BudgetRefused(GateRefusal):
     """Raised into a test's connect call to break a deadlock; the test is rerun alone.
 
     Carries PostgreSQL's "too many connections" SQLSTATE so code that handles the
@@ -38,10 +43,17 @@ class BudgetRefused(Exception):
     sqlstate = "53300"
 
 
-class RoomTooSmall(Exception):
+class RoomTooSmall(GateRefusal):
     """Raised into a test's connect call when the test needs more connections at once
     than the server allows the run's login: connecting would be refused for certain,
     and so would a rerun (so no SQLSTATE: it is not a rerun's cue)."""
+
+
+class ControllerGone(GateRefusal):
+    """Raised into a connect call once the run's controller has gone (killed, or its
+    connection lost): nothing holds this worker's connections within a budget any more,
+    and another run may already be taking the room the dead run leased, so the worker
+    opens no new connection (no SQLSTATE: there is nobody left to rerun it for)."""
 
 
 @dataclass(frozen=True)
@@ -418,7 +430,7 @@ class PoolMeter(ConnectionLedger):
         try:
             self.hooks.sweep(wait=True)
             self._gate(background)
-        except (BudgetRefused, RoomTooSmall):
+        except GateRefusal:
             raise
         except Exception as exc:
             self._contain(exc)
@@ -430,7 +442,7 @@ class PoolMeter(ConnectionLedger):
                 self._gate(background)
             else:
                 await self._gate_async(background)
-        except (BudgetRefused, RoomTooSmall):
+        except GateRefusal:
             raise
         except Exception as exc:
             self._contain(exc)

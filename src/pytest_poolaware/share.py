@@ -36,6 +36,10 @@ from pytest_poolaware.server_room import (
 LEASE_INTERVAL: Final = 0.1
 #: Seconds a run waits at the start for the others to make room for its first share.
 START_WAIT: Final = 5.0
+#: Seconds the leases of a run that vanished (killed, cut off, or just ended) still count
+#: as taken: its workers may be opening connections its controller granted just before,
+#: which the server's live count does not show yet.
+DEPARTED_GRACE: Final = 1.0
 
 
 def lock_classes(namespace: str, limit: str) -> tuple[int, int, int]:
@@ -97,6 +101,37 @@ class Others:
     demand: Mapping[int, int]
     #: The run (any, this one included) holding the priority, and for how many.
     priority: tuple[int, int] | None = None
+    #: Test leases of runs that vanished less than ``DEPARTED_GRACE`` ago: still taken.
+    departed: int = 0
+
+
+class DepartedRuns:
+    """The runs gone from ``pg_locks`` within ``grace`` seconds, and their test leases.
+
+    A run's leases vanish the moment its connection does, but its workers may still be
+    opening connections its controller granted just before, which the server's live
+    count does not show yet: those leases stay taken for ``grace``.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._last: dict[int, int] = {}
+        #: Run -> (test leases, when it was first seen gone).
+        self._gone: dict[int, tuple[int, float]] = {}
+
+    def update(self, held: Mapping[int, int], now: float) -> int:
+        """The other runs' slots (their own connection's included) as seen ``now``;
+        returns the test leases of the runs that departed within the grace."""
+        for run, slots in self._last.items():
+            if run not in held and run not in self._gone:
+                self._gone[run] = (max(0, slots - 1), now)
+        self._gone = {
+            run: (leases, since)
+            for run, (leases, since) in self._gone.items()
+            if run not in held and now - since < self.grace
+        }
+        self._last = dict(held)
+        return sum(leases for leases, _ in self._gone.values())
 
 
 @dataclass(frozen=True)
@@ -110,6 +145,16 @@ class Plan:
     #: The most this run could get with the priority: the room less the other runs' own
     #: connections and the clients that take no part.
     reachable: int
+
+
+def kept_by_others(others: Others) -> int:
+    """Slots the other runs may fill at any moment, live now or not: each one's own
+    connection, its leases beyond its last one, and a departed run's leases. An item
+    overdue with the priority may go past its share only into the rest: the others'
+    last leases, while the server's live count shows them unused (they keep one each
+    as long as they have work left, which would otherwise shut such an item out)."""
+    slotless = sum(1 for run in others.demand if not others.held.get(run))
+    return others.departed + slotless + sum(max(1, slots - 1) for slots in others.held.values())
 
 
 def plan(
@@ -136,7 +181,7 @@ def plan(
     # Every run leases a slot for its own connection first (``held`` counts it); one
     # that could not yet still has that connection open.
     slotless = sum(1 for run in others.demand if not others.held.get(run))
-    others_leased = sum(others.held.values()) + slotless
+    others_leased = sum(others.held.values()) + slotless + others.departed
     outsiders = max(0, live_others - others_leased)
     pool = allows - 1 - runs - outsiders - CLOSING_SLACK
     demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
@@ -218,9 +263,11 @@ class ShareCoordinator:
         interval: float = LEASE_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         growth_wait: float = GROWTH_WAIT,
+        departed_grace: float = DEPARTED_GRACE,
     ) -> None:
         self._conn = connection
         self._growth_wait = growth_wait
+        self._departed = DepartedRuns(departed_grace)
         self.namespace = namespace
         self.room = room
         self.ceiling = ceiling
@@ -362,8 +409,10 @@ class ShareCoordinator:
             )
             self._set_demand(demand)
             # What the server could take now: the limit less every client connection but
-            # this run's own tests' (its own connection and the closing slot kept free).
-            self._live_free = max(0, self.room.allows - 1 - CLOSING_SLACK - live + open_)
+            # this run's own tests' (its own connection and the closing slot kept free),
+            # and less what the others may open without asking anyone.
+            occupied = max(live - open_, kept_by_others(others))
+            self._live_free = max(0, self.room.allows - 1 - CLOSING_SLACK - occupied)
             # One slot more than the tests': the plugin's own connection takes one too,
             # so that all runs' slot locks together never exceed what the limit allows.
             self._move_to(step.hold + 1, others)
@@ -443,7 +492,8 @@ class ShareCoordinator:
         query = _LIVE_BY_SCOPE.get(self.room.scope, _CLIENTS)
         params = (self._scope_param,) if self.room.scope in _LIVE_BY_SCOPE else ()
         row = self._conn.execute(query, params).fetchone()
-        return Others(held, demand, priority), int(row[0]) if row else 0
+        departed = self._departed.update(held, self._clock())
+        return Others(held, demand, priority, departed), int(row[0]) if row else 0
 
     def _claim_priority(self, others: Others, wants: int, budget: int) -> Others:
         """Take the priority for an item that needs more than the run's budget and no
@@ -466,7 +516,7 @@ class ShareCoordinator:
         if self._priority and needed and self._priority != wants:
             self._set_priority_amount(wants)
         if self._priority:
-            return Others(others.held, others.demand, (self._me, self._priority))
+            return Others(others.held, others.demand, (self._me, self._priority), others.departed)
         return others
 
     def _set_priority_amount(self, amount: int) -> None:

@@ -16,7 +16,7 @@ from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.login import login_of
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
-from pytest_poolaware.meter import BudgetRefused, PoolMeter, RoomTooSmall
+from pytest_poolaware.meter import BudgetRefused, ControllerGone, PoolMeter, RoomTooSmall
 from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note, RoomKnown
 from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 
@@ -24,6 +24,11 @@ from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 _limit_hit_key = pytest.StashKey[str]()
 RERUN_DEADLOCK = "gave way to break a wait for connections"
 RERUN_SERVER = "the server refused a connection"
+
+#: Why a worker stops when its controller has gone.
+ORPHANED: Final = (
+    "the run's controller has gone; this worker opens no connection and starts no test"
+)
 
 #: Waits for the budget shorter than this are counted but not kept as spans (the trace):
 #: every item waits about one round trip to the controller for its go.
@@ -137,7 +142,12 @@ class WorkerAgent:
         self._install_meter()
         self._waited = 0.0
         self._waits = []
-        self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release))
+        if not self._timed_wait(lambda: self.link.wait_go(index, on_release=self._release)):
+            # The controller has gone (its run was killed): nobody coordinates this
+            # worker's connections any more. Start nothing, give the idle ones back.
+            self._release()
+            item.session.shouldstop = ORPHANED
+            return True
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         started = time.time()
@@ -148,7 +158,8 @@ class WorkerAgent:
         # The server refused a connection: what the meter counted may include connections
         # the failed attempt's threads still held while the test (or its rerun) went on.
         contended = item.stash.get(_limit_hit_key, "") == RERUN_SERVER
-        reason = item.stash.get(_limit_hit_key, "") if self.retry_on_limit else ""
+        retry = self.retry_on_limit and not self.link.closed
+        reason = item.stash.get(_limit_hit_key, "") if retry else ""
         if reason:
             del item.stash[_limit_hit_key]
             _drop_failed_attempt()
@@ -246,6 +257,8 @@ class WorkerAgent:
         self._answered(answer, background)
 
     def _answered(self, answer: Answer | None, background: bool) -> None:
+        if answer is None and self.link.closed:
+            raise ControllerGone(f"pytest-poolaware: {ORPHANED}")
         if answer is None and self.room is not None and not background:
             # The budget is the server's own room (shared with other runs, perhaps):
             # connecting past it would be refused, and would mislead what is learned.
