@@ -281,7 +281,6 @@ def test_workers_behind_socket_gateways_keep_the_budget(
 
 
 DROPPING_SUITE = """
-import time
 import pytest
 from sqlalchemy import text
 from conftest import hold
@@ -294,7 +293,6 @@ def test_cut_the_plugin_connection(engine):
             "WHERE application_name = 'pytest-poolaware-monitor' AND usename = current_user"
         )).scalar()
     assert cut == 1
-    time.sleep(0.5)  # the sampler and the leases notice on their next look
 
 @pytest.mark.parametrize("n", range(12))
 def test_after(engine, n):
@@ -302,10 +300,42 @@ def test_after(engine, n):
 """
 
 
+#: The controller's side of DROPPING_SUITE: once the cut test has reported, it waits
+#: (bounded) until the sharing thread and the sampler have each met the cut, so the run
+#: cannot end before either looks again. Whether they did is what the run's notes say.
+NOTICING_CONFTEST = """
+import time
+
+CUT_NOTICED_BOUND = 30.0
+
+
+class WaitForTheCutToBeNoticed:
+    def __init__(self, config):
+        self.config = config
+
+    def noticed(self):
+        controller = self.config.pluginmanager.get_plugin("poolaware-controller")
+        parts = (getattr(controller, "share", None), getattr(controller, "monitor", None))
+        return all(part is not None and part.problem for part in parts)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.nodeid.endswith("test_cut_the_plugin_connection"):
+            deadline = time.monotonic() + CUT_NOTICED_BOUND
+            while not self.noticed() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(WaitForTheCutToBeNoticed(config))
+"""
+
+
 def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     shared_role: str, tmp_path: Path
 ) -> None:
     root = checkout(tmp_path / "cut")
+    (root / "conftest.py").write_text(CONFTEST + NOTICING_CONFTEST)
     (root / "test_suite.py").write_text(DROPPING_SUITE)
     run = Run(root, "-n", "2", "--dist", "poolaware", "--poolaware-share", "auto")
     assert run.wait() == 0, run.output
