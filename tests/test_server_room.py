@@ -28,7 +28,9 @@ from pytest_poolaware.server_room import (
     Room,
     ServerFacts,
     choose_budget,
+    count_clients,
     discover,
+    recount,
     room_of,
 )
 from pytest_poolaware.worker import RERUN_SERVER
@@ -100,6 +102,38 @@ def test_a_database_limit_does_not_count_the_plugin_connection_made_elsewhere() 
         "database app CONNECTION LIMIT 6, 1 held by other clients, 1 for connections still closing"
     )
     assert inside.budget == 3
+
+
+def test_another_login_s_role_limit_does_not_count_the_plugin_connection() -> None:
+    """The room of another login the run's tests use, read on the plugin's connection
+    (which logs in as the first one): that connection takes no slot of its role."""
+    room = room_of(facts(role_limit=8, others_role=1, own_in_role=False))
+    assert (room.budget, room.scope, room.own) == (6, ROLE, 0)
+    assert room.describe() == (
+        "role acc_app CONNECTION LIMIT 8, 1 held by other clients, 1 for connections still closing"
+    )
+
+
+#: Client backends: (pid, role, database, backend type hidden).
+CLIENTS = (
+    (11, "acc_app", "app", False),
+    (12, "acc_app", "other", False),
+    (13, "admin", "app", False),
+    (14, "someone", "app", True),
+)
+
+
+def test_other_clients_are_counted_by_scope_without_the_run_s_own() -> None:
+    assert count_clients(CLIENTS, "acc_app", "app") == (4, 2, 3, 1)
+    assert count_clients(CLIENTS, "acc_app", "app", runs=[11, 14, 99]) == (2, 1, 1, 0)
+    assert count_clients((), "acc_app", "app") == (0, 0, 0, 0)
+
+
+def test_recounting_drops_the_backends_learned_to_be_the_run_s() -> None:
+    read = facts(role_limit=8, clients=CLIENTS, others_server=4, others_role=2)
+    again = recount(read, runs=[11, 12])
+    assert (again.others_server, again.others_role, again.others_database) == (2, 0, 2)
+    assert room_of(again).budget == room_of(read).budget + 2
 
 
 def test_the_smaller_of_the_configured_budget_and_the_room_wins() -> None:
