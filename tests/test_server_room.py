@@ -30,8 +30,10 @@ from pytest_poolaware.server_room import (
     choose_budget,
     count_clients,
     discover,
+    read_facts,
     recount,
     room_of,
+    target_database,
 )
 from pytest_poolaware.worker import RERUN_SERVER
 
@@ -196,6 +198,31 @@ def test_discovery_reads_a_role_limit_and_what_others_hold(limited_role: Any) ->
             f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 3 held by other clients, "
             "1 kept for the monitor, 1 for connections still closing"
         )
+    finally:
+        found.connection.close()
+
+
+def test_a_plain_login_reads_another_login_s_limits_on_its_own_connection(
+    limited_role: Any,
+) -> None:
+    """What the server allows another login of the run's tests, read without any right
+    beyond logging in, on the plugin's connection: its role's limit, its clients."""
+    first = limited_role(-1)
+    second = limited_role(8)
+    role = str(psycopg.conninfo.conninfo_to_dict(second)["user"])
+    database = target_database(second)
+    found = discover(first, None)
+    assert found.connection is not None
+    try:
+        with connections(second, 3) as held:
+            read = read_facts(found.connection, database, role=role)
+            ours = [held[0].info.backend_pid]
+        assert (read.role, read.role_limit, read.superuser) == (role, 8, False)
+        assert not read.own_in_role
+        assert read.others_role == 3
+        room = room_of(recount(read, ours))
+        # 8 - 2 other clients - 1 closing: the plugin's connection is another role's.
+        assert (room.budget, room.scope, room.own) == (5, ROLE, 0)
     finally:
         found.connection.close()
 

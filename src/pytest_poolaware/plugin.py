@@ -311,7 +311,7 @@ class Controller:
         if isinstance(read, str):
             self.login_notes.append(
                 f"tests also connected as {where}: what the server allows that login could "
-                f"not be read ({read}); the budget was computed for the other logins"
+                f"not be read ({read}); the budget leaves it out"
             )
             return None
         facts = recount(read, runs)  # the run's backends reported since it was read
