@@ -385,8 +385,9 @@ def test_the_next_run_starts_within_what_the_last_one_learned(
 #: what four tests holding ``HELD`` connections each would take.
 APP_LIMIT = 8
 HELD = 3
-#: A suite whose workers first connect as an unlimited login (a superuser setting the
-#: schema up, once per worker) and then as a role with a connection limit.
+#: A suite whose workers first connect as one login (once per worker: setting the
+#: schema up), then hold ``HELD`` connections as the application role in each test, and
+#: open one more as ``LATER_DSN`` first, when set.
 TWO_LOGINS_CONFTEST = """
 import os
 import psycopg
@@ -394,7 +395,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def schema():
-    with psycopg.connect(os.environ["ADMIN_DSN"], autocommit=True) as conn:
+    with psycopg.connect(os.environ["FIRST_DSN"], autocommit=True) as conn:
         conn.execute("select 1")
 """
 TWO_LOGINS_SUITE = f"""
@@ -404,6 +405,9 @@ import pytest
 
 @pytest.mark.parametrize("n", range(24))
 def test_app(n):
+    if os.environ.get("LATER_DSN"):
+        with psycopg.connect(os.environ["LATER_DSN"], autocommit=True) as conn:
+            conn.execute("select 1")
     conns = [psycopg.connect(os.environ["APP_DSN"], autocommit=True) for _ in range({HELD})]
     try:
         for conn in conns:
@@ -413,6 +417,26 @@ def test_app(n):
         for conn in conns:
             conn.close()
 """
+
+
+def run_two_logins(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, first: str, app: str, later: str
+) -> pytest.RunResult:
+    """The two-login suite, four workers, no DSN and no budget given: every test passes
+    and the server refused no connection."""
+    monkeypatch.setenv("FIRST_DSN", first)
+    monkeypatch.setenv("APP_DSN", app)
+    monkeypatch.setenv("LATER_DSN", later)
+    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(TWO_LOGINS_CONFTEST)
+    pytester.makepyfile(test_app=TWO_LOGINS_SUITE)
+    result = run(pytester, "-n", "4", "--dist", "poolaware", "--poolaware-report", "report.json")
+    text = result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=24)
+    assert connection_errors(result) == 0, text
+    assert RERUN_SERVER not in text
+    return result
 
 
 def test_the_tightest_login_sets_the_budget(
@@ -426,21 +450,12 @@ def test_the_tightest_login_sets_the_budget(
     on the plugin's connection, that role's room binds, whichever login connects."""
     app_dsn = limited_role(APP_LIMIT)
     role = str(psycopg.conninfo.conninfo_to_dict(app_dsn)["user"])
-    monkeypatch.setenv("ADMIN_DSN", postgres_dsn)
-    monkeypatch.setenv("APP_DSN", app_dsn)
-    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    pytester.makeconftest(TWO_LOGINS_CONFTEST)
-    pytester.makepyfile(test_app=TWO_LOGINS_SUITE)
-    result = run(pytester, "-n", "4", "--dist", "poolaware", "--poolaware-report", "report.json")
-    text = result.stdout.str() + result.stderr.str()
-    result.assert_outcomes(passed=24)
-    assert connection_errors(result) == 0, text
-    assert RERUN_SERVER not in text
+    result = run_two_logins(pytester, monkeypatch, postgres_dsn, app_dsn, "")
     limit = f"role {role} CONNECTION LIMIT {APP_LIMIT}"
     result.stdout.fnmatch_lines(
         [
             f"budget: * connections ({limit}, *; {role}@*:*/* binds, the tightest of 2 logins)",
+            f"peak open connections (server): * (application_name poolaware-* and role {role}, *",
             "note: the server and login were learned from the first connection a worker "
             "opened: postgres@*",
             f"note: tests also connected as {role}@*: room * ({limit}*)",
@@ -450,3 +465,29 @@ def test_the_tightest_login_sets_the_budget(
     assert report["run"]["budget"] <= APP_LIMIT - 1
     assert report["run"]["budget_source"].startswith(limit)
     assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
+
+
+def test_a_looser_login_learned_later_leaves_the_budget(
+    pytester: pytest.Pytester,
+    postgres_dsn: str,
+    limited_role: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first login is the limited one; the superuser each test also connects as is
+    read too, and only noted: its room is larger."""
+    app_dsn = limited_role(APP_LIMIT)
+    role = str(psycopg.conninfo.conninfo_to_dict(app_dsn)["user"])
+    result = run_two_logins(pytester, monkeypatch, app_dsn, app_dsn, postgres_dsn)
+    source = (
+        f"role {role} CONNECTION LIMIT {APP_LIMIT}, 1 kept for the monitor, "
+        "1 for connections still closing"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: {APP_LIMIT - 2} connections ({source})",
+            f"note: the server and login were learned from the first connection a worker "
+            f"opened: {role}@*",
+            "note: tests also connected as postgres@*: room * (max_connections *)",
+        ]
+    )
+    assert "binds" not in result.stdout.str()
