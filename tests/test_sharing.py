@@ -432,6 +432,27 @@ def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     assert holder.share.budget() == 14
 
 
+def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
+    """The run alone gets the whole room of the shared limit, but never more than the
+    cap another login of its tests set, however much it asks for."""
+    run = Coordinated(limited_role(ROLE_LIMIT), f"test-{uuid.uuid4().hex[:8]}", FakeClock())
+    try:
+        run.wants(ROLE_LIMIT)
+        settle(run)
+        assert run.share.budget() == ROLE_LIMIT - 2  # its own connection, one closing
+        woken: list[None] = []
+        run.share._on_change = lambda: woken.append(None)
+        run.share.cap(5)
+        assert (run.share.budget(), run.share.ceiling_now(), len(woken)) == (5, 5, 1)
+        run.wants(ROLE_LIMIT, in_use=5, open_=5)
+        settle(run)
+        assert (run.share.budget(), run.share.ceiling_now()) == (5, 5)
+        run.share.cap(9)  # a cap only ever lowers
+        assert run.share.budget() == 5
+    finally:
+        run.connection.close()
+
+
 def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
     two_runs: tuple[Coordinated, Coordinated, FakeClock],
 ) -> None:

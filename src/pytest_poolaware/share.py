@@ -371,6 +371,17 @@ class ShareCoordinator:
         with self._lock:
             return self._reachable
 
+    def cap(self, ceiling: int) -> None:
+        """Another login of the run's tests allows less than the room shared: the run's
+        budget never goes above ``ceiling`` from now on. Leases still follow the shared
+        room's limit (the first login's), so runs binding on the other login's limit
+        do not coordinate on it (``docs/design.md``, "Several logins")."""
+        with self._lock:
+            self.ceiling = min(self.ceiling, ceiling)
+            self._budget = min(self._budget, self.ceiling)
+            self._reachable = min(self._reachable, self.ceiling)
+        self._on_change()
+
     def give_way(self) -> bool:
         """Whether this run's blocked items give way: another run holds the priority, or
         this run's own wait for its share to grow went on too long (wait-die across runs:
@@ -468,7 +479,7 @@ class ShareCoordinator:
             return False
         self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
         self._share = step.share
-        budget = max(1, min(step.budget, len(self._slots) - 1))
+        budget = max(1, min(step.budget, len(self._slots) - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
         # would have alone.
         self._held_back.note(step.held_back and wants > budget and budget < self.ceiling)
