@@ -333,12 +333,12 @@ class WorkerAgent:
         between items it waits in xdist's loop for its next one (xdist enters an item
         only once it holds the next one or a shutdown), so a thread does it: otherwise
         the idle connections this worker holds would block another's connect until its
-        gate timed out."""
-        with self._between_items_lock:
-            if self._between_items:
-                threading.Thread(
-                    target=self._release_between_items, name="poolaware-release", daemon=True
-                ).start()
+        gate timed out. Never blocks: the receiving thread must go on delivering the
+        answers a release may wait for (a pool refilling itself asks for room)."""
+        if self._between_items:
+            threading.Thread(
+                target=self._release_between_items, name="poolaware-release", daemon=True
+            ).start()
 
     def _release_between_items(self) -> None:
         with self._between_items_lock:
