@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -28,8 +28,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_poolaware.core import (
+    DEFAULT_BUDGET,
     Action,
+    Admission,
     Answer,
+    BudgetKey,
     Go,
     Grant,
     Lane,
@@ -151,8 +154,25 @@ class Tracker:
         )
 
 
+def admission_of(planner: Planner[str], key: BudgetKey) -> Admission[str]:
+    """The planner's admission for one budget: the simulation checks each on its own."""
+    return planner._budgets[key]
+
+
 class Hang(AssertionError):
     """Work is left but nothing can happen: under xdist the run would wait forever."""
+
+
+@dataclass
+class Report:
+    """A completed item whose completion the controller has not taken yet."""
+
+    index: int
+    #: The worker's counts at the item's end, by budget: (open, idle).
+    counts: dict[BudgetKey, tuple[int, int]]
+    version: int
+    #: The item's report (with its counts) is taken; its completion comes next.
+    taken: bool = False
 
 
 @dataclass
@@ -164,20 +184,25 @@ class SimWorker:
     running: int | None = None
     attempt: int = 1
     failed: bool = False  # the running attempt failed (a refused connect)
-    in_use: int = 0  # connections checked out by the running item
-    open: int = 0
+    #: Connections checked out by the running item, by budget.
+    in_use: Counter[BudgetKey] = field(default_factory=Counter)
+    open: Counter[BudgetKey] = field(default_factory=Counter)
     asking: int | None = None  # request id while blocked
     kind: str = ""  # "connect" or "rerun"
+    asking_key: BudgetKey = DEFAULT_BUDGET  # the budget a connect request names
     answer: Answer | None = None  # arrived, not acted on yet
     release: bool = False  # a Release arrived and is not carried out yet
     version: int = 0  # of the counts: grows with every change
-    #: Completed items whose completion the controller has not taken yet, oldest first:
-    #: [index, open, idle, version, report taken] (the report with its counts comes first).
-    reports: list[list[int]] = field(default_factory=list)
+    #: Completed items whose completion the controller has not taken yet, oldest first.
+    reports: list[Report] = field(default_factory=list)
+
+    def idle(self, key: BudgetKey = DEFAULT_BUDGET) -> int:
+        return self.open[key] - self.in_use[key]
 
     @property
-    def idle(self) -> int:
-        return self.open - self.in_use
+    def checked_out(self) -> int:
+        """Connections the running attempt has checked out, every budget's together."""
+        return sum(self.in_use.values())
 
 
 Event = tuple[str, str]  # (what happens, worker)
@@ -200,7 +225,14 @@ class Sim:
     ``staggered``: workers come up one at a time, at any point of the run's start, the
     fan-out held until the last is in (as the adapter starts the serial lane early).
     ``budget_changes``: budgets set one after the other at any point of the run (another
-    run sharing the server takes or gives back room), up or down, below what is open too.
+    run sharing the server takes or gives back room), up or down, below what is open too;
+    a bare number sets the run's own budget, ``(key, budget)`` the budget ``key``.
+
+    More than one budget: ``key_budgets`` are budgets other than the run's own (another
+    server, role or database), set before the run starts; ``routes[i]`` is the budget of
+    each connection item ``i`` checks out, in order (default: ``peaks[i]`` connections of
+    the run's own budget). Every invariant is checked per budget; a worker answers a
+    ``Release`` with the counts of every budget.
     """
 
     def __init__(
@@ -217,20 +249,44 @@ class Sim:
         unknown_need: int = 1,
         planner: Planner[str] | None = None,
         staggered: bool = False,
-        budget_changes: Sequence[int] = (),
+        budget_changes: Sequence[int | tuple[BudgetKey, int]] = (),
+        key_budgets: Mapping[BudgetKey, int] | None = None,
+        routes: Sequence[Sequence[BudgetKey]] | None = None,
     ) -> None:
         self.tests = list(tests)
-        self.budget = budget
-        self.budget_changes = list(budget_changes)
-        #: What may be held now: the budget, or more while the run comes down to a budget
-        #: lowered below what it held; it only ever falls until the next change.
-        self.allowed = budget
-        self.peaks = list(peaks) if peaks is not None else [t.need or 1 for t in tests]
+        #: Every budget by key, the run's own first.
+        self.budgets: dict[BudgetKey, int] = {DEFAULT_BUDGET: budget, **(key_budgets or {})}
+        self.budget_changes: list[tuple[BudgetKey, int]] = [
+            change if isinstance(change, tuple) else (DEFAULT_BUDGET, change)
+            for change in budget_changes
+        ]
+        #: What may be held now, by budget: the budget, or more while the run comes down to
+        #: a budget lowered below what it held; it only ever falls until the next change.
+        self.allowed = dict(self.budgets)
+        if routes is None:
+            peaks = list(peaks) if peaks is not None else [t.need or 1 for t in tests]
+            routes = [[DEFAULT_BUDGET] * peak for peak in peaks]
+        self.routes = [list(route) for route in routes]
+        #: Connections of the run's own budget each item checks out at once.
+        self.peaks = [route.count(DEFAULT_BUDGET) for route in self.routes]
+        #: Every budget a worker counts connections of (set or not), the run's own first.
+        self.keys = list(
+            dict.fromkeys(
+                [
+                    *self.budgets,
+                    *(key for key, _ in self.budget_changes),
+                    *(key for route in self.routes for key in route),
+                ]
+            )
+        )
         self.sticky = sticky
         self.strict_xdist = strict_xdist
         self.crashes_left = crashes
         self.rerun_crashed = rerun_crashed
         self.planner: Planner[str] = planner or Planner(budget, unknown_need=unknown_need)
+        for key, room in self.budgets.items():
+            if key != DEFAULT_BUDGET:  # before the collection: nothing to decide yet
+                assert self.planner.set_budget(room, key=key) == []
         self.workers: dict[str, SimWorker] = {}
         self._names = (f"gw{n}" for n in itertools.count())
         self._requests = itertools.count(1)
@@ -258,6 +314,11 @@ class Sim:
             self.add_worker()
         if not self.to_join:
             self.apply(self.planner.open_fanout())
+
+    @property
+    def budget(self) -> int:
+        """The run's own budget now."""
+        return self.budgets[DEFAULT_BUDGET]
 
     # -- the controller's side --------------------------------------------------------
 
@@ -300,29 +361,8 @@ class Sim:
 
     def check(self, *, gave_go: bool = False) -> None:
         """Invariants after every planner call (``gave_go``: it let an item start)."""
-        overrun = bool(self.planner.overruns)
-        planned = self.planner.statistics().committed
-        if gave_go and planned > self.budget and not overrun:
-            # Over a budget lowered below what is held, nothing new starts, not even
-            # within a worker's commitment: the run must come down to the budget.
-            self.problems.append(f"an item started with {planned} committed > {self.budget}")
-        physical = sum(w.open + self.connect_granted(w) for w in self.workers.values())
-        self.peak_open = max(self.peak_open, physical)
-        if physical > self.allowed and not overrun:
-            self.problems.append(f"{physical} connections open or granted > {self.allowed}")
-        # the worker-side commitment: each worker may hold its open connections (a granted
-        # connect included) or the need of any item it may start, whichever is larger
-        # (a worker waiting for its rerun can start nothing until that is granted)
-        committed = 0
-        for w in self.workers.values():
-            needs = [self.planner.need_of(i) for i in w.queue if i in w.goes]
-            if w.kind == "rerun" and w.answer is None:
-                needs = []
-            committed += max([w.open + self.connect_granted(w), *needs])
-        if committed > self.allowed and not overrun:
-            self.problems.append(f"committed {committed} > {self.allowed}, no Overrun")
-        # Over a lowered budget, what the planner has committed only falls.
-        self.allowed = max(self.budget, min(self.allowed, planned))
+        for key in self.budgets:
+            self.check_budget(key, gave_go=gave_go)
         holders = [w.name for w in self.workers.values() if any(map(self.is_serial, w.queue))]
         if len(holders) > 1:
             self.problems.append(f"serial items queued on several workers: {holders}")
@@ -332,9 +372,41 @@ class Sim:
         if self.planner.tests_finished and not self.all_done():
             self.problems.append("tests_finished while items are outstanding")
 
+    def check_budget(self, key: BudgetKey, *, gave_go: bool) -> None:
+        """The budget ``key`` holds: over it only past an ``Overrun`` of its own."""
+        admission = admission_of(self.planner, key)
+        budget, allowed = self.budgets[key], self.allowed[key]
+        overrun = bool(admission.overruns)
+        planned = admission.committed
+        if gave_go and planned > budget and not overrun:
+            # Over a budget lowered below what is held, nothing new starts, not even
+            # within a worker's commitment: the run must come down to the budget.
+            self.problems.append(f"an item started with {planned} committed > {budget} ({key!r})")
+        physical = sum(w.open[key] + self.connect_granted(w, key) for w in self.workers.values())
+        if key == DEFAULT_BUDGET:
+            self.peak_open = max(self.peak_open, physical)
+        if physical > allowed and not overrun:
+            self.problems.append(f"{physical} connections open or granted > {allowed} ({key!r})")
+        # the worker-side commitment: each worker may hold its open connections (a granted
+        # connect included) or the need of any item it may start, whichever is larger
+        # (a worker waiting for its rerun can start nothing until that is granted); items'
+        # needs count against the run's own budget only
+        committed = 0
+        for w in self.workers.values():
+            needs = [self.planner.need_of(i) for i in w.queue if i in w.goes]
+            if (w.kind == "rerun" and w.answer is None) or key != DEFAULT_BUDGET:
+                needs = []
+            committed += max([w.open[key] + self.connect_granted(w, key), *needs])
+        if committed > allowed and not overrun:
+            self.problems.append(f"committed {committed} > {allowed} ({key!r}), no Overrun")
+        # Over a lowered budget, what the planner has committed only falls.
+        self.allowed[key] = max(budget, min(allowed, planned))
+
     @staticmethod
-    def connect_granted(w: SimWorker) -> int:
-        return int(w.kind == "connect" and w.answer not in (None, Answer.REFUSED))
+    def connect_granted(w: SimWorker, key: BudgetKey = DEFAULT_BUDGET) -> int:
+        return int(
+            w.kind == "connect" and w.asking_key == key and w.answer not in (None, Answer.REFUSED)
+        )
 
     def is_serial(self, index: int) -> bool:
         return self.tests[index].lane is SERIAL
@@ -368,7 +440,7 @@ class Sim:
                     out.append(("answered", w.name))
                 elif w.release:
                     out.append(("release", w.name))
-            elif w.failed or w.in_use >= self.peaks[w.running]:
+            elif w.failed or w.checked_out >= len(self.routes[w.running]):
                 out.append(("finish", w.name))
             else:
                 out.append(("checkout", w.name))
@@ -382,7 +454,8 @@ class Sim:
             self.join()
             return
         if kind == "budget":
-            self.set_budget(self.budget_changes.pop(0))
+            key, budget = self.budget_changes.pop(0)
+            self.set_budget(budget, key)
             return
         getattr(self, f"_{kind}")(self.workers[name])
 
@@ -394,21 +467,35 @@ class Sim:
             self.apply(self.planner.open_fanout())
         return name
 
-    def set_budget(self, budget: int) -> None:
-        """The run's share of the server's room moves: what is held stays allowed until
-        it is given back."""
-        self.allowed = max(budget, self.allowed, self.planner.statistics().committed)
-        self.budget = budget
-        self.apply(self.planner.set_budget(budget))
+    def set_budget(self, budget: int, key: BudgetKey = DEFAULT_BUDGET) -> None:
+        """The run's share of the server's room (or of another budget) moves: what is
+        held stays allowed until it is given back."""
+        # A budget first set mid-run gates what no item routes to (``runs``: the budgets
+        # items route to are all set from the start).
+        committed = admission_of(self.planner, key).committed if key in self.budgets else 0
+        self.allowed[key] = max(budget, self.allowed.get(key, budget), committed)
+        self.budgets[key] = budget
+        self.apply(self.planner.set_budget(budget, key=key))
 
-    def _counts(self, w: SimWorker, released: bool = False) -> None:
-        self.apply(
-            self.planner.counts(w.name, w.open, w.idle, released=released, version=w.version)
-        )
+    def _counts(self, w: SimWorker, released: bool = False, key: BudgetKey | None = None) -> None:
+        """Counts of the budget ``key``, or of every budget (the answer to a release)."""
+        for each in self.keys if key is None else [key]:
+            self.apply(
+                self.planner.counts(
+                    w.name,
+                    w.open[each],
+                    w.idle(each),
+                    released=released,
+                    version=w.version,
+                    key=each,
+                )
+            )
 
-    def _ask(self, w: SimWorker, kind: str, want: int | None = None) -> None:
-        w.asking, w.kind, w.answer = next(self._requests), kind, None
-        self.apply(self.planner.request(w.name, w.asking, want, item=w.running))
+    def _ask(
+        self, w: SimWorker, kind: str, want: int | None = None, key: BudgetKey = DEFAULT_BUDGET
+    ) -> None:
+        w.asking, w.kind, w.asking_key, w.answer = next(self._requests), kind, key, None
+        self.apply(self.planner.request(w.name, w.asking, want, item=w.running, key=key))
 
     def _start(self, w: SimWorker) -> None:
         index = w.queue[0]
@@ -420,26 +507,28 @@ class Sim:
         self.starts.append((w.name, index))
 
     def _checkout(self, w: SimWorker) -> None:
-        if w.idle > 0:
-            w.in_use += 1
+        assert w.running is not None
+        key = self.routes[w.running][w.checked_out]
+        if w.idle(key) > 0:
+            w.in_use[key] += 1
             w.version += 1
         else:
-            self._ask(w, "connect")
+            self._ask(w, "connect", key=key)
 
     def _answered(self, w: SimWorker) -> None:
         assert w.running is not None
-        answer, kind = w.answer, w.kind
-        w.asking, w.kind, w.answer = None, "", None
+        answer, kind, key = w.answer, w.kind, w.asking_key
+        w.asking, w.kind, w.asking_key, w.answer = None, "", DEFAULT_BUDGET, None
         if kind == "rerun":
             return  # granted, over budget or not: the attempt starts again
         if answer is not Answer.REFUSED:
-            w.open += 1
-            w.in_use += 1
+            w.open[key] += 1
+            w.in_use[key] += 1
             w.version += 1
-            self._counts(w)
+            self._counts(w, key=key)
             return
         self.refusals[w.running] += 1
-        w.in_use = 0  # the attempt fails; its connections go back to the pool
+        w.in_use.clear()  # the attempt fails; its connections go back to their pools
         w.version += 1
         if w.attempt == 1:
             w.attempt = 2
@@ -451,8 +540,9 @@ class Sim:
 
     def _release(self, w: SimWorker) -> None:
         w.release = False
-        before = w.open
-        w.open = w.in_use + min(w.idle, self.sticky)
+        before = w.open.copy()
+        for key in self.keys:
+            w.open[key] = w.in_use[key] + min(w.idle(key), self.sticky)
         # The meter bumps the version on every answer; the core must not rely on it.
         w.version += w.open != before
         self._counts(w, released=True)
@@ -461,7 +551,8 @@ class Sim:
         index = w.running
         assert index is not None
         assert w.queue[0] == index
-        w.running, w.in_use, w.failed = None, 0, False
+        w.running, w.failed = None, False
+        w.in_use.clear()
         w.version += 1
         if w.release:  # asked while the item ran
             self._release(w)
@@ -469,17 +560,22 @@ class Sim:
         w.goes.discard(index)
         self.outcomes[index].append("completed")
         self.completions.append(index)
-        w.reports.append([index, w.open, w.idle, w.version, 0])
+        counts = {key: (w.open[key], w.idle(key)) for key in self.keys}
+        w.reports.append(Report(index, counts, w.version))
 
     def _deliver(self, w: SimWorker) -> None:
         """The controller takes an item's last report (its counts), or, in a later step
         (the side channel may be drained in between), its completion."""
-        index, open_, idle, version, taken = w.reports[0]
-        if not taken:
-            w.reports[0][4] = 1
-            if self.planner.counts_changed(w.name, open_, idle, version):
-                self.apply(self.planner.counts(w.name, open_, idle, version=version))
+        report = w.reports[0]
+        if not report.taken:
+            report.taken = True
+            for key, (open_, idle) in report.counts.items():
+                if self.planner.counts_changed(w.name, open_, idle, report.version, key=key):
+                    self.apply(
+                        self.planner.counts(w.name, open_, idle, version=report.version, key=key)
+                    )
             return
+        index = report.index
         actions = self.planner.completed(w.name, index, need=self.peaks[index])
         w.reports.pop(0)  # taken: the completion's top-up is in ``actions``
         self.apply(actions)
@@ -569,6 +665,14 @@ class Sim:
                 breaks.append(f"{worker} started {index} after {before} (start {at})")
             watermark[worker] = (max(before, index), position)
         return breaks
+
+    def every_item_fits(self) -> bool:
+        """Whether no item checks out more connections of a budget than it allows."""
+        return all(
+            route.count(key) <= budget
+            for route in self.routes
+            for key, budget in self.budgets.items()
+        )
 
     def start_order(self, lane: Lane) -> list[int]:
         """First start of each item of the lane, in time order."""
@@ -1237,9 +1341,16 @@ def test_long_known_items_are_not_queued_far_ahead() -> None:
 # -- properties -----------------------------------------------------------------------------
 
 
+#: Budgets other than the run's own that random runs may route connections to.
+OTHER_BUDGETS = ("x", "y")
+
+
 @st.composite
 def runs(draw: st.DrawFn) -> dict[str, object]:
-    """A random run: lanes, declared needs and durations, real peaks, workers, crashes."""
+    """A random run: lanes, declared needs and durations, real peaks, workers, crashes;
+    and one to three budgets, items checking out connections of each in a drawn order
+    (one may hold ``x``'s and wait for ``y``'s while another holds ``y``'s and waits
+    for ``x``'s)."""
     n = draw(st.integers(1, 16))
     lanes = draw(st.lists(st.sampled_from([SERIAL, FANOUT]), min_size=n, max_size=n))
     needs = draw(st.lists(st.none() | st.integers(0, 7), min_size=n, max_size=n))
@@ -1250,7 +1361,7 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
         draw(st.integers(0, 7)) if draw(st.booleans()) else (1 if need is None else need)
         for need in needs
     ]
-    return {
+    run: dict[str, object] = {
         "tests": [
             Item(lane, need, duration, group)
             for lane, need, duration, group in zip(lanes, needs, durations, groups, strict=True)
@@ -1262,6 +1373,15 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
         "rerun_crashed": draw(st.booleans()),
         "staggered": draw(st.booleans()),
     }
+    others = OTHER_BUDGETS[: draw(st.integers(0, len(OTHER_BUDGETS)))]
+    if others:
+        run["key_budgets"] = {key: draw(st.integers(1, 4)) for key in others}
+        elsewhere = st.lists(st.sampled_from(others), max_size=3)
+        run["routes"] = [
+            draw(st.permutations([DEFAULT_BUDGET] * peak + draw(elsewhere))) for peak in peaks
+        ]
+        del run["peaks"]
+    return run
 
 
 #: Share of random runs whose staggered workers join only when nothing else can happen.
@@ -1304,6 +1424,35 @@ SLOW_SERIAL_LANE: dict[str, object] = {
 }
 
 
+#: a's test, refused on budget x (b was there first), is rerun; b's item, which holds x's
+#: only connection and waits for more, is alone on x: the rerun's connect on x must not
+#: be refused again, which would fail the test for the budget (found by hypothesis).
+RERUN_REFUSED_ON_ANOTHER_BUDGET: dict[str, object] = {
+    "tests": serial(1, need=None) + fanout(1, need=None) + serial(4, need=None),
+    "budget": 1,
+    "workers": 2,
+    "crashes": 0,
+    "rerun_crashed": False,
+    "staggered": False,
+    "key_budgets": {"x": 1},
+    "routes": [[""], ["", "x", "x", "x"], [""], [""], ["x"], [""]],
+}
+
+#: The serial item waits on budget x, holding none of the run's own budget yet; the
+#: fan-out item's rerun must not be granted the whole of the run's own budget on top
+#: of what the serial item expects there (found by hypothesis).
+RERUN_OVER_AN_ITEM_BLOCKED_ELSEWHERE: dict[str, object] = {
+    "tests": serial(1, need=None) + fanout(1, need=None) + serial(7, need=None),
+    "budget": 2,
+    "workers": 2,
+    "crashes": 0,
+    "rerun_crashed": False,
+    "staggered": False,
+    "key_budgets": {"x": 1},
+    "routes": [["x", "x", ""], ["", ""], *[[""]] * 7],
+}
+
+
 def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
     """Run with the interleaving picked by ``seed``."""
     rng = random.Random(seed)
@@ -1339,10 +1488,11 @@ def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
 @given(run=runs(), seed=SEEDS)
 @example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=0)
 @example(run=REQUEUED_BEFORE_THE_OTHERS_ARE_UP, seed=9)
+@example(run=RERUN_OVER_AN_ITEM_BLOCKED_ELSEWHERE, seed=0)
 def test_random_runs_end_soundly_within_budget(run: dict[str, object], seed: int) -> None:
     """Workers may start their last held item here (queue depth has its own tests)."""
     sim = run_randomly(run, seed, strict_xdist=False)
-    if max(sim.peaks) <= sim.budget:
+    if sim.every_item_fits():
         assert sim.failed_by_scheduler == []
 
 
@@ -1394,6 +1544,8 @@ def test_random_runs_never_hang_under_xdists_protocol(run: dict[str, object], se
     sticky=1,
     seed=0,
 )
+@example(run=RERUN_REFUSED_ON_ANOTHER_BUDGET, sticky=0, seed=0)
+@example(run=RERUN_OVER_AN_ITEM_BLOCKED_ELSEWHERE, sticky=0, seed=0)
 def test_random_runs_never_fail_an_item_for_the_budget(
     run: dict[str, object], sticky: int, seed: int
 ) -> None:
@@ -1403,8 +1555,12 @@ def test_random_runs_never_fail_an_item_for_the_budget(
     assert sim.failed_by_scheduler == []
 
 
-#: Budgets set one after the other mid-run: up, down, below what is open.
-BUDGET_CHANGES = st.lists(st.integers(1, 6), max_size=4)
+#: Budgets set one after the other mid-run: up, down, below what is open; the run's
+#: own (a bare number) or another (which a run may route no connection to).
+BUDGET_CHANGES = st.lists(
+    st.integers(1, 6) | st.tuples(st.sampled_from(OTHER_BUDGETS), st.integers(1, 4)),
+    max_size=4,
+)
 
 
 @pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
@@ -1425,14 +1581,19 @@ BUDGET_CHANGES = st.lists(st.integers(1, 6), max_size=4)
     seed=3,
 )
 def test_random_runs_follow_a_budget_that_changes_mid_run(
-    run: dict[str, object], changes: list[int], strict: bool, seed: int
+    run: dict[str, object], changes: list[int | tuple[str, int]], strict: bool, seed: int
 ) -> None:
-    """Whatever the budget does, every item ends once and nothing hangs; over a budget
-    lowered below what is held, nothing new is committed until the run is under it
-    (``Sim.check``), and wait-die still ends every deadlock (no hang)."""
+    """Whatever each budget does, every item ends once and nothing hangs; over a budget
+    lowered below what is held, nothing new is committed to it until the run is under
+    it (``Sim.check``, per budget), and wait-die still ends every deadlock (no hang),
+    across budgets too."""
     sim = run_randomly(run, seed, strict_xdist=strict, budget_changes=changes)
     assert sim.budget_changes == []
-    assert sim.planner.budget == (changes[-1] if changes else run["budget"])
+    assert sim.planner.budget == sim.budget
+    for key, budget in sim.budgets.items():
+        assert sim.planner.budget_of(key) == budget
+    last = dict(c if isinstance(c, tuple) else (DEFAULT_BUDGET, c) for c in changes)
+    assert sim.budgets == {DEFAULT_BUDGET: run["budget"], **run.get("key_budgets", {}), **last}  # type: ignore[dict-item]
 
 
 class CheckedPlanner(Planner[str]):

@@ -85,7 +85,10 @@ class Planner(Generic[W]):
         self.unknown_need = unknown_need
         self._placer: Placer[W] = Placer(order=order)
         self._admission: Admission[W] = Admission(
-            budget, need_of=self.need_of, blocked_elsewhere=self._blocked_elsewhere
+            budget,
+            need_of=self.need_of,
+            blocked_elsewhere=self._blocked_elsewhere,
+            rerunning_elsewhere=self._rerunning,
         )
         #: Every budget by key, the run's own first.
         self._budgets: dict[BudgetKey, Admission[W]] = {DEFAULT_BUDGET: self._admission}
@@ -155,6 +158,7 @@ class Planner(Generic[W]):
             need_of=lambda index: 0,
             gates_items=False,
             blocked_elsewhere=self._blocked_elsewhere,
+            rerunning_elsewhere=self._rerunning,
         )
         for worker in self._placer.workers:
             admission.add_worker(worker)
@@ -167,6 +171,11 @@ class Planner(Generic[W]):
     def _blocked_elsewhere(self, worker: W) -> bool:
         """Whether the worker waits on any budget: it frees nothing anywhere meanwhile."""
         return any(a.has_requests(worker) for a in self._budgets.values())
+
+    def _rerunning(self, worker: W) -> bool:
+        """Whether some budget granted the worker's rerun: no budget refuses its connects
+        (a test refused once is rerun once, never failed for the budget)."""
+        return any(a.reruns(worker) for a in self._budgets.values())
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
