@@ -1344,6 +1344,24 @@ def test_another_budget_lowered_below_what_is_open_grants_nothing_until_under_it
     assert sim.planner.budget_of("x") == 1
 
 
+def test_items_holding_one_budget_and_waiting_for_the_other_do_not_hang() -> None:
+    """gw0's item holds x's only connection and waits for y's; gw1's holds y's and waits
+    for x's. Each budget sees that the worker holding its room waits on the other, so
+    wait-die breaks the cycle: the younger wait gives way and its item is rerun once."""
+    sim = Sim(
+        fanout(4),
+        budget=4,
+        workers=2,
+        key_budgets={"x": 1, "y": 1},
+        routes=[["x", "y"]] * 2 + [["y", "x"]] * 2,
+        strict_xdist=False,
+    )
+    sim.run()
+    sim.assert_sound()
+    assert sim.refusals == Counter({2: 1})
+    assert sim.failed_by_scheduler == []
+
+
 # -- ordering -------------------------------------------------------------------------------
 
 
