@@ -1694,6 +1694,36 @@ def test_completions_on_a_busy_fanout_skip_planning() -> None:
     assert planner.missed == []
 
 
+@pytest.mark.xfail(
+    raises=Hang,
+    strict=True,
+    reason="known: a worker kept up for a serial lane orphaned by a crash holds a single "
+    "item it cannot enter, so it never answers a Release, while the serial lane's worker "
+    "waits for the idle connection it holds (placement keeps it up; a worker's gate "
+    "timeout ends the wait in a real run)",
+)
+def test_a_release_asked_of_a_worker_that_cannot_enter_its_item_does_not_hang() -> None:
+    """Found by hypothesis: gw0 crashes in a serial item that is requeued after the
+    rest of the lane went to gw1 with its shutdown; gw2, holding one fan-out item and an
+    idle connection, is kept up to take the lane over, and gw1's connect waits for it."""
+    run: dict[str, object] = {
+        "tests": [
+            Item(FANOUT, None),
+            Item(SERIAL, None, 1.0),
+            Item(SERIAL, None),
+            Item(FANOUT, None),
+            Item(SERIAL, 0),
+        ],
+        "budget": 1,
+        "workers": 3,
+        "peaks": [1, 1, 0, 1, 1],
+        "crashes": 1,
+        "rerun_crashed": True,
+        "staggered": True,
+    }
+    run_randomly(run, seed=0, strict_xdist=True)
+
+
 def slow_worker(name: str) -> Chooser:
     """Interleaving: the named worker acts only when nothing else can happen."""
     counter = itertools.count()
