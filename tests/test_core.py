@@ -6,10 +6,13 @@ workers that follows the real protocol:
 
 * a worker enters an item only once it holds the next one or a shutdown (xdist's
   ``run_one_test``), and starts it only after the controller's ``Go``;
-* every new connection is a ``request`` that waits for a ``Grant``; a ``REFUSED`` connect
-  fails the attempt, which is rerun once after a rerun request for the whole budget;
+* every new connection is a ``request`` that waits for a ``Grant`` of the budget it names
+  (the run's own, or another: a run may have up to three); a ``REFUSED`` connect fails
+  the attempt, which is rerun once after a rerun request for the whole of the run's own
+  budget;
 * a ``Release`` is carried out while the worker waits (for a go or a grant), after its
-  current item, or at the end of its session, and answered with ``released=True`` counts;
+  current item, or at the end of its session, and answered with ``released=True`` counts
+  of every budget;
 * an item's last report (its counts) and xdist's completion event travel apart from the
   side channel, so the controller may take them after the worker's later news: the
   worker may already run its next item and be granted connections for it.
