@@ -1365,6 +1365,37 @@ def test_items_holding_one_budget_and_waiting_for_the_other_do_not_hang() -> Non
     assert sim.failed_by_scheduler == []
 
 
+def test_a_wait_another_budget_answers_at_once_is_no_deadlock_to_break() -> None:
+    """The serial item asks budget x for its connection, which x has room for, while the
+    fan-out item waits for the run's own budget: that wait must not be broken (an item
+    let past the budget) as if the serial item were stuck on x."""
+    run: dict[str, object] = {
+        "tests": [*serial(1, need=None), Item(FANOUT, 2), *serial(6, need=None)],
+        "budget": 2,
+        "workers": 2,
+        "key_budgets": {"x": 1},
+        "routes": [["x"], ["", ""], *[[""]] * 6],
+    }
+    sim = run_randomly(run, seed=0, strict_xdist=False)
+    assert sim.planner.overruns == []
+
+
+def test_a_rerun_frees_what_its_first_attempt_was_granted_on_other_budgets() -> None:
+    """Both fan-out items hold one of x's two connections and want another: the younger
+    is refused and asks to rerun; its first attempt's grant on x is void, so the older
+    gets x's connection and the rerun waits for it, nobody past a budget."""
+    run: dict[str, object] = {
+        "tests": [Item(FANOUT), Item(SERIAL), Item(SERIAL), Item(FANOUT)],
+        "budget": 2,
+        "workers": 2,
+        "key_budgets": {"x": 2},
+        "routes": [[""], ["", "x", "x"], [""], ["", "x", "x"]],
+    }
+    sim = run_randomly(run, seed=0, strict_xdist=False)
+    assert sim.refusals == Counter({3: 1})
+    assert sim.planner.overruns == []
+
+
 # -- ordering -------------------------------------------------------------------------------
 
 

@@ -379,6 +379,13 @@ class Admission(Generic[W]):
         state.ask(_Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
 
+    def attempt_over(self, worker: W) -> None:
+        """The worker's running item failed and asks another budget to rerun it: what
+        its first attempt was granted here is free (its connections went back)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            state.floor = 0
+
     # -- queries ------------------------------------------------------------------------
 
     def largest_waiting_need(self) -> int:
@@ -430,10 +437,14 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
+    def admit(
+        self, actions: list[AdmissionAction], *, first: W | None = None, relieve: bool = True
+    ) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
-        room reserved, so later, smaller items cannot starve it."""
+        room reserved, so later, smaller items cannot starve it. With ``relieve=False``
+        only what fits is let through: no release is asked and no wait is broken (the
+        other budgets answer what fits first)."""
         committed = {w: s.commitment() for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
@@ -492,6 +503,8 @@ class Admission(Generic[W]):
                         state.waiting_since = state.waiting_since or self._next()
                 break
 
+        if not relieve:
+            return
         if blocked:
             self._relieve(blocked, actions)
         elif self._lowered_under:

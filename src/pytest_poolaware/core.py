@@ -268,6 +268,10 @@ class Planner(Generic[W]):
             return [Grant(worker, request)] if worker in self._placer.workers else []
         if not admission.request(worker, request, want, item=item, background=background):
             return []
+        if want is not None:
+            for other in self._budgets.values():
+                if other is not admission:
+                    other.attempt_over(worker)
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -368,16 +372,28 @@ class Planner(Generic[W]):
                 for admission in self._budgets.values():
                     admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
-        self._admission.admit(admitted, first=self._placer.serial_worker)
         others = self._others()
         if others:
-            goes = [a for a in admitted if isinstance(a, Go)]
-            for admission in others:
-                for go in goes:
-                    admission.started(go.worker, go.index)  # type: ignore[arg-type]
-                admission.admit(admitted)
+            # Every budget answers what fits before any breaks a wait: a worker waiting on
+            # another budget that has room for it is not blocked there.
+            self._admit(admitted, others, relieve=False)
+        self._admit(admitted, others, relieve=True)
+        if others:
             admitted = _one_release_per_worker(admitted)
         return [*placed, *admitted]
+
+    def _admit(
+        self, admitted: list[Go | Grant | Release], others: list[Admission[W]], *, relieve: bool
+    ) -> None:
+        """The run's own budget gives goes and grants, then the others learn the goes and
+        grant connects."""
+        start = len(admitted)
+        self._admission.admit(admitted, first=self._placer.serial_worker, relieve=relieve)
+        goes = [a for a in admitted[start:] if isinstance(a, Go)]
+        for admission in others:
+            for go in goes:
+                admission.started(go.worker, go.index)  # type: ignore[arg-type]
+            admission.admit(admitted, relieve=relieve)
 
     def _others(self) -> list[Admission[W]]:
         """The budgets other than the run's own."""
