@@ -1520,9 +1520,6 @@ RERUN_REFUSED_ON_ANOTHER_BUDGET: dict[str, object] = {
     "tests": serial(1, need=None) + fanout(1, need=None) + serial(4, need=None),
     "budget": 1,
     "workers": 2,
-    "crashes": 0,
-    "rerun_crashed": False,
-    "staggered": False,
     "key_budgets": {"x": 1},
     "routes": [[""], ["", "x", "x", "x"], [""], [""], ["x"], [""]],
 }
@@ -1534,9 +1531,6 @@ RERUN_OVER_AN_ITEM_BLOCKED_ELSEWHERE: dict[str, object] = {
     "tests": serial(1, need=None) + fanout(1, need=None) + serial(7, need=None),
     "budget": 2,
     "workers": 2,
-    "crashes": 0,
-    "rerun_crashed": False,
-    "staggered": False,
     "key_budgets": {"x": 1},
     "routes": [["x", "x", ""], ["", ""], *[[""]] * 7],
 }
