@@ -358,8 +358,10 @@ def test_asyncpg_connect_pool_terminate_and_reclaim(
         assert (meter.end().need, meter.checked_out) == (2, 0)
         await meter.release_idle_async()  # below min_size too
         assert meter.open == 0
-        await asyncio.sleep(0.05)
-        assert meter.open == 0  # not refilled behind our back
+        # Not refilled behind our back: asyncpg (0.32+) reopens connections up to
+        # min_size only in a task it starts when one closes; none is under way (and
+        # none finished: nothing is open).
+        assert getattr(pool, "_maintenance_task", None) is None
         assert await pool.fetchval("select 1") == 1  # the pool still serves
         pool.terminate()
         await meter.release_idle_async()  # returns once the terminated one is reported

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import threading
@@ -22,10 +23,16 @@ from inner import (
 from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
-from pytest_poolaware.learning import LEARNING_ATTEMPTS, REMEMBERED, ServerLearning, dsn_of
+from pytest_poolaware.learning import (
+    LEARNING_ATTEMPTS,
+    REMEMBERED,
+    ServerLearning,
+    dsn_of,
+    same_server,
+)
 from pytest_poolaware.login import login_of
 from pytest_poolaware.protocol import RoomKnown, RoomRequest, ServerSeen, decode
-from pytest_poolaware.server_room import Discovery
+from pytest_poolaware.server_room import Discovery, ServerFacts
 from pytest_poolaware.worker import RERUN_SERVER
 
 #: Tests in test_scheduling.SUITE.
@@ -174,6 +181,93 @@ def test_a_remote_worker_connecting_to_its_own_machine_is_not_believed() -> None
     assert "a worker on another machine connected to localhost" in found.notes[0]
 
 
+def test_another_login_on_the_server_is_read_while_connections_wait() -> None:
+    """A later login on the same server is read (on the plugin's connection, here a stand
+    -in) while every new connect request waits; its reading sets the budget; a login
+    on another server, or one that cannot be read, is only a note."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    woken = threading.Event()
+    reads: list[tuple[str, list[int]]] = []
+    adopted: list[tuple[str, object, list[int]]] = []
+    go = threading.Event()
+
+    def read_login(login: ServerSeen, runs: Any) -> ServerFacts:
+        reads.append((login.user, list(runs)))
+        assert go.wait(60)
+        if login.user == "nobody":
+            raise LookupError("role nobody does not exist\nmore")
+        return facts_of(login.user)
+
+    def on_login(login: ServerSeen, read: object, runs: Any) -> int | None:
+        adopted.append((login.user, read, list(runs)))
+        return 5 if isinstance(read, ServerFacts) else None
+
+    learning: ServerLearning[str] = ServerLearning(
+        None,
+        inbox,
+        woken.set,
+        lambda found, dsn, seen: 30,
+        read_login=read_login,
+        on_login=on_login,
+    )
+    admin = ServerSeen("127.0.0.1", free_port(), "app", "admin", None, "psycopg", 11)
+    learning.seen(admin)
+    assert woken.wait(60)  # nothing listens there: read (and failed) at once
+    woken.clear()
+    assert learning.take() == 30
+    app = ServerSeen(admin.host, admin.port, "app", "acc_app", PASSWORD, "psycopg", 12)
+    learning.seen(app)
+    learning.seen(ServerSeen("db.example", admin.port, "app", "acc_app", None, "psycopg", 13))
+    learning.seen(ServerSeen(admin.host, admin.port, "app", "nobody", None, "psycopg", 14))
+    learning.seen(dataclasses.replace(app, pid=15))  # another worker's: a pid of the run's
+    request = RoomRequest(1)
+    assert learning.hold("gw1", request)  # acc_app is being read
+    assert learning.take() is None
+    go.set()
+    assert woken.wait(60)
+    woken.clear()
+    assert learning.take() == 5
+    assert adopted[0][0] == "acc_app"
+    assert adopted[0][2] == [11, 12, 13, 14, 15]  # the pids known once it was read
+    assert inbox.get_nowait() == ("gw1", request)
+    # Then the next login: its failure is handed over in one line.
+    assert learning.hold("gw1", request)
+    assert woken.wait(60)
+    assert learning.take() is None
+    assert adopted[1][:2] == ("nobody", "role nobody does not exist")
+    assert not learning.hold("gw1", request)
+    assert [user for user, _ in reads] == ["acc_app", "nobody"]
+    notes = learning.notes()
+    assert len(notes) == 2
+    assert "tests also connected as acc_app@db.example:" in notes[1]
+    assert "on another server" in notes[1]
+
+
+def facts_of(role: str) -> ServerFacts:
+    return ServerFacts(
+        version=160000,
+        max_connections=100,
+        superuser_reserved=3,
+        reserved=0,
+        role=role,
+        superuser=False,
+        uses_reserved=False,
+        role_limit=8,
+        database="app",
+        database_limit=-1,
+        others_server=0,
+        others_role=0,
+        others_database=0,
+    )
+
+
+def test_logins_name_the_same_server_by_host_and_port() -> None:
+    one = ServerSeen("127.0.0.1", 5432, "app", "admin")
+    assert same_server(one, ServerSeen("127.0.0.1", 5432, "other", "acc_app"))
+    assert not same_server(one, ServerSeen("127.0.0.1", 5433, "app", "admin"))
+    assert not same_server(one, ServerSeen("db.example", 5432, "app", "admin"))
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 
@@ -284,3 +378,116 @@ def test_the_next_run_starts_within_what_the_last_one_learned(
         .joinpath("v", "poolaware", "learned_budget")
         .read_text()
     )
+
+
+#: The limit of the application role in the two-login suite: above what the workers'
+#: first connections as that role can hold before its room is read (one each), below
+#: what four tests holding ``HELD`` connections each would take.
+APP_LIMIT = 8
+HELD = 3
+#: A suite whose workers first connect as one login (once per worker: setting the
+#: schema up), then hold ``HELD`` connections as the application role in each test, and
+#: open one more as ``LATER_DSN`` first, when set.
+TWO_LOGINS_CONFTEST = """
+import os
+import psycopg
+import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def schema():
+    with psycopg.connect(os.environ["FIRST_DSN"], autocommit=True) as conn:
+        conn.execute("select 1")
+"""
+TWO_LOGINS_SUITE = f"""
+import os
+import psycopg
+import pytest
+
+@pytest.mark.parametrize("n", range(24))
+def test_app(n):
+    if os.environ.get("LATER_DSN"):
+        with psycopg.connect(os.environ["LATER_DSN"], autocommit=True) as conn:
+            conn.execute("select 1")
+    conns = [psycopg.connect(os.environ["APP_DSN"], autocommit=True) for _ in range({HELD})]
+    try:
+        for conn in conns:
+            conn.execute("select 1")
+        conns[0].execute("select pg_sleep(0.2)")
+    finally:
+        for conn in conns:
+            conn.close()
+"""
+
+
+def run_two_logins(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, first: str, app: str, later: str
+) -> pytest.RunResult:
+    """The two-login suite, four workers, no DSN and no budget given: every test passes
+    and the server refused no connection."""
+    monkeypatch.setenv("FIRST_DSN", first)
+    monkeypatch.setenv("APP_DSN", app)
+    monkeypatch.setenv("LATER_DSN", later)
+    for name in ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_POOL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(TWO_LOGINS_CONFTEST)
+    pytester.makepyfile(test_app=TWO_LOGINS_SUITE)
+    result = run(pytester, "-n", "4", "--dist", "poolaware", "--poolaware-report", "report.json")
+    text = result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=24)
+    assert connection_errors(result) == 0, text
+    assert RERUN_SERVER not in text
+    return result
+
+
+def test_the_tightest_login_sets_the_budget(
+    pytester: pytest.Pytester,
+    postgres_dsn: str,
+    limited_role: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first connection is the unlimited login's; the budget computed for it alone
+    lets four workers overshoot the application role's limit (the server refuses). Read
+    on the plugin's connection, that role's room binds, whichever login connects."""
+    app_dsn = limited_role(APP_LIMIT)
+    role = str(psycopg.conninfo.conninfo_to_dict(app_dsn)["user"])
+    result = run_two_logins(pytester, monkeypatch, postgres_dsn, app_dsn, "")
+    limit = f"role {role} CONNECTION LIMIT {APP_LIMIT}"
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: * connections ({limit}, *; {role}@*:*/* binds, the tightest of 2 logins)",
+            f"peak open connections (server): * (application_name poolaware-* and role {role}, *",
+            "note: the server and login were learned from the first connection a worker "
+            "opened: postgres@*",
+            f"note: tests also connected as {role}@*: room * ({limit}*)",
+        ]
+    )
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["run"]["budget"] <= APP_LIMIT - 1
+    assert report["run"]["budget_source"].startswith(limit)
+    assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
+
+
+def test_a_looser_login_learned_later_leaves_the_budget(
+    pytester: pytest.Pytester,
+    postgres_dsn: str,
+    limited_role: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first login is the limited one; the superuser each test also connects as is
+    read too, and only noted: its room is larger."""
+    app_dsn = limited_role(APP_LIMIT)
+    role = str(psycopg.conninfo.conninfo_to_dict(app_dsn)["user"])
+    result = run_two_logins(pytester, monkeypatch, app_dsn, app_dsn, postgres_dsn)
+    source = (
+        f"role {role} CONNECTION LIMIT {APP_LIMIT}, 1 kept for the monitor, "
+        "1 for connections still closing"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: {APP_LIMIT - 2} connections ({source})",
+            f"note: the server and login were learned from the first connection a worker "
+            f"opened: {role}@*",
+            "note: tests also connected as postgres@*: room * (max_connections *)",
+        ]
+    )
+    assert "binds" not in result.stdout.str()

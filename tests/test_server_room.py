@@ -28,8 +28,12 @@ from pytest_poolaware.server_room import (
     Room,
     ServerFacts,
     choose_budget,
+    count_clients,
     discover,
+    read_facts,
+    recount,
     room_of,
+    target_database,
 )
 from pytest_poolaware.worker import RERUN_SERVER
 
@@ -102,6 +106,38 @@ def test_a_database_limit_does_not_count_the_plugin_connection_made_elsewhere() 
     assert inside.budget == 3
 
 
+def test_another_login_s_role_limit_does_not_count_the_plugin_connection() -> None:
+    """The room of another login the run's tests use, read on the plugin's connection
+    (which logs in as the first one): that connection takes no slot of its role."""
+    room = room_of(facts(role_limit=8, others_role=1, own_in_role=False))
+    assert (room.budget, room.scope, room.own) == (6, ROLE, 0)
+    assert room.describe() == (
+        "role acc_app CONNECTION LIMIT 8, 1 held by other clients, 1 for connections still closing"
+    )
+
+
+#: Client backends: (pid, role, database, backend type hidden).
+CLIENTS = (
+    (11, "acc_app", "app", False),
+    (12, "acc_app", "other", False),
+    (13, "admin", "app", False),
+    (14, "someone", "app", True),
+)
+
+
+def test_other_clients_are_counted_by_scope_without_the_run_s_own() -> None:
+    assert count_clients(CLIENTS, "acc_app", "app") == (4, 2, 3, 1)
+    assert count_clients(CLIENTS, "acc_app", "app", runs=[11, 14, 99]) == (2, 1, 1, 0)
+    assert count_clients((), "acc_app", "app") == (0, 0, 0, 0)
+
+
+def test_recounting_drops_the_backends_learned_to_be_the_run_s() -> None:
+    read = facts(role_limit=8, clients=CLIENTS, others_server=4, others_role=2)
+    again = recount(read, runs=[11, 12])
+    assert (again.others_server, again.others_role, again.others_database) == (2, 0, 2)
+    assert room_of(again).budget == room_of(read).budget + 2
+
+
 def test_the_smaller_of_the_configured_budget_and_the_room_wins() -> None:
     room = room_of(facts(role_limit=16))
     assert choose_budget(None, room).budget == 14
@@ -162,6 +198,31 @@ def test_discovery_reads_a_role_limit_and_what_others_hold(limited_role: Any) ->
             f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 3 held by other clients, "
             "1 kept for the monitor, 1 for connections still closing"
         )
+    finally:
+        found.connection.close()
+
+
+def test_a_plain_login_reads_another_login_s_limits_on_its_own_connection(
+    limited_role: Any,
+) -> None:
+    """What the server allows another login of the run's tests, read without any right
+    beyond logging in, on the plugin's connection: its role's limit, its clients."""
+    first = limited_role(-1)
+    second = limited_role(8)
+    role = str(psycopg.conninfo.conninfo_to_dict(second)["user"])
+    database = target_database(second)
+    found = discover(first, None)
+    assert found.connection is not None
+    try:
+        with connections(second, 3) as held:
+            read = read_facts(found.connection, database, role=role)
+            ours = [held[0].info.backend_pid]
+        assert (read.role, read.role_limit, read.superuser) == (role, 8, False)
+        assert not read.own_in_role
+        assert read.others_role == 3
+        room = room_of(recount(read, ours))
+        # 8 - 2 other clients - 1 closing: the plugin's connection is another role's.
+        assert (room.budget, room.scope, room.own) == (5, ROLE, 0)
     finally:
         found.connection.close()
 

@@ -281,7 +281,6 @@ def test_workers_behind_socket_gateways_keep_the_budget(
 
 
 DROPPING_SUITE = """
-import time
 import pytest
 from sqlalchemy import text
 from conftest import hold
@@ -294,7 +293,6 @@ def test_cut_the_plugin_connection(engine):
             "WHERE application_name = 'pytest-poolaware-monitor' AND usename = current_user"
         )).scalar()
     assert cut == 1
-    time.sleep(0.5)  # the sampler and the leases notice on their next look
 
 @pytest.mark.parametrize("n", range(12))
 def test_after(engine, n):
@@ -302,10 +300,42 @@ def test_after(engine, n):
 """
 
 
+#: The controller's side of DROPPING_SUITE: once the cut test has reported, it waits
+#: (bounded) until the sharing thread and the sampler have each met the cut, so the run
+#: cannot end before either looks again. Whether they did is what the run's notes say.
+NOTICING_CONFTEST = """
+import time
+
+CUT_NOTICED_BOUND = 30.0
+
+
+class WaitForTheCutToBeNoticed:
+    def __init__(self, config):
+        self.config = config
+
+    def noticed(self):
+        controller = self.config.pluginmanager.get_plugin("poolaware-controller")
+        parts = (getattr(controller, "share", None), getattr(controller, "monitor", None))
+        return all(part is not None and part.problem for part in parts)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.nodeid.endswith("test_cut_the_plugin_connection"):
+            deadline = time.monotonic() + CUT_NOTICED_BOUND
+            while not self.noticed() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(WaitForTheCutToBeNoticed(config))
+"""
+
+
 def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     shared_role: str, tmp_path: Path
 ) -> None:
     root = checkout(tmp_path / "cut")
+    (root / "conftest.py").write_text(CONFTEST + NOTICING_CONFTEST)
     (root / "test_suite.py").write_text(DROPPING_SUITE)
     run = Run(root, "-n", "2", "--dist", "poolaware", "--poolaware-share", "auto")
     assert run.wait() == 0, run.output
@@ -400,6 +430,27 @@ def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     while holder.share.budget() < 14 and time.monotonic() < deadline:
         settle(holder, steps=1)
     assert holder.share.budget() == 14
+
+
+def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
+    """The run alone gets the whole room of the shared limit, but never more than the
+    cap another login of its tests set, however much it asks for."""
+    run = Coordinated(limited_role(ROLE_LIMIT), f"test-{uuid.uuid4().hex[:8]}", FakeClock())
+    try:
+        run.wants(ROLE_LIMIT)
+        settle(run)
+        assert run.share.budget() == ROLE_LIMIT - 2  # its own connection, one closing
+        woken: list[None] = []
+        run.share._on_change = lambda: woken.append(None)
+        run.share.cap(5)
+        assert (run.share.budget(), run.share.ceiling_now(), len(woken)) == (5, 5, 1)
+        run.wants(ROLE_LIMIT, in_use=5, open_=5)
+        settle(run)
+        assert (run.share.budget(), run.share.ceiling_now()) == (5, 5)
+        run.share.cap(9)  # a cap only ever lowers
+        assert run.share.budget() == 5
+    finally:
+        run.connection.close()
 
 
 def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(

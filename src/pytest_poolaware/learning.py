@@ -9,6 +9,11 @@ so the scheduler keeps going. Once the room is known the held requests go back t
 scheduler, which follows the new budget. Tests start meanwhile as the stand-in budget
 allows (what the last run learned, else the configured budget): only their connections
 wait.
+
+A later ``ServerSeen`` of another login (role or database) on the same server is read
+the same way, on the plugin's connection (``read_login``), while every new connect
+request waits; the controller then lowers the run's budget to the tightest room among
+the logins learned (``on_login``). A login on another server is only named in a note.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ from __future__ import annotations
 import ipaddress
 import queue
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any, Final, Generic, TypeVar
 
 from pytest_poolaware.protocol import RoomRequest, ServerSeen, WorkerMessage
-from pytest_poolaware.server_room import Discovery, discover
+from pytest_poolaware.server_room import Discovery, ServerFacts, discover, first_line
 
 #: Connect attempts that may end without teaching the server (the connection failed, or
 #: its driver did not say where it went) before the run stops trying to learn it.
@@ -55,6 +60,19 @@ def on_this_machine(spec: Any) -> bool:
     return False
 
 
+def same_server(one: ServerSeen, other: ServerSeen) -> bool:
+    """Whether two logins name the same server (host and port, as the drivers said)."""
+    return (one.host, one.port) == (other.host, other.port)
+
+
+#: Reads what the server allows another login (on the plugin's connection), given the
+#: backend pids known to be the run's; raises when it cannot.
+ReadLogin = Callable[[ServerSeen, Collection[int]], ServerFacts]
+#: Adopts what was read of another login (the facts, or why they could not be read) with
+#: the run's backend pids known by then; returns the run's new budget (None: unchanged).
+OnLogin = Callable[[ServerSeen, ServerFacts | str, Collection[int]], int | None]
+
+
 def dsn_of(login: ServerSeen) -> str:
     """A libpq DSN for the plugin's own connection as ``login`` (password included: never
     show it, ``dsn.mask_dsn`` does)."""
@@ -75,9 +93,11 @@ class ServerLearning(Generic[N]):
     """The server learned from the workers' connections, for one run.
 
     ``seen``, ``hold`` and ``take`` run on the controller's main thread (the scheduler's);
-    the discovery runs in a thread and wakes the scheduler with ``wake`` when done.
+    the discoveries run in threads and wake the scheduler with ``wake`` when done.
     ``on_learned(discovery, dsn, login)`` adopts what was found (``login`` None: nothing
-    could be learned) and returns the run's new budget.
+    could be learned) and returns the run's new budget. ``read_login`` and ``on_login``
+    do the same for each other login on that server (without them, other logins are
+    only named in a note).
     """
 
     def __init__(
@@ -86,15 +106,30 @@ class ServerLearning(Generic[N]):
         inbox: queue.SimpleQueue[tuple[N, WorkerMessage]],
         wake: Callable[[], None],
         on_learned: Callable[[Discovery, str, ServerSeen | None], int],
+        *,
+        read_login: ReadLogin | None = None,
+        on_login: OnLogin | None = None,
     ) -> None:
         self._configured = configured
         self._inbox = inbox
         self._wake = wake
         self._on_learned = on_learned
+        self._read_login = read_login
+        self._on_login = on_login
         #: The login being learned from (the first one a worker reported).
         self.login: ServerSeen | None = None
-        #: Other logins the run's tests connected as (notes).
+        #: Other logins the run's tests connected as, not read (notes): on another
+        #: server, or with nothing to read them with.
         self.others: dict[tuple[str, int, str, str], ServerSeen] = {}
+        #: Other logins on the same server: read (or being read, or waiting to be).
+        self.checked: dict[tuple[str, int, str, str], ServerSeen] = {}
+        self._to_check: list[ServerSeen] = []
+        #: The login being read now, and what was read (facts, or why not).
+        self._checking: ServerSeen | None = None
+        self._check_result: ServerFacts | str = ""
+        self._check_done = threading.Event()
+        #: Backend pids of the run's connections the workers reported (not other clients').
+        self.pids: list[int] = []
         self._found: Discovery | None = None
         self._dsn = ""
         self._done = threading.Event()
@@ -108,11 +143,11 @@ class ServerLearning(Generic[N]):
     def seen(self, login: ServerSeen, local: bool = True) -> None:
         """A worker opened its first connection as ``login``; ``local``: the worker runs
         on the controller's machine."""
-        if not self.pending:  # adopted already, or given up
-            if self.login is not None and login.key != self.login.key:
-                self.others.setdefault(login.key, login)
-            return
+        if login.pid:
+            self.pids.append(login.pid)
         if self.login is None:
+            if not self.pending:  # given up: nothing is read any more
+                return
             self.login = login
             self._dsn = dsn_of(login)
             if not local and names_its_own_machine(login.host):
@@ -130,8 +165,17 @@ class ServerLearning(Generic[N]):
                 self._wake()
                 return
             threading.Thread(target=self._discover, name="poolaware-learn", daemon=True).start()
-        elif login.key != self.login.key:
-            self.others.setdefault(login.key, login)
+            return
+        key = login.key
+        if key == self.login.key or key in self.others or key in self.checked:
+            return
+        elsewhere = not local and names_its_own_machine(login.host)
+        if self._read_login is None or elsewhere or not same_server(login, self.login):
+            self.others[key] = login
+            return
+        self.checked[key] = login
+        self._to_check.append(login)
+        self._next_check()
 
     def _discover(self) -> None:
         try:
@@ -142,12 +186,37 @@ class ServerLearning(Generic[N]):
             self._done.set()
             self._wake()
 
+    def _next_check(self) -> None:
+        """Read the next login waiting to be read, once the first is adopted (its
+        connection is the one read on), one at a time."""
+        if self.pending or self._checking is not None or not self._to_check:
+            return
+        self._checking = self._to_check.pop(0)
+        self._check_done.clear()
+        threading.Thread(
+            target=self._check,
+            args=(self._checking, list(self.pids)),
+            name="poolaware-login",
+            daemon=True,
+        ).start()
+
+    def _check(self, login: ServerSeen, runs: list[int]) -> None:
+        try:
+            assert self._read_login is not None
+            self._check_result = self._read_login(login, runs)
+        except Exception as exc:  # any failure is a note: the budget stays as it is
+            self._check_result = first_line(exc)
+        finally:
+            self._check_done.set()
+            self._wake()
+
     def hold(self, node: N, request: RoomRequest) -> bool:
         """Whether ``request`` must wait: one connection at a time until the room is known
-        (the first request passes; the others wait for the room)."""
-        if not self.pending:
+        (the first request passes; the others wait for the room), and every one while
+        another login's room is read."""
+        if not self.pending and self._checking is None:
             return False
-        if self.login is None and self._passing is None:
+        if self.pending and self.login is None and self._passing is None:
             self._passing = (node, request.item)
             return False
         self._held.append((node, request))
@@ -176,29 +245,42 @@ class ServerLearning(Generic[N]):
         self._wake()
 
     def take(self) -> int | None:
-        """Once the server was read: adopt it (once), hand the held requests back to the
-        scheduler's inbox, and return the run's new budget; None before, and after."""
-        if not self.pending or not self._done.is_set():
+        """Once the server (or another login's room) was read: adopt it (once), hand the
+        held requests back to the scheduler's inbox, and return the run's new budget;
+        None when there is nothing new (or the budget stays)."""
+        if self.pending:
+            if not self._done.is_set():
+                return None
+            self.pending = False
+            found = self._found if self._found is not None else Discovery()
+            budget: int | None = self._on_learned(found, self._dsn, self.login)
+        elif self._checking is not None and self._check_done.is_set():
+            login, self._checking = self._checking, None
+            assert self._on_login is not None
+            budget = self._on_login(login, self._check_result, list(self.pids))
+        else:
             return None
-        self.pending = False
-        found = self._found if self._found is not None else Discovery()
-        budget = self._on_learned(found, self._dsn, self.login)
         for held in self._held:
             self._inbox.put(held)
         self._held.clear()
+        self._next_check()
         return budget
 
     def notes(self) -> list[str]:
-        """What the summary says of the logins seen."""
+        """What the summary says of the logins seen (those read say their own, through
+        ``on_login``)."""
         notes = []
         if self.login is not None:
             notes.append(
                 f"the server and login were learned from {LEARNED_ORIGIN}: {self.login.where()}"
             )
         for other in self.others.values():
+            elsewhere = self.login is not None and not same_server(other, self.login)
             notes.append(
-                f"tests also connected as {other.where()}: the budget was computed for "
-                f"{self.login.where() if self.login else 'the first login'} (set "
-                "POOLAWARE_DSN to the login whose limits bind)"
+                f"tests also connected as {other.where()}"
+                + (", on another server" if elsewhere else "")
+                + ": the budget was computed for "
+                + (self.login.where() if self.login else "the first login")
+                + " (set POOLAWARE_DSN to the login whose limits bind)"
             )
         return notes

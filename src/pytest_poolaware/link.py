@@ -104,6 +104,9 @@ class WorkerLink:
         self.on_server_pids: Callable[[ServerPids], object] | None = None
         #: Called (on the receiving thread) when the run's budget changed mid-run.
         self.on_room_known: Callable[[RoomKnown], object] | None = None
+        #: Called (on the receiving thread) when the controller asks for idle connections
+        #: back: a worker waiting for work carries that out itself (see ``WorkerAgent``).
+        self.on_release: Callable[[], object] | None = None
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, wire: object) -> None:
@@ -136,6 +139,8 @@ class WorkerLink:
                 self._release = True
                 self._wake_awaiting(None)
             self._cond.notify_all()
+        if isinstance(message, ReleaseIdle) and self.on_release is not None:
+            self.on_release()
 
     def _wake_awaiting(self, rid: int | None) -> None:
         """Wake the awaited request ``rid`` (None: all of them), each on its own loop."""
@@ -150,6 +155,12 @@ class WorkerLink:
             return
         with contextlib.suppress(OSError):  # it went away just now
             self.channel.send(message.to_wire())
+
+    @property
+    def release_asked(self) -> bool:
+        """Whether the controller asked for idle connections back (leaves the request)."""
+        with self._cond:
+            return self._release
 
     def take_release(self) -> bool:
         """Whether the controller asked for idle connections back (clears the request)."""

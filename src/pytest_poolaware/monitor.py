@@ -37,6 +37,12 @@ ROLE_QUERY: Final = f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND usen
 TAGGED_QUERY: Final = (
     f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
 )
+#: Tests that connect as several logins: every connection of the non-superuser roles,
+#: and the tagged ones when a superuser is among them.
+LOGINS_QUERY: Final = (
+    f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} "
+    "AND (usename = ANY(%s::name[]) OR (%s AND application_name LIKE %s))"
+)
 _ROLE: Final = (
     "SELECT current_user, r.rolsuper, r.rolconnlimit FROM pg_roles r WHERE r.rolname = current_user"
 )
@@ -79,8 +85,12 @@ class ServerMonitor:
         #: The sampler thread and ``pids_now`` share the connection.
         self._sampling = threading.Lock()
         self._conn: Any = None
-        self._query = ""
-        self._param = ""
+        #: What each sample counts: the query and its parameters (replaced whole).
+        self._query: tuple[str, tuple[Any, ...]] = ("", ())
+        #: The roles counted by name, and whether tagged connections are counted (a
+        #: superuser login among the run's).
+        self._roles: list[str] = []
+        self._tagged = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,15 +128,37 @@ class ServerMonitor:
             )
             self._close()
             return
-        if superuser:
-            self._query, self._param = TAGGED_QUERY, f"{APPLICATION_NAME_PREFIX}%"
-            self.scope = f"application_name {APPLICATION_NAME_PREFIX}*"
-        else:
-            self._query, self._param = ROLE_QUERY, role
-            self.scope = f"role {role}"
+        self._count(role, superuser)
         if self._sample():
             self._thread = threading.Thread(target=self._run, name="poolaware-monitor", daemon=True)
             self._thread.start()
+
+    def add_login(self, role: str, superuser: bool) -> None:
+        """The run's tests also connect as ``role``: count its connections too (the
+        workers check their counts against the pids sampled, so a login left out would
+        have its connections uncounted)."""
+        with self._sampling:
+            self._count(role, superuser)
+
+    def _count(self, role: str, superuser: bool) -> None:
+        """Count the connections of ``role`` too (a superuser's: the tagged ones)."""
+        if superuser:
+            self._tagged = True
+        elif role not in self._roles:
+            self._roles.append(role)
+        tagged = f"{APPLICATION_NAME_PREFIX}%"
+        names = ", ".join(self._roles)
+        words = f"role{'s' if len(self._roles) > 1 else ''} {names}"
+        if not self._roles:
+            self._query = (TAGGED_QUERY, (tagged,))
+            self.scope = f"application_name {APPLICATION_NAME_PREFIX}*"
+        elif not self._tagged and len(self._roles) == 1:
+            self._query = (ROLE_QUERY, (self._roles[0],))
+            self.scope = words
+        else:
+            self._query = (LOGINS_QUERY, (list(self._roles), self._tagged, tagged))
+            tagged_words = f"application_name {APPLICATION_NAME_PREFIX}* and "
+            self.scope = f"{tagged_words if self._tagged else ''}{words}"
 
     def stop(self) -> ServerView | None:
         """Take a last sample, close the connection; what was seen (None if nothing)."""
@@ -170,7 +202,8 @@ class ServerMonitor:
         # not be taken for one the server ended (``PoolMeter.reconcile``).
         now = self._clock()
         try:
-            rows = self._conn.execute(self._query, (self._param,)).fetchall()
+            query, params = self._query
+            rows = self._conn.execute(query, params).fetchall()
         except Exception as exc:
             self.problem = (
                 f"server monitoring stopped after {len(self.samples)} samples: "

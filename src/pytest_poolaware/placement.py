@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -102,6 +102,25 @@ class _Seat:
         self.watermark = max(
             self.watermark, max((i for i in indices if i not in returned), default=-1)
         )
+
+    def next_batch(
+        self, tests: Sequence[ItemSpec], target: int, pop: Callable[[], int | None]
+    ) -> list[int]:
+        """Load-style batches: big early, small late, and only a few seconds of known
+        work ahead of a worker."""
+        if len(self.queue) >= MIN_QUEUE and len(self.queue) > target // 2:
+            return []
+        seconds = sum(tests[i].duration or 0.0 for i in self.queue)
+        batch: list[int] = []
+        while len(self.queue) + len(batch) < target:
+            if len(self.queue) + len(batch) >= MIN_QUEUE and seconds >= QUEUE_SECONDS:
+                break
+            index = pop()
+            if index is None:
+                break
+            batch.append(index)
+            seconds += tests[index].duration or 0.0
+        return batch
 
 
 class Placer(Generic[W]):
@@ -282,7 +301,9 @@ class Placer(Generic[W]):
         """Top up the workers' queues; shut down those with nothing left."""
         if not self._loaded or not (self._fanout_open or self._early_serial):
             return
-        serial_worker = self._pick_serial_worker()
+        serial_worker = self._serial_worker = _serial_lane_worker(
+            self.tests, self._serial, self._serial_worker, self._workers
+        )
         # Serial items back in the lane (a crashed one rerun) that their worker, shut down
         # meanwhile, cannot take: keep the others up, one of them takes the lane over.
         orphaned = bool(self._serial) and (
@@ -302,7 +323,9 @@ class Placer(Generic[W]):
                 batch = (
                     self._take_in_order(worker, state)
                     if alone
-                    else self._batch(state, queue_target(len(self._serial), 1), self._pop_serial)
+                    else state.next_batch(
+                        self.tests, queue_target(len(self._serial), 1), self._pop_serial
+                    )
                 )
             else:
                 batch = []
@@ -413,43 +436,13 @@ class Placer(Generic[W]):
             return self._pop_serial() if index is None else index
 
         pending = len(self._serial) + len(self._fanout)
-        return self._batch(state, queue_target(pending, 1), pop)
-
-    def _pick_serial_worker(self) -> W | None:
-        """The serial lane keeps its worker; a new one is picked when it is gone."""
-        serial_left = self._serial or (
-            self._serial_worker is not None
-            and any(
-                self.tests[i].lane is Lane.SERIAL for i in self._workers[self._serial_worker].queue
-            )
-        )
-        if not serial_left:
-            self._serial_worker = None
-            return None
-        current = self._serial_worker
-        if current is not None and not any(
-            self.tests[i].lane is Lane.SERIAL for i in self._workers[current].queue
-        ):
-            # It has not taken a serial item yet (a long queue, or a fresh lane after a
-            # crash): the least-loaded worker, a new replacement maybe, starts it sooner.
-            self._serial_worker = None
-        if self._serial_worker is None:
-            head = self._serial[0] if self._serial else -1
-            # Preferably one that has run nothing after the lane's next item.
-            candidates = [
-                (s.watermark > head, len(s.queue), s.order, w)
-                for w, s in self._workers.items()
-                if not s.shut
-            ]
-            if candidates:
-                self._serial_worker = min(candidates, key=lambda c: c[:3])[3]
-        return self._serial_worker
+        return state.next_batch(self.tests, queue_target(pending, 1), pop)
 
     def _take_fanout(self, worker: W, state: _Seat, sharing: int, reserved: bool) -> list[int]:
         """Fan-out items to add to a worker's queue (``reserved``: it may claim the range
         kept for the serial lane's worker)."""
-        return self._batch(
-            state,
+        return state.next_batch(
+            self.tests,
             self._fanout_target(worker, sharing),
             lambda: self._pop_fanout(worker, state, reserved=reserved),
         )
@@ -461,22 +454,30 @@ class Placer(Generic[W]):
             return queue_target(self._fanout.own_pending(worker), 1)
         return queue_target(len(self._fanout), sharing)
 
-    def _batch(self, state: _Seat, target: int, pop: Callable[[], int | None]) -> list[int]:
-        """Load-style batches: big early, small late, and only a few seconds of known
-        work ahead of a worker."""
-        if len(state.queue) >= MIN_QUEUE and len(state.queue) > target // 2:
-            return []
-        seconds = sum(self.tests[i].duration or 0.0 for i in state.queue)
-        batch: list[int] = []
-        while len(state.queue) + len(batch) < target:
-            if len(state.queue) + len(batch) >= MIN_QUEUE and seconds >= QUEUE_SECONDS:
-                break
-            index = pop()
-            if index is None:
-                break
-            batch.append(index)
-            seconds += self.tests[index].duration or 0.0
-        return batch
+
+def _serial_lane_worker(
+    tests: Sequence[ItemSpec], serial: Sequence[int], current: W | None, seats: Mapping[W, _Seat]
+) -> W | None:
+    """The worker to run the serial lane (``serial``: its items not handed out yet): it
+    keeps its worker; a new one is picked when it is gone."""
+    serial_left = serial or (
+        current is not None and any(tests[i].lane is Lane.SERIAL for i in seats[current].queue)
+    )
+    if not serial_left:
+        return None
+    if current is not None and not any(tests[i].lane is Lane.SERIAL for i in seats[current].queue):
+        # It has not taken a serial item yet (a long queue, or a fresh lane after a
+        # crash): the least-loaded worker, a new replacement maybe, starts it sooner.
+        current = None
+    if current is None:
+        head = serial[0] if serial else -1
+        # Preferably one that has run nothing after the lane's next item.
+        candidates = [
+            (s.watermark > head, len(s.queue), s.order, w) for w, s in seats.items() if not s.shut
+        ]
+        if candidates:
+            current = min(candidates, key=lambda c: c[:3])[3]
+    return current
 
 
 def queue_target(pending: int, sharing: int) -> int:

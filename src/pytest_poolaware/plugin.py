@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import queue
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from pytest_poolaware.protocol import ServerSeen
     from pytest_poolaware.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
-    from pytest_poolaware.server_room import Discovery
+    from pytest_poolaware.server_room import Discovery, ServerFacts
     from pytest_poolaware.share import ShareCoordinator
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
@@ -191,6 +192,10 @@ class Controller:
         self._unlearned = settings
         #: Whether the budget was learned from the server (no DSN given).
         self.learned_room = False
+        #: Logins of the run's tests whose room was read (the first one's included), and
+        #: what was read of the others (notes, after the first login's).
+        self.logins_read = 1
+        self.login_notes: list[str] = []
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -230,7 +235,12 @@ class Controller:
         from pytest_poolaware.learning import REMEMBERED, ServerLearning
 
         self.learning = ServerLearning(
-            self.settings.configured_budget, self.inbox, self._wake_scheduler, self._learned
+            self.settings.configured_budget,
+            self.inbox,
+            self._wake_scheduler,
+            self._learned,
+            read_login=self._read_login,
+            on_login=self._login_read,
         )
         self._unlearned = self.settings
         remembered = self.cache.get(LEARNED_BUDGET_KEY, None) if self.cache is not None else None
@@ -251,7 +261,6 @@ class Controller:
         """The server was read (or could not be): the run's budget from now on. Runs on
         the controller's main thread (``ServerLearning.take``)."""
         from pytest_poolaware.learning import LEARNED_ORIGIN
-        from pytest_poolaware.protocol import RoomKnown
 
         unlearned = self._unlearned
         if found.choice is not None:  # else the stand-in stays: nothing better is known
@@ -262,10 +271,73 @@ class Controller:
         self.learned_room = found.room is not None and found.choice is not None
         if self.scheduler is not None and self.share is not None:
             self.scheduler.follow_share(self.share)
+        return self._announce_budget()
+
+    def _announce_budget(self) -> int:
+        """The budget changed mid-run: tell the workers (``RoomKnown``) and return what the
+        planner follows now."""
+        from pytest_poolaware.protocol import RoomKnown
+
         allows, limit = self.room if self.room is not None else (None, "")
         for link in self.links.values():
             link.send(RoomKnown(self.settings.budget, allows, limit))
         return self.share.budget() if self.share is not None else self.settings.budget
+
+    def _read_login(self, login: ServerSeen, runs: Collection[int]) -> ServerFacts:
+        """What the server allows another login of the run's tests, read on the plugin's
+        own connection (in a thread of ``learning``'s): no second connection is opened."""
+        from pytest_poolaware.server_room import read_facts
+
+        connection = self.server_connection
+        if connection is None:
+            raise LookupError("the plugin has no connection of its own to the server")
+        return read_facts(connection, login.dbname, runs, role=login.user)
+
+    def _login_read(
+        self, login: ServerSeen, read: ServerFacts | str, runs: Collection[int]
+    ) -> int | None:
+        """Another login on the learned server was read (``read``: its facts, or why they
+        could not be): the run's budget becomes the tightest room among the logins read,
+        since every connection the run opens counts against that one budget. Runs on the
+        controller's main thread (``ServerLearning.take``)."""
+        from pytest_poolaware.server_room import (
+            CONFIGURED_TOO_LARGE,
+            choose_budget,
+            recount,
+            room_of,
+        )
+
+        where = login.where()
+        if isinstance(read, str):
+            self.login_notes.append(
+                f"tests also connected as {where}: what the server allows that login could "
+                f"not be read ({read}); the budget leaves it out"
+            )
+            return None
+        facts = recount(read, runs)  # the run's backends reported since it was read
+        if self.monitor is not None:
+            self.monitor.add_login(facts.role, facts.superuser)
+        self.logins_read += 1
+        room = room_of(facts)
+        self.login_notes.append(
+            f"tests also connected as {where}: room {room.budget} ({room.describe()})"
+        )
+        choice = choose_budget(self._unlearned.configured_budget, room)
+        if choice.budget >= self.settings.budget:
+            return None
+        self.settings = dataclasses.replace(
+            self.settings,
+            budget=choice.budget,
+            budget_source=f"{choice.source}; {where} binds, the tightest of "
+            f"{self.logins_read} logins",
+        )
+        self.room = None if choice.no_room else (room.allows, room.limit)
+        if choice.warning:  # one warning: the binding login's
+            self.warnings = [w for w in self.warnings if not w.startswith(CONFIGURED_TOO_LARGE)]
+            self.warnings.append(choice.warning)
+        if self.share is not None:
+            self.share.cap(choice.budget)
+        return self._announce_budget()
 
     def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
         """The budget from what the server allows; sharing and monitoring on the plugin's
@@ -419,7 +491,7 @@ class Controller:
         self.finished = time.time()
         priority.withdraw()
         if self.learning is not None:
-            self.notes.extend(self.learning.notes())
+            self.notes.extend([*self.learning.notes(), *self.login_notes])
             self._remember_learned()
         self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None

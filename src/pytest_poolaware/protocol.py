@@ -235,8 +235,9 @@ class ServerPids(_Plain):
 @_message
 @dataclass(frozen=True, slots=True)
 class RoomKnown(_Plain):
-    """The run's budget changed once the server was learned (``ServerSeen``): what a
-    worker asks for to rerun a test alone, and the server's room as in ``WorkerSettings``."""
+    """The run's budget changed once the server, or another login the tests use on it,
+    was learned (``ServerSeen``): what a worker asks for to rerun a test alone, and the
+    server's room as in ``WorkerSettings``."""
 
     kind: ClassVar[str] = "room"
     budget: int

@@ -12,6 +12,7 @@ the only parts that talk to the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import re
@@ -80,6 +81,11 @@ CLOSING_SLACK: Final = 1
 CLOSING_WORDS: Final = f"{CLOSING_SLACK} for connections still closing"
 
 
+#: A client backend as ``read_facts`` sees it: (pid, role, database, whether its backend
+#: type is hidden from this login).
+Client = tuple[int, str, str, bool]
+
+
 @dataclass(frozen=True)
 class ServerFacts:
     """What the server says about one login, read in one go (``read_facts``)."""
@@ -105,6 +111,12 @@ class ServerFacts:
     hidden: int = 0
     #: Whether the plugin's own connection is in ``database`` (it counts in its limit).
     own_in_database: bool = True
+    #: Whether the plugin's own connection logs in as ``role`` (it counts in its limit):
+    #: not when the facts are those of another login the run's tests use.
+    own_in_role: bool = True
+    #: The client backends seen, so that the counts can be taken again once more of
+    #: the run's own backends are known (``recount``).
+    clients: tuple[Client, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -153,13 +165,14 @@ def room_of(facts: ServerFacts) -> Room:
     slack = CLOSING_SLACK
     rooms = [Room(allows - facts.others_server - 1 - slack, words, allows, facts.others_server, 1)]
     if facts.role_limit >= 0:
+        own = 1 if facts.own_in_role else 0
         rooms.append(
             Room(
-                facts.role_limit - facts.others_role - 1 - slack,
+                facts.role_limit - facts.others_role - own - slack,
                 f"role {facts.role} CONNECTION LIMIT {facts.role_limit}",
                 facts.role_limit,
                 facts.others_role,
-                1,
+                own,
                 ROLE,
             )
         )
@@ -177,6 +190,10 @@ def room_of(facts: ServerFacts) -> Room:
         )
     # Ties go to the narrowest limit: it is the one a user recognises and can change.
     return min(reversed(rooms), key=lambda room: room.budget)
+
+
+#: How the warning of a configured budget above the room begins.
+CONFIGURED_TOO_LARGE: Final = "the configured budget"
 
 
 @dataclass(frozen=True)
@@ -204,7 +221,7 @@ def choose_budget(configured: tuple[int, str] | None, room: Room) -> BudgetChoic
     if wanted <= room.budget:
         return BudgetChoice(wanted, origin)
     warning = (
-        f"the configured budget {wanted} ({origin}) is more than the server allows this "
+        f"{CONFIGURED_TOO_LARGE} {wanted} ({origin}) is more than the server allows this "
         f"login ({room.describe()}): the run uses {room.budget}"
     )
     return BudgetChoice(room.budget, f"{room.describe()}; configured {wanted}", warning)
@@ -212,43 +229,80 @@ def choose_budget(configured: tuple[int, str] | None, room: Room) -> BudgetChoic
 
 # -- talking to the server -------------------------------------------------------------------
 
+#: Of the connection's own login, or of the role named (another login of the run's tests:
+#: ``pg_roles`` is readable by any login).
 _SETTINGS: Final = """
 SELECT current_setting('server_version_num')::int,
        current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
        r.rolname, r.rolsuper, r.rolconnlimit
-FROM pg_roles r WHERE r.rolname = current_user
+FROM pg_roles r WHERE r.rolname = COALESCE(%s::name, current_user)
 """
 _RESERVED: Final = """
 SELECT current_setting('reserved_connections')::int,
-       pg_has_role(current_user, 'pg_use_reserved_connections', 'USAGE')
+       pg_has_role(%s::name, 'pg_use_reserved_connections', 'USAGE')
 """
 _DATABASE_LIMIT: Final = "SELECT datconnlimit FROM pg_database WHERE datname = %s"
 #: Client backends other than this one. A login without ``pg_read_all_stats`` sees other
 #: roles' rows with no backend type: those with a role and a database are clients (a
 #: background worker has neither), so they are counted, on the safe side.
 _CLIENTS: Final = """
-SELECT count(*),
-       count(*) FILTER (WHERE usename = current_user),
-       count(*) FILTER (WHERE datname = %s),
-       count(*) FILTER (WHERE backend_type IS NULL)
+SELECT pid, COALESCE(usename, ''), COALESCE(datname, ''), backend_type IS NULL
 FROM pg_stat_activity
-WHERE pid <> pg_backend_pid() AND pid <> ALL(%s::int[])
+WHERE pid <> pg_backend_pid()
   AND (backend_type = 'client backend'
        OR (backend_type IS NULL AND usesysid IS NOT NULL AND datid IS NOT NULL))
 """
 
 
-def read_facts(conn: Any, database: str, runs: Collection[int] = ()) -> ServerFacts:
-    """Read the limits that apply to this connection's login in ``database``; the
-    backends ``runs`` (pids) are the run's own, not other clients'."""
-    version, max_conn, su_reserved, role, superuser, role_limit = conn.execute(_SETTINGS).fetchone()
+def count_clients(
+    clients: Collection[Client], role: str, database: str, runs: Collection[int] = ()
+) -> tuple[int, int, int, int]:
+    """Other clients' backends (not those of ``runs``, the run's own): on the whole
+    server, of ``role``, in ``database``, and those whose backend type is hidden."""
+    runs = set(runs)
+    others = [client for client in clients if client[0] not in runs]
+    return (
+        len(others),
+        sum(1 for _, of_role, _, _ in others if of_role == role),
+        sum(1 for _, _, in_database, _ in others if in_database == database),
+        sum(1 for *_, hidden in others if hidden),
+    )
+
+
+def recount(facts: ServerFacts, runs: Collection[int]) -> ServerFacts:
+    """The facts with the backends ``runs`` counted as the run's own, not other clients'
+    (pids the run learned to be its own after the facts were read)."""
+    others, of_role, in_database, hidden = count_clients(
+        facts.clients, facts.role, facts.database, runs
+    )
+    return dataclasses.replace(
+        facts,
+        others_server=others,
+        others_role=of_role,
+        others_database=in_database,
+        hidden=hidden,
+    )
+
+
+def read_facts(
+    conn: Any, database: str, runs: Collection[int] = (), role: str | None = None
+) -> ServerFacts:
+    """Read the limits that apply to ``role`` (by default this connection's login) in
+    ``database``; the backends ``runs`` (pids) are the run's own, not other clients'."""
+    version, max_conn, su_reserved, role, superuser, role_limit = conn.execute(
+        _SETTINGS, (role,)
+    ).fetchone()
     reserved, uses_reserved = 0, False
     if version >= RESERVED_CONNECTIONS_SINCE:
-        reserved, uses_reserved = conn.execute(_RESERVED).fetchone()
+        reserved, uses_reserved = conn.execute(_RESERVED, (role,)).fetchone()
     row = conn.execute(_DATABASE_LIMIT, (database,)).fetchone()
     database_limit = -1 if row is None else int(row[0])
-    others, of_role, in_database, hidden = conn.execute(_CLIENTS, (database, list(runs))).fetchone()
+    clients = tuple(
+        (int(pid), str(of_role), str(in_database), bool(hidden))
+        for pid, of_role, in_database, hidden in conn.execute(_CLIENTS).fetchall()
+    )
+    others, of_role, in_database, hidden = count_clients(clients, str(role), database, runs)
     return ServerFacts(
         version=int(version),
         max_connections=int(max_conn),
@@ -263,8 +317,10 @@ def read_facts(conn: Any, database: str, runs: Collection[int] = ()) -> ServerFa
         others_server=int(others),
         others_role=int(of_role),
         others_database=int(in_database),
-        hidden=int(hidden),
+        hidden=hidden,
         own_in_database=conn.info.dbname == database,
+        own_in_role=conn.info.user == role,
+        clients=clients,
     )
 
 

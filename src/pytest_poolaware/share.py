@@ -134,6 +134,53 @@ class DepartedRuns:
         return sum(leases for leases, _ in self._gone.values())
 
 
+class HeldBack:
+    """When a run was held back by other runs (below what it wanted): spans of
+    ``time.time()``, which the scheduler compares with tests' start and end, and their
+    total on the run's own clock. The sharing thread writes it, the scheduler reads it.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: Seconds held below what the run wanted by other runs, and when that began.
+        self.seconds = 0.0
+        self._since: float | None = None
+        self._tick = 0.0
+        self._spans: list[tuple[float, float]] = []
+
+    def during(self, start: float, end: float) -> bool:
+        """Whether the run was held back between two ``time.time()``s."""
+        with self._lock:
+            spans = list(self._spans)
+            ongoing = self._since
+        if ongoing is not None and ongoing <= end:
+            return True
+        return any(begin <= end and start <= finish for begin, finish in spans)
+
+    def note(self, held_back: bool) -> None:
+        """Whether the run is held back now: a span begins or ends."""
+        now, tick = time.time(), self._clock()
+        with self._lock:
+            if held_back and self._since is None:
+                self._since = now
+                self._tick = tick
+            elif not held_back and self._since is not None:
+                self._close_locked(now, tick)
+
+    def close(self, now: float) -> None:
+        """End the ongoing span, if any (the run stops sharing)."""
+        with self._lock:
+            if self._since is not None:
+                self._close_locked(now, self._clock())
+
+    def _close_locked(self, now: float, tick: float) -> None:
+        assert self._since is not None
+        self._spans.append((self._since, now))
+        self.seconds += max(0.0, tick - self._tick)
+        self._since = None
+
+
 @dataclass(frozen=True)
 class Plan:
     #: Leases to hold once this step is done, and the budget the planner may use now.
@@ -307,11 +354,7 @@ class ShareCoordinator:
         self._open = 0
         self.problem: str | None = None
         self.peers_seen = 0
-        #: Seconds held below what the run wanted by other runs, and when that began.
-        self.held_back = 0.0
-        self._held_since: float | None = None
-        self._held_tick = 0.0
-        self._held_spans: list[tuple[float, float]] = []
+        self._held_back = HeldBack(clock)
         self.lowest = ceiling
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -327,6 +370,17 @@ class ShareCoordinator:
         other runs' own connections, clients that take no part)."""
         with self._lock:
             return self._reachable
+
+    def cap(self, ceiling: int) -> None:
+        """Another login of the run's tests allows less than the room shared: the run's
+        budget never goes above ``ceiling`` from now on. Leases still follow the shared
+        room's limit (the first login's), so runs binding on the other login's limit
+        do not coordinate on it (``docs/design.md``, "Several logins")."""
+        with self._lock:
+            self.ceiling = min(self.ceiling, ceiling)
+            self._budget = min(self._budget, self.ceiling)
+            self._reachable = min(self._reachable, self.ceiling)
+        self._on_change()
 
     def give_way(self) -> bool:
         """Whether this run's blocked items give way: another run holds the priority, or
@@ -353,12 +407,7 @@ class ShareCoordinator:
 
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether the run was held back by another run between two ``time.time()``s."""
-        with self._lock:
-            spans = list(self._held_spans)
-            ongoing = self._held_since
-        if ongoing is not None and ongoing <= end:
-            return True
-        return any(begin <= end and start <= finish for begin, finish in spans)
+        return self._held_back.during(start, end)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -380,7 +429,7 @@ class ShareCoordinator:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
-        self._close_span(time.time())
+        self._held_back.close(time.time())
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -430,10 +479,10 @@ class ShareCoordinator:
             return False
         self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
         self._share = step.share
-        budget = max(1, min(step.budget, len(self._slots) - 1))
+        budget = max(1, min(step.budget, len(self._slots) - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
         # would have alone.
-        self._note_held_back(step.held_back and wants > budget and budget < self.ceiling)
+        self._held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
         elsewhere = others.priority is not None and others.priority[0] != self._me
         overdue = False
@@ -558,26 +607,6 @@ class ShareCoordinator:
                     self._slots.append(slot)
             slot += 1
 
-    def _note_held_back(self, held_back: bool) -> None:
-        now, tick = time.time(), self._clock()
-        with self._lock:
-            if held_back and self._held_since is None:
-                self._held_since = now
-                self._held_tick = tick
-            elif not held_back and self._held_since is not None:
-                self._close_span_locked(now, tick)
-
-    def _close_span(self, now: float) -> None:
-        with self._lock:
-            if self._held_since is not None:
-                self._close_span_locked(now, self._clock())
-
-    def _close_span_locked(self, now: float, tick: float) -> None:
-        assert self._held_since is not None
-        self._held_spans.append((self._held_since, now))
-        self.held_back += max(0.0, tick - self._held_tick)
-        self._held_since = None
-
     def summary(self) -> str | None:
         """One line for the summary: with whom the room was shared, and what it cost
         (None when no other run came)."""
@@ -587,7 +616,7 @@ class ShareCoordinator:
         return (
             f"shared the server's room with up to {peers} other run(s) (name space "
             f"{self.namespace!r}): budget down to {self.lowest} at times, held back "
-            f"{self.held_back:.2f}s waiting for another run"
+            f"{self._held_back.seconds:.2f}s waiting for another run"
             + (
                 f"; {self.gave_way} time(s) a test gave way after waiting "
                 f"{self._growth_wait:g}s for the share to grow"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -108,6 +109,12 @@ class WorkerAgent:
         self._logins_sent: set[tuple[str, int, str, str]] = set()
         link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
         link.on_room_known = self._room_known
+        link.on_release = self._release_when_waiting_for_work
+        #: The main thread waits for work in xdist's own loop (between items), where it
+        #: cannot hear a ``ReleaseIdle``: the release is then carried out on a thread of
+        #: its own, under ``_between_items_lock`` so no item starts meanwhile.
+        self._between_items = False
+        self._between_items_lock = threading.Lock()
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -137,6 +144,17 @@ class WorkerAgent:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        with self._between_items_lock:  # a release carried out meanwhile ends first
+            self._between_items = False
+        try:
+            return self._run_item(item, nextitem)
+        finally:
+            with self._between_items_lock:
+                self._between_items = True
+            if self.link.release_asked:  # asked after the item's end took its asks
+                self._release_when_waiting_for_work()
+
+    def _run_item(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         index = self._index[item]
         self._running = index
         self._install_meter()
@@ -230,9 +248,12 @@ class WorkerAgent:
             refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Give every idle connection back: this worker will run nothing more. The last
         counts say what is still open (checked against the server by the controller)."""
+        with self._between_items_lock:  # before the session's fixtures are torn down
+            self._between_items = False
         self._release()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -305,6 +326,24 @@ class WorkerAgent:
         """The controller learned the server: the budget (and room) changed."""
         self.budget = known.budget
         self.room = known.room
+
+    def _release_when_waiting_for_work(self) -> None:
+        """The controller asked for idle connections back (on the receiving thread).
+        Inside an item, the main thread carries that out as it waits or ends the item;
+        between items it waits in xdist's loop for its next one (xdist enters an item
+        only once it holds the next one or a shutdown), so a thread does it: otherwise
+        the idle connections this worker holds would block another's connect until its
+        gate timed out."""
+        with self._between_items_lock:
+            if self._between_items:
+                threading.Thread(
+                    target=self._release_between_items, name="poolaware-release", daemon=True
+                ).start()
+
+    def _release_between_items(self) -> None:
+        with self._between_items_lock:
+            if self._between_items and self.link.take_release():
+                self._release()
 
     def _release(self) -> None:
         self.meter.release_idle()
