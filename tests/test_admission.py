@@ -192,3 +192,32 @@ def test_a_worker_blocked_on_another_budget_frees_nothing_here() -> None:
     assert grants(decide(adm)) == []  # a's item runs freely: b waits for its end
     blocked.add("a")
     assert grants(decide(adm)) == [Grant("b", 1, Answer.REFUSED)]
+
+
+def test_a_rerun_is_not_granted_on_top_of_an_item_blocked_on_another_budget() -> None:
+    """b's item waits on another budget, holding none of this one yet: it still expects
+    its room here once it goes on. a's rerun, which wants the whole budget, is not
+    granted on top of it as if the run had drained: it waits for b's item to end, or,
+    when nothing can end (b is blocked), it is let past the budget, reported."""
+    blocked: set[str] = set()
+    adm = admission(2, blocked_elsewhere=lambda worker: worker in blocked)
+    running(adm, {"a": [0], "b": [1]})
+    adm.request("a", 1, want=2)
+    assert grants(decide(adm)) == []  # b's item runs freely: its end frees the room
+    blocked.add("b")
+    assert grants(decide(adm)) == [Grant("a", 1, Answer.OVER_BUDGET)]
+    assert [(o.index, o.need) for o in adm.overruns] == [(0, 2)]
+
+
+def test_a_rerun_another_budget_granted_is_never_refused_here() -> None:
+    """a reruns an item another budget refused once: there is no third attempt, so when
+    a and b wait on each other here, b gives way though a's request is the younger."""
+    adm = admission(2, {0: 0, 1: 0}, gates_items=False, rerunning_elsewhere=lambda w: w == "a")
+    for worker, index in (("a", 0), ("b", 1)):
+        adm.add_worker(worker)
+        adm.queued(worker, [index])
+        adm.started(worker, index)
+        adm.counts(worker, 1, 0)
+    adm.request("b", 1)
+    adm.request("a", 2)
+    assert grants(decide(adm)) == [Grant("b", 1, Answer.REFUSED)]

@@ -253,6 +253,8 @@ class Admission(Generic[W]):
     budget gates connects only (another server's or role's): its goes are given by the
     run's own budget and reported here with ``started``. ``blocked_elsewhere`` tells
     whether a worker waits on another budget: it will free nothing here until then.
+    ``rerunning_elsewhere`` tells whether another budget granted a worker's rerun: its
+    connects are never refused here either (there is no third attempt).
     """
 
     def __init__(
@@ -262,6 +264,7 @@ class Admission(Generic[W]):
         need_of: Callable[[int], int],
         gates_items: bool = True,
         blocked_elsewhere: Callable[[W], bool] | None = None,
+        rerunning_elsewhere: Callable[[W], bool] | None = None,
     ) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
@@ -275,6 +278,7 @@ class Admission(Generic[W]):
         #: under it, idle connections are asked back even with nobody waiting.
         self._lowered_under = False
         self._blocked_elsewhere = blocked_elsewhere or (lambda worker: False)
+        self._rerunning_elsewhere = rerunning_elsewhere or (lambda worker: False)
         self._workers: dict[W, _Holder] = {}
         self._counter = 0
         self._peak_open = 0
@@ -375,6 +379,13 @@ class Admission(Generic[W]):
         state.ask(_Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
 
+    def attempt_over(self, worker: W) -> None:
+        """The worker's running item failed and asks another budget to rerun it: what
+        its first attempt was granted here is free (its connections went back)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            state.floor = 0
+
     # -- queries ------------------------------------------------------------------------
 
     def largest_waiting_need(self) -> int:
@@ -426,10 +437,14 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
+    def admit(
+        self, actions: list[AdmissionAction], *, first: W | None = None, relieve: bool = True
+    ) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
-        room reserved, so later, smaller items cannot starve it."""
+        room reserved, so later, smaller items cannot starve it. With ``relieve=False``
+        only what fits is let through: no release is asked and no wait is broken (the
+        other budgets answer what fits first)."""
         committed = {w: s.commitment() for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
@@ -488,6 +503,8 @@ class Admission(Generic[W]):
                         state.waiting_since = state.waiting_since or self._next()
                 break
 
+        if not relieve:
+            return
         if blocked:
             self._relieve(blocked, actions)
         elif self._lowered_under:
@@ -501,14 +518,23 @@ class Admission(Generic[W]):
         """Whether the worker runs an item that waits for nothing: its end frees room."""
         return bool(state.granted) and not state.requests and not self._blocked_elsewhere(worker)
 
+    def reruns(self, worker: W) -> bool:
+        """Whether the worker's running item is a rerun this budget granted."""
+        state = self._workers.get(worker)
+        return state is not None and state.rerunning
+
     def has_requests(self, worker: W) -> bool:
         state = self._workers.get(worker)
         return state is not None and bool(state.requests)
 
     def _others_busy(self, worker: W) -> bool:
-        """Whether any other worker holds connections or runs an item."""
+        """Whether any other worker holds connections or runs an item. An item blocked
+        on another budget still runs: it expects its room here once that budget lets it
+        go on (that budget's wait-die sees the rerun's wait and ends the wait there)."""
         return any(
-            s.open > 0 or self._runs_freely(w, s) for w, s in self._workers.items() if w != worker
+            s.open > 0 or (s.granted and not s.requests)
+            for w, s in self._workers.items()
+            if w != worker
         )
 
     def _waiting(self) -> list[_Request]:
@@ -550,6 +576,7 @@ class Admission(Generic[W]):
             if r.kind is RequestKind.CONNECT
             and not r.background
             and not self._workers[r.worker].rerunning  # type: ignore[index]
+            and not self._rerunning_elsewhere(r.worker)  # type: ignore[arg-type]
         ]
         victim = connects[-1].worker if connects else None
         if victim is not None and (

@@ -85,7 +85,10 @@ class Planner(Generic[W]):
         self.unknown_need = unknown_need
         self._placer: Placer[W] = Placer(order=order)
         self._admission: Admission[W] = Admission(
-            budget, need_of=self.need_of, blocked_elsewhere=self._blocked_elsewhere
+            budget,
+            need_of=self.need_of,
+            blocked_elsewhere=self._blocked_elsewhere,
+            rerunning_elsewhere=self._rerunning,
         )
         #: Every budget by key, the run's own first.
         self._budgets: dict[BudgetKey, Admission[W]] = {DEFAULT_BUDGET: self._admission}
@@ -155,6 +158,7 @@ class Planner(Generic[W]):
             need_of=lambda index: 0,
             gates_items=False,
             blocked_elsewhere=self._blocked_elsewhere,
+            rerunning_elsewhere=self._rerunning,
         )
         for worker in self._placer.workers:
             admission.add_worker(worker)
@@ -167,6 +171,11 @@ class Planner(Generic[W]):
     def _blocked_elsewhere(self, worker: W) -> bool:
         """Whether the worker waits on any budget: it frees nothing anywhere meanwhile."""
         return any(a.has_requests(worker) for a in self._budgets.values())
+
+    def _rerunning(self, worker: W) -> bool:
+        """Whether some budget granted the worker's rerun: no budget refuses its connects
+        (a test refused once is rerun once, never failed for the budget)."""
+        return any(a.reruns(worker) for a in self._budgets.values())
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
@@ -259,6 +268,10 @@ class Planner(Generic[W]):
             return [Grant(worker, request)] if worker in self._placer.workers else []
         if not admission.request(worker, request, want, item=item, background=background):
             return []
+        if want is not None:
+            for other in self._budgets.values():
+                if other is not admission:
+                    other.attempt_over(worker)
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -359,16 +372,28 @@ class Planner(Generic[W]):
                 for admission in self._budgets.values():
                     admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
-        self._admission.admit(admitted, first=self._placer.serial_worker)
         others = self._others()
         if others:
-            goes = [a for a in admitted if isinstance(a, Go)]
-            for admission in others:
-                for go in goes:
-                    admission.started(go.worker, go.index)  # type: ignore[arg-type]
-                admission.admit(admitted)
+            # Every budget answers what fits before any breaks a wait: a worker waiting on
+            # another budget that has room for it is not blocked there.
+            self._admit(admitted, others, relieve=False)
+        self._admit(admitted, others, relieve=True)
+        if others:
             admitted = _one_release_per_worker(admitted)
         return [*placed, *admitted]
+
+    def _admit(
+        self, admitted: list[Go | Grant | Release], others: list[Admission[W]], *, relieve: bool
+    ) -> None:
+        """The run's own budget gives goes and grants, then the others learn the goes and
+        grant connects."""
+        start = len(admitted)
+        self._admission.admit(admitted, first=self._placer.serial_worker, relieve=relieve)
+        goes = [a for a in admitted[start:] if isinstance(a, Go)]
+        for admission in others:
+            for go in goes:
+                admission.started(go.worker, go.index)  # type: ignore[arg-type]
+            admission.admit(admitted, relieve=relieve)
 
     def _others(self) -> list[Admission[W]]:
         """The budgets other than the run's own."""
