@@ -105,7 +105,9 @@ def test_gather_beyond_the_budget_finishes_without_a_gate_timeout(
 #: The subprocess holds its connection until the monitor has begun this many samples
 #: after it connected (bounded by HOLD_SECONDS): the summary's "server minus workers" is
 #: taken per sample, and one sample could meet a worker's count a moment ahead of the
-#: server's and hide the connection.
+#: server's and hide the connection. Only the samples count (``SAMPLE_QUERY``): the
+#: plugin's connection also runs the sharing's queries, several per step.
+SAMPLE_QUERY = "SELECT pid FROM pg_stat_activity"
 HOLD_SAMPLES = 10
 HOLD_SECONDS = 20
 HOLD = f"""
@@ -115,9 +117,10 @@ seen, deadline = set(), time.monotonic() + {HOLD_SECONDS}
 while len(seen) < {HOLD_SAMPLES} and time.monotonic() < deadline:
     row = conn.execute(
         "SELECT query_start FROM pg_stat_activity WHERE application_name = %s "
+        "AND starts_with(query, %s) "
         "AND query_start > (SELECT backend_start FROM pg_stat_activity "
         "WHERE pid = pg_backend_pid())",
-        ({MONITOR_APPLICATION_NAME!r},),
+        ({MONITOR_APPLICATION_NAME!r}, {SAMPLE_QUERY!r}),
     ).fetchone()
     if row:
         seen.add(row[0])
