@@ -104,6 +104,11 @@ class Others:
     #: Test leases of runs that vanished less than ``DEPARTED_GRACE`` ago: still taken.
     departed: int = 0
 
+    @property
+    def slotless(self) -> int:
+        """Runs with a demand but no slot yet: each still has its own connection open."""
+        return sum(1 for run in self.demand if not self.held.get(run))
+
 
 class DepartedRuns:
     """The runs gone from ``pg_locks`` within ``grace`` seconds, and their test leases.
@@ -200,8 +205,9 @@ def kept_by_others(others: Others) -> int:
     overdue with the priority may go past its share only into the rest: the others'
     last leases, while the server's live count shows them unused (they keep one each
     as long as they have work left, which would otherwise shut such an item out)."""
-    slotless = sum(1 for run in others.demand if not others.held.get(run))
-    return others.departed + slotless + sum(max(1, slots - 1) for slots in others.held.values())
+    return (
+        others.departed + others.slotless + sum(max(1, slots - 1) for slots in others.held.values())
+    )
 
 
 def plan(
@@ -227,8 +233,7 @@ def plan(
     runs = len(others.held.keys() | others.demand.keys())
     # Every run leases a slot for its own connection first (``held`` counts it); one
     # that could not yet still has that connection open.
-    slotless = sum(1 for run in others.demand if not others.held.get(run))
-    others_leased = sum(others.held.values()) + slotless + others.departed
+    others_leased = sum(others.held.values()) + others.slotless + others.departed
     outsiders = max(0, live_others - others_leased)
     pool = allows - 1 - runs - outsiders - CLOSING_SLACK
     demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
