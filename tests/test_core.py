@@ -1830,3 +1830,59 @@ def test_a_serial_lane_run_before_the_others_are_up_strands_nothing() -> None:
     sim.run(lambda events: len(events) - 1)  # the join events come first: last resort
     sim.assert_sound()
     assert sim.starts[:2] == [("gw0", 6), ("gw0", 7)]
+
+
+# -- workers that connect before they join (session start, collection) -----------------------
+
+
+def test_a_worker_connecting_before_the_collection_is_in_is_granted_at_once() -> None:
+    """SQLAlchemy's own suite connects in ``pytest_sessionstart``: the worker has not
+    collected, nothing is loaded, yet its connect is answered."""
+    planner: Planner[str] = Planner(BUDGET)
+    assert planner.attach("a") == []
+    assert planner.request("a", 1, item=-1, background=True) == [Grant("a", 1, Answer.GRANTED)]
+
+
+def test_connections_held_before_joining_count_against_the_budget() -> None:
+    t = Tracker(budget=3)
+    t.planner.attach("a")
+    t.planner.attach("b")
+    t.counts("a", 3, 0)  # a keeps three connections from its session start
+    t.load(fanout(4, need=1))
+    actions = t.add("a", "b")
+    assert t.queues["b"]
+    assert "b" not in {worker for worker, _ in goes(actions)}  # it would be a fourth
+    actions = t.counts("a", 1, 0)  # two of a's session's connections went back
+    assert "b" in {worker for worker, _ in goes(actions)}
+
+
+def test_a_connect_outside_tests_waits_for_room_and_is_never_refused() -> None:
+    t = Tracker(budget=1)
+    t.load(fanout(1))
+    t.add("a")
+    t.counts("a", 1, 0)  # a's item holds the only connection
+    t.planner.attach("c")
+    assert grants(t.request("c", 1, item=-1, background=True)) == []  # no room: it waits
+    # a's item ends and gives its connection back: c's connect goes through
+    actions = t.counts("a", 0, 0) + t.complete("a", 0)
+    assert grants(actions) == [Grant("c", 1, Answer.GRANTED)]
+
+
+def test_a_worker_removed_before_it_joined_frees_what_it_held() -> None:
+    t = running_pair(budget=3)
+    t.planner.attach("c")
+    t.counts("c", 1, 0)  # c holds one: the budget is full
+    assert grants(t.request("a", 1)) == []
+    crashed, actions = t.remove("c")  # c's session start failed; it never collected
+    assert crashed is None
+    assert grants(actions) == [Grant("a", 1, Answer.GRANTED)]
+
+
+def test_attach_is_idempotent_and_joining_keeps_the_counts() -> None:
+    t = Tracker(budget=4)
+    t.planner.attach("a")
+    t.planner.attach("a")
+    t.counts("a", 1, 0)
+    t.load(fanout(2))
+    t.add("a")
+    assert t.planner.statistics().open == 1

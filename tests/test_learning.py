@@ -163,6 +163,27 @@ def test_one_connection_passes_at_a_time_until_the_server_is_learned() -> None:
     assert not learning.hold("gw1", third)
 
 
+def test_a_connection_outside_tests_that_taught_nothing_lets_the_next_pass() -> None:
+    """The connection that passed was opened at session start (no item): it is over once
+    its worker ends any item, or goes away; the next held request may then pass."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    learning: ServerLearning[str] = ServerLearning(
+        None, inbox, lambda: None, lambda found, dsn, seen: 30
+    )
+    outside, second, third = RoomRequest(1), RoomRequest(1), RoomRequest(1)
+    assert not learning.hold("gw0", outside)
+    assert learning.hold("gw1", second)
+    assert learning.hold("gw2", third)
+    learning.item_done("gw1", 3)  # another worker's item: nothing changes
+    assert inbox.empty()
+    learning.item_done("gw0", 7)  # gw0 ran a test since: its connect is long over
+    assert inbox.get_nowait() == ("gw1", second)
+    assert not learning.hold("gw1", second)
+    learning.worker_gone("gw2")  # its held request goes with it
+    learning.worker_gone("gw1")  # the one passing: nothing is left to pass
+    assert inbox.empty()
+
+
 def test_a_server_that_cannot_be_read_keeps_the_configured_budget() -> None:
     login = ServerSeen("127.0.0.1", free_port(), "app", "acc_app", PASSWORD, "psycopg", 4242)
     budget, found, released = learn_from(login)

@@ -94,6 +94,8 @@ class Planner(Generic[W]):
         self._budgets: dict[BudgetKey, Admission[W]] = {DEFAULT_BUDGET: self._admission}
         #: Peaks measured in this run, by item.
         self._needs: dict[int, int] = {}
+        #: Workers admission knows: attached (side channel up) or added (collected).
+        self._attached: set[W] = set()
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -114,11 +116,22 @@ class Planner(Generic[W]):
         self._placer.open_fanout()
         return self._plan()
 
+    def attach(self, worker: W) -> list[Action]:
+        """A worker's side channel is up, before it has collected: its connects (in
+        ``pytest_configure``, conftest imports, session start, collection) are admitted
+        within the budget like a test's, and what it holds counts against the budget
+        (``docs/design.md``, "Connections outside tests"). Idempotent."""
+        if worker in self._attached:
+            return []
+        self._attached.add(worker)
+        for admission in self._budgets.values():
+            admission.add_worker(worker)
+        return []
+
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
         self._placer.add_worker(worker)
-        for admission in self._budgets.values():
-            admission.add_worker(worker)
+        self.attach(worker)
         return self._plan() if self.loaded else []
 
     def remove_worker(self, worker: W, *, crashed: bool = True) -> tuple[int | None, list[Action]]:
@@ -128,9 +141,15 @@ class Planner(Generic[W]):
         ``load``); the rest, or all of a worker that ended normally with items still
         queued (it was shut down first), goes back to the front of its lane, in order.
         """
-        running = self._placer.remove_worker(worker, crashed=crashed)
-        for admission in self._budgets.values():
-            admission.remove_worker(worker)
+        running = (
+            self._placer.remove_worker(worker, crashed=crashed)
+            if worker in self._placer.workers
+            else None  # attached only: it never collected, so it ran nothing
+        )
+        if worker in self._attached:
+            self._attached.discard(worker)
+            for admission in self._budgets.values():
+                admission.remove_worker(worker)
         return running, self._plan()
 
     def set_budget(
@@ -160,7 +179,7 @@ class Planner(Generic[W]):
             blocked_elsewhere=self._blocked_elsewhere,
             rerunning_elsewhere=self._rerunning,
         )
-        for worker in self._placer.workers:
+        for worker in self._attached:
             admission.add_worker(worker)
             queue = self._admission.queue_of(worker)
             admission.queued(worker, queue)
@@ -265,7 +284,7 @@ class Planner(Generic[W]):
         budget ``key``. ``background``: a pool's own connect, which is never refused."""
         admission = self._budgets.get(key)
         if admission is None:  # no such budget: nothing to wait for
-            return [Grant(worker, request)] if worker in self._placer.workers else []
+            return [Grant(worker, request)] if worker in self._attached else []
         if not admission.request(worker, request, want, item=item, background=background):
             return []
         if want is not None:
@@ -363,10 +382,10 @@ class Planner(Generic[W]):
         """Placement hands items out, admission lets them start: the newly handed-out
         items join admission's view of each queue in between."""
         self._admission.note_peak()
-        if not self.loaded:
-            return []
         placed: list[Send | Shutdown] = []
-        self._placer.fill(placed)
+        # Before the collection is in nothing is placed, but attached workers connect.
+        if self.loaded:
+            self._placer.fill(placed)
         for action in placed:
             if isinstance(action, Send):
                 for admission in self._budgets.values():

@@ -11,7 +11,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pytest_poolaware import compat
 from pytest_poolaware.core import (
@@ -31,6 +31,7 @@ from pytest_poolaware.protocol import (
     Counts,
     Goes,
     Note,
+    OpenedOutsideTests,
     ReleaseIdle,
     RequestAnswer,
     RoomRequest,
@@ -49,12 +50,41 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class OutsideTests:
+    """Connections the workers opened outside any test (session start, say), by where:
+    they count against the budget like a test's, and the summary says so."""
+
+    opened: dict[str, int] = field(default_factory=dict)
+    longest_wait: float = 0.0
+
+    def note(self, phase: str, waited: float) -> None:
+        self.opened[phase] = self.opened.get(phase, 0) + 1
+        self.longest_wait = max(self.longest_wait, waited)
+
+    def summary(self) -> str | None:
+        """One line for the summary (None: no connection was opened outside a test)."""
+        if not self.opened:
+            return None
+        total = sum(self.opened.values())
+        where = ", ".join(f"{count} at {phase}" for phase, count in self.opened.items())
+        line = f"{total} connections opened outside tests ({where}), counted in the budget"
+        if self.longest_wait >= OUTSIDE_WAIT_WORTH_SAYING:
+            line += f"; the longest waited {self.longest_wait:.1f}s for room"
+        return line
+
+
+#: A wait for room outside any test worth naming in the summary, in seconds.
+OUTSIDE_WAIT_WORTH_SAYING: Final = 1.0
+
+
+@dataclass
 class RunRecord:
     """What the controller gathers as the run goes, for the scheduler's ``snapshot``."""
 
     results: list[ItemResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
+    outside: OutsideTests = field(default_factory=OutsideTests)
 
 
 class Dispatcher:
@@ -95,6 +125,28 @@ class Dispatcher:
         self.share = share
         #: With no DSN given: the server learned from the workers' first connection.
         self.learning = learning
+        #: Workers whose connects the planner admits, joined or not (``admits``).
+        self._attached: set[WorkerController] = set()
+
+    def admits(self, node: WorkerController) -> bool:
+        """Whether the planner counts and admits this worker's connections: from the moment
+        its side channel is up, long before it joins (a suite may connect in
+        ``pytest_configure``, at conftest import or in ``pytest_sessionstart``), until it
+        is removed (its link is gone: what it still sends is stale)."""
+        if node not in self._links:
+            return False
+        if node not in self._attached:
+            self._attached.add(node)
+            self.apply(self.planner.attach(node))
+        return True
+
+    def detach(self, node: WorkerController) -> None:
+        """A worker that never joined is gone: what it held or asked for no longer counts."""
+        if node in self._attached:
+            self._attached.discard(node)
+            if self.learning is not None:
+                self.learning.worker_gone(node)
+            self.apply(self.planner.remove_worker(node)[1])
 
     def _consult_share(self, share: ShareCoordinator) -> None:
         """Follow the run's share of the server's room when it moved."""
@@ -143,7 +195,7 @@ class Dispatcher:
             elif isinstance(message, Counts):
                 if message.budget == DEFAULT_BUDGET:  # the timeline shows the run's own
                     self._record.timeline.append((time.time(), node.gateway.id, message.open))
-                if node in self._joined:
+                if self.admits(node):
                     self.apply(
                         self.planner.counts(
                             node,
@@ -158,7 +210,7 @@ class Dispatcher:
                 if self.learning is not None:
                     self.learning.seen(message, on_this_machine(node.gateway.spec))
             elif isinstance(message, RoomRequest):
-                if node in self._joined and not (
+                if self.admits(node) and not (
                     self.learning is not None and self.learning.hold(node, message)
                 ):
                     want = message.want
@@ -181,6 +233,8 @@ class Dispatcher:
                     self.apply(actions)
             elif isinstance(message, Note):
                 self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+            elif isinstance(message, OpenedOutsideTests):
+                self._record.outside.note(message.phase, message.waited)
 
     def _reconcile(self) -> None:
         """A gate wait begins: send the server's backend pids to the workers, so they

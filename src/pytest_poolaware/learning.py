@@ -226,9 +226,29 @@ class ServerLearning(Generic[N]):
         """An item ended. If it was the one whose connection passed and nothing was
         learned from it (the connection failed, or its driver did not say where it
         went), let the next held request pass; after ``LEARNING_ATTEMPTS`` of those, stop
-        trying and keep the budget."""
-        if not self.pending or self.login is not None or self._passing != (node, item):
+        trying and keep the budget. A connection that passed outside any test (session
+        start, say) is over once its worker has ended an item."""
+        if not self.pending or self.login is not None or self._passing is None:
             return
+        passing_node, passing_item = self._passing
+        if passing_node != node or (passing_item != item and passing_item >= 0):
+            return
+        self._pass_next()
+
+    def worker_gone(self, node: N) -> None:
+        """A worker went away (before it joined, perhaps while its session started): its
+        held requests go, and if its connection was the one that passed, the next may."""
+        self._held = [(n, r) for n, r in self._held if n != node]
+        if (
+            self.pending
+            and self.login is None
+            and self._passing is not None
+            and self._passing[0] == node
+        ):
+            self._pass_next()
+
+    def _pass_next(self) -> None:
+        """The connection that passed taught nothing: let the next held request pass."""
         self._passing = None
         self._attempts += 1
         if self._attempts >= LEARNING_ATTEMPTS:

@@ -120,6 +120,8 @@ class ConnectionLedger:
         self._on_change = on_change
         self._on_error = on_error
         self._error_seen = False
+        #: The first failure contained, kept until someone hears of it (``rebind``).
+        self._first_error: BaseException | None = None
         # Counted by the driver hooks, by backend pid and by connection object.
         self._by_pid: dict[int, _Counted] = {}
         self._by_conn: dict[int, _Counted] = {}
@@ -152,7 +154,25 @@ class ConnectionLedger:
     def _contain(self, exc: BaseException) -> None:
         if not self._error_seen:
             self._error_seen = True
+            self._first_error = exc
             self._on_error(exc)
+
+    def rebind(
+        self,
+        on_change: Callable[[int, int, bool, int], None],
+        on_error: Callable[[BaseException], None],
+        on_opened: Callable[[Any, str], None] | None = None,
+    ) -> list[tuple[Any, str]]:
+        """Report to these from now on; returns the connections still open, with their
+        drivers, for ``on_opened`` to hear of those counted before (see
+        ``PoolMeter.unbound``). A failure contained before is handed to ``on_error``."""
+        with self._lock:
+            self._on_change, self._on_error, self._on_opened = on_change, on_error, on_opened
+            early_error, self._first_error = self._first_error, None
+            alive = [(r.ref(), r.driver) for r in self._by_pid.values()]
+        if early_error is not None:
+            on_error(early_error)
+        return [(conn, driver) for conn, driver in alive if conn is not None]
 
     # -- what the driver hooks report (drivers.ConnectionSink) --------------------------------
 
@@ -408,6 +428,27 @@ class PoolMeter(ConnectionLedger):
             sweep_async=self._sweep_async,
         )
 
+    @classmethod
+    def unbound(cls) -> PoolMeter:
+        """A meter for a worker's start-up, before its side channel exists (conftests are
+        imported before ``config.workerinput`` is set): it counts every connection and
+        gates none, until ``bind`` hands it to the worker's agent."""
+        return cls(on_change=_ignore_counts, gate=_no_gate, on_error=_ignore_error)
+
+    def bind(
+        self,
+        *,
+        on_change: Callable[[int, int, bool, int], None],
+        gate: Gate,
+        on_error: Callable[[BaseException], None],
+        gate_async: AsyncGate | None = None,
+        on_opened: Callable[[Any, str], None] | None = None,
+    ) -> list[tuple[Any, str]]:
+        """The worker's agent takes over: counts go to the controller and connects wait
+        at its gate from now on. Returns the connections counted so far (``rebind``)."""
+        self._gate, self._gate_async = gate, gate_async
+        return self.rebind(on_change, on_error, on_opened)
+
     # -- installing ---------------------------------------------------------------------------
 
     @property
@@ -509,3 +550,16 @@ class PoolMeter(ConnectionLedger):
     async def release_idle_async(self) -> None:
         """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""
         await self._reclaimer.release_idle_async()
+
+
+def _ignore_counts(open_: int, idle: int, released: bool, version: int) -> None:
+    """Counts before the side channel exists: nobody to tell yet (``PoolMeter.bind``
+    sends the current ones)."""
+
+
+def _no_gate(background: bool) -> None:
+    """The gate before the side channel exists: nobody to ask, so nothing waits."""
+
+
+def _ignore_error(exc: BaseException) -> None:
+    """Kept by the ledger until ``rebind`` hands it to the agent."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
+import os
 import queue
 import time
 from collections.abc import Collection
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from xdist.workermanage import WorkerController
 
     from pytest_poolaware.learning import ServerLearning
+    from pytest_poolaware.meter import PoolMeter
     from pytest_poolaware.monitor import ServerMonitor
     from pytest_poolaware.protocol import ServerSeen
     from pytest_poolaware.runstats import RunStats
@@ -40,6 +42,8 @@ WORKER_SETTINGS_KEY = "poolaware_settings"
 LEARNED_BUDGET_KEY = "poolaware/learned_budget"
 #: Packages newer than the tested range, one line each for the report header.
 _version_warnings_key = pytest.StashKey[tuple[str, ...]]()
+#: A worker's meter, counting from before its conftests are imported (``_count_early``).
+_early_meter_key: pytest.StashKey[PoolMeter] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -71,8 +75,27 @@ class _DistChoice:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """A worker of a poolaware run lowers its priority before its conftests' imports."""
+    """A worker of a poolaware run lowers its priority, and starts counting connections,
+    before its conftests' imports."""
     priority.lower_priority(priority.take_in_worker())
+    _count_early(early_config)
+
+
+def _count_early(early_config: pytest.Config) -> None:
+    """Hook the drivers before a worker's conftests are imported: a conftest may connect
+    at import time, before ``config.workerinput`` (and so the side channel) exists.
+    Those connections are counted, not gated; the worker's agent takes the meter over
+    (``PoolMeter.bind``) and reports them as opened at start-up. A worker still has
+    ``--dist`` on its command line here (xdist resets it afterwards)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    if getattr(early_config.known_args_namespace, "dist", None) != DIST_MODE:
+        return
+    from pytest_poolaware.meter import PoolMeter
+
+    meter = PoolMeter.unbound()
+    meter.install()
+    early_config.stash[_early_meter_key] = meter
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -89,6 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None:
         if WORKERINPUT_KEY in workerinput:
             _configure_worker(config, workerinput)
+        elif _early_meter_key in config.stash:  # not a worker of ours after all
+            config.stash[_early_meter_key].uninstall()
         return
     if config.getoption("dist", "no") != DIST_MODE:
         return
@@ -140,6 +165,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         retry_on_limit=options.retry_on_limit,
         room=options.room,
         learn=options.learn,
+        meter=config.stash.get(_early_meter_key, None),
     )
     config.pluginmanager.register(agent, "poolaware-worker")
 

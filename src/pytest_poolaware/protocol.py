@@ -4,8 +4,8 @@ Three routes (``docs/design.md``, "Protocol"):
 
 * ``WorkerSettings`` travels once, in ``workerinput``, beside the side channel;
 * the side channel (``link``) carries ``Collected``, ``Counts``, ``RoomRequest``,
-  ``ServerSeen`` and ``Note`` from a worker, ``Goes``, ``RequestAnswer``, ``ReleaseIdle``,
-  ``ServerPids`` and ``RoomKnown`` from the controller;
+  ``ServerSeen``, ``Note`` and ``OpenedOutsideTests`` from a worker, ``Goes``,
+  ``RequestAnswer``, ``ReleaseIdle``, ``ServerPids`` and ``RoomKnown`` from the controller;
 * ``ItemMeasures`` rides on an item's last report, on xdist's own channel.
 
 On the wire a message is a dict of plain values that execnet can serialize: its fields
@@ -170,6 +170,17 @@ class Note(_Plain):
     text: str
 
 
+@_message
+@dataclass(frozen=True, slots=True)
+class OpenedOutsideTests(_Plain):
+    """The worker opened a connection outside any test (``phase``: where, e.g. "session
+    start"), after waiting ``waited`` seconds for room: for the summary."""
+
+    kind: ClassVar[str] = "outside"
+    phase: str
+    waited: float = 0.0
+
+
 # -- controller -> worker --------------------------------------------------------------------
 
 
@@ -249,7 +260,7 @@ class RoomKnown(_Plain):
         return None if self.allows is None else (self.allows, self.limit)
 
 
-WorkerMessage = Collected | Counts | RoomRequest | ServerSeen | Note
+WorkerMessage = Collected | Counts | RoomRequest | ServerSeen | Note | OpenedOutsideTests
 ControllerMessage = Goes | RequestAnswer | ReleaseIdle | ServerPids | RoomKnown
 #: Messages that can unblock a decision: the controller looks at them at once; the
 #: others wait for the next xdist event.

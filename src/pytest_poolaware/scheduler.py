@@ -288,12 +288,13 @@ class PoolAwareScheduling:
         """
         self._drain()
         self._links.pop(node, None)
+        if node not in self._joined:
+            self._dispatch.detach(node)  # it may have connected before it joined
         if node not in self._nodes:
             raise KeyError(node)
         self._nodes.remove(node)
         if node in self._collected_nodes:
             self._collected_nodes.remove(node)
-        self._links.pop(node, None)
         if node not in self._joined:
             return None
         self._joined.discard(node)
@@ -323,13 +324,17 @@ class PoolAwareScheduling:
             overruns=statistics.overruns,
             peak_open=statistics.peak_open,
             timeline=tuple(self._record.timeline),
-            notes=tuple(self._record.notes) + self._out_of_order_note(),
+            notes=tuple(self._record.notes) + self._out_of_order_note() + self._outside_note(),
             order=self.planner.order.value,
             placement=self.planner.placement.value,
             learned=statistics.learned,
         )
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _outside_note(self) -> tuple[str, ...]:
+        line = self._record.outside.summary()
+        return () if line is None else (line,)
 
     def _out_of_order_note(self) -> tuple[str, ...]:
         """Tests run out of collection order because no worker could take them in order

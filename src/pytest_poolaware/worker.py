@@ -17,8 +17,15 @@ from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.login import login_of
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
-from pytest_poolaware.meter import BudgetRefused, ControllerGone, PoolMeter, RoomTooSmall
-from pytest_poolaware.protocol import Collected, Counts, ItemMeasures, Note, RoomKnown
+from pytest_poolaware.meter import NO_ITEM, BudgetRefused, ControllerGone, PoolMeter, RoomTooSmall
+from pytest_poolaware.protocol import (
+    Collected,
+    Counts,
+    ItemMeasures,
+    Note,
+    OpenedOutsideTests,
+    RoomKnown,
+)
 from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 
 #: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
@@ -30,6 +37,18 @@ RERUN_SERVER = "the server refused a connection"
 ORPHANED: Final = (
     "the run's controller has gone; this worker opens no connection and starts no test"
 )
+
+#: Where a worker is when a connection is opened outside any test: a suite may connect in
+#: ``pytest_configure``, at conftest import, in ``pytest_sessionstart`` (SQLAlchemy's own
+#: suite provisions its databases there), during collection, or in
+#: ``pytest_sessionfinish`` (dropping them). Such connects are counted and admitted like
+#: a test's, but never refused: there is no test to rerun (``docs/design.md``,
+#: "Connections outside tests").
+STARTUP: Final = "start-up"
+SESSION_START: Final = "session start"
+COLLECTION: Final = "collection"
+BETWEEN_TESTS: Final = "between tests"
+SESSION_FINISH: Final = "session finish"
 
 #: Waits for the budget shorter than this are counted but not kept as spans (the trace):
 #: every item waits about one round trip to the controller for its go.
@@ -81,6 +100,7 @@ class WorkerAgent:
         room: tuple[int, str] | None = None,
         learn: bool = False,
         clock: Callable[[], float] = time.perf_counter,
+        meter: PoolMeter | None = None,
     ) -> None:
         self.link = link
         #: When the budget is the server's own room: what the server allows the login in
@@ -95,18 +115,32 @@ class WorkerAgent:
         self._waits: list[tuple[float, float]] = []
         #: The item being run: connect requests name it, so the controller can tell them
         #: from the previous item's (its completion may reach the controller later).
-        self._running = -1
-        self.meter = PoolMeter(
+        self._running = NO_ITEM
+        #: Where the worker is when not running a test (None: inside one).
+        self._phase: str | None = STARTUP
+        #: Whether connects ask the controller: not once this worker's session has
+        #: finished (the controller no longer answers a worker that has finished).
+        self._gated = True
+        self._learning = learn
+        #: What the connecting thread waited at the gate, for its ``OpenedOutsideTests``.
+        self._connect = threading.local()
+        #: Servers and logins already sent to the controller (``learn``).
+        self._logins_sent: set[tuple[str, int, str, str]] = set()
+        #: A meter counting since start-up (``PoolMeter.unbound``) is taken over.
+        self.meter = meter if meter is not None else PoolMeter.unbound()
+        counted_before = self.meter.bind(
             on_change=lambda open_, idle, released, version: self.link.send(
                 Counts(open_, idle, released, version)
             ),
             gate=self._gate,
             gate_async=self._gate_async,
             on_error=self._report_error,
-            on_opened=self._learn if learn else None,
+            on_opened=self._opened,
         )
-        #: Servers and logins already sent to the controller (``learn``).
-        self._logins_sent: set[tuple[str, int, str, str]] = set()
+        if counted_before:  # opened before this agent existed: counts first, as always
+            self.meter.report(released=False)
+        for conn, driver in counted_before:
+            self._opened(conn, driver, phase=STARTUP)
         link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
         link.on_room_known = self._room_known
         link.on_release = self._release_when_waiting_for_work
@@ -132,8 +166,17 @@ class WorkerAgent:
         self.meter.uninstall()
 
     @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._phase = SESSION_START
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        self._phase = COLLECTION
+
+    @pytest.hookimpl(tryfirst=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Send markers before xdist's own collectionfinish, so they arrive first."""
+        self._phase = BETWEEN_TESTS
         self._install_meter()
         self._index = {item: i for i, item in enumerate(session.items)}
         markers = tuple(item_markers(item) for item in session.items)
@@ -146,9 +189,11 @@ class WorkerAgent:
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         with self._between_items_lock:  # a release carried out meanwhile ends first
             self._between_items = False
+        self._phase = None
         try:
             return self._run_item(item, nextitem)
         finally:
+            self._phase = BETWEEN_TESTS
             with self._between_items_lock:
                 self._between_items = True
             if self.link.release_asked:  # asked after the item's end took its asks
@@ -248,38 +293,72 @@ class WorkerAgent:
             refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Give every idle connection back: this worker will run nothing more. The last
-        counts say what is still open (checked against the server by the controller)."""
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
+        """Give every idle connection back first: this worker will run nothing more. The
+        last counts say what is still open (checked against the server by the
+        controller). Connects in the session's own finish (dropping its databases, say)
+        are still admitted; once it is over the controller no longer answers this
+        worker, so later ones (``pytest_unconfigure``) go through without asking."""
         with self._between_items_lock:  # before the session's fixtures are torn down
             self._between_items = False
+        self._phase = SESSION_FINISH
         self._release()
+        try:
+            return (yield)
+        finally:
+            self._gated = False
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _gate(self, background: bool) -> None:
-        """Called before each new connection: wait until the budget has room for it."""
+        """Called before each new connection: wait until the budget has room for it.
+        Outside a test the connect is a worker's own, like a pool's: delayed until there
+        is room, never refused (there is no test to rerun)."""
+        if not self._gated:
+            return
+        phase = self._phase
+        begun = self._clock()
         answer = self._timed_wait(
             lambda: self.link.request(
-                self._running, None, self.gate_timeout, self._release, background=background
+                self._running if phase is None else NO_ITEM,
+                None,
+                self.gate_timeout,
+                self._release,
+                background=background or phase is not None,
             )
         )
-        self._answered(answer, background)
+        self._connect.waited = self._clock() - begun
+        self._answered(answer, background or phase is not None, phase)
 
     async def _gate_async(self, background: bool) -> None:
         """The gate for a connect on an event loop: awaits the answer, so the loop's other
         coroutines (which may hold the connections that would free room) keep running."""
+        if not self._gated:
+            return
+        phase = self._phase
         begun, begun_at = self._clock(), time.time()
         answer = await self.link.request_async(
-            self._running, self.gate_timeout, self._release_async, background=background
+            self._running if phase is None else NO_ITEM,
+            self.gate_timeout,
+            self._release_async,
+            background=background or phase is not None,
         )
         self._count_wait(begun, begun_at)
-        self._answered(answer, background)
+        self._connect.waited = self._clock() - begun
+        self._answered(answer, background or phase is not None, phase)
 
-    def _answered(self, answer: Answer | None, background: bool) -> None:
+    def _answered(self, answer: Answer | None, background: bool, phase: str | None) -> None:
         if answer is None and self.link.closed:
             raise ControllerGone(f"pytest-poolaware: {ORPHANED}")
+        if answer is None and phase is not None:
+            self.link.send(
+                Note(
+                    f"waited {self.gate_timeout:g}s for connection budget at {phase} "
+                    "(outside any test); connecting anyway"
+                )
+            )
+            return
         if answer is None and self.room is not None and not background:
             # The budget is the server's own room (shared with other runs, perhaps):
             # connecting past it would be refused, and would mislead what is learned.
@@ -313,6 +392,16 @@ class WorkerAgent:
                 "pytest-poolaware: too many connections: every test holding connections "
                 "was waiting for more; this one gives way and is rerun alone"
             )
+
+    def _opened(self, conn: object, driver: str, *, phase: str | None = None) -> None:
+        """A connection was counted: learn the server from it (no DSN was given), and
+        tell the summary of a connection opened outside any test."""
+        if self._learning:
+            self._learn(conn, driver)
+        where = phase if phase is not None else self._phase
+        if where is not None:
+            waited, self._connect.waited = getattr(self._connect, "waited", 0.0), 0.0
+            self.link.send(OpenedOutsideTests(where, waited))
 
     def _learn(self, conn: object, driver: str) -> None:
         """A connection opened: the first one to each server and login tells the
