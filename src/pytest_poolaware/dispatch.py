@@ -8,12 +8,12 @@ calls ``drain`` before every decision and ``apply`` after it.
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
 from pytest_poolaware import compat
+from pytest_poolaware.clock import wall
 from pytest_poolaware.core import (
     DEFAULT_BUDGET,
     Action,
@@ -85,6 +85,32 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
     outside: OutsideTests = field(default_factory=OutsideTests)
+
+    def keep_within(self, started: float, finished: float) -> int:
+        """Clamp the tests' stamps to the session (``started`` to ``finished``); returns
+        how many tests had a stamp outside it. Workers stamp with a clock tests cannot
+        move (``clock``), so this is a last guard, never a routine."""
+
+        def inside(stamp: float) -> float:
+            return min(max(stamp, started), finished)
+
+        moved = 0
+        for position, result in enumerate(self.results):
+            measures = result.measures
+            stamps = (measures.start, measures.end, *(t for w in measures.waits for t in w))
+            if all(started <= t <= finished for t in stamps):
+                continue
+            moved += 1
+            self.results[position] = replace(
+                result,
+                measures=replace(
+                    measures,
+                    start=inside(measures.start),
+                    end=inside(measures.end),
+                    waits=tuple((inside(a), inside(b)) for a, b in measures.waits),
+                ),
+            )
+        return moved
 
 
 class Dispatcher:
@@ -194,7 +220,7 @@ class Dispatcher:
                 self._on_collected(node, message)
             elif isinstance(message, Counts):
                 if message.budget == DEFAULT_BUDGET:  # the timeline shows the run's own
-                    self._record.timeline.append((time.time(), node.gateway.id, message.open))
+                    self._record.timeline.append((wall(), node.gateway.id, message.open))
                 if self.admits(node):
                     self.apply(
                         self.planner.counts(

@@ -31,12 +31,13 @@ import select
 import socket
 import sys
 import threading
-import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
+
+from pytest_poolaware.clock import bounded, monotonic
 
 
 @dataclass(frozen=True)
@@ -293,9 +294,9 @@ class _Watch:
         """Block until the server's end closes, at most BACKEND_EXIT_TIMEOUT."""
         if self.sock is None:
             return
-        deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+        deadline = monotonic() + BACKEND_EXIT_TIMEOUT
         try:
-            while (left := deadline - time.monotonic()) > 0:
+            while (left := deadline - monotonic()) > 0:
                 self.sock.settimeout(left)
                 if not self.sock.recv(_RECV_BYTES):
                     return
@@ -308,12 +309,12 @@ class _Watch:
             return
         self.sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + BACKEND_EXIT_TIMEOUT
+        deadline = monotonic() + BACKEND_EXIT_TIMEOUT
         try:
-            while (left := deadline - loop.time()) > 0:
-                if not await asyncio.wait_for(loop.sock_recv(self.sock, _RECV_BYTES), left):
-                    return
-        except (OSError, asyncio.TimeoutError):
+            while (left := deadline - monotonic()) > 0:
+                if not await bounded(loop.sock_recv(self.sock, _RECV_BYTES), left):
+                    return  # the server's end closed, or the wait ran out
+        except OSError:
             return
 
     def release(self) -> None:
@@ -431,10 +432,10 @@ class BackendExits:
     def settle(self) -> None:
         """Wait until every close handed over is reported, at most BACKEND_EXIT_TIMEOUT
         after the last one."""
-        deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+        deadline = monotonic() + BACKEND_EXIT_TIMEOUT
         with self._lock:
             while self._pending or self._handed:
-                left = deadline - time.monotonic()
+                left = deadline - monotonic()
                 if left <= 0 or self._thread is None:
                     return
                 self._settled.wait(left)
@@ -533,7 +534,7 @@ class BackendExits:
         while not self._stopping:
             try:
                 self._watch_handed(poller, watching)
-                now = time.monotonic()
+                now = monotonic()
                 for fd, watch in list(watching.items()):
                     if watch.deadline <= now or watch.exited_now():
                         self._done(poller, watching, fd)
@@ -562,7 +563,7 @@ class BackendExits:
                 self._finish(watch)
                 self._reported()
                 continue
-            watch.deadline = time.monotonic() + BACKEND_EXIT_TIMEOUT
+            watch.deadline = monotonic() + BACKEND_EXIT_TIMEOUT
             fd = watch.sock.fileno()
             watching[fd] = watch
             poller.register(fd, select.POLLIN)

@@ -14,10 +14,10 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
+from pytest_poolaware.clock import bounded, monotonic
 from pytest_poolaware.core import Answer
 from pytest_poolaware.protocol import (
     WAKING,
@@ -87,9 +87,7 @@ class ControllerLink(Generic[N]):
 class WorkerLink:
     """Worker end: send events, and wait (bounded) for the controller's answers."""
 
-    def __init__(
-        self, channel: execnet.Channel, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, channel: execnet.Channel, clock: Callable[[], float] = monotonic) -> None:
         self.channel = channel
         self._clock = clock
         self._cond = threading.Condition()
@@ -219,7 +217,7 @@ class WorkerLink:
         coroutines of that loop keep running (they may hold what would free room)."""
         loop = asyncio.get_running_loop()
         rid = self._send_request(None, index, background)
-        deadline = loop.time() + timeout
+        deadline = self._clock() + timeout
         try:
             while True:
                 future: asyncio.Future[None] = loop.create_future()
@@ -234,11 +232,10 @@ class WorkerLink:
                 if release:
                     await on_release()
                     continue
-                remaining = deadline - loop.time()
+                remaining = deadline - self._clock()
                 if remaining <= 0:
                     return None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(future, remaining)
+                await bounded(future, remaining)
         finally:
             with self._cond:
                 self._awaiting.pop(rid, None)

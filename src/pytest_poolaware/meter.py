@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_poolaware.clock import wall
 from pytest_poolaware.drivers import (
     DriverHooks,
     running_loop,
@@ -193,7 +193,7 @@ class ConnectionLedger:
                     loop=running_loop(),
                     pooled=pool is not None,
                     in_use=pool is None,
-                    opened_at=time.time(),
+                    opened_at=wall(),
                     opened_by=self._item if self._in_call else NO_ITEM,
                 )
                 self._by_pid[pid] = record

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from pytest_poolaware.clock import wall
 from pytest_poolaware.dsn import mask_dsn
 from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
 from pytest_poolaware.runstats import ServerView
@@ -67,7 +68,7 @@ class ServerMonitor:
         budget: int,
         source: str = "",
         interval: float = SAMPLE_INTERVAL,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall,
         connection: Any = None,
     ) -> None:
         self.dsn = dsn

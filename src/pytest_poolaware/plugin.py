@@ -7,7 +7,6 @@ import dataclasses
 import gc
 import os
 import queue
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_poolaware import compat, priority, report
+from pytest_poolaware.clock import wall
 from pytest_poolaware.history import History
 from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
 from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
@@ -197,7 +197,7 @@ class Controller:
         self.inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]] = queue.SimpleQueue()
         self.scheduler: PoolAwareScheduling | None = None
         # For the report: session times, outcomes, server monitoring, the run's facts.
-        self.started = self.finished = time.time()
+        self.started = self.finished = wall()
         self.outcomes: dict[str, str] = {}
         self.monitor: ServerMonitor | None = None
         #: The plugin's own server connection (discovery, monitoring), if any.
@@ -231,7 +231,7 @@ class Controller:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Runs before xdist starts the workers (its hook is trylast), so the plugin's own
         connection is made, and the budget chosen, before any of theirs."""
-        self.started = time.time()
+        self.started = wall()
         if self.settings.monitor_dsn:
             self._discover()
         elif not self.settings.monitor_source:  # not turned off: learn it from the tests
@@ -514,7 +514,7 @@ class Controller:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        self.finished = time.time()
+        self.finished = wall()
         priority.withdraw()
         if self.learning is not None:
             self.notes.extend([*self.learning.notes(), *self.login_notes])
@@ -531,6 +531,7 @@ class Controller:
             self.history.save(self.cache, keep=scheduler.collection)
         if scheduler.collection:
             scheduler.take_last_news()
+            scheduler.keep_within(self.started, self.finished)
             problem = self.monitor.problem if self.monitor is not None else None
             self.stats = report.collect(
                 settings=self.settings,

@@ -336,13 +336,13 @@ class ItemMeasures:
     peak_open: int  # peak connections open in the worker, idle ones included
     duration: float  # seconds of the attempt that counted
     waited: float  # seconds spent waiting for the budget (go and connect gate)
-    start: float  # wall-clock time.time() when it started
+    start: float  # wall clock (``clock.wall``) when it started
     end: float
     rerun: str  # why it ran twice, "" if it ran once
     open: int  # the worker's open connections once it ended
     idle: int
     version: int  # of the meter's counts above (``PoolMeter.snapshot``)
-    #: (start, end) time.time() of each wait for the budget long enough to show (the trace).
+    #: (start, end) on the wall clock of each wait for the budget long enough to show (the trace).
     waits: tuple[tuple[float, float], ...] = ()
     drivers: tuple[str, ...] = ()  # drivers of the connections it used
     leaks: int = 0  # connections its own code opened or checked out, still held at its end

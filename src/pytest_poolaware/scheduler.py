@@ -369,6 +369,16 @@ class PoolAwareScheduling:
             )
         return tests
 
+    def keep_within(self, started: float, finished: float) -> None:
+        """Tests' start and end lie within the session, whatever a test did to the clock
+        (``RunRecord.keep_within``)."""
+        moved = self._record.keep_within(started, finished)
+        if moved:
+            self._record.notes.append(
+                f"{moved} tests were stamped outside the session (something moved the "
+                "plugin's clock); their times are shown clamped to it"
+            )
+
     def take_last_news(self) -> None:
         """At the session's end: the workers' last counts (sent as they finished) may
         still wait in the inbox; the report's end-of-run figures need them."""

@@ -18,11 +18,11 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pytest_poolaware.clock import monotonic
 from pytest_poolaware.dsn import mask_dsn
 
 #: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
@@ -368,7 +368,7 @@ class GuardedConnection:
         with self._lock:
             self._tickets += 1
             ticket = self._tickets
-            self._busy[ticket] = time.monotonic()
+            self._busy[ticket] = monotonic()
         try:
             return self._conn.execute(query, params)
         finally:
@@ -387,7 +387,7 @@ class GuardedConnection:
         while not self._closed.wait(WATCHDOG_INTERVAL):
             with self._lock:
                 oldest = min(self._busy.values(), default=None)
-            if oldest is not None and time.monotonic() - oldest > self.deadline:
+            if oldest is not None and monotonic() - oldest > self.deadline:
                 self.timed_out = True
                 self._cut()
                 return

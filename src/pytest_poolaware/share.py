@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pytest_poolaware.clock import monotonic, wall
 from pytest_poolaware.server_room import (
     CLOSING_SLACK,
     DATABASE,
@@ -165,7 +165,7 @@ class HeldBack:
 
     def note(self, held_back: bool) -> None:
         """Whether the run is held back now: a span begins or ends."""
-        now, tick = time.time(), self._clock()
+        now, tick = wall(), self._clock()
         with self._lock:
             if held_back and self._since is None:
                 self._since = now
@@ -313,7 +313,7 @@ class ShareCoordinator:
         ceiling: int,
         on_change: Callable[[], None] = lambda: None,
         interval: float = LEASE_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = monotonic,
         growth_wait: float = GROWTH_WAIT,
         departed_grace: float = DEPARTED_GRACE,
     ) -> None:
@@ -434,7 +434,7 @@ class ShareCoordinator:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
-        self._held_back.close(time.time())
+        self._held_back.close(wall())
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

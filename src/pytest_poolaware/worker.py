@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Final, TypeVar
 
 import pytest
 
+from pytest_poolaware.clock import monotonic, wall
 from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
@@ -99,7 +99,7 @@ class WorkerAgent:
         retry_on_limit: bool,
         room: tuple[int, str] | None = None,
         learn: bool = False,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = monotonic,
         meter: PoolMeter | None = None,
     ) -> None:
         self.link = link
@@ -213,7 +213,7 @@ class WorkerAgent:
             return True
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        started = time.time()
+        started = wall()
         start = self._clock()
         self.meter.begin(index)
         reports = run_test_protocol(item, nextitem)
@@ -245,7 +245,7 @@ class WorkerAgent:
             duration=duration,
             waited=self._waited,
             start=started,
-            end=time.time(),
+            end=wall(),
             rerun=reason,
             open=open_,
             idle=idle,
@@ -264,7 +264,7 @@ class WorkerAgent:
 
     def _timed_wait(self, wait: Callable[[], T]) -> T:
         """Run ``wait`` and count it as time held back by the budget."""
-        begun, begun_at = self._clock(), time.time()
+        begun, begun_at = self._clock(), wall()
         result = wait()
         self._count_wait(begun, begun_at)
         return result
@@ -274,7 +274,7 @@ class WorkerAgent:
         waited = self._clock() - begun
         self._waited += waited
         if waited >= WAIT_SPAN_MIN:
-            self._waits.append((begun_at, time.time()))
+            self._waits.append((begun_at, wall()))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -285,13 +285,18 @@ class WorkerAgent:
         finally:
             self.meter.call_ended()
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-        """Notes a connection-limit failure; returns None, so the report is made as usual
-        (a plain hook, not a wrapper: it runs three times per test)."""
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """Notes a connection-limit failure. After the other implementations: pytest's
+        unittest support hands a ``TestCase``'s error to ``call`` in its own (tryfirst)
+        implementation, so Django's and unittest's tests are seen only then."""
+        report = yield
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
             refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
+        return report
 
     @pytest.hookimpl(wrapper=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
@@ -337,7 +342,7 @@ class WorkerAgent:
         if not self._gated:
             return
         phase = self._phase
-        begun, begun_at = self._clock(), time.time()
+        begun, begun_at = self._clock(), wall()
         answer = await self.link.request_async(
             self._running if phase is None else NO_ITEM,
             self.gate_timeout,

@@ -1,0 +1,48 @@
+"""What the controller gathers as the run goes (``dispatch.RunRecord``): pure parts."""
+
+from __future__ import annotations
+
+from pytest_poolaware.core import Lane
+from pytest_poolaware.dispatch import OutsideTests, RunRecord
+from pytest_poolaware.protocol import ItemMeasures
+from pytest_poolaware.runstats import ItemResult
+
+
+def result(start: float, end: float, waits: tuple[tuple[float, float], ...] = ()) -> ItemResult:
+    measures = ItemMeasures(
+        need=1,
+        peak_open=1,
+        duration=end - start,
+        waited=0.0,
+        start=start,
+        end=end,
+        rerun="",
+        open=0,
+        idle=0,
+        version=1,
+        waits=waits,
+    )
+    return ItemResult("test_a.py::test_x", Lane.FANOUT, "gw0", measures)
+
+
+def test_stamps_outside_the_session_are_clamped_and_counted() -> None:
+    record = RunRecord(
+        results=[result(105.0, 106.0), result(2.2e9, 2.2e9 + 1, waits=((50.0, 2.2e9),))]
+    )
+    assert record.keep_within(100.0, 200.0) == 1
+    inside, moved = (r.measures for r in record.results)
+    assert (inside.start, inside.end) == (105.0, 106.0)
+    assert (moved.start, moved.end, moved.waits) == (200.0, 200.0, ((100.0, 200.0),))
+
+
+def test_connections_outside_tests_are_summed_by_where() -> None:
+    outside = OutsideTests()
+    assert outside.summary() is None
+    for phase in ("session start", "session start", "session finish"):
+        outside.note(phase, 0.01)
+    assert outside.summary() == (
+        "3 connections opened outside tests (2 at session start, 1 at session finish), "
+        "counted in the budget"
+    )
+    outside.note("collection", 2.5)
+    assert "the longest waited 2.5s for room" in (outside.summary() or "")
