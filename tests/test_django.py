@@ -137,3 +137,22 @@ def test_django_load_exhausts_connections_where_poolaware_does_not(
     needs = {t["nodeid"].split("[")[0]: t["need"] for t in data["tests"]}
     assert needs["test_shop.py::test_one_connection_per_thread"] == 7  # counted per thread
     assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}
+
+
+def test_per_worker_test_databases_are_read_as_one_login(
+    pytester: pytest.Pytester, django_project: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No DSN given: the plugin learns the server from the workers' connections, and
+    pytest-django's ``test_<name>_gw0``... databases (one per worker, the same role) are
+    one login: no note each, and the budget stays the role's room."""
+    monkeypatch.delenv("POOLAWARE_DSN")
+    result = run(pytester, "-n", "4", "--dist", "poolaware")
+    result.assert_outcomes(passed=16)
+    assert connection_errors(result) == 0
+    output = result.stdout.str()
+    assert "tests also connected as" not in output
+    assert f"role {django_project['role']} CONNECTION LIMIT {ROLE_LIMIT}" in output
+    assert "binds, the tightest of" not in output
+    lines = [line for line in result.stdout.lines if "other databases as" in line]
+    assert len(lines) == 1, output
+    assert "none has a connection limit of its own" in lines[0]

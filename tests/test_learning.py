@@ -282,6 +282,52 @@ def facts_of(role: str) -> ServerFacts:
     )
 
 
+def test_other_databases_of_a_login_read_are_one_login_and_wait_for_nothing() -> None:
+    """pytest-django makes one database per worker, all as the same role: each is read
+    (a database may have a limit of its own) without holding connects, and said in one
+    line unless one has its own limit, which then lowers the budget as any login's."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    woken = threading.Event()
+    adopted: list[str] = []
+    limited = {"test_app_gw3"}
+
+    def read_login(login: ServerSeen, runs: Any) -> ServerFacts:
+        facts = facts_of(login.user)
+        limit = 2 if login.dbname in limited else -1
+        return dataclasses.replace(facts, database=login.dbname, database_limit=limit)
+
+    def on_login(login: ServerSeen, read: object, runs: Any) -> int | None:
+        adopted.append(login.dbname)
+        return 2
+
+    learning: ServerLearning[str] = ServerLearning(
+        None,
+        inbox,
+        woken.set,
+        lambda found, dsn, seen: 30,
+        read_login=read_login,
+        on_login=on_login,
+    )
+    first = ServerSeen("127.0.0.1", free_port(), "app", "acc_app", None, "psycopg", 11)
+    learning.seen(first)
+    assert woken.wait(60)
+    woken.clear()
+    assert learning.take() == 30
+    budgets = []
+    for worker in range(4):
+        learning.seen(dataclasses.replace(first, dbname=f"test_app_gw{worker}", pid=20 + worker))
+        assert not learning.hold(f"gw{worker}", RoomRequest(1))  # nothing waits for it
+        assert woken.wait(60)
+        woken.clear()
+        budgets.append(learning.take())
+    assert budgets == [None, None, None, 2]  # only the database with a limit of its own
+    assert adopted == ["test_app_gw3"]
+    notes = learning.notes()
+    assert len(notes) == 2, notes
+    assert "tests also used 3 other databases as acc_app@127.0.0.1:" in notes[1]
+    assert "(test_app_gw0, test_app_gw1, test_app_gw2)" in notes[1]
+
+
 def test_logins_name_the_same_server_by_host_and_port() -> None:
     one = ServerSeen("127.0.0.1", 5432, "app", "admin")
     assert same_server(one, ServerSeen("127.0.0.1", 5432, "other", "acc_app"))

@@ -32,6 +32,8 @@ from pytest_poolaware.server_room import Discovery, ServerFacts, discover, first
 LEARNING_ATTEMPTS: Final = 3
 #: Where the stand-in budget came from when the last run learned it.
 REMEMBERED: Final = "as the last run learned it"
+#: Other databases of one login named in its note, at most.
+SHOWN_DATABASES: Final = 3
 #: Where the DSN of the plugin's connection came from, for notes.
 LEARNED_ORIGIN: Final = "the first connection a worker opened"
 
@@ -124,6 +126,10 @@ class ServerLearning(Generic[N]):
         #: Other logins on the same server: read (or being read, or waiting to be).
         self.checked: dict[tuple[str, int, str, str], ServerSeen] = {}
         self._to_check: list[ServerSeen] = []
+        #: Other databases the run's tests used as a login already read (pytest-django
+        #: makes one per worker): read without holding connects, said only if one has a
+        #: ``CONNECTION LIMIT`` of its own; by (host, port, user), in the order seen.
+        self.databases: dict[tuple[str, int, str], list[str]] = {}
         #: The login being read now, and what was read (facts, or why not).
         self._checking: ServerSeen | None = None
         self._check_result: ServerFacts | str = ""
@@ -174,8 +180,22 @@ class ServerLearning(Generic[N]):
             self.others[key] = login
             return
         self.checked[key] = login
+        if self._same_role(login):
+            self.databases.setdefault((login.host, login.port, login.user), []).append(login.dbname)
         self._to_check.append(login)
         self._next_check()
+
+    def _same_role(self, login: ServerSeen) -> bool:
+        """Whether ``login`` is a login already read, in another database: its server's
+        and role's limits are already in the budget; only that database's own limit, if
+        it has one, could lower it."""
+        assert self.login is not None
+        known = [self.login, *(c for c in self.checked.values() if c is not login)]
+        return any(same_server(login, k) and login.user == k.user for k in known)
+
+    def _quiet(self, login: ServerSeen) -> bool:
+        """Whether ``login`` was taken as another database of a login already read."""
+        return login.dbname in self.databases.get((login.host, login.port, login.user), ())
 
     def _discover(self) -> None:
         try:
@@ -214,8 +234,8 @@ class ServerLearning(Generic[N]):
         """Whether ``request`` must wait: one connection at a time until the room is known
         (the first request passes; the others wait for the room), and every one while
         another login's room is read."""
-        if not self.pending and self._checking is None:
-            return False
+        if not self.pending and (self._checking is None or self._quiet(self._checking)):
+            return False  # nothing is read, or only another database of a login read
         if self.pending and self.login is None and self._passing is None:
             self._passing = (node, request.item)
             return False
@@ -277,7 +297,14 @@ class ServerLearning(Generic[N]):
         elif self._checking is not None and self._check_done.is_set():
             login, self._checking = self._checking, None
             assert self._on_login is not None
-            budget = self._on_login(login, self._check_result, list(self.pids))
+            read = self._check_result
+            limited = isinstance(read, ServerFacts) and read.database_limit >= 0
+            if self._quiet(login) and not limited:
+                budget = None  # the same role, in a database with no limit of its own
+            else:
+                if self._quiet(login):  # its own limit: said in a note of its own
+                    self.databases[(login.host, login.port, login.user)].remove(login.dbname)
+                budget = self._on_login(login, read, list(self.pids))
         else:
             return None
         for held in self._held:
@@ -293,6 +320,16 @@ class ServerLearning(Generic[N]):
         if self.login is not None:
             notes.append(
                 f"the server and login were learned from {LEARNED_ORIGIN}: {self.login.where()}"
+            )
+        for (host, port, user), names in self.databases.items():
+            if not names:
+                continue
+            shown = ", ".join(names[:SHOWN_DATABASES])
+            if len(names) > SHOWN_DATABASES:
+                shown += ", ..."
+            notes.append(
+                f"tests also used {len(names)} other databases as {user}@{host}:{port} "
+                f"({shown}), in the same role's room: none has a connection limit of its own"
             )
         for other in self.others.values():
             elsewhere = self.login is not None and not same_server(other, self.login)
