@@ -502,3 +502,54 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+BROAD_FIXTURE = """
+import os
+import psycopg
+import pytest
+
+@pytest.fixture(scope="session")
+def database():
+    with open(os.environ["SETUP_LOG"], "a") as log:
+        log.write(os.environ.get("PYTEST_XDIST_WORKER", "main") + "\\n")
+    with psycopg.connect(os.environ["NO_ROOM_DSN"]) as conn:  # CONNECTION LIMIT 0
+        yield conn
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_it(database, i):
+    pass
+
+@pytest.mark.parametrize("i", range(4))
+def test_plain(i):
+    pass
+"""
+
+
+def test_a_session_fixture_failing_on_a_connection_limit_is_said_once_and_not_rerun(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    limited_role: Callable[[int], str],
+    postgres_dsn: str,
+) -> None:
+    """Rerunning its tests one by one cannot help (each would fail on the fixture's
+    cached error, or repeat the session's setup): the outcomes are load's, no test is
+    rerun, the setup runs once per worker, and one line says why."""
+    setups = pytester.path / "setups.txt"
+    monkeypatch.setenv("SETUP_LOG", str(setups))
+    monkeypatch.setenv("NO_ROOM_DSN", limited_role(0))
+    monkeypatch.setenv("POOLAWARE_DSN", postgres_dsn)
+    pytester.makepyfile(test_broad=BROAD_FIXTURE)
+    outcomes = {}
+    for dist in ("load", "poolaware"):
+        setups.unlink(missing_ok=True)
+        result = run(pytester, "-n", "2", "--dist", dist, "-rA")
+        result.assert_outcomes(passed=4, errors=6)
+        outcomes[dist] = reported(result)
+        ran = setups.read_text().splitlines()
+        assert len(ran) == len(set(ran)), ran  # once per worker, never repeated
+    assert outcomes["poolaware"] == outcomes["load"]
+    assert "rerun alone (" not in result.stdout.str()  # the summary's rerun lines
+    said = [line for line in result.stdout.lines if "failed on a connection limit" in line]
+    assert len(said) == 1, said
+    assert "session-scoped fixture 'database'" in said[0]

@@ -151,6 +151,8 @@ class Dispatcher:
         self.share = share
         #: With no DSN given: the server learned from the workers' first connection.
         self.learning = learning
+        #: The workers' notes taken so far: another worker saying the same adds nothing.
+        self._noted: set[str] = set()
         #: Workers whose connects the planner admits, joined or not (``admits``).
         self._attached: set[WorkerController] = set()
 
@@ -258,7 +260,9 @@ class Dispatcher:
                         self._reconcile()
                     self.apply(actions)
             elif isinstance(message, Note):
-                self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+                if message.text not in self._noted:  # said once, whichever worker says it
+                    self._noted.add(message.text)
+                    self._record.notes.append(f"[{node.gateway.id}] {message.text}")
             elif isinstance(message, OpenedOutsideTests):
                 self._record.outside.note(message.phase, message.waited)
 

@@ -32,6 +32,11 @@ from pytest_poolaware.server_room import error_chain, is_connection_limit_error
 _limit_hit_key = pytest.StashKey[str]()
 RERUN_DEADLOCK = "gave way to break a wait for connections"
 RERUN_SERVER = "the server refused a connection"
+#: The attempt failed in the setup of a fixture broader than the test (session, module,
+#: class) on a connection limit: a rerun would repeat that setup (pytest-django's
+#: ``django_db_setup`` would create its databases again, under a name suffixed twice)
+#: or fail on its cached error, for every test that uses it, so none is rerun.
+NOT_RERUN_BROAD_SETUP = "in a broader fixture's setup"
 
 #: Why a worker stops when its controller has gone.
 ORPHANED: Final = (
@@ -122,6 +127,8 @@ class WorkerAgent:
         #: finished (the controller no longer answers a worker that has finished).
         self._gated = True
         self._learning = learn
+        #: Failures of fixtures broader than a test on a connection limit (by ``id``).
+        self._broad_failures: set[int] = set()
         #: What the connecting thread waited at the gate, for its ``OpenedOutsideTests``.
         self._connect = threading.local()
         #: Servers and logins already sent to the controller (``learn``).
@@ -223,6 +230,9 @@ class WorkerAgent:
         contended = item.stash.get(_limit_hit_key, "") == RERUN_SERVER
         retry = self.retry_on_limit and not self.link.closed
         reason = item.stash.get(_limit_hit_key, "") if retry else ""
+        if reason == NOT_RERUN_BROAD_SETUP:
+            del item.stash[_limit_hit_key]
+            reason = ""
         if reason:
             del item.stash[_limit_hit_key]
             _drop_failed_attempt()
@@ -294,9 +304,37 @@ class WorkerAgent:
         implementation, so Django's and unittest's tests are seen only then."""
         report = yield
         if call.excinfo is not None and is_connection_limit_error(call.excinfo.value):
-            refused = any(isinstance(e, BudgetRefused) for e in error_chain(call.excinfo.value))
+            failure = call.excinfo.value
+            if call.when == "setup" and id(failure) in self._broad_failures:
+                item.stash[_limit_hit_key] = NOT_RERUN_BROAD_SETUP
+                return report
+            refused = any(isinstance(e, BudgetRefused) for e in error_chain(failure))
             item.stash[_limit_hit_key] = RERUN_DEADLOCK if refused else RERUN_SERVER
         return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(
+        self, fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+    ) -> Generator[None, object, object]:
+        """A fixture broader than a test failing on a connection limit: its tests are
+        not rerun one by one (``NOT_RERUN_BROAD_SETUP``); the summary says it once."""
+        try:
+            return (yield)
+        except Exception as exc:
+            if fixturedef.scope != "function" and is_connection_limit_error(exc):
+                self._note_broad_failure(exc, fixturedef.argname, fixturedef.scope)
+            raise
+
+    def _note_broad_failure(self, exc: BaseException, name: str, scope: str) -> None:
+        self._broad_failures.add(id(exc))  # pytest keeps it: re-raised to each test
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.link.send(
+            Note(
+                f"the {scope}-scoped fixture {name!r} failed on a connection limit "
+                f"({first}); its tests were not rerun alone: each rerun would repeat "
+                "that setup or fail on its error"
+            )
+        )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
