@@ -413,6 +413,8 @@ class PoolMeter(ConnectionLedger):
         super().__init__(on_change, on_error, on_opened)
         self._gate = gate
         self._gate_async = gate_async
+        #: The drivers of the connections opened before ``bind`` (``unbound``).
+        self.opened_unbound: list[str] = []
         self.hooks = DriverHooks(self, self._contain)
         self._sqlalchemy = SqlAlchemyListeners(
             {name: getattr(self, f"_on_{name}") for name in POOL_EVENTS},
@@ -433,7 +435,15 @@ class PoolMeter(ConnectionLedger):
         """A meter for a worker's start-up, before its side channel exists (conftests are
         imported before ``config.workerinput`` is set): it counts every connection and
         gates none, until ``bind`` hands it to the worker's agent."""
-        return cls(on_change=_ignore_counts, gate=_no_gate, on_error=_ignore_error)
+        opened: list[str] = []
+        meter = cls(
+            on_change=_ignore_counts,
+            gate=_no_gate,
+            on_error=_ignore_error,
+            on_opened=lambda conn, driver: opened.append(driver),
+        )
+        meter.opened_unbound = opened
+        return meter
 
     def bind(
         self,
@@ -445,7 +455,9 @@ class PoolMeter(ConnectionLedger):
         on_opened: Callable[[Any, str], None] | None = None,
     ) -> list[tuple[Any, str]]:
         """The worker's agent takes over: counts go to the controller and connects wait
-        at its gate from now on. Returns the connections counted so far (``rebind``)."""
+        at its gate from now on. Returns the connections still open (``rebind``); the
+        drivers of every connection opened before, closed ones included, stay in
+        ``opened_unbound``."""
         self._gate, self._gate_async = gate, gate_async
         return self.rebind(on_change, on_error, on_opened)
 

@@ -144,10 +144,13 @@ class WorkerAgent:
             on_error=self._report_error,
             on_opened=self._opened,
         )
-        if counted_before:  # opened before this agent existed: counts first, as always
+        if counted_before:  # still open from before this agent existed: counts first
             self.meter.report(released=False)
-        for conn, driver in counted_before:
-            self._opened(conn, driver, phase=STARTUP)
+        if learn:
+            for conn, driver in counted_before:
+                self._learn(conn, driver)
+        for _driver in self.meter.opened_unbound:  # closed since, or not
+            self.link.send(OpenedOutsideTests(STARTUP))
         link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
         link.on_room_known = self._room_known
         link.on_release = self._release_when_waiting_for_work
