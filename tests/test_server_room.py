@@ -149,7 +149,9 @@ def test_the_smaller_of_the_configured_budget_and_the_room_wins() -> None:
     assert (smaller.budget, smaller.source, smaller.warning) == (10, "--pool-budget", None)
     larger = choose_budget((30, "PG_POOL_SIZE + PG_MAX_OVERFLOW = 10 + 20"), room)
     assert larger.budget == 15
-    assert larger.source == "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor; configured 30"
+    assert (
+        larger.source == "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor; configured 30"
+    )
     assert larger.warning is not None
     assert "configured budget 30 (PG_POOL_SIZE + PG_MAX_OVERFLOW = 10 + 20)" in larger.warning
 
@@ -518,8 +520,8 @@ def test_a_test_needing_more_than_the_server_allows_fails_with_a_clear_message(
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*RoomTooSmall: pytest-poolaware: this test needs 5 connections at once; the server "
-            f"allows this login 6 (role {role} CONNECTION LIMIT 6), 4 of them for the run's tests"
+            "*RoomTooSmall: pytest-poolaware: this test needs 6 connections at once; the server "
+            f"allows this login 6 (role {role} CONNECTION LIMIT 6), 5 of them for the run's tests"
         ]
     )
     # Failed once, at once, not rerun: a rerun would be refused the same.
