@@ -103,7 +103,20 @@ def django_project(
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, Any]:
-    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    return make_project(pytester, limited_role, postgres_dsn, monkeypatch, ROLE_LIMIT, TESTS)
+
+
+def make_project(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int,
+    tests: str,
+) -> dict[str, Any]:
+    """The Django project, connecting as a fresh role limited to ``limit`` connections
+    (with CREATEDB: pytest-django creates each worker's test database)."""
+    role_dsn, role = serve_limited_role(limited_role, limit, monkeypatch)
     dsn = conninfo_to_dict(role_dsn)
     monkeypatch.setenv("DJANGO_DRIVER", DRIVER)
     monkeypatch.setenv("DJANGO_DB_USER", str(dsn["user"]))
@@ -116,7 +129,7 @@ def django_project(
     pytester.makefile(".py", settings=SETTINGS)
     pytester.mkpydir("shop")
     (pytester.path / "shop" / "models.py").write_text(MODELS)
-    pytester.makepyfile(test_shop=TESTS)
+    pytester.makepyfile(test_shop=tests)
     pytester.makeini("[pytest]\nDJANGO_SETTINGS_MODULE = settings\npythonpath = .\n")
     return {"role": role}
 
@@ -156,3 +169,55 @@ def test_per_worker_test_databases_are_read_as_one_login(
     lines = [line for line in result.stdout.lines if "other databases as" in line]
     assert len(lines) == 1, output
     assert "none has a connection limit of its own" in lines[0]
+
+
+#: A role as tight as a CI database's: fewer slots than workers.
+TIGHT_LIMIT = 3
+TIGHT_TESTS = 40
+#: Plain pytest-django tests: each in its own transaction, on the worker's persistent
+#: connection (Django keeps it open across tests).
+PERSISTENT = f"""
+import pytest
+from shop.models import Item
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("n", range({TIGHT_TESTS}))
+def test_orm(n):
+    Item.objects.create(name=f"item-{{n}}")
+    assert Item.objects.filter(name=f"item-{{n}}").count() == 1
+"""
+
+
+def test_django_under_a_role_tighter_than_the_workers_passes_where_load_fails(
+    pytester: pytest.Pytester, limited_role: Any, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers, each with Django's persistent connection and its own test database,
+    against a role allowing three connections: ``load`` is refused connections; poolaware
+    gives a waiting worker the room of another's idle Django connection, and says that
+    fewer workers than started hold connections at once."""
+    project = make_project(
+        pytester, limited_role, postgres_dsn, monkeypatch, TIGHT_LIMIT, PERSISTENT
+    )
+    load = run(pytester, "-n", "4", "--dist", "load")
+    assert connection_errors(load) > 0
+
+    report = pytester.path / "report.json"
+    with ServerSampler(postgres_dsn, project["role"]) as sampler:
+        result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=TIGHT_TESTS)
+    assert connection_errors(result) == 0
+    assert "rerun alone" not in result.stdout.str()
+    # The plugin's own connection takes one slot; the tests have the other two.
+    assert sampler.peak <= TIGHT_LIMIT - 1
+    role = project["role"]
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: 2 connections (role {role} CONNECTION LIMIT {TIGHT_LIMIT}, "
+            "1 kept for the monitor; configured 15)",
+            "note: the room (2) is smaller than the 4 workers: at most 2 of them held "
+            "connections at once; Django's idle connections and pools' were closed between "
+            "tests for the others",
+        ]
+    )
+    data = json.loads(report.read_text())
+    assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}

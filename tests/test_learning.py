@@ -356,10 +356,7 @@ def app_suite(
 
 def source_of(role: str) -> str:
     """The budget's source when the role's limit binds."""
-    return (
-        f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor, "
-        "1 for connections still closing"
-    )
+    return f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor"
 
 
 def assert_learned_and_kept(result: pytest.RunResult, role: str) -> str:
@@ -371,7 +368,7 @@ def assert_learned_and_kept(result: pytest.RunResult, role: str) -> str:
     assert RERUN_SERVER not in text
     result.stdout.fnmatch_lines(
         [
-            f"budget: 14 connections ({source_of(role)})",
+            f"budget: 15 connections ({source_of(role)})",
             "peak open connections (workers): *",
             f"note: the server and login were learned from the first connection a worker "
             f"opened: {role}@*",
@@ -399,7 +396,7 @@ def test_the_role_limit_is_learned_from_the_first_connection_cold_and_warm(
         text = assert_learned_and_kept(result, role)
         assert "WARNING" not in text
         report = json.loads((pytester.path / "report.json").read_text())
-        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source_of(role))
+        assert (report["run"]["budget"], report["run"]["budget_source"]) == (15, source_of(role))
         assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
         # Nothing the run wrote holds the password either.
         assert PASSWORD not in written(pytester.path / "report.json")
@@ -437,7 +434,7 @@ def test_the_next_run_starts_within_what_the_last_one_learned(
     # This one opens no connection: the budget stays the remembered one.
     free = run(pytester, "-n", "2", "--dist", "poolaware", "test_free.py")
     free.assert_outcomes(passed=1)
-    free.stdout.fnmatch_lines([f"budget: 14 connections ({source_of(app_suite)}, {REMEMBERED})"])
+    free.stdout.fnmatch_lines([f"budget: 15 connections ({source_of(app_suite)}, {REMEMBERED})"])
     assert "were learned from" not in free.stdout.str()
     assert (
         PASSWORD
@@ -545,13 +542,10 @@ def test_a_looser_login_learned_later_leaves_the_budget(
     app_dsn = limited_role(APP_LIMIT)
     role = str(psycopg.conninfo.conninfo_to_dict(app_dsn)["user"])
     result = run_two_logins(pytester, monkeypatch, app_dsn, app_dsn, postgres_dsn)
-    source = (
-        f"role {role} CONNECTION LIMIT {APP_LIMIT}, 1 kept for the monitor, "
-        "1 for connections still closing"
-    )
+    source = f"role {role} CONNECTION LIMIT {APP_LIMIT}, 1 kept for the monitor"
     result.stdout.fnmatch_lines(
         [
-            f"budget: {APP_LIMIT - 2} connections ({source})",
+            f"budget: {APP_LIMIT - 1} connections ({source})",
             f"note: the server and login were learned from the first connection a worker "
             f"opened: {role}@*",
             "note: tests also connected as postgres@*: room * (max_connections *)",

@@ -38,7 +38,6 @@ from pytest_poolaware.server_room import (
 from pytest_poolaware.worker import RERUN_SERVER
 
 ROLE_LIMIT = 16
-CLOSING = ", 1 for connections still closing"
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
 
@@ -67,53 +66,58 @@ def facts(**changes: Any) -> ServerFacts:
 
 def test_a_role_limit_binds_and_names_itself() -> None:
     room = room_of(facts(role_limit=16))
-    assert (room.budget, room.allows, room.scope) == (14, 16, ROLE)
-    assert room.describe() == (
-        "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor, 1 for connections still closing"
-    )
+    assert (room.budget, room.allows, room.scope) == (15, 16, ROLE)
+    assert room.describe() == "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor"
 
 
 def test_other_clients_take_their_share_of_the_tightest_limit() -> None:
     room = room_of(facts(role_limit=16, others_role=4, others_server=90))
-    # The server: 100 - 3 reserved - 90 others - 1 own - 1 closing = 5; the role: 10.
-    assert (room.budget, room.scope, room.others) == (5, SERVER, 90)
+    # The server: 100 - 3 reserved - 90 others - 1 own = 6; the role: 11.
+    assert (room.budget, room.scope, room.others) == (6, SERVER, 90)
     assert room.describe() == (
-        "max_connections 100 less 3 reserved, 90 held by other clients, 1 kept for the monitor, "
-        "1 for connections still closing"
+        "max_connections 100 less 3 reserved, 90 held by other clients, 1 kept for the monitor"
     )
 
 
 def test_superusers_are_exempt_from_role_and_database_limits() -> None:
     room = room_of(facts(superuser=True, role_limit=2, database_limit=2, others_server=10))
     # Nor do the reserved slots hold them back.
-    assert (room.budget, room.scope, room.allows) == (88, SERVER, 100)
+    assert (room.budget, room.scope, room.allows) == (89, SERVER, 100)
 
 
 def test_reserved_connections_apply_to_roles_without_the_right_to_use_them() -> None:
     plain = room_of(facts(version=160000, reserved=5))
     privileged = room_of(facts(version=160000, reserved=5, uses_reserved=True))
-    assert (plain.budget, plain.allows) == (90, 92)
-    assert (privileged.budget, privileged.allows) == (95, 97)
+    assert (plain.budget, plain.allows) == (91, 92)
+    assert (privileged.budget, privileged.allows) == (96, 97)
 
 
 def test_a_database_limit_does_not_count_the_plugin_connection_made_elsewhere() -> None:
     elsewhere = room_of(facts(database_limit=6, others_database=1, own_in_database=False))
     inside = room_of(facts(database_limit=6, others_database=1))
-    assert (elsewhere.budget, elsewhere.scope, elsewhere.own) == (4, DATABASE, 0)
-    assert elsewhere.describe() == (
-        "database app CONNECTION LIMIT 6, 1 held by other clients, 1 for connections still closing"
-    )
-    assert inside.budget == 3
+    assert (elsewhere.budget, elsewhere.scope, elsewhere.own) == (5, DATABASE, 0)
+    assert elsewhere.describe() == "database app CONNECTION LIMIT 6, 1 held by other clients"
+    assert inside.budget == 4
 
 
 def test_another_login_s_role_limit_does_not_count_the_plugin_connection() -> None:
     """The room of another login the run's tests use, read on the plugin's connection
     (which logs in as the first one): that connection takes no slot of its role."""
     room = room_of(facts(role_limit=8, others_role=1, own_in_role=False))
-    assert (room.budget, room.scope, room.own) == (6, ROLE, 0)
-    assert room.describe() == (
-        "role acc_app CONNECTION LIMIT 8, 1 held by other clients, 1 for connections still closing"
-    )
+    assert (room.budget, room.scope, room.own) == (7, ROLE, 0)
+    assert room.describe() == "role acc_app CONNECTION LIMIT 8, 1 held by other clients"
+
+
+def test_a_tight_role_leaves_the_tests_every_slot_but_the_plugin_s_own() -> None:
+    """A role with CONNECTION LIMIT 3 (a Django project's, say): no slot is kept for
+    closes, since the workers count a closed connection until its backend has exited;
+    the plugin's connection takes one only when it logs in as that role."""
+    same = room_of(facts(role_limit=3))
+    other = room_of(facts(role_limit=3, own_in_role=False))
+    assert (same.budget, same.own, same.scope) == (2, 1, ROLE)
+    assert same.describe() == "role acc_app CONNECTION LIMIT 3, 1 kept for the monitor"
+    assert (other.budget, other.own, other.scope) == (3, 0, ROLE)
+    assert other.describe() == "role acc_app CONNECTION LIMIT 3"
 
 
 #: Client backends: (pid, role, database, backend type hidden).
@@ -140,14 +144,13 @@ def test_recounting_drops_the_backends_learned_to_be_the_run_s() -> None:
 
 def test_the_smaller_of_the_configured_budget_and_the_room_wins() -> None:
     room = room_of(facts(role_limit=16))
-    assert choose_budget(None, room).budget == 14
+    assert choose_budget(None, room).budget == 15
     smaller = choose_budget((10, "--pool-budget"), room)
     assert (smaller.budget, smaller.source, smaller.warning) == (10, "--pool-budget", None)
     larger = choose_budget((30, "PG_POOL_SIZE + PG_MAX_OVERFLOW = 10 + 20"), room)
-    assert larger.budget == 14
-    assert larger.source == (
-        "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor, 1 for connections still "
-        "closing; configured 30"
+    assert larger.budget == 15
+    assert (
+        larger.source == "role acc_app CONNECTION LIMIT 16, 1 kept for the monitor; configured 30"
     )
     assert larger.warning is not None
     assert "configured budget 30 (PG_POOL_SIZE + PG_MAX_OVERFLOW = 10 + 20)" in larger.warning
@@ -192,11 +195,11 @@ def test_discovery_reads_a_role_limit_and_what_others_hold(limited_role: Any) ->
         assert found.facts is not None
         assert not found.facts.superuser
         assert found.choice is not None
-        assert found.choice.budget == ROLE_LIMIT - 3 - 1 - 1
+        assert found.choice.budget == ROLE_LIMIT - 3 - 1
         role = psycopg.conninfo.conninfo_to_dict(dsn)["user"]
         assert found.choice.source == (
             f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 3 held by other clients, "
-            "1 kept for the monitor, 1 for connections still closing"
+            "1 kept for the monitor"
         )
     finally:
         found.connection.close()
@@ -221,8 +224,8 @@ def test_a_plain_login_reads_another_login_s_limits_on_its_own_connection(
         assert not read.own_in_role
         assert read.others_role == 3
         room = room_of(recount(read, ours))
-        # 8 - 2 other clients - 1 closing: the plugin's connection is another role's.
-        assert (room.budget, room.scope, room.own) == (5, ROLE, 0)
+        # 8 - 2 other clients: the plugin's connection is another role's.
+        assert (room.budget, room.scope, room.own) == (6, ROLE, 0)
     finally:
         found.connection.close()
 
@@ -295,9 +298,9 @@ def test_discovery_reads_a_database_limit(postgres_dsn: str, limited_role: Any) 
         assert found.connection.info.dbname == "postgres"
         found.connection.close()
         assert found.choice is not None
-        assert found.choice.budget == 2
+        assert found.choice.budget == 3
         assert found.choice.source == (
-            f"database {database} CONNECTION LIMIT 4, 1 held by other clients{CLOSING}"
+            f"database {database} CONNECTION LIMIT 4, 1 held by other clients"
         )
     finally:
         with psycopg.connect(postgres_dsn, autocommit=True) as conn:
@@ -360,7 +363,7 @@ def test_with_nothing_configured_the_role_limit_is_the_budget_cold_and_warm(
     pytester: pytest.Pytester, unconfigured_suite: dict[str, str]
 ) -> None:
     role = unconfigured_suite["role"]
-    source = f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor{CLOSING}"
+    source = f"role {role} CONNECTION LIMIT {ROLE_LIMIT}, 1 kept for the monitor"
     for first in (True, False):
         args = ["-n", "4", "--dist", "poolaware", "--poolaware-report", "report.json"]
         result = run(pytester, *args, *(["--cache-clear"] if first else []))
@@ -370,10 +373,10 @@ def test_with_nothing_configured_the_role_limit_is_the_budget_cold_and_warm(
         # A cold run may still make a test give way to break a wait among its own
         # workers; the server itself never refuses one.
         assert RERUN_SERVER not in text
-        result.stdout.fnmatch_lines([f"budget: 14 connections ({source})"])
+        result.stdout.fnmatch_lines([f"budget: 15 connections ({source})"])
         assert "WARNING" not in text
         report = json.loads((pytester.path / "report.json").read_text())
-        assert (report["run"]["budget"], report["run"]["budget_source"]) == (14, source)
+        assert (report["run"]["budget"], report["run"]["budget_source"]) == (15, source)
         assert not any(test["rerun"] == RERUN_SERVER for test in report["tests"])
 
 
@@ -386,7 +389,7 @@ def test_a_configured_budget_above_the_room_is_warned_about_once(
     warning = (
         "WARNING: the configured budget 40 (--pool-budget) is more than the server allows "
         f"this login (role {unconfigured_suite['role']} CONNECTION LIMIT 16, 1 kept for the "
-        f"monitor{CLOSING}): the run uses 14"
+        "monitor): the run uses 15"
     )
     assert result.stdout.lines.count(warning) == 1
 
@@ -448,14 +451,14 @@ def test_behind_pgbouncer_the_budget_is_read_and_sharing_is_off_with_a_note(
     found.connection.close()
     assert found.pooled
     assert found.choice is not None
-    assert found.choice.budget == ROLE_LIMIT - 2
+    assert found.choice.budget == ROLE_LIMIT - 1
     monkeypatch.setenv("POOLAWARE_DSN", pgbouncer)
     pytester.makepyfile(TWO_TESTS)
     result = run(pytester, "-n", "2", "--dist", "poolaware", "--poolaware-share", "auto")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
-            f"budget: 14 connections (role * CONNECTION LIMIT 16, 1 kept for the monitor{CLOSING})",
+            "budget: 15 connections (role * CONNECTION LIMIT 16, 1 kept for the monitor)",
             "note: sharing the server's room with other runs is off: a pooler (pgbouncer) *",
         ]
     )
@@ -517,8 +520,8 @@ def test_a_test_needing_more_than_the_server_allows_fails_with_a_clear_message(
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*RoomTooSmall: pytest-poolaware: this test needs 5 connections at once; the server "
-            f"allows this login 6 (role {role} CONNECTION LIMIT 6), 4 of them for the run's tests"
+            "*RoomTooSmall: pytest-poolaware: this test needs 6 connections at once; the server "
+            f"allows this login 6 (role {role} CONNECTION LIMIT 6), 5 of them for the run's tests"
         ]
     )
     # Failed once, at once, not rerun: a rerun would be refused the same.

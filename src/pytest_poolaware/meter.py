@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_poolaware.clock import wall
+from pytest_poolaware.django_conns import DjangoConnections
 from pytest_poolaware.drivers import (
     DriverHooks,
     running_loop,
@@ -89,6 +90,9 @@ class _Counted:
     opened_at: float  # time.time(), to compare with the server's samples
     opened_by: int = NO_ITEM
     lent_by: int = NO_ITEM
+    #: Held by Django for the test thread: idle between tests when Django is done with
+    #: it (``django_conns``), in use while a test runs.
+    django: bool = False
 
 
 class ConnectionLedger:
@@ -422,8 +426,10 @@ class PoolMeter(ConnectionLedger):
             sees=self.hooks.sees,
             contain=self._contain,
         )
+        self._django = DjangoConnections()
         self._reclaimer = Reclaimer(
             self._sqlalchemy,
+            close_django=self._close_idle_django,
             idle_driver_pools=self._idle_driver_pools,
             contain=self._contain,
             sweep=self.sweep,
@@ -516,9 +522,13 @@ class PoolMeter(ConnectionLedger):
     # -- per-test windows -------------------------------------------------------------------
 
     def begin(self, item: int = NO_ITEM) -> None:
-        """Start measuring one test: peaks restart from what is held now."""
+        """Start measuring one test: peaks restart from what is held now (Django's
+        connections of the test thread count as in use while it runs)."""
         self.sweep()
         with self._lock:
+            for record in self._by_pid.values():
+                if record.django and not record.in_use:
+                    self._lend(record, True)
             self._item = item
             self._peak_checked_out = self.checked_out
             self._peak_open = self.open
@@ -535,6 +545,7 @@ class PoolMeter(ConnectionLedger):
 
     def end(self, limit_hit: bool = False) -> Window:
         self.sweep()
+        self.idle_django()  # what Django keeps but no longer uses is no leak
         with self._lock:
             item = self._item
             leaks = 0
@@ -555,9 +566,39 @@ class PoolMeter(ConnectionLedger):
 
     # -- giving connections back ------------------------------------------------------------
 
-    def release_idle(self) -> None:
-        """Close idle pooled connections so another worker can have the room (``reclaim``)."""
-        self._reclaimer.release_idle()
+    def idle_django(self) -> bool:
+        """On the thread that runs the tests, outside any test: its Django connections
+        that Django is done with count as idle (given back when asked), the others as in
+        use. Returns whether any count changed."""
+        try:
+            found = self._django.read()
+        except Exception as exc:
+            self._contain(exc)
+            return False
+        changed = False
+        with self._lock:
+            for conn, idle in found:
+                record = self._by_conn.get(id(conn))
+                if record is None:
+                    continue
+                record.django = record.pooled = True
+                changed |= record.in_use == idle
+                self._lend(record, not idle)
+        return changed
+
+    def _counted_idle(self, conn: Any) -> bool:
+        with self._lock:
+            record = self._by_conn.get(id(conn))
+            return record is not None and not record.in_use
+
+    def _close_idle_django(self, parked: bool) -> None:
+        self._django.close_idle(self._counted_idle, parked=parked)
+
+    def release_idle(self, *, parked: bool = False) -> None:
+        """Close idle pooled connections so another worker can have the room (``reclaim``);
+        ``parked``: the test thread waits between items, so its Django connections may be
+        closed from this one."""
+        self._reclaimer.release_idle(parked=parked)
 
     async def release_idle_async(self) -> None:
         """``release_idle`` from a coroutine: pools of this loop are released by awaiting."""

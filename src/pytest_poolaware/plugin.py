@@ -532,6 +532,7 @@ class Controller:
         if scheduler.collection:
             scheduler.take_last_news()
             scheduler.keep_within(self.started, self.finished)
+            self._note_fewer_slots_than_workers()
             problem = self.monitor.problem if self.monitor is not None else None
             self.stats = report.collect(
                 settings=self.settings,
@@ -548,6 +549,19 @@ class Controller:
                 self.settings,
                 root=self.config.rootpath,
                 invocation_dir=Path(self.config.invocation_params.dir),
+            )
+
+    def _note_fewer_slots_than_workers(self) -> None:
+        """Say once that the budget ran fewer workers at once than were started: each
+        worker that holds a connection (Django's persistent one, a pool's) takes a slot,
+        so the others waited for one to give its idle connections back."""
+        workers = len(self.config.getoption("tx", None) or ())
+        budget = self.settings.budget
+        if 0 < budget < workers:
+            self.notes.append(
+                f"the room ({budget}) is smaller than the {workers} workers: at most "
+                f"{budget} of them held connections at once; Django's idle connections "
+                "and pools' were closed between tests for the others"
             )
 
     def _close_server_connection(self) -> None:

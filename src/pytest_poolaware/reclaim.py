@@ -1,5 +1,6 @@
 """Worker side: giving idle pooled connections back when the controller asks
-(``ReleaseIdle``: another worker waits for room, or the budget was lowered).
+(``ReleaseIdle``: another worker waits for room, or the budget was lowered), Django's
+idle per-thread connections included (``django_conns``).
 
 SQLAlchemy pools with connections checked out are left alone (disposing them would
 disturb their overflow accounting); psycopg_pool and asyncpg pools give their idle
@@ -34,20 +35,25 @@ class Reclaimer:
         self,
         sqlalchemy: SqlAlchemyListeners,
         *,
+        close_django: Callable[[bool], None],
         idle_driver_pools: Callable[[], list[IdlePool]],
         contain: Callable[[BaseException], None],
         sweep: Callable[[], None],
         sweep_async: Callable[[], Awaitable[None]],
     ) -> None:
         self._sqlalchemy = sqlalchemy
+        self._close_django = close_django
         self._idle_driver_pools = idle_driver_pools
         self._contain = contain
         self._sweep = sweep
         self._sweep_async = sweep_async
 
-    def release_idle(self) -> None:
-        """Close idle pooled connections so another worker can have the room."""
+    def release_idle(self, *, parked: bool = False) -> None:
+        """Close idle pooled connections so another worker can have the room: Django's
+        first (one held from a Django pool goes back to it, and is closed with the pool's
+        idle ones); ``parked``: see ``DjangoConnections.close_idle``."""
         try:
+            self._close_django(parked)
             self._release_sqlalchemy()
             for pool, loop in self._idle_driver_pools():
                 self._release_driver_pool(pool, loop)

@@ -74,11 +74,12 @@ _SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.
 
 #: Words for the plugin's own connection in the budget's source.
 OWN_CONNECTION: Final = "1 kept for the monitor"
-#: Slots left free for connections a worker has closed and the server still counts for
-#: a moment (its backend has not exited yet): without it, a new connection granted at
-#: once in their place can be refused on a busy machine.
+#: Slots the runs sharing a server leave free for connections another run has closed
+#: and the server still counts for a moment (``share``): this run cannot watch those
+#: closes. Its own workers' closes need no slot: a worker counts a closed connection
+#: until its backend has exited (``docs/design.md``, "A close counts once the server has
+#: freed the slot"), so the room itself keeps none.
 CLOSING_SLACK: Final = 1
-CLOSING_WORDS: Final = f"{CLOSING_SLACK} for connections still closing"
 
 
 #: A client backend as ``read_facts`` sees it: (pid, role, database, whether its backend
@@ -142,7 +143,6 @@ class Room:
             parts.append(f"{self.others} held by other clients")
         if self.own:
             parts.append(OWN_CONNECTION)
-        parts.append(CLOSING_WORDS)
         return ", ".join(parts)
 
 
@@ -152,7 +152,7 @@ def room_of(facts: ServerFacts) -> Room:
     reserved = facts.superuser_reserved + (0 if facts.uses_reserved else facts.reserved)
     if facts.superuser:
         return Room(
-            facts.max_connections - facts.others_server - 1 - CLOSING_SLACK,
+            facts.max_connections - facts.others_server - 1,
             f"max_connections {facts.max_connections}",
             facts.max_connections,
             facts.others_server,
@@ -162,13 +162,12 @@ def room_of(facts: ServerFacts) -> Room:
     if reserved:
         words += f" less {reserved} reserved"
     allows = facts.max_connections - reserved
-    slack = CLOSING_SLACK
-    rooms = [Room(allows - facts.others_server - 1 - slack, words, allows, facts.others_server, 1)]
+    rooms = [Room(allows - facts.others_server - 1, words, allows, facts.others_server, 1)]
     if facts.role_limit >= 0:
         own = 1 if facts.own_in_role else 0
         rooms.append(
             Room(
-                facts.role_limit - facts.others_role - own - slack,
+                facts.role_limit - facts.others_role - own,
                 f"role {facts.role} CONNECTION LIMIT {facts.role_limit}",
                 facts.role_limit,
                 facts.others_role,
@@ -180,7 +179,7 @@ def room_of(facts: ServerFacts) -> Room:
         own = 1 if facts.own_in_database else 0
         rooms.append(
             Room(
-                facts.database_limit - facts.others_database - own - slack,
+                facts.database_limit - facts.others_database - own,
                 f"database {facts.database} CONNECTION LIMIT {facts.database_limit}",
                 facts.database_limit,
                 facts.others_database,

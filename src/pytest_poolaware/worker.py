@@ -188,6 +188,8 @@ class WorkerAgent:
         """Send markers before xdist's own collectionfinish, so they arrive first."""
         self._phase = BETWEEN_TESTS
         self._install_meter()
+        if self.meter.idle_django():  # opened at start-up or collection, idle now
+            self.meter.report(released=False)
         self._index = {item: i for i, item in enumerate(session.items)}
         markers = tuple(item_markers(item) for item in session.items)
         conflicts = tuple(
@@ -478,10 +480,12 @@ class WorkerAgent:
     def _release_between_items(self) -> None:
         with self._between_items_lock:
             if self._between_items and self.link.take_release():
-                self._release()
+                # The main thread is parked in xdist's loop and no item starts while
+                # the lock is held: its Django connections may be closed from here.
+                self._release(parked=True)
 
-    def _release(self) -> None:
-        self.meter.release_idle()
+    def _release(self, *, parked: bool = False) -> None:
+        self.meter.release_idle(parked=parked)
         self.meter.report(released=True)
 
     async def _release_async(self) -> None:
