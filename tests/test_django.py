@@ -214,9 +214,9 @@ def test_django_under_a_role_tighter_than_the_workers_passes_where_load_fails(
         [
             f"budget: 2 connections (role {role} CONNECTION LIMIT {TIGHT_LIMIT}, "
             "1 kept for the monitor; configured 15)",
-            "note: the room (2) is smaller than the 4 workers: at most 2 of them held "
-            "connections at once; Django's idle connections and pools' were closed between "
-            "tests for the others",
+            "note: the budget (2) is smaller than the 4 workers: at most 2 of them held "
+            "connections at once, the others waiting for one to give its idle connections "
+            "back",
         ]
     )
     data = json.loads(report.read_text())

@@ -559,9 +559,9 @@ class Controller:
         budget = self.settings.budget
         if 0 < budget < workers:
             self.notes.append(
-                f"the room ({budget}) is smaller than the {workers} workers: at most "
-                f"{budget} of them held connections at once; Django's idle connections "
-                "and pools' were closed between tests for the others"
+                f"the budget ({budget}) is smaller than the {workers} workers: at most "
+                f"{budget} of them held connections at once, the others waiting for one "
+                "to give its idle connections back"
             )
 
     def _close_server_connection(self) -> None:
