@@ -1,6 +1,6 @@
 """Run other projects' own test suites under ``--dist load`` and ``--dist poolaware``.
 
-    python peers/run.py [--cache DIR] [--peer NAME] [--workers N] [-- PYTEST ARGS]
+    python peers/run.py [--cache DIR] [--peer NAME] [--workers N] [PYTEST ARGS]
 
 Our tests exercise the patterns we thought of; a popular project's suite exercises its
 own. For each peer in :data:`PEERS`: its sdist, pinned on PyPI, is downloaded and
@@ -138,21 +138,23 @@ MODES: Final = (
 )
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Our options; everything after ``--`` goes to pytest in every run."""
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our options; every other argument goes to pytest, in every run."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None, allow_abbrev=False
+        # Never swallow a pytest option that merely starts like ours.
+        allow_abbrev=False,
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Other arguments are passed to pytest in every run.",
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="download cache")
     parser.add_argument(
         "--peer", choices=[p.name for p in PEERS], action="append", help="only this peer"
     )
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="pytest -n")
-    parser.add_argument("pytest_args", nargs="*", metavar="-- PYTEST ARGS")
-    args = parser.parse_args(list(argv))
+    args, pytest_args = parser.parse_known_args(list(argv))
     if args.workers < 1:
         parser.error(f"argument --workers: expected a positive integer, got {args.workers}")
-    return args
+    return args, [arg for arg in pytest_args if arg != "--"]
 
 
 # -- the peer's source and installation ------------------------------------------------------
@@ -395,14 +397,14 @@ def check_peer(peer: Peer, cache: Path, workers: int, extra: Sequence[str]) -> l
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Check every chosen peer; 0 when every poolaware run matches load's."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args, pytest_args = parse_args(sys.argv[1:] if argv is None else argv)
     from poolaware_testserver import ServerUnavailable
 
     chosen = [p for p in PEERS if args.peer is None or p.name in args.peer]
     failures: dict[str, list[str]] = {}
     try:
         for peer in chosen:
-            found = check_peer(peer, args.cache.resolve(), args.workers, args.pytest_args)
+            found = check_peer(peer, args.cache.resolve(), args.workers, pytest_args)
             if found:
                 failures[peer.name] = found
     except ServerUnavailable as exc:
