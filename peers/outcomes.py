@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -108,16 +108,18 @@ def differing_tests(reference: Mapping[str, str], other: Mapping[str, str]) -> l
     ]
 
 
+def no_test_ran(run: RunOutcomes) -> str:
+    """The line for a run without a single test of the suite."""
+    return f"{run.label}: no test ran, {run.ending()}"
+
+
 def problems(reference: RunOutcomes, other: RunOutcomes) -> list[str]:
     """What makes ``other`` not a run like ``reference``, as lines to print; [] when alike.
 
     A run without a single test is reported as such rather than as thousands of absent
     tests; otherwise the test count, the exit status and each differing test are checked.
     """
-    found: list[str] = []
-    for run in (reference, other):
-        if not run.tests:
-            found.append(f"{run.label}: no test ran, {run.ending()}")
+    found = [no_test_ran(run) for run in (reference, other) if not run.tests]
     if found:
         return found
     if len(other.tests) != len(reference.tests):
@@ -135,6 +137,13 @@ def problems(reference: RunOutcomes, other: RunOutcomes) -> list[str]:
         found.append(f"{other.label}: {len(differences)} tests differ from {reference.label}:")
         found += describe(differences, reference.label, other.label)
     return found
+
+
+def compare_runs(reference: RunOutcomes, others: Sequence[RunOutcomes]) -> list[str]:
+    """:func:`problems` of each other run against the reference, an empty reference once."""
+    if not reference.tests:
+        return [no_test_ran(run) for run in (reference, *others) if not run.tests]
+    return [line for run in others for line in problems(reference, run)]
 
 
 def describe(differences: Iterable[Difference], expected_label: str, found_label: str) -> list[str]:

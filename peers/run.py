@@ -28,12 +28,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from outcomes import RunOutcomes, problems, read_junit
+from outcomes import RunOutcomes, compare_runs, read_junit
 
 #: A peer's download and unpacking, kept between runs (tox passes its environment's dir).
 DEFAULT_CACHE: Final = Path(sys.prefix) / "peer-sources"
@@ -353,12 +354,18 @@ def run_mode(
                 os.killpg(process.pid, signal.SIGKILL)
                 status = process.wait()
                 note = f"killed after {RUN_TIMEOUT:g} s"
+            except BaseException:
+                # A Ctrl-C reaches only us (the run has a session of its own): its
+                # workers must not outlive the server that is about to stop.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
         wall = time.monotonic() - started
     try:
         outcomes = read_junit(junit)
     except OSError:
         outcomes, note = {}, note or "no junitxml written"
-    except Exception as exc:  # a junitxml cut short by a crash
+    except ET.ParseError as exc:  # a junitxml cut short by a crash
         outcomes, note = {}, note or f"unreadable junitxml: {exc}"
     run = RunOutcomes(mode.label, status, outcomes, note)
     print(f"peers: {peer.name} {mode.label}: {run.tally()}, exit status {status}, {wall:.0f} s")
@@ -380,14 +387,11 @@ def check_peer(peer: Peer, cache: Path, workers: int, extra: Sequence[str]) -> l
     tarball, source = fetch_sdist(peer, cache)
     install(peer, tarball)
     runs = [run_mode(peer, mode, source, workers, extra) for mode in MODES]
-    reference, found = runs[0], []
-    for run in runs[1:]:
-        found += problems(reference, run)
-    # problems() reports an empty reference once per comparison: once is enough.
-    found = list(dict.fromkeys(found))
+    reference = runs[0]
+    found = compare_runs(reference, runs[1:])
     if found:
         for run in runs:
-            if run is reference and run.outcomes:
+            if run is reference and run.tests:
                 continue
             log = source.parent / "results" / f"{run.label}.log"
             found.append(f"{run.label}: its output ({log}) says:")

@@ -154,12 +154,26 @@ def test_a_missing_test_and_another_exit_status_are_differences(outcomes: Module
     ]
 
 
-def test_a_reference_run_without_tests_fails_the_check(outcomes: ModuleType) -> None:
+def test_a_reference_run_without_tests_is_reported_once(outcomes: ModuleType) -> None:
     load = outcomes.RunOutcomes("load", 4, {}, "no junitxml written")
-    pool = run_of(outcomes, "poolaware-cold", {"t::a": "passed"})
-    assert outcomes.problems(load, pool) == [
-        "load: no test ran, exit status 4 (no junitxml written)"
+    cold = run_of(outcomes, "poolaware-cold", {"t::a": "passed"})
+    warm = outcomes.RunOutcomes("poolaware-warm", 3, {outcomes.INTERNAL_ERROR: "error"})
+    assert outcomes.compare_runs(load, [cold, warm]) == [
+        "load: no test ran, exit status 4 (no junitxml written)",
+        "poolaware-warm: no test ran, exit status 3 (INTERNALERROR)",
     ]
+
+
+def test_each_poolaware_run_is_compared_with_load(outcomes: ModuleType) -> None:
+    load = run_of(outcomes, "load", {"t::a": "passed", "t::b": "passed"})
+    cold = run_of(outcomes, "poolaware-cold", {"t::a": "error", "t::b": "passed"}, 1)
+    warm = run_of(outcomes, "poolaware-warm", {"t::a": "passed", "t::b": "passed"})
+    assert outcomes.compare_runs(load, [cold, warm]) == [
+        "poolaware-cold: exit status 1, load: 0",
+        "poolaware-cold: 1 tests differ from load:",
+        "    t::a: load passed, poolaware-cold error",
+    ]
+    assert outcomes.compare_runs(load, [warm, warm]) == []
 
 
 def test_a_long_list_of_differences_is_cut_with_a_count(outcomes: ModuleType) -> None:
@@ -170,6 +184,8 @@ def test_a_long_list_of_differences_is_cut_with_a_count(outcomes: ModuleType) ->
     assert lines[1] == f"pw: {many} tests differ from load:"
     assert len(lines) == 2 + outcomes.MAX_LISTED + 1
     assert lines[-1] == "    ... and 7 more"
+    # Two runs alike in their differences: both are listed in full.
+    assert outcomes.compare_runs(load, [pool, pool]) == lines + lines
 
 
 def test_every_peer_is_pinned_to_one_version_with_a_slice(monkeypatch: pytest.MonkeyPatch) -> None:
