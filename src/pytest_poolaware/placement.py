@@ -322,11 +322,16 @@ class Placer(Generic[W]):
 
     @property
     def pending_serial(self) -> int:
-        return sum(len(self._members(head)) for head in self._serial)
+        return len(self._serial) + self._grouped_beyond_heads(Lane.SERIAL)
 
     @property
     def pending_fanout(self) -> int:
-        return sum(len(self._members(head)) for head in self._fanout)
+        return len(self._fanout) + self._grouped_beyond_heads(Lane.FANOUT)
+
+    def _grouped_beyond_heads(self, lane: Lane) -> int:
+        """Items of the lane's pending units besides their heads (cheap: the run's share
+        asks after every decision)."""
+        return sum(len(m) - 1 for head, m in self._units.items() if self.tests[head].lane is lane)
 
     @property
     def in_flight(self) -> int:
