@@ -16,6 +16,10 @@ workers that follows the real protocol:
 * an item's last report (its counts) and xdist's completion event travel apart from the
   side channel, so the controller may take them after the worker's later news: the
   worker may already run its next item and be granted connections for it.
+
+Items may carry an ``xdist_group``: every run checks that a group is sent whole, runs on
+one worker in collection order, and moves (what is left of it, whole) only when that
+worker crashed (``Sim.group_breaks``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pytest_poolaware.core import (
     Go,
     Grant,
     Lane,
+    Order,
     Planner,
     Release,
     Send,
@@ -302,6 +307,17 @@ class Sim:
         self.starts: list[tuple[str, int]] = []
         #: ``len(starts)`` at the first crash (None: no crash yet).
         self.first_crash: int | None = None
+        #: ``len(starts)`` when each crashed worker died.
+        self.crashed_at: dict[str, int] = {}
+        #: Crashed items run again (``requeue``): they go alone, as with ``load``.
+        self.requeued: set[int] = set()
+        #: Sends that split an ``xdist_group`` (some of its items left behind).
+        self.split_groups: list[str] = []
+        #: The items of each ``xdist_group``, by name, in collection order.
+        self.xdist_groups: dict[str, list[int]] = defaultdict(list)
+        for index, test in enumerate(tests):
+            if test.xdist_group:
+                self.xdist_groups[test.xdist_group].append(index)
         self.running_at_start: dict[int, set[int]] = {}
         self.completions: list[int] = []
         self.refusals: Counter[int] = Counter()
@@ -348,6 +364,7 @@ class Sim:
                     if self.sent_count[index] > 1 + self.may_resend[index]:
                         self.problems.append(f"item {index} sent again by {action}")
                 worker.queue.extend(action.indices)
+                self.check_whole_groups(worker, action.indices)
             elif isinstance(action, Shutdown):
                 if worker.shut:
                     self.problems.append(f"{action} twice")
@@ -410,6 +427,18 @@ class Sim:
         # Over a lowered budget, what the planner has committed only falls.
         self.allowed[key] = max(budget, min(allowed, planned))
 
+    def check_whole_groups(self, worker: SimWorker, sent: Sequence[int]) -> None:
+        """A send holds every item of its groups not run yet: the rest of a group never
+        stays behind, for another worker to take (requeued items aside)."""
+        for name in {self.tests[i].xdist_group for i in sent if i not in self.requeued} - {""}:
+            behind = [
+                i
+                for i in self.xdist_groups[name]
+                if not self.outcomes[i] and i not in worker.queue and i not in self.requeued
+            ]
+            if behind:
+                self.split_groups.append(f"{name}: {list(sent)} to {worker.name}, not {behind}")
+
     @staticmethod
     def connect_granted(w: SimWorker, key: BudgetKey = DEFAULT_BUDGET) -> int:
         return int(
@@ -417,7 +446,8 @@ class Sim:
         )
 
     def is_serial(self, index: int) -> bool:
-        return self.tests[index].lane is SERIAL
+        """In the serial lane (a group with a serial item runs there whole)."""
+        return self.planner.lane_of(index) is SERIAL
 
     def all_done(self) -> bool:
         ended = all(o and o[-1] in ("completed", "crashed") for o in self.outcomes.values())
@@ -622,6 +652,7 @@ class Sim:
         self.crashes_left = max(0, self.crashes_left - 1)
         if self.first_crash is None:
             self.first_crash = len(self.starts)
+        self.crashed_at[name] = len(self.starts)
         crashed, actions = self.planner.remove_worker(name)
         expected = w.queue[0] if w.queue else None
         if crashed != expected:
@@ -633,6 +664,7 @@ class Sim:
         self.apply(actions)
         if crashed is not None and self.rerun_crashed:
             self.may_resend[crashed] += 1
+            self.requeued.add(crashed)
             self.apply(self.planner.requeue(crashed))
         self.add_worker()
         return crashed
@@ -665,15 +697,18 @@ class Sim:
                 assert outcome in (["completed"], ["crashed"]), (index, outcome)
         assert self.planner.tests_finished
         assert self.order_breaks() == []
+        assert self.split_groups == []
+        assert self.group_breaks() == []
 
     def order_breaks(self) -> list[str]:
         """Starts that break the per-worker watermark: each worker runs its items in
-        ascending collection order (as xdist's ``load`` does). Exempt, as with ``load``:
-        items a crash returned or requeued, serial items after a crash (the lane
-        resumes on another worker), and items no worker could take in order."""
+        ascending collection order (as xdist's ``load`` does), an ``xdist_group`` as one
+        block at its first item's place. Exempt, as with ``load``: items a crash
+        returned or requeued, serial items after a crash (the lane resumes on another
+        worker), and items no worker could take in order."""
         breaks = []
         stranded = self.planner.out_of_order
-        watermark: dict[str, tuple[int, int]] = {}
+        watermark: dict[str, tuple[tuple[int, int], int]] = {}
         for position, (worker, index) in enumerate(self.starts):
             crashed_before = self.first_crash is not None and position >= self.first_crash
             if (
@@ -682,10 +717,36 @@ class Sim:
                 or (crashed_before and self.is_serial(index))
             ):
                 continue
-            before, at = watermark.get(worker, (-1, -1))
-            if index <= before:
-                breaks.append(f"{worker} started {index} after {before} (start {at})")
-            watermark[worker] = (max(before, index), position)
+            place = self.place(index)
+            before, at = watermark.get(worker, ((-1, -1), -1))
+            if place <= before:
+                breaks.append(f"{worker} started {index} after {before[1]} (start {at})")
+            watermark[worker] = (max(before, place), position)
+        return breaks
+
+    def place(self, index: int) -> tuple[int, int]:
+        """Where an item runs in collection order: an ``xdist_group`` runs as one block
+        at its first item's place."""
+        name = self.tests[index].xdist_group
+        return (self.xdist_groups[name][0] if name else index, index)
+
+    def group_breaks(self) -> list[str]:
+        """Each ``xdist_group`` starts on one worker, in collection order; what is left
+        of it moves on (whole, to one worker) only once that worker crashed. Requeued
+        items (a crash handler's) run alone, as with ``load``."""
+        breaks = []
+        for name, members in self.xdist_groups.items():
+            started = [
+                (position, worker, index)
+                for position, (worker, index) in enumerate(self.starts)
+                if index in members and index not in self.requeued
+            ]
+            indices = [index for _, _, index in started]
+            if indices != sorted(set(indices)):
+                breaks.append(f"{name}: started {indices}, not in collection order")
+            for (_, before, _), (position, worker, index) in itertools.pairwise(started):
+                if worker != before and self.crashed_at.get(before, position + 1) > position:
+                    breaks.append(f"{name}: {index} on {worker} while {before} had the group")
         return breaks
 
     def every_item_fits(self) -> bool:
@@ -698,7 +759,7 @@ class Sim:
 
     def start_order(self, lane: Lane) -> list[int]:
         """First start of each item of the lane, in time order."""
-        return list(dict.fromkeys(i for _, i in self.starts if self.tests[i].lane is lane))
+        return list(dict.fromkeys(i for _, i in self.starts if self.planner.lane_of(i) is lane))
 
 
 # -- lanes ----------------------------------------------------------------------------------
@@ -1429,6 +1490,88 @@ def test_long_known_items_are_not_queued_far_ahead() -> None:
     assert len(t.queues["a"]) == MIN_QUEUE
 
 
+# -- xdist groups ---------------------------------------------------------------------------
+
+
+def grouped(lanes: str, names: str) -> list[Item]:
+    """Items by letter: lanes ``s``/``f``; ``xdist_group`` names, ``.`` for none."""
+    return [
+        Item(SERIAL if lane == "s" else FANOUT, 1, xdist_group="" if name == "." else name)
+        for lane, name in zip(lanes, names, strict=True)
+    ]
+
+
+def test_a_group_spread_over_the_collection_goes_whole_to_one_worker_in_order() -> None:
+    """Its first and last items lie in different workers' ranges: the worker that takes
+    the first takes them all at once, one after the other."""
+    t = Tracker()
+    t.load(grouped("f" * 12, "a..b....b..a"))
+    t.add("x", "y")
+    t.planner.open_fanout()
+    holder = next(w for w, queue in t.queues.items() if 0 in queue)
+    queue = t.queues[holder]
+    assert queue[queue.index(0) : queue.index(0) + 2] == [0, 11]
+    other = next(w for w in t.queues if w != holder)
+    assert 11 not in t.queues[other]
+
+
+def test_a_group_with_a_serial_item_runs_whole_in_the_serial_lane() -> None:
+    """One worker at a time runs the serial lane: the group keeps it one test at a time."""
+    t = Tracker()
+    t.load(grouped("ffsfff", "a.a..."))
+    assert [t.planner.lane_of(i) for i in range(6)] == [SERIAL, FANOUT, SERIAL] + [FANOUT] * 3
+    sim = Sim(grouped("ffsfffff", "a.a.a..."), workers=3).run()
+    sim.assert_sound()
+    assert len({w for w, i in sim.starts if i in (0, 2, 4)}) == 1
+    assert sim.start_order(SERIAL) == [0, 2, 4]
+
+
+def test_the_rest_of_a_crashed_workers_group_goes_whole_to_one_worker() -> None:
+    tests = grouped("f" * 16, "aaaaaa" + "." * 10)
+    t = Tracker()
+    t.load(tests)
+    t.add("x", "y")
+    holder = next(w for w, queue in t.queues.items() if 0 in queue)
+    t.complete(holder, 0)
+    crashed, actions = t.remove(holder)
+    assert crashed == 1
+    sent = t.sent(actions) or t.sent(t.add("z"))
+    [indices] = [indices for indices in sent.values() if 2 in indices]
+    start = indices.index(2)
+    assert indices[start : start + 4] == [2, 3, 4, 5]
+
+
+def test_a_dry_worker_never_takes_part_of_another_workers_group() -> None:
+    """A slow worker holds a long group: the others run dry and take what is left of its
+    range, never the rest of its group."""
+    tests = grouped("f" * 24, "a" * 8 + "." * 16)
+    sim = Sim(tests, workers=3)
+    sim.run(slow_worker("gw1"))
+    sim.assert_sound()
+    assert len({w for w, i in sim.starts if i < 8}) == 1
+
+
+def test_longest_modules_first_keeps_each_group_whole() -> None:
+    """``poolaware_order = duration``: a group is one unit in the shared queue too."""
+    tests = [
+        Item(FANOUT, 1, 1.0, group=f"m{i // 3}", xdist_group="ab"[i % 2] if i < 6 else "")
+        for i in range(12)
+    ]
+    planner: Planner[str] = Planner(BUDGET, order=Order.DURATION)
+    sim = Sim(tests, workers=3, planner=planner).run()
+    sim.assert_sound()
+    for name in "ab":
+        members = [i for i, t in enumerate(tests) if t.xdist_group == name]
+        assert len({w for w, i in sim.starts if i in members}) == 1
+
+
+def test_a_group_counts_once_in_the_pending_totals_per_item() -> None:
+    t = Tracker()
+    t.load(grouped("ssff", "a.aa"))
+    statistics = t.planner.statistics()
+    assert (statistics.pending_serial, statistics.pending_fanout) == (4, 0)
+
+
 # -- properties -----------------------------------------------------------------------------
 
 
@@ -1447,6 +1590,10 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
     needs = draw(st.lists(st.none() | st.integers(0, 7), min_size=n, max_size=n))
     durations = draw(st.lists(st.none() | st.floats(0, 5), min_size=n, max_size=n))
     groups = draw(st.lists(st.sampled_from(["", "module1", "module2"]), min_size=n, max_size=n))
+    # ``xdist_group`` names: most items in none, groups spread over the collection
+    xdist_groups = draw(
+        st.lists(st.sampled_from(["", "", "g1", "g2", "g3"]), min_size=n, max_size=n)
+    )
     # what each item really checks out: usually as declared, sometimes not
     peaks = [
         draw(st.integers(0, 7)) if draw(st.booleans()) else (1 if need is None else need)
@@ -1454,8 +1601,10 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
     ]
     run: dict[str, object] = {
         "tests": [
-            Item(lane, need, duration, group)
-            for lane, need, duration, group in zip(lanes, needs, durations, groups, strict=True)
+            Item(lane, need, duration, group, xdist_group)
+            for lane, need, duration, group, xdist_group in zip(
+                lanes, needs, durations, groups, xdist_groups, strict=True
+            )
         ],
         "budget": draw(st.integers(1, 6)),
         "workers": draw(st.integers(1, 4)),
@@ -1564,7 +1713,7 @@ def run_randomly(run: dict[str, object], seed: int, **options: object) -> Sim:
     sim.assert_sound()  # every item ended once; budget and serial invariants held
     first_serial = sim.start_order(SERIAL)
     if not sim.rerun_crashed:
-        assert first_serial == sorted(first_serial)
+        assert first_serial == sorted(first_serial, key=sim.place)
     return sim
 
 

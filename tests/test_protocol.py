@@ -10,7 +10,7 @@ import pytest
 from inner import TWO_TESTS, run
 
 from pytest_poolaware.core import Answer
-from pytest_poolaware.markers import Markers
+from pytest_poolaware.markers import Markers, group_name, mark_group_name
 from pytest_poolaware.protocol import (
     KIND,
     PROTOCOL_VERSION,
@@ -116,6 +116,39 @@ def test_markers_travel_as_indices_and_come_back_per_item() -> None:
     assert wire["serial_only"] == list(range(0, 30, 3))
     assert wire["parallel_safe"] == list(range(0, 30, 5))
     assert decode(wire) == Collected(markers)
+
+
+def test_xdist_groups_travel_as_indices_by_name_and_come_back_per_item() -> None:
+    markers = tuple(Markers(xdist_group=["", "db", "cache"][i % 3]) for i in range(9))
+    wire = execnet.loads(execnet.dumps(Collected(markers).to_wire()))
+    assert wire["xdist_group"] == {"db": [1, 4, 7], "cache": [2, 5, 8]}
+    assert decode(wire) == Collected(markers)
+
+
+def test_markers_from_a_worker_that_sends_no_groups_have_none() -> None:
+    """A field added compatibly: an earlier worker's ``Collected`` still decodes."""
+    markers = (Markers(serial=True), Markers())
+    older = {k: v for k, v in Collected(markers).to_wire().items() if k != "xdist_group"}
+    assert decode(older) == Collected(markers)
+
+
+@pytest.mark.parametrize(
+    ("marks", "name"),
+    [
+        ([(("db",), {})], "db"),
+        ([((), {"name": "db"})], "db"),
+        ([((), {})], "default"),
+        ([(("b",), {}), ((), {"name": "a"}), (("b",), {})], "a_b"),
+        ([((7,), {})], "7"),
+        ([], ""),
+    ],
+)
+def test_several_xdist_group_marks_combine_as_loadgroup_combines_them(
+    marks: list[tuple[tuple[object, ...], dict[str, object]]], name: str
+) -> None:
+    """pytest-xdist's ``remote.py``: each mark's first argument, else ``name=``, else
+    "default"; the distinct names sorted and joined with "_"."""
+    assert group_name(mark_group_name(args, kwargs) for args, kwargs in marks) == name
 
 
 def test_item_measures_travel_by_field_name() -> None:

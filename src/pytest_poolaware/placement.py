@@ -3,6 +3,12 @@
 Pure logic with no xdist or database imports. It decides what is handed to each worker
 and when a worker gets no more; whether a handed-out item may start is admission's
 (``admission``). The fan-out's ranges are ``fanout``'s.
+
+Placement hands out *units*: an item, or all the items of one ``xdist_group`` (in
+collection order), which go to one worker in one batch and run there one after the
+other. A unit stands at the place of its first item (its *head*): the lanes and the
+fan-out's ranges hold heads, watermarks compare heads, so each worker runs its units
+in collection order.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class ItemSpec:
     duration: float | None = None
     #: Items sharing expensive fixtures (a module): kept together and in order.
     group: str = ""
+    #: The item's ``xdist_group`` name ("": none): the items of one name run on one
+    #: worker, in collection order, one after the other (a unit, see above).
+    xdist_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,20 +103,21 @@ class _Seat:
     #: items above this, so it runs its tests in collection order.
     watermark: int = -1
 
-    def hand_out(self, indices: list[int], returned: set[int]) -> None:
-        """Queue items and raise the watermark past them (``returned`` items aside)."""
+    def hand_out(self, indices: list[int], returned: set[int], heads: Sequence[int]) -> None:
+        """Queue items and raise the watermark past their units' heads (``returned``
+        items aside)."""
         if not indices:
             return
         self.queue.extend(indices)
         self.watermark = max(
-            self.watermark, max((i for i in indices if i not in returned), default=-1)
+            self.watermark, max((heads[i] for i in indices if i not in returned), default=-1)
         )
 
     def next_batch(
-        self, tests: Sequence[ItemSpec], target: int, pop: Callable[[], int | None]
+        self, tests: Sequence[ItemSpec], target: int, pop: Callable[[], Sequence[int] | None]
     ) -> list[int]:
-        """Load-style batches: big early, small late, and only a few seconds of known
-        work ahead of a worker."""
+        """Load-style batches of whole units: big early, small late, and only a few
+        seconds of known work ahead of a worker."""
         if len(self.queue) >= MIN_QUEUE and len(self.queue) > target // 2:
             return []
         seconds = sum(tests[i].duration or 0.0 for i in self.queue)
@@ -115,11 +125,11 @@ class _Seat:
         while len(self.queue) + len(batch) < target:
             if len(self.queue) + len(batch) >= MIN_QUEUE and seconds >= QUEUE_SECONDS:
                 break
-            index = pop()
-            if index is None:
+            unit = pop()
+            if unit is None:
                 break
-            batch.append(index)
-            seconds += tests[index].duration or 0.0
+            batch.extend(unit)
+            seconds += sum(tests[i].duration or 0.0 for i in unit)
         return batch
 
 
@@ -133,6 +143,10 @@ class Placer(Generic[W]):
         self.placement = Placement.RANGES if order is Order.COLLECTION else Placement.SHARED
         self.tests: list[ItemSpec] = []
         self._seconds: list[float] = []
+        #: The head of each item's unit (itself, unless it is in an ``xdist_group``).
+        self._heads: list[int] = []
+        #: The items of each unit of more than one item not handed out yet, by head.
+        self._units: dict[int, tuple[int, ...]] = {}
         self.learned = 0
         #: The worker the end of the collection was kept for when the fan-out was cut.
         self._reserved_for: W | None = None
@@ -158,20 +172,30 @@ class Placer(Generic[W]):
         """Take the collection (once); see ``core.Planner.load``."""
         assert not self._loaded, "collection loaded twice"
         self._loaded = True
-        self.tests = list(tests)
-        self._serial = deque(i for i, t in enumerate(tests) if t.lane is Lane.SERIAL)
+        self.tests = whole_groups_in_one_lane(tests)
+        self._heads = list(range(len(tests)))
+        for members in xdist_groups(self.tests):
+            self._units[members[0]] = members
+            for index in members:
+                self._heads[index] = members[0]
+        heads = [i for i in range(len(tests)) if self._heads[i] == i]
+        self._serial = deque(i for i in heads if self.tests[i].lane is Lane.SERIAL)
         first = self.tests[self._serial[0]].duration if self._serial else None
         self._fanout_open = fanout_open
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
-        fanout = [i for i, t in enumerate(tests) if t.lane is Lane.FANOUT]
+        fanout = [i for i in heads if self.tests[i].lane is Lane.FANOUT]
         if self.order is Order.DURATION:
-            fanout = longest_groups_first(self.tests, fanout)
+            fanout = longest_groups_first(self.tests, fanout, self._members)
         self._seconds = expected_seconds([t.duration for t in tests])
         self.learned = sum(t.duration is not None for t in tests)
+        # A unit counts at its head for the whole of its expected seconds.
+        unit_seconds = list(self._seconds)
+        for head, members in self._units.items():
+            unit_seconds[head] = sum(self._seconds[i] for i in members)
         self._fanout = FanoutPool(
             fanout,
-            seconds=self._seconds,
-            groups=[t.group for t in tests],
+            seconds=unit_seconds,
+            groups=[t.group for t in self.tests],
             placement=self.placement,
         )
 
@@ -196,10 +220,36 @@ class Placer(Generic[W]):
         if state.queue:
             self._returned.update(state.queue)
             serial = [i for i in state.queue if self.tests[i].lane is Lane.SERIAL]
-            self._serial.extendleft(reversed(serial))
-            self._fanout.give_back([i for i in state.queue if self.tests[i].lane is Lane.FANOUT])
+            self._serial.extendleft(reversed(self._units_of(serial)))
+            fanout = [i for i in state.queue if self.tests[i].lane is Lane.FANOUT]
+            self._fanout.give_back(self._units_of(fanout))
         self._fanout.release(worker)
         return running
+
+    def _units_of(self, indices: Sequence[int]) -> list[int]:
+        """Items going back (a crashed worker's): the rest of each group as one unit, so
+        it goes whole to the next worker; the heads, in order."""
+        units: dict[str, list[int]] = {}
+        heads: list[int] = []
+        for index in indices:
+            name = self.tests[index].xdist_group
+            if name and name in units:
+                units[name].append(index)
+                continue
+            heads.append(index)
+            if name:
+                units[name] = [index]
+        for members in units.values():
+            self._units[members[0]] = tuple(members)
+        return heads
+
+    def _members(self, head: int) -> tuple[int, ...]:
+        """The items of the unit at ``head`` (not handed out yet)."""
+        return self._units.get(head, (head,))
+
+    def _take_unit(self, head: int) -> tuple[int, ...]:
+        """The items of the unit at ``head``, as it is handed out."""
+        return self._units.pop(head, (head,))
 
     def shut_down(self, worker: W) -> None:
         """The worker was told to shut down by someone else (xdist stopping the run)."""
@@ -272,11 +322,16 @@ class Placer(Generic[W]):
 
     @property
     def pending_serial(self) -> int:
-        return len(self._serial)
+        return len(self._serial) + self._grouped_beyond_heads(Lane.SERIAL)
 
     @property
     def pending_fanout(self) -> int:
-        return len(self._fanout)
+        return len(self._fanout) + self._grouped_beyond_heads(Lane.FANOUT)
+
+    def _grouped_beyond_heads(self, lane: Lane) -> int:
+        """Items of the lane's pending units besides their heads (cheap: the run's share
+        asks after every decision)."""
+        return sum(len(m) - 1 for head, m in self._units.items() if self.tests[head].lane is lane)
 
     @property
     def in_flight(self) -> int:
@@ -285,7 +340,8 @@ class Placer(Generic[W]):
     def unfinished(self) -> list[int]:
         """Items neither completed nor returned as crashed, in collection order."""
         queued = (i for s in self._workers.values() for i in s.queue)
-        return sorted({*self._serial, *self._fanout, *queued})
+        pending = (i for head in (*self._serial, *self._fanout) for i in self._members(head))
+        return sorted({*pending, *queued})
 
     @property
     def workers(self) -> list[W]:
@@ -329,7 +385,7 @@ class Placer(Generic[W]):
                 )
             else:
                 batch = []
-            state.hand_out(batch, self._returned)
+            state.hand_out(batch, self._returned, self._heads)
             if not (serial_lane and self._serial):
                 # The fan-out; the serial worker joins it once the serial lane is handed
                 # out, in the same pass, so that it never holds a single item. Before
@@ -341,13 +397,13 @@ class Placer(Generic[W]):
                 elif serial_lane:
                     more = []
                     while len(state.queue) + len(more) < MIN_QUEUE:
-                        index = self._pop_fanout(worker, state)
-                        if index is None:
+                        unit = self._pop_fanout(worker, state)
+                        if unit is None:
                             break
-                        more.append(index)
+                        more.extend(unit)
                 else:
                     more = []
-                state.hand_out(more, self._returned)
+                state.hand_out(more, self._returned, self._heads)
                 batch += more
                 if (
                     self._fanout_open
@@ -355,7 +411,7 @@ class Placer(Generic[W]):
                     and self._hand_back_stranded()
                 ):
                     more = self._take_fanout(worker, state, len(live), reserved=True)
-                    state.hand_out(more, self._returned)
+                    state.hand_out(more, self._returned, self._heads)
                     batch += more
             if batch:
                 actions.append(Send(worker, tuple(batch)))
@@ -377,8 +433,9 @@ class Placer(Generic[W]):
         if lowest is None or not self._fanout.in_order:
             return False
         stranded = self._fanout.hand_back_through(lowest)
-        self._returned.update(stranded)
-        self.out_of_order.update(stranded)
+        items = [i for head in stranded for i in self._members(head)]
+        self._returned.update(items)
+        self.out_of_order.update(items)
         return bool(stranded)
 
     def _split(self, serial_worker: W | None, live: list[W]) -> None:
@@ -399,8 +456,10 @@ class Placer(Generic[W]):
         if ahead and owners:
             state = self._workers[ahead[0]]
             lane = list(self._serial) if ahead[0] == serial_worker else []
-            held = sum(self._seconds[i] for i in [*lane, *state.queue])
-            share = (held + sum(self._seconds[i] for i in self._fanout)) / (len(owners) + 1)
+            members = [i for head in lane for i in self._members(head)]
+            held = sum(self._seconds[i] for i in [*members, *state.queue])
+            fanout = sum(self._seconds[i] for head in self._fanout for i in self._members(head))
+            share = (held + fanout) / (len(owners) + 1)
             reserve = max(0.0, share - held)
             after = max([state.watermark, *lane])
             self._reserved_for = ahead[0]
@@ -414,26 +473,28 @@ class Placer(Generic[W]):
         before: int | None = None,
         reserved: bool = False,
         alone: bool = False,
-    ) -> int | None:
-        """The worker's next fan-out item, its watermark raised past it at once (a dry
+    ) -> tuple[int, ...] | None:
+        """The worker's next fan-out unit, its watermark raised past it at once (a dry
         worker picks its next range above the items it is being handed right now)."""
         index = self._fanout.pop(
             worker, state.watermark, before=before, reserved=reserved, alone=alone
         )
-        if index is not None and index > state.watermark and index not in self._returned:
+        if index is None:
+            return None
+        if index > state.watermark and index not in self._returned:
             state.watermark = index
-        return index
+        return self._take_unit(index)
 
-    def _pop_serial(self) -> int | None:
-        return self._serial.popleft() if self._serial else None
+    def _pop_serial(self) -> tuple[int, ...] | None:
+        return self._take_unit(self._serial.popleft()) if self._serial else None
 
     def _take_in_order(self, worker: W, state: _Seat) -> list[int]:
         """A batch from both lanes merged in collection order (for a worker alone)."""
 
-        def pop() -> int | None:
+        def pop() -> tuple[int, ...] | None:
             head = self._serial[0] if self._serial else None
-            index = self._pop_fanout(worker, state, before=head, alone=True)
-            return self._pop_serial() if index is None else index
+            unit = self._pop_fanout(worker, state, before=head, alone=True)
+            return self._pop_serial() if unit is None else unit
 
         pending = len(self._serial) + len(self._fanout)
         return state.next_batch(self.tests, queue_target(pending, 1), pop)
@@ -485,19 +546,40 @@ def queue_target(pending: int, sharing: int) -> int:
     return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
 
 
-def longest_groups_first(tests: Sequence[ItemSpec], indices: list[int]) -> list[int]:
-    """Whole groups (modules) in order of total duration, unmeasured ones first, each in
-    collection order: long work starts early, and module fixtures are set up once per
-    worker rather than once per item."""
+def longest_groups_first(
+    tests: Sequence[ItemSpec],
+    heads: list[int],
+    members: Callable[[int], Sequence[int]] = lambda head: (head,),
+) -> list[int]:
+    """Whole groups (modules: units by their head's module) in order of total duration,
+    unmeasured ones first, each in collection order: long work starts early, and module
+    fixtures are set up once per worker rather than once per item."""
     groups: dict[str, list[int]] = {}
-    for index in indices:
-        groups.setdefault(tests[index].group, []).append(index)
+    for head in heads:
+        groups.setdefault(tests[head].group, []).append(head)
 
-    def weight(members: list[int]) -> tuple[bool, float]:
-        durations = [tests[i].duration for i in members]
+    def weight(module: list[int]) -> tuple[bool, float]:
+        durations = [tests[i].duration for head in module for i in members(head)]
         return (None not in durations, -sum(d or 0.0 for d in durations))
 
-    return [i for members in sorted(groups.values(), key=weight) for i in members]
+    return [head for module in sorted(groups.values(), key=weight) for head in module]
+
+
+def xdist_groups(tests: Sequence[ItemSpec]) -> list[tuple[int, ...]]:
+    """The items of each ``xdist_group`` of more than one item, in collection order."""
+    groups: dict[str, list[int]] = {}
+    for index, test in enumerate(tests):
+        if test.xdist_group:
+            groups.setdefault(test.xdist_group, []).append(index)
+    return [tuple(members) for members in groups.values() if len(members) > 1]
+
+
+def whole_groups_in_one_lane(tests: Sequence[ItemSpec]) -> list[ItemSpec]:
+    """An ``xdist_group`` with an item in the serial lane runs in the serial lane whole:
+    on the serial lane's worker, one test at a time, so the serial lane's items still
+    never overlap one another (see ``docs/design.md``, "Groups")."""
+    serial = {t.xdist_group for t in tests if t.xdist_group and t.lane is Lane.SERIAL}
+    return [replace(t, lane=Lane.SERIAL) if t.xdist_group in serial else t for t in tests]
 
 
 def lane_for(*, serial: bool, parallel: bool, measured: bool, unmarked_serial: bool) -> Lane:

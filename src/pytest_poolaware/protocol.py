@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, TypeVar
 
 from pytest_poolaware.core import DEFAULT_BUDGET, Answer
-from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
+from pytest_poolaware.markers import GROUP_MARKER, PARALLEL_MARKER, SERIAL_MARKER, Markers
 
 #: Bumped for any change a reader of the previous version would misread.
 PROTOCOL_VERSION: Final = 1
@@ -73,7 +73,7 @@ def _message(cls: type[_P]) -> type[_P]:
 @dataclass(frozen=True, slots=True)
 class Collected(_Plain):
     """Once, after collection, before xdist's own ``collectionfinish``: every item's markers
-    in collection order, and the node ids carrying both."""
+    (its ``xdist_group`` included) in collection order, and the node ids carrying both."""
 
     kind: ClassVar[str] = "collected"
     markers: tuple[Markers, ...]
@@ -87,6 +87,7 @@ class Collected(_Plain):
             "items": len(self.markers),
             SERIAL_MARKER: [i for i, m in enumerate(self.markers) if m.serial],
             PARALLEL_MARKER: [i for i, m in enumerate(self.markers) if m.parallel],
+            GROUP_MARKER: _indices_by_group(self.markers),
             "conflicts": list(self.conflicts),
         }
 
@@ -94,8 +95,26 @@ class Collected(_Plain):
     def from_wire(cls, wire: Mapping[str, Any]) -> Collected:
         serial = set(wire.get(SERIAL_MARKER, ()))
         parallel = set(wire.get(PARALLEL_MARKER, ()))
-        markers = tuple(Markers(i in serial, i in parallel) for i in range(int(wire["items"])))
+        # Added compatibly: a worker of an earlier release sends no groups.
+        groups = {
+            int(index): str(name)
+            for name, indices in wire.get(GROUP_MARKER, {}).items()
+            for index in indices
+        }
+        markers = tuple(
+            Markers(i in serial, i in parallel, groups.get(i, ""))
+            for i in range(int(wire["items"]))
+        )
         return cls(markers, tuple(str(c) for c in wire.get("conflicts", ())))
+
+
+def _indices_by_group(markers: tuple[Markers, ...]) -> dict[str, list[int]]:
+    """The indices of the items of each ``xdist_group``, by name."""
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(markers):
+        if item.xdist_group:
+            groups.setdefault(item.xdist_group, []).append(index)
+    return groups
 
 
 @_message

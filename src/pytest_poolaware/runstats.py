@@ -100,6 +100,7 @@ class ItemFacts:
         return {
             "nodeid": self.nodeid,
             "markers": self.markers.names,
+            "xdist_group": self.markers.xdist_group or None,
             "lane": self.lane.value,
             "worker": self.worker,
             "start": _round(self.start),

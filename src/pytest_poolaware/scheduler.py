@@ -365,6 +365,7 @@ class PoolAwareScheduling:
                     measure.need if measure else None,
                     measure.duration if measure else None,
                     group=nodeid.split("::", 1)[0],
+                    xdist_group=markers.xdist_group,
                 )
             )
         return tests

@@ -16,7 +16,14 @@ from pytest_poolaware.compat import run_test_protocol
 from pytest_poolaware.core import Answer
 from pytest_poolaware.link import WorkerLink
 from pytest_poolaware.login import login_of
-from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, Markers
+from pytest_poolaware.markers import (
+    GROUP_MARKER,
+    PARALLEL_MARKER,
+    SERIAL_MARKER,
+    Markers,
+    group_name,
+    mark_group_name,
+)
 from pytest_poolaware.meter import NO_ITEM, BudgetRefused, ControllerGone, PoolMeter, RoomTooSmall
 from pytest_poolaware.protocol import (
     Collected,
@@ -79,10 +86,15 @@ def _drop_failed_attempt() -> None:
 
 
 def item_markers(item: pytest.Item) -> Markers:
-    """The plugin's markers on one item, markers on classes and modules included."""
+    """The plugin's markers and the ``xdist_group`` on one item, markers on classes and
+    modules included (read here, never put in the node id: ``--lf`` and the learned data
+    key on it)."""
     return Markers(
         serial=item.get_closest_marker(SERIAL_MARKER) is not None,
         parallel=item.get_closest_marker(PARALLEL_MARKER) is not None,
+        xdist_group=group_name(
+            mark_group_name(mark.args, mark.kwargs) for mark in item.iter_markers(GROUP_MARKER)
+        ),
     )
 
 
