@@ -518,7 +518,7 @@ def test_the_tightest_login_sets_the_budget(
     limit = f"role {role} CONNECTION LIMIT {APP_LIMIT}"
     result.stdout.fnmatch_lines(
         [
-            f"budget: * connections ({limit}, *; {role}@*:*/* binds, the tightest of 2 logins)",
+            f"budget: * connections ({limit}*; {role}@*:*/* binds, the tightest of 2 logins)",
             f"peak open connections (server): * (application_name poolaware-* and role {role}, *",
             "note: the server and login were learned from the first connection a worker "
             "opened: postgres@*",
