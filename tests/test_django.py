@@ -4,14 +4,16 @@ databases, Django opening one psycopg (or psycopg2) connection per thread."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
-from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
+from inner import POOL_ENV, ROLE_LIMIT, connection_errors, run, serve_limited_role
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from test_report import section
 from test_scheduling import ServerSampler
 
 #: Django 5.2's PostgreSQL backend refuses psycopg 3 releases older than this one. With
@@ -96,17 +98,19 @@ def test_one_connection_per_thread(n):
 """
 
 
-@pytest.fixture
-def django_project(
+def make_project(
     pytester: pytest.Pytester,
-    limited_role: Any,
+    role_dsn: str,
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
-) -> dict[str, Any]:
-    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    **tests: str,
+) -> str:
+    """The Django project, its tests connecting as the role of ``role_dsn`` (which may
+    create the per-worker test databases): the role's name."""
     dsn = conninfo_to_dict(role_dsn)
+    role = str(dsn["user"])
     monkeypatch.setenv("DJANGO_DRIVER", DRIVER)
-    monkeypatch.setenv("DJANGO_DB_USER", str(dsn["user"]))
+    monkeypatch.setenv("DJANGO_DB_USER", role)
     monkeypatch.setenv("DJANGO_DB_PASSWORD", str(dsn.get("password", "")))
     monkeypatch.setenv("DJANGO_DB_HOST", str(dsn["host"]))
     monkeypatch.setenv("DJANGO_DB_PORT", str(dsn["port"]))
@@ -116,8 +120,20 @@ def django_project(
     pytester.makefile(".py", settings=SETTINGS)
     pytester.mkpydir("shop")
     (pytester.path / "shop" / "models.py").write_text(MODELS)
-    pytester.makepyfile(test_shop=TESTS)
+    pytester.makepyfile(**tests)
     pytester.makeini("[pytest]\nDJANGO_SETTINGS_MODULE = settings\npythonpath = .\n")
+    return role
+
+
+@pytest.fixture
+def django_project(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    make_project(pytester, role_dsn, postgres_dsn, monkeypatch, test_shop=TESTS)
     return {"role": role}
 
 
@@ -137,3 +153,79 @@ def test_django_load_exhausts_connections_where_poolaware_does_not(
     needs = {t["nodeid"].split("[")[0]: t["need"] for t in data["tests"]}
     assert needs["test_shop.py::test_one_connection_per_thread"] == 7  # counted per thread
     assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}
+
+
+#: A small project's suite as Django projects write them: test cases whose every test
+#: runs in a transaction on the worker's one connection, which Django keeps open between
+#: tests; and a few tests that touch no database.
+CASES = (
+    "from django.test import TestCase\nfrom shop.models import Item\n\n\n"
+    "class ItemTests(TestCase):\n"
+    + "".join(
+        f"    def test_it_{n}(self):\n"
+        f"        Item.objects.create(name='item-{n}')\n"
+        f"        self.assertEqual(Item.objects.filter(name='item-{n}').count(), 1)\n\n"
+        for n in range(10)
+    )
+)
+PLAIN = "".join(f"def test_plain_{n}():\n    assert {n} + 1\n\n" for n in range(3))
+#: The role's limit: with the plugin's own connection and a slot for connections still
+#: closing, a budget of 3 for four workers that each keep a connection open.
+SMALL_ROLE_LIMIT = 5
+#: The summary's length that a new user can read at a glance, whatever happened.
+SUMMARY_LINES = 16
+
+
+def test_django_summary_is_short_true_and_its_counts_add_up(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four workers each keep a connection open, against a budget of 3 learned from the
+    role's limit: the summary says so in one warning, advises nothing for tests that held
+    one connection, counts none of the run's connections as other clients', and names as
+    many logins in the budget line as in the notes."""
+    role_dsn = limited_role(SMALL_ROLE_LIMIT)
+    # Nothing configured: the server is learned from the tests' connections, as users do.
+    for name in ("POOLAWARE_DSN", *POOL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    make_project(
+        pytester,
+        role_dsn,
+        postgres_dsn,
+        monkeypatch,
+        test_a=CASES,
+        test_b=CASES,
+        test_c=CASES,
+        test_plain=PLAIN,
+    )
+    report = pytester.path / "report.json"
+    result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=33)
+    lines = section(result)
+    text = "\n".join(lines)
+    assert len(lines) <= SUMMARY_LINES, text
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) <= 3, text
+    assert "needed 1 connections" not in text
+    data = json.loads(report.read_text())
+    for overrun in data["run"]["overruns"]:
+        if overrun["need"] <= overrun["budget"]:
+            assert overrun["cause"] in ("kept_open", "crowded"), overrun
+    assert "serial_only candidate" not in text
+    assert not [a for a in data["advice"] if a["need"] < 2]
+    # The run alone uses the role: nothing of it is another client's.
+    budget = lines[0]
+    assert budget.startswith("budget: 3 connections (role "), text
+    assert "held by other clients" not in text, text
+    logins = re.search(r"the tightest of (\d+) logins", budget)
+    noted = 1 + sum(
+        int(many.group(1))
+        if (many := re.match(r"note: tests also connected as (\d+) logins", n))
+        else 1
+        for n in lines
+        if n.startswith("note: tests also connected as ")
+    )
+    assert noted == 5, text  # the first login (the maintenance database) and 4 test databases
+    assert logins is None or int(logins.group(1)) == noted, text

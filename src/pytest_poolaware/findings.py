@@ -132,15 +132,16 @@ def rerun_lines(reruns: Sequence[tuple[str, str]], *, verbose: bool = False) -> 
     return lines
 
 
-def _first(names: Sequence[str]) -> str:
+def _first(names: Sequence[str], hint: str = " (-v lists them)") -> str:
     """The first SHOWN_TESTS names, and how many more (``-v`` lists them)."""
     shown = ", ".join(names[:SHOWN_TESTS])
     rest = len(names) - SHOWN_TESTS
-    return shown if rest <= 0 else f"{shown} and {rest} more (-v lists them)"
+    return shown if rest <= 0 else f"{shown} and {rest} more{hint}"
 
 
 def _examples(names: Sequence[str]) -> str:
-    return "" if len(names) == 1 else f" ({_first(names)})"
+    """`` (a, b, c and 8 more; -v lists them)`` after a line naming a group of tests."""
+    return "" if len(names) == 1 else f" ({_first(names, '; -v lists them')})"
 
 
 def _budgets(group: Sequence[Overrun]) -> str:
