@@ -289,3 +289,18 @@ def test_the_run_s_own_backends_are_not_other_clients_and_every_login_is_counted
         "app@db:5432/test_app_gw2 and 1 more): room 3 (role app CONNECTION LIMIT 5, 1 kept for "
         "the monitor, 1 for connections still closing)"
     ]
+
+
+def test_connections_the_workers_counted_beyond_their_reported_pids_are_the_run_s_own() -> None:
+    """A worker reports the pid of its first connection per login only: the server may
+    list more of the run's connections than the pids known, as many as the workers
+    counted open beyond those; the rest are other clients'."""
+    logins = OtherLogins()
+    # Known: 10. Unknown: 11 and 12 (the run's: its workers counted 3 open), 13 (another
+    # client's).
+    logins.add("app@db:5432/test_app_gw0", facts((10, 11, 12, 13), "test_app_gw0"), run_open=3)
+    binding = logins.bind(None, runs=[10])
+    assert binding is not None
+    assert binding.room.others == 1
+    assert binding.choice.budget == 2
+    assert "1 held by other clients" in binding.room.describe()

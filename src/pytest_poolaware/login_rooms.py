@@ -8,6 +8,7 @@ connection); here they are only counted again and put in words.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final
@@ -23,6 +24,25 @@ from pytest_poolaware.server_room import (
 
 #: Logins named in the note of logins that share one room; the others are counted.
 NAMED_LOGINS: Final = 3
+
+
+def own_connections_out(facts: ServerFacts, runs: Collection[int], run_open: int) -> ServerFacts:
+    """The facts with the run's own backends out of the other clients: those of ``runs``
+    (pids the workers reported), and as many more of the unknown ones as the workers
+    counted open beyond those (a worker reports the pid of its first connection per login
+    only). Counted against each limit as far as that limit's others go."""
+    counted = recount(facts, runs)
+    ours = set(runs)
+    known = sum(1 for pid, *_ in facts.clients if pid in ours)
+    unknown = max(0, run_open - known)
+    if not unknown:
+        return counted
+    return dataclasses.replace(
+        counted,
+        others_server=max(0, counted.others_server - unknown),
+        others_role=max(0, counted.others_role - unknown),
+        others_database=max(0, counted.others_database - unknown),
+    )
 
 
 @dataclass(frozen=True)
@@ -52,18 +72,27 @@ class OtherLogins:
 
     facts: dict[str, ServerFacts] = field(default_factory=dict)
     rooms: dict[str, Room] = field(default_factory=dict)
+    #: Connections the workers counted open when each login was read.
+    run_open: dict[str, int] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         return len(self.facts)
 
-    def add(self, where: str, facts: ServerFacts) -> None:
+    def add(self, where: str, facts: ServerFacts, run_open: int = 0) -> None:
+        """``facts`` were read while the run's workers counted ``run_open`` connections
+        open (every login's): those the server listed without a pid the run knows are the
+        run's own, as many as the workers counted beyond the pids it knows."""
         self.facts[where] = facts
+        self.run_open[where] = run_open
 
     def bind(self, configured: tuple[int, str] | None, runs: Collection[int]) -> Binding | None:
         """Count every login's room again, the backends ``runs`` being the run's own, and
         return the tightest (the first read among equals); None when none was read."""
-        self.rooms = {where: room_of(recount(facts, runs)) for where, facts in self.facts.items()}
+        self.rooms = {
+            where: room_of(own_connections_out(facts, runs, self.run_open.get(where, 0)))
+            for where, facts in self.facts.items()
+        }
         tightest: Binding | None = None
         for where, room in self.rooms.items():
             choice = choose_budget(configured, room)

@@ -20,6 +20,7 @@ from pytest_poolaware.runstats import (
     RunSnapshot,
     RunStats,
     ServerView,
+    Uncounted,
     lane_times,
     worker_times,
 )
@@ -204,7 +205,8 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"{server.samples} samples every {server.interval:g}s)"
         )
         missed = stats.uncounted
-        if missed is not None:
+        # All zeros say nothing by default: every connection was counted, none was left.
+        if missed is not None and (verbose > 0 or missed != Uncounted(0, 0, 0)):
             lines.append(
                 f"not counted by the workers (server minus workers): up to {missed.most} "
                 f"at once; at the end {missed.end_server} open on the server, "
