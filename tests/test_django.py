@@ -4,14 +4,16 @@ databases, Django opening one psycopg (or psycopg2) connection per thread."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
-from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
+from inner import POOL_ENV, ROLE_LIMIT, connection_errors, run, serve_limited_role
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from test_report import section
 from test_scheduling import ServerSampler
 
 #: Django 5.2's PostgreSQL backend refuses psycopg 3 releases older than this one. With
@@ -96,30 +98,19 @@ def test_one_connection_per_thread(n):
 """
 
 
-@pytest.fixture
-def django_project(
-    pytester: pytest.Pytester,
-    limited_role: Any,
-    postgres_dsn: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> dict[str, Any]:
-    return make_project(pytester, limited_role, postgres_dsn, monkeypatch, ROLE_LIMIT, TESTS)
-
-
 def make_project(
     pytester: pytest.Pytester,
-    limited_role: Any,
+    role_dsn: str,
     postgres_dsn: str,
     monkeypatch: pytest.MonkeyPatch,
-    limit: int,
-    tests: str,
-) -> dict[str, Any]:
-    """The Django project, connecting as a fresh role limited to ``limit`` connections
-    (with CREATEDB: pytest-django creates each worker's test database)."""
-    role_dsn, role = serve_limited_role(limited_role, limit, monkeypatch)
+    **tests: str,
+) -> str:
+    """The Django project, its tests connecting as the role of ``role_dsn`` (which may
+    create the per-worker test databases): the role's name."""
     dsn = conninfo_to_dict(role_dsn)
+    role = str(dsn["user"])
     monkeypatch.setenv("DJANGO_DRIVER", DRIVER)
-    monkeypatch.setenv("DJANGO_DB_USER", str(dsn["user"]))
+    monkeypatch.setenv("DJANGO_DB_USER", role)
     monkeypatch.setenv("DJANGO_DB_PASSWORD", str(dsn.get("password", "")))
     monkeypatch.setenv("DJANGO_DB_HOST", str(dsn["host"]))
     monkeypatch.setenv("DJANGO_DB_PORT", str(dsn["port"]))
@@ -129,8 +120,20 @@ def make_project(
     pytester.makefile(".py", settings=SETTINGS)
     pytester.mkpydir("shop")
     (pytester.path / "shop" / "models.py").write_text(MODELS)
-    pytester.makepyfile(test_shop=tests)
+    pytester.makepyfile(**tests)
     pytester.makeini("[pytest]\nDJANGO_SETTINGS_MODULE = settings\npythonpath = .\n")
+    return role
+
+
+@pytest.fixture
+def django_project(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    role_dsn, role = serve_limited_role(limited_role, ROLE_LIMIT, monkeypatch)
+    make_project(pytester, role_dsn, postgres_dsn, monkeypatch, test_shop=TESTS)
     return {"role": role}
 
 
@@ -150,6 +153,76 @@ def test_django_load_exhausts_connections_where_poolaware_does_not(
     needs = {t["nodeid"].split("[")[0]: t["need"] for t in data["tests"]}
     assert needs["test_shop.py::test_one_connection_per_thread"] == 7  # counted per thread
     assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}
+
+
+#: A small project's suite as Django projects write them: test cases whose every test
+#: runs in a transaction on the worker's one connection, which Django keeps open between
+#: tests; and a few tests that touch no database.
+CASES = (
+    "from django.test import TestCase\nfrom shop.models import Item\n\n\n"
+    "class ItemTests(TestCase):\n"
+    + "".join(
+        f"    def test_it_{n}(self):\n"
+        f"        Item.objects.create(name='item-{n}')\n"
+        f"        self.assertEqual(Item.objects.filter(name='item-{n}').count(), 1)\n\n"
+        for n in range(10)
+    )
+)
+PLAIN = "".join(f"def test_plain_{n}():\n    assert {n} + 1\n\n" for n in range(3))
+#: The role's limit: with the plugin's own connection, a budget of 4 for four workers that
+#: each keep a connection open (and open a second one at times).
+SMALL_ROLE_LIMIT = 5
+#: The summary's length that a new user can read at a glance, whatever happened.
+SUMMARY_LINES = 16
+
+
+def test_django_summary_is_short_true_and_its_counts_add_up(
+    pytester: pytest.Pytester,
+    limited_role: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four workers each keep a connection open, against a budget of 4 learned from the
+    role's limit: the summary stays short, advises nothing for tests that held one
+    connection, counts none of the run's connections as other clients', and names the
+    per-worker test databases in one note, as the same role's room."""
+    role_dsn = limited_role(SMALL_ROLE_LIMIT)
+    # Nothing configured: the server is learned from the tests' connections, as users do.
+    for name in ("POOLAWARE_DSN", *POOL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    make_project(
+        pytester,
+        role_dsn,
+        postgres_dsn,
+        monkeypatch,
+        test_a=CASES,
+        test_b=CASES,
+        test_c=CASES,
+        test_plain=PLAIN,
+    )
+    report = pytester.path / "report.json"
+    result = run(pytester, "-n", "4", "--dist", "poolaware", f"--poolaware-report={report}")
+    result.assert_outcomes(passed=33)
+    lines = section(result)
+    text = "\n".join(lines)
+    assert len(lines) <= SUMMARY_LINES, text
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) <= 3, text
+    assert "needed 1 connections" not in text
+    data = json.loads(report.read_text())
+    for overrun in data["run"]["overruns"]:
+        if overrun["need"] <= overrun["budget"]:
+            assert overrun["cause"] in ("kept_open", "crowded"), overrun
+    assert "serial_only candidate" not in text
+    assert not [a for a in data["advice"] if a["need"] < 2]
+    # The run alone uses the role: nothing of it is another client's.
+    budget = lines[0]
+    assert re.match(r"budget: \d+ connections \(role ", budget), text
+    assert "held by other clients" not in text, text
+    assert "the tightest of" not in budget, text  # one role: one room
+    assert not [n for n in lines if n.startswith("note: tests also connected as ")], text
+    databases = [n for n in lines if "other databases as" in n]
+    assert len(databases) == 1, text  # the four per-worker test databases, in one line
 
 
 def test_per_worker_test_databases_are_read_as_one_login(
@@ -196,9 +269,9 @@ def test_django_under_a_role_tighter_than_the_workers_passes_where_load_fails(
     against a role allowing three connections: ``load`` is refused connections; poolaware
     gives a waiting worker the room of another's idle Django connection, and says that
     fewer workers than started hold connections at once."""
-    project = make_project(
-        pytester, limited_role, postgres_dsn, monkeypatch, TIGHT_LIMIT, PERSISTENT
-    )
+    role_dsn, role = serve_limited_role(limited_role, TIGHT_LIMIT, monkeypatch)
+    make_project(pytester, role_dsn, postgres_dsn, monkeypatch, test_shop=PERSISTENT)
+    project = {"role": role}
     load = run(pytester, "-n", "4", "--dist", "load")
     assert connection_errors(load) > 0
 

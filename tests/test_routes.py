@@ -6,6 +6,7 @@ Real xdist workers against a role with a connection limit."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,10 @@ def test_gather_beyond_the_budget_finishes_without_a_gate_timeout(
     out = result.stdout.str()
     assert "waited" not in out
     assert "the server refused a connection" not in out
-    assert "needed 8 connections, more than the room in the budget of 5" in out
+    # One warning for them all (or the one test's own words), with what they needed.
+    assert re.search(
+        r"needed (8 connections, more|more connections at once) than the whole budget of 5", out
+    ), out
 
 
 #: The subprocess holds its connection until the monitor has begun this many samples

@@ -71,12 +71,19 @@ AdmissionAction = Go | Grant | Release
 
 @dataclass(frozen=True)
 class Overrun:
-    """An item was let past the budget: it needed more than the room there was."""
+    """An item was let past the budget: it needed more than the room there was. What
+    held the rest of the budget at that moment says why (the summary's warning)."""
 
     index: int
     need: int
     budget: int
     alone: bool
+    #: Connections open in workers running no test then, one count per such worker
+    #: (largest first), the item's own worker included when it was starting the item:
+    #: connections kept between tests (a persistent connection, a pool's idle ones).
+    outside: tuple[int, ...] = ()
+    #: Connections open then in the other workers' running tests.
+    in_tests: int = 0
 
 
 @dataclass
@@ -561,7 +568,10 @@ class Admission(Generic[W]):
         index = -1 if index is None else index
         alone = all(s.open == 0 for w, s in self._workers.items() if w != worker)
         if not any(o.index == index for o in self.overruns):
-            self.overruns.append(Overrun(index, need, self.budget, alone))
+            holders = self._workers.items()
+            outside = sorted((s.open for _, s in holders if s.open and not s.granted), reverse=True)
+            in_tests = sum(s.open for w, s in holders if w != worker and s.granted)
+            self.overruns.append(Overrun(index, need, self.budget, alone, tuple(outside), in_tests))
 
     def _relieve(self, blocked: list[W], actions: list[AdmissionAction]) -> None:
         """Free room for blocked workers: ask for idle connections back; when nothing can

@@ -12,6 +12,10 @@ from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER
 from pytest_poolaware.runstats import Candidate, ItemFacts
 
 _DEFINITIONS: Final = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+#: ``serial_only`` advice is withheld when more than this share of the measured tests
+#: would be candidates: the threshold then says that the budget is small, not that
+#: those tests are heavy.
+ADVICE_MAX_SHARE: Final = 0.1
 
 
 def definition(nodeid: str) -> str:
@@ -55,6 +59,29 @@ def advise(items: Sequence[ItemFacts], *, risky_need: int, idle_need: int) -> li
                 PARALLEL_MARKER, target, need, len(members), f"serial_only, held {held}"
             )
     return serial + _by_class(parallel, groups)
+
+
+def withheld(
+    items: Sequence[ItemFacts], candidates: Sequence[Candidate], *, risky_need: int, budget: int
+) -> str:
+    """Why the ``serial_only`` candidates are not advised ("" when they are): more than
+    ADVICE_MAX_SHARE of the measured tests would be."""
+    measured = sum(1 for item in items if item.measured)
+    heavy = sum(c.tests for c in candidates if c.marker == SERIAL_MARKER)
+    if not heavy or heavy <= measured * ADVICE_MAX_SHARE:
+        return ""
+    return (
+        f"{heavy} of {measured} tests held {risky_need} or more connections at once, more "
+        f"than {ADVICE_MAX_SHARE:.0%} of them: the budget of {budget} is too small to tell "
+        "heavy tests from the others (--poolaware-risky-need sets the threshold)"
+    )
+
+
+def advised(candidates: Sequence[Candidate], withheld_because: str) -> list[Candidate]:
+    """The candidates to advise: without the ``serial_only`` ones when they are withheld."""
+    if not withheld_because:
+        return list(candidates)
+    return [c for c in candidates if c.marker != SERIAL_MARKER]
 
 
 def _by_class(
@@ -119,19 +146,24 @@ def advice_text(
     budget: int,
     risky_need: int,
     idle_need: int,
+    withheld_because: str = "",
 ) -> str:
     """The ``--poolaware-advice`` file: ``file:line: @pytest.mark.X  # why`` per candidate,
     paths relative to ``shown_from`` (where pytest was started) when below it."""
+    serial = (
+        f"none: {withheld_because}"
+        if withheld_because
+        else f"unmarked tests that held >= {risky_need} connections at once (budget {budget})"
+    )
     lines = [
         "# pytest-poolaware marker advice",
-        f"# serial_only: unmarked tests that held >= {risky_need} connections at once "
-        f"(budget {budget})",
+        f"# serial_only: {serial}",
         f"# parallel_safe: serial_only tests that held <= {idle_need} connections at once; "
         "keep serial_only if they share something else (an external service, files)",
         "# file:line: the marker to put on the def or class at that line  # why",
     ]
     cache: dict[Path, ast.Module | None] = {}
-    for candidate in candidates:
+    for candidate in advised(candidates, withheld_because):
         path_part, _, name = candidate.target.partition("::")
         path = root / path_part
         shown = os.path.relpath(path, shown_from) if path.is_relative_to(shown_from) else str(path)

@@ -300,6 +300,11 @@ class Planner(Generic[W]):
         return self._admission.budget
 
     @property
+    def open(self) -> int:
+        """Connections open over all workers, as they counted them (every login's)."""
+        return self._admission.open
+
+    @property
     def order(self) -> Order:
         return self._placer.order
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_poolaware import compat, priority, report
+from pytest_poolaware import compat, login_rooms, priority, report
 from pytest_poolaware.clock import wall
 from pytest_poolaware.history import History
 from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
@@ -218,9 +218,13 @@ class Controller:
         self._unlearned = settings
         #: Whether the budget was learned from the server (no DSN given).
         self.learned_room = False
-        #: Logins of the run's tests whose room was read (the first one's included), and
-        #: what was read of the others (notes, after the first login's).
-        self.logins_read = 1
+        #: The budget as the first login's room set it, before any other login's (see
+        #: ``_bind_tightest``).
+        self.first_login: login_rooms.FirstLogin | None = None
+        #: Other logins of the run's tests on the learned server, in the order read: what
+        #: the server said of each, and their rooms as last counted.
+        self.other_logins = login_rooms.OtherLogins()
+        #: Other logins whose limits could not be read (notes).
         self.login_notes: list[str] = []
         self.stats: RunStats | None = None
         self.files: list[str] = []
@@ -294,6 +298,9 @@ class Controller:
                 self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
             )
         self._adopt(found, dsn, LEARNED_ORIGIN)
+        self.first_login = login_rooms.FirstLogin(
+            self.settings.budget, self.settings.budget_source, self.room, self._budget_warning()
+        )
         self.learned_room = found.room is not None and found.choice is not None
         if self.scheduler is not None and self.share is not None:
             self.scheduler.follow_share(self.share)
@@ -326,13 +333,6 @@ class Controller:
         could not be): the run's budget becomes the tightest room among the logins read,
         since every connection the run opens counts against that one budget. Runs on the
         controller's main thread (``ServerLearning.take``)."""
-        from pytest_poolaware.server_room import (
-            CONFIGURED_TOO_LARGE,
-            choose_budget,
-            recount,
-            room_of,
-        )
-
         where = login.where()
         if isinstance(read, str):
             self.login_notes.append(
@@ -340,30 +340,49 @@ class Controller:
                 f"not be read ({read}); the budget leaves it out"
             )
             return None
-        facts = recount(read, runs)  # the run's backends reported since it was read
         if self.monitor is not None:
-            self.monitor.add_login(facts.role, facts.superuser)
-        self.logins_read += 1
-        room = room_of(facts)
-        self.login_notes.append(
-            f"tests also connected as {where}: room {room.budget} ({room.describe()})"
-        )
-        choice = choose_budget(self._unlearned.configured_budget, room)
-        if choice.budget >= self.settings.budget:
+            self.monitor.add_login(read.role, read.superuser)
+        run_open = self.scheduler.planner.open if self.scheduler is not None else 0
+        self.other_logins.add(where, read, run_open)
+        return self._bind_tightest(runs)
+
+    def _bind_tightest(self, runs: Collection[int]) -> int | None:
+        """The budget from every login read, each counted again with the run's backends
+        known by now (``runs``): a worker's connection the server listed before its worker
+        said so was counted as another client's when its login was read, and is the run's
+        own. The budget may rise back (never above the first login's) once it is."""
+        from pytest_poolaware.server_room import CONFIGURED_TOO_LARGE
+
+        first = self.first_login
+        if first is None:
             return None
-        self.settings = dataclasses.replace(
-            self.settings,
-            budget=choice.budget,
-            budget_source=f"{choice.source}; {where} binds, the tightest of "
-            f"{self.logins_read} logins",
-        )
-        self.room = None if choice.no_room else (room.allows, room.limit)
-        if choice.warning:  # one warning: the binding login's
-            self.warnings = [w for w in self.warnings if not w.startswith(CONFIGURED_TOO_LARGE)]
-            self.warnings.append(choice.warning)
+        tightest = self.other_logins.bind(self._unlearned.configured_budget, runs)
+        budget, source, room, warning = first.budget, first.source, first.room, first.warning
+        if tightest is not None and tightest.choice.budget < first.budget:
+            choice = tightest.choice
+            budget = choice.budget
+            source = (
+                f"{choice.source}; {tightest.where} binds, the tightest of "
+                f"{self.other_logins.count + 1} logins"
+            )
+            room = None if choice.no_room else (tightest.room.allows, tightest.room.limit)
+            warning = choice.warning
+        # One warning of a configured budget too large: the binding login's.
+        self.warnings = [w for w in self.warnings if not w.startswith(CONFIGURED_TOO_LARGE)]
+        self.warnings += [warning] if warning else []
+        changed = budget != self.settings.budget
+        self.settings = dataclasses.replace(self.settings, budget=budget, budget_source=source)
+        if not changed:
+            return None
+        self.room = room
         if self.share is not None:
-            self.share.cap(choice.budget)
+            self.share.cap(budget)
         return self._announce_budget()
+
+    def _budget_warning(self) -> str | None:
+        from pytest_poolaware.server_room import CONFIGURED_TOO_LARGE
+
+        return next((w for w in self.warnings if w.startswith(CONFIGURED_TOO_LARGE)), None)
 
     def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
         """The budget from what the server allows; sharing and monitoring on the plugin's
@@ -517,7 +536,9 @@ class Controller:
         self.finished = wall()
         priority.withdraw()
         if self.learning is not None:
-            self.notes.extend([*self.learning.notes(), *self.login_notes])
+            self.notes.extend(
+                [*self.learning.notes(), *self.other_logins.notes(), *self.login_notes]
+            )
             self._remember_learned()
         self._stop_sharing()
         server = self.monitor.stop() if self.monitor is not None else None

@@ -10,8 +10,9 @@ from typing import Final
 
 import pytest
 
-from pytest_poolaware.advice import advice_text, advise
+from pytest_poolaware.advice import advice_text, advise, advised, withheld
 from pytest_poolaware.core import Lane
+from pytest_poolaware.findings import overrun_warnings, rerun_lines
 from pytest_poolaware.runstats import (
     Candidate,
     ItemFacts,
@@ -19,6 +20,7 @@ from pytest_poolaware.runstats import (
     RunSnapshot,
     RunStats,
     ServerView,
+    Uncounted,
     lane_times,
     worker_times,
 )
@@ -28,7 +30,11 @@ from pytest_poolaware.settings import ENV_DSN, Settings
 TOP_NEEDS: Final = 3
 TOP_NEEDS_VERBOSE: Final = 10
 #: Marker advice lines shown by default (all of them with -v or in the advice file).
-ADVICE_SHOWN: Final = 5
+ADVICE_SHOWN: Final = 3
+#: Tests listed under "connections still held at a test's end" by default (all with -v).
+LEAKS_SHOWN: Final = 3
+#: Notes shown by default (all of them with -v and in the JSON report).
+NOTES_SHOWN: Final = 4
 LANE_NAMES: Final = {Lane.SERIAL: "serial lane", Lane.FANOUT: "fan-out"}
 
 
@@ -73,7 +79,8 @@ def collect(
                 leaks=m.leaks,
             )
         )
-    advice = advise(items, risky_need=settings.serial_advice_need, idle_need=settings.idle_need)
+    risky_need = settings.serial_advice_need
+    advice = advise(items, risky_need=risky_need, idle_need=settings.idle_need)
     return RunStats(
         budget=settings.budget,
         budget_source=settings.budget_source,
@@ -88,6 +95,7 @@ def collect(
         notes=(*snapshot.notes, *notes),
         warnings=tuple(warnings),
         advice=tuple(advice),
+        advice_withheld=withheld(items, advice, risky_need=risky_need, budget=settings.budget),
         order=snapshot.order,
         placement=snapshot.placement,
         learned=snapshot.learned,
@@ -130,6 +138,7 @@ def write_files(
                 budget=stats.budget,
                 risky_need=settings.serial_advice_need,
                 idle_need=settings.idle_need,
+                withheld_because=stats.advice_withheld,
             ),
         ),
     ]
@@ -154,7 +163,7 @@ def write_summary(
     warnings and notes at every verbosity but -qq, which keeps only warnings and notes."""
     tr = terminalreporter
     verbose: int = tr.config.option.verbose
-    warnings = _warnings(stats) + [line for line in files if line.startswith("WARNING")]
+    warnings = _warnings(stats, verbose) + [line for line in files if line.startswith("WARNING")]
     if verbose < -1:
         if warnings:
             tr.write_sep("-", "poolaware")
@@ -163,7 +172,8 @@ def write_summary(
         return
     tr.write_sep("-", "poolaware")
     lines = [_one_line(stats)] if verbose < 0 else _full(stats, settings, verbose)
-    lines += [f"rerun alone ({item.rerun}): {item.nodeid}" for item in stats.items if item.rerun]
+    reruns = [(item.nodeid, item.rerun) for item in stats.items if item.rerun]
+    lines += rerun_lines(reruns, verbose=verbose > 0)
     lines += warnings
     if verbose >= 0:
         lines += [line for line in files if not line.startswith("WARNING")]
@@ -177,8 +187,9 @@ def _one_line(stats: RunStats) -> str:
     bound = stats.lower_bound.value
     if bound > 0:
         parts.append(f"wall {_secs(stats.wall)} vs LB {_secs(bound)} ({stats.wall / bound:.2f}x)")
-    if stats.advice:
-        parts.append(f"{len(stats.advice)} marker advice (see the summary without -q)")
+    advice = advised(stats.advice, stats.advice_withheld)
+    if advice:
+        parts.append(f"{len(advice)} marker advice (see the summary without -q)")
     return "poolaware: " + ", ".join(parts)
 
 
@@ -194,7 +205,8 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             f"{server.samples} samples every {server.interval:g}s)"
         )
         missed = stats.uncounted
-        if missed is not None:
+        # All zeros say nothing by default: every connection was counted, none was left.
+        if missed is not None and (verbose > 0 or missed != Uncounted(0, 0, 0)):
             lines.append(
                 f"not counted by the workers (server minus workers): up to {missed.most} "
                 f"at once; at the end {missed.end_server} open on the server, "
@@ -206,7 +218,9 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
         )
     lanes = lane_times(stats.items)
     for lane in Lane:
-        lines.append(_time_line(LANE_NAMES[lane], lanes.get(lane, LaneTime())))
+        spent = lanes.get(lane, LaneTime())
+        if spent.items or verbose > 0 or lane is Lane.FANOUT:  # an empty serial lane: no line
+            lines.append(_time_line(LANE_NAMES[lane], spent))
     if verbose > 0:
         workers = worker_times(stats.items)
         for worker in sorted(workers):
@@ -219,10 +233,13 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
         ]
     leaking = stats.leaking
     if leaking:
+        listed = leaking if verbose > 0 else leaking[:LEAKS_SHOWN]
         lines.append("connections still held at a test's end (opened or checked out by it):")
-        lines += [f"  {item.leaks:>3}  {item.nodeid}" for item in leaking]
+        lines += [f"  {item.leaks:>3}  {item.nodeid}" for item in listed]
+        if len(listed) < len(leaking):
+            lines.append(f"  ... and {len(leaking) - len(listed)} more tests (-v lists them)")
     lines.append(_wall_line(stats))
-    lines += _advice_lines(stats.advice, settings, verbose)
+    lines += _advice_lines(stats, settings, verbose)
     return lines
 
 
@@ -249,33 +266,44 @@ def _wall_line(stats: RunStats) -> str:
     return text
 
 
-def _advice_lines(advice: Sequence[Candidate], settings: Settings, verbose: int) -> list[str]:
+def _advice_lines(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
+    """The advice (a few candidates; all with -v), or why ``serial_only`` advice is
+    withheld, in one line, instead of a list that names most of the suite."""
+    lines = []
+    if stats.advice_withheld:
+        lines.append(f"marker advice: no serial_only advice: {stats.advice_withheld}")
+    advice: Sequence[Candidate] = advised(stats.advice, stats.advice_withheld)
     if not advice:
-        return []
-    shown = advice if verbose > 0 else advice[:ADVICE_SHOWN]
-    lines = [
+        return lines
+    listed = advice if verbose > 0 else advice[:ADVICE_SHOWN]
+    lines.append(
         f"marker advice (serial_only from {settings.serial_advice_need} connections at once, "
         f"parallel_safe up to {settings.idle_need}):"
-    ]
-    for candidate in shown:
+    )
+    for candidate in listed:
         tests = f" ({candidate.tests} tests)" if candidate.tests > 1 else ""
         lines.append(
             f"  {candidate.marker} candidate: {candidate.target}{tests}: {candidate.reason}"
         )
-    if len(shown) < len(advice):
-        lines.append(f"  ... and {len(advice) - len(shown)} more (-v shows them all)")
+    hints = []
+    if len(listed) < len(advice):
+        hints.append(f"... and {len(advice) - len(listed)} more (-v shows them all)")
     if not settings.advice_path:
-        lines.append("  (--poolaware-advice=PATH writes them as file:line: decorator)")
+        hints.append("--poolaware-advice=PATH writes them as file:line: decorator")
+    if hints:
+        lines.append(f"  ({'; '.join(hints)})")
     return lines
 
 
-def _warnings(stats: RunStats) -> list[str]:
-    lines = [f"WARNING: {warning}" for warning in stats.warnings] + [
-        f"WARNING: {stats.nodeid_of(o)} needed {o.need} connections, more than the room in the "
-        f"budget of {o.budget}; it ran {'alone' if o.alone else 'beside other tests'}"
-        for o in stats.overruns
-    ]
-    return lines + [f"note: {note}" for note in stats.notes]
+def _warnings(stats: RunStats, verbose: int) -> list[str]:
+    """Warnings, one line per cause, then notes (a few; all with -v)."""
+    lines = [f"WARNING: {warning}" for warning in stats.warnings]
+    lines += overrun_warnings(stats.overruns, stats.nodeid_of, verbose=verbose > 0)
+    notes = list(stats.notes)
+    if verbose <= 0 and len(notes) > NOTES_SHOWN:
+        rest = len(notes) - NOTES_SHOWN + 1
+        notes = [*notes[: NOTES_SHOWN - 1], f"{rest} more notes (-v shows them all)"]
+    return lines + [f"note: {note}" for note in notes]
 
 
 def _secs(seconds: float) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from pytest_poolaware.core import Lane, Overrun
+from pytest_poolaware.findings import cause_of, why
 from pytest_poolaware.lowerbound import LowerBound, lower_bound
 from pytest_poolaware.markers import UNMARKED, Markers
 from pytest_poolaware.protocol import ItemMeasures
@@ -227,6 +228,8 @@ class RunStats:
     #: Shown as warnings (say, a configured budget the server cannot honour).
     warnings: tuple[str, ...] = ()
     advice: tuple[Candidate, ...] = ()
+    #: Why the ``serial_only`` candidates of ``advice`` are not advised ("": they are).
+    advice_withheld: str = ""
     #: ``poolaware_order`` and the fan-out's placement (``fanout.Placement``) this run
     #: used, and how many tests had a learned duration to place them by (0: cold).
     order: str = ""
@@ -328,11 +331,16 @@ class RunStats:
                         "need": o.need,
                         "budget": o.budget,
                         "alone": o.alone,
+                        "outside": list(o.outside),
+                        "in_tests": o.in_tests,
+                        "cause": cause_of(o).value,
+                        "why": why(o),
                     }
                     for o in self.overruns
                 ],
                 "notes": list(self.notes),
                 "warnings": list(self.warnings),
+                "advice_withheld": self.advice_withheld or None,
             },
             "tests": [item.to_json() for item in self.items],
             "advice": [candidate.to_json() for candidate in self.advice],

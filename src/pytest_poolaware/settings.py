@@ -71,6 +71,9 @@ DEFAULT_FANOUT_NICE: Final = 5
 #: Marker advice: an unmarked test holding at least this share of the budget at once is
 #: a ``serial_only`` candidate (rounded up), unless ``poolaware_risky_need`` says otherwise.
 RISKY_SHARE: Final = 0.5
+#: Marker advice: never from fewer connections at once than this. A test holding one
+#: connection is no risk to a parallel run, whatever the budget.
+MIN_RISKY_NEED: Final = 2
 #: Marker advice: a ``serial_only`` test holding at most this many connections at once is
 #: a ``parallel_safe`` candidate.
 DEFAULT_IDLE_NEED: Final = 0
@@ -184,7 +187,7 @@ def monitor_dsn(text: str) -> str:
 
 def default_risky_need(budget: int) -> int:
     """Connections at once from which an unmarked test is advised ``serial_only``."""
-    return max(1, math.ceil(budget * RISKY_SHARE))
+    return max(MIN_RISKY_NEED, math.ceil(budget * RISKY_SHARE))
 
 
 def text(value: str) -> str:
@@ -513,7 +516,7 @@ class Settings:
     @property
     def serial_advice_need(self) -> int:
         """Connections at once from which an unmarked test is advised ``serial_only``."""
-        return self.risky_need or default_risky_need(self.budget)
+        return max(MIN_RISKY_NEED, self.risky_need or default_risky_need(self.budget))
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:

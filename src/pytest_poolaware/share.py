@@ -323,6 +323,8 @@ class ShareCoordinator:
         self.namespace = namespace
         self.room = room
         self.ceiling = ceiling
+        #: The ceiling the room itself allows: ``cap`` never raises the budget above it.
+        self._room_ceiling = ceiling
         self._on_change = on_change
         self._interval = interval
         self._clock = clock
@@ -378,11 +380,13 @@ class ShareCoordinator:
 
     def cap(self, ceiling: int) -> None:
         """Another login of the run's tests allows less than the room shared: the run's
-        budget never goes above ``ceiling`` from now on. Leases still follow the shared
-        room's limit (the first login's), so runs binding on the other login's limit
-        do not coordinate on it (``docs/design.md``, "Several logins")."""
+        budget never goes above ``ceiling`` from now on (a later call may raise it again,
+        never above the room shared: that login was read to allow more once connections
+        counted as other clients' proved to be the run's own). Leases still follow the
+        shared room's limit (the first login's), so runs binding on the other login's
+        limit do not coordinate on it (``docs/design.md``, "Several logins")."""
         with self._lock:
-            self.ceiling = min(self.ceiling, ceiling)
+            self.ceiling = min(self._room_ceiling, ceiling)
             self._budget = min(self._budget, self.ceiling)
             self._reachable = min(self._reachable, self.ceiling)
         self._on_change()
