@@ -282,12 +282,12 @@ def test_the_run_s_own_backends_are_not_other_clients_and_every_login_is_counted
         logins.add(f"app@db:5432/test_app_gw{n}", facts((), f"test_app_gw{n}"))
     binding = logins.bind(None, runs=[10, 11, 12])
     assert binding is not None
-    assert binding.choice.budget == 3
+    assert binding.choice.budget == 4
     assert "held by other clients" not in binding.room.describe()
     assert logins.notes() == [
         "tests also connected as 4 logins (app@db:5432/test_app_gw0, app@db:5432/test_app_gw1, "
-        "app@db:5432/test_app_gw2 and 1 more): room 3 (role app CONNECTION LIMIT 5, 1 kept for "
-        "the monitor, 1 for connections still closing)"
+        "app@db:5432/test_app_gw2 and 1 more): room 4 (role app CONNECTION LIMIT 5, 1 kept for "
+        "the monitor)"
     ]
 
 
@@ -302,5 +302,5 @@ def test_connections_the_workers_counted_beyond_their_reported_pids_are_the_run_
     binding = logins.bind(None, runs=[10])
     assert binding is not None
     assert binding.room.others == 1
-    assert binding.choice.budget == 2
+    assert binding.choice.budget == 3
     assert "1 held by other clients" in binding.room.describe()
