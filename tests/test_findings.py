@@ -195,7 +195,7 @@ def big_run(size: int = SUITE_SIZE, *, troubles: bool = False) -> RunStats:
 def summary(stats: RunStats, verbose: int) -> list[str]:
     terminal = Terminal(verbose)
     settings = Settings(budget=BUDGET, budget_source=stats.budget_source)
-    write_summary(cast(pytest.TerminalReporter, terminal), stats, settings, [])
+    write_summary(cast("pytest.TerminalReporter", terminal), stats, settings, [])
     return terminal.lines[1:]
 
 
