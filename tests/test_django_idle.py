@@ -9,9 +9,15 @@ from __future__ import annotations
 import pytest
 from inner import run
 from psycopg.conninfo import conninfo_to_dict
+from test_django import DRIVER
 
 CONFTEST = """
 import os
+import sys
+
+if {driver!r} == "psycopg2":
+    # Django's backend takes psycopg 3 when it can import it, else psycopg2.
+    sys.modules["psycopg"] = None
 
 import django
 from django.conf import settings
@@ -117,6 +123,7 @@ def test_django_connections_are_idle_once_django_is_done_with_them(
             password=str(params.get("password", "")),
             host=str(params["host"]),
             port=str(params["port"]),
+            driver=DRIVER,
         )
     )
     pytester.makepyfile(test_django_idle=TESTS)

@@ -951,7 +951,7 @@ class DriverHooks:
                 self._watcher = _ImportWatcher(frozenset(DRIVER_MODULES), self._loaded)
                 sys.meta_path.insert(0, self._watcher)
             for name in DRIVER_MODULES:
-                if name in sys.modules:
+                if sys.modules.get(name) is not None:  # None: its import is barred
                     self._loaded(name)
 
     def _loaded(self, name: str) -> None:
