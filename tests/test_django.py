@@ -22,6 +22,14 @@ from test_scheduling import ServerSampler
 DJANGO_MIN_PSYCOPG = (3, 1, 8)
 _psycopg = tuple(int(part) for part in psycopg.__version__.split(".")[:3] if part.isdigit())
 DRIVER = "psycopg" if _psycopg >= DJANGO_MIN_PSYCOPG else "psycopg2"
+#: Where Django runs on psycopg2, its settings bar psycopg in every process, the
+#: controller's included (pytest-django loads them there too): the plugin's own
+#: connection, which reads the server's room, needs psycopg, so it has none.
+needs_the_plugins_connection = pytest.mark.skipif(
+    DRIVER != "psycopg",
+    reason="psycopg is too old for Django here: the project bars it, and with it the "
+    "plugin's own connection",
+)
 
 SETTINGS = """
 import os
@@ -176,6 +184,7 @@ SMALL_ROLE_LIMIT = 5
 SUMMARY_LINES = 16
 
 
+@needs_the_plugins_connection
 def test_django_summary_is_short_true_and_its_counts_add_up(
     pytester: pytest.Pytester,
     limited_role: Any,
@@ -225,6 +234,7 @@ def test_django_summary_is_short_true_and_its_counts_add_up(
     assert len(databases) == 1, text  # the four per-worker test databases, in one line
 
 
+@needs_the_plugins_connection
 def test_per_worker_test_databases_are_read_as_one_login(
     pytester: pytest.Pytester, django_project: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,6 +272,7 @@ def test_orm(n):
 """
 
 
+@needs_the_plugins_connection
 def test_django_under_a_role_tighter_than_the_workers_passes_where_load_fails(
     pytester: pytest.Pytester, limited_role: Any, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
