@@ -116,17 +116,17 @@ class Planner(Generic[W]):
         self._placer.open_fanout()
         return self._plan()
 
-    def attach(self, worker: W) -> list[Action]:
+    def attach(self, worker: W) -> None:
         """A worker's side channel is up, before it has collected: its connects (in
         ``pytest_configure``, conftest imports, session start, collection) are admitted
         within the budget like a test's, and what it holds counts against the budget
-        (``docs/design.md``, "Connections outside tests"). Idempotent."""
+        (``docs/design.md``, "Connections outside tests"). Idempotent; nothing is placed
+        or decided until the worker asks for something."""
         if worker in self._attached:
-            return []
+            return
         self._attached.add(worker)
         for admission in self._budgets.values():
             admission.add_worker(worker)
-        return []
 
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
@@ -298,11 +298,6 @@ class Planner(Generic[W]):
     @property
     def budget(self) -> int:
         return self._admission.budget
-
-    @property
-    def open(self) -> int:
-        """Connections open over all workers, as they counted them (every login's)."""
-        return self._admission.open
 
     @property
     def order(self) -> Order:

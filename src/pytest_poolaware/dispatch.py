@@ -153,8 +153,6 @@ class Dispatcher:
         self.learning = learning
         #: The workers' notes taken so far: another worker saying the same adds nothing.
         self._noted: set[str] = set()
-        #: Workers whose connects the planner admits, joined or not (``admits``).
-        self._attached: set[WorkerController] = set()
 
     def admits(self, node: WorkerController) -> bool:
         """Whether the planner counts and admits this worker's connections: from the moment
@@ -163,18 +161,14 @@ class Dispatcher:
         is removed (its link is gone: what it still sends is stale)."""
         if node not in self._links:
             return False
-        if node not in self._attached:
-            self._attached.add(node)
-            self.apply(self.planner.attach(node))
+        self.planner.attach(node)  # idempotent; nothing is placed on attaching
         return True
 
     def detach(self, node: WorkerController) -> None:
         """A worker that never joined is gone: what it held or asked for no longer counts."""
-        if node in self._attached:
-            self._attached.discard(node)
-            if self.learning is not None:
-                self.learning.worker_gone(node)
-            self.apply(self.planner.remove_worker(node)[1])
+        if self.learning is not None:
+            self.learning.worker_gone(node)
+        self.apply(self.planner.remove_worker(node)[1])
 
     def _consult_share(self, share: ShareCoordinator) -> None:
         """Follow the run's share of the server's room when it moved."""

@@ -124,7 +124,7 @@ class ConnectionLedger:
         self._on_change = on_change
         self._on_error = on_error
         self._error_seen = False
-        #: The first failure contained, kept until someone hears of it (``rebind``).
+        #: The first failure contained, kept until someone hears of it (``bind``).
         self._first_error: BaseException | None = None
         # Counted by the driver hooks, by backend pid and by connection object.
         self._by_pid: dict[int, _Counted] = {}
@@ -161,7 +161,7 @@ class ConnectionLedger:
             self._first_error = exc
             self._on_error(exc)
 
-    def rebind(
+    def _rebind(
         self,
         on_change: Callable[[int, int, bool, int], None],
         on_error: Callable[[BaseException], None],
@@ -461,11 +461,11 @@ class PoolMeter(ConnectionLedger):
         on_opened: Callable[[Any, str], None] | None = None,
     ) -> list[tuple[Any, str]]:
         """The worker's agent takes over: counts go to the controller and connects wait
-        at its gate from now on. Returns the connections still open (``rebind``); the
+        at its gate from now on. Returns the connections still open; the
         drivers of every connection opened before, closed ones included, stay in
         ``opened_unbound``."""
         self._gate, self._gate_async = gate, gate_async
-        return self.rebind(on_change, on_error, on_opened)
+        return self._rebind(on_change, on_error, on_opened)
 
     # -- installing ---------------------------------------------------------------------------
 
@@ -615,4 +615,4 @@ def _no_gate(background: bool) -> None:
 
 
 def _ignore_error(exc: BaseException) -> None:
-    """Kept by the ledger until ``rebind`` hands it to the agent."""
+    """Kept by the ledger until ``bind`` hands it to the agent."""

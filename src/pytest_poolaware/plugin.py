@@ -342,7 +342,7 @@ class Controller:
             return None
         if self.monitor is not None:
             self.monitor.add_login(read.role, read.superuser)
-        run_open = self.scheduler.planner.open if self.scheduler is not None else 0
+        run_open = self.scheduler.planner.statistics().open if self.scheduler is not None else 0
         self.other_logins.add(where, read, run_open)
         return self._bind_tightest(runs)
 

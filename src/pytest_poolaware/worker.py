@@ -378,6 +378,7 @@ class WorkerAgent:
         if not self._gated:
             return
         phase = self._phase
+        never_refused = background or phase is not None
         begun = self._clock()
         answer = self._timed_wait(
             lambda: self.link.request(
@@ -385,11 +386,11 @@ class WorkerAgent:
                 None,
                 self.gate_timeout,
                 self._release,
-                background=background or phase is not None,
+                background=never_refused,
             )
         )
         self._connect.waited = self._clock() - begun
-        self._answered(answer, background or phase is not None, phase)
+        self._answered(answer, never_refused, phase)
 
     async def _gate_async(self, background: bool) -> None:
         """The gate for a connect on an event loop: awaits the answer, so the loop's other
@@ -397,16 +398,17 @@ class WorkerAgent:
         if not self._gated:
             return
         phase = self._phase
+        never_refused = background or phase is not None
         begun, begun_at = self._clock(), wall()
         answer = await self.link.request_async(
             self._running if phase is None else NO_ITEM,
             self.gate_timeout,
             self._release_async,
-            background=background or phase is not None,
+            background=never_refused,
         )
         self._count_wait(begun, begun_at)
         self._connect.waited = self._clock() - begun
-        self._answered(answer, background or phase is not None, phase)
+        self._answered(answer, never_refused, phase)
 
     def _answered(self, answer: Answer | None, background: bool, phase: str | None) -> None:
         if answer is None and self.link.closed:
@@ -453,15 +455,15 @@ class WorkerAgent:
                 "was waiting for more; this one gives way and is rerun alone"
             )
 
-    def _opened(self, conn: object, driver: str, *, phase: str | None = None) -> None:
+    def _opened(self, conn: object, driver: str) -> None:
         """A connection was counted: learn the server from it (no DSN was given), and
         tell the summary of a connection opened outside any test."""
         if self._learning:
             self._learn(conn, driver)
-        where = phase if phase is not None else self._phase
-        if where is not None:
+        phase = self._phase
+        if phase is not None:
             waited, self._connect.waited = getattr(self._connect, "waited", 0.0), 0.0
-            self.link.send(OpenedOutsideTests(where, waited))
+            self.link.send(OpenedOutsideTests(phase, waited))
 
     def _learn(self, conn: object, driver: str) -> None:
         """A connection opened: the first one to each server and login tells the
