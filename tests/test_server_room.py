@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -489,11 +490,15 @@ def test_behind_pgbouncer_a_suite_keeps_its_budget_and_says_what_is_not_counted(
     assert RERUN_SERVER not in result.stdout.str()
     # The plugin's own queries get through the pooler all run long.
     assert "server monitoring stopped" not in result.stdout.str()
+    text = result.stdout.str()
+    budget = re.search(r"^budget: (\d+) connections", text, re.MULTILINE)
+    peak = re.search(r"^peak open connections \(workers\): (\d+)", text, re.MULTILINE)
+    assert budget and peak, text
+    # The suite asks for more than the budget at once, so the peak reaches into it, and
+    # the workers' own count (the pooler's clients) stays within it.
+    assert 8 <= int(peak[1]) <= int(budget[1])
     result.stdout.fnmatch_lines(
-        [
-            "peak open connections (workers): 1[0-4]*",
-            "note: a pooler (pgbouncer) stands between the plugin and the server: *",
-        ]
+        ["note: a pooler (pgbouncer) stands between the plugin and the server: *"]
     )
 
 
