@@ -340,9 +340,9 @@ def run_round(
 
 
 def demo_lower_bound(cases: Sequence[TestCase], workers: int, budget: int) -> dict[str, Any]:
-    """The run summary's lower bound (``pytest_poolaware.lowerbound``, docs/design.md) over
+    """The run summary's lower bound (``pytest_poolaware.planning.lowerbound``, docs/design.md) over
     the serial run's test cases, with each lane's peak connections."""
-    from pytest_poolaware.lowerbound import lower_bound
+    from pytest_poolaware.planning.lowerbound import lower_bound
 
     serial = [c for c in cases if c.serial]
     fanout = [c for c in cases if not c.serial]

@@ -284,7 +284,7 @@ def run_environment(peer: Peer, admin_dsn: str, base: Mapping[str, str]) -> dict
     """The runs' environment: ``POOLAWARE_DSN`` is the peer's login on the server's
     maintenance database (not the peer's, which the suite copies as a template: a session
     on it would make the copy fail), so that the plugin has its own connection."""
-    from pytest_poolaware.dsn import with_credentials
+    from pytest_poolaware.shared.dsn import with_credentials
 
     return {**base, ENV_DSN: with_credentials(admin_dsn, peer.login.role, peer.login.password)}
 

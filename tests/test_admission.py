@@ -11,14 +11,14 @@ from collections.abc import Mapping
 
 import pytest
 
-from pytest_poolaware.admission import (
+from pytest_poolaware.planning.admission import (
     Admission,
     AdmissionAction,
-    Answer,
     Go,
     Grant,
     Release,
 )
+from pytest_poolaware.shared.protocol import Answer
 
 
 def admission(

@@ -18,7 +18,7 @@ import pytest
 import time_machine
 from inner import ROLE_LIMIT, connection_errors, run
 
-from pytest_poolaware import clock
+from pytest_poolaware.shared import clock
 
 #: A real second, for bounds on waits the clocks must keep.
 BOUND = 5.0

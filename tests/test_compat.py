@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from inner import TWO_TESTS, run
 
-from pytest_poolaware import compat
-from pytest_poolaware.compat import INTERNALS, TESTED, check_versions, installed_version
+from pytest_poolaware.shared import compat
+from pytest_poolaware.shared.compat import INTERNALS, TESTED, check_versions, installed_version
 
 OLDEST = {package: oldest for package, (oldest, _) in TESTED.items()}
 NEWEST = {package: newest for package, (_, newest) in TESTED.items()}
@@ -81,7 +81,7 @@ def test_every_internal_names_a_tested_package_and_a_use() -> None:
     for internal in INTERNALS:
         modules = internal.used_in.split(" (")[0].split(", ")
         for module in modules:
-            assert (Path(compat.__file__).parent / module).is_file(), internal
+            assert (Path(compat.__file__).parent.parent / module).is_file(), internal
 
 
 # -- what a user sees ----------------------------------------------------------------------

@@ -35,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_poolaware.core import (
+from pytest_poolaware.planning.core import (
     DEFAULT_BUDGET,
     Action,
     Admission,
@@ -51,8 +51,8 @@ from pytest_poolaware.core import (
     Shutdown,
     lane_for,
 )
-from pytest_poolaware.core import ItemSpec as Item
-from pytest_poolaware.placement import EARLY_START_SECONDS, MIN_QUEUE
+from pytest_poolaware.planning.core import ItemSpec as Item
+from pytest_poolaware.planning.placement import EARLY_START_SECONDS, MIN_QUEUE
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT

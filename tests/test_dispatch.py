@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pytest_poolaware.core import Lane
 from pytest_poolaware.dispatch import OutsideTests, RunRecord
-from pytest_poolaware.protocol import ItemMeasures
-from pytest_poolaware.runstats import ItemResult
+from pytest_poolaware.planning.core import Lane
+from pytest_poolaware.reporting.runstats import ItemResult
+from pytest_poolaware.shared.protocol import ItemMeasures
 
 
 def result(start: float, end: float, waits: tuple[tuple[float, float], ...] = ()) -> ItemResult:

@@ -39,7 +39,7 @@ import threading
 import pytest
 from django.db import connection, transaction
 
-from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.worker.meter import PoolMeter
 
 
 @pytest.fixture

@@ -21,12 +21,12 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
-from pytest_poolaware.core import Answer
-from pytest_poolaware.drivers import HOOKED_INTERNALS
-from pytest_poolaware.link import WorkerLink
-from pytest_poolaware.meter import PoolMeter
-from pytest_poolaware.monitor import ServerMonitor
-from pytest_poolaware.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
+from pytest_poolaware.planning.core import Answer
+from pytest_poolaware.server.monitor import ServerMonitor
+from pytest_poolaware.shared.link import WorkerLink
+from pytest_poolaware.shared.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
+from pytest_poolaware.worker.drivers import HOOKED_INTERNALS
+from pytest_poolaware.worker.meter import PoolMeter
 
 
 class Seen:

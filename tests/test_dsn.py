@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from pytest_poolaware.dsn import mask_dsn, with_credentials
+from pytest_poolaware.shared.dsn import mask_dsn, with_credentials
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, QueuePool
 
 from pytest_poolaware import engine as helper
-from pytest_poolaware.settings import ConfigError, PoolSettings
+from pytest_poolaware.shared.settings import ConfigError, PoolSettings
 
 URL = "postgresql://user@db.invalid/app"  # engines connect lazily: no server needed
 WHO_AM_I = "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_poolaware.fanout import FanoutPool, Placement, expected_seconds
+from pytest_poolaware.planning.fanout import FanoutPool, Placement, expected_seconds
 
 
 def pool(

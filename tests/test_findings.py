@@ -8,15 +8,15 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_poolaware.admission import Admission, AdmissionAction, Go, Overrun
-from pytest_poolaware.advice import advice_text, advise, withheld
-from pytest_poolaware.findings import Cause, cause_of, overrun_warnings, rerun_lines, why
-from pytest_poolaware.login_rooms import OtherLogins
-from pytest_poolaware.markers import Markers
-from pytest_poolaware.report import write_summary
-from pytest_poolaware.runstats import ItemFacts, RunStats
-from pytest_poolaware.server_room import ServerFacts
-from pytest_poolaware.settings import Settings, default_risky_need
+from pytest_poolaware.planning.admission import Admission, AdmissionAction, Go, Overrun
+from pytest_poolaware.reporting.advice import advice_text, advise, withheld
+from pytest_poolaware.reporting.findings import Cause, cause_of, overrun_warnings, rerun_lines, why
+from pytest_poolaware.reporting.report import write_summary
+from pytest_poolaware.reporting.runstats import ItemFacts, RunStats
+from pytest_poolaware.server.login_rooms import OtherLogins
+from pytest_poolaware.server.room import ServerFacts
+from pytest_poolaware.shared.markers import Markers
+from pytest_poolaware.shared.settings import Settings, default_risky_need
 
 #: As in the real suite that flooded the summary: 1,750 tests, a budget of 3.
 SUITE_SIZE = 1750

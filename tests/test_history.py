@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_poolaware.history import History, Measure
+from pytest_poolaware.planning.history import History, Measure
 
 NODE = "test_x.py::test_x"
 

@@ -23,17 +23,17 @@ from inner import (
 from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
-from pytest_poolaware.learning import (
+from pytest_poolaware.server.learning import (
     LEARNING_ATTEMPTS,
     REMEMBERED,
     ServerLearning,
     dsn_of,
     same_server,
 )
-from pytest_poolaware.login import login_of
-from pytest_poolaware.protocol import RoomKnown, RoomRequest, ServerSeen, decode
-from pytest_poolaware.server_room import Discovery, ServerFacts
-from pytest_poolaware.worker import RERUN_SERVER
+from pytest_poolaware.server.room import Discovery, ServerFacts
+from pytest_poolaware.shared.protocol import RoomKnown, RoomRequest, ServerSeen, decode
+from pytest_poolaware.worker.agent import RERUN_SERVER
+from pytest_poolaware.worker.login import login_of
 
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
@@ -271,9 +271,9 @@ def test_the_run_s_own_connections_are_not_other_clients_in_the_budget_line(
     reported yet counts them as other clients; once they are known (another login is
     read), the budget is counted again without them, and the budget line names as many
     logins as the notes."""
-    from pytest_poolaware.login_rooms import FirstLogin
     from pytest_poolaware.plugin import Controller
-    from pytest_poolaware.settings import Settings
+    from pytest_poolaware.server.login_rooms import FirstLogin
+    from pytest_poolaware.shared.settings import Settings
 
     limit = "role app CONNECTION LIMIT 8"
     source = f"{limit}, 1 kept for the monitor"

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from pytest_poolaware.engine import make_async_engine, make_engine
-from pytest_poolaware.meter import PoolMeter
+from pytest_poolaware.worker.meter import PoolMeter
 
 
 class Seen:

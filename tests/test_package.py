@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from pytest_poolaware.compat import TESTED
+from pytest_poolaware.shared.compat import TESTED
 
 if sys.version_info >= (3, 11):
     import tomllib

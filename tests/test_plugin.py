@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from inner import TWO_TESTS, run
 
-from pytest_poolaware.settings import (
+from pytest_poolaware.shared.settings import (
     BUDGET,
     GATE_TIMEOUT,
     OPTIONS,

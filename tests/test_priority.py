@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from inner import run
 
-from pytest_poolaware.priority import (
+from pytest_poolaware.planning.priority import (
     ENV_WORKER_NICE,
     offer_to_workers,
     take_in_worker,

@@ -9,9 +9,9 @@ import execnet
 import pytest
 from inner import TWO_TESTS, run
 
-from pytest_poolaware.core import Answer
-from pytest_poolaware.markers import Markers, group_name, mark_group_name
-from pytest_poolaware.protocol import (
+from pytest_poolaware.planning.core import Answer
+from pytest_poolaware.shared.markers import Markers, group_name, mark_group_name
+from pytest_poolaware.shared.protocol import (
     KIND,
     PROTOCOL_VERSION,
     VERSION,
@@ -179,7 +179,7 @@ OTHER_VERSION_CONFTEST = """
 import os
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    import pytest_poolaware.protocol as protocol
+    import pytest_poolaware.shared.protocol as protocol
 
     protocol.PROTOCOL_VERSION += 1
 """

@@ -15,7 +15,7 @@ from inner import execnet_socket_servers, run
 from test_learning import APP_CONFTEST, assert_learned_and_kept
 from test_scheduling import SUITE
 
-from pytest_poolaware.learning import names_its_own_machine, on_this_machine
+from pytest_poolaware.server.learning import names_its_own_machine, on_this_machine
 
 WORKERS = 4
 

@@ -18,14 +18,11 @@ import pytest
 from inner import ENGINE_CONFTEST, TWO_TESTS, run, serve_limited_role
 from PIL import Image
 
-from pytest_poolaware import report
-from pytest_poolaware.advice import advice_text, advise, definition, locate
-from pytest_poolaware.core import Lane, Overrun
-from pytest_poolaware.lowerbound import lower_bound
-from pytest_poolaware.markers import Markers
-from pytest_poolaware.monitor import ServerMonitor
-from pytest_poolaware.protocol import ItemMeasures
-from pytest_poolaware.runstats import (
+from pytest_poolaware.planning.core import Lane, Overrun
+from pytest_poolaware.planning.lowerbound import lower_bound
+from pytest_poolaware.reporting import report
+from pytest_poolaware.reporting.advice import advice_text, advise, definition, locate
+from pytest_poolaware.reporting.runstats import (
     Candidate,
     ItemFacts,
     ItemResult,
@@ -33,9 +30,7 @@ from pytest_poolaware.runstats import (
     RunStats,
     uncounted,
 )
-from pytest_poolaware.server_room import libpq_dsn
-from pytest_poolaware.settings import Settings, default_risky_need, monitor_dsn
-from pytest_poolaware.timeline import (
+from pytest_poolaware.reporting.timeline import (
     BOTTOM,
     BUDGET_COLOUR,
     HEIGHT,
@@ -47,7 +42,12 @@ from pytest_poolaware.timeline import (
     render,
     stacked_steps,
 )
-from pytest_poolaware.worker import RERUN_DEADLOCK, RERUN_SERVER
+from pytest_poolaware.server.monitor import ServerMonitor
+from pytest_poolaware.server.room import libpq_dsn
+from pytest_poolaware.shared.markers import Markers
+from pytest_poolaware.shared.protocol import ItemMeasures
+from pytest_poolaware.shared.settings import Settings, default_risky_need, monitor_dsn
+from pytest_poolaware.worker.agent import RERUN_DEADLOCK, RERUN_SERVER
 
 #: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
 BUDGET = 15

@@ -20,8 +20,7 @@ from inner import TWO_TESTS, connection_errors, free_port, run, wait_listening
 from psycopg import sql
 from test_scheduling import CONFTEST, SUITE
 
-from pytest_poolaware.dsn import with_credentials
-from pytest_poolaware.server_room import (
+from pytest_poolaware.server.room import (
     APPLICATION_NAME,
     DATABASE,
     ROLE,
@@ -36,7 +35,8 @@ from pytest_poolaware.server_room import (
     room_of,
     target_database,
 )
-from pytest_poolaware.worker import RERUN_SERVER
+from pytest_poolaware.shared.dsn import with_credentials
+from pytest_poolaware.worker.agent import RERUN_SERVER
 
 ROLE_LIMIT = 16
 #: Tests in test_scheduling.SUITE.
@@ -493,7 +493,8 @@ def test_behind_pgbouncer_a_suite_keeps_its_budget_and_says_what_is_not_counted(
     text = result.stdout.str()
     budget = re.search(r"^budget: (\d+) connections", text, re.MULTILINE)
     peak = re.search(r"^peak open connections \(workers\): (\d+)", text, re.MULTILINE)
-    assert budget and peak, text
+    assert budget, text
+    assert peak, text
     # The suite asks for more than the budget at once, so the peak reaches into it, and
     # the workers' own count (the pooler's clients) stays within it.
     assert 8 <= int(peak[1]) <= int(budget[1])

@@ -22,7 +22,7 @@ from inner import CONNECTION_ERRORS, RUN_TIMEOUT, execnet_socket_servers
 from test_scheduling import CONFTEST, SUITE
 from test_server_room import connections
 
-from pytest_poolaware.server_room import (
+from pytest_poolaware.server.room import (
     QUERY_DEADLINE,
     SERVER,
     open_connection,
@@ -30,7 +30,7 @@ from pytest_poolaware.server_room import (
     room_of,
     target_database,
 )
-from pytest_poolaware.share import (
+from pytest_poolaware.server.share import (
     GROWTH_WAIT,
     DepartedRuns,
     Others,
@@ -40,7 +40,7 @@ from pytest_poolaware.share import (
     plan,
     shares_with_priority,
 )
-from pytest_poolaware.worker import RERUN_SERVER
+from pytest_poolaware.worker.agent import RERUN_SERVER
 
 ROLE_LIMIT = 16
 POOL_ENV = {"PG_POOL_SIZE": "5", "PG_MAX_OVERFLOW": "10"}

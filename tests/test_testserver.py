@@ -25,8 +25,8 @@ from mirakuru.base import ENV_UUID
 
 import poolaware_testserver as testserver
 from poolaware_testserver import accounts, binaries, cli
-from pytest_poolaware.dsn import mask_dsn
-from pytest_poolaware.settings import ENV_DSN
+from pytest_poolaware.shared.dsn import mask_dsn
+from pytest_poolaware.shared.settings import ENV_DSN
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo" / "run.py"

@@ -12,10 +12,9 @@ from inner import ENGINE_CONFTEST, run
 from tracecheck import main as check_main
 from tracecheck import missing_tests, nodeids_in, problems
 
-from pytest_poolaware.core import Lane
-from pytest_poolaware.markers import Markers
-from pytest_poolaware.runstats import ItemFacts, RunStats, ServerView
-from pytest_poolaware.trace_events import (
+from pytest_poolaware.planning.core import Lane
+from pytest_poolaware.reporting.runstats import ItemFacts, RunStats
+from pytest_poolaware.reporting.trace_events import (
     BUDGET_COUNTER,
     NOT_RUN_TID,
     OPEN_COUNTER,
@@ -24,6 +23,8 @@ from pytest_poolaware.trace_events import (
     merged,
     render,
 )
+from pytest_poolaware.shared.markers import Markers
+from pytest_poolaware.shared.server_view import ServerView
 
 #: PG_POOL_SIZE + PG_MAX_OVERFLOW: room for one test holding two connections at a time.
 POOL_ENV = {"PG_POOL_SIZE": "2", "PG_MAX_OVERFLOW": "1"}

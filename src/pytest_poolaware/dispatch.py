@@ -12,9 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
-from pytest_poolaware import compat
-from pytest_poolaware.clock import wall
-from pytest_poolaware.core import (
+from pytest_poolaware.planning.core import (
     DEFAULT_BUDGET,
     Action,
     Go,
@@ -24,9 +22,12 @@ from pytest_poolaware.core import (
     Send,
     Shutdown,
 )
-from pytest_poolaware.learning import on_this_machine
-from pytest_poolaware.link import ControllerLink
-from pytest_poolaware.protocol import (
+from pytest_poolaware.reporting.runstats import ItemResult
+from pytest_poolaware.server.learning import on_this_machine
+from pytest_poolaware.shared import compat
+from pytest_poolaware.shared.clock import wall
+from pytest_poolaware.shared.link import ControllerLink
+from pytest_poolaware.shared.protocol import (
     Collected,
     Counts,
     Goes,
@@ -39,14 +40,13 @@ from pytest_poolaware.protocol import (
     ServerSeen,
     WorkerMessage,
 )
-from pytest_poolaware.runstats import ItemResult
 
 if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.learning import ServerLearning
-    from pytest_poolaware.share import ShareCoordinator
+    from pytest_poolaware.server.learning import ServerLearning
+    from pytest_poolaware.server.share import ShareCoordinator
 
 
 @dataclass

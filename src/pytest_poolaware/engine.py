@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy
 from sqlalchemy.pool import QueuePool
 
-from .settings import PoolSettings
+from pytest_poolaware.shared.dsn import APPLICATION_NAME_PREFIX
+from pytest_poolaware.shared.settings import PoolSettings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-#: Connections are named ``poolaware-<worker>`` so pg_stat_activity shows who holds them.
-APPLICATION_NAME_PREFIX: Final = "poolaware-"
 #: Set by pytest-xdist in each worker (``gw0``, ``gw1``...); absent in the main process.
 ENV_XDIST_WORKER: Final = "PYTEST_XDIST_WORKER"
 SYNC_DRIVER: Final = "psycopg"

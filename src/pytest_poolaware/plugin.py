@@ -13,27 +13,30 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_poolaware import compat, login_rooms, priority, report
-from pytest_poolaware.clock import wall
-from pytest_poolaware.history import History
-from pytest_poolaware.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
-from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
-from pytest_poolaware.protocol import ProtocolError, WorkerMessage, WorkerSettings
-from pytest_poolaware.settings import DIST_MODE, ConfigError, Settings, add_options
+from pytest_poolaware.planning import priority
+from pytest_poolaware.planning.history import CACHE_DIR, History
+from pytest_poolaware.reporting import report
+from pytest_poolaware.server import login_rooms
+from pytest_poolaware.shared import compat
+from pytest_poolaware.shared.clock import wall
+from pytest_poolaware.shared.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
+from pytest_poolaware.shared.markers import PARALLEL_MARKER, SERIAL_MARKER, conflict_message
+from pytest_poolaware.shared.protocol import ProtocolError, WorkerMessage, WorkerSettings
+from pytest_poolaware.shared.settings import DIST_MODE, ConfigError, Settings, add_options
 
 if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run needs them
     import execnet
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.learning import ServerLearning
-    from pytest_poolaware.meter import PoolMeter
-    from pytest_poolaware.monitor import ServerMonitor
-    from pytest_poolaware.protocol import ServerSeen
-    from pytest_poolaware.runstats import RunStats
+    from pytest_poolaware.reporting.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
-    from pytest_poolaware.server_room import Discovery, ServerFacts
-    from pytest_poolaware.share import ShareCoordinator
+    from pytest_poolaware.server.learning import ServerLearning
+    from pytest_poolaware.server.monitor import ServerMonitor
+    from pytest_poolaware.server.room import Discovery, ServerFacts
+    from pytest_poolaware.server.share import ShareCoordinator
+    from pytest_poolaware.shared.protocol import ServerSeen
+    from pytest_poolaware.worker.meter import PoolMeter
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
 WORKER_SETTINGS_KEY = "poolaware_settings"
@@ -91,7 +94,7 @@ def _count_early(early_config: pytest.Config) -> None:
         return
     if getattr(early_config.known_args_namespace, "dist", None) != DIST_MODE:
         return
-    from pytest_poolaware.meter import PoolMeter
+    from pytest_poolaware.worker.meter import PoolMeter
 
     meter = PoolMeter.unbound()
     meter.install()
@@ -150,7 +153,7 @@ def exit_without_final_collections() -> None:
 
 
 def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> None:
-    from pytest_poolaware.worker import WorkerAgent
+    from pytest_poolaware.worker.agent import WorkerAgent
 
     try:
         options = WorkerSettings.from_wire(workerinput[WORKER_SETTINGS_KEY])
@@ -176,7 +179,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     under xdist the workers report it and the controller refuses)."""
     if config.getoption("dist", "no") != DIST_MODE or hasattr(config, "workerinput"):
         return
-    from pytest_poolaware.worker import item_markers
+    from pytest_poolaware.worker.agent import item_markers
 
     both = [item.nodeid for item in items if item_markers(item).both]
     if both:
@@ -192,7 +195,7 @@ class Controller:
         self.settings = settings
         cache: pytest.Cache | None = getattr(config, "cache", None)  # None: -p no:cacheprovider
         self.cache = cache
-        self.history = History.load(cache) if cache is not None else History()
+        self.history = History.load(cache.mkdir(CACHE_DIR)) if cache is not None else History()
         self.links: dict[WorkerController, ControllerLink[WorkerController]] = {}
         self.inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]] = queue.SimpleQueue()
         self.scheduler: PoolAwareScheduling | None = None
@@ -243,7 +246,7 @@ class Controller:
 
     def _discover(self) -> None:
         """Set the budget from what the server allows, then monitor on the same connection."""
-        from pytest_poolaware.server_room import discover
+        from pytest_poolaware.server.room import discover
 
         settings = self.settings
         found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
@@ -262,7 +265,7 @@ class Controller:
                 "on the controller (pip install psycopg)"
             )
             return
-        from pytest_poolaware.learning import REMEMBERED, ServerLearning
+        from pytest_poolaware.server.learning import REMEMBERED, ServerLearning
 
         self.learning = ServerLearning(
             self.settings.configured_budget,
@@ -290,7 +293,7 @@ class Controller:
     def _learned(self, found: Discovery, dsn: str, login: ServerSeen | None) -> int:
         """The server was read (or could not be): the run's budget from now on. Runs on
         the controller's main thread (``ServerLearning.take``)."""
-        from pytest_poolaware.learning import LEARNED_ORIGIN
+        from pytest_poolaware.server.learning import LEARNED_ORIGIN
 
         unlearned = self._unlearned
         if found.choice is not None:  # else the stand-in stays: nothing better is known
@@ -309,7 +312,7 @@ class Controller:
     def _announce_budget(self) -> int:
         """The budget changed mid-run: tell the workers (``RoomKnown``) and return what the
         planner follows now."""
-        from pytest_poolaware.protocol import RoomKnown
+        from pytest_poolaware.shared.protocol import RoomKnown
 
         allows, limit = self.room if self.room is not None else (None, "")
         for link in self.links.values():
@@ -319,7 +322,7 @@ class Controller:
     def _read_login(self, login: ServerSeen, runs: Collection[int]) -> ServerFacts:
         """What the server allows another login of the run's tests, read on the plugin's
         own connection (in a thread of ``learning``'s): no second connection is opened."""
-        from pytest_poolaware.server_room import read_facts
+        from pytest_poolaware.server.room import read_facts
 
         connection = self.server_connection
         if connection is None:
@@ -351,7 +354,7 @@ class Controller:
         known by now (``runs``): a worker's connection the server listed before its worker
         said so was counted as another client's when its login was read, and is the run's
         own. The budget may rise back (never above the first login's) once it is."""
-        from pytest_poolaware.server_room import CONFIGURED_TOO_LARGE
+        from pytest_poolaware.server.room import CONFIGURED_TOO_LARGE
 
         first = self.first_login
         if first is None:
@@ -380,14 +383,14 @@ class Controller:
         return self._announce_budget()
 
     def _budget_warning(self) -> str | None:
-        from pytest_poolaware.server_room import CONFIGURED_TOO_LARGE
+        from pytest_poolaware.server.room import CONFIGURED_TOO_LARGE
 
         return next((w for w in self.warnings if w.startswith(CONFIGURED_TOO_LARGE)), None)
 
     def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
         """The budget from what the server allows; sharing and monitoring on the plugin's
         connection."""
-        from pytest_poolaware.monitor import ServerMonitor
+        from pytest_poolaware.server.monitor import ServerMonitor
 
         settings = self.settings
         self.notes.extend(found.notes)
@@ -415,8 +418,8 @@ class Controller:
     def _share(self, found: Any, configured: tuple[int, str] | None) -> None:
         """Share the room with the other runs of the name space: the budget is then the
         room as if this run were alone, and the run's share of it moves with the others."""
-        from pytest_poolaware.server_room import choose_budget, room_of
-        from pytest_poolaware.share import ShareCoordinator, share_growth_wait
+        from pytest_poolaware.server.room import choose_budget, room_of
+        from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait
 
         if found.pooled:
             self.notes.append(
@@ -549,7 +552,7 @@ class Controller:
         if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldfail:
             report.not_run(self.config, session, scheduler.unfinished())
         if self.cache is not None and scheduler.collection:
-            self.history.save(self.cache, keep=scheduler.collection)
+            self.history.save(self.cache.mkdir(CACHE_DIR), keep=scheduler.collection)
         if scheduler.collection:
             scheduler.take_last_news()
             scheduler.keep_within(self.started, self.finished)
@@ -586,7 +589,7 @@ class Controller:
             )
 
     def _close_server_connection(self) -> None:
-        from pytest_poolaware.server_room import close_quietly
+        from pytest_poolaware.server.room import close_quietly
 
         connection, self.server_connection = self.server_connection, None
         close_quietly(connection)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_poolaware import compat
-from pytest_poolaware.core import (
+from pytest_poolaware.dispatch import Dispatcher, RunRecord
+from pytest_poolaware.planning.core import (
     Action,
     ItemSpec,
     Lane,
@@ -24,25 +24,25 @@ from pytest_poolaware.core import (
     Planner,
     lane_for,
 )
-from pytest_poolaware.dispatch import Dispatcher, RunRecord
-from pytest_poolaware.history import History
-from pytest_poolaware.link import ControllerLink
-from pytest_poolaware.markers import UNMARKED, Markers, conflict_message
-from pytest_poolaware.protocol import (
+from pytest_poolaware.planning.history import History
+from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
+from pytest_poolaware.shared import compat
+from pytest_poolaware.shared.link import ControllerLink
+from pytest_poolaware.shared.markers import UNMARKED, Markers, conflict_message
+from pytest_poolaware.shared.protocol import (
     Collected,
     ItemMeasures,
     ProtocolError,
     WorkerMessage,
 )
-from pytest_poolaware.runstats import ItemResult, RunSnapshot
-from pytest_poolaware.settings import DEFAULT_UNMARKED_POLICY, Settings
+from pytest_poolaware.shared.settings import DEFAULT_UNMARKED_POLICY, Settings
 
 if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.learning import ServerLearning
-    from pytest_poolaware.share import ShareCoordinator
+    from pytest_poolaware.server.learning import ServerLearning
+    from pytest_poolaware.server.share import ShareCoordinator
 
 
 class PoolAwareScheduling:

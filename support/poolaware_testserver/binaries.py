@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pytest_poolaware.settings import ENV_DSN
+from pytest_poolaware.shared.settings import ENV_DSN
 
 from .errors import PostgresNotFound
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from pytest_poolaware.settings import ENV_DSN
+from pytest_poolaware.shared.settings import ENV_DSN
 
 from .errors import ServerUnavailable
 from .server import postgres_dsn

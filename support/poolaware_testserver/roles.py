@@ -9,7 +9,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from pytest_poolaware.dsn import with_credentials
+from pytest_poolaware.shared.dsn import with_credentials
 
 #: Advisory lock key held while creating or dropping roles ("poolawar" in ASCII).
 ROLE_LOCK_KEY: Final = 0x706F6F6C61776172

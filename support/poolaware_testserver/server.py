@@ -19,7 +19,7 @@ import port_for
 from mirakuru import AlreadyRunning, Executor, ExecutorError, ProcessExitedWithError, TimeoutExpired
 from mirakuru.base import ENV_UUID
 
-from pytest_poolaware.settings import ENV_DSN
+from pytest_poolaware.shared.settings import ENV_DSN
 
 from .accounts import can_traverse, server_account
 from .binaries import ServerBinaries, find_server_binaries

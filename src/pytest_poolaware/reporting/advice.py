@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from pytest_poolaware.markers import PARALLEL_MARKER, SERIAL_MARKER
-from pytest_poolaware.runstats import Candidate, ItemFacts
+from pytest_poolaware.reporting.runstats import Candidate, ItemFacts
+from pytest_poolaware.shared.markers import PARALLEL_MARKER, SERIAL_MARKER
 
 _DEFINITIONS: Final = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 #: ``serial_only`` advice is withheld when more than this share of the measured tests

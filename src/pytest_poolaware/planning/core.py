@@ -27,23 +27,23 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from pytest_poolaware.admission import DEFAULT_BUDGET as DEFAULT_BUDGET
-from pytest_poolaware.admission import Admission as Admission
-from pytest_poolaware.admission import Answer as Answer
-from pytest_poolaware.admission import BudgetKey as BudgetKey
-from pytest_poolaware.admission import Go as Go
-from pytest_poolaware.admission import Grant as Grant
-from pytest_poolaware.admission import Overrun as Overrun
-from pytest_poolaware.admission import Release as Release
-from pytest_poolaware.admission import RequestKind as RequestKind
-from pytest_poolaware.fanout import Placement
-from pytest_poolaware.placement import ItemSpec as ItemSpec
-from pytest_poolaware.placement import Lane as Lane
-from pytest_poolaware.placement import Order as Order
-from pytest_poolaware.placement import Placer as Placer
-from pytest_poolaware.placement import Send as Send
-from pytest_poolaware.placement import Shutdown as Shutdown
-from pytest_poolaware.placement import lane_for as lane_for
+from pytest_poolaware.planning.admission import Admission as Admission
+from pytest_poolaware.planning.admission import Go as Go
+from pytest_poolaware.planning.admission import Grant as Grant
+from pytest_poolaware.planning.admission import Overrun as Overrun
+from pytest_poolaware.planning.admission import Release as Release
+from pytest_poolaware.planning.admission import RequestKind as RequestKind
+from pytest_poolaware.planning.fanout import Placement
+from pytest_poolaware.planning.placement import ItemSpec as ItemSpec
+from pytest_poolaware.planning.placement import Lane as Lane
+from pytest_poolaware.planning.placement import Order as Order
+from pytest_poolaware.planning.placement import Placer as Placer
+from pytest_poolaware.planning.placement import Send as Send
+from pytest_poolaware.planning.placement import Shutdown as Shutdown
+from pytest_poolaware.planning.placement import lane_for as lane_for
+from pytest_poolaware.shared.protocol import DEFAULT_BUDGET as DEFAULT_BUDGET
+from pytest_poolaware.shared.protocol import Answer as Answer
+from pytest_poolaware.shared.protocol import BudgetKey as BudgetKey
 
 W = TypeVar("W", bound=Hashable)
 

@@ -15,13 +15,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
-W = TypeVar("W", bound=Hashable)
+from pytest_poolaware.shared.protocol import Answer
 
-#: Names one budget: connections to one server, role or database, each with its own limit.
-BudgetKey = str
-#: The run's own budget (the server and login of the run's DSN): what items' needs are
-#: measured against, and what a request names when it names none.
-DEFAULT_BUDGET: BudgetKey = ""
+W = TypeVar("W", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -30,17 +26,6 @@ class Go:
 
     worker: Hashable
     index: int
-
-
-class Answer(enum.Enum):
-    """How a blocked request is answered."""
-
-    GRANTED = "granted"
-    #: Let past the budget: the test cannot fit even with the run to itself.
-    OVER_BUDGET = "over_budget"
-    #: Refused to break a deadlock: every worker holding connections was waiting for
-    #: more. The test fails on a connection-limit error and the worker reruns it alone.
-    REFUSED = "refused"
 
 
 class RequestKind(enum.Enum):

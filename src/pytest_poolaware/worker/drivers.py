@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from pytest_poolaware.clock import bounded, monotonic
+from pytest_poolaware.shared.clock import bounded, monotonic
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from pytest_poolaware.admission import Overrun
+from pytest_poolaware.planning.admission import Overrun
 
 #: Tests named on a grouped line by default; the others are counted ("and 12 more").
 SHOWN_TESTS: Final = 3

@@ -14,13 +14,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pytest_poolaware.drivers import (
+from pytest_poolaware.worker.drivers import (
     reclaim_async_psycopg_pool,
     reclaim_asyncpg_pool,
     reclaim_psycopg_pool,
     running_loop,
 )
-from pytest_poolaware.sqlalchemy_events import SqlAlchemyListeners
+from pytest_poolaware.worker.sqlalchemy_events import SqlAlchemyListeners
 
 #: A driver pool holding idle connections, with the loop it was opened on (asyncio).
 IdlePool = tuple[Any, asyncio.AbstractEventLoop | None]

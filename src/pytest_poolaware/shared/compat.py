@@ -44,7 +44,7 @@ INTERNALS: Final[tuple[Internal, ...]] = (
     Internal(
         "pytest",
         "_pytest.runner.runtestprotocol(item, nextitem=..., log=False)",
-        "worker.py (run_test_protocol)",
+        "worker/agent.py (run_test_protocol)",
         "run an item's setup, call and teardown without reporting them, so a test refused "
         "a connection can be rerun alone and its measures ride on its last report",
     ),
@@ -57,7 +57,7 @@ INTERNALS: Final[tuple[Internal, ...]] = (
     Internal(
         "pytest",
         "extra JSON-able attributes of a TestReport survive pytest_report_to_serializable",
-        "worker.py, plugin.py (report.poolaware)",
+        "worker/agent.py, plugin.py (report.poolaware)",
         "an item's measures travel from the worker with its last report",
     ),
     Internal(

@@ -17,9 +17,9 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from pytest_poolaware.core import Lane
-from pytest_poolaware.runstats import ItemFacts, RunStats
-from pytest_poolaware.timeline import stacked_steps, worker_order
+from pytest_poolaware.planning.core import Lane
+from pytest_poolaware.reporting.runstats import ItemFacts, RunStats
+from pytest_poolaware.reporting.timeline import stacked_steps, worker_order
 
 #: The one process of the trace: the run.
 PID: Final = 1

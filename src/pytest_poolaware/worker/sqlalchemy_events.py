@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pytest_poolaware.drivers import running_loop
+from pytest_poolaware.worker.drivers import running_loop
 
 #: The ``Pool`` events the meter handles.
 POOL_EVENTS = ("connect", "close", "close_detached", "checkout", "checkin")

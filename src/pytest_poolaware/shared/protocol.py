@@ -16,13 +16,13 @@ version; anything else that changes (a field's meaning, a field removed) needs o
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, TypeVar
 
-from pytest_poolaware.core import DEFAULT_BUDGET, Answer
-from pytest_poolaware.markers import GROUP_MARKER, PARALLEL_MARKER, SERIAL_MARKER, Markers
+from pytest_poolaware.shared.markers import GROUP_MARKER, PARALLEL_MARKER, SERIAL_MARKER, Markers
 
 #: Bumped for any change a reader of the previous version would misread.
 PROTOCOL_VERSION: Final = 1
@@ -30,6 +30,24 @@ KIND: Final = "kind"
 VERSION: Final = "v"
 
 Wire = dict[str, Any]
+
+
+#: Names one budget: connections to one server, role or database, each with its own limit.
+BudgetKey = str
+#: The run's own budget (the server and login of the run's DSN): what items' needs are
+#: measured against, and what a request names when it names none.
+DEFAULT_BUDGET: BudgetKey = ""
+
+
+class Answer(enum.Enum):
+    """How a blocked request is answered."""
+
+    GRANTED = "granted"
+    #: Let past the budget: the test cannot fit even with the run to itself.
+    OVER_BUDGET = "over_budget"
+    #: Refused to break a deadlock: every worker holding connections was waiting for
+    #: more. The test fails on a connection-limit error and the worker reruns it alone.
+    REFUSED = "refused"
 
 
 class ProtocolError(ValueError):

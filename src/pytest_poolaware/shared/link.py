@@ -17,10 +17,10 @@ import threading
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
-from pytest_poolaware.clock import bounded, monotonic
-from pytest_poolaware.core import Answer
-from pytest_poolaware.protocol import (
+from pytest_poolaware.shared.clock import bounded, monotonic
+from pytest_poolaware.shared.protocol import (
     WAKING,
+    Answer,
     ControllerMessage,
     Goes,
     Note,

@@ -7,9 +7,8 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
-
-import pytest
 
 #: Directory in pytest's cache (``--cache-clear`` forgets it like any cache entry) and
 #: the file in it. Our own file rather than ``cache.get``, which hides a corrupt file.
@@ -108,8 +107,9 @@ class History:
         }
 
     @classmethod
-    def load(cls, cache: pytest.Cache) -> History:
-        path = cache.mkdir(CACHE_DIR) / HISTORY_FILE
+    def load(cls, directory: Path) -> History:
+        """From ``directory`` (pytest's cache gives it: ``cache.mkdir(CACHE_DIR)``)."""
+        path = directory / HISTORY_FILE
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -126,9 +126,9 @@ class History:
             return history
         return cls.from_json(data)
 
-    def save(self, cache: pytest.Cache, keep: Iterable[str] | None = None) -> None:
+    def save(self, directory: Path, keep: Iterable[str] | None = None) -> None:
         """Write atomically, so an interrupted run never leaves a half-written file."""
-        path = cache.mkdir(CACHE_DIR) / HISTORY_FILE
+        path = directory / HISTORY_FILE
         partial = path.with_suffix(".tmp")
         # Compact: with ``indent`` json falls back to its pure-Python encoder, which costs
         # a big suite a noticeable share of its run's end.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from pytest_poolaware.dsn import mask_dsn
+from pytest_poolaware.shared.dsn import mask_dsn
 
 if TYPE_CHECKING:
     import pytest

@@ -10,21 +10,21 @@ from typing import Final
 
 import pytest
 
-from pytest_poolaware.advice import advice_text, advise, advised, withheld
-from pytest_poolaware.core import Lane
-from pytest_poolaware.findings import overrun_warnings, rerun_lines
-from pytest_poolaware.runstats import (
+from pytest_poolaware.planning.core import Lane
+from pytest_poolaware.reporting.advice import advice_text, advise, advised, withheld
+from pytest_poolaware.reporting.findings import overrun_warnings, rerun_lines
+from pytest_poolaware.reporting.runstats import (
     Candidate,
     ItemFacts,
     LaneTime,
     RunSnapshot,
     RunStats,
-    ServerView,
     Uncounted,
     lane_times,
     worker_times,
 )
-from pytest_poolaware.settings import ENV_DSN, Settings
+from pytest_poolaware.shared.server_view import ServerView
+from pytest_poolaware.shared.settings import ENV_DSN, Settings
 
 #: Tests listed under "most connections at once": by default, and with -v.
 TOP_NEEDS: Final = 3
@@ -107,7 +107,7 @@ def write_files(
 ) -> list[str]:
     """Write the report, timeline and advice files asked for; one line per file for the
     summary (a file that cannot be written is a warning, not a failure)."""
-    from pytest_poolaware import timeline, trace_events
+    from pytest_poolaware.reporting import timeline, trace_events
 
     outputs: list[tuple[str, str | None, Callable[[], str]]] = [
         ("report", settings.report_path, lambda: json.dumps(stats.to_json(), indent=1) + "\n"),

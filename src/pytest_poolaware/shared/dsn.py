@@ -12,6 +12,9 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 #: What a password is shown as.
 MASK: Final = "***"
+#: The engine helper names its connections ``poolaware-<worker>`` so pg_stat_activity
+#: shows who holds them (and the monitor can count them).
+APPLICATION_NAME_PREFIX: Final = "poolaware-"
 
 
 def _url_with(dsn: str, userinfo: str | None, query: Callable[[str, str], str | None]) -> str:

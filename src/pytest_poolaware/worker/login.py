@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Final
 
-from pytest_poolaware.protocol import ServerSeen
+from pytest_poolaware.shared.protocol import ServerSeen
 
 #: PostgreSQL's port when a driver does not say.
 DEFAULT_PORT: Final = 5432

@@ -6,11 +6,12 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from pytest_poolaware.core import Lane, Overrun
-from pytest_poolaware.findings import cause_of, why
-from pytest_poolaware.lowerbound import LowerBound, lower_bound
-from pytest_poolaware.markers import UNMARKED, Markers
-from pytest_poolaware.protocol import ItemMeasures
+from pytest_poolaware.planning.core import Lane, Overrun
+from pytest_poolaware.planning.lowerbound import LowerBound, lower_bound
+from pytest_poolaware.reporting.findings import cause_of, why
+from pytest_poolaware.shared.markers import UNMARKED, Markers
+from pytest_poolaware.shared.protocol import ItemMeasures
+from pytest_poolaware.shared.server_view import ServerView
 
 K = TypeVar("K", bound=Hashable)
 
@@ -149,17 +150,6 @@ def _times(items: Iterable[ItemFacts], key: Callable[[ItemFacts], K | None]) -> 
             total.waited + (item.waited or 0.0),
         )
     return totals
-
-
-@dataclass(frozen=True)
-class ServerView:
-    """What server-side monitoring saw (``monitor.ServerMonitor``)."""
-
-    peak: int
-    samples: int
-    scope: str  # which connections were counted, in words
-    interval: float
-    timeline: tuple[tuple[float, int], ...] = ()
 
 
 #: Seconds an excess of the server's count over the workers' must last to be reported as

@@ -18,12 +18,13 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pytest_poolaware.clock import monotonic
-from pytest_poolaware.dsn import mask_dsn
+from pytest_poolaware.shared.clock import monotonic
+from pytest_poolaware.shared.dsn import mask_dsn
+from pytest_poolaware.shared.errors import first_line, is_connection_limit_error
 
 #: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
 CONNECT_TIMEOUT: Final = 5
@@ -65,11 +66,6 @@ SERVER: Final = "server"
 ROLE: Final = "role"
 DATABASE: Final = "database"
 
-#: PostgreSQL's SQLSTATE for "too many clients" / "too many connections for role|database".
-TOO_MANY_CONNECTIONS: Final = "53300"
-_LIMIT_TEXT: Final = re.compile(
-    r"too many (clients|connections)|remaining connection slots are reserved", re.IGNORECASE
-)
 _SQLALCHEMY_DRIVER: Final = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
 
 #: Words for the plugin's own connection in the budget's source.
@@ -436,40 +432,9 @@ def _connect(dsn: str) -> Any:
     return psycopg.connect(dsn, **options)
 
 
-def is_connection_limit_error(exc: BaseException) -> bool:
-    """Whether the server refused a connection for lack of slots (any driver, any wrapping)."""
-    for error in error_chain(exc):
-        if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if getattr(error, "pgcode", None) == TOO_MANY_CONNECTIONS:
-            return True
-        if _LIMIT_TEXT.search(str(error)):
-            return True
-    return False
-
-
-def error_chain(exc: BaseException) -> Iterator[BaseException]:
-    """An error, its causes and contexts, and what a wrapper (SQLAlchemy) holds."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        error = todo.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        yield error
-        todo.extend([error.__cause__, error.__context__, getattr(error, "orig", None)])
-
-
 def libpq_dsn(dsn: str) -> str:
     """A DSN libpq accepts: SQLAlchemy's ``postgresql+driver://`` loses its ``+driver``."""
     return _SQLALCHEMY_DRIVER.sub(r"\1://", dsn.strip())
-
-
-def first_line(exc: BaseException) -> str:
-    """An error in one line, for a note."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def connection_failure(conn: Any, exc: BaseException) -> str:

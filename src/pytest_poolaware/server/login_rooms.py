@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final
 
-from pytest_poolaware.server_room import (
+from pytest_poolaware.server.room import (
     BudgetChoice,
     Room,
     ServerFacts,

@@ -11,12 +11,11 @@ from typing import Final, TypeVar
 
 import pytest
 
-from pytest_poolaware.clock import monotonic, wall
-from pytest_poolaware.compat import run_test_protocol
-from pytest_poolaware.core import Answer
-from pytest_poolaware.link import WorkerLink
-from pytest_poolaware.login import login_of
-from pytest_poolaware.markers import (
+from pytest_poolaware.shared.clock import monotonic, wall
+from pytest_poolaware.shared.compat import run_test_protocol
+from pytest_poolaware.shared.errors import error_chain, is_connection_limit_error
+from pytest_poolaware.shared.link import WorkerLink
+from pytest_poolaware.shared.markers import (
     GROUP_MARKER,
     PARALLEL_MARKER,
     SERIAL_MARKER,
@@ -24,8 +23,8 @@ from pytest_poolaware.markers import (
     group_name,
     mark_group_name,
 )
-from pytest_poolaware.meter import NO_ITEM, BudgetRefused, ControllerGone, PoolMeter, RoomTooSmall
-from pytest_poolaware.protocol import (
+from pytest_poolaware.shared.protocol import (
+    Answer,
     Collected,
     Counts,
     ItemMeasures,
@@ -33,7 +32,14 @@ from pytest_poolaware.protocol import (
     OpenedOutsideTests,
     RoomKnown,
 )
-from pytest_poolaware.server_room import error_chain, is_connection_limit_error
+from pytest_poolaware.worker.login import login_of
+from pytest_poolaware.worker.meter import (
+    NO_ITEM,
+    BudgetRefused,
+    ControllerGone,
+    PoolMeter,
+    RoomTooSmall,
+)
 
 #: Why an item's attempt failed on connections: ``RERUN_DEADLOCK`` or ``RERUN_SERVER``.
 _limit_hit_key = pytest.StashKey[str]()

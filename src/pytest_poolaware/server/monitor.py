@@ -8,17 +8,16 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from pytest_poolaware.clock import wall
-from pytest_poolaware.dsn import mask_dsn
-from pytest_poolaware.engine import APPLICATION_NAME_PREFIX
-from pytest_poolaware.runstats import ServerView
-from pytest_poolaware.server_room import (
+from pytest_poolaware.server.room import (
     APPLICATION_NAME,
     CONNECT_TIMEOUT,
     connection_failure,
-    first_line,
     libpq_dsn,
 )
+from pytest_poolaware.shared.clock import wall
+from pytest_poolaware.shared.dsn import APPLICATION_NAME_PREFIX, mask_dsn
+from pytest_poolaware.shared.errors import first_line
+from pytest_poolaware.shared.server_view import ServerView
 
 #: Seconds between two samples: short enough to catch a test's burst of connections,
 #: long enough that the sampler costs the server nothing noticeable.

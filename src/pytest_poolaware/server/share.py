@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pytest_poolaware.clock import monotonic, wall
-from pytest_poolaware.server_room import (
+from pytest_poolaware.server.room import (
     CLOSING_SLACK,
     DATABASE,
     ROLE,
@@ -31,6 +30,7 @@ from pytest_poolaware.server_room import (
     ServerFacts,
     connection_failure,
 )
+from pytest_poolaware.shared.clock import monotonic, wall
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
 LEASE_INTERVAL: Final = 0.1

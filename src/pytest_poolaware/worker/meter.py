@@ -19,14 +19,14 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_poolaware.clock import wall
-from pytest_poolaware.django_conns import DjangoConnections
-from pytest_poolaware.drivers import (
+from pytest_poolaware.shared.clock import wall
+from pytest_poolaware.worker.django_conns import DjangoConnections
+from pytest_poolaware.worker.drivers import (
     DriverHooks,
     running_loop,
 )
-from pytest_poolaware.reclaim import IdlePool, Reclaimer
-from pytest_poolaware.sqlalchemy_events import POOL_EVENTS, SqlAlchemyListeners
+from pytest_poolaware.worker.reclaim import IdlePool, Reclaimer
+from pytest_poolaware.worker.sqlalchemy_events import POOL_EVENTS, SqlAlchemyListeners
 
 
 class GateRefusal(Exception):

@@ -24,8 +24,9 @@ import threading
 from collections.abc import Callable, Collection, Hashable
 from typing import Any, Final, Generic, TypeVar
 
-from pytest_poolaware.protocol import RoomRequest, ServerSeen, WorkerMessage
-from pytest_poolaware.server_room import Discovery, ServerFacts, discover, first_line
+from pytest_poolaware.server.room import Discovery, ServerFacts, discover
+from pytest_poolaware.shared.errors import first_line
+from pytest_poolaware.shared.protocol import RoomRequest, ServerSeen, WorkerMessage
 
 #: Connect attempts that may end without teaching the server (the connection failed, or
 #: its driver did not say where it went) before the run stops trying to learn it.

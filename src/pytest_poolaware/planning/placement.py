@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
-from pytest_poolaware.fanout import FanoutPool, Placement, expected_seconds
+from pytest_poolaware.planning.fanout import FanoutPool, Placement, expected_seconds
 
 W = TypeVar("W", bound=Hashable)
 
