@@ -151,7 +151,9 @@ def test_the_wheel_holds_only_the_plugin(dist: Path) -> None:
     plugin = sorted(n for n in names if not n.startswith(info))
     sources = ROOT / "src" / "pytest_poolaware"
     assert plugin == sorted(
-        f"pytest_poolaware/{p.name}" for p in sources.iterdir() if p.suffix in (".py", ".typed")
+        f"pytest_poolaware/{p.relative_to(sources).as_posix()}"
+        for p in sources.rglob("*")
+        if p.suffix in (".py", ".typed") and "__pycache__" not in p.parts
     )
     assert f"{info}licenses/LICENSE" in names
     assert metadata["License-Expression"] == "MIT"
