@@ -238,26 +238,13 @@ class _Holder:
 
 
 class Admission(Generic[W]):
-    """Goes, grants, releases and wait-die for one budget.
+    """Goes, grants, releases and wait-die for the run's budget.
 
     ``need_of`` gives an item's expected peak connections (measured, learned or
-    assumed): the planner owns what is known of items. With ``gates_items=False`` the
-    budget gates connects only (another server's or role's): its goes are given by the
-    run's own budget and reported here with ``started``. ``blocked_elsewhere`` tells
-    whether a worker waits on another budget: it will free nothing here until then.
-    ``rerunning_elsewhere`` tells whether another budget granted a worker's rerun: its
-    connects are never refused here either (there is no third attempt).
+    assumed): the planner owns what is known of items.
     """
 
-    def __init__(
-        self,
-        budget: int,
-        *,
-        need_of: Callable[[int], int],
-        gates_items: bool = True,
-        blocked_elsewhere: Callable[[W], bool] | None = None,
-        rerunning_elsewhere: Callable[[W], bool] | None = None,
-    ) -> None:
+    def __init__(self, budget: int, *, need_of: Callable[[int], int]) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
@@ -265,12 +252,9 @@ class Admission(Generic[W]):
         self._ceiling = budget
         self._give_way = False
         self.need_of = need_of
-        self.gates_items = gates_items
         #: The budget was lowered below what the workers hold: until they are back
         #: under it, idle connections are asked back even with nobody waiting.
         self._lowered_under = False
-        self._blocked_elsewhere = blocked_elsewhere or (lambda worker: False)
-        self._rerunning_elsewhere = rerunning_elsewhere or (lambda worker: False)
         self._workers: dict[W, _Holder] = {}
         self._counter = 0
         self._peak_open = 0
@@ -288,12 +272,6 @@ class Admission(Generic[W]):
     def queued(self, worker: W, indices: Iterable[int]) -> None:
         """Items were handed to the worker (they start once they get a go)."""
         self._workers[worker].queue.extend(indices)
-
-    def started(self, worker: W, index: int) -> None:
-        """The run's own budget gave the worker's next item its go (``gates_items=False``)."""
-        state = self._workers[worker]
-        assert state.queue[state.granted] == index, (index, state.queue, state.granted)
-        state.start(self.need_of(index))
 
     def set_budget(
         self, budget: int, *, ceiling: int | None = None, give_way: bool = False
@@ -371,27 +349,12 @@ class Admission(Generic[W]):
         state.ask(_Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
 
-    def attempt_over(self, worker: W) -> None:
-        """The worker's running item failed and asks another budget to rerun it: what
-        its first attempt was granted here is free (its connections went back)."""
-        state = self._workers.get(worker)
-        if state is not None:
-            state.floor = 0
-
     # -- queries ------------------------------------------------------------------------
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
         so that a run sharing the server's room can ask for more of it."""
         return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
-
-    def queue_of(self, worker: W) -> list[int]:
-        """The items handed to the worker and not completed, in run order."""
-        return list(self._workers[worker].queue)
-
-    def started_count(self, worker: W) -> int:
-        """How many of them have their go (a prefix of the queue)."""
-        return self._workers[worker].granted
 
     def running(self, worker: W) -> int | None:
         """The item the worker runs or starts next, if it may start one."""
@@ -429,18 +392,13 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(
-        self, actions: list[AdmissionAction], *, first: W | None = None, relieve: bool = True
-    ) -> None:
+    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
-        room reserved, so later, smaller items cannot starve it. With ``relieve=False``
-        only what fits is let through: no release is asked and no wait is broken (the
-        other budgets answer what fits first)."""
+        room reserved, so later, smaller items cannot starve it."""
         committed = {w: s.commitment() for w, s in self._workers.items()}
         room = self.budget - sum(committed.values())
         blocked: list[W] = []
-        gating = self.gates_items
 
         draining = False
         for request in self._waiting():
@@ -472,7 +430,7 @@ class Admission(Generic[W]):
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(blocked) or room < 0
-        for worker in [] if draining or not gating else _go_order(self._workers, first):
+        for worker in [] if draining else _go_order(self._workers, first):
             state = self._workers[worker]
             while state.granted < len(state.queue) and not state.requests:
                 index = state.queue[state.granted]
@@ -495,8 +453,6 @@ class Admission(Generic[W]):
                         state.waiting_since = state.waiting_since or self._next()
                 break
 
-        if not relieve:
-            return
         if blocked:
             self._relieve(blocked, actions)
         elif self._lowered_under:
@@ -508,21 +464,10 @@ class Admission(Generic[W]):
 
     def _runs_freely(self, worker: W, state: _Holder) -> bool:
         """Whether the worker runs an item that waits for nothing: its end frees room."""
-        return bool(state.granted) and not state.requests and not self._blocked_elsewhere(worker)
-
-    def reruns(self, worker: W) -> bool:
-        """Whether the worker's running item is a rerun this budget granted."""
-        state = self._workers.get(worker)
-        return state is not None and state.rerunning
-
-    def has_requests(self, worker: W) -> bool:
-        state = self._workers.get(worker)
-        return state is not None and bool(state.requests)
+        return bool(state.granted) and not state.requests
 
     def _others_busy(self, worker: W) -> bool:
-        """Whether any other worker holds connections or runs an item. An item blocked
-        on another budget still runs: it expects its room here once that budget lets it
-        go on (that budget's wait-die sees the rerun's wait and ends the wait there)."""
+        """Whether any other worker holds connections or runs an item."""
         return any(
             s.open > 0 or (s.granted and not s.requests)
             for w, s in self._workers.items()
@@ -571,7 +516,6 @@ class Admission(Generic[W]):
             if r.kind is RequestKind.CONNECT
             and not r.background
             and not self._workers[r.worker].rerunning  # type: ignore[index]
-            and not self._rerunning_elsewhere(r.worker)  # type: ignore[arg-type]
         ]
         victim = connects[-1].worker if connects else None
         if victim is not None and (
