@@ -32,15 +32,15 @@ from pytest_poolaware.planning.admission import Go as Go
 from pytest_poolaware.planning.admission import Grant as Grant
 from pytest_poolaware.planning.admission import Overrun as Overrun
 from pytest_poolaware.planning.admission import Release as Release
-from pytest_poolaware.planning.admission import RequestKind as RequestKind
 from pytest_poolaware.planning.fanout import Placement
-from pytest_poolaware.planning.placement import ItemSpec as ItemSpec
-from pytest_poolaware.planning.placement import Lane as Lane
+from pytest_poolaware.planning.holders import RequestKind as RequestKind
+from pytest_poolaware.planning.lanes import ItemSpec as ItemSpec
+from pytest_poolaware.planning.lanes import Lane as Lane
+from pytest_poolaware.planning.lanes import lane_for as lane_for
 from pytest_poolaware.planning.placement import Order as Order
 from pytest_poolaware.planning.placement import Placer as Placer
 from pytest_poolaware.planning.placement import Send as Send
 from pytest_poolaware.planning.placement import Shutdown as Shutdown
-from pytest_poolaware.planning.placement import lane_for as lane_for
 from pytest_poolaware.shared.protocol import Answer as Answer
 
 W = TypeVar("W", bound=Hashable)
