@@ -1,4 +1,6 @@
 """The pure scheduling core: ``core.Planner`` driven directly, no xdist, no database.
+Placement and admission alone have tests of their own (``test_placement.py``,
+``test_admission.py``); here they decide together.
 
 Worker keys are plain strings. Tests either drive the planner by hand through
 ``Tracker`` (to pin one decision) or run ``Sim``, a small event-driven model of xdist
@@ -44,7 +46,6 @@ from pytest_poolaware.planning.core import (
     Release,
     Send,
     Shutdown,
-    lane_for,
 )
 from pytest_poolaware.planning.core import ItemSpec as Item
 from pytest_poolaware.planning.placement import EARLY_START_SECONDS, MIN_QUEUE
@@ -683,32 +684,6 @@ def test_serial_items_run_on_one_worker_one_at_a_time_in_collection_order() -> N
     assert len({w for w, i in sim.starts if i in serial_items}) == 1
 
 
-def test_serial_worker_gets_no_fanout_while_serial_items_wait() -> None:
-    """The serial lane is the run's critical path: its worker does nothing else."""
-    t = Tracker()
-    t.load(serial(8) + fanout(40), fanout_open=False)
-    t.add("a", "b")
-    t.open_fanout()
-    assert t.queues["a"]
-    assert all(i < 8 for i in t.queues["a"])
-    assert t.queues["b"]
-    assert all(i >= 8 for i in t.queues["b"])
-
-
-def test_serial_worker_joins_the_fanout_once_the_serial_lane_is_empty() -> None:
-    """It takes the end of the collection, kept for it: b's range starts after the
-    serial lane, a's share is what the lane leaves of an even split (21 - 2 tests)."""
-    t = Tracker()
-    t.load(serial(2) + fanout(40))
-    t.add("a", "b")
-    assert t.queues["a"] == [0, 1]
-    assert t.queues["b"][0] == 2
-    t.complete("a")
-    assert t.queues["a"][0] == 1
-    assert t.queues["a"][1] == 42 - 19
-    assert t.queues["a"][1:] == sorted(t.queues["a"][1:])
-
-
 def test_first_worker_up_starts_a_long_serial_lane_while_the_fanout_waits_for_the_rest() -> None:
     """The serial lane is the run's critical path: it need not wait for slower workers to
     boot; the fan-out is shared out once they are all in, so none gets a big early batch."""
@@ -733,18 +708,6 @@ def test_an_early_single_serial_item_gets_a_follower_so_it_can_start() -> None:
     assert t.sent(actions) == {"a": [0, 1]}
     assert goes(actions)[:1] == [("a", 0)]
     assert t.sent(t.add("b")) == {}
-
-
-@pytest.mark.parametrize("first", [None, EARLY_START_SECONDS / 2])
-def test_a_quick_or_unknown_serial_lane_waits_for_every_worker(first: float | None) -> None:
-    """A quick first item would be reported amid xdist's start-up lines: not worth it."""
-    t = Tracker()
-    t.load(serial(1, duration=first) + serial(3, duration=9.0) + fanout(8), fanout_open=False)
-    assert t.add("a", "b") == []
-    sent = t.sent(t.open_fanout())
-    assert sent["a"] == [0, 1]
-    assert sent["b"]
-    assert all(i >= 4 for i in sent["b"])
 
 
 def test_a_serial_only_suite_ends_before_the_other_workers_are_up() -> None:
@@ -803,21 +766,6 @@ def test_serial_lane_waits_for_a_replacement_when_no_worker_can_take_it() -> Non
     assert goes(actions)[0] == ("a2", 1)
 
 
-def test_replacement_worker_gets_a_crashed_workers_items() -> None:
-    """b was shut down (nothing left to hand out) when a died: only a new worker helps."""
-    t = Tracker()
-    t.load(fanout(4))
-    t.add("a", "b")
-    held = list(t.queues["a"])
-    t.complete("b")
-    assert "b" in t.shut
-    crashed, actions = t.remove("a")
-    assert crashed == held[0]
-    assert t.sent(actions) == {}
-    t.add("c")
-    assert t.queues["c"] == held[1:]
-
-
 def test_crashes_in_a_simulated_run_with_replacements_and_reruns() -> None:
     sim = Sim(serial(5) + fanout(15), workers=3, crashes=3, rerun_crashed=True)
     sim.crash("gw0")  # the serial worker dies before its first item; gw3 replaces it
@@ -825,14 +773,6 @@ def test_crashes_in_a_simulated_run_with_replacements_and_reruns() -> None:
     sim.assert_sound()
     assert sim.start_order(SERIAL) == [0, 1, 2, 3, 4]  # the requeued item goes first
     assert any(w == "gw3" for w, _ in sim.starts), "the replacement ran nothing"
-
-
-def test_lane_for_marker_policy() -> None:
-    assert lane_for(serial=True, parallel=False, measured=True, unmarked_serial=False) is SERIAL
-    assert lane_for(serial=False, parallel=False, measured=False, unmarked_serial=False) is FANOUT
-    assert lane_for(serial=False, parallel=False, measured=False, unmarked_serial=True) is SERIAL
-    assert lane_for(serial=False, parallel=False, measured=True, unmarked_serial=True) is FANOUT
-    assert lane_for(serial=False, parallel=True, measured=False, unmarked_serial=True) is FANOUT
 
 
 # -- xdist protocol -------------------------------------------------------------------------
@@ -847,17 +787,6 @@ def test_every_live_worker_holds_two_items_or_is_shut_down(tests: list[Item], wo
     sim = Sim(tests, workers=workers, strict_xdist=False).run()
     sim.assert_sound()
     assert sim.stalls == []
-
-
-def test_worker_is_shut_down_when_its_lane_is_empty() -> None:
-    t = Tracker()
-    t.load(fanout(4))
-    t.add("a", "b")
-    assert len(t.queues["a"]) == len(t.queues["b"]) == MIN_QUEUE
-    t.complete("a")
-    assert t.shut == {"a", "b"}  # nothing left to hand out: both run what they hold
-    # a late worker with nothing to do is shut down at once, not left waiting
-    assert t.add("c") == [Shutdown("c")]
 
 
 def test_every_item_is_sent_once_and_finished_only_at_the_end() -> None:
@@ -876,31 +805,6 @@ def test_every_item_is_sent_once_and_finished_only_at_the_end() -> None:
     assert set(sim.sent_count.values()) == {1}
     assert finished_early == []
     assert sim.planner.statistics().completed == len(tests)
-
-
-def test_remove_worker_returns_its_head_as_crashed_and_requeues_the_rest_in_order() -> None:
-    t = Tracker()
-    t.load(fanout(64))
-    t.add("a", "b")
-    held = list(t.queues["a"])
-    assert len(held) > 3
-    crashed, actions = t.remove("a")
-    assert crashed == held[0]
-    # the rest of a's queue is back at the front of the fan-out, in the same order
-    resent = t.sent(actions).get("b", []) + t.sent(t.add("c")).get("c", [])
-    assert len(resent) >= MIN_QUEUE
-    assert resent == held[1 : 1 + len(resent)]
-    assert t.planner.statistics().completed == 1  # the crashed item counts as ended
-
-
-def test_remove_worker_of_a_worker_that_finished_reports_no_crash() -> None:
-    t = Tracker()
-    t.load(fanout(2))
-    t.add("a")
-    t.complete("a")
-    t.complete("a")
-    assert t.remove("a") == (None, [])
-    assert t.planner.tests_finished
 
 
 def test_requeued_item_runs_again_first() -> None:
@@ -1275,14 +1179,6 @@ def test_serial_lane_keeps_collection_order_whatever_the_durations() -> None:
     assert sim.start_order(SERIAL) == [0, 1, 2, 3]
 
 
-def test_long_known_items_are_not_queued_far_ahead() -> None:
-    """Known-long items go out a couple at a time, so none waits behind another."""
-    t = Tracker()
-    t.load(fanout(40, duration=10.0))
-    t.add("a")
-    assert len(t.queues["a"]) == MIN_QUEUE
-
-
 # -- xdist groups ---------------------------------------------------------------------------
 
 
@@ -1294,20 +1190,6 @@ def grouped(lanes: str, names: str) -> list[Item]:
     ]
 
 
-def test_a_group_spread_over_the_collection_goes_whole_to_one_worker_in_order() -> None:
-    """Its first and last items lie in different workers' ranges: the worker that takes
-    the first takes them all at once, one after the other."""
-    t = Tracker()
-    t.load(grouped("f" * 12, "a..b....b..a"))
-    t.add("x", "y")
-    t.planner.open_fanout()
-    holder = next(w for w, queue in t.queues.items() if 0 in queue)
-    queue = t.queues[holder]
-    assert queue[queue.index(0) : queue.index(0) + 2] == [0, 11]
-    other = next(w for w in t.queues if w != holder)
-    assert 11 not in t.queues[other]
-
-
 def test_a_group_with_a_serial_item_runs_whole_in_the_serial_lane() -> None:
     """One worker at a time runs the serial lane: the group keeps it one test at a time."""
     t = Tracker()
@@ -1317,21 +1199,6 @@ def test_a_group_with_a_serial_item_runs_whole_in_the_serial_lane() -> None:
     sim.assert_sound()
     assert len({w for w, i in sim.starts if i in (0, 2, 4)}) == 1
     assert sim.start_order(SERIAL) == [0, 2, 4]
-
-
-def test_the_rest_of_a_crashed_workers_group_goes_whole_to_one_worker() -> None:
-    tests = grouped("f" * 16, "aaaaaa" + "." * 10)
-    t = Tracker()
-    t.load(tests)
-    t.add("x", "y")
-    holder = next(w for w, queue in t.queues.items() if 0 in queue)
-    t.complete(holder, 0)
-    crashed, actions = t.remove(holder)
-    assert crashed == 1
-    sent = t.sent(actions) or t.sent(t.add("z"))
-    [indices] = [indices for indices in sent.values() if 2 in indices]
-    start = indices.index(2)
-    assert indices[start : start + 4] == [2, 3, 4, 5]
 
 
 def test_a_dry_worker_never_takes_part_of_another_workers_group() -> None:
@@ -1356,13 +1223,6 @@ def test_longest_modules_first_keeps_each_group_whole() -> None:
     for name in "ab":
         members = [i for i, t in enumerate(tests) if t.xdist_group == name]
         assert len({w for w, i in sim.starts if i in members}) == 1
-
-
-def test_a_group_counts_once_in_the_pending_totals_per_item() -> None:
-    t = Tracker()
-    t.load(grouped("ssff", "a.aa"))
-    statistics = t.planner.statistics()
-    assert (statistics.pending_serial, statistics.pending_fanout) == (4, 0)
 
 
 # -- properties -----------------------------------------------------------------------------
