@@ -21,12 +21,10 @@ from pytest_poolaware.planning.admission import (
 from pytest_poolaware.shared.protocol import Answer
 
 
-def admission(
-    budget: int, needs: Mapping[int, int] | None = None, **options: object
-) -> Admission[str]:
+def admission(budget: int, needs: Mapping[int, int] | None = None) -> Admission[str]:
     """An admission whose items need 1 connection unless ``needs`` says otherwise."""
     known = dict(needs or {})
-    return Admission(budget, need_of=lambda index: known.get(index, 1), **options)  # type: ignore[arg-type]
+    return Admission(budget, need_of=lambda index: known.get(index, 1))
 
 
 def decide(adm: Admission[str], first: str | None = None) -> list[AdmissionAction]:
@@ -158,66 +156,3 @@ def test_idle_connections_are_asked_back_only_once_per_answer() -> None:
     assert releases(decide(adm)) == set()
     adm.completed("a", 0)  # once an item ends, it may have something to give
     assert releases(decide(adm)) == {"a"}
-
-
-def test_a_connect_only_budget_follows_the_goes_it_is_told_of() -> None:
-    """Another server's budget: it gives no goes, and gates only connects."""
-    adm = admission(1, {0: 0, 1: 0}, gates_items=False)  # items need none of it
-    for worker, index in (("a", 0), ("b", 1)):
-        adm.add_worker(worker)
-        adm.queued(worker, [index])
-    assert decide(adm) == []
-    adm.started("a", 0)
-    adm.started("b", 1)
-    assert (adm.running("a"), adm.running("b")) == (0, 1)
-    adm.request("a", 1)
-    assert grants(decide(adm)) == [Grant("a", 1)]
-    adm.counts("a", 1, 0)
-    adm.request("b", 2)
-    assert grants(decide(adm)) == []  # a's item runs: its end frees the room
-    adm.completed("a", 0)
-    adm.counts("a", 0, 0)
-    assert grants(decide(adm)) == [Grant("b", 2)]
-
-
-def test_a_worker_blocked_on_another_budget_frees_nothing_here() -> None:
-    """Once a waits on another budget (that b may hold), a's item will not end by itself:
-    b's wait here is a deadlock to break."""
-    blocked: set[str] = set()
-    adm = admission(2, blocked_elsewhere=lambda worker: worker in blocked)
-    running(adm, {"a": [0], "b": [1]})
-    adm.counts("a", 1, 0)
-    adm.counts("b", 1, 0)
-    adm.request("b", 1)
-    assert grants(decide(adm)) == []  # a's item runs freely: b waits for its end
-    blocked.add("a")
-    assert grants(decide(adm)) == [Grant("b", 1, Answer.REFUSED)]
-
-
-def test_a_rerun_is_not_granted_on_top_of_an_item_blocked_on_another_budget() -> None:
-    """b's item waits on another budget, holding none of this one yet: it still expects
-    its room here once it goes on. a's rerun, which wants the whole budget, is not
-    granted on top of it as if the run had drained: it waits for b's item to end, or,
-    when nothing can end (b is blocked), it is let past the budget, reported."""
-    blocked: set[str] = set()
-    adm = admission(2, blocked_elsewhere=lambda worker: worker in blocked)
-    running(adm, {"a": [0], "b": [1]})
-    adm.request("a", 1, want=2)
-    assert grants(decide(adm)) == []  # b's item runs freely: its end frees the room
-    blocked.add("b")
-    assert grants(decide(adm)) == [Grant("a", 1, Answer.OVER_BUDGET)]
-    assert [(o.index, o.need) for o in adm.overruns] == [(0, 2)]
-
-
-def test_a_rerun_another_budget_granted_is_never_refused_here() -> None:
-    """a reruns an item another budget refused once: there is no third attempt, so when
-    a and b wait on each other here, b gives way though a's request is the younger."""
-    adm = admission(2, {0: 0, 1: 0}, gates_items=False, rerunning_elsewhere=lambda w: w == "a")
-    for worker, index in (("a", 0), ("b", 1)):
-        adm.add_worker(worker)
-        adm.queued(worker, [index])
-        adm.started(worker, index)
-        adm.counts(worker, 1, 0)
-    adm.request("b", 1)
-    adm.request("a", 2)
-    assert grants(decide(adm)) == [Grant("b", 1, Answer.REFUSED)]

@@ -40,8 +40,6 @@ EVERY_KIND: list[WorkerMessage | ControllerMessage] = [
     RoomRequest(request=4, want=None, item=2),
     RoomRequest(request=5, want=6, item=0),
     RoomRequest(request=6, want=None, item=1, background=True),
-    RoomRequest(request=7, want=None, item=1, budget="replica"),
-    Counts(open=1, idle=0, version=2, budget="replica"),
     Note("waited 30s for connection budget; connecting anyway"),
     Goes((0, 1, 5)),
     RequestAnswer(7, Answer.REFUSED),
@@ -93,6 +91,15 @@ def test_added_fields_are_ignored_and_missing_ones_take_defaults() -> None:
     assert decode(newer) == Counts(1, 0)
     older = {KIND: "request", VERSION: PROTOCOL_VERSION, "request": 3}
     assert decode(older) == RoomRequest(3, want=None, item=-1)
+
+
+def test_the_budget_key_an_earlier_worker_sends_is_ignored() -> None:
+    """Earlier workers sent ``budget`` (always the run's own, ""): dropping the field
+    needed no new version, as their messages still read the same."""
+    counts = {**Counts(2, 1, version=5).to_wire(), "budget": ""}
+    assert decode(counts) == Counts(2, 1, version=5)
+    request = {**RoomRequest(4, want=None, item=2).to_wire(), "budget": ""}
+    assert decode(request) == RoomRequest(4, want=None, item=2)
 
 
 @pytest.mark.parametrize(

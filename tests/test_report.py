@@ -360,32 +360,6 @@ def facts(
     )
 
 
-@pytest.mark.parametrize(
-    ("workers", "serial", "fanout", "value", "binding"),
-    [
-        (4, [(5.0, 1), (5.0, 1)], [(1.0, 1)] * 6, 10.0, "serial lane"),
-        (4, [(1.0, 1)], [(7.0, 1), (1.0, 1)], 7.0, "longest test"),
-        (4, [], [(1.0, 0)] * 12, 4.0, "workers"),
-        (4, [(1.0, 15)], [(2.0, 15)] * 3, 7.0, "budget"),
-        (1, [(2.0, 1)], [(1.0, 1)] * 3, 5.0, "workers"),
-        (4, [], [], 0.0, "serial lane"),
-        # Over the whole budget: it ran alone, holding the budget (15), not its need (45).
-        (4, [], [(2.0, 45)], 2.0, "longest test"),
-        (4, [(1.0, 30), (1.0, 15)], [], 2.0, "serial lane"),
-    ],
-)
-def test_lower_bound_terms(
-    workers: int,
-    serial: list[tuple[float, int]],
-    fanout: list[tuple[float, int]],
-    value: float,
-    binding: str,
-) -> None:
-    bound = lower_bound(workers, 15, serial, fanout)
-    assert bound.value == pytest.approx(value)
-    assert bound.binding == binding
-
-
 def load_benchmarks() -> Any:
     """``benchmarks/run.py`` as a module (the benchmarks are scripts, not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
 from pytest_poolaware.planning.core import (
-    DEFAULT_BUDGET,
     Action,
     Go,
     Grant,
@@ -215,8 +214,7 @@ class Dispatcher:
             if isinstance(message, Collected):
                 self._on_collected(node, message)
             elif isinstance(message, Counts):
-                if message.budget == DEFAULT_BUDGET:  # the timeline shows the run's own
-                    self._record.timeline.append((wall(), node.gateway.id, message.open))
+                self._record.timeline.append((wall(), node.gateway.id, message.open))
                 if self.admits(node):
                     self.apply(
                         self.planner.counts(
@@ -225,7 +223,6 @@ class Dispatcher:
                             message.idle,
                             released=message.released,
                             version=message.version,
-                            key=message.budget,
                         )
                     )
             elif isinstance(message, ServerSeen):
@@ -236,16 +233,14 @@ class Dispatcher:
                     self.learning is not None and self.learning.hold(node, message)
                 ):
                     want = message.want
-                    budget = self.planner.budget_of(message.budget)
-                    if want is not None and budget is not None:
-                        want = min(want, budget)  # a rerun asks for the whole budget: as it is now
+                    if want is not None:  # a rerun asks for the whole budget: as it is now
+                        want = min(want, self.planner.budget)
                     actions = self.planner.request(
                         node,
                         message.request,
                         want,
                         item=message.item,
                         background=message.background,
-                        key=message.budget,
                     )
                     if not any(
                         isinstance(a, Grant) and a.worker == node and a.request == message.request

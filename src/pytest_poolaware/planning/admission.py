@@ -3,18 +3,17 @@ connections open stay within the budget (``docs/design.md``, "Admission").
 
 Pure logic with no xdist or database imports. It knows each worker's queue (the items
 handed to it, in run order) but not how they were chosen: placement (``placement``) hands
-items out, admission lets them start.
+items out, admission lets them start. What it knows of each worker is kept in
+``holders``; the decisions are here.
 """
 
 from __future__ import annotations
 
-import enum
-import itertools
-from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from pytest_poolaware.planning.holders import Holder, Request, RequestKind
 from pytest_poolaware.shared.protocol import Answer
 
 W = TypeVar("W", bound=Hashable)
@@ -26,13 +25,6 @@ class Go:
 
     worker: Hashable
     index: int
-
-
-class RequestKind(enum.Enum):
-    #: One more connection, mid-test.
-    CONNECT = "connect"
-    #: Room to rerun a test that hit the server's limit (never refused).
-    RERUN = "rerun"
 
 
 @dataclass(frozen=True)
@@ -71,193 +63,14 @@ class Overrun:
     in_tests: int = 0
 
 
-@dataclass
-class _Request:
-    worker: Hashable
-    request: int
-    order: int
-    kind: RequestKind
-    #: For a rerun: the room it asks for (a connect request wants one more than held).
-    want: int = 0
-    #: The item asking (None: not known, or asked outside any item).
-    item: int | None = None
-    #: Opened by a pool in its own thread or task: delayed until there is room, never
-    #: refused (the test would only see the pool time out).
-    background: bool = False
-
-
-@dataclass
-class _Holder:
-    """One worker as admission sees it: what it may start, holds and waits for."""
-
-    order: int
-    #: Items handed to it and not completed yet, in run order.
-    queue: deque[int] = field(default_factory=deque)
-    granted: int = 0  # length of the go'ed prefix of ``queue``
-    #: Expected needs of the go'ed items, counted (kept up to date: hot path).
-    granted_needs: Counter[int] = field(default_factory=Counter)
-    open: int = 0
-    idle: int = 0
-    #: Connections granted to the running item: it may hold this many until it ends.
-    floor: int = 0
-    #: Connect requests granted whose connection has not shown up in ``open`` yet.
-    connecting: int = 0
-    #: The item ``floor`` and ``connecting`` were granted to. A worker may start its next
-    #: item, and be granted connections for it, before the controller hears that the
-    #: previous one completed: that completion must not wipe the newer grants.
-    floor_item: int | None = None
-    #: ``version`` of the last counts taken; older ones arriving late are ignored.
-    version: int = -1
-    #: Blocked requests, oldest first (threads of one test may each wait for one).
-    requests: list[_Request] = field(default_factory=list)
-    release_sent: bool = False
-    #: Idle connections left after the worker last tried to release them (held by pools
-    #: with connections checked out): not worth asking for again until an item ends.
-    stuck_idle: int = 0
-    #: Its running item is a rerun: its connects are never refused (no third attempt).
-    rerunning: bool = False
-    #: When its head item was first found not to fit (0: not waiting); oldest go first.
-    waiting_since: int = 0
-
-    def commitment(self) -> int:
-        if any(r.kind is RequestKind.RERUN for r in self.requests):
-            return self.open  # it starts nothing before its rerun is granted
-        return max(self.open, self.floor, self.granted_need())
-
-    def granted_need(self) -> int:
-        """The largest expected need among the go'ed items."""
-        return max(self.granted_needs, default=0)
-
-    def start(self, need: int) -> None:
-        """Its next queued item gets its go."""
-        self.granted += 1
-        self.granted_needs[need] += 1
-
-    def take_counts(self, open_: int, idle: int, released: bool, version: int | None) -> bool:
-        """See ``Admission.counts``."""
-        stale = version is not None and version <= self.version
-        if not stale:
-            self.version = self.version if version is None else version
-            if open_ > self.open:
-                self.connecting = max(0, self.connecting - (open_ - self.open))
-            self.open, self.idle = open_, idle
-        if released:
-            # The answer to a Release counts even when its numbers are not news: the
-            # deadlock check waits for it.
-            self.release_sent = False
-            self.stuck_idle = self.idle
-        elif stale:
-            return False
-        return True
-
-    def counts_changed(self, open_: int, idle: int, version: int | None) -> bool:
-        if version is not None and version <= self.version:
-            return False
-        return (self.open, self.idle) != (open_, idle)
-
-    def complete(self, index: int, expected: int) -> None:
-        """An item ended (``expected``: the need it was go'ed with)."""
-        if self.queue.index(index) < self.granted:
-            self.granted -= 1
-            self.granted_needs[expected] -= 1
-            if not self.granted_needs[expected]:
-                del self.granted_needs[expected]
-        self.queue.remove(index)
-        if self.requests:
-            # A request left unanswered (its wait timed out) is void once its item is over.
-            self.requests = self.outliving({index})
-        if self.floor_item not in self.queue:
-            # What was granted belonged to this item (or to none still queued): free it.
-            # Grants to a later item that already started stay until that one completes.
-            self.free_grants()
-        self.stuck_idle = 0
-
-    def ask(self, request: _Request) -> None:
-        """A request from one of its items (``item``: which, if still queued)."""
-        item = request.item
-        if item is None or item not in self.queue:
-            request.item = self.queue[0] if self.queue else None
-        else:
-            self.forget_ended(item)
-        if request.kind is RequestKind.RERUN:
-            self.floor = 0  # the first attempt is over; what it was granted is free
-        self.requests.append(request)
-
-    def forget_ended(self, item: int) -> None:
-        """``item`` asks: the items queued before it have ended (a worker runs its queue in
-        order), even if their completion has not reached us yet. What was granted to them
-        is free (their counts, sent before this request, are already taken), and requests
-        of theirs left unanswered by a timeout are void."""
-        ended = set(itertools.islice(self.queue, self.queue.index(item)))
-        if not ended:
-            return
-        if self.floor_item in ended:
-            self.free_grants()
-        self.requests = self.outliving(ended)
-
-    def free_grants(self) -> None:
-        self.floor = 0
-        self.connecting = 0
-        self.floor_item = None
-        self.rerunning = False
-
-    def outliving(self, ended: set[int]) -> list[_Request]:
-        """The requests that outlive the ``ended`` items: those of other items, and a
-        pool's background connects (still waiting in the pool's thread: they pass to the
-        worker's next item)."""
-        kept = []
-        for request in self.requests:
-            if request.item in ended:
-                if not request.background:
-                    continue
-                request.item = next((i for i in self.queue if i not in ended), None)
-            kept.append(request)
-        return kept
-
-    def queued_before(self, later: int | None, earlier: int | None) -> bool:
-        """Whether ``earlier`` sits before ``later`` in the queue."""
-        if later not in self.queue or earlier not in self.queue:
-            return False
-        return self.queue.index(earlier) < self.queue.index(later)  # type: ignore[arg-type]
-
-    def wants(self, need_of: Callable[[int], int]) -> int:
-        """The most its head, held back by the budget, or its requests want (0: none)."""
-        wants = [r.want for r in self.requests]
-        if self.requests:
-            wants.append(self.open + self.connecting + 1)
-        if self.waiting_since and self.granted < len(self.queue):
-            wants.append(need_of(self.queue[self.granted]))
-        return max(wants, default=0)
-
-    def describe(self) -> str:
-        return (
-            f"open={self.open} idle={self.idle} floor={self.floor} need={self.granted_need()} "
-            f"go={self.granted}/{len(self.queue)} req={[r.kind.value for r in self.requests]}"
-            f"{' rel' if self.release_sent else ''}"
-        )
-
-
 class Admission(Generic[W]):
-    """Goes, grants, releases and wait-die for one budget.
+    """Goes, grants, releases and wait-die for the run's budget.
 
     ``need_of`` gives an item's expected peak connections (measured, learned or
-    assumed): the planner owns what is known of items. With ``gates_items=False`` the
-    budget gates connects only (another server's or role's): its goes are given by the
-    run's own budget and reported here with ``started``. ``blocked_elsewhere`` tells
-    whether a worker waits on another budget: it will free nothing here until then.
-    ``rerunning_elsewhere`` tells whether another budget granted a worker's rerun: its
-    connects are never refused here either (there is no third attempt).
+    assumed): the planner owns what is known of items.
     """
 
-    def __init__(
-        self,
-        budget: int,
-        *,
-        need_of: Callable[[int], int],
-        gates_items: bool = True,
-        blocked_elsewhere: Callable[[W], bool] | None = None,
-        rerunning_elsewhere: Callable[[W], bool] | None = None,
-    ) -> None:
+    def __init__(self, budget: int, *, need_of: Callable[[int], int]) -> None:
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         self.budget = budget
@@ -265,13 +78,10 @@ class Admission(Generic[W]):
         self._ceiling = budget
         self._give_way = False
         self.need_of = need_of
-        self.gates_items = gates_items
         #: The budget was lowered below what the workers hold: until they are back
         #: under it, idle connections are asked back even with nobody waiting.
         self._lowered_under = False
-        self._blocked_elsewhere = blocked_elsewhere or (lambda worker: False)
-        self._rerunning_elsewhere = rerunning_elsewhere or (lambda worker: False)
-        self._workers: dict[W, _Holder] = {}
+        self._workers: dict[W, Holder] = {}
         self._counter = 0
         self._peak_open = 0
         self.overruns: list[Overrun] = []
@@ -280,7 +90,7 @@ class Admission(Generic[W]):
 
     def add_worker(self, worker: W) -> None:
         assert worker not in self._workers
-        self._workers[worker] = _Holder(order=self._next())
+        self._workers[worker] = Holder(order=self._next())
 
     def remove_worker(self, worker: W) -> None:
         del self._workers[worker]
@@ -288,12 +98,6 @@ class Admission(Generic[W]):
     def queued(self, worker: W, indices: Iterable[int]) -> None:
         """Items were handed to the worker (they start once they get a go)."""
         self._workers[worker].queue.extend(indices)
-
-    def started(self, worker: W, index: int) -> None:
-        """The run's own budget gave the worker's next item its go (``gates_items=False``)."""
-        state = self._workers[worker]
-        assert state.queue[state.granted] == index, (index, state.queue, state.granted)
-        state.start(self.need_of(index))
 
     def set_budget(
         self, budget: int, *, ceiling: int | None = None, give_way: bool = False
@@ -368,15 +172,8 @@ class Admission(Generic[W]):
         if state is None:
             return False
         kind = RequestKind.CONNECT if want is None else RequestKind.RERUN
-        state.ask(_Request(worker, request, self._next(), kind, want or 0, item, background))
+        state.ask(Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
-
-    def attempt_over(self, worker: W) -> None:
-        """The worker's running item failed and asks another budget to rerun it: what
-        its first attempt was granted here is free (its connections went back)."""
-        state = self._workers.get(worker)
-        if state is not None:
-            state.floor = 0
 
     # -- queries ------------------------------------------------------------------------
 
@@ -384,14 +181,6 @@ class Admission(Generic[W]):
         """The most connections an item held back by the budget expects (0: none is),
         so that a run sharing the server's room can ask for more of it."""
         return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
-
-    def queue_of(self, worker: W) -> list[int]:
-        """The items handed to the worker and not completed, in run order."""
-        return list(self._workers[worker].queue)
-
-    def started_count(self, worker: W) -> int:
-        """How many of them have their go (a prefix of the queue)."""
-        return self._workers[worker].granted
 
     def running(self, worker: W) -> int | None:
         """The item the worker runs or starts next, if it may start one."""
@@ -429,125 +218,33 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(
-        self, actions: list[AdmissionAction], *, first: W | None = None, relieve: bool = True
-    ) -> None:
+    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
-        room reserved, so later, smaller items cannot starve it. With ``relieve=False``
-        only what fits is let through: no release is asked and no wait is broken (the
-        other budgets answer what fits first)."""
-        committed = {w: s.commitment() for w, s in self._workers.items()}
-        room = self.budget - sum(committed.values())
-        blocked: list[W] = []
-        gating = self.gates_items
-
-        draining = False
-        for request in self._waiting():
-            worker: W = request.worker  # type: ignore[assignment]
-            state = self._workers[worker]
-            if request.kind is RequestKind.RERUN:
-                # A rerun waits until it has the run to itself; meanwhile nothing new
-                # starts, so the run drains towards that.
-                if not draining and not self._others_busy(worker):
-                    request.want = min(request.want, self.budget)  # it may have shrunk
-                    committed[worker] = max(committed[worker], request.want)
-                    self._answer(request, Answer.GRANTED, actions)
-                else:
-                    blocked.append(worker)
-                draining = True
-                continue
-            want = state.open + state.connecting + 1
-            extra = max(0, want - committed[worker])
-            if extra <= max(room, 0):
-                committed[worker] = max(committed[worker], want)
-                self._answer(request, Answer.GRANTED, actions)
-            else:
-                blocked.append(worker)
-            room -= extra
-
-        # Once something waits for room, nothing else starts unless it fits in what is
-        # left after that reservation, even within its worker's commitment: otherwise a
-        # worker streaming light items never lets its commitment drop.
-        # A budget lowered below what is committed (``set_budget``) holds every new go,
-        # even one within its worker's commitment, until commitments drop.
-        reserved = bool(blocked) or room < 0
-        for worker in [] if draining or not gating else _go_order(self._workers, first):
-            state = self._workers[worker]
-            while state.granted < len(state.queue) and not state.requests:
-                index = state.queue[state.granted]
-                raised = max(committed[worker], self.need_of(index))
-                extra = raised - committed[worker]
-                starts_now = state.granted == 0
-                if extra <= room if reserved else (extra == 0 or (starts_now and extra <= room)):
-                    if starts_now:
-                        state.waiting_since = 0
-                    room -= extra
-                    committed[worker] = raised
-                    state.start(self.need_of(index))
-                    actions.append(Go(worker, index))
-                    continue
-                if starts_now:
-                    room -= extra
-                    if extra > 0 or room < 0:
-                        blocked.append(worker)
-                        reserved = True
-                        state.waiting_since = state.waiting_since or self._next()
-                break
-
-        if not relieve:
-            return
-        if blocked:
-            self._relieve(blocked, actions)
+        room reserved, so later, smaller items cannot starve it. Then relieve what is
+        blocked (rules 5 and 6)."""
+        hand_out = _Pass(
+            self._workers, self.budget, self.need_of, answer=self._answer, tick=self._next
+        )
+        hand_out.answer_requests(actions)
+        if not hand_out.draining:
+            hand_out.give_goes(actions, first)
+        if hand_out.blocked:
+            self._relieve(hand_out.blocked, actions)
         elif self._lowered_under:
             # Over a lowered budget with nobody waiting: idle connections given back
             # bring the run under it sooner (another run may be waiting for them).
-            self._lowered_under = room < 0
+            self._lowered_under = hand_out.room < 0
             if self._lowered_under:
                 self._ask_idle_back(actions)
 
-    def _runs_freely(self, worker: W, state: _Holder) -> bool:
-        """Whether the worker runs an item that waits for nothing: its end frees room."""
-        return bool(state.granted) and not state.requests and not self._blocked_elsewhere(worker)
-
-    def reruns(self, worker: W) -> bool:
-        """Whether the worker's running item is a rerun this budget granted."""
-        state = self._workers.get(worker)
-        return state is not None and state.rerunning
-
-    def has_requests(self, worker: W) -> bool:
-        state = self._workers.get(worker)
-        return state is not None and bool(state.requests)
-
-    def _others_busy(self, worker: W) -> bool:
-        """Whether any other worker holds connections or runs an item. An item blocked
-        on another budget still runs: it expects its room here once that budget lets it
-        go on (that budget's wait-die sees the rerun's wait and ends the wait there)."""
-        return any(
-            s.open > 0 or (s.granted and not s.requests)
-            for w, s in self._workers.items()
-            if w != worker
-        )
-
-    def _waiting(self) -> list[_Request]:
-        return _waiting(self._workers.values())
-
-    def _answer(self, request: _Request, answer: Answer, actions: list[AdmissionAction]) -> None:
+    def _answer(self, request: Request, answer: Answer, actions: list[AdmissionAction]) -> None:
         worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
-        if answer is not Answer.REFUSED:
-            if not state.queued_before(state.floor_item, request.item):
-                state.floor_item = request.item  # grants follow the latest item asking
-            if request.kind is RequestKind.RERUN:
-                state.floor = max(state.floor, request.want)
-                state.rerunning = True
-            else:
-                state.floor = max(state.floor, state.open + state.connecting + 1)
-                state.connecting += 1
+        state.answer(request, refused=answer is Answer.REFUSED)
         if answer is Answer.OVER_BUDGET:
             self._overrun(worker, state.floor, request.item)
         actions.append(Grant(worker, request.request, answer))
-        state.requests.remove(request)
 
     def _overrun(self, worker: W, need: int, index: int | None) -> None:
         index = -1 if index is None else index
@@ -562,16 +259,15 @@ class Admission(Generic[W]):
         """Free room for blocked workers: ask for idle connections back; when nothing can
         free room any more, break the deadlock (see ``Answer``)."""
         self._ask_idle_back(actions)
-        if self._can_progress(blocked):
+        if _can_progress(self._workers, blocked):
             return
-        waiting = self._waiting()
+        waiting = _waiting(self._workers.values())
         connects = [
             r
             for r in waiting
             if r.kind is RequestKind.CONNECT
             and not r.background
             and not self._workers[r.worker].rerunning  # type: ignore[index]
-            and not self._rerunning_elsewhere(r.worker)  # type: ignore[arg-type]
         ]
         victim = connects[-1].worker if connects else None
         if victim is not None and (
@@ -592,9 +288,7 @@ class Admission(Generic[W]):
             state = self._workers[first]
             index = state.queue[0]
             self._overrun(first, self.need_of(index), index)
-            state.granted = 1
-            state.waiting_since = 0
-            state.granted_needs = Counter({self.need_of(index): 1})
+            state.start_alone(self.need_of(index))
             actions.append(Go(first, index))
 
     def _ask_idle_back(self, actions: list[AdmissionAction]) -> None:
@@ -604,30 +298,134 @@ class Admission(Generic[W]):
                 state.release_sent = True
                 actions.append(Release(worker))
 
-    def _can_progress(self, blocked: list[W]) -> bool:
-        """Whether some worker will free room without help: it is running an item, or
-        it is about to answer a request to release idle connections."""
-        stuck = set(blocked)
-        for worker, state in self._workers.items():
-            if state.release_sent:
-                return True
-            if worker not in stuck and self._runs_freely(worker, state):
-                return True
-        return False
-
     def _next(self) -> int:
         self._counter += 1
         return self._counter
 
 
-def _waiting(holders: Iterable[_Holder]) -> list[_Request]:
+class _Pass(Generic[W]):
+    """One pass of rules 1 to 4 (``docs/design.md``, "Admission"): the budget left over
+    the workers' commitments goes to blocked requests first, then to queued items; who
+    does not fit is blocked, and keeps its room reserved.
+
+    ``answer`` records a granted request (``Admission._answer``); ``tick`` numbers the
+    order in which heads started waiting.
+    """
+
+    def __init__(
+        self,
+        holders: Mapping[W, Holder],
+        budget: int,
+        need_of: Callable[[int], int],
+        *,
+        answer: Callable[[Request, Answer, list[AdmissionAction]], None],
+        tick: Callable[[], int],
+    ) -> None:
+        self._holders = holders
+        self._budget = budget
+        self._need_of = need_of
+        self._answer = answer
+        self._tick = tick
+        #: Each worker's commitment, raised by what this pass grants it.
+        self.committed = {w: s.commitment() for w, s in holders.items()}
+        #: What is left of the budget (below 0: over a budget lowered below the commitments).
+        self.room = budget - sum(self.committed.values())
+        #: Workers whose request or head item does not fit, in the order found.
+        self.blocked: list[W] = []
+        #: A rerun waits or was granted: nothing new starts, so the run drains towards it.
+        self.draining = False
+
+    def answer_requests(self, actions: list[AdmissionAction]) -> None:
+        """Rules 1 to 3: connect requests first, oldest first, then reruns."""
+        for request in _waiting(self._holders.values()):
+            worker: W = request.worker  # type: ignore[assignment]
+            if request.kind is RequestKind.RERUN:
+                self._answer_rerun(worker, request, actions)
+                continue
+            state = self._holders[worker]
+            want = state.open + state.connecting + 1
+            extra = max(0, want - self.committed[worker])
+            if extra <= max(self.room, 0):
+                self.committed[worker] = max(self.committed[worker], want)
+                self._answer(request, Answer.GRANTED, actions)
+            else:
+                self.blocked.append(worker)
+            self.room -= extra
+
+    def _answer_rerun(self, worker: W, request: Request, actions: list[AdmissionAction]) -> None:
+        """A rerun waits until it has the run to itself; meanwhile nothing new starts, so
+        the run drains towards that."""
+        if not self.draining and not self._others_busy(worker):
+            request.want = min(request.want, self._budget)  # it may have shrunk
+            self.committed[worker] = max(self.committed[worker], request.want)
+            self._answer(request, Answer.GRANTED, actions)
+        else:
+            self.blocked.append(worker)
+        self.draining = True
+
+    def _others_busy(self, worker: W) -> bool:
+        """Whether any other worker holds connections or runs an item."""
+        return any(
+            s.open > 0 or (s.granted and not s.requests)
+            for w, s in self._holders.items()
+            if w != worker
+        )
+
+    def give_goes(self, actions: list[AdmissionAction], first: W | None) -> None:
+        """Rule 4: waiting heads first, then ``first``'s queue, then by arrival; each
+        worker's queued items start in order while their expected needs fit."""
+        # Once something waits for room, nothing else starts unless it fits in what is
+        # left after that reservation, even within its worker's commitment: otherwise a
+        # worker streaming light items never lets its commitment drop.
+        # A budget lowered below what is committed (``set_budget``) holds every new go,
+        # even one within its worker's commitment, until commitments drop.
+        reserved = bool(self.blocked) or self.room < 0
+        for worker in _go_order(self._holders, first):
+            reserved = self._give_goes_to(worker, reserved, actions)
+
+    def _give_goes_to(self, worker: W, reserved: bool, actions: list[AdmissionAction]) -> bool:
+        """Goes for the worker's queued items while they fit; returns whether room is
+        reserved now (its head did not fit)."""
+        state = self._holders[worker]
+        while state.granted < len(state.queue) and not state.requests:
+            index = state.queue[state.granted]
+            raised = max(self.committed[worker], self._need_of(index))
+            extra = raised - self.committed[worker]
+            starts_now = state.granted == 0
+            if self._fits(extra, starts_now=starts_now, reserved=reserved):
+                if starts_now:
+                    state.waiting_since = 0
+                self.room -= extra
+                self.committed[worker] = raised
+                state.start(self._need_of(index))
+                actions.append(Go(worker, index))
+                continue
+            if starts_now:
+                self.room -= extra
+                if extra > 0 or self.room < 0:
+                    self.blocked.append(worker)
+                    reserved = True
+                    state.waiting_since = state.waiting_since or self._tick()
+            break
+        return reserved
+
+    def _fits(self, extra: int, *, starts_now: bool, reserved: bool) -> bool:
+        """Whether an item that raises its worker's commitment by ``extra`` may start:
+        with room reserved, only in what is left; else within its worker's commitment,
+        or in what is left when it is the worker's next item to start."""
+        if reserved:
+            return extra <= self.room
+        return extra == 0 or (starts_now and extra <= self.room)
+
+
+def _waiting(holders: Iterable[Holder]) -> list[Request]:
     """Connect requests first, oldest first: they come from running items, whose ending
     is what frees room; then reruns, which wait for the run to drain."""
     waiting = [r for s in holders for r in s.requests]
     return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
 
 
-def _go_order(holders: Mapping[W, _Holder], first: W | None) -> list[W]:
+def _go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:
     """Waiting heads first, oldest first; then ``first``, then by arrival."""
     return sorted(
         holders,
@@ -638,3 +436,16 @@ def _go_order(holders: Mapping[W, _Holder], first: W | None) -> list[W]:
             holders[w].order,
         ),
     )
+
+
+def _can_progress(holders: Mapping[W, Holder], blocked: list[W]) -> bool:
+    """Whether some worker will free room without help: it is running an item that waits
+    for nothing (its end frees room), or it is about to answer a request to release idle
+    connections."""
+    stuck = set(blocked)
+    for worker, state in holders.items():
+        if state.release_sent:
+            return True
+        if worker not in stuck and state.granted and not state.requests:
+            return True
+    return False

@@ -32,18 +32,16 @@ from pytest_poolaware.planning.admission import Go as Go
 from pytest_poolaware.planning.admission import Grant as Grant
 from pytest_poolaware.planning.admission import Overrun as Overrun
 from pytest_poolaware.planning.admission import Release as Release
-from pytest_poolaware.planning.admission import RequestKind as RequestKind
 from pytest_poolaware.planning.fanout import Placement
-from pytest_poolaware.planning.placement import ItemSpec as ItemSpec
-from pytest_poolaware.planning.placement import Lane as Lane
+from pytest_poolaware.planning.holders import RequestKind as RequestKind
+from pytest_poolaware.planning.lanes import ItemSpec as ItemSpec
+from pytest_poolaware.planning.lanes import Lane as Lane
+from pytest_poolaware.planning.lanes import lane_for as lane_for
 from pytest_poolaware.planning.placement import Order as Order
 from pytest_poolaware.planning.placement import Placer as Placer
 from pytest_poolaware.planning.placement import Send as Send
 from pytest_poolaware.planning.placement import Shutdown as Shutdown
-from pytest_poolaware.planning.placement import lane_for as lane_for
-from pytest_poolaware.shared.protocol import DEFAULT_BUDGET as DEFAULT_BUDGET
 from pytest_poolaware.shared.protocol import Answer as Answer
-from pytest_poolaware.shared.protocol import BudgetKey as BudgetKey
 
 W = TypeVar("W", bound=Hashable)
 
@@ -74,9 +72,8 @@ class Planner(Generic[W]):
     main thread; every method returns the actions to carry out, in order: placement's
     (``Send``, ``Shutdown``) first, then admission's (``Go``, ``Grant``, ``Release``).
 
-    Admission keeps one budget per ``BudgetKey``: the run's own (``DEFAULT_BUDGET``)
-    gates items and connects; any other (set with ``set_budget(..., key=...)``) gates
-    the connects that name it. A connect naming a budget never set is not gated.
+    One budget gates every item and connect: the run's own, the tightest room over the
+    logins read (``docs/design.md``, "Several logins"), which keeps every login safe.
     """
 
     def __init__(
@@ -84,14 +81,7 @@ class Planner(Generic[W]):
     ) -> None:
         self.unknown_need = unknown_need
         self._placer: Placer[W] = Placer(order=order)
-        self._admission: Admission[W] = Admission(
-            budget,
-            need_of=self.need_of,
-            blocked_elsewhere=self._blocked_elsewhere,
-            rerunning_elsewhere=self._rerunning,
-        )
-        #: Every budget by key, the run's own first.
-        self._budgets: dict[BudgetKey, Admission[W]] = {DEFAULT_BUDGET: self._admission}
+        self._admission: Admission[W] = Admission(budget, need_of=self.need_of)
         #: Peaks measured in this run, by item.
         self._needs: dict[int, int] = {}
         #: Workers admission knows: attached (side channel up) or added (collected).
@@ -125,8 +115,7 @@ class Planner(Generic[W]):
         if worker in self._attached:
             return
         self._attached.add(worker)
-        for admission in self._budgets.values():
-            admission.add_worker(worker)
+        self._admission.add_worker(worker)
 
     def add_worker(self, worker: W) -> list[Action]:
         """A worker is ready (initially, or replacing a crashed one)."""
@@ -148,53 +137,16 @@ class Planner(Generic[W]):
         )
         if worker in self._attached:
             self._attached.discard(worker)
-            for admission in self._budgets.values():
-                admission.remove_worker(worker)
+            self._admission.remove_worker(worker)
         return running, self._plan()
 
     def set_budget(
-        self,
-        budget: int,
-        *,
-        ceiling: int | None = None,
-        give_way: bool = False,
-        key: BudgetKey = DEFAULT_BUDGET,
+        self, budget: int, *, ceiling: int | None = None, give_way: bool = False
     ) -> list[Action]:
-        """The room changed mid-run, up or down: see ``Admission.set_budget``. A new
-        ``key`` starts gating the connects that name it from now on."""
-        admission = self._budgets.get(key)
-        if admission is None:
-            admission = self._budgets[key] = self._new_budget(budget)
-            admission.set_budget(budget, ceiling=ceiling, give_way=give_way)
-        elif not admission.set_budget(budget, ceiling=ceiling, give_way=give_way):
+        """The room changed mid-run, up or down: see ``Admission.set_budget``."""
+        if not self._admission.set_budget(budget, ceiling=ceiling, give_way=give_way):
             return []
         return self._plan()
-
-    def _new_budget(self, budget: int) -> Admission[W]:
-        """Another budget, gating connects only: it learns the workers' queues and goes."""
-        admission: Admission[W] = Admission(
-            budget,
-            need_of=lambda index: 0,
-            gates_items=False,
-            blocked_elsewhere=self._blocked_elsewhere,
-            rerunning_elsewhere=self._rerunning,
-        )
-        for worker in self._attached:
-            admission.add_worker(worker)
-            queue = self._admission.queue_of(worker)
-            admission.queued(worker, queue)
-            for index in queue[: self._admission.started_count(worker)]:
-                admission.started(worker, index)
-        return admission
-
-    def _blocked_elsewhere(self, worker: W) -> bool:
-        """Whether the worker waits on any budget: it frees nothing anywhere meanwhile."""
-        return any(a.has_requests(worker) for a in self._budgets.values())
-
-    def _rerunning(self, worker: W) -> bool:
-        """Whether some budget granted the worker's rerun: no budget refuses its connects
-        (a test refused once is rerun once, never failed for the budget)."""
-        return any(a.reruns(worker) for a in self._budgets.values())
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
@@ -218,36 +170,21 @@ class Planner(Generic[W]):
         *,
         released: bool = False,
         version: int | None = None,
-        key: BudgetKey = DEFAULT_BUDGET,
     ) -> list[Action]:
-        """Live connection counts measured inside a worker, of the connections ``key``
-        gates: see ``Admission.counts``."""
-        admission = self._budgets.get(key)
-        if admission is None or not admission.counts(
-            worker, open_, idle, released=released, version=version
-        ):
+        """Live connection counts measured inside a worker: see ``Admission.counts``."""
+        if not self._admission.counts(worker, open_, idle, released=released, version=version):
             return []
         return self._plan()
 
-    def counts_changed(
-        self,
-        worker: W,
-        open_: int,
-        idle: int,
-        version: int | None = None,
-        key: BudgetKey = DEFAULT_BUDGET,
-    ) -> bool:
+    def counts_changed(self, worker: W, open_: int, idle: int, version: int | None = None) -> bool:
         """Whether these counts are news (most items end with the counts they began with)."""
-        admission = self._budgets.get(key)
-        return admission is not None and admission.counts_changed(worker, open_, idle, version)
+        return self._admission.counts_changed(worker, open_, idle, version)
 
     def completed(
         self, worker: W, index: int, *, need: int | None = None, duration: float | None = None
     ) -> list[Action]:
         """The worker finished an item; ``need`` is its measured peak, if measured."""
         self._admission.completed(worker, index, need=need)
-        for admission in self._others():
-            admission.completed(worker, index)
         self._placer.complete(worker, index)
         if need is not None:
             self._needs[index] = need
@@ -265,9 +202,7 @@ class Planner(Generic[W]):
         worker nothing. A completion only frees room, and nobody wants room, so
         ``_plan`` would return no action.
         """
-        return self._placer.settled_after_completion(worker) and all(
-            a.settled() for a in self._budgets.values()
-        )
+        return self._placer.settled_after_completion(worker) and self._admission.settled()
 
     def request(
         self,
@@ -277,20 +212,12 @@ class Planner(Generic[W]):
         *,
         item: int | None = None,
         background: bool = False,
-        key: BudgetKey = DEFAULT_BUDGET,
     ) -> list[Action]:
         """Item ``item`` of a worker is blocked until it may hold one more connection, or,
-        with ``want``, that many (to rerun an item that hit the server's limit), of the
-        budget ``key``. ``background``: a pool's own connect, which is never refused."""
-        admission = self._budgets.get(key)
-        if admission is None:  # no such budget: nothing to wait for
-            return [Grant(worker, request)] if worker in self._attached else []
-        if not admission.request(worker, request, want, item=item, background=background):
+        with ``want``, that many (to rerun an item that hit the server's limit).
+        ``background``: a pool's own connect, which is never refused."""
+        if not self._admission.request(worker, request, want, item=item, background=background):
             return []
-        if want is not None:
-            for other in self._budgets.values():
-                if other is not admission:
-                    other.attempt_over(worker)
         return self._plan()
 
     # -- queries ------------------------------------------------------------------------
@@ -307,15 +234,10 @@ class Planner(Generic[W]):
     def placement(self) -> Placement:
         return self._placer.placement
 
-    def budget_of(self, key: BudgetKey) -> int | None:
-        """The budget ``key`` now (None: never set)."""
-        admission = self._budgets.get(key)
-        return None if admission is None else admission.budget
-
     @property
     def overruns(self) -> list[Overrun]:
-        """Items let past a budget, the run's own budget's first."""
-        return [o for a in self._budgets.values() for o in a.overruns]
+        """Items let past the budget."""
+        return list(self._admission.overruns)
 
     @property
     def loaded(self) -> bool:
@@ -388,45 +310,7 @@ class Planner(Generic[W]):
             self._placer.fill(placed)
         for action in placed:
             if isinstance(action, Send):
-                for admission in self._budgets.values():
-                    admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
+                self._admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
-        others = self._others()
-        if others:
-            # Every budget answers what fits before any breaks a wait: a worker waiting on
-            # another budget that has room for it is not blocked there.
-            self._admit(admitted, others, relieve=False)
-        self._admit(admitted, others, relieve=True)
-        if others:
-            admitted = _one_release_per_worker(admitted)
+        self._admission.admit(admitted, first=self._placer.serial_worker)
         return [*placed, *admitted]
-
-    def _admit(
-        self, admitted: list[Go | Grant | Release], others: list[Admission[W]], *, relieve: bool
-    ) -> None:
-        """The run's own budget gives goes and grants, then the others learn the goes and
-        grant connects."""
-        start = len(admitted)
-        self._admission.admit(admitted, first=self._placer.serial_worker, relieve=relieve)
-        goes = [a for a in admitted[start:] if isinstance(a, Go)]
-        for admission in others:
-            for go in goes:
-                admission.started(go.worker, go.index)  # type: ignore[arg-type]
-            admission.admit(admitted, relieve=relieve)
-
-    def _others(self) -> list[Admission[W]]:
-        """The budgets other than the run's own."""
-        return [a for key, a in self._budgets.items() if key != DEFAULT_BUDGET]
-
-
-def _one_release_per_worker(actions: list[Go | Grant | Release]) -> list[Go | Grant | Release]:
-    """One release asks a worker for the idle connections of every budget."""
-    asked: set[Hashable] = set()
-    kept: list[Go | Grant | Release] = []
-    for action in actions:
-        if isinstance(action, Release):
-            if action.worker in asked:
-                continue
-            asked.add(action.worker)
-        kept.append(action)
-    return kept

@@ -159,12 +159,12 @@ class FanoutPool(Generic[W]):
             while start > lowest and taken < reserve:
                 start -= 1
                 taken += self.seconds[items[start]]
-            start = self._boundary_near(items, start, lowest, len(items))
+            start = boundary_near(self.groups, items, start, lowest, len(items))
             if start < len(items):
                 tail = deque(items[start:])
                 ranges.append(self._range(tail, reserved=True))
                 items = items[:start]
-        parts = self._cut(items, len(owners))
+        parts = cut_evenly(items, len(owners), self.seconds, self.groups)
         for owner, part in zip(owners, parts, strict=True):
             owned = self._range(deque(part), owner=owner)
             ranges.append(owned)
@@ -272,7 +272,7 @@ class FanoutPool(Generic[W]):
         while start > lowest and (taken < wanted or start == len(items)):
             start -= 1
             taken += self.seconds[items[start]]
-        return min(self._boundary_near(items, start, lowest, len(items)), len(items) - 1)
+        return min(boundary_near(self.groups, items, start, lowest, len(items)), len(items) - 1)
 
     def _give(self, source: _Range, start: int, worker: W) -> _Range:
         """Move ``source.items[start:]`` into a new range owned by ``worker``."""
@@ -290,34 +290,39 @@ class FanoutPool(Generic[W]):
         self._owned[worker] = taken
         return taken
 
-    def _cut(self, items: list[int], parts: int) -> list[list[int]]:
-        """``parts`` contiguous pieces of about equal expected seconds."""
-        total = sum(self.seconds[i] for i in items)
-        cuts = [0]
-        running, position = 0.0, 0
-        for part in range(1, parts):
-            goal = total * part / parts
-            # A test goes to the range its middle falls in.
-            while position < len(items) and running + self.seconds[items[position]] / 2 <= goal:
-                running += self.seconds[items[position]]
-                position += 1
-            cut = self._boundary_near(items, position, cuts[-1], len(items))
-            cuts.append(max(cut, cuts[-1]))
-            running = sum(self.seconds[i] for i in items[: cuts[-1]])
-            position = cuts[-1]
-        cuts.append(len(items))
-        return [items[a:b] for a, b in itertools.pairwise(cuts)]
 
-    def _boundary_near(self, items: Sequence[int], cut: int, low: int, high: int) -> int:
-        """The module boundary nearest ``cut`` within the slack, else ``cut``."""
-        slack = int((high - low) * BOUNDARY_SLACK)
-        for distance in range(slack + 1):
-            for position in (cut - distance, cut + distance):
-                if low < position < high and (
-                    self.groups[items[position - 1]] != self.groups[items[position]]
-                ):
-                    return position
-        return cut
+def cut_evenly(
+    items: list[int], parts: int, seconds: Sequence[float], groups: Sequence[str]
+) -> list[list[int]]:
+    """``parts`` contiguous pieces of ``items`` of about equal expected ``seconds``, each
+    cut moved to a module boundary (``groups``) where one is near."""
+    total = sum(seconds[i] for i in items)
+    cuts = [0]
+    running, position = 0.0, 0
+    for part in range(1, parts):
+        goal = total * part / parts
+        # A test goes to the range its middle falls in.
+        while position < len(items) and running + seconds[items[position]] / 2 <= goal:
+            running += seconds[items[position]]
+            position += 1
+        cut = boundary_near(groups, items, position, cuts[-1], len(items))
+        cuts.append(max(cut, cuts[-1]))
+        running = sum(seconds[i] for i in items[: cuts[-1]])
+        position = cuts[-1]
+    cuts.append(len(items))
+    return [items[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+def boundary_near(
+    groups: Sequence[str], items: Sequence[int], cut: int, low: int, high: int
+) -> int:
+    """The module boundary (between ``groups``) nearest ``cut`` within the slack, else ``cut``."""
+    slack = int((high - low) * BOUNDARY_SLACK)
+    for distance in range(slack + 1):
+        for position in (cut - distance, cut + distance):
+            if low < position < high and groups[items[position - 1]] != groups[items[position]]:
+                return position
+    return cut
 
 
 def expected_seconds(durations: Sequence[float | None]) -> list[float]:

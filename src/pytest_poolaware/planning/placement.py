@@ -2,13 +2,11 @@
 
 Pure logic with no xdist or database imports. It decides what is handed to each worker
 and when a worker gets no more; whether a handed-out item may start is admission's
-(``admission``). The fan-out's ranges are ``fanout``'s.
+(``admission``). What is not handed out yet, as units, is ``lanes``'s; the fan-out's
+ranges are ``fanout``'s.
 
-Placement hands out *units*: an item, or all the items of one ``xdist_group`` (in
-collection order), which go to one worker in one batch and run there one after the
-other. A unit stands at the place of its first item (its *head*): the lanes and the
-fan-out's ranges hold heads, watermarks compare heads, so each worker runs its units
-in collection order.
+Each worker has a *watermark*: the head of the last unit handed to it. It is handed only
+units above it, so it runs its units in collection order.
 """
 
 from __future__ import annotations
@@ -16,10 +14,11 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pytest_poolaware.planning.fanout import FanoutPool, Placement, expected_seconds
+from pytest_poolaware.planning.fanout import Placement
+from pytest_poolaware.planning.lanes import ItemSpec, Lane, Lanes
 
 W = TypeVar("W", bound=Hashable)
 
@@ -50,29 +49,6 @@ class Order(enum.Enum):
     DURATION = "duration"
 
 
-class Lane(enum.Enum):
-    """Where an item runs: the single serial lane, or anywhere in the fan-out."""
-
-    SERIAL = "serial"
-    FANOUT = "fanout"
-
-
-@dataclass(frozen=True)
-class ItemSpec:
-    """What the core knows of one collected item."""
-
-    lane: Lane
-    #: Peak connections checked out at once, measured by an earlier run; None if unknown.
-    need: int | None = None
-    #: Seconds it took in an earlier run; None if unknown.
-    duration: float | None = None
-    #: Items sharing expensive fixtures (a module): kept together and in order.
-    group: str = ""
-    #: The item's ``xdist_group`` name ("": none): the items of one name run on one
-    #: worker, in collection order, one after the other (a unit, see above).
-    xdist_group: str = ""
-
-
 @dataclass(frozen=True)
 class Send:
     """Send these items to the worker (xdist ``runtests``)."""
@@ -92,9 +68,11 @@ PlacementAction = Send | Shutdown
 
 
 @dataclass
-class _Seat:
-    """One worker as placement sees it: what it holds and how far it has got."""
+class _Seat(Generic[W]):
+    """One worker as placement sees it: what it holds, how far it has got, and how it
+    takes work from the lanes."""
 
+    worker: W
     order: int
     #: Items sent to it and not completed yet, in run order.
     queue: deque[int] = field(default_factory=deque)
@@ -103,15 +81,14 @@ class _Seat:
     #: items above this, so it runs its tests in collection order.
     watermark: int = -1
 
-    def hand_out(self, indices: list[int], returned: set[int], heads: Sequence[int]) -> None:
-        """Queue items and raise the watermark past their units' heads (``returned``
-        items aside)."""
+    def hand_out(self, indices: list[int], lanes: Lanes[W]) -> None:
+        """Queue items and raise the watermark past their units' heads (returned items
+        aside)."""
         if not indices:
             return
         self.queue.extend(indices)
-        self.watermark = max(
-            self.watermark, max((heads[i] for i in indices if i not in returned), default=-1)
-        )
+        heads = (lanes.heads[i] for i in indices if i not in lanes.returned)
+        self.watermark = max(self.watermark, max(heads, default=-1))
 
     def next_batch(
         self, tests: Sequence[ItemSpec], target: int, pop: Callable[[], Sequence[int] | None]
@@ -132,6 +109,47 @@ class _Seat:
             seconds += sum(tests[i].duration or 0.0 for i in unit)
         return batch
 
+    def pop_fanout(
+        self,
+        lanes: Lanes[W],
+        *,
+        before: int | None = None,
+        reserved: bool = False,
+        alone: bool = False,
+    ) -> tuple[int, ...] | None:
+        """Its next fan-out unit, its watermark raised past it at once (a dry worker picks
+        its next range above the items it is being handed right now)."""
+        index = lanes.fanout.pop(
+            self.worker, self.watermark, before=before, reserved=reserved, alone=alone
+        )
+        if index is None:
+            return None
+        if index > self.watermark and index not in lanes.returned:
+            self.watermark = index
+        return lanes.take(index)
+
+    def take_in_order(self, lanes: Lanes[W]) -> list[int]:
+        """A batch from both lanes merged in collection order (for a worker alone)."""
+
+        def pop() -> tuple[int, ...] | None:
+            head = lanes.serial[0] if lanes.serial else None
+            unit = self.pop_fanout(lanes, before=head, alone=True)
+            return lanes.pop_serial() if unit is None else unit
+
+        pending = len(lanes.serial) + len(lanes.fanout)
+        return self.next_batch(lanes.tests, queue_target(pending, 1), pop)
+
+    def take_follower(self, lanes: Lanes[W]) -> list[int]:
+        """Fan-out units behind its serial items until it holds ``MIN_QUEUE`` items, so
+        that its last serial item can start (before every worker is in)."""
+        more: list[int] = []
+        while len(self.queue) + len(more) < MIN_QUEUE:
+            unit = self.pop_fanout(lanes)
+            if unit is None:
+                break
+            more.extend(unit)
+        return more
+
 
 class Placer(Generic[W]):
     """Hands the collection out to workers: the serial lane to one worker at a time, the
@@ -141,29 +159,16 @@ class Placer(Generic[W]):
     def __init__(self, *, order: Order = Order.COLLECTION) -> None:
         self.order = order
         self.placement = Placement.RANGES if order is Order.COLLECTION else Placement.SHARED
-        self.tests: list[ItemSpec] = []
-        self._seconds: list[float] = []
-        #: The head of each item's unit (itself, unless it is in an ``xdist_group``).
-        self._heads: list[int] = []
-        #: The items of each unit of more than one item not handed out yet, by head.
-        self._units: dict[int, tuple[int, ...]] = {}
+        self._lanes: Lanes[W] = Lanes(placement=self.placement)
         self.learned = 0
         #: The worker the end of the collection was kept for when the fan-out was cut.
         self._reserved_for: W | None = None
         self._loaded = False
-        self._serial: deque[int] = deque()
-        self._fanout: FanoutPool[W] = FanoutPool((), seconds=(), groups=())
-        self._workers: dict[W, _Seat] = {}
+        self._workers: dict[W, _Seat[W]] = {}
         self._serial_worker: W | None = None
         self._fanout_open = True
         self._early_serial = False
         self.completed: set[int] = set()
-        #: Items a crashed worker held, or requeued: they go to whoever takes work next,
-        #: below its watermark maybe, as with ``load``.
-        self._returned: set[int] = set()
-        #: Items handed out below a watermark because no worker could take them in order
-        #: (see ``_hand_back_stranded``): the order guarantee's last exemption.
-        self.out_of_order: set[int] = set()
         self._counter = 0
 
     # -- inputs -------------------------------------------------------------------------
@@ -172,32 +177,12 @@ class Placer(Generic[W]):
         """Take the collection (once); see ``core.Planner.load``."""
         assert not self._loaded, "collection loaded twice"
         self._loaded = True
-        self.tests = whole_groups_in_one_lane(tests)
-        self._heads = list(range(len(tests)))
-        for members in xdist_groups(self.tests):
-            self._units[members[0]] = members
-            for index in members:
-                self._heads[index] = members[0]
-        heads = [i for i in range(len(tests)) if self._heads[i] == i]
-        self._serial = deque(i for i in heads if self.tests[i].lane is Lane.SERIAL)
-        first = self.tests[self._serial[0]].duration if self._serial else None
+        self._lanes = Lanes(tests, placement=self.placement)
+        serial = self._lanes.serial
+        first = self._lanes.tests[serial[0]].duration if serial else None
         self._fanout_open = fanout_open
         self._early_serial = first is not None and first >= EARLY_START_SECONDS
-        fanout = [i for i in heads if self.tests[i].lane is Lane.FANOUT]
-        if self.order is Order.DURATION:
-            fanout = longest_groups_first(self.tests, fanout, self._members)
-        self._seconds = expected_seconds([t.duration for t in tests])
         self.learned = sum(t.duration is not None for t in tests)
-        # A unit counts at its head for the whole of its expected seconds.
-        unit_seconds = list(self._seconds)
-        for head, members in self._units.items():
-            unit_seconds[head] = sum(self._seconds[i] for i in members)
-        self._fanout = FanoutPool(
-            fanout,
-            seconds=unit_seconds,
-            groups=[t.group for t in self.tests],
-            placement=self.placement,
-        )
 
     def open_fanout(self) -> None:
         self._fanout_open = True
@@ -205,7 +190,7 @@ class Placer(Generic[W]):
     def add_worker(self, worker: W) -> None:
         assert worker not in self._workers
         self._counter += 1
-        self._workers[worker] = _Seat(order=self._counter)
+        self._workers[worker] = _Seat(worker, order=self._counter)
 
     def remove_worker(self, worker: W, *, crashed: bool = True) -> int | None:
         """A worker is gone; returns the item it was running, if it crashed mid-item
@@ -218,38 +203,9 @@ class Placer(Generic[W]):
             running = state.queue.popleft()
             self.completed.add(running)
         if state.queue:
-            self._returned.update(state.queue)
-            serial = [i for i in state.queue if self.tests[i].lane is Lane.SERIAL]
-            self._serial.extendleft(reversed(self._units_of(serial)))
-            fanout = [i for i in state.queue if self.tests[i].lane is Lane.FANOUT]
-            self._fanout.give_back(self._units_of(fanout))
-        self._fanout.release(worker)
+            self._lanes.give_back(list(state.queue))
+        self._lanes.fanout.release(worker)
         return running
-
-    def _units_of(self, indices: Sequence[int]) -> list[int]:
-        """Items going back (a crashed worker's): the rest of each group as one unit, so
-        it goes whole to the next worker; the heads, in order."""
-        units: dict[str, list[int]] = {}
-        heads: list[int] = []
-        for index in indices:
-            name = self.tests[index].xdist_group
-            if name and name in units:
-                units[name].append(index)
-                continue
-            heads.append(index)
-            if name:
-                units[name] = [index]
-        for members in units.values():
-            self._units[members[0]] = tuple(members)
-        return heads
-
-    def _members(self, head: int) -> tuple[int, ...]:
-        """The items of the unit at ``head`` (not handed out yet)."""
-        return self._units.get(head, (head,))
-
-    def _take_unit(self, head: int) -> tuple[int, ...]:
-        """The items of the unit at ``head``, as it is handed out."""
-        return self._units.pop(head, (head,))
 
     def shut_down(self, worker: W) -> None:
         """The worker was told to shut down by someone else (xdist stopping the run)."""
@@ -260,11 +216,7 @@ class Placer(Generic[W]):
     def requeue(self, index: int) -> None:
         """Run an item again (xdist ``mark_test_pending``, used by crash handlers)."""
         self.completed.discard(index)
-        self._returned.add(index)
-        if self.tests[index].lane is Lane.SERIAL:
-            self._serial.appendleft(index)
-        else:
-            self._fanout.give_back([index])
+        self._lanes.requeue(index)
 
     def complete(self, worker: W, index: int) -> None:
         """The worker finished an item."""
@@ -273,7 +225,7 @@ class Placer(Generic[W]):
 
     def learn(self, index: int, *, need: int, duration: float) -> None:
         """What an item measured in this run, for the batches that follow."""
-        self.tests[index] = replace(self.tests[index], need=need, duration=duration)
+        self._lanes.learn(index, need=need, duration=duration)
 
     def settled_after_completion(self, worker: W) -> bool:
         """Whether a completion leaves placement nothing to do: the hot path of big suites.
@@ -282,9 +234,10 @@ class Placer(Generic[W]):
         ``_take_fanout`` would not refill it and the serial lane needs no new worker.
         """
         state = self._workers[worker]
+        fanout = self._lanes.fanout
         if (
             worker == self._serial_worker
-            or not self._fanout
+            or not fanout
             or not self._fanout_open
             or len(state.queue) < MIN_QUEUE
         ):
@@ -297,14 +250,20 @@ class Placer(Generic[W]):
         if len(state.queue) <= self._fanout_target(worker, sharing) // 2:
             return False  # ``_take_fanout`` would refill it
         return not (
-            self._serial
-            and (
-                serial is None
-                or not any(self.tests[i].lane is Lane.SERIAL for i in self._workers[serial].queue)
-            )
+            self._lanes.serial and (serial is None or not self._holds_serial(serial))
         )  # else the serial lane may be (re)assigned
 
     # -- queries ------------------------------------------------------------------------
+
+    @property
+    def tests(self) -> list[ItemSpec]:
+        """What is known of each collected item (measured in this run, once it is)."""
+        return self._lanes.tests
+
+    @property
+    def out_of_order(self) -> set[int]:
+        """Items handed out below a watermark because no worker could take them in order."""
+        return self._lanes.out_of_order
 
     @property
     def loaded(self) -> bool:
@@ -318,20 +277,15 @@ class Placer(Generic[W]):
     @property
     def has_pending(self) -> bool:
         """Items not yet completed: pending in a lane or queued on a worker."""
-        return bool(self._serial or self._fanout or any(s.queue for s in self._workers.values()))
+        return bool(self._lanes) or any(s.queue for s in self._workers.values())
 
     @property
     def pending_serial(self) -> int:
-        return len(self._serial) + self._grouped_beyond_heads(Lane.SERIAL)
+        return self._lanes.pending(Lane.SERIAL)
 
     @property
     def pending_fanout(self) -> int:
-        return len(self._fanout) + self._grouped_beyond_heads(Lane.FANOUT)
-
-    def _grouped_beyond_heads(self, lane: Lane) -> int:
-        """Items of the lane's pending units besides their heads (cheap: the run's share
-        asks after every decision)."""
-        return sum(len(m) - 1 for head, m in self._units.items() if self.tests[head].lane is lane)
+        return self._lanes.pending(Lane.FANOUT)
 
     @property
     def in_flight(self) -> int:
@@ -340,8 +294,7 @@ class Placer(Generic[W]):
     def unfinished(self) -> list[int]:
         """Items neither completed nor returned as crashed, in collection order."""
         queued = (i for s in self._workers.values() for i in s.queue)
-        pending = (i for head in (*self._serial, *self._fanout) for i in self._members(head))
-        return sorted({*pending, *queued})
+        return sorted({*self._lanes.pending_items(), *queued})
 
     @property
     def workers(self) -> list[W]:
@@ -351,92 +304,89 @@ class Placer(Generic[W]):
     def is_shut(self, worker: W) -> bool:
         return self._workers[worker].shut
 
+    def _holds_serial(self, worker: W) -> bool:
+        """Whether the worker holds a serial item."""
+        tests = self._lanes.tests
+        return any(tests[i].lane is Lane.SERIAL for i in self._workers[worker].queue)
+
     # -- decisions ----------------------------------------------------------------------
 
     def fill(self, actions: list[PlacementAction]) -> None:
         """Top up the workers' queues; shut down those with nothing left."""
         if not self._loaded or not (self._fanout_open or self._early_serial):
             return
+        lanes = self._lanes
         serial_worker = self._serial_worker = _serial_lane_worker(
-            self.tests, self._serial, self._serial_worker, self._workers
+            lanes.tests, lanes.serial, self._serial_worker, self._workers
         )
         # Serial items back in the lane (a crashed one rerun) that their worker, shut down
         # meanwhile, cannot take: keep the others up, one of them takes the lane over.
-        orphaned = bool(self._serial) and (
+        orphaned = bool(lanes.serial) and (
             serial_worker is None or self._workers[serial_worker].shut
         )
         live = [w for w, s in self._workers.items() if not s.shut]
-        fanout_workers = [w for w in live if w != serial_worker] or live
-        # A worker alone in the run has no one to leave the earlier fan-out items to: it
-        # runs both lanes in collection order.
-        alone = self._fanout_open and len(live) == 1 and self.order is Order.COLLECTION
-        if self._fanout_open and live and not self._fanout.split_done:
+        sharing = len([w for w in live if w != serial_worker] or live)
+        if self._fanout_open and live and not lanes.fanout.split_done:
             self._split(serial_worker, live)
         for worker in live:
             state = self._workers[worker]
             serial_lane = worker == serial_worker
-            if serial_lane and self._serial:
-                batch = (
-                    self._take_in_order(worker, state)
-                    if alone
-                    else state.next_batch(
-                        self.tests, queue_target(len(self._serial), 1), self._pop_serial
-                    )
-                )
-            else:
-                batch = []
-            state.hand_out(batch, self._returned, self._heads)
-            if not (serial_lane and self._serial):
+            batch = self._serial_batch(state, alone=len(live) == 1) if serial_lane else []
+            state.hand_out(batch, lanes)
+            in_fanout = not (serial_lane and lanes.serial)
+            if in_fanout:
                 # The fan-out; the serial worker joins it once the serial lane is handed
-                # out, in the same pass, so that it never holds a single item. Before
-                # every worker is in, it takes only what lets its last serial item start.
-                if self._fanout_open:
-                    sharing = len(live) if serial_lane else len(fanout_workers)
-                    reserved = serial_lane or worker == self._reserved_for
-                    more = self._take_fanout(worker, state, sharing, reserved)
-                elif serial_lane:
-                    more = []
-                    while len(state.queue) + len(more) < MIN_QUEUE:
-                        unit = self._pop_fanout(worker, state)
-                        if unit is None:
-                            break
-                        more.extend(unit)
-                else:
-                    more = []
-                state.hand_out(more, self._returned, self._heads)
-                batch += more
-                if (
-                    self._fanout_open
-                    and not self._fanout.has_for(worker, state.watermark)
-                    and self._hand_back_stranded()
-                ):
-                    more = self._take_fanout(worker, state, len(live), reserved=True)
-                    state.hand_out(more, self._returned, self._heads)
-                    batch += more
+                # out, in the same pass, so that it never holds a single item.
+                batch += self._fanout_batch(state, serial_lane, sharing=sharing, live=len(live))
             if batch:
                 actions.append(Send(worker, tuple(batch)))
-            if (
-                not (serial_lane and self._serial)
-                and not orphaned
-                and not self._fanout.has_for(worker, state.watermark)
-            ):
+            if in_fanout and not orphaned and not lanes.fanout.has_for(worker, state.watermark):
                 # Nothing left for it: shut down now, even right after a batch, since
                 # xdist starts an item only once it holds the next one or a shutdown.
                 state.shut = True
                 actions.append(Shutdown(worker))
 
+    def _serial_batch(self, state: _Seat[W], *, alone: bool) -> list[int]:
+        """The serial lane's next batch for its worker. A worker alone in the run has no
+        one to leave the earlier fan-out items to: it runs both lanes in collection order."""
+        lanes = self._lanes
+        if not lanes.serial:
+            return []
+        if alone and self._fanout_open and self.order is Order.COLLECTION:
+            return state.take_in_order(lanes)
+        return state.next_batch(lanes.tests, queue_target(len(lanes.serial), 1), lanes.pop_serial)
+
+    def _fanout_batch(
+        self, state: _Seat[W], serial_lane: bool, *, sharing: int, live: int
+    ) -> list[int]:
+        """Fan-out units for a worker, handed out to it: a share among the ``sharing``
+        fan-out workers (among all ``live`` ones, for the serial lane's worker). Before
+        every worker is in, the serial lane's worker takes only what lets its last serial
+        item start."""
+        worker, lanes = state.worker, self._lanes
+        if self._fanout_open:
+            reserved = serial_lane or worker == self._reserved_for
+            batch = self._take_fanout(state, live if serial_lane else sharing, reserved)
+        elif serial_lane:
+            batch = state.take_follower(lanes)
+        else:
+            batch = []
+        state.hand_out(batch, lanes)
+        if (
+            self._fanout_open
+            and not lanes.fanout.has_for(worker, state.watermark)
+            and self._hand_back_stranded()
+        ):
+            more = self._take_fanout(state, live, reserved=True)
+            state.hand_out(more, lanes)
+            batch += more
+        return batch
+
     def _hand_back_stranded(self) -> bool:
-        """Fan-out items that no live worker can take in collection order (every one has
-        run past them) go back as a crashed worker's do, to be run out of order rather
-        than never (xdist would end the run with them pending). Whether any did."""
-        lowest = min((s.watermark for s in self._workers.values() if not s.shut), default=None)
-        if lowest is None or not self._fanout.in_order:
-            return False
-        stranded = self._fanout.hand_back_through(lowest)
-        items = [i for head in stranded for i in self._members(head)]
-        self._returned.update(items)
-        self.out_of_order.update(items)
-        return bool(stranded)
+        """Fan-out items that no live worker can take in collection order go back, to be
+        run out of order rather than never (``Lanes.hand_back_stranded``)."""
+        live = [s.watermark for s in self._workers.values() if not s.shut]
+        return self._lanes.hand_back_stranded(min(live, default=None))
 
     def _split(self, serial_worker: W | None, live: list[W]) -> None:
         """Cut the fan-out into one range per fan-out worker that has run nothing yet.
@@ -453,71 +403,41 @@ class Placer(Generic[W]):
             owners = [w for w in order if self._workers[w].watermark < 0]
         ahead = [w for w in order if w not in owners]
         reserve, after = 0.0, -1
+        lanes = self._lanes
         if ahead and owners:
             state = self._workers[ahead[0]]
-            lane = list(self._serial) if ahead[0] == serial_worker else []
-            members = [i for head in lane for i in self._members(head)]
-            held = sum(self._seconds[i] for i in [*members, *state.queue])
-            fanout = sum(self._seconds[i] for head in self._fanout for i in self._members(head))
-            share = (held + fanout) / (len(owners) + 1)
+            lane = list(lanes.serial) if ahead[0] == serial_worker else []
+            members = [i for head in lane for i in lanes.members(head)]
+            held = sum(lanes.seconds[i] for i in [*members, *state.queue])
+            share = (held + lanes.seconds_of(lanes.fanout)) / (len(owners) + 1)
             reserve = max(0.0, share - held)
             after = max([state.watermark, *lane])
             self._reserved_for = ahead[0]
-        self._fanout.split(owners, reserve=reserve, reserve_after=after)
+        lanes.fanout.split(owners, reserve=reserve, reserve_after=after)
 
-    def _pop_fanout(
-        self,
-        worker: W,
-        state: _Seat,
-        *,
-        before: int | None = None,
-        reserved: bool = False,
-        alone: bool = False,
-    ) -> tuple[int, ...] | None:
-        """The worker's next fan-out unit, its watermark raised past it at once (a dry
-        worker picks its next range above the items it is being handed right now)."""
-        index = self._fanout.pop(
-            worker, state.watermark, before=before, reserved=reserved, alone=alone
-        )
-        if index is None:
-            return None
-        if index > state.watermark and index not in self._returned:
-            state.watermark = index
-        return self._take_unit(index)
-
-    def _pop_serial(self) -> tuple[int, ...] | None:
-        return self._take_unit(self._serial.popleft()) if self._serial else None
-
-    def _take_in_order(self, worker: W, state: _Seat) -> list[int]:
-        """A batch from both lanes merged in collection order (for a worker alone)."""
-
-        def pop() -> tuple[int, ...] | None:
-            head = self._serial[0] if self._serial else None
-            unit = self._pop_fanout(worker, state, before=head, alone=True)
-            return self._pop_serial() if unit is None else unit
-
-        pending = len(self._serial) + len(self._fanout)
-        return state.next_batch(self.tests, queue_target(pending, 1), pop)
-
-    def _take_fanout(self, worker: W, state: _Seat, sharing: int, reserved: bool) -> list[int]:
+    def _take_fanout(self, state: _Seat[W], sharing: int, reserved: bool) -> list[int]:
         """Fan-out items to add to a worker's queue (``reserved``: it may claim the range
         kept for the serial lane's worker)."""
         return state.next_batch(
-            self.tests,
-            self._fanout_target(worker, sharing),
-            lambda: self._pop_fanout(worker, state, reserved=reserved),
+            self._lanes.tests,
+            self._fanout_target(state.worker, sharing),
+            lambda: state.pop_fanout(self._lanes, reserved=reserved),
         )
 
     def _fanout_target(self, worker: W, sharing: int) -> int:
         """Queue length aimed at: a share of the worker's own range (ranges), or of the
         whole fan-out among the workers sharing it (shared)."""
-        if self._fanout.in_order:
-            return queue_target(self._fanout.own_pending(worker), 1)
-        return queue_target(len(self._fanout), sharing)
+        fanout = self._lanes.fanout
+        if fanout.in_order:
+            return queue_target(fanout.own_pending(worker), 1)
+        return queue_target(len(fanout), sharing)
 
 
 def _serial_lane_worker(
-    tests: Sequence[ItemSpec], serial: Sequence[int], current: W | None, seats: Mapping[W, _Seat]
+    tests: Sequence[ItemSpec],
+    serial: Sequence[int],
+    current: W | None,
+    seats: Mapping[W, _Seat[W]],
 ) -> W | None:
     """The worker to run the serial lane (``serial``: its items not handed out yet): it
     keeps its worker; a new one is picked when it is gone."""
@@ -544,47 +464,3 @@ def _serial_lane_worker(
 def queue_target(pending: int, sharing: int) -> int:
     """Queue length aimed at for ``pending`` items shared by ``sharing`` workers."""
     return max(MIN_QUEUE, min(MAX_QUEUE, pending // (max(1, sharing) * QUEUE_SPLIT)))
-
-
-def longest_groups_first(
-    tests: Sequence[ItemSpec],
-    heads: list[int],
-    members: Callable[[int], Sequence[int]] = lambda head: (head,),
-) -> list[int]:
-    """Whole groups (modules: units by their head's module) in order of total duration,
-    unmeasured ones first, each in collection order: long work starts early, and module
-    fixtures are set up once per worker rather than once per item."""
-    groups: dict[str, list[int]] = {}
-    for head in heads:
-        groups.setdefault(tests[head].group, []).append(head)
-
-    def weight(module: list[int]) -> tuple[bool, float]:
-        durations = [tests[i].duration for head in module for i in members(head)]
-        return (None not in durations, -sum(d or 0.0 for d in durations))
-
-    return [head for module in sorted(groups.values(), key=weight) for head in module]
-
-
-def xdist_groups(tests: Sequence[ItemSpec]) -> list[tuple[int, ...]]:
-    """The items of each ``xdist_group`` of more than one item, in collection order."""
-    groups: dict[str, list[int]] = {}
-    for index, test in enumerate(tests):
-        if test.xdist_group:
-            groups.setdefault(test.xdist_group, []).append(index)
-    return [tuple(members) for members in groups.values() if len(members) > 1]
-
-
-def whole_groups_in_one_lane(tests: Sequence[ItemSpec]) -> list[ItemSpec]:
-    """An ``xdist_group`` with an item in the serial lane runs in the serial lane whole:
-    on the serial lane's worker, one test at a time, so the serial lane's items still
-    never overlap one another (see ``docs/design.md``, "Groups")."""
-    serial = {t.xdist_group for t in tests if t.xdist_group and t.lane is Lane.SERIAL}
-    return [replace(t, lane=Lane.SERIAL) if t.xdist_group in serial else t for t in tests]
-
-
-def lane_for(*, serial: bool, parallel: bool, measured: bool, unmarked_serial: bool) -> Lane:
-    """The lane of one item: ``serial_only`` items, and with the ``serial`` policy the
-    unmarked items not measured yet, run in the serial lane; the rest fan out."""
-    if serial or (unmarked_serial and not parallel and not measured):
-        return Lane.SERIAL
-    return Lane.FANOUT

@@ -11,7 +11,9 @@ Three routes (``docs/design.md``, "Protocol"):
 On the wire a message is a dict of plain values that execnet can serialize: its fields
 by name, ``kind`` and the protocol version ``v``. A reader ignores fields it does not
 know and lets missing fields take their defaults, so fields may be added without a new
-version; anything else that changes (a field's meaning, a field removed) needs one.
+version, and a field may be dropped that every writer only ever sent at its default (the
+reader fills in the same); anything else that changes (a field's meaning, any other field
+removed) needs one.
 """
 
 from __future__ import annotations
@@ -30,13 +32,6 @@ KIND: Final = "kind"
 VERSION: Final = "v"
 
 Wire = dict[str, Any]
-
-
-#: Names one budget: connections to one server, role or database, each with its own limit.
-BudgetKey = str
-#: The run's own budget (the server and login of the run's DSN): what items' needs are
-#: measured against, and what a request names when it names none.
-DEFAULT_BUDGET: BudgetKey = ""
 
 
 class Answer(enum.Enum):
@@ -147,9 +142,6 @@ class Counts(_Plain):
     released: bool = False
     #: Grows with every change; orders these counts against those on item reports.
     version: int = 0
-    #: The budget these connections count against (``core.BudgetKey``): the run's own
-    #: unless they go to another server or role with a limit of its own.
-    budget: str = DEFAULT_BUDGET
 
 
 @_message
@@ -164,8 +156,6 @@ class RoomRequest(_Plain):
     #: Opened by a pool in its own thread or task: delayed until there is room, never
     #: refused (the test would only see the pool time out).
     background: bool = False
-    #: The budget the connection counts against (``core.BudgetKey``; see ``Counts``).
-    budget: str = DEFAULT_BUDGET
 
 
 @_message
