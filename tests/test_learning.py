@@ -23,6 +23,7 @@ from inner import (
 from inner import ROLE_PASSWORD as PASSWORD
 from test_scheduling import SUITE
 
+from pytest_poolaware.server.discovery import Discovery
 from pytest_poolaware.server.learning import (
     LEARNING_ATTEMPTS,
     REMEMBERED,
@@ -30,7 +31,7 @@ from pytest_poolaware.server.learning import (
     dsn_of,
     same_server,
 )
-from pytest_poolaware.server.room import Discovery, ServerFacts
+from pytest_poolaware.server.room import ServerFacts
 from pytest_poolaware.shared.protocol import RoomKnown, RoomRequest, ServerSeen, decode
 from pytest_poolaware.worker.agent import RERUN_SERVER
 from pytest_poolaware.worker.login import login_of

@@ -42,8 +42,8 @@ from pytest_poolaware.reporting.timeline import (
     render,
     stacked_steps,
 )
+from pytest_poolaware.server.connection import libpq_dsn
 from pytest_poolaware.server.monitor import ServerMonitor
-from pytest_poolaware.server.room import libpq_dsn
 from pytest_poolaware.shared.markers import Markers
 from pytest_poolaware.shared.protocol import ItemMeasures
 from pytest_poolaware.shared.settings import Settings, default_risky_need, monitor_dsn

@@ -14,7 +14,7 @@ import pytest
 from inner import ROLE_LIMIT, connection_errors, run, serve_limited_role
 from test_scheduling import ServerSampler
 
-from pytest_poolaware.server.room import APPLICATION_NAME as MONITOR_APPLICATION_NAME
+from pytest_poolaware.server.connection import APPLICATION_NAME as MONITOR_APPLICATION_NAME
 
 #: The raw-driver suite the benchmarks run too: one copy of it.
 RAW_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "rawdrivers"

@@ -19,27 +19,13 @@ from typing import Any
 import psycopg
 import pytest
 from inner import CONNECTION_ERRORS, RUN_TIMEOUT, execnet_socket_servers
+from test_discovery import connections
 from test_scheduling import CONFTEST, SUITE
-from test_server_room import connections
 
-from pytest_poolaware.server.room import (
-    QUERY_DEADLINE,
-    SERVER,
-    open_connection,
-    read_facts,
-    room_of,
-    target_database,
-)
-from pytest_poolaware.server.share import (
-    GROWTH_WAIT,
-    DepartedRuns,
-    Others,
-    ShareCoordinator,
-    fair_shares,
-    kept_by_others,
-    plan,
-    shares_with_priority,
-)
+from pytest_poolaware.server.connection import QUERY_DEADLINE, open_connection, target_database
+from pytest_poolaware.server.discovery import read_facts
+from pytest_poolaware.server.room import SERVER, room_of
+from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
 ROLE_LIMIT = 16
@@ -163,87 +149,6 @@ def test_what_a_contended_pair_learned_is_not_believed_by_a_run_alone(
         need = entry[0]
         assert need is not None, (nodeid, entry)
         assert need <= real_need(nodeid), (nodeid, entry, learned.get(nodeid))
-
-
-# -- the pure part ----------------------------------------------------------------------------
-
-
-def test_fair_shares_give_what_is_asked_and_split_the_rest_evenly() -> None:
-    assert fair_shares(14, {1: 15}) == {1: 14}
-    assert fair_shares(14, {1: 15, 2: 15}) == {1: 7, 2: 7}
-    assert fair_shares(14, {1: 3, 2: 15}) == {1: 3, 2: 11}
-    assert fair_shares(5, {2: 9, 1: 9}) == {1: 3, 2: 2}  # the same split seen from both
-    assert fair_shares(0, {1: 4}) == {1: 0}
-    assert fair_shares(6, {1: 0, 2: 2}) == {1: 0, 2: 2}
-
-
-def test_the_priority_is_served_first_and_leaves_every_other_run_one() -> None:
-    assert shares_with_priority(14, {1: 15, 2: 15}, (2, 12)) == {1: 2, 2: 12}
-    assert shares_with_priority(14, {1: 1, 2: 15}, (2, 12)) == {1: 1, 2: 13}
-    assert shares_with_priority(14, {1: 15, 2: 15, 3: 4}, (2, 14)) == {1: 1, 2: 12, 3: 1}
-    assert shares_with_priority(14, {1: 15}, (9, 12)) == {1: 14}  # a run that has gone
-
-
-NOBODY = Others({}, {})
-
-
-def test_a_run_alone_takes_the_whole_room() -> None:
-    step = plan(me=1, allows=16, held=0, demand=15, in_use=0, others=NOBODY, live_others=0)
-    # 16, less its own connection and one slot for connections still closing.
-    assert (step.hold, step.budget, step.share, step.held_back) == (14, 14, 14, False)
-
-
-def test_a_second_run_waits_for_the_first_to_give_back_what_it_does_not_use() -> None:
-    first = Others({1: 15}, {1: 15})  # 14 for its tests, 1 for its own connection
-    # The newcomer sees no free slot: it takes none, and waits with one connection.
-    step = plan(me=2, allows=16, held=0, demand=15, in_use=0, others=first, live_others=15)
-    assert (step.hold, step.share, step.held_back) == (0, 6, True)
-    # The first run, above its share, gives back only what it does not use.
-    second = Others({2: 1}, {2: 15})
-    step = plan(me=1, allows=16, held=14, demand=15, in_use=10, others=second, live_others=1)
-    assert (step.hold, step.budget, step.share) == (10, 7, 7)
-
-
-def test_connections_that_outlive_a_run_are_not_leased_out_twice() -> None:
-    """A killed run's workers may hold connections for a moment after its leases died."""
-    step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=NOBODY, live_others=9)
-    assert step.hold == 5  # 16 - 1 own - 1 closing - 9 lingering
-    assert step.share == 5  # they count as clients that take no part, for now
-
-
-def test_a_departed_runs_leases_stay_taken_for_a_moment() -> None:
-    """Its workers may be opening connections granted just before it went, which the
-    server's live count does not show yet."""
-    departed = DepartedRuns(grace=1.0)
-    assert departed.update({7: 9, 8: 3}, now=10.0) == 0
-    assert departed.update({8: 3}, now=10.5) == 8  # 9 slots, one its own connection's
-    assert departed.update({8: 3}, now=11.4) == 8
-    assert departed.update({}, now=11.49) == 8 + 2
-    assert departed.update({}, now=11.5) == 2  # the first one's grace is over
-    assert departed.update({}, now=12.6) == 0
-    assert departed.update({7: 2}, now=12.7) == 0  # a pid back: a new run, holding its own
-
-
-def test_a_departed_run_is_not_leased_out_at_once() -> None:
-    lingering = Others({}, {}, departed=6)
-    step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=lingering, live_others=2)
-    assert step.hold == 8  # 16 - 1 own - 1 closing - 6 the departed run's - 4 held
-    step = plan(me=1, allows=16, held=4, demand=15, in_use=4, others=NOBODY, live_others=2)
-    assert step.hold == 12  # once the grace is over, only what is live
-
-
-def test_others_keep_their_own_connection_and_leases_beyond_their_last() -> None:
-    assert kept_by_others(NOBODY) == 0
-    # Two runs: 6 slots (own + 5 leases: 4 kept beyond the last), 1 slot (own only);
-    # a third still waiting for its first slot; 3 leases of a departed run.
-    others = Others({2: 6, 3: 1}, {2: 5, 4: 2}, departed=3)
-    assert kept_by_others(others) == 5 + 1 + 1 + 3
-
-
-def test_a_run_with_work_left_keeps_its_last_lease() -> None:
-    heavy = Others({2: 14}, {2: 15}, priority=(2, 13))
-    step = plan(me=1, allows=16, held=1, demand=3, in_use=0, others=heavy, live_others=14)
-    assert (step.hold, step.budget) == (1, 1)
 
 
 # -- remote workers ---------------------------------------------------------------------------

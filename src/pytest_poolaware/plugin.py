@@ -31,9 +31,10 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
 
     from pytest_poolaware.reporting.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
+    from pytest_poolaware.server.discovery import Discovery
     from pytest_poolaware.server.learning import ServerLearning
     from pytest_poolaware.server.monitor import ServerMonitor
-    from pytest_poolaware.server.room import Discovery, ServerFacts
+    from pytest_poolaware.server.room import ServerFacts
     from pytest_poolaware.server.share import ShareCoordinator
     from pytest_poolaware.shared.protocol import ServerSeen
     from pytest_poolaware.worker.meter import PoolMeter
@@ -246,7 +247,7 @@ class Controller:
 
     def _discover(self) -> None:
         """Set the budget from what the server allows, then monitor on the same connection."""
-        from pytest_poolaware.server.room import discover
+        from pytest_poolaware.server.discovery import discover
 
         settings = self.settings
         found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
@@ -322,7 +323,7 @@ class Controller:
     def _read_login(self, login: ServerSeen, runs: Collection[int]) -> ServerFacts:
         """What the server allows another login of the run's tests, read on the plugin's
         own connection (in a thread of ``learning``'s): no second connection is opened."""
-        from pytest_poolaware.server.room import read_facts
+        from pytest_poolaware.server.discovery import read_facts
 
         connection = self.server_connection
         if connection is None:
@@ -589,7 +590,7 @@ class Controller:
             )
 
     def _close_server_connection(self) -> None:
-        from pytest_poolaware.server.room import close_quietly
+        from pytest_poolaware.server.connection import close_quietly
 
         connection, self.server_connection = self.server_connection, None
         close_quietly(connection)

@@ -4,7 +4,7 @@ With no DSN given, the controller cannot read the server's room before the worke
 start. It asks the workers to say where their first connection went
 (``protocol.ServerSeen``) and holds the run to one connection at a time until it knows:
 the first connect request passes, every other one is held. The first ``ServerSeen`` is
-read on the plugin's own connection (``server_room.discover``), in a thread of its own
+read on the plugin's own connection (``discovery.discover``), in a thread of its own
 so the scheduler keeps going. Once the room is known the held requests go back to the
 scheduler, which follows the new budget. Tests start meanwhile as the stand-in budget
 allows (what the last run learned, else the configured budget): only their connections
@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable, Collection, Hashable
 from typing import Any, Final, Generic, TypeVar
 
-from pytest_poolaware.server.room import Discovery, ServerFacts, discover
+from pytest_poolaware.server.discovery import Discovery, discover
+from pytest_poolaware.server.room import ServerFacts
 from pytest_poolaware.shared.errors import first_line
 from pytest_poolaware.shared.protocol import RoomRequest, ServerSeen, WorkerMessage
 

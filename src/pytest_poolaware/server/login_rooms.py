@@ -2,7 +2,7 @@
 the budget line and the notes agree: the same rooms, the same number of logins, and the
 run's own connections never counted as other clients'.
 
-Pure: the facts are read elsewhere (``server_room.read_facts``, on the plugin's own
+Pure: the facts are read elsewhere (``discovery.read_facts``, on the plugin's own
 connection); here they are only counted again and put in words.
 """
 

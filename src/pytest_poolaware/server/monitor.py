@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from pytest_poolaware.server.room import (
+from pytest_poolaware.server import sql
+from pytest_poolaware.server.connection import (
     APPLICATION_NAME,
     CONNECT_TIMEOUT,
+    close_quietly,
     connection_failure,
     libpq_dsn,
 )
+from pytest_poolaware.server.room import CLOSING_SLACK
 from pytest_poolaware.shared.clock import wall
 from pytest_poolaware.shared.dsn import APPLICATION_NAME_PREFIX, mask_dsn
 from pytest_poolaware.shared.errors import first_line
@@ -25,27 +27,6 @@ SAMPLE_INTERVAL: Final = 0.05
 #: Longest wait, at the end of the run, for connections the workers closed (or that
 #: went with their processes) to leave the server, so the last sample says what is left.
 END_SETTLE: Final = 1.0
-
-_CLIENTS: Final = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
-#: Slots of a limited role the monitor leaves alone beyond the budget: the server still
-#: counts a connection for a moment after the client closed it.
-CLOSING_SLACK = 1
-#: A role with a connection limit: count what that limit counts, every connection of it.
-#: Backend pids, not just a count: workers check what they counted against them.
-ROLE_QUERY: Final = f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND usename = %s"
-#: A superuser (whose connections no limit counts): the connections the engine helper tagged.
-TAGGED_QUERY: Final = (
-    f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} AND application_name LIKE %s"
-)
-#: Tests that connect as several logins: every connection of the non-superuser roles,
-#: and the tagged ones when a superuser is among them.
-LOGINS_QUERY: Final = (
-    f"SELECT pid FROM pg_stat_activity WHERE {_CLIENTS} "
-    "AND (usename = ANY(%s::name[]) OR (%s AND application_name LIKE %s))"
-)
-_ROLE: Final = (
-    "SELECT current_user, r.rolsuper, r.rolconnlimit FROM pg_roles r WHERE r.rolname = current_user"
-)
 
 
 class ServerMonitor:
@@ -110,7 +91,7 @@ class ServerMonitor:
                 connect_timeout=CONNECT_TIMEOUT,
                 application_name=APPLICATION_NAME,
             )
-            row = self._conn.execute(_ROLE).fetchone()
+            row = sql.current_role(self._conn)
         except Exception as exc:
             origin = f"DSN from {self.source}; " if self.source else ""
             self.problem = (
@@ -150,13 +131,13 @@ class ServerMonitor:
         names = ", ".join(self._roles)
         words = f"role{'s' if len(self._roles) > 1 else ''} {names}"
         if not self._roles:
-            self._query = (TAGGED_QUERY, (tagged,))
+            self._query = (sql.TAGGED_PIDS, (tagged,))
             self.scope = f"application_name {APPLICATION_NAME_PREFIX}*"
         elif not self._tagged and len(self._roles) == 1:
-            self._query = (ROLE_QUERY, (self._roles[0],))
+            self._query = (sql.ROLE_PIDS, (self._roles[0],))
             self.scope = words
         else:
-            self._query = (LOGINS_QUERY, (list(self._roles), self._tagged, tagged))
+            self._query = (sql.LOGINS_PIDS, (list(self._roles), self._tagged, tagged))
             tagged_words = f"application_name {APPLICATION_NAME_PREFIX}* and "
             self.scope = f"{tagged_words if self._tagged else ''}{words}"
 
@@ -202,8 +183,7 @@ class ServerMonitor:
         # not be taken for one the server ended (``PoolMeter.reconcile``).
         now = self._clock()
         try:
-            query, params = self._query
-            rows = self._conn.execute(query, params).fetchall()
+            pids = sql.backend_pids(self._conn, *self._query)
         except Exception as exc:
             self.problem = (
                 f"server monitoring stopped after {len(self.samples)} samples: "
@@ -211,7 +191,6 @@ class ServerMonitor:
             )
             self._close()
             return False
-        pids = frozenset(int(pid) for (pid,) in rows)
         self.latest = (now, pids)
         self.samples.append((now, len(pids)))
         self.peak = max(self.peak, len(pids))
@@ -219,7 +198,5 @@ class ServerMonitor:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and conn is not self._shared:
-            # Closing a broken connection may fail: nothing is left to do then.
-            with contextlib.suppress(Exception):
-                conn.close()
+        if conn is not self._shared:
+            close_quietly(conn)

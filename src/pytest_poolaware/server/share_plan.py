@@ -1,0 +1,187 @@
+"""The arithmetic of runs sharing one server's room: each run's fair share, one step of
+a run towards its own, and the leases of runs just gone, still counted for a moment.
+
+Pure: what the other runs hold and want is read elsewhere (``leases``, from ``pg_locks``)
+and passed in, so every run computes the same split from the same view, and the tests
+check it without a server. ``share.ShareCoordinator`` takes the steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from pytest_poolaware.server.room import CLOSING_SLACK
+
+#: Seconds the leases of a run that vanished (killed, cut off, or just ended) still count
+#: as taken: its workers may be opening connections its controller granted just before,
+#: which the server's live count does not show yet.
+DEPARTED_GRACE: Final = 1.0
+
+
+def lock_classes(namespace: str, limit: str) -> tuple[int, int, int]:
+    """Advisory-lock class ids (slots, demand, priority) of one name space and one
+    binding limit: runs share only with runs that meet the same limit in the same name
+    space."""
+    digest = hashlib.blake2b(f"{namespace}\0{limit}".encode(), digest_size=12).digest()
+    mask = 0x7FFFFFFF  # non-negative: pg_locks shows the keys as oid
+    slot, demand, priority = (
+        int.from_bytes(digest[i : i + 4], "big") & mask for i in range(0, 12, 4)
+    )
+    return slot, demand, priority
+
+
+def shares_with_priority(
+    total: int, demands: Mapping[int, int], priority: tuple[int, int] | None
+) -> dict[int, int]:
+    """``fair_shares``, but the run holding the priority (run id, connections) gets that
+    many first: one item that needs more than its run's fair share is served before the
+    shares are evened out again (one at a time, first come, first served)."""
+    if priority is None or priority[0] not in demands:
+        return fair_shares(total, demands)
+    run, amount = priority
+    # Every other run that wants room keeps one connection: nobody is left with none.
+    keep = sum(1 for other, demand in demands.items() if other != run and demand > 0)
+    first = max(0, min(amount, total - keep, demands[run]))
+    others = {other: demand for other, demand in demands.items() if other != run}
+    shares = fair_shares(total - first, others)
+    shares[run] = min(demands[run], total - sum(shares.values()))
+    return shares
+
+
+def fair_shares(total: int, demands: Mapping[int, int]) -> dict[int, int]:
+    """Max-min fair integer split of ``total`` among ``demands`` (by run id): nobody gets
+    more than it asks for; what one does not need goes to the others; the rest of an
+    uneven split goes to the lowest ids, so every run computes the same split."""
+    shares = dict.fromkeys(demands, 0)
+    left = max(0, total)
+    wanting = sorted(run for run, demand in demands.items() if demand > 0)
+    while left > 0 and wanting:
+        each = max(1, left // len(wanting))
+        for run in list(wanting):
+            give = min(each, demands[run] - shares[run], left)
+            shares[run] += give
+            left -= give
+            if shares[run] >= demands[run]:
+                wanting.remove(run)
+            if left == 0:
+                break
+    return shares
+
+
+@dataclass(frozen=True)
+class Others:
+    """What the other runs in the same name space hold and want (from ``pg_locks``)."""
+
+    #: Run (backend pid) -> slot leases, the one for its own connection included.
+    held: Mapping[int, int]
+    demand: Mapping[int, int]
+    #: The run (any, this one included) holding the priority, and for how many.
+    priority: tuple[int, int] | None = None
+    #: Test leases of runs that vanished less than ``DEPARTED_GRACE`` ago: still taken.
+    departed: int = 0
+
+    @property
+    def slotless(self) -> int:
+        """Runs with a demand but no slot yet: each still has its own connection open."""
+        return sum(1 for run in self.demand if not self.held.get(run))
+
+
+class DepartedRuns:
+    """The runs gone from ``pg_locks`` within ``grace`` seconds, and their test leases.
+
+    A run's leases vanish the moment its connection does, but its workers may still be
+    opening connections its controller granted just before, which the server's live
+    count does not show yet: those leases stay taken for ``grace``.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._last: dict[int, int] = {}
+        #: Run -> (test leases, when it was first seen gone).
+        self._gone: dict[int, tuple[int, float]] = {}
+
+    def update(self, held: Mapping[int, int], now: float) -> int:
+        """The other runs' slots (their own connection's included) as seen ``now``;
+        returns the test leases of the runs that departed within the grace."""
+        for run, slots in self._last.items():
+            if run not in held and run not in self._gone:
+                self._gone[run] = (max(0, slots - 1), now)
+        self._gone = {
+            run: (leases, since)
+            for run, (leases, since) in self._gone.items()
+            if run not in held and now - since < self.grace
+        }
+        self._last = dict(held)
+        return sum(leases for leases, _ in self._gone.values())
+
+
+@dataclass(frozen=True)
+class Plan:
+    #: Leases to hold once this step is done, and the budget the planner may use now.
+    hold: int
+    budget: int
+    #: The run's fair share, and whether it is held below what it wants by other runs.
+    share: int
+    held_back: bool
+    #: The most this run could get with the priority: the room less the other runs' own
+    #: connections and the clients that take no part.
+    reachable: int
+
+
+def kept_by_others(others: Others) -> int:
+    """Slots the other runs may fill at any moment, live now or not: each one's own
+    connection, its leases beyond its last one, and a departed run's leases. An item
+    overdue with the priority may go past its share only into the rest: the others'
+    last leases, while the server's live count shows them unused (they keep one each
+    as long as they have work left, which would otherwise shut such an item out)."""
+    return (
+        others.departed + others.slotless + sum(max(1, slots - 1) for slots in others.held.values())
+    )
+
+
+def plan(
+    *,
+    me: int,
+    allows: int,
+    held: int,
+    demand: int,
+    in_use: int,
+    others: Others,
+    live_others: int,
+    ceiling: int | None = None,
+) -> Plan:
+    """One step towards this run's share.
+
+    ``allows`` is what the binding limit allows in all; every run's own connection takes
+    one slot of it. ``live_others`` counts the client connections in the limit's scope
+    that are not this run's (its workers' nor its own). Others occupy the larger of what
+    they lease and what is live, so lingering connections of a dead run, and clients that
+    do not take part, are never leased out twice. A run above its share gives back what
+    it does not use, and meanwhile starts nothing new above the share.
+    """
+    runs = len(others.held.keys() | others.demand.keys())
+    # Every run leases a slot for its own connection first (``held`` counts it); one
+    # that could not yet still has that connection open.
+    others_leased = sum(others.held.values()) + others.slotless + others.departed
+    outsiders = max(0, live_others - others_leased)
+    pool = allows - 1 - runs - outsiders - CLOSING_SLACK
+    demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
+    demands[me] = demand
+    share = shares_with_priority(pool, demands, others.priority)[me]
+    if not runs and demand:
+        # Alone: the whole room (up to the run's own ceiling), not just what it asked
+        # for the moment before.
+        share = max(share, pool if ceiling is None else min(pool, ceiling))
+    free = allows - 1 - CLOSING_SLACK - max(others_leased, live_others) - held
+    # Below the share: take what is free. Above it: give back what is not in use.
+    grow = held + max(0, min(max(share, in_use) - held, free))
+    hold = grow if held < max(share, in_use) else max(share, min(held, in_use))
+    if demand and held:
+        hold = max(hold, 1)  # a run with work left never gives up its last lease
+    budget = max(1, min(hold, share)) if demand else max(1, hold)
+    return Plan(
+        hold, budget, share, held_back=bool(runs) and share < demand, reachable=max(1, pool)
+    )
