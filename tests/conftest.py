@@ -1,23 +1,81 @@
-"""Shared fixtures: one real PostgreSQL per test session, and roles with connection limits.
+"""Shared fixtures: one real PostgreSQL per test session, and roles with connection limits;
+and each test's tier (tests/tiers.py), held while it runs.
 
 Set ``POOLAWARE_DSN`` (or run ``python -m poolaware_testserver -- pytest ...``) to reuse one
-server instead of starting one per session (under xdist, one per worker).
+server instead of starting one per session (under xdist, one per worker). ``pytest -m
+unit`` runs the pure tests alone (no server is started), ``-m db`` those on a real server,
+``-m e2e`` the whole runs.
 """
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import settings
 from inner import ROLE_LIMIT, ROLE_PASSWORD
+from tiers import COLLECTED_TIERS, GUARD, TierError, TierGuard, marked_tiers, tier_of
 
 # The core's property tests: each simulates whole runs, so fewer examples than
 # hypothesis's default by default; "deep" for a long look after changing the core.
 settings.register_profile("default", max_examples=80)
 settings.register_profile("deep", max_examples=2000)
 settings.load_profile("default")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An audit hook sees every process start, however a test or a library makes it."""
+    guard = config.stash[GUARD] = TierGuard()
+    sys.addaudithook(guard.audit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test gets its tier marker, before ``-m`` selects by it."""
+    problems = []
+    for item in items:
+        declared = marked_tiers(item)
+        try:
+            tier = tier_of(item.nodeid, getattr(item, "fixturenames", ()), declared)
+        except TierError as exc:
+            problems.append(str(exc))
+            continue
+        if not declared:
+            item.add_marker(tier)
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
+    config.stash[COLLECTED_TIERS] = {item.nodeid: sorted(marked_tiers(item)) for item in items}
+
+
+def tier_marked(item: pytest.Item) -> str:
+    (tier,) = marked_tiers(item)
+    return tier
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The guard watches the test's setup and call."""
+    guard = item.config.stash[GUARD]
+    guard.enter(item.nodeid, tier_marked(item))
+    try:
+        return (yield)
+    finally:
+        guard.leave()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A test that did what its tier rules out errors, even if its code caught the refusal.
+
+    Teardown is not watched: it also ends the broader fixtures (the session's server) that
+    earlier tests of any tier set up."""
+    broken = item.config.stash[GUARD].leave()
+    result = yield
+    if broken:
+        pytest.fail(f"{item.nodeid} broke its tier ({tier_marked(item)}): " + "; ".join(broken))
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,12 +90,13 @@ def inner_runs_keep_their_own_cache() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """Superuser DSN: ``POOLAWARE_DSN`` when set, else a throwaway server for the session.
 
     When no server can be had the run stops with what to install or set, not a traceback
     in every test that needs one. (Imported here: ``tox -e package`` runs without it.)
     """
+    request.config.stash[GUARD].server_requested("postgres_server")
     import poolaware_testserver as testserver
 
     try:
@@ -45,6 +104,15 @@ def postgres_dsn() -> Iterator[str]:
             yield dsn
     except testserver.ServerUnavailable as exc:
         pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@pytest.fixture
+def postgres_dsn(request: pytest.FixtureRequest) -> str:
+    """The session's superuser DSN (``postgres_server``), asked for per test: a unit test
+    asking for it fails before any server is started or handed out."""
+    request.config.stash[GUARD].server_requested("postgres_dsn")
+    dsn: str = request.getfixturevalue("postgres_server")
+    return dsn
 
 
 @pytest.fixture

@@ -1,22 +1,21 @@
 """The summary stays true and short whatever the suite's size: warnings grouped by cause
-(``findings``), advice thresholds (``advice``), the other logins' rooms (``login_rooms``),
-and the whole section's length. Pure: no xdist, no database."""
+(``findings``), the other logins' rooms (``login_rooms``), and the whole section's length
+(advice thresholds: test_advice.py). Pure: no xdist, no database."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from pytest_poolaware.planning.admission import Admission, AdmissionAction, Go, Overrun
-from pytest_poolaware.reporting.advice import advice_text, advise, withheld
+from pytest_poolaware.reporting.advice import advise, withheld
 from pytest_poolaware.reporting.findings import Cause, cause_of, overrun_warnings, rerun_lines, why
 from pytest_poolaware.reporting.report import write_summary
 from pytest_poolaware.reporting.runstats import ItemFacts, RunStats
 from pytest_poolaware.server.login_rooms import OtherLogins
 from pytest_poolaware.server.room import ServerFacts
-from pytest_poolaware.shared.markers import Markers
-from pytest_poolaware.shared.settings import Settings, default_risky_need
+from pytest_poolaware.shared.settings import Settings
 
 #: As in the real suite that flooded the summary: 1,750 tests, a budget of 3.
 SUITE_SIZE = 1750
@@ -95,49 +94,6 @@ def test_reruns_are_one_line_per_reason() -> None:
         "rerun alone (gave way): t.py::test_other",
     ]
     assert len(rerun_lines(reruns, verbose=True)) == 1 + 40 + 1
-
-
-def measured(nodeid: str, need: int) -> ItemFacts:
-    return ItemFacts(nodeid, Markers(), need=need, duration=0.1, peak_open=need, waited=0.0)
-
-
-def test_advice_is_never_from_one_connection() -> None:
-    assert default_risky_need(1) == 2
-    assert default_risky_need(2) == 2
-    assert default_risky_need(15) == 8
-    settings = Settings(budget=2, budget_source="--pool-budget", risky_need=1)
-    assert settings.serial_advice_need == 2
-    items = [measured(f"t.py::test_{n}", 1) for n in range(33)]
-    assert advise(items, risky_need=settings.serial_advice_need, idle_need=0) == []
-
-
-def test_advice_naming_more_than_a_tenth_of_the_tests_is_withheld_in_one_line(
-    tmp_path: Any,
-) -> None:
-    light = [measured(f"t.py::test_{n}", 1) for n in range(90)]
-    heavy = [measured(f"t.py::test_heavy_{n}", 2) for n in range(10)]
-    advice = advise(light + heavy, risky_need=2, idle_need=0)
-    assert len(advice) == 10
-    assert withheld(light + heavy, advice, risky_need=2, budget=3) == ""  # a tenth: advised
-    heavier = [*heavy, measured("t.py::test_heavy_10", 2)]
-    advice = advise(light + heavier, risky_need=2, idle_need=0)
-    why_not = withheld(light + heavier, advice, risky_need=2, budget=3)
-    assert why_not == (
-        "11 of 101 tests held 2 or more connections at once, more than 10% of them: the budget "
-        "of 3 is too small to tell heavy tests from the others (--poolaware-risky-need sets "
-        "the threshold)"
-    )
-    text = advice_text(
-        advice,
-        root=tmp_path,
-        shown_from=tmp_path,
-        budget=3,
-        risky_need=2,
-        idle_need=0,
-        withheld_because=why_not,
-    )
-    assert "@pytest.mark.serial_only" not in text
-    assert f"# serial_only: none: {why_not}" in text
 
 
 class Terminal:

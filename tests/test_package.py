@@ -128,6 +128,7 @@ def only(dist: Path, pattern: str) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_twine_check_passes(dist: Path) -> None:
     artifacts = sorted(str(path) for path in dist.iterdir())
     assert len(artifacts) == 2
@@ -141,6 +142,7 @@ def test_twine_check_passes(dist: Path) -> None:
     assert result.stdout.count("PASSED") == 2
 
 
+@pytest.mark.e2e
 def test_the_wheel_holds_only_the_plugin(dist: Path) -> None:
     wheel = only(dist, f"{NAME}-{VERSION}-py3-none-any.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -165,6 +167,7 @@ def test_the_wheel_holds_only_the_plugin(dist: Path) -> None:
     assert "[pytest11]\npoolaware = pytest_poolaware.plugin" in entry_points
 
 
+@pytest.mark.e2e
 def test_the_sdist_holds_the_tests_license_and_changelog(dist: Path) -> None:
     sdist = only(dist, f"{NAME}-{VERSION}.tar.gz")
     top = f"{NAME}-{VERSION}/"

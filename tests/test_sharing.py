@@ -127,6 +127,7 @@ def shared_role(limited_role: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     return str(psycopg.conninfo.conninfo_to_dict(role_dsn)["user"])
 
 
+@pytest.mark.e2e
 def test_what_a_contended_pair_learned_is_not_believed_by_a_run_alone(
     shared_role: str, tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def socket_servers(shared_role: str, tmp_path: Path) -> Iterator[list[str]]:
         yield addresses
 
 
+@pytest.mark.e2e
 def test_workers_behind_socket_gateways_keep_the_budget(
     shared_role: str, socket_servers: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,6 +235,7 @@ def pytest_configure(config):
 """
 
 
+@pytest.mark.e2e
 def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     shared_role: str, tmp_path: Path
 ) -> None:
@@ -400,6 +403,7 @@ def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
     assert before - during >= 4
 
 
+@pytest.mark.e2e
 def test_one_of_two_runs_killed_mid_run_leaves_the_other_every_test(
     shared_role: str, tmp_path: Path
 ) -> None:
@@ -522,6 +526,7 @@ def test_small(engine, n):
 """
 
 
+@pytest.mark.e2e
 def test_a_coordinating_connection_whose_network_stalls_is_given_up_with_a_note(
     shared_role: str, tmp_path: Path
 ) -> None:

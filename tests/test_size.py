@@ -8,6 +8,7 @@ are ruff's: C901, PLR0912 and PLR0915 at their defaults, in pyproject.toml.)
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def text_lines(tree: ast.AST) -> set[int]:
     return lines
 
 
+@functools.cache
+def explanation_lines(source: str) -> frozenset[int]:
+    """``text_lines`` of a module's source, parsed once for all its blocks."""
+    return frozenset(text_lines(ast.parse(source)))
+
+
 def code_lines(source: str, first: int = 1, last: int | None = None) -> int:
     """How many of lines ``first`` to ``last`` hold code."""
-    explanations = text_lines(ast.parse(source))
+    explanations = explanation_lines(source)
     lines = source.splitlines()
     return sum(
         1

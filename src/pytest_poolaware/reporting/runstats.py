@@ -285,7 +285,6 @@ class RunStats:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--poolaware-report`` document (schema in the README)."""
-        lanes = lane_times(self.items)
         server = self.server
         return {
             "schema_version": SCHEMA_VERSION,
@@ -307,27 +306,8 @@ class RunStats:
                 "wall": _round(self.wall),
                 "lower_bound": _bound_json(self.lower_bound),
                 "wall_over_lb": _round(self.wall_over_lb),
-                "lanes": {
-                    lane.value: {
-                        "items": lanes.get(lane, LaneTime()).items,
-                        "running": _round(lanes.get(lane, LaneTime()).running),
-                        "waited": _round(lanes.get(lane, LaneTime()).waited),
-                    }
-                    for lane in Lane
-                },
-                "overruns": [
-                    {
-                        "nodeid": self.nodeid_of(o),
-                        "need": o.need,
-                        "budget": o.budget,
-                        "alone": o.alone,
-                        "outside": list(o.outside),
-                        "in_tests": o.in_tests,
-                        "cause": cause_of(o).value,
-                        "why": why(o),
-                    }
-                    for o in self.overruns
-                ],
+                "lanes": _lanes_json(lane_times(self.items)),
+                "overruns": [self._overrun_json(o) for o in self.overruns],
                 "notes": list(self.notes),
                 "warnings": list(self.warnings),
                 "advice_withheld": self.advice_withheld or None,
@@ -337,6 +317,31 @@ class RunStats:
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
         }
+
+    def _overrun_json(self, overrun: Overrun) -> dict[str, Any]:
+        return {
+            "nodeid": self.nodeid_of(overrun),
+            "need": overrun.need,
+            "budget": overrun.budget,
+            "alone": overrun.alone,
+            "outside": list(overrun.outside),
+            "in_tests": overrun.in_tests,
+            "cause": cause_of(overrun).value,
+            "why": why(overrun),
+        }
+
+
+def _lanes_json(lanes: dict[Lane, LaneTime]) -> dict[str, dict[str, Any]]:
+    """Every lane, an empty one included."""
+    spent = {lane: lanes.get(lane, LaneTime()) for lane in Lane}
+    return {
+        lane.value: {
+            "items": time.items,
+            "running": _round(time.running),
+            "waited": _round(time.waited),
+        }
+        for lane, time in spent.items()
+    }
 
 
 def _uncounted_json(value: Uncounted | None) -> dict[str, int] | None:

@@ -101,20 +101,11 @@ def render(
     times += [s.start for s in serial] + [s.end for s in serial]
     t0 = start if start is not None else min(times, default=0.0)
     t1 = end if end is not None else max(times, default=t0)
-    t1 = max(t1, t0 + 1e-3)
     workers = sorted({w for _, w, _ in timeline}, key=worker_order)
     rows = stacked_steps(timeline, workers, t0)
-    highest = max([budget, *(sum(c) for _, c in rows), *(n for _, n in server)])
-    y_step = max(1, round(nice_step(highest * HEADROOM, Y_TICKS)))
-    y_max = math.ceil(highest * HEADROOM / y_step) * y_step
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def x(t: float) -> float:
-        return LEFT + (min(max(t, t0), t1) - t0) / (t1 - t0) * plot_w
-
-    def y(n: float) -> float:
-        return TOP + plot_h - n / y_max * plot_h
-
+    frame = Frame.fitting(
+        t0, t1, max([budget, *(sum(c) for _, c in rows), *(n for _, n in server)])
+    )
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
@@ -122,45 +113,92 @@ def render(
         f'<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>',
         f'<text x="{LEFT}" y="18" font-size="14">{escape(title)}</text>',
     ]
-    out += _axes(t0, t1, y_max, y_step, x, y)
+    out += _axes(frame.t0, frame.t1, frame.y_max, frame.y_step, frame.x, frame.y)
+    out += _areas(workers, rows, frame)
+    # over the areas: a light shade, and a solid band above the plot
+    out += [_serial_span(span, frame) for span in serial]
+    out += _budget_line(budget, frame)
+    if server:
+        out.append(_server_line(server, frame))
+    out += _legend(workers, budget, bool(server), bool(serial))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The plot's scales: ``t0`` to ``t1`` seconds across, 0 to ``y_max`` connections up
+    (ticks every ``y_step``)."""
+
+    t0: float
+    t1: float
+    y_max: int
+    y_step: int
+    width: int = WIDTH - LEFT - RIGHT
+    height: int = HEIGHT - TOP - BOTTOM
+
+    @classmethod
+    def fitting(cls, t0: float, t1: float, highest: int) -> Frame:
+        """Room for ``highest`` connections with ``HEADROOM``, on round ticks."""
+        y_step = max(1, round(nice_step(highest * HEADROOM, Y_TICKS)))
+        y_max = math.ceil(highest * HEADROOM / y_step) * y_step
+        return cls(t0, max(t1, t0 + 1e-3), y_max, y_step)
+
+    def x(self, t: float) -> float:
+        return LEFT + (min(max(t, self.t0), self.t1) - self.t0) / (self.t1 - self.t0) * self.width
+
+    def y(self, n: float) -> float:
+        return TOP + self.height - n / self.y_max * self.height
+
+
+def _areas(
+    workers: Sequence[str], rows: list[tuple[float, tuple[int, ...]]], frame: Frame
+) -> list[str]:
+    """Each worker's open connections, stacked on those of the workers before it."""
+    out = []
     for k, worker in enumerate(workers):
         colour = WORKER_COLOURS[k % len(WORKER_COLOURS)]
         top = [(t, sum(c[: k + 1])) for t, c in rows]
         bottom = [(t, sum(c[:k])) for t, c in rows]
         out.append(
-            f'<path d="{_area(top, bottom, t1, x, y)}" fill="{colour}" stroke="none">'
-            f"<title>{escape(worker)}</title></path>"
+            f'<path d="{_area(top, bottom, frame.t1, frame.x, frame.y)}" fill="{colour}" '
+            f'stroke="none"><title>{escape(worker)}</title></path>'
         )
-    for span in serial:  # over the areas: a light shade, and a solid band above the plot
-        x0, x1 = x(span.start), max(x(span.end), x(span.start) + 1)
-        label = escape(f"serial_only: {span.label}")
-        out.append(
-            f'<g><title>{label}</title><rect x="{x0:.2f}" y="{TOP}" width="{x1 - x0:.2f}" '
-            f'height="{plot_h}" fill="{SERIAL_COLOUR}" fill-opacity="{SERIAL_OPACITY}"/>'
-            f'<rect x="{x0:.2f}" y="{TOP - SERIAL_BAND - 2}" width="{x1 - x0:.2f}" '
-            f'height="{SERIAL_BAND}" fill="{SERIAL_COLOUR}"/></g>'
-        )
-    out.append(
-        f'<line x1="{LEFT}" y1="{y(budget):.2f}" x2="{LEFT + plot_w}" y2="{y(budget):.2f}" '
-        f'stroke="{BUDGET_COLOUR}" stroke-width="2"/>'
+    return out
+
+
+def _serial_span(span: Span, frame: Frame) -> str:
+    x0, x1 = frame.x(span.start), max(frame.x(span.end), frame.x(span.start) + 1)
+    label = escape(f"serial_only: {span.label}")
+    return (
+        f'<g><title>{label}</title><rect x="{x0:.2f}" y="{TOP}" width="{x1 - x0:.2f}" '
+        f'height="{frame.height}" fill="{SERIAL_COLOUR}" fill-opacity="{SERIAL_OPACITY}"/>'
+        f'<rect x="{x0:.2f}" y="{TOP - SERIAL_BAND - 2}" width="{x1 - x0:.2f}" '
+        f'height="{SERIAL_BAND}" fill="{SERIAL_COLOUR}"/></g>'
     )
-    out.append(
-        f'<text x="{LEFT + plot_w - 4}" y="{y(budget) - 5:.2f}" text-anchor="end" '
-        f'fill="{BUDGET_COLOUR}">budget {budget}</text>'
+
+
+def _budget_line(budget: int, frame: Frame) -> list[str]:
+    level = frame.y(budget)
+    return [
+        f'<line x1="{LEFT}" y1="{level:.2f}" x2="{LEFT + frame.width}" y2="{level:.2f}" '
+        f'stroke="{BUDGET_COLOUR}" stroke-width="2"/>',
+        f'<text x="{LEFT + frame.width - 4}" y="{level - 5:.2f}" text-anchor="end" '
+        f'fill="{BUDGET_COLOUR}">budget {budget}</text>',
+    ]
+
+
+def _server_line(server: Sequence[tuple[float, int]], frame: Frame) -> str:
+    """The server's samples as steps: each count holds until the next sample."""
+    points = []
+    for (t, n), after in zip(server, [*server[1:], None], strict=True):
+        points.append(f"{frame.x(t):.2f},{frame.y(n):.2f}")
+        if after is not None:
+            points.append(f"{frame.x(after[0]):.2f},{frame.y(n):.2f}")
+    return (
+        f'<polyline points="{" ".join(points)}" fill="none" stroke="{SERVER_COLOUR}" '
+        'stroke-width="1.5"/>'
     )
-    if server:
-        points = []
-        for (t, n), after in zip(server, [*server[1:], None], strict=True):
-            points.append(f"{x(t):.2f},{y(n):.2f}")
-            if after is not None:
-                points.append(f"{x(after[0]):.2f},{y(n):.2f}")
-        out.append(
-            f'<polyline points="{" ".join(points)}" fill="none" stroke="{SERVER_COLOUR}" '
-            'stroke-width="1.5"/>'
-        )
-    out += _legend(workers, budget, bool(server), bool(serial))
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
 
 
 def _area(

@@ -56,38 +56,11 @@ def trace(stats: RunStats) -> dict[str, Any]:
         key=worker_order,
     )
     tid = {worker: k + 1 for k, worker in enumerate(workers)}
-    serial_workers = {
-        item.worker for item in stats.items if item.lane is Lane.SERIAL and item.worker
-    }
-    events: list[dict[str, Any]] = [_meta("process_name", NOT_RUN_TID, name=PROCESS_NAME)]
-    for worker in workers:
-        title = f"{worker} (ran serial lane tests)" if worker in serial_workers else worker
-        events.append(_meta("thread_name", tid[worker], name=title))
-        events.append(_meta("thread_sort_index", tid[worker], sort_index=tid[worker]))
-    spans: list[dict[str, Any]] = []
-    not_run: list[dict[str, Any]] = []
-    for item in stats.items:
-        if item.worker is None or item.start is None or item.end is None:
-            not_run.append(_instant(item, us(stats.finished)))
-            continue
-        spans.append(_span(item, tid[item.worker], us(item.start), us(item.end)))
-        for start, end in merged(item.waits):
-            spans.append(
-                {
-                    "name": WAIT_NAME,
-                    "cat": WAIT_CATEGORY,
-                    "ph": "X",
-                    "pid": PID,
-                    "tid": tid[item.worker],
-                    "ts": us(start),
-                    "dur": max(0.0, round(us(end) - us(start), DIGITS)),
-                    "args": {"nodeid": item.nodeid},
-                }
-            )
+    events = [_meta("process_name", NOT_RUN_TID, name=PROCESS_NAME), *_tracks(stats, tid)]
+    spans, not_run = _tests(stats, tid, us)
     if not_run:
         events.append(_meta("thread_name", NOT_RUN_TID, name=NOT_RUN_TRACK))
         events.append(_meta("thread_sort_index", NOT_RUN_TID, sort_index=len(workers) + 1))
-    spans.sort(key=lambda event: (event["tid"], event["ts"], -event["dur"]))
     events += spans + not_run
     events += _counters(stats, workers, us)
     return {
@@ -102,6 +75,38 @@ def trace(stats: RunStats) -> dict[str, Any]:
             "tests": len(stats.items),
         },
     }
+
+
+def _tracks(stats: RunStats, tid: dict[str, int]) -> list[dict[str, Any]]:
+    """A named track per worker, in worker order; those of the serial lane say so."""
+    serial_workers = {
+        item.worker for item in stats.items if item.lane is Lane.SERIAL and item.worker
+    }
+    events = []
+    for worker, number in tid.items():
+        title = f"{worker} (ran serial lane tests)" if worker in serial_workers else worker
+        events.append(_meta("thread_name", number, name=title))
+        events.append(_meta("thread_sort_index", number, sort_index=number))
+    return events
+
+
+def _tests(
+    stats: RunStats, tid: dict[str, int], us: Callable[[float], float]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tests that ran, with their waits, as spans on their workers' tracks (in order
+    on each); and those that never ran, as instants at the session's end."""
+    spans: list[dict[str, Any]] = []
+    not_run: list[dict[str, Any]] = []
+    for item in stats.items:
+        if item.worker is None or item.start is None or item.end is None:
+            not_run.append(_instant(item, us(stats.finished)))
+            continue
+        spans.append(_span(item, tid[item.worker], us(item.start), us(item.end)))
+        spans += [
+            _wait(item, tid[item.worker], us(start), us(end)) for start, end in merged(item.waits)
+        ]
+    spans.sort(key=lambda event: (event["tid"], event["ts"], -event["dur"]))
+    return spans, not_run
 
 
 def merged(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -135,6 +140,19 @@ def _span(item: ItemFacts, tid: int, start: float, end: float) -> dict[str, Any]
         "ts": start,
         "dur": max(0.0, round(end - start, DIGITS)),
         "args": _args(item),
+    }
+
+
+def _wait(item: ItemFacts, tid: int, start: float, end: float) -> dict[str, Any]:
+    return {
+        "name": WAIT_NAME,
+        "cat": WAIT_CATEGORY,
+        "ph": "X",
+        "pid": PID,
+        "tid": tid,
+        "ts": start,
+        "dur": max(0.0, round(end - start, DIGITS)),
+        "args": {"nodeid": item.nodeid},
     }
 
 

@@ -103,42 +103,50 @@ class WorkerLink:
         #: Called (on the receiving thread) when the run's budget changed mid-run.
         self.on_room_known: Callable[[RoomKnown], object] | None = None
         #: Called (on the receiving thread) when the controller asks for idle connections
-        #: back: a worker waiting for work carries that out itself (see ``WorkerAgent``).
+        #: back: a worker waiting for work carries that out itself (see ``IdleRelease``).
         self.on_release: Callable[[], object] | None = None
         channel.setcallback(self._received, endmarker=None)
 
     def _received(self, wire: object) -> None:
-        if wire is None:
-            message: WorkerMessage | ControllerMessage | None = None
-        else:
+        message: WorkerMessage | ControllerMessage | None = None  # None: the controller is gone
+        if wire is not None:
             try:
                 message = decode(wire)
             except ProtocolError as exc:  # the controller must hear of it: it waits for us
                 self.send(Note(f"ignored a message from the controller: {exc}"))
                 return
-        if isinstance(message, ServerPids):
-            if self.on_server_pids is not None:  # outside the lock: it sends counts
-                self.on_server_pids(message)
-            return
-        if isinstance(message, RoomKnown):
-            if self.on_room_known is not None:
-                self.on_room_known(message)
+        if isinstance(message, (ServerPids, RoomKnown)):
+            self._hand_over(message)
             return
         with self._cond:
-            if message is None:  # the controller is gone: stop waiting for it
-                self._closed = True
-                self._wake_awaiting(None)
-            elif isinstance(message, Goes):
-                self._goes.update(message.indices)
-            elif isinstance(message, RequestAnswer):
-                self._grants[message.request] = message.answer
-                self._wake_awaiting(message.request)
-            elif isinstance(message, ReleaseIdle):
-                self._release = True
-                self._wake_awaiting(None)
+            self._record(message)
             self._cond.notify_all()
         if isinstance(message, ReleaseIdle) and self.on_release is not None:
             self.on_release()
+
+    def _hand_over(self, message: ServerPids | RoomKnown) -> None:
+        """The messages for the agent's callbacks, called outside the lock: the server's
+        pids make the agent send counts."""
+        if isinstance(message, ServerPids):
+            if self.on_server_pids is not None:
+                self.on_server_pids(message)
+        elif self.on_room_known is not None:
+            self.on_room_known(message)
+
+    def _record(self, message: WorkerMessage | ControllerMessage | None) -> None:
+        """Keep what the waits look for (under the lock), and wake the awaited requests
+        it concerns."""
+        if message is None:  # the controller is gone: stop waiting for it
+            self._closed = True
+            self._wake_awaiting(None)
+        elif isinstance(message, Goes):
+            self._goes.update(message.indices)
+        elif isinstance(message, RequestAnswer):
+            self._grants[message.request] = message.answer
+            self._wake_awaiting(message.request)
+        elif isinstance(message, ReleaseIdle):
+            self._release = True
+            self._wake_awaiting(None)
 
     def _wake_awaiting(self, rid: int | None) -> None:
         """Wake the awaited request ``rid`` (None: all of them), each on its own loop."""

@@ -1,0 +1,203 @@
+"""The connect gate of one worker: before each new connection, room from the controller.
+
+Inside a test, a connect asks for room and waits (bounded) for the answer; the answer
+may refuse it (the test gives way and is rerun alone) or say it cannot fit at all.
+Outside any test the connect is the worker's own and is delayed, never refused. Every
+wait is counted as time the budget held the running test back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+from pytest_poolaware.shared.clock import monotonic, wall
+from pytest_poolaware.shared.link import WorkerLink
+from pytest_poolaware.shared.protocol import Answer, Note, RoomKnown
+from pytest_poolaware.worker.meter import (
+    NO_ITEM,
+    BudgetRefused,
+    ControllerGone,
+    PoolMeter,
+    RoomTooSmall,
+)
+
+#: Why a worker stops when its controller has gone.
+ORPHANED: Final = (
+    "the run's controller has gone; this worker opens no connection and starts no test"
+)
+
+#: Where a worker is when a connection is opened outside any test: a suite may connect in
+#: ``pytest_configure``, at conftest import, in ``pytest_sessionstart`` (SQLAlchemy's own
+#: suite provisions its databases there), during collection, or in
+#: ``pytest_sessionfinish`` (dropping them). Such connects are counted and admitted like
+#: a test's, but never refused: there is no test to rerun (``docs/design.md``,
+#: "Connections outside tests").
+STARTUP: Final = "start-up"
+SESSION_START: Final = "session start"
+COLLECTION: Final = "collection"
+BETWEEN_TESTS: Final = "between tests"
+SESSION_FINISH: Final = "session finish"
+
+#: Waits for the budget shorter than this are counted but not kept as spans (the trace):
+#: every item waits about one round trip to the controller for its go.
+WAIT_SPAN_MIN: Final = 0.002
+
+T = TypeVar("T")
+
+
+class ConnectGate:
+    """Admits each new connection of one worker process (``PoolMeter``'s gate), and
+    counts the running item's waits for the budget."""
+
+    def __init__(
+        self,
+        link: WorkerLink,
+        meter: PoolMeter,
+        *,
+        budget: int,
+        gate_timeout: float,
+        room: tuple[int, str] | None,
+        release: Callable[[], None],
+        release_async: Callable[[], Awaitable[None]],
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self.link = link
+        self.meter = meter
+        self.budget = budget
+        self.gate_timeout = gate_timeout
+        #: When the budget is the server's own room: what the server allows the login in
+        #: all, and which limit that is ("role acc_app CONNECTION LIMIT 16").
+        self.room = room
+        #: Give idle connections back when the controller asks during a wait.
+        self._release = release
+        self._release_async = release_async
+        self._clock = clock
+        #: The item being run: connect requests name it, so the controller can tell them
+        #: from the previous item's (its completion may reach the controller later).
+        self.running = NO_ITEM
+        #: Where the worker is when not running a test (None: inside one).
+        self.phase: str | None = STARTUP
+        #: Whether connects ask the controller: not once this worker's session has
+        #: finished (the controller no longer answers a worker that has finished).
+        self.gated = True
+        #: The running item's time held back by the budget, and its longer waits (spans).
+        self.waited = 0.0
+        self.waits: list[tuple[float, float]] = []
+        #: What the connecting thread waited at the gate, for its ``OpenedOutsideTests``.
+        self._connect = threading.local()
+
+    def begin_item(self, index: int) -> None:
+        """A new item: its connects name it, and its waits start from none."""
+        self.running = index
+        self.waited = 0.0
+        self.waits = []
+
+    def room_known(self, known: RoomKnown) -> None:
+        """The controller learned the server: the budget (and room) changed."""
+        self.budget = known.budget
+        self.room = known.room
+
+    def timed(self, wait: Callable[[], T]) -> T:
+        """Run ``wait`` and count it as time held back by the budget."""
+        begun, begun_at = self._clock(), wall()
+        result = wait()
+        self._count_wait(begun, begun_at)
+        return result
+
+    def _count_wait(self, begun: float, begun_at: float) -> None:
+        """Count a wait that began at ``begun`` (``_clock``) and ``begun_at`` (wall clock)."""
+        waited = self._clock() - begun
+        self.waited += waited
+        if waited >= WAIT_SPAN_MIN:
+            self.waits.append((begun_at, wall()))
+
+    def take_waited(self) -> float:
+        """What the connecting thread last waited at the gate (then forgotten)."""
+        waited, self._connect.waited = getattr(self._connect, "waited", 0.0), 0.0
+        return float(waited)
+
+    def wait(self, background: bool) -> None:
+        """Called before each new connection: wait until the budget has room for it.
+        Outside a test the connect is a worker's own, like a pool's: delayed until there
+        is room, never refused (there is no test to rerun)."""
+        if not self.gated:
+            return
+        phase = self.phase
+        never_refused = background or phase is not None
+        begun = self._clock()
+        answer = self.timed(
+            lambda: self.link.request(
+                self.running if phase is None else NO_ITEM,
+                None,
+                self.gate_timeout,
+                self._release,
+                background=never_refused,
+            )
+        )
+        self._connect.waited = self._clock() - begun
+        self._answered(answer, never_refused, phase)
+
+    async def wait_async(self, background: bool) -> None:
+        """The gate for a connect on an event loop: awaits the answer, so the loop's other
+        coroutines (which may hold the connections that would free room) keep running."""
+        if not self.gated:
+            return
+        phase = self.phase
+        never_refused = background or phase is not None
+        begun, begun_at = self._clock(), wall()
+        answer = await self.link.request_async(
+            self.running if phase is None else NO_ITEM,
+            self.gate_timeout,
+            self._release_async,
+            background=never_refused,
+        )
+        self._count_wait(begun, begun_at)
+        self._connect.waited = self._clock() - begun
+        self._answered(answer, never_refused, phase)
+
+    def _answered(self, answer: Answer | None, background: bool, phase: str | None) -> None:
+        if answer is None and self.link.closed:
+            raise ControllerGone(f"pytest-poolaware: {ORPHANED}")
+        if answer is None and phase is not None:
+            self.link.send(
+                Note(
+                    f"waited {self.gate_timeout:g}s for connection budget at {phase} "
+                    "(outside any test); connecting anyway"
+                )
+            )
+            return
+        if answer is None and self.room is not None and not background:
+            # The budget is the server's own room (shared with other runs, perhaps):
+            # connecting past it would be refused, and would mislead what is learned.
+            self.link.send(
+                Note(f"waited {self.gate_timeout:g}s for connection budget; the test gave way")
+            )
+            raise BudgetRefused(
+                f"pytest-poolaware: too many connections: waited {self.gate_timeout:g}s for "
+                "a connection within the server's room; this test gives way and is rerun alone"
+            )
+        if answer is None:
+            self.link.send(
+                Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
+            )
+        elif (
+            # Past the budget when the budget is the server's room: refused for certain,
+            # and so would a rerun be (alone it would be let past the same budget).
+            answer in (Answer.OVER_BUDGET, Answer.REFUSED)
+            and not background
+            and self.room is not None
+            and self.meter.checked_out + 1 > self.budget
+        ):
+            allows, limit = self.room
+            raise RoomTooSmall(
+                f"pytest-poolaware: this test needs {self.meter.checked_out + 1} connections "
+                f"at once; the server allows this login {allows} ({limit}), {self.budget} "
+                "of them for the run's tests"
+            )
+        elif answer is Answer.REFUSED and not background:
+            raise BudgetRefused(
+                "pytest-poolaware: too many connections: every test holding connections "
+                "was waiting for more; this one gives way and is rerun alone"
+            )
