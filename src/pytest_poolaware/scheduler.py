@@ -19,7 +19,6 @@ from pytest_poolaware.dispatch import Dispatcher, RunRecord
 from pytest_poolaware.planning.core import (
     Action,
     ItemSpec,
-    Lane,
     Order,
     Planner,
     lane_for,
@@ -101,9 +100,7 @@ class PoolAwareScheduling:
         self.collection: list[str] | None = None
         #: The worker whose collection is the run's (named in collection-diff errors).
         self._collection_source = ""
-        self._markers: list[Markers] | None = None
-        #: Markers and marker conflicts each worker reported with its collection.
-        self._reported: dict[WorkerController, Collected] = {}
+        self._markers = ReportedMarkers()
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
         self._dispatch = Dispatcher(
             self.planner,
@@ -112,7 +109,7 @@ class PoolAwareScheduling:
             inbox=inbox,
             joined=self._joined,
             record=self._record,
-            on_collected=self._collected_report,
+            on_collected=self._markers.report,
             server_pids=server_pids,
             share=share,
             learning=learning,
@@ -181,17 +178,16 @@ class PoolAwareScheduling:
             self._record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
-        reported = self._reported.pop(node, Collected(()))
-        self._reported.clear()
-        markers = list(reported.markers)
-        if len(markers) != len(collection):
-            markers = [UNMARKED] * len(collection)
-        self._markers = markers
-        if reported.conflicts:
-            raise pytest.UsageError(conflict_message(reported.conflicts))
+        markers = self._markers.take(node, collection)
         # With one worker there is no one to wait for (and the worker alone must run the
         # serial lane and the fan-out interleaved, in collection order).
-        self._apply(self.planner.load(self._tests(), fanout_open=self.numnodes == 1))
+        tests = item_specs(
+            collection,
+            markers,
+            self.history,
+            unmarked_serial=self.settings.unmarked != DEFAULT_UNMARKED_POLICY,
+        )
+        self._apply(self.planner.load(tests, fanout_open=self.numnodes == 1))
 
     def _join(self, node: WorkerController) -> None:
         if node not in self._joined and node in self._nodes:
@@ -307,88 +303,22 @@ class PoolAwareScheduling:
 
     def snapshot(self) -> RunSnapshot:
         """The run as the scheduler saw it, for the report and the marker advice."""
-        collection = tuple(self.collection or ())
-        markers = tuple(self._markers or ())
-        if len(markers) != len(collection):
-            markers = (UNMARKED,) * len(collection)
-        loaded = self.planner.loaded
-        statistics = self.planner.statistics()
-        return RunSnapshot(
+        return self._record.snapshot(
+            self.planner,
             workers=self.numnodes,
-            collection=collection,
-            markers=markers,
-            lanes=tuple(
-                self.planner.lane_of(i) if loaded else Lane.FANOUT for i in range(len(collection))
-            ),
-            results=tuple(self._record.results),
-            overruns=statistics.overruns,
-            peak_open=statistics.peak_open,
-            timeline=tuple(self._record.timeline),
-            notes=tuple(self._record.notes) + self._out_of_order_note() + self._outside_note(),
-            order=self.planner.order.value,
-            placement=self.planner.placement.value,
-            learned=statistics.learned,
+            collection=tuple(self.collection or ()),
+            markers=tuple(self._markers.markers or ()),
         )
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _outside_note(self) -> tuple[str, ...]:
-        line = self._record.outside.summary()
-        return () if line is None else (line,)
-
-    def _out_of_order_note(self) -> tuple[str, ...]:
-        """Tests run out of collection order because no worker could take them in order
-        (a crash, usually): worth knowing when a hidden order dependency shows."""
-        count = len(self.planner.out_of_order)
-        if not count:
-            return ()
-        return (
-            f"{count} tests ran after later ones on their worker: none could take them in order",
-        )
-
-    def _tests(self) -> list[ItemSpec]:
-        assert self.collection is not None
-        assert self._markers is not None
-        unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
-        tests = []
-        for nodeid, markers in zip(self.collection, self._markers, strict=True):
-            measure = self.history.get(nodeid)
-            lane = lane_for(
-                serial=markers.serial,
-                parallel=markers.parallel,
-                measured=measure is not None and measure.need is not None,
-                unmarked_serial=unmarked_serial,
-            )
-            tests.append(
-                ItemSpec(
-                    lane,
-                    measure.need if measure else None,
-                    measure.duration if measure else None,
-                    group=nodeid.split("::", 1)[0],
-                    xdist_group=markers.xdist_group,
-                )
-            )
-        return tests
 
     def keep_within(self, started: float, finished: float) -> None:
         """Tests' start and end lie within the session, whatever a test did to the clock
         (``RunRecord.keep_within``)."""
-        moved = self._record.keep_within(started, finished)
-        if moved:
-            self._record.notes.append(
-                f"{moved} tests were stamped outside the session (something moved the "
-                "plugin's clock); their times are shown clamped to it"
-            )
+        self._record.keep_within(started, finished)
 
     def take_last_news(self) -> None:
         """At the session's end: the workers' last counts (sent as they finished) may
         still wait in the inbox; the report's end-of-run figures need them."""
         self._drain()
-
-    def _collected_report(self, node: WorkerController, message: Collected) -> None:
-        """A worker's markers: only those of the run's collection are used."""
-        if self.collection is None:
-            self._reported[node] = message
 
     def follow_share(self, share: ShareCoordinator) -> None:
         """Sharing began mid-run (the server was learned): consult it from now on."""
@@ -400,3 +330,61 @@ class PoolAwareScheduling:
 
     def _apply(self, actions: list[Action]) -> None:
         self._dispatch.apply(actions)
+
+
+class ReportedMarkers:
+    """Markers and marker conflicts the workers report with their collections: those of
+    the worker whose collection is the run's are the run's, the others are dropped."""
+
+    def __init__(self) -> None:
+        self._reported: dict[WorkerController, Collected] = {}
+        #: The run's markers, per item, once its collection is in.
+        self.markers: list[Markers] | None = None
+
+    def report(self, node: WorkerController, message: Collected) -> None:
+        """A worker's markers: only those of the run's collection are used."""
+        if self.markers is None:
+            self._reported[node] = message
+
+    def take(self, node: WorkerController, collection: Sequence[str]) -> list[Markers]:
+        """The run's markers: those ``node`` reported with the run's collection. Both
+        markers on one test contradict each other: refuse to guess."""
+        reported = self._reported.pop(node, Collected(()))
+        self._reported.clear()
+        markers = list(reported.markers)
+        if len(markers) != len(collection):
+            markers = [UNMARKED] * len(collection)
+        self.markers = markers
+        if reported.conflicts:
+            raise pytest.UsageError(conflict_message(reported.conflicts))
+        return markers
+
+
+def item_specs(
+    collection: Sequence[str],
+    markers: Sequence[Markers],
+    history: History,
+    *,
+    unmarked_serial: bool,
+) -> list[ItemSpec]:
+    """What the planner is loaded with: each test's lane, from its markers and what was
+    learned of it, its need and duration as learned, and its groups."""
+    tests = []
+    for nodeid, marked in zip(collection, markers, strict=True):
+        measure = history.get(nodeid)
+        lane = lane_for(
+            serial=marked.serial,
+            parallel=marked.parallel,
+            measured=measure is not None and measure.need is not None,
+            unmarked_serial=unmarked_serial,
+        )
+        tests.append(
+            ItemSpec(
+                lane,
+                measure.need if measure else None,
+                measure.duration if measure else None,
+                group=nodeid.split("::", 1)[0],
+                xdist_group=marked.xdist_group,
+            )
+        )
+    return tests
