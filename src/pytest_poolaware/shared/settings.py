@@ -516,7 +516,12 @@ class Settings:
     @property
     def serial_advice_need(self) -> int:
         """Connections at once from which an unmarked test is advised ``serial_only``."""
-        return max(MIN_RISKY_NEED, self.risky_need or default_risky_need(self.budget))
+        return self.advice_need(self.budget)
+
+    def advice_need(self, budget: int) -> int:
+        """``serial_advice_need`` for the budget the run ended with (the server's room,
+        say, rather than the configured one)."""
+        return max(MIN_RISKY_NEED, self.risky_need or default_risky_need(budget))
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
