@@ -24,7 +24,6 @@ from pytest_poolaware.planning.core import (
     Shutdown,
 )
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
-from pytest_poolaware.server.learning import on_this_machine
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.clock import wall
 from pytest_poolaware.shared.link import ControllerLink
@@ -47,8 +46,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.server.learning import ServerLearning
-    from pytest_poolaware.server.share import ShareCoordinator
+    from pytest_poolaware.budget import Change, RunBudget
 
 
 @dataclass
@@ -169,7 +167,8 @@ class Dispatcher:
 
     ``joined``: the workers the planner knows (the adapter's own set: news from others is
     not the planner's). ``on_collected``: where ``Collected`` messages go (the adapter
-    reads markers from them).
+    reads markers from them). ``budget``: the run's budget, whose every change the
+    planner follows and the workers are told of.
     """
 
     def __init__(
@@ -177,17 +176,17 @@ class Dispatcher:
         planner: Planner[WorkerController],
         log: Producer,
         *,
+        budget: RunBudget[WorkerController],
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         joined: set[WorkerController],
         record: RunRecord,
         on_collected: Callable[[WorkerController, Collected], None],
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
-        share: ShareCoordinator | None = None,
-        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.planner = planner
         self.log = log
+        self._budget = budget
         self._links = links
         self._inbox = inbox
         self._joined = joined
@@ -196,11 +195,6 @@ class Dispatcher:
         #: the last one sent to the workers.
         self._server_pids = server_pids
         self._pids_sent = 0.0
-        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
-        #: consulted before every decision.
-        self.share = share
-        #: With no DSN given: the server learned from the workers' first connection.
-        self.learning = learning
         #: The workers' notes taken so far: another worker saying the same adds nothing.
         self._noted: set[str] = set()
         #: What each kind of message from a worker does.
@@ -212,6 +206,12 @@ class Dispatcher:
             Note: self._note,
             OpenedOutsideTests: self._opened_outside_tests,
         }
+        # The planner follows the budget from here, starting with what it is now (nothing
+        # is attached yet: no action to carry out, and nothing to tell a share).
+        start = budget.subscribe(self._budget_changed, open_now=lambda: planner.statistics().open)
+        self._carry_out(
+            planner.set_budget(start.budget, ceiling=start.ceiling, give_way=start.give_way)
+        )
 
     def admits(self, node: WorkerController) -> bool:
         """Whether the planner counts and admits this worker's connections: from the moment
@@ -225,23 +225,31 @@ class Dispatcher:
 
     def detach(self, node: WorkerController) -> None:
         """A worker that never joined is gone: what it held or asked for no longer counts."""
-        if self.learning is not None:
-            self.learning.worker_gone(node)
+        self._budget.worker_gone(node)
         self.apply(self.planner.remove_worker(node)[1])
 
-    def _consult_share(self, share: ShareCoordinator) -> None:
-        """Follow the run's share of the server's room when it moved."""
-        self.apply(
-            self.planner.set_budget(
-                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
+    def _budget_changed(self, change: Change) -> None:
+        """The budget moved (its owner publishes each change once): every worker is told
+        what a test may have alone and the room, and the planner follows."""
+        if change.workers is not None:
+            for link in self._links.values():
+                link.send(change.workers)
+        if change.planner is not None:
+            limits = change.planner
+            self.apply(
+                self.planner.set_budget(
+                    limits.budget, ceiling=limits.ceiling, give_way=limits.give_way
+                )
             )
-        )
 
-    def _report_to_share(self, share: ShareCoordinator) -> None:
-        """What the run uses and waits for, after every decision: the share moves on it."""
+    def _report_use(self) -> None:
+        """What the run uses and waits for, after every decision, when it shares the room:
+        the share moves on it."""
+        if not self._budget.sharing:
+            return
         planner = self.planner
         stats = planner.statistics()
-        share.report(
+        self._budget.report_use(
             in_use=stats.committed,
             open_=stats.open,
             pending=planner.has_pending or not planner.loaded,
@@ -249,18 +257,11 @@ class Dispatcher:
             using=planner.budget,
         )
 
-    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
-        """The server was learned: follow its budget."""
-        budget = learning.take()
-        if budget is not None:
-            self.apply(self.planner.set_budget(budget))
-
     def drain(self) -> None:
-        """Feed the workers' side-channel messages to the planner, oldest first."""
-        if self.learning is not None:
-            self._follow_learning(self.learning)
-        if self.share is not None:
-            self._consult_share(self.share)
+        """Feed the workers' side-channel messages to the planner, oldest first, once the
+        budget's news (the server learned, the share moved) is in."""
+        self._budget.poll()
+        self._report_use()
         for node in self._joined:
             if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
                 self.planner.shut_down(node)
@@ -289,13 +290,10 @@ class Dispatcher:
             )
 
     def _server_seen(self, node: WorkerController, message: ServerSeen) -> None:
-        if self.learning is not None:
-            self.learning.seen(message, on_this_machine(node.gateway.spec))
+        self._budget.seen(message, node.gateway.spec)
 
     def _room_request(self, node: WorkerController, message: RoomRequest) -> None:
-        if not self.admits(node) or (
-            self.learning is not None and self.learning.hold(node, message)
-        ):
+        if not self.admits(node) or self._budget.holds(node, message):
             return
         want = message.want
         budget = self.planner.budget_of(message.budget)
@@ -340,8 +338,7 @@ class Dispatcher:
     def apply(self, actions: list[Action]) -> None:
         """Carry out the planner's actions, then tell the share what the run uses now."""
         self._carry_out(actions)
-        if self.share is not None:
-            self._report_to_share(self.share)
+        self._report_use()
 
     def _carry_out(self, actions: list[Action]) -> None:
         goes: dict[WorkerController, list[int]] = {}

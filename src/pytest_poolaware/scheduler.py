@@ -40,8 +40,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.server.learning import ServerLearning
-    from pytest_poolaware.server.share import ShareCoordinator
+    from pytest_poolaware.budget import RunBudget
 
 
 class PoolAwareScheduling:
@@ -61,13 +60,12 @@ class PoolAwareScheduling:
         log: Producer,
         *,
         settings: Settings,
+        budget: RunBudget[WorkerController],
         history: History,
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         serial_worker: str | None = None,
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
-        share: ShareCoordinator | None = None,
-        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -77,12 +75,10 @@ class PoolAwareScheduling:
         #: Notes start with the learned data's problems, as they were found first.
         self._record = RunRecord(notes=list(history.problems))
         self._links = links
-        #: This run's share of the server's room (``share.ShareCoordinator``), if shared.
-        self.share = share
-        #: With no DSN given: the server learned from the workers' first connection.
-        self.learning = learning
+        #: The run's budget over time (learned, shared...): the dispatcher follows it.
+        self.budget = budget
         self.planner: Planner[WorkerController] = Planner(
-            share.budget() if share is not None else settings.budget,
+            budget.statistics().budget,  # a start: the dispatcher sets what it follows
             unknown_need=settings.unknown_need,
             order=Order(settings.order),
         )
@@ -105,14 +101,13 @@ class PoolAwareScheduling:
         self._dispatch = Dispatcher(
             self.planner,
             self.log,
+            budget=budget,
             links=links,
             inbox=inbox,
             joined=self._joined,
             record=self._record,
             on_collected=self._markers.report,
             server_pids=server_pids,
-            share=share,
-            learning=learning,
         )
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -214,8 +209,7 @@ class PoolAwareScheduling:
     ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
-        if self.learning is not None:
-            self.learning.item_done(node, item_index)
+        self.budget.item_done(node, item_index)
         measures = self._measures.pop((node, item_index), None)
         if measures is None:  # no report carried them (e.g. the item was not run)
             self._apply(self.planner.completed(node, item_index, duration=duration))
@@ -230,11 +224,7 @@ class PoolAwareScheduling:
             measures.need,
             measures.duration,
             contended=measures.contended
-            or (
-                self.share is not None
-                and measures.waited > 0
-                and self.share.held_back_during(measures.start, measures.end)
-            ),
+            or (measures.waited > 0 and self.budget.held_back_during(measures.start, measures.end)),
         )
         self._apply(
             self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
@@ -319,11 +309,6 @@ class PoolAwareScheduling:
         """At the session's end: the workers' last counts (sent as they finished) may
         still wait in the inbox; the report's end-of-run figures need them."""
         self._drain()
-
-    def follow_share(self, share: ShareCoordinator) -> None:
-        """Sharing began mid-run (the server was learned): consult it from now on."""
-        self.share = share
-        self._dispatch.share = share
 
     def _drain(self) -> None:
         self._dispatch.drain()

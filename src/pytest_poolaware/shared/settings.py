@@ -509,11 +509,6 @@ class Settings:
     advice_path: str | None = None
 
     @property
-    def configured_budget(self) -> tuple[int, str] | None:
-        """(budget, where it came from) when the user set one."""
-        return (self.budget, self.budget_source) if self.budget_configured else None
-
-    @property
     def serial_advice_need(self) -> int:
         """Connections at once from which an unmarked test is advised ``serial_only``."""
         return self.advice_need(self.budget)
