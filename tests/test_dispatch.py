@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pytest_poolaware.dispatch import OutsideTests, RunRecord
-from pytest_poolaware.planning.core import Lane
+from pytest_poolaware.planning.core import Lane, Planner
 from pytest_poolaware.reporting.runstats import ItemResult
+from pytest_poolaware.shared.markers import UNMARKED
 from pytest_poolaware.shared.protocol import ItemMeasures
 
 
@@ -33,6 +34,25 @@ def test_stamps_outside_the_session_are_clamped_and_counted() -> None:
     inside, moved = (r.measures for r in record.results)
     assert (inside.start, inside.end) == (105.0, 106.0)
     assert (moved.start, moved.end, moved.waits) == (200.0, 200.0, ((100.0, 200.0),))
+    assert record.notes == [
+        "1 tests were stamped outside the session (something moved the plugin's clock); "
+        "their times are shown clamped to it"
+    ]
+
+
+def test_the_snapshot_before_the_collection_is_loaded() -> None:
+    """Markers nobody reported are unmarked, every test is in the fan-out until the
+    planner is loaded, and the notes end with the connections opened outside tests."""
+    record = RunRecord(notes=["forgot the learned data of 2 tests that no longer exist"])
+    record.outside.note("session start", 0.0)
+    planner: Planner[str] = Planner(3)
+    snapshot = record.snapshot(planner, workers=2, collection=("a.py::t", "a.py::u"), markers=())
+    assert (snapshot.workers, snapshot.markers) == (2, (UNMARKED, UNMARKED))
+    assert snapshot.lanes == (Lane.FANOUT, Lane.FANOUT)
+    assert snapshot.notes == (
+        "forgot the learned data of 2 tests that no longer exist",
+        "1 connections opened outside tests (1 at session start), counted in the budget",
+    )
 
 
 def test_connections_outside_tests_are_summed_by_where() -> None:

@@ -265,39 +265,6 @@ def test_another_login_on_the_server_is_read_while_connections_wait() -> None:
     assert "on another server" in notes[1]
 
 
-def test_the_run_s_own_connections_are_not_other_clients_in_the_budget_line(
-    pytester: pytest.Pytester,
-) -> None:
-    """A login read while two workers' connections were open that their workers had not
-    reported yet counts them as other clients; once they are known (another login is
-    read), the budget is counted again without them, and the budget line names as many
-    logins as the notes."""
-    from pytest_poolaware.plugin import Controller
-    from pytest_poolaware.server.login_rooms import FirstLogin
-    from pytest_poolaware.shared.settings import Settings
-
-    limit = "role app CONNECTION LIMIT 8"
-    source = f"{limit}, 1 kept for the monitor"
-    controller = Controller(pytester.parseconfig(), Settings(7, source, budget_configured=False))
-    controller.first_login = FirstLogin(7, source, (8, limit))
-    clients = ((10, "app", "app_gw0", False), (11, "app", "app", False), (12, "app", "app", False))
-    seen = [ServerSeen("db", 5432, f"app_gw{n}", "app", None, "psycopg", 10 + n) for n in range(4)]
-
-    def read(login: ServerSeen) -> ServerFacts:
-        return dataclasses.replace(facts_of("app"), database=login.dbname, clients=clients)
-
-    assert controller._login_read(seen[0], read(seen[0]), [10]) == 5
-    assert "2 held by other clients" in controller.settings.budget_source
-    for login in seen[1:]:  # 11 and 12 were the workers' own
-        controller._login_read(login, read(login), [10, 11, 12, 13])
-    assert controller.settings.budget == 7
-    assert controller.settings.budget_source == source
-    assert controller.other_logins.notes() == [
-        f"tests also connected as 4 logins (app@db:5432/app_gw0, app@db:5432/app_gw1, "
-        f"app@db:5432/app_gw2 and 1 more): room 7 ({source})"
-    ]
-
-
 def facts_of(role: str) -> ServerFacts:
     return ServerFacts(
         version=160000,

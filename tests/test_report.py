@@ -316,8 +316,6 @@ def test_bad_report_settings_are_usage_errors(
 # -- pure pieces ------------------------------------------------------------------------
 
 
-
-
 def load_benchmarks() -> Any:
     """``benchmarks/run.py`` as a module (the benchmarks are scripts, not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"

@@ -219,7 +219,8 @@ class WaitForTheCutToBeNoticed:
 
     def noticed(self):
         controller = self.config.pluginmanager.get_plugin("poolaware-controller")
-        parts = (getattr(controller, "share", None), getattr(controller, "monitor", None))
+        server = getattr(controller, "server", None)
+        parts = (getattr(server, "share", None), getattr(server, "monitor", None))
         return all(part is not None and part.problem for part in parts)
 
     def pytest_runtest_logreport(self, report):

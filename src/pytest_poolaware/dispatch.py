@@ -10,22 +10,23 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pytest_poolaware.planning.core import (
     Action,
     Go,
     Grant,
+    Lane,
     Planner,
     Release,
     Send,
     Shutdown,
 )
-from pytest_poolaware.reporting.runstats import ItemResult
-from pytest_poolaware.server.learning import on_this_machine
+from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.clock import wall
 from pytest_poolaware.shared.link import ControllerLink
+from pytest_poolaware.shared.markers import UNMARKED, Markers
 from pytest_poolaware.shared.protocol import (
     Collected,
     Counts,
@@ -44,8 +45,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.server.learning import ServerLearning
-    from pytest_poolaware.server.share import ShareCoordinator
+    from pytest_poolaware.budget import Change, RunBudget
 
 
 @dataclass
@@ -85,10 +85,45 @@ class RunRecord:
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
     outside: OutsideTests = field(default_factory=OutsideTests)
 
+    def snapshot(
+        self,
+        planner: Planner[Any],
+        *,
+        workers: int,
+        collection: tuple[str, ...],
+        markers: tuple[Markers, ...],
+    ) -> RunSnapshot:
+        """The run as the scheduler saw it, for the report and the marker advice."""
+        if len(markers) != len(collection):
+            markers = (UNMARKED,) * len(collection)
+        loaded = planner.loaded
+        statistics = planner.statistics()
+        return RunSnapshot(
+            workers=workers,
+            collection=collection,
+            markers=markers,
+            lanes=tuple(
+                planner.lane_of(i) if loaded else Lane.FANOUT for i in range(len(collection))
+            ),
+            results=tuple(self.results),
+            overruns=statistics.overruns,
+            peak_open=statistics.peak_open,
+            timeline=tuple(self.timeline),
+            notes=tuple(self.notes) + _out_of_order_note(planner) + self._outside_note(),
+            order=planner.order.value,
+            placement=planner.placement.value,
+            learned=statistics.learned,
+        )
+
+    def _outside_note(self) -> tuple[str, ...]:
+        line = self.outside.summary()
+        return () if line is None else (line,)
+
     def keep_within(self, started: float, finished: float) -> int:
-        """Clamp the tests' stamps to the session (``started`` to ``finished``); returns
-        how many tests had a stamp outside it. Workers stamp with a clock tests cannot
-        move (``clock``), so this is a last guard, never a routine."""
+        """Clamp the tests' stamps to the session (``started`` to ``finished``), whatever
+        a test did to the clock, and say so in a note; returns how many tests had a stamp
+        outside it. Workers stamp with a clock tests cannot move (``clock``), so this is
+        a last guard, never a routine."""
 
         def inside(stamp: float) -> float:
             return min(max(stamp, started), finished)
@@ -109,7 +144,21 @@ class RunRecord:
                     waits=tuple((inside(a), inside(b)) for a, b in measures.waits),
                 ),
             )
+        if moved:
+            self.notes.append(
+                f"{moved} tests were stamped outside the session (something moved the "
+                "plugin's clock); their times are shown clamped to it"
+            )
         return moved
+
+
+def _out_of_order_note(planner: Planner[Any]) -> tuple[str, ...]:
+    """Tests run out of collection order because no worker could take them in order
+    (a crash, usually): worth knowing when a hidden order dependency shows."""
+    count = len(planner.out_of_order)
+    if not count:
+        return ()
+    return (f"{count} tests ran after later ones on their worker: none could take them in order",)
 
 
 class Dispatcher:
@@ -117,7 +166,8 @@ class Dispatcher:
 
     ``joined``: the workers the planner knows (the adapter's own set: news from others is
     not the planner's). ``on_collected``: where ``Collected`` messages go (the adapter
-    reads markers from them).
+    reads markers from them). ``budget``: the run's budget, whose every change the
+    planner follows and the workers are told of.
     """
 
     def __init__(
@@ -125,33 +175,42 @@ class Dispatcher:
         planner: Planner[WorkerController],
         log: Producer,
         *,
+        budget: RunBudget[WorkerController],
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         joined: set[WorkerController],
         record: RunRecord,
         on_collected: Callable[[WorkerController, Collected], None],
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
-        share: ShareCoordinator | None = None,
-        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.planner = planner
         self.log = log
+        self._budget = budget
         self._links = links
         self._inbox = inbox
         self._joined = joined
         self._record = record
-        self._on_collected = on_collected
         #: The server's latest (time, backend pids) when it is monitored, and the time of
         #: the last one sent to the workers.
         self._server_pids = server_pids
         self._pids_sent = 0.0
-        #: This run's share of the server's room (``share.ShareCoordinator``), if shared:
-        #: consulted before every decision.
-        self.share = share
-        #: With no DSN given: the server learned from the workers' first connection.
-        self.learning = learning
         #: The workers' notes taken so far: another worker saying the same adds nothing.
         self._noted: set[str] = set()
+        #: What each kind of message from a worker does.
+        self._handlers: dict[type, Callable[[WorkerController, Any], None]] = {
+            Collected: on_collected,
+            Counts: self._counts,
+            ServerSeen: self._server_seen,
+            RoomRequest: self._room_request,
+            Note: self._note,
+            OpenedOutsideTests: self._opened_outside_tests,
+        }
+        # The planner follows the budget from here, starting with what it is now (nothing
+        # is attached yet: no action to carry out, and nothing to tell a share).
+        start = budget.subscribe(self._budget_changed, open_now=lambda: planner.statistics().open)
+        self._carry_out(
+            planner.set_budget(start.budget, ceiling=start.ceiling, give_way=start.give_way)
+        )
 
     def admits(self, node: WorkerController) -> bool:
         """Whether the planner counts and admits this worker's connections: from the moment
@@ -165,23 +224,31 @@ class Dispatcher:
 
     def detach(self, node: WorkerController) -> None:
         """A worker that never joined is gone: what it held or asked for no longer counts."""
-        if self.learning is not None:
-            self.learning.worker_gone(node)
+        self._budget.worker_gone(node)
         self.apply(self.planner.remove_worker(node)[1])
 
-    def _consult_share(self, share: ShareCoordinator) -> None:
-        """Follow the run's share of the server's room when it moved."""
-        self.apply(
-            self.planner.set_budget(
-                share.budget(), ceiling=share.ceiling_now(), give_way=share.give_way()
+    def _budget_changed(self, change: Change) -> None:
+        """The budget moved (its owner publishes each change once): every worker is told
+        what a test may have alone and the room, and the planner follows."""
+        if change.workers is not None:
+            for link in self._links.values():
+                link.send(change.workers)
+        if change.planner is not None:
+            limits = change.planner
+            self.apply(
+                self.planner.set_budget(
+                    limits.budget, ceiling=limits.ceiling, give_way=limits.give_way
+                )
             )
-        )
 
-    def _report_to_share(self, share: ShareCoordinator) -> None:
-        """What the run uses and waits for, after every decision: the share moves on it."""
+    def _report_use(self) -> None:
+        """What the run uses and waits for, after every decision, when it shares the room:
+        the share moves on it."""
+        if not self._budget.sharing:
+            return
         planner = self.planner
         stats = planner.statistics()
-        share.report(
+        self._budget.report_use(
             in_use=stats.committed,
             open_=stats.open,
             pending=planner.has_pending or not planner.loaded,
@@ -189,18 +256,11 @@ class Dispatcher:
             using=planner.budget,
         )
 
-    def _follow_learning(self, learning: ServerLearning[WorkerController]) -> None:
-        """The server was learned: follow its budget."""
-        budget = learning.take()
-        if budget is not None:
-            self.apply(self.planner.set_budget(budget))
-
     def drain(self) -> None:
-        """Feed the workers' side-channel messages to the planner, oldest first."""
-        if self.learning is not None:
-            self._follow_learning(self.learning)
-        if self.share is not None:
-            self._consult_share(self.share)
+        """Feed the workers' side-channel messages to the planner, oldest first, once the
+        budget's news (the server learned, the share moved) is in."""
+        self._budget.poll()
+        self._report_use()
         for node in self._joined:
             if compat.is_shutting_down(node):  # DSession stops a run by shutting workers down
                 self.planner.shut_down(node)
@@ -211,49 +271,51 @@ class Dispatcher:
                 return
             shown = message.kind if isinstance(message, Collected) else message
             self.log("received", node.gateway.id, shown)
-            if isinstance(message, Collected):
-                self._on_collected(node, message)
-            elif isinstance(message, Counts):
-                self._record.timeline.append((wall(), node.gateway.id, message.open))
-                if self.admits(node):
-                    self.apply(
-                        self.planner.counts(
-                            node,
-                            message.open,
-                            message.idle,
-                            released=message.released,
-                            version=message.version,
-                        )
-                    )
-            elif isinstance(message, ServerSeen):
-                if self.learning is not None:
-                    self.learning.seen(message, on_this_machine(node.gateway.spec))
-            elif isinstance(message, RoomRequest):
-                if self.admits(node) and not (
-                    self.learning is not None and self.learning.hold(node, message)
-                ):
-                    want = message.want
-                    if want is not None:  # a rerun asks for the whole budget: as it is now
-                        want = min(want, self.planner.budget)
-                    actions = self.planner.request(
-                        node,
-                        message.request,
-                        want,
-                        item=message.item,
-                        background=message.background,
-                    )
-                    if not any(
-                        isinstance(a, Grant) and a.worker == node and a.request == message.request
-                        for a in actions
-                    ):
-                        self._reconcile()
-                    self.apply(actions)
-            elif isinstance(message, Note):
-                if message.text not in self._noted:  # said once, whichever worker says it
-                    self._noted.add(message.text)
-                    self._record.notes.append(f"[{node.gateway.id}] {message.text}")
-            elif isinstance(message, OpenedOutsideTests):
-                self._record.outside.note(message.phase, message.waited)
+            self._handlers[type(message)](node, message)
+
+    def _counts(self, node: WorkerController, message: Counts) -> None:
+        self._record.timeline.append((wall(), node.gateway.id, message.open))
+        if self.admits(node):
+            self.apply(
+                self.planner.counts(
+                    node,
+                    message.open,
+                    message.idle,
+                    released=message.released,
+                    version=message.version,
+                )
+            )
+
+    def _server_seen(self, node: WorkerController, message: ServerSeen) -> None:
+        self._budget.seen(message, node.gateway.spec)
+
+    def _room_request(self, node: WorkerController, message: RoomRequest) -> None:
+        if not self.admits(node) or self._budget.holds(node, message):
+            return
+        want = message.want
+        if want is not None:  # a rerun asks for the whole budget: as it is now
+            want = min(want, self.planner.budget)
+        actions = self.planner.request(
+            node,
+            message.request,
+            want,
+            item=message.item,
+            background=message.background,
+        )
+        if not any(
+            isinstance(a, Grant) and a.worker == node and a.request == message.request
+            for a in actions
+        ):
+            self._reconcile()
+        self.apply(actions)
+
+    def _note(self, node: WorkerController, message: Note) -> None:
+        if message.text not in self._noted:  # said once, whichever worker says it
+            self._noted.add(message.text)
+            self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+
+    def _opened_outside_tests(self, node: WorkerController, message: OpenedOutsideTests) -> None:
+        self._record.outside.note(message.phase, message.waited)
 
     def _reconcile(self) -> None:
         """A gate wait begins: send the server's backend pids to the workers, so they
@@ -269,30 +331,38 @@ class Dispatcher:
                 link.send(ServerPids(sample[0], pids))
 
     def apply(self, actions: list[Action]) -> None:
+        """Carry out the planner's actions, then tell the share what the run uses now."""
+        self._carry_out(actions)
+        self._report_use()
+
+    def _carry_out(self, actions: list[Action]) -> None:
         goes: dict[WorkerController, list[int]] = {}
         if actions and self.log.enabled:  # describing the state costs: only for --debug
             self.log("state", self.planner.describe())
         for action in actions:
             self.log(action)
-            node: WorkerController = action.worker
-            if isinstance(action, Send):
-                node.send_runtest_some(list(action.indices))
-            elif isinstance(action, Shutdown):
-                node.shutdown()
-            elif isinstance(action, Go):
-                goes.setdefault(node, []).append(action.index)
+            if isinstance(action, Go):
+                goes.setdefault(action.worker, []).append(action.index)
             else:
-                link = self._links.get(node)
-                if link is None:
-                    continue
-                if isinstance(action, Grant):
-                    link.send(RequestAnswer(action.request, action.answer))
-                elif isinstance(action, Release):
-                    link.send(ReleaseIdle())
+                self._send(action)
         # One message per worker: goes are the most frequent answer.
         for node, indices in goes.items():
             link = self._links.get(node)
             if link is not None:
                 link.send(Goes(tuple(indices)))
-        if self.share is not None:
-            self._report_to_share(self.share)
+
+    def _send(self, action: Action) -> None:
+        """One action other than a go: an xdist command, or an answer on the side channel."""
+        node: WorkerController = action.worker
+        if isinstance(action, Send):
+            node.send_runtest_some(list(action.indices))
+        elif isinstance(action, Shutdown):
+            node.shutdown()
+        else:
+            link = self._links.get(node)
+            if link is None:
+                return
+            if isinstance(action, Grant):
+                link.send(RequestAnswer(action.request, action.answer))
+            elif isinstance(action, Release):
+                link.send(ReleaseIdle())

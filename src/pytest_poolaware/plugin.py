@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import gc
 import os
 import queue
-from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +14,6 @@ import pytest
 from pytest_poolaware.planning import priority
 from pytest_poolaware.planning.history import CACHE_DIR, History
 from pytest_poolaware.reporting import report
-from pytest_poolaware.server import login_rooms
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.clock import wall
 from pytest_poolaware.shared.link import WORKERINPUT_KEY, ControllerLink, WorkerLink
@@ -29,14 +26,9 @@ if TYPE_CHECKING:  # imported when used: xdist and psycopg only where the run ne
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
+    from pytest_poolaware.budget import RunBudget
     from pytest_poolaware.reporting.runstats import RunStats
     from pytest_poolaware.scheduler import PoolAwareScheduling
-    from pytest_poolaware.server.discovery import Discovery
-    from pytest_poolaware.server.learning import ServerLearning
-    from pytest_poolaware.server.monitor import ServerMonitor
-    from pytest_poolaware.server.room import ServerFacts
-    from pytest_poolaware.server.share import ShareCoordinator
-    from pytest_poolaware.shared.protocol import ServerSeen
     from pytest_poolaware.worker.meter import PoolMeter
 
 #: Settings the workers need, sent with ``workerinput`` beside the side channel.
@@ -189,9 +181,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 class Controller:
     """xdist-only hooks of the controller, registered only for ``--dist poolaware`` runs
-    with workers (so ``-p no:xdist`` never sees an xdist hook)."""
+    with workers (so ``-p no:xdist`` never sees an xdist hook).
+
+    The budget is ``budget``'s (``RunBudget``): ``settings`` are the user's, read only.
+    The plugin's own connection to the server (discovery, learning, sharing,
+    monitoring) is ``server``'s.
+    """
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        from pytest_poolaware.budget import RunBudget
+        from pytest_poolaware.own_connection import OwnConnection
+
         self.config = config
         self.settings = settings
         cache: pytest.Cache | None = getattr(config, "cache", None)  # None: -p no:cacheprovider
@@ -200,36 +200,15 @@ class Controller:
         self.links: dict[WorkerController, ControllerLink[WorkerController]] = {}
         self.inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]] = queue.SimpleQueue()
         self.scheduler: PoolAwareScheduling | None = None
-        # For the report: session times, outcomes, server monitoring, the run's facts.
+        self.budget: RunBudget[WorkerController] = RunBudget.from_settings(settings)
+        self.server = OwnConnection(
+            settings, self.budget, inbox=self.inbox, wake=self._wake_scheduler
+        )
+        # For the report: session times, outcomes, the run's facts.
         self.started = self.finished = wall()
         self.outcomes: dict[str, str] = {}
-        self.monitor: ServerMonitor | None = None
-        #: The plugin's own server connection (discovery, monitoring), if any.
-        self.server_connection: Any = None
-        #: A pooler stands between the plugin and the server (``server_room.behind_pooler``).
-        self.pooled = False
-        #: This run's share of the server's room, when it shares it with other runs.
-        self.share: ShareCoordinator | None = None
-        #: When the budget is the server's room: what it allows the login, and which
-        #: limit (a test needing more than that fails with a clear message).
-        self.room: tuple[int, str] | None = None
-        #: Notes and warnings of the controller's own (discovery, sharing) for the report.
+        #: Notes of the controller's own (discovery, sharing, logins) for the report.
         self.notes: list[str] = []
-        self.warnings: list[str] = []
-        #: With no DSN given: the server learned from the workers' first connection.
-        self.learning: ServerLearning[WorkerController] | None = None
-        #: The settings before a stand-in budget was chosen to learn the server.
-        self._unlearned = settings
-        #: Whether the budget was learned from the server (no DSN given).
-        self.learned_room = False
-        #: The budget as the first login's room set it, before any other login's (see
-        #: ``_bind_tightest``).
-        self.first_login: login_rooms.FirstLogin | None = None
-        #: Other logins of the run's tests on the learned server, in the order read: what
-        #: the server said of each, and their rooms as last counted.
-        self.other_logins = login_rooms.OtherLogins()
-        #: Other logins whose limits could not be read (notes).
-        self.login_notes: list[str] = []
         self.stats: RunStats | None = None
         self.files: list[str] = []
         #: Workers xdist has yet to spawn, and the first one's gateway id (see ``priority``).
@@ -238,237 +217,18 @@ class Controller:
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Runs before xdist starts the workers (its hook is trylast), so the plugin's own
-        connection is made, and the budget chosen, before any of theirs."""
+        connection is made, and the budget chosen, before any of theirs. With no DSN,
+        tests start within what the last run learned, when that is smaller than the
+        configured budget, until the server is learned again."""
         self.started = wall()
-        if self.settings.monitor_dsn:
-            self._discover()
-        elif not self.settings.monitor_source:  # not turned off: learn it from the tests
-            self._start_learning()
-
-    def _discover(self) -> None:
-        """Set the budget from what the server allows, then monitor on the same connection."""
-        from pytest_poolaware.server.discovery import discover
-
-        settings = self.settings
-        found = discover(settings.monitor_dsn, settings.configured_budget, settings.monitor_source)
-        self._adopt(found, settings.monitor_dsn, settings.monitor_source)
-
-    def _start_learning(self) -> None:
-        """No DSN: hold the run to one connection at a time until the workers' first
-        connection says where the server is (``learning``). Tests start meanwhile within
-        what the last run learned, when that is smaller than the configured budget."""
-        import importlib.util
-
-        # Looked up, not imported: a run that never connects should not pay for it.
-        if importlib.util.find_spec("psycopg") is None:
-            self.notes.append(
-                "the budget was not checked against the server: reading it needs psycopg "
-                "on the controller (pip install psycopg)"
-            )
-            return
-        from pytest_poolaware.server.learning import REMEMBERED, ServerLearning
-
-        self.learning = ServerLearning(
-            self.settings.configured_budget,
-            self.inbox,
-            self._wake_scheduler,
-            self._learned,
-            read_login=self._read_login,
-            on_login=self._login_read,
-        )
-        self._unlearned = self.settings
-        remembered = self.cache.get(LEARNED_BUDGET_KEY, None) if self.cache is not None else None
-        if isinstance(remembered, dict):
-            budget, source = remembered.get("budget"), remembered.get("source")
-            if isinstance(budget, int) and 1 <= budget < self.settings.budget and source:
-                self.settings = dataclasses.replace(
-                    self.settings, budget=budget, budget_source=f"{source}, {REMEMBERED}"
-                )
-
-    def _remember_learned(self) -> None:
-        """The budget learned from the server, as the next run's stand-in."""
-        if self.cache is not None and self.learning is not None and self.learned_room:
-            source = self.settings.budget_source
-            self.cache.set(LEARNED_BUDGET_KEY, {"budget": self.settings.budget, "source": source})
-
-    def _learned(self, found: Discovery, dsn: str, login: ServerSeen | None) -> int:
-        """The server was read (or could not be): the run's budget from now on. Runs on
-        the controller's main thread (``ServerLearning.take``)."""
-        from pytest_poolaware.server.learning import LEARNED_ORIGIN
-
-        unlearned = self._unlearned
-        if found.choice is not None:  # else the stand-in stays: nothing better is known
-            self.settings = dataclasses.replace(
-                self.settings, budget=unlearned.budget, budget_source=unlearned.budget_source
-            )
-        self._adopt(found, dsn, LEARNED_ORIGIN)
-        self.first_login = login_rooms.FirstLogin(
-            self.settings.budget, self.settings.budget_source, self.room, self._budget_warning()
-        )
-        self.learned_room = found.room is not None and found.choice is not None
-        if self.scheduler is not None and self.share is not None:
-            self.scheduler.follow_share(self.share)
-        return self._announce_budget()
-
-    def _announce_budget(self) -> int:
-        """The budget changed mid-run: tell the workers (``RoomKnown``) and return what the
-        planner follows now."""
-        from pytest_poolaware.shared.protocol import RoomKnown
-
-        allows, limit = self.room if self.room is not None else (None, "")
-        for link in self.links.values():
-            link.send(RoomKnown(self.settings.budget, allows, limit))
-        return self.share.budget() if self.share is not None else self.settings.budget
-
-    def _read_login(self, login: ServerSeen, runs: Collection[int]) -> ServerFacts:
-        """What the server allows another login of the run's tests, read on the plugin's
-        own connection (in a thread of ``learning``'s): no second connection is opened."""
-        from pytest_poolaware.server.discovery import read_facts
-
-        connection = self.server_connection
-        if connection is None:
-            raise LookupError("the plugin has no connection of its own to the server")
-        return read_facts(connection, login.dbname, runs, role=login.user)
-
-    def _login_read(
-        self, login: ServerSeen, read: ServerFacts | str, runs: Collection[int]
-    ) -> int | None:
-        """Another login on the learned server was read (``read``: its facts, or why they
-        could not be): the run's budget becomes the tightest room among the logins read,
-        since every connection the run opens counts against that one budget. Runs on the
-        controller's main thread (``ServerLearning.take``)."""
-        where = login.where()
-        if isinstance(read, str):
-            self.login_notes.append(
-                f"tests also connected as {where}: what the server allows that login could "
-                f"not be read ({read}); the budget leaves it out"
-            )
-            return None
-        if self.monitor is not None:
-            self.monitor.add_login(read.role, read.superuser)
-        run_open = self.scheduler.planner.statistics().open if self.scheduler is not None else 0
-        self.other_logins.add(where, read, run_open)
-        return self._bind_tightest(runs)
-
-    def _bind_tightest(self, runs: Collection[int]) -> int | None:
-        """The budget from every login read, each counted again with the run's backends
-        known by now (``runs``): a worker's connection the server listed before its worker
-        said so was counted as another client's when its login was read, and is the run's
-        own. The budget may rise back (never above the first login's) once it is."""
-        from pytest_poolaware.server.room import CONFIGURED_TOO_LARGE
-
-        first = self.first_login
-        if first is None:
-            return None
-        tightest = self.other_logins.bind(self._unlearned.configured_budget, runs)
-        budget, source, room, warning = first.budget, first.source, first.room, first.warning
-        if tightest is not None and tightest.choice.budget < first.budget:
-            choice = tightest.choice
-            budget = choice.budget
-            source = (
-                f"{choice.source}; {tightest.where} binds, the tightest of "
-                f"{self.other_logins.count + 1} logins"
-            )
-            room = None if choice.no_room else (tightest.room.allows, tightest.room.limit)
-            warning = choice.warning
-        # One warning of a configured budget too large: the binding login's.
-        self.warnings = [w for w in self.warnings if not w.startswith(CONFIGURED_TOO_LARGE)]
-        self.warnings += [warning] if warning else []
-        changed = budget != self.settings.budget
-        self.settings = dataclasses.replace(self.settings, budget=budget, budget_source=source)
-        if not changed:
-            return None
-        self.room = room
-        if self.share is not None:
-            self.share.cap(budget)
-        return self._announce_budget()
-
-    def _budget_warning(self) -> str | None:
-        from pytest_poolaware.server.room import CONFIGURED_TOO_LARGE
-
-        return next((w for w in self.warnings if w.startswith(CONFIGURED_TOO_LARGE)), None)
-
-    def _adopt(self, found: Discovery, dsn: str, origin: str) -> None:
-        """The budget from what the server allows; sharing and monitoring on the plugin's
-        connection."""
-        from pytest_poolaware.server.monitor import ServerMonitor
-
-        settings = self.settings
-        self.notes.extend(found.notes)
-        if found.choice is not None:
-            self.settings = dataclasses.replace(
-                settings, budget=found.choice.budget, budget_source=found.choice.source
-            )
-            if found.room is not None and found.choice.budget >= found.room.budget:
-                self.room = (found.room.allows, found.room.limit)
-            sharing = found.connection is not None and settings.share != "off" and not found.pooled
-            if found.choice.warning and not sharing:  # else the share's own, just below
-                self.warnings.append(found.choice.warning)
-        self.server_connection = found.connection
-        # Behind a pooler the server never lists the workers' backends: its list must
-        # not uncount their connections.
-        self.pooled = found.pooled
-        if found.connection is not None and settings.share != "off":
-            self._share(found, settings.configured_budget)
-        if found.connection is not None:
-            self.monitor = ServerMonitor(
-                dsn, budget=self.settings.budget, source=origin, connection=found.connection
-            )
-            self.monitor.start()
-
-    def _share(self, found: Any, configured: tuple[int, str] | None) -> None:
-        """Share the room with the other runs of the name space: the budget is then the
-        room as if this run were alone, and the run's share of it moves with the others."""
-        from pytest_poolaware.server.room import choose_budget, room_of
-        from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait
-
-        if found.pooled:
-            self.notes.append(
-                "sharing the server's room with other runs is off: a pooler (pgbouncer) "
-                "stands between the plugin and the server, and session-level advisory "
-                "locks do not hold there (point the DSN at the server itself to share)"
-            )
-            return
-
-        alone = room_of(
-            dataclasses.replace(found.facts, others_server=0, others_role=0, others_database=0)
-        )
-        ceiling = choose_budget(configured, alone)
-        if ceiling.no_room:
-            return
-        if ceiling.warning:
-            self.warnings.append(ceiling.warning)
-        self.room = (alone.allows, alone.limit) if ceiling.budget >= alone.budget else None
-        settings = self.settings
-        self.settings = dataclasses.replace(
-            settings, budget=ceiling.budget, budget_source=ceiling.source
-        )
-        self.share = ShareCoordinator(
-            found.connection,
-            namespace=settings.share_namespace,
-            facts=found.facts,
-            room=alone,
-            ceiling=ceiling.budget,
-            on_change=self._wake_scheduler,
-            growth_wait=share_growth_wait(settings.gate_timeout),
-        )
-        self.share.start()
+        if self.server.open() and self.cache is not None:
+            self.budget.remember(self.cache.get(LEARNED_BUDGET_KEY, None))
 
     def _wake_scheduler(self) -> None:
-        """Called from the sharing thread when the run's share moved."""
+        """Called from the learning and sharing threads when there is news."""
         for node in list(self.links):
             compat.wake_controller(node)
             return
-
-    def _stop_sharing(self) -> None:
-        share, self.share = self.share, None
-        if share is not None:
-            share.stop()
-            summary = share.summary()
-            if summary:
-                self.notes.append(summary)
-            if share.problem:
-                self.notes.append(share.problem)
 
     def pytest_xdist_setupnodes(self, specs: list[execnet.XSpec]) -> None:
         """xdist is about to spawn the workers, one after the other."""
@@ -488,13 +248,14 @@ class Controller:
     def pytest_configure_node(self, node: WorkerController) -> None:
         channel = node.gateway.newchannel()
         node.workerinput[WORKERINPUT_KEY] = channel
+        budget = self.budget.statistics()
         node.workerinput[WORKER_SETTINGS_KEY] = WorkerSettings(
-            budget=self.settings.budget,
+            budget=budget.budget,
             gate_timeout=self.settings.gate_timeout,
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
-            room=self.room,
-            learn=self.learning is not None and self.learning.pending,
+            room=budget.room,
+            learn=budget.learning,
         ).to_wire()
         self.links[node] = ControllerLink(channel, node, self.inbox, compat.wake_controller)
 
@@ -507,19 +268,14 @@ class Controller:
             config,
             log,
             settings=self.settings,
+            budget=self.budget,
             history=self.history,
             links=self.links,
             inbox=self.inbox,
             serial_worker=self.serial_worker,
-            server_pids=self._server_pids,
-            share=self.share,
-            learning=self.learning,
+            server_pids=self.server.pids_now,
         )
         return self.scheduler
-
-    def _server_pids(self) -> tuple[float, frozenset[int]] | None:
-        monitor = self.monitor
-        return None if monitor is None or self.pooled else monitor.pids_now()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Called three times per test: keep it lean.
@@ -539,14 +295,13 @@ class Controller:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.finished = wall()
         priority.withdraw()
-        if self.learning is not None:
-            self.notes.extend(
-                [*self.learning.notes(), *self.other_logins.notes(), *self.login_notes]
-            )
-            self._remember_learned()
-        self._stop_sharing()
-        server = self.monitor.stop() if self.monitor is not None else None
-        self._close_server_connection()
+        self.notes = [*self.server.notes, *self.budget.notes()]
+        learned = self.budget.to_remember()
+        if self.cache is not None and learned is not None:
+            self.cache.set(LEARNED_BUDGET_KEY, learned)
+        self.notes += self.server.stop_sharing()
+        server, problem = self.server.stop_monitor()
+        self.server.close()
         scheduler = self.scheduler
         if scheduler is None:
             return
@@ -558,16 +313,17 @@ class Controller:
             scheduler.take_last_news()
             scheduler.keep_within(self.started, self.finished)
             self._note_fewer_slots_than_workers()
-            problem = self.monitor.problem if self.monitor is not None else None
+            budget = self.budget.statistics()
             self.stats = report.collect(
                 settings=self.settings,
+                budget=(budget.budget, budget.source),
                 snapshot=scheduler.snapshot(),
                 started=self.started,
                 finished=self.finished,
                 outcomes=self.outcomes,
                 server=server,
                 notes=[*self.notes, *([problem] if problem else [])],
-                warnings=self.warnings,
+                warnings=self.budget.warnings,
             )
             self.files = report.write_files(
                 self.stats,
@@ -581,7 +337,7 @@ class Controller:
         worker that holds a connection (Django's persistent one, a pool's) takes a slot,
         so the others waited for one to give its idle connections back."""
         workers = len(self.config.getoption("tx", None) or ())
-        budget = self.settings.budget
+        budget = self.budget.budget
         if 0 < budget < workers:
             self.notes.append(
                 f"the budget ({budget}) is smaller than the {workers} workers: at most "
@@ -589,16 +345,10 @@ class Controller:
                 "to give its idle connections back"
             )
 
-    def _close_server_connection(self) -> None:
-        from pytest_poolaware.server.connection import close_quietly
-
-        connection, self.server_connection = self.server_connection, None
-        close_quietly(connection)
-
     def pytest_unconfigure(self) -> None:
         priority.withdraw()  # xdist may have failed to spawn the workers: no sessionfinish
-        self._stop_sharing()
-        self._close_server_connection()
+        self.server.stop_sharing()
+        self.server.close()
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.stats is not None:

@@ -19,7 +19,6 @@ from pytest_poolaware.dispatch import Dispatcher, RunRecord
 from pytest_poolaware.planning.core import (
     Action,
     ItemSpec,
-    Lane,
     Order,
     Planner,
     lane_for,
@@ -41,8 +40,7 @@ if TYPE_CHECKING:
     from xdist.remote import Producer
     from xdist.workermanage import WorkerController
 
-    from pytest_poolaware.server.learning import ServerLearning
-    from pytest_poolaware.server.share import ShareCoordinator
+    from pytest_poolaware.budget import RunBudget
 
 
 class PoolAwareScheduling:
@@ -62,13 +60,12 @@ class PoolAwareScheduling:
         log: Producer,
         *,
         settings: Settings,
+        budget: RunBudget[WorkerController],
         history: History,
         links: dict[WorkerController, ControllerLink[WorkerController]],
         inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]],
         serial_worker: str | None = None,
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
-        share: ShareCoordinator | None = None,
-        learning: ServerLearning[WorkerController] | None = None,
     ) -> None:
         self.config = config
         self.log = log.poolawaresched
@@ -78,12 +75,10 @@ class PoolAwareScheduling:
         #: Notes start with the learned data's problems, as they were found first.
         self._record = RunRecord(notes=list(history.problems))
         self._links = links
-        #: This run's share of the server's room (``share.ShareCoordinator``), if shared.
-        self.share = share
-        #: With no DSN given: the server learned from the workers' first connection.
-        self.learning = learning
+        #: The run's budget over time (learned, shared...): the dispatcher follows it.
+        self.budget = budget
         self.planner: Planner[WorkerController] = Planner(
-            share.budget() if share is not None else settings.budget,
+            budget.statistics().budget,  # a start: the dispatcher sets what it follows
             unknown_need=settings.unknown_need,
             order=Order(settings.order),
         )
@@ -101,21 +96,18 @@ class PoolAwareScheduling:
         self.collection: list[str] | None = None
         #: The worker whose collection is the run's (named in collection-diff errors).
         self._collection_source = ""
-        self._markers: list[Markers] | None = None
-        #: Markers and marker conflicts each worker reported with its collection.
-        self._reported: dict[WorkerController, Collected] = {}
+        self._markers = ReportedMarkers()
         self._measures: dict[tuple[WorkerController, int], ItemMeasures] = {}
         self._dispatch = Dispatcher(
             self.planner,
             self.log,
+            budget=budget,
             links=links,
             inbox=inbox,
             joined=self._joined,
             record=self._record,
-            on_collected=self._collected_report,
+            on_collected=self._markers.report,
             server_pids=server_pids,
-            share=share,
-            learning=learning,
         )
 
     # -- Scheduling protocol ----------------------------------------------------------------
@@ -181,17 +173,16 @@ class PoolAwareScheduling:
             self._record.notes.append(
                 f"forgot the learned data of {stale} tests that no longer exist"
             )
-        reported = self._reported.pop(node, Collected(()))
-        self._reported.clear()
-        markers = list(reported.markers)
-        if len(markers) != len(collection):
-            markers = [UNMARKED] * len(collection)
-        self._markers = markers
-        if reported.conflicts:
-            raise pytest.UsageError(conflict_message(reported.conflicts))
+        markers = self._markers.take(node, collection)
         # With one worker there is no one to wait for (and the worker alone must run the
         # serial lane and the fan-out interleaved, in collection order).
-        self._apply(self.planner.load(self._tests(), fanout_open=self.numnodes == 1))
+        tests = item_specs(
+            collection,
+            markers,
+            self.history,
+            unmarked_serial=self.settings.unmarked != DEFAULT_UNMARKED_POLICY,
+        )
+        self._apply(self.planner.load(tests, fanout_open=self.numnodes == 1))
 
     def _join(self, node: WorkerController) -> None:
         if node not in self._joined and node in self._nodes:
@@ -218,8 +209,7 @@ class PoolAwareScheduling:
     ) -> None:
         """Called by ``DSession.worker_runtest_protocol_complete``."""
         self._drain()
-        if self.learning is not None:
-            self.learning.item_done(node, item_index)
+        self.budget.item_done(node, item_index)
         measures = self._measures.pop((node, item_index), None)
         if measures is None:  # no report carried them (e.g. the item was not run)
             self._apply(self.planner.completed(node, item_index, duration=duration))
@@ -234,11 +224,7 @@ class PoolAwareScheduling:
             measures.need,
             measures.duration,
             contended=measures.contended
-            or (
-                self.share is not None
-                and measures.waited > 0
-                and self.share.held_back_during(measures.start, measures.end)
-            ),
+            or (measures.waited > 0 and self.budget.held_back_during(measures.start, measures.end)),
         )
         self._apply(
             self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
@@ -307,96 +293,83 @@ class PoolAwareScheduling:
 
     def snapshot(self) -> RunSnapshot:
         """The run as the scheduler saw it, for the report and the marker advice."""
-        collection = tuple(self.collection or ())
-        markers = tuple(self._markers or ())
-        if len(markers) != len(collection):
-            markers = (UNMARKED,) * len(collection)
-        loaded = self.planner.loaded
-        statistics = self.planner.statistics()
-        return RunSnapshot(
+        return self._record.snapshot(
+            self.planner,
             workers=self.numnodes,
-            collection=collection,
-            markers=markers,
-            lanes=tuple(
-                self.planner.lane_of(i) if loaded else Lane.FANOUT for i in range(len(collection))
-            ),
-            results=tuple(self._record.results),
-            overruns=statistics.overruns,
-            peak_open=statistics.peak_open,
-            timeline=tuple(self._record.timeline),
-            notes=tuple(self._record.notes) + self._out_of_order_note() + self._outside_note(),
-            order=self.planner.order.value,
-            placement=self.planner.placement.value,
-            learned=statistics.learned,
+            collection=tuple(self.collection or ()),
+            markers=tuple(self._markers.markers or ()),
         )
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _outside_note(self) -> tuple[str, ...]:
-        line = self._record.outside.summary()
-        return () if line is None else (line,)
-
-    def _out_of_order_note(self) -> tuple[str, ...]:
-        """Tests run out of collection order because no worker could take them in order
-        (a crash, usually): worth knowing when a hidden order dependency shows."""
-        count = len(self.planner.out_of_order)
-        if not count:
-            return ()
-        return (
-            f"{count} tests ran after later ones on their worker: none could take them in order",
-        )
-
-    def _tests(self) -> list[ItemSpec]:
-        assert self.collection is not None
-        assert self._markers is not None
-        unmarked_serial = self.settings.unmarked != DEFAULT_UNMARKED_POLICY
-        tests = []
-        for nodeid, markers in zip(self.collection, self._markers, strict=True):
-            measure = self.history.get(nodeid)
-            lane = lane_for(
-                serial=markers.serial,
-                parallel=markers.parallel,
-                measured=measure is not None and measure.need is not None,
-                unmarked_serial=unmarked_serial,
-            )
-            tests.append(
-                ItemSpec(
-                    lane,
-                    measure.need if measure else None,
-                    measure.duration if measure else None,
-                    group=nodeid.split("::", 1)[0],
-                    xdist_group=markers.xdist_group,
-                )
-            )
-        return tests
 
     def keep_within(self, started: float, finished: float) -> None:
         """Tests' start and end lie within the session, whatever a test did to the clock
         (``RunRecord.keep_within``)."""
-        moved = self._record.keep_within(started, finished)
-        if moved:
-            self._record.notes.append(
-                f"{moved} tests were stamped outside the session (something moved the "
-                "plugin's clock); their times are shown clamped to it"
-            )
+        self._record.keep_within(started, finished)
 
     def take_last_news(self) -> None:
         """At the session's end: the workers' last counts (sent as they finished) may
         still wait in the inbox; the report's end-of-run figures need them."""
         self._drain()
 
-    def _collected_report(self, node: WorkerController, message: Collected) -> None:
-        """A worker's markers: only those of the run's collection are used."""
-        if self.collection is None:
-            self._reported[node] = message
-
-    def follow_share(self, share: ShareCoordinator) -> None:
-        """Sharing began mid-run (the server was learned): consult it from now on."""
-        self.share = share
-        self._dispatch.share = share
-
     def _drain(self) -> None:
         self._dispatch.drain()
 
     def _apply(self, actions: list[Action]) -> None:
         self._dispatch.apply(actions)
+
+
+class ReportedMarkers:
+    """Markers and marker conflicts the workers report with their collections: those of
+    the worker whose collection is the run's are the run's, the others are dropped."""
+
+    def __init__(self) -> None:
+        self._reported: dict[WorkerController, Collected] = {}
+        #: The run's markers, per item, once its collection is in.
+        self.markers: list[Markers] | None = None
+
+    def report(self, node: WorkerController, message: Collected) -> None:
+        """A worker's markers: only those of the run's collection are used."""
+        if self.markers is None:
+            self._reported[node] = message
+
+    def take(self, node: WorkerController, collection: Sequence[str]) -> list[Markers]:
+        """The run's markers: those ``node`` reported with the run's collection. Both
+        markers on one test contradict each other: refuse to guess."""
+        reported = self._reported.pop(node, Collected(()))
+        self._reported.clear()
+        markers = list(reported.markers)
+        if len(markers) != len(collection):
+            markers = [UNMARKED] * len(collection)
+        self.markers = markers
+        if reported.conflicts:
+            raise pytest.UsageError(conflict_message(reported.conflicts))
+        return markers
+
+
+def item_specs(
+    collection: Sequence[str],
+    markers: Sequence[Markers],
+    history: History,
+    *,
+    unmarked_serial: bool,
+) -> list[ItemSpec]:
+    """What the planner is loaded with: each test's lane, from its markers and what was
+    learned of it, its need and duration as learned, and its groups."""
+    tests = []
+    for nodeid, marked in zip(collection, markers, strict=True):
+        measure = history.get(nodeid)
+        lane = lane_for(
+            serial=marked.serial,
+            parallel=marked.parallel,
+            measured=measure is not None and measure.need is not None,
+            unmarked_serial=unmarked_serial,
+        )
+        tests.append(
+            ItemSpec(
+                lane,
+                measure.need if measure else None,
+                measure.duration if measure else None,
+                group=nodeid.split("::", 1)[0],
+                xdist_group=marked.xdist_group,
+            )
+        )
+    return tests

@@ -50,8 +50,12 @@ def collect(
     server: ServerView | None = None,
     notes: Sequence[str] = (),
     warnings: Sequence[str] = (),
+    budget: tuple[int, str] | None = None,
 ) -> RunStats:
-    """The run's facts: the scheduler's snapshot, the outcomes, what the server saw."""
+    """The run's facts: the scheduler's snapshot, the outcomes, what the server saw.
+    ``budget``: the one the run ended with and where it came from (by default the
+    configured one)."""
+    budget_now, budget_source = budget or (settings.budget, settings.budget_source)
     results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
     items = [
         item_facts(nodeid, markers, lane, results.get(nodeid), outcomes.get(nodeid))
@@ -59,11 +63,11 @@ def collect(
             snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
         )
     ]
-    risky_need = settings.serial_advice_need
+    risky_need = settings.advice_need(budget_now)
     advice = advise(items, risky_need=risky_need, idle_need=settings.idle_need)
     return RunStats(
-        budget=settings.budget,
-        budget_source=settings.budget_source,
+        budget=budget_now,
+        budget_source=budget_source,
         workers=snapshot.workers,
         items=tuple(items),
         peak_open=snapshot.peak_open,
@@ -75,7 +79,7 @@ def collect(
         notes=(*snapshot.notes, *notes),
         warnings=tuple(warnings),
         advice=tuple(advice),
-        advice_withheld=withheld(items, advice, risky_need=risky_need, budget=settings.budget),
+        advice_withheld=withheld(items, advice, risky_need=risky_need, budget=budget_now),
         order=snapshot.order,
         placement=snapshot.placement,
         learned=snapshot.learned,
@@ -143,7 +147,7 @@ def write_files(
                 root=root,
                 shown_from=invocation_dir,
                 budget=stats.budget,
-                risky_need=settings.serial_advice_need,
+                risky_need=settings.advice_need(stats.budget),
                 idle_need=settings.idle_need,
                 withheld_because=stats.advice_withheld,
             ),
@@ -291,8 +295,9 @@ def _advice_lines(stats: RunStats, settings: Settings, verbose: int) -> list[str
     if not advice:
         return lines
     listed = advice if verbose > 0 else advice[:ADVICE_SHOWN]
+    risky_need = settings.advice_need(stats.budget)
     lines.append(
-        f"marker advice (serial_only from {settings.serial_advice_need} connections at once, "
+        f"marker advice (serial_only from {risky_need} connections at once, "
         f"parallel_safe up to {settings.idle_need}):"
     )
     for candidate in listed:

@@ -155,14 +155,14 @@ class Settings:
     advice_path: str | None = None
 
     @property
-    def configured_budget(self) -> tuple[int, str] | None:
-        """(budget, where it came from) when the user set one."""
-        return (self.budget, self.budget_source) if self.budget_configured else None
-
-    @property
     def serial_advice_need(self) -> int:
         """Connections at once from which an unmarked test is advised ``serial_only``."""
-        return max(MIN_RISKY_NEED, self.risky_need or default_risky_need(self.budget))
+        return self.advice_need(self.budget)
+
+    def advice_need(self, budget: int) -> int:
+        """``serial_advice_need`` for the budget the run ended with (the server's room,
+        say, rather than the configured one)."""
+        return max(MIN_RISKY_NEED, self.risky_need or default_risky_need(budget))
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
