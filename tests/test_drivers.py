@@ -2,7 +2,7 @@
 
 Run against the installed driver versions; ``compat.DRIVERS_TESTED`` lists the versions
 these tests were run against (the matrix's ends), ``drivers.HOOKED_INTERNALS`` what they
-rely on.
+rely on. pg8000's own tests are in ``test_pg8000.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import pg8000.dbapi
+import pg8000.native
 import psycopg
 import psycopg2
 import pytest
@@ -137,9 +139,10 @@ def test_garbage_collected_connection_uncounted(
     conns: list[Any] = [
         psycopg.connect(postgres_dsn),
         psycopg2.connect(postgres_dsn),
+        pg8000.native.Connection(**pg8000_params(postgres_dsn)),
     ]
     conns.append(conns)  # a cycle: only the collector frees them
-    assert meter.open == 2
+    assert meter.open == 3
     del conns
     gc.collect()
     meter.sweep()
@@ -212,6 +215,33 @@ def _asyncpg_pool_terminate_round(dsn: str) -> int:
     return asyncio.run(use())
 
 
+def pg8000_params(dsn: str) -> dict[str, Any]:
+    """pg8000's keyword arguments for a libpq DSN (pg8000 reads no DSN of its own)."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    found = {
+        "user": params["user"],
+        "host": params.get("host", "localhost"),
+        "port": int(params.get("port") or 5432),
+        "database": params.get("dbname"),
+        "password": params.get("password"),
+    }
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _pg8000_dbapi_round(dsn: str) -> int:
+    conn = pg8000.dbapi.connect(**pg8000_params(dsn))
+    cursor = conn.cursor()
+    cursor.execute("select pg_backend_pid()")
+    pid = int(cursor.fetchone()[0])
+    conn.close()
+    return pid
+
+
+def _pg8000_native_round(dsn: str) -> int:
+    with pg8000.native.Connection(**pg8000_params(dsn)) as conn:
+        return int(conn.run("select pg_backend_pid()")[0][0])
+
+
 def _collected_round(dsn: str) -> int:
     conns: list[Any] = [psycopg.connect(dsn)]
     pid = int(conns[0].info.backend_pid)
@@ -245,6 +275,8 @@ def _collected_asyncpg_round(dsn: str) -> int:
         _asyncpg_round,
         _asyncpg_terminate_round,
         _asyncpg_pool_terminate_round,
+        _pg8000_dbapi_round,
+        _pg8000_native_round,
         _collected_round,
         _collected_asyncpg_round,
     ],

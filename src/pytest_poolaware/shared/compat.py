@@ -44,6 +44,7 @@ DRIVERS_TESTED: Final[Mapping[str, tuple[str, str]]] = {
     "psycopg-pool": ("3.1.9", "3.3.3"),
     "psycopg2-binary": ("2.9.9", "2.9.13"),
     "asyncpg": ("0.29.0", "0.32.0"),
+    "pg8000": ("1.30.1", "1.31.6"),
 }
 
 

@@ -1,7 +1,7 @@
 """Worker-side instrumentation: every PostgreSQL connection of the process, counted live.
 
 Connections are counted where the drivers make them (``drivers``: psycopg 3, psycopg2,
-asyncpg, and through them psycopg_pool, asyncpg pools, SQLAlchemy and Django),
+asyncpg, pg8000, and through them psycopg_pool, asyncpg pools, SQLAlchemy and Django),
 from open until closed, and identified by the server's backend pid (``ledger``). Pools
 say which of their connections are lent out: SQLAlchemy through class-level pool
 listeners, psycopg_pool and asyncpg pools through the driver hooks. A connection no pool

@@ -1,5 +1,5 @@
-"""Driver-level hooks: every PostgreSQL connection psycopg 3, psycopg2 and asyncpg open,
-counted where the driver makes it.
+"""Driver-level hooks: every PostgreSQL connection psycopg 3, psycopg2, asyncpg and pg8000
+open, counted where the driver makes it.
 
 Pools and frameworks (SQLAlchemy, psycopg_pool, asyncpg.Pool, Django) all end in a few
 places inside the drivers that are looked up when a connection is made: a classmethod on

@@ -42,3 +42,8 @@ def server_address(addr: Any) -> tuple[str, int] | None:
     if not name.startswith(_SOCKET_PREFIX):
         return None
     return directory, int(name[len(_SOCKET_PREFIX) :])
+
+
+def text(value: Any) -> str:
+    """A name a driver keeps as bytes (pg8000) or str."""
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)

@@ -9,6 +9,7 @@ from typing import Final
 
 from pytest_poolaware.worker.drivers.asyncpg import ASYNCPG
 from pytest_poolaware.worker.drivers.base import Driver, HookedInternal
+from pytest_poolaware.worker.drivers.pg8000 import PG8000
 from pytest_poolaware.worker.drivers.psycopg import PSYCOPG
 from pytest_poolaware.worker.drivers.psycopg2 import PSYCOPG2
 
@@ -16,6 +17,7 @@ DRIVERS: Final[tuple[Driver, ...]] = (
     PSYCOPG,
     PSYCOPG2,
     ASYNCPG,
+    PG8000,
 )
 
 #: Every private internal the hooks wrap or read, in one place; the versions each was
