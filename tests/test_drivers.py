@@ -1,18 +1,22 @@
 """Driver-level counting against a real server: every route, each connection counted once.
 
-Run against the installed driver versions; ``drivers.HOOKED_INTERNALS`` lists the versions
-these tests were run against.
+Run against the installed driver versions; ``compat.DRIVERS_TESTED`` lists the versions
+these tests were run against (the matrix's ends), ``drivers.HOOKED_INTERNALS`` what they
+rely on. pg8000's own tests are in ``test_pg8000.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import pg8000.dbapi
+import pg8000.native
 import psycopg
 import psycopg2
 import pytest
@@ -23,6 +27,7 @@ from sqlalchemy.pool import NullPool
 
 from pytest_poolaware.planning.core import Answer
 from pytest_poolaware.server.monitor import ServerMonitor
+from pytest_poolaware.shared.compat import DRIVERS_TESTED
 from pytest_poolaware.shared.link import WorkerLink
 from pytest_poolaware.shared.protocol import ReleaseIdle, RequestAnswer, RoomRequest, decode
 from pytest_poolaware.worker.drivers import HOOKED_INTERNALS
@@ -38,8 +43,9 @@ class Seen:
         self.errors: list[BaseException] = []
 
 
-@pytest.fixture
-def metered() -> Iterator[tuple[PoolMeter, Seen]]:
+@contextlib.contextmanager
+def metering() -> Iterator[tuple[PoolMeter, Seen]]:
+    """A meter with its hooks in, recording what it asked; no error may reach it."""
     seen = Seen()
 
     async def gate_async(background: bool) -> None:
@@ -52,9 +58,17 @@ def metered() -> Iterator[tuple[PoolMeter, Seen]]:
         on_error=seen.errors.append,
     )
     meter.install()
-    yield meter, seen
-    meter.uninstall()
+    try:
+        yield meter, seen
+    finally:
+        meter.uninstall()
     assert seen.errors == []
+
+
+@pytest.fixture
+def metered() -> Iterator[tuple[PoolMeter, Seen]]:
+    with metering() as both:
+        yield both
 
 
 def server_pids(dsn: str) -> set[int]:
@@ -66,13 +80,8 @@ def server_pids(dsn: str) -> set[int]:
 
 
 def test_every_hooked_internal_names_the_versions_checked() -> None:
-    assert {h.driver for h in HOOKED_INTERNALS} == {
-        "psycopg",
-        "psycopg_pool",
-        "asyncpg",
-        "psycopg2",
-    }
-    assert all(len(h.checked) >= 1 for h in HOOKED_INTERNALS)
+    assert {h.package for h in HOOKED_INTERNALS} == set(DRIVERS_TESTED)
+    assert all(h.name and h.why for h in HOOKED_INTERNALS)
 
 
 def test_psycopg_open_close_by_backend_pid(
@@ -127,9 +136,13 @@ def test_garbage_collected_connection_uncounted(
     metered: tuple[PoolMeter, Seen], postgres_dsn: str
 ) -> None:
     meter, _ = metered
-    conns = [psycopg.connect(postgres_dsn), psycopg2.connect(postgres_dsn)]
+    conns: list[Any] = [
+        psycopg.connect(postgres_dsn),
+        psycopg2.connect(postgres_dsn),
+        pg8000.native.Connection(**pg8000_params(postgres_dsn)),
+    ]
     conns.append(conns)  # a cycle: only the collector frees them
-    assert meter.open == 2
+    assert meter.open == 3
     del conns
     gc.collect()
     meter.sweep()
@@ -202,6 +215,33 @@ def _asyncpg_pool_terminate_round(dsn: str) -> int:
     return asyncio.run(use())
 
 
+def pg8000_params(dsn: str) -> dict[str, Any]:
+    """pg8000's keyword arguments for a libpq DSN (pg8000 reads no DSN of its own)."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    found = {
+        "user": params["user"],
+        "host": params.get("host", "localhost"),
+        "port": int(params.get("port") or 5432),
+        "database": params.get("dbname"),
+        "password": params.get("password"),
+    }
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _pg8000_dbapi_round(dsn: str) -> int:
+    conn = pg8000.dbapi.connect(**pg8000_params(dsn))
+    cursor = conn.cursor()
+    cursor.execute("select pg_backend_pid()")
+    pid = int(cursor.fetchone()[0])
+    conn.close()
+    return pid
+
+
+def _pg8000_native_round(dsn: str) -> int:
+    with pg8000.native.Connection(**pg8000_params(dsn)) as conn:
+        return int(conn.run("select pg_backend_pid()")[0][0])
+
+
 def _collected_round(dsn: str) -> int:
     conns: list[Any] = [psycopg.connect(dsn)]
     pid = int(conns[0].info.backend_pid)
@@ -235,6 +275,8 @@ def _collected_asyncpg_round(dsn: str) -> int:
         _asyncpg_round,
         _asyncpg_terminate_round,
         _asyncpg_pool_terminate_round,
+        _pg8000_dbapi_round,
+        _pg8000_native_round,
         _collected_round,
         _collected_asyncpg_round,
     ],

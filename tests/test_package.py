@@ -75,7 +75,7 @@ def test_lower_bounds_are_what_the_oldest_environment_installs() -> None:
     """pyproject.toml claims no version that ``tox -e oldest`` does not install."""
     oldest, bounds = pins("oldest"), declared_bounds()
     runtime = ("pytest", "pytest-xdist", "execnet", "packaging", "sqlalchemy")
-    drivers = ("asyncpg", "greenlet", "psycopg", "psycopg-pool", "psycopg2-binary")
+    drivers = ("asyncpg", "greenlet", "psycopg", "psycopg-pool", "psycopg2-binary", "pg8000")
     assert set(runtime + drivers) <= set(bounds)
     for package in runtime + drivers:
         assert Version(oldest[package]) == Version(bounds[package]), package

@@ -8,6 +8,10 @@ matrix, ``tox -e oldest`` and ``tox -e newest``), so that a new release of eithe
 checked in one place. Imports of the internals happen on first use: an installed but
 unselected plugin never touches them, and a version too old for them is refused by
 ``check_versions`` (a usage error) before anything here runs.
+
+The PostgreSQL drivers' internals are listed by each driver's module (``worker/drivers``);
+the versions they were checked against are here too (``DRIVERS_TESTED``), beside the
+matrix's other ends.
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ if TYPE_CHECKING:
 TESTED: Final[Mapping[str, tuple[str, str]]] = {
     "pytest": ("8.0.0", "9.2.0"),
     "pytest-xdist": ("3.6.1", "3.8.0"),
+}
+
+#: The PostgreSQL drivers whose private internals the worker's hooks rely on (each
+#: driver's ``Driver.internals``, ``worker/drivers``), and the (oldest, newest) versions
+#: checked: the pins of the matrix's ends too. Unlike pytest's and xdist's, a driver
+#: outside the range is not refused: a hook that no longer fits leaves that driver
+#: uncounted, with a note in the summary. (psycopg2 is checked as psycopg2-binary, the
+#: same code.)
+DRIVERS_TESTED: Final[Mapping[str, tuple[str, str]]] = {
+    "psycopg": ("3.1.0", "3.3.9"),
+    "psycopg-pool": ("3.1.9", "3.3.3"),
+    "psycopg2-binary": ("2.9.9", "2.9.13"),
+    "asyncpg": ("0.29.0", "0.32.0"),
+    "pg8000": ("1.30.1", "1.31.6"),
 }
 
 

@@ -14,16 +14,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pytest_poolaware.worker.drivers import (
-    reclaim_async_psycopg_pool,
-    reclaim_asyncpg_pool,
-    reclaim_psycopg_pool,
-    running_loop,
-)
+from pytest_poolaware.worker.drivers import Driver, running_loop
 from pytest_poolaware.worker.sqlalchemy_events import SqlAlchemyListeners
 
-#: A driver pool holding idle connections, with the loop it was opened on (asyncio).
-IdlePool = tuple[Any, asyncio.AbstractEventLoop | None]
+#: A driver pool holding idle connections, with the loop it was opened on (asyncio) and
+#: its driver, which says how the pool gives them back (``Driver.reclaim``).
+IdlePool = tuple[Any, asyncio.AbstractEventLoop | None, Driver]
 
 
 class Reclaimer:
@@ -55,8 +51,8 @@ class Reclaimer:
         try:
             self._close_django(parked)
             self._release_sqlalchemy()
-            for pool, loop in self._idle_driver_pools():
-                self._release_driver_pool(pool, loop)
+            for pool, loop, driver in self._idle_driver_pools():
+                self._release_driver_pool(pool, loop, driver)
         except Exception as exc:
             self._contain(exc)
         self._sweep()
@@ -70,11 +66,11 @@ class Reclaimer:
                 from sqlalchemy.util import greenlet_spawn
 
                 await greenlet_spawn(pool.dispose)
-            for pool, loop in self._idle_driver_pools():
-                if loop is not None and loop is current:
-                    await _reclaim_async(pool)
+            for pool, loop, driver in self._idle_driver_pools():
+                if loop is not None and loop is current and driver.reclaim_async is not None:
+                    await driver.reclaim_async(pool)
                 else:
-                    self._release_driver_pool(pool, loop)
+                    self._release_driver_pool(pool, loop, driver)
             await self._sweep_async()
         except Exception as exc:
             self._contain(exc)
@@ -106,24 +102,19 @@ class Reclaimer:
         loops = self._sqlalchemy.loops
         return [p for p in self._releasable_sa_pools() if loops.get(p) is loop]
 
-    def _release_driver_pool(self, pool: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+    @staticmethod
+    def _release_driver_pool(
+        pool: Any, loop: asyncio.AbstractEventLoop | None, driver: Driver
+    ) -> None:
+        """A pool used from threads gives its idle connections back here; an asyncio
+        pool's go back on its own loop, run now when idle, else handed the work."""
         if loop is None:
-            reclaim_psycopg_pool(pool)
-        elif loop.is_closed():
+            if driver.reclaim is not None:
+                driver.reclaim(pool)
+        elif driver.reclaim_async is None or loop.is_closed():
             return
         elif not loop.is_running():
-            loop.run_until_complete(_reclaim_async(pool))
+            loop.run_until_complete(driver.reclaim_async(pool))
         elif loop is not running_loop():
             # Running in another thread: hand the work over, never wait on that loop.
-            asyncio.run_coroutine_threadsafe(_reclaim_async(pool), loop)
-
-
-async def _reclaim_async(pool: Any) -> None:
-    """Close an asyncio pool's idle connections, on its loop (this one)."""
-    if type(pool).__module__.startswith("asyncpg"):
-        if reclaim_asyncpg_pool(pool):
-            # Let the closed transports finish, so the server sees them go now.
-            for _ in range(2):
-                await asyncio.sleep(0)
-    else:
-        await reclaim_async_psycopg_pool(pool)
+            asyncio.run_coroutine_threadsafe(driver.reclaim_async(pool), loop)
