@@ -24,8 +24,8 @@ from sqlalchemy import create_engine, make_url, text
 from test_drivers import Seen, metering, pg8000_params, server_pids
 from test_scheduling import ServerSampler
 
+from pytest_poolaware.server.connection import APPLICATION_NAME as MONITOR
 from pytest_poolaware.server.learning import dsn_of
-from pytest_poolaware.server.room import APPLICATION_NAME as MONITOR
 from pytest_poolaware.worker.agent import RERUN_SERVER
 from pytest_poolaware.worker.login import login_of
 from pytest_poolaware.worker.meter import PoolMeter
