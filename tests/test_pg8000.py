@@ -286,10 +286,6 @@ def pg8000_suite(
     return str(psycopg.conninfo.conninfo_to_dict(dsn)["user"])
 
 
-#: How much longer than ``load``'s session poolaware's may take (``load`` fails fast).
-SESSION_RATIO = 2.0
-
-
 def test_a_raw_pg8000_suite_stays_within_the_role_limit_where_load_is_refused(
     pytester: pytest.Pytester, pg8000_suite: str, postgres_dsn: str
 ) -> None:
@@ -320,6 +316,3 @@ def test_a_raw_pg8000_suite_stays_within_the_role_limit_where_load_is_refused(
         assert needs["test_heavy.py::test_ten"] == 10
         assert needs["test_heavy.py::test_serial_six"] == 6
         assert {tuple(t["drivers"]) for t in data["tests"]} == {("pg8000",)}
-        assert result.duration <= SESSION_RATIO * load.duration, (
-            f"poolaware {result.duration:.1f}s, load {load.duration:.1f}s"
-        )
