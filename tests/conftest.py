@@ -107,12 +107,14 @@ def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_dsn(request: pytest.FixtureRequest) -> str:
-    """The session's superuser DSN (``postgres_server``), asked for per test: a unit test
-    asking for it fails before any server is started or handed out."""
+def postgres_dsn(request: pytest.FixtureRequest, postgres_server: str) -> str:
+    """The session's superuser DSN (``postgres_server``), asked for per test, so a unit
+    test asking for it fails. The server is a parameter, not looked up here: as a
+    session fixture it is then set up before ``pytester``, whose snapshot of
+    ``sys.modules`` would otherwise drop the modules the server's start imports (psutil
+    among them) at the test's end, and the server could not be stopped at the session's."""
     request.config.stash[GUARD].server_requested("postgres_dsn")
-    dsn: str = request.getfixturevalue("postgres_server")
-    return dsn
+    return postgres_server
 
 
 @pytest.fixture
