@@ -78,6 +78,27 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return result
 
 
+#: What pytest-xdist tells its workers: an outer ``-n`` would hand it to the runs a test
+#: starts, whose controller would then take itself for a worker.
+XDIST_WORKER_VARIABLES = (
+    "PYTEST_XDIST_WORKER",
+    "PYTEST_XDIST_WORKER_COUNT",
+    "PYTEST_XDIST_TESTRUNUID",
+)
+
+
+@pytest.fixture(autouse=True)
+def inner_runs_are_not_workers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The runs a test starts (pytester) are controllers, however this suite is run."""
+    if "pytester" not in request.fixturenames:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        for name in XDIST_WORKER_VARIABLES:
+            patch.delenv(name, raising=False)
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def inner_runs_keep_their_own_cache() -> Iterator[None]:
     """Under tox, pytest puts every run's cache in ``$TOX_ENV_DIR/.pytest_cache``: inner
