@@ -23,7 +23,8 @@ from pytest_poolaware.worker.drivers import DRIVERS, HOOKED_INTERNALS, Driver, D
 from pytest_poolaware.worker.drivers.base import Hook, HookedInternal, Hooking
 
 ROOT = Path(pytest_poolaware.__file__).parent
-CONSTRAINTS = ROOT.parent.parent / "constraints"
+#: The pins of the matrix's two ends, beside the tests (the package may be installed elsewhere).
+CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints"
 #: The drivers' package: the one place their names may be compared.
 DRIVERS_PACKAGE = ROOT / "worker" / "drivers"
 #: Comparisons outside it that are not about a connection's driver: the engine helper
