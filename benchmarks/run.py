@@ -606,8 +606,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lb:
         lines += [
             f"LB = {lb['value']:.1f} s = max(sum_S p {lb['serial']:.1f}, "
-            f"max_P p {lb['longest']:.1f}, sum_P p/(W-1) {lb['workers']:.1f}, "
-            f"sum min(c,B)*p/B {lb['connections']:.1f}); from the serial run. Peak c: "
+            f"max p {lb['longest']:.1f}, sum p/W {lb['workers']:.1f}, "
+            f"sum min(c,B)*p/B {lb['connections']:.1f}, "
+            f"sum_S p + sum_X min(c,B)*p/B {lb.get('conflicts', 0.0):.1f}); "
+            "from the serial run. Peak c: "
             f"serial_only {lb['peak_by_lane']['serial_only']}, others "
             f"{lb['peak_by_lane']['other']}. wall includes startup (shown apart); "
             "wall/LB uses wall.",

@@ -105,6 +105,20 @@ def test_set_budget_says_whether_anything_changed_and_refuses_a_budget_below_one
     assert adm.budget == 5
 
 
+def test_the_largest_budget_in_force_counts_from_the_first_go() -> None:
+    """The lower bound's B: a stand-in budget replaced before any item started was
+    never in force; once items run, a budget that went up and down again was."""
+    adm = admission(10)
+    adm.add_worker("a")
+    adm.set_budget(4)  # the server was learned before anything started
+    assert adm.largest_budget == 4
+    adm.queued("a", [0])
+    assert goes(decide(adm)) == [("a", 0)]
+    adm.set_budget(6)
+    adm.set_budget(3)
+    assert (adm.budget, adm.largest_budget) == (3, 6)
+
+
 def test_a_budget_lowered_below_what_is_held_starts_nothing_asks_idle_back_and_converges() -> None:
     adm = running(admission(4, {0: 2, 1: 2, 2: 2, 3: 2}), {"a": [0, 1], "b": [2, 3]})
     adm.counts("a", 2, 1)  # a's item has one of its two connections idle

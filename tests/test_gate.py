@@ -4,11 +4,15 @@ end of the side channel is played by the test (``loopback``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from loopback import ControllerEnd
 
-from pytest_poolaware.shared.protocol import Answer, Note, RoomRequest
-from pytest_poolaware.worker.gate import ORPHANED, STARTUP, ConnectGate
+from pytest_poolaware.shared.clock import monotonic
+from pytest_poolaware.shared.protocol import Answer, Note, RoomRequest, decode
+from pytest_poolaware.worker.gate import ORPHANED, STARTUP, ConnectGate, Overlap
 from pytest_poolaware.worker.meter import BudgetRefused, ControllerGone, PoolMeter
 
 #: Long enough for no grant to be missed; short enough that a wait nobody answers ends.
@@ -17,7 +21,11 @@ TIMEOUT = 0.05
 ROOM = (16, "role acc_app CONNECTION LIMIT 16")
 
 
-def gate_of(controller: ControllerEnd, room: tuple[int, str] | None = None) -> ConnectGate:
+def gate_of(
+    controller: ControllerEnd,
+    room: tuple[int, str] | None = None,
+    clock: Callable[[], float] = monotonic,
+) -> ConnectGate:
     released: list[bool] = []
 
     async def release_async() -> None:
@@ -31,6 +39,7 @@ def gate_of(controller: ControllerEnd, room: tuple[int, str] | None = None) -> C
         room=room,
         release=lambda: released.append(True),
         release_async=release_async,
+        clock=clock,
     )
 
 
@@ -43,6 +52,73 @@ def test_a_granted_connect_inside_a_test_names_the_test_and_counts_the_wait() ->
     assert controller.of(RoomRequest) == [RoomRequest(1, None, 7, background=False)]
     assert gate.waited > 0
     assert controller.of(Note) == []
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> bool:
+        self.now += seconds
+        return True
+
+
+class SlowController(ControllerEnd):
+    """Grants every request for room after ``delay`` seconds of ``clock``."""
+
+    def __init__(self, clock: Clock, delay: float) -> None:
+        super().__init__(Answer.GRANTED)
+        self.clock, self.delay = clock, delay
+
+    def send(self, wire: Any) -> None:
+        if isinstance(decode(wire), RoomRequest):
+            self.clock.advance(self.delay)
+        super().send(wire)
+
+
+def test_an_item_s_wait_for_its_go_and_its_time_at_the_gate_are_counted_apart() -> None:
+    """The lower bound takes the time at the gate out of the test's duration; the wait
+    for the go is before its start."""
+    clock = Clock()
+    controller = SlowController(clock, delay=1.5)
+    gate = gate_of(controller, clock=clock)
+    gate.phase = None
+    gate.begin_item(3)
+    gate.waiting_for_go(lambda: clock.advance(2.0))
+    gate.begin_attempt()
+    gate.wait(background=False)
+    assert (gate.go_waited, gate.gate_waited, gate.waited) == (2.0, 1.5, 3.5)
+    # Rerun alone: the first attempt's time at the gate stays the item's, not the rerun's.
+    gate.waiting_for_go(lambda: clock.advance(1.0))
+    gate.begin_attempt()
+    assert (gate.go_waited, gate.gate_waited, gate.waited) == (3.0, 0.0, 4.5)
+    gate.begin_item(4)
+    assert (gate.go_waited, gate.gate_waited, gate.waited) == (0.0, 0.0, 0.0)
+
+
+def test_threads_waiting_at_the_gate_at_once_hold_the_test_back_once() -> None:
+    clock = Clock()
+    overlap = Overlap(clock)
+    overlap.enter()
+    clock.advance(1.0)
+    overlap.enter()  # a second thread, while the first still waits
+    clock.advance(2.0)
+    overlap.leave()
+    clock.advance(1.0)
+    overlap.leave()
+    assert (overlap.item, overlap.attempt) == (4.0, 4.0)
+    # A wait under way when the rerun begins: its part before goes to the item only.
+    overlap.enter()
+    clock.advance(1.0)
+    overlap.restart(item=False)
+    clock.advance(0.5)
+    overlap.leave()
+    assert (overlap.item, overlap.attempt) == (5.5, 0.5)
 
 
 def test_a_refused_connect_inside_a_test_gives_way_to_be_rerun() -> None:

@@ -61,6 +61,8 @@ MEASURES = ItemMeasures(
     waits=((100.25, 100.75),),
     drivers=("asyncpg", "psycopg"),
     leaks=1,
+    go_waited=0.125,
+    gate_waited=0.25,
 )
 
 

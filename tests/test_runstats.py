@@ -32,10 +32,25 @@ def test_run_stats_wall_top_needs_and_json() -> None:
     data = stats.to_json()
     assert [t["nodeid"] for t in data["tests"]] == [i.nodeid for i in items]
     assert data["tests"][2]["need"] is None
-    assert data["run"]["lanes"]["fanout"] == {"items": 2, "running": 3.5, "waited": 0.0}
+    assert data["run"]["lanes"]["fanout"] == {
+        "items": 2,
+        "running": 3.5,
+        "waited": 0.0,
+        "go_wait": 0.0,
+        "gate_wait": 0.0,
+    }
     assert data["run"]["peak_open_server"] is None
-    # serial 1.0; longest 2.0; workers 3.5 / (2 - 1); budget (6 + 10.5) / 10
-    assert data["run"]["lower_bound"]["value"] == 3.5
+    # serial 1.0; longest 2.0; workers (1.0 + 3.5) / 2; budget (6 + 10.5) / 10; no conflict
+    assert data["run"]["lower_bound"] == {
+        "value": 2.25,
+        "binding": "workers",
+        "serial": 1.0,
+        "longest": 2.0,
+        "workers": 2.25,
+        "connections": 1.65,
+        "conflicts": 1.0,
+        "budget": 10,
+    }
     json.dumps(data)
 
 

@@ -113,6 +113,7 @@ class RunRecord:
             order=planner.order.value,
             placement=planner.placement.value,
             learned=statistics.learned,
+            largest_budget=statistics.largest_budget,
         )
 
     def _outside_note(self) -> tuple[str, ...]:

@@ -76,6 +76,10 @@ class Admission(Generic[W]):
         self.budget = budget
         #: What the budget may still grow to (``set_budget``).
         self._ceiling = budget
+        #: The largest budget in force since the first go (the lower bound's B), and
+        #: whether an item has had its go yet.
+        self.largest_budget = budget
+        self._went = False
         self._give_way = False
         self.need_of = need_of
         #: The budget was lowered below what the workers hold: until they are back
@@ -122,6 +126,7 @@ class Admission(Generic[W]):
         if (budget, ceiling, give_way) == (self.budget, self._ceiling, self._give_way):
             return False
         self.budget, self._ceiling, self._give_way = budget, ceiling, give_way
+        self.largest_budget = max(self.largest_budget, budget) if self._went else budget
         self._lowered_under = self.committed > budget
         return True
 
@@ -237,6 +242,7 @@ class Admission(Generic[W]):
             self._lowered_under = hand_out.room < 0
             if self._lowered_under:
                 self._ask_idle_back(actions)
+        self._went = self._went or any(isinstance(action, Go) for action in actions)
 
     def _answer(self, request: Request, answer: Answer, actions: list[AdmissionAction]) -> None:
         worker: W = request.worker  # type: ignore[assignment]

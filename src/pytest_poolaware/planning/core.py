@@ -63,6 +63,8 @@ class Statistics:
     overruns: tuple[Overrun, ...]
     #: Collected items whose learned duration was known at the start (0: a cold run).
     learned: int = 0
+    #: The largest budget in force since the first item's go (the lower bound's B).
+    largest_budget: int = 0
 
 
 class Planner(Generic[W]):
@@ -296,6 +298,7 @@ class Planner(Generic[W]):
             completed=len(placer.completed),
             overruns=tuple(self.overruns),
             learned=placer.learned,
+            largest_budget=admission.largest_budget,
         )
 
     # -- decisions ----------------------------------------------------------------------

@@ -83,6 +83,7 @@ def collect(
         order=snapshot.order,
         placement=snapshot.placement,
         learned=snapshot.learned,
+        largest_budget=snapshot.largest_budget,
     )
 
 
@@ -105,6 +106,8 @@ def item_facts(
         need=m.need,
         peak_open=m.peak_open,
         waited=m.waited,
+        go_wait=m.go_waited,
+        gate_wait=m.gate_waited,
         rerun=m.rerun,
         outcome=outcome,
         waits=m.waits,
@@ -267,10 +270,15 @@ def _drivers(item: ItemFacts) -> str:
 
 
 def _time_line(name: str, time: LaneTime) -> str:
-    return (
+    """Time spent, and held back: waiting for a go (before a test starts) and at the
+    connect gate (inside its running time, and left out of the lower bound)."""
+    line = (
         f"{name}: {time.items} tests, running {_secs(time.running)}, "
         f"held back by the budget {_secs(time.waited)}"
     )
+    if time.go_wait or time.gate_wait:
+        line += f" (for a go {_secs(time.go_wait)}, at the connect gate {_secs(time.gate_wait)})"
+    return line
 
 
 def _wall_line(stats: RunStats) -> str:

@@ -51,6 +51,8 @@ class RunSnapshot:
     order: str = ""
     placement: str = ""
     learned: int = 0
+    #: The largest budget in force since the first item's go (0: not known).
+    largest_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class ItemFacts:
     need: int | None = None  # peak connections checked out at once
     peak_open: int | None = None  # peak connections open in its worker, idle ones included
     waited: float | None = None  # seconds held back by the budget
+    #: Of ``waited``: for its go, before it started; and at the connect gate, inside
+    #: ``duration`` (its threads waiting at once count once).
+    go_wait: float | None = None
+    gate_wait: float | None = None
     rerun: str = ""  # why it ran twice, "" if it ran once
     outcome: str | None = None  # passed, failed, skipped, error
     #: (start, end) of each wait for the budget long enough to show (the trace only).
@@ -97,6 +103,12 @@ class ItemFacts:
     @property
     def measured(self) -> bool:
         return self.need is not None and self.duration is not None
+
+    @property
+    def net_duration(self) -> float:
+        """Its duration without its time at the connect gate: what the lower bound counts
+        (the waiting depends on the schedule, so a better one could have saved it)."""
+        return max(0.0, (self.duration or 0.0) - (self.gate_wait or 0.0))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +123,8 @@ class ItemFacts:
             "need": self.need,
             "peak_open": self.peak_open,
             "waited": _round(self.waited),
+            "go_wait": _round(self.go_wait),
+            "gate_wait": _round(self.gate_wait),
             "rerun": self.rerun or None,
             "outcome": self.outcome,
             "drivers": list(self.drivers),
@@ -120,11 +134,14 @@ class ItemFacts:
 
 @dataclass(frozen=True)
 class LaneTime:
-    """Time one lane (or worker) spent running tests, and held back by the budget."""
+    """Time one lane (or worker) spent running tests, and held back by the budget: of
+    that, waiting for a go and at the connect gate (inside ``running``)."""
 
     items: int = 0
     running: float = 0.0
     waited: float = 0.0
+    go_wait: float = 0.0
+    gate_wait: float = 0.0
 
 
 def lane_times(items: Iterable[ItemFacts]) -> dict[Lane, LaneTime]:
@@ -148,6 +165,8 @@ def _times(items: Iterable[ItemFacts], key: Callable[[ItemFacts], K | None]) -> 
             total.items + 1,
             total.running + (item.duration or 0.0),
             total.waited + (item.waited or 0.0),
+            total.go_wait + (item.go_wait or 0.0),
+            total.gate_wait + (item.gate_wait or 0.0),
         )
     return totals
 
@@ -225,6 +244,9 @@ class RunStats:
     order: str = ""
     placement: str = ""
     learned: int = 0
+    #: The largest budget in force since the first item's go, the lower bound's B
+    #: (0: not known, ``budget`` stands for it).
+    largest_budget: int = 0
 
     @property
     def measured(self) -> list[ItemFacts]:
@@ -244,15 +266,16 @@ class RunStats:
 
     @property
     def lower_bound(self) -> LowerBound:
+        """``planning.lowerbound``'s bound over the measured tests, their durations net of
+        their time at the connect gate, B the largest budget in force during the run."""
         pairs = {
             lane: [
-                (item.duration or 0.0, item.need or 0)
-                for item in self.measured
-                if item.lane == lane
+                (item.net_duration, item.need or 0) for item in self.measured if item.lane == lane
             ]
             for lane in Lane
         }
-        return lower_bound(self.workers, self.budget, pairs[Lane.SERIAL], pairs[Lane.FANOUT])
+        budget = self.largest_budget or self.budget
+        return lower_bound(self.workers, budget, pairs[Lane.SERIAL], pairs[Lane.FANOUT])
 
     @property
     def wall_over_lb(self) -> float | None:
@@ -339,6 +362,8 @@ def _lanes_json(lanes: dict[Lane, LaneTime]) -> dict[str, dict[str, Any]]:
             "items": time.items,
             "running": _round(time.running),
             "waited": _round(time.waited),
+            "go_wait": _round(time.go_wait),
+            "gate_wait": _round(time.gate_wait),
         }
         for lane, time in spent.items()
     }
@@ -358,6 +383,8 @@ def _bound_json(bound: LowerBound) -> dict[str, Any]:
         "longest": _round(bound.longest),
         "workers": _round(bound.workers),
         "connections": _round(bound.connections),
+        "conflicts": _round(bound.conflicts),
+        "budget": bound.budget,
     }
 
 

@@ -377,6 +377,11 @@ class ItemMeasures:
     #: count what the failed attempt's threads held), so ``need`` may count more, or
     #: less, than the test holds alone.
     contended: bool = False
+    #: Of ``waited``: for its go (and a rerun's room), before it started; and at the
+    #: connect gate inside ``duration`` (threads waiting at once count once), which the
+    #: lower bound takes out of it.
+    go_waited: float = 0.0
+    gate_waited: float = 0.0
 
     def to_wire(self) -> str:
         """A JSON object of the fields by name, as one string: it rides on every item's

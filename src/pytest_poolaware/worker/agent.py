@@ -235,7 +235,9 @@ class WorkerAgent:
         index = self._index[item]
         self._install_meter()
         self.gate.begin_item(index)
-        if not self.gate.timed(lambda: self.link.wait_go(index, on_release=self.idle.give_back)):
+        if not self.gate.waiting_for_go(
+            lambda: self.link.wait_go(index, on_release=self.idle.give_back)
+        ):
             # The controller has gone (its run was killed): nobody coordinates this
             # worker's connections any more. Start nothing, give the idle ones back.
             self.idle.give_back()
@@ -265,6 +267,7 @@ class WorkerAgent:
         rerun is on: the reports and measures of the attempt that counts, whether the
         server refused the first one a connection, and why it was rerun ("": it was not)."""
         start = self._clock()
+        self.gate.begin_attempt()
         self.meter.begin(index)
         reports = run_test_protocol(item, nextitem)
         window = self.meter.end()
@@ -273,12 +276,13 @@ class WorkerAgent:
         if reason:
             drop_failed_attempt()
             self.idle.give_back()
-            self.gate.timed(
+            self.gate.waiting_for_go(
                 lambda: self.link.request(
                     index, self.gate.budget, self.gate.gate_timeout, self.idle.give_back
                 )
             )
             start = self._clock()
+            self.gate.begin_attempt()
             self.meter.begin(index)
             reports = run_test_protocol(item, nextitem)
             window = self.meter.end()
@@ -293,14 +297,13 @@ class WorkerAgent:
             need=window.need,
             peak_open=window.peak_open,
             duration=duration,
-            waited=self.gate.waited,
+            **self.gate.item_waits(),
             start=started,
             end=wall(),
             rerun=reason,
             open=open_,
             idle=idle,
             version=version,
-            waits=tuple(self.gate.waits),
             drivers=window.drivers,
             leaks=window.leaks,
             contended=contended,

@@ -3,14 +3,16 @@
 Inside a test, a connect asks for room and waits (bounded) for the answer; the answer
 may refuse it (the test gives way and is rerun alone) or say it cannot fit at all.
 Outside any test the connect is the worker's own and is delayed, never refused. Every
-wait is counted as time the budget held the running test back.
+wait is counted as time the budget held the running test back: apart, the wait for its
+go (before it starts) and its waits at the gate (inside its duration), which the lower
+bound takes out of the duration (``planning.lowerbound``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from pytest_poolaware.shared.clock import monotonic, wall
 from pytest_poolaware.shared.link import WorkerLink
@@ -45,6 +47,48 @@ SESSION_FINISH: Final = "session finish"
 WAIT_SPAN_MIN: Final = 0.002
 
 T = TypeVar("T")
+
+
+class Overlap:
+    """Time during which at least one of several threads (or coroutines) waits: a test
+    whose threads wait at the gate at once is held back once, not once per thread."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._since = 0.0
+        #: Since the item began, and since its attempt that counts began.
+        self.item = 0.0
+        self.attempt = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if not self._waiting:
+                self._since = self._clock()
+            self._waiting += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if not self._waiting:
+                self._add(self._clock())
+
+    def restart(self, *, item: bool) -> None:
+        """From now on (a new attempt, or a new item too): a wait under way goes on."""
+        with self._lock:
+            now = self._clock()
+            if self._waiting:
+                self._add(now)
+                self._since = now
+            self.attempt = 0.0
+            if item:
+                self.item = 0.0
+
+    def _add(self, now: float) -> None:
+        spent = now - self._since
+        self.item += spent
+        self.attempt += spent
 
 
 class ConnectGate:
@@ -82,8 +126,10 @@ class ConnectGate:
         #: Whether connects ask the controller: not once this worker's session has
         #: finished (the controller no longer answers a worker that has finished).
         self.gated = True
-        #: The running item's time held back by the budget, and its longer waits (spans).
-        self.waited = 0.0
+        #: The running item's wait for its go (and for a rerun's room), its time at the
+        #: gate (``Overlap``), and its longer waits (spans, for the trace).
+        self.go_waited = 0.0
+        self.at_gate = Overlap(clock)
         self.waits: list[tuple[float, float]] = []
         #: What the connecting thread waited at the gate, for its ``OpenedOutsideTests``.
         self._connect = threading.local()
@@ -91,8 +137,41 @@ class ConnectGate:
     def begin_item(self, index: int) -> None:
         """A new item: its connects name it, and its waits start from none."""
         self.running = index
-        self.waited = 0.0
+        self.go_waited = 0.0
+        self.at_gate.restart(item=True)
         self.waits = []
+
+    def begin_attempt(self) -> None:
+        """The item's attempt that may count begins: its time at the gate starts from none
+        (a failed first attempt's waits are the item's, not the rerun's)."""
+        self.at_gate.restart(item=False)
+
+    @property
+    def waited(self) -> float:
+        """The running item's time held back by the budget: for its go and at the gate."""
+        return self.go_waited + self.at_gate.item
+
+    @property
+    def gate_waited(self) -> float:
+        """The time the attempt that counts spent at the gate (inside its duration)."""
+        return self.at_gate.attempt
+
+    def item_waits(self) -> dict[str, Any]:
+        """The running item's waits, as its ``ItemMeasures`` carry them."""
+        return {
+            "waited": self.waited,
+            "go_waited": self.go_waited,
+            "gate_waited": self.gate_waited,
+            "waits": tuple(self.waits),
+        }
+
+    def waiting_for_go(self, wait: Callable[[], T]) -> T:
+        """Run ``wait`` (for the go, or for room to rerun) and count it as the item's
+        wait to start."""
+        begun = self._clock()
+        result = self.timed(wait)
+        self.go_waited += self._clock() - begun
+        return result
 
     def room_known(self, known: RoomKnown) -> None:
         """The controller learned the server: the budget (and room) changed."""
@@ -100,17 +179,15 @@ class ConnectGate:
         self.room = known.room
 
     def timed(self, wait: Callable[[], T]) -> T:
-        """Run ``wait`` and count it as time held back by the budget."""
+        """Run ``wait`` and keep it as a span (the trace) if it was long enough to show."""
         begun, begun_at = self._clock(), wall()
         result = wait()
         self._count_wait(begun, begun_at)
         return result
 
     def _count_wait(self, begun: float, begun_at: float) -> None:
-        """Count a wait that began at ``begun`` (``_clock``) and ``begun_at`` (wall clock)."""
-        waited = self._clock() - begun
-        self.waited += waited
-        if waited >= WAIT_SPAN_MIN:
+        """Keep a wait that began at ``begun`` (``_clock``) and ``begun_at`` (wall clock)."""
+        if self._clock() - begun >= WAIT_SPAN_MIN:
             self.waits.append((begun_at, wall()))
 
     def take_waited(self) -> float:
@@ -127,15 +204,19 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun = self._clock()
-        answer = self.timed(
-            lambda: self.link.request(
-                self.running if phase is None else NO_ITEM,
-                None,
-                self.gate_timeout,
-                self._release,
-                background=never_refused,
+        self.at_gate.enter()
+        try:
+            answer = self.timed(
+                lambda: self.link.request(
+                    self.running if phase is None else NO_ITEM,
+                    None,
+                    self.gate_timeout,
+                    self._release,
+                    background=never_refused,
+                )
             )
-        )
+        finally:
+            self.at_gate.leave()
         self._connect.waited = self._clock() - begun
         self._answered(answer, never_refused, phase)
 
@@ -147,12 +228,16 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun, begun_at = self._clock(), wall()
-        answer = await self.link.request_async(
-            self.running if phase is None else NO_ITEM,
-            self.gate_timeout,
-            self._release_async,
-            background=never_refused,
-        )
+        self.at_gate.enter()
+        try:
+            answer = await self.link.request_async(
+                self.running if phase is None else NO_ITEM,
+                self.gate_timeout,
+                self._release_async,
+                background=never_refused,
+            )
+        finally:
+            self.at_gate.leave()
         self._count_wait(begun, begun_at)
         self._connect.waited = self._clock() - begun
         self._answered(answer, never_refused, phase)
