@@ -306,3 +306,28 @@ def test_django_under_a_role_tighter_than_the_workers_passes_where_load_fails(
     )
     data = json.loads(report.read_text())
     assert {d for t in data["tests"] for d in t["drivers"]} == {DRIVER}
+
+
+@needs_the_plugins_connection
+def test_with_the_plugins_connection_on_another_login_the_tests_keep_every_slot(
+    pytester: pytest.Pytester, limited_role: Any, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same tight role, the plugin's own connection given as the server's superuser
+    (``--poolaware-monitor``) beside ``$POOLAWARE_DSN``, the tests' login: the tests'
+    role's room is read before any worker starts and binds, and the monitor takes none
+    of its slots."""
+    role_dsn, role = serve_limited_role(limited_role, TIGHT_LIMIT, monkeypatch)
+    make_project(pytester, role_dsn, postgres_dsn, monkeypatch, test_shop=PERSISTENT)
+    with ServerSampler(postgres_dsn, role) as sampler:
+        result = run(
+            pytester, "-n", "4", "--dist", "poolaware", "--poolaware-monitor", postgres_dsn
+        )
+    result.assert_outcomes(passed=TIGHT_TESTS)
+    assert connection_errors(result) == 0
+    assert sampler.peak <= TIGHT_LIMIT
+    result.stdout.fnmatch_lines(
+        [
+            f"budget: {TIGHT_LIMIT} connections (role {role} CONNECTION LIMIT {TIGHT_LIMIT}; "
+            f"*; {role}@* binds, the tightest of 2 logins)",
+        ]
+    )

@@ -193,6 +193,7 @@ def test_option_over_ini_over_environment(
         "postgresql://app@db/env",
         "$POOLAWARE_DSN",
     )
+    assert settings.tests_dsn == ""  # the plugin's connection is the tests' login
     pytester.makeini(
         "[pytest]\npoolaware_gate_timeout = 5\npoolaware_monitor = postgresql://app@db/ini\n"
     )
@@ -202,10 +203,13 @@ def test_option_over_ini_over_environment(
         "postgresql://app@db/ini",
         "ini poolaware_monitor",
     )
+    # Given elsewhere: $POOLAWARE_DSN is the tests' login, whose room is read too.
+    assert settings.tests_dsn == "postgresql://app@db/env"
     config = pytester.parseconfig("--poolaware-gate-timeout", "3", "--poolaware-monitor", "off")
     settings = Settings.from_config(config)
     assert settings.gate_timeout == 3.0
     assert (settings.monitor_dsn, settings.monitor_source) == ("", "--poolaware-monitor")
+    assert settings.tests_dsn == ""
     assert GATE_TIMEOUT.resolve(config) == (3.0, "--poolaware-gate-timeout")
     assert BUDGET.resolve(config) is None  # none of the three: the pools' sizes decide
 

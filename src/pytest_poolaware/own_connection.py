@@ -20,12 +20,13 @@ import queue
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-from pytest_poolaware.server.connection import close_quietly
+from pytest_poolaware.server.connection import close_quietly, connection_failure, login_of_dsn
 from pytest_poolaware.server.discovery import Discovery, discover, read_facts
-from pytest_poolaware.server.learning import LEARNED_ORIGIN, ServerLearning
+from pytest_poolaware.server.learning import LEARNED_ORIGIN, ServerLearning, same_server
 from pytest_poolaware.server.monitor import ServerMonitor
 from pytest_poolaware.server.room import ServerFacts, room_of
 from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait
+from pytest_poolaware.shared.options import ENV_DSN
 from pytest_poolaware.shared.protocol import ServerSeen, WorkerMessage
 from pytest_poolaware.shared.server_view import ServerView
 from pytest_poolaware.shared.settings import Settings
@@ -74,10 +75,34 @@ class OwnConnection:
         if settings.monitor_dsn:
             found = discover(settings.monitor_dsn, self.budget.configured, settings.monitor_source)
             self._adopt(found, settings.monitor_dsn, settings.monitor_source)
+            if settings.tests_dsn and found.connection is not None:
+                self._read_tests_login(settings.monitor_dsn, settings.tests_dsn)
             return False
         if settings.monitor_source:  # turned off
             return False
         return self._start_learning()
+
+    def _read_tests_login(self, monitor_dsn: str, tests_dsn: str) -> None:
+        """The plugin's connection is another login than the tests' (``poolaware_monitor``
+        given beside ``$POOLAWARE_DSN``): the tests' login's room is read too, before any
+        worker starts, and the tighter of the two rooms binds. The plugin's connection then
+        takes none of the tests' role's slots."""
+        monitor, tests = login_of_dsn(monitor_dsn), login_of_dsn(tests_dsn)
+        if tests.key == monitor.key:
+            return
+        self.budget.learned(room_read=False)
+        if not same_server(tests, monitor):
+            self.notes.append(
+                f"${ENV_DSN} names another server than the plugin's connection "
+                f"({tests.host or 'a local socket'}:{tests.port}): what it allows the tests' "
+                "login was not read"
+            )
+            return
+        try:
+            read: ServerFacts | str = self._read_login(tests, ())
+        except Exception as exc:  # a note, never an error: the budget stays the monitor's
+            read = connection_failure(self.connection, exc)
+        self._login_read(tests, read, ())
 
     def _start_learning(self) -> bool:
         """No DSN: the run is held to one connection at a time until the workers' first

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from pytest_poolaware.shared.clock import monotonic
 from pytest_poolaware.shared.errors import first_line
+from pytest_poolaware.shared.protocol import ServerSeen
 
 #: Seconds to wait for the server when connecting (libpq's connect_timeout: whole seconds).
 CONNECT_TIMEOUT: Final = 5
@@ -41,6 +42,8 @@ KEEPALIVE_COUNT: Final = 3
 QUERY_DEADLINE: Final = 15.0
 #: Seconds between two looks of the watchdog that enforces ``QUERY_DEADLINE``.
 WATCHDOG_INTERVAL: Final = 0.5
+#: libpq's port when neither the DSN nor PGPORT names one.
+DEFAULT_PORT: Final = 5432
 #: SQLSTATEs saying the login may not use the maintenance database (it does not exist, no
 #: CONNECT privilege, no pg_hba entry): the DSN's own database is used instead.
 NO_ACCESS: Final = frozenset({"3D000", "42501", "28000"})
@@ -54,6 +57,21 @@ def target_database(dsn: str) -> str:
     params = conninfo_to_dict(dsn)
     user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
     return str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+
+
+def login_of_dsn(dsn: str) -> ServerSeen:
+    """The server and login a DSN names, with libpq's defaults (PGHOST, PGPORT, PGUSER,
+    PGDATABASE), as a worker's driver would report them."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(libpq_dsn(dsn))
+    user = str(params.get("user") or os.environ.get("PGUSER") or getpass.getuser())
+    return ServerSeen(
+        host=str(params.get("host") or os.environ.get("PGHOST") or ""),
+        port=int(params.get("port") or os.environ.get("PGPORT") or DEFAULT_PORT),
+        dbname=target_database(libpq_dsn(dsn)),
+        user=user,
+    )
 
 
 class GuardedConnection:

@@ -145,6 +145,9 @@ class Settings:
     #: and where it came from.
     monitor_dsn: str = ""
     monitor_source: str = ""
+    #: ``$POOLAWARE_DSN`` when the plugin's connection was given elsewhere
+    #: (``poolaware_monitor`` as another login): the tests' login, whose room is read too.
+    tests_dsn: str = ""
     #: Sharing the server's room with other runs (``auto`` or ``off``), and with whom.
     share: str = DEFAULT_SHARE
     share_namespace: str = DEFAULT_SHARE_NAMESPACE
@@ -177,6 +180,11 @@ class Settings:
             f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
         )
         monitor, monitor_source = MONITOR.resolve(config) or ("", "")
+        tests_dsn = os.environ.get(ENV_DSN, "").strip()
+        if not monitor or monitor_source == f"${ENV_DSN}" or not tests_dsn:
+            tests_dsn = ""
+        else:
+            tests_dsn = parse_setting(f"${ENV_DSN}", tests_dsn, monitor_dsn, secret=True)
 
         def path(option: Option[str]) -> str | None:
             value = config.getoption(option.dest)
@@ -199,6 +207,7 @@ class Settings:
             idle_need=_given(IDLE_NEED.value(config)),
             monitor_dsn=monitor,
             monitor_source=monitor_source,
+            tests_dsn=tests_dsn,
             share=_given(SHARE.value(config)),
             share_namespace=_given(SHARE_NAMESPACE.value(config)),
             report_path=path(REPORT_PATH),
