@@ -254,6 +254,57 @@ def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     assert "note: server monitoring stopped after " in run.output
 
 
+#: Tests of a few connections each: two runs share the room at every moment, and none
+#: needs more than a share (the waits of tests needing most of the room are not at
+#: stake here, the loss of the coordinating connections is).
+SHARED_SUITE = """
+import pytest
+from conftest import hold
+
+@pytest.mark.parametrize("n", range(40))
+def test_some(engine, n):
+    hold(engine, 3, 0.15)
+"""
+SHARED_SUITE_TESTS = 40
+
+
+@pytest.mark.e2e
+def test_two_runs_whose_coordinating_connections_are_terminated_end_with_every_test(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """An administrator terminates both runs' coordinating connections mid-run: each
+    holds itself to a safe budget until it has rejoined (their last budgets together
+    could exceed the room), and both end with every test passed, none refused."""
+    args = ("-n", "4", "--dist", "poolaware")
+    pair = []
+    for name in ("a", "b"):
+        root = checkout(tmp_path / name)
+        (root / "test_suite.py").write_text(SHARED_SUITE)
+        pair.append(Run(root, *args))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while min(run.tests_done() for run in pair) < 3:
+        assert all(run.process.poll() is None for run in pair), "a run ended early"
+        assert time.monotonic() < deadline, "the runs never started their tests"
+        time.sleep(0.05)
+    coordinating = (
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = 'pytest-poolaware-monitor' AND usename = %s"
+    )
+    with psycopg.connect(os.environ["POOLAWARE_DSN"], autocommit=True) as admin:
+        pids = [row[0] for row in admin.execute(coordinating, (shared_role,))]
+        assert len(pids) == 2
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for run in pair:
+        assert run.wait() == 0, run.output
+        assert f"{SHARED_SUITE_TESTS} passed" in run.output
+        assert run.connection_errors() == 0, run.output
+        assert RERUN_SERVER not in run.output
+        assert "the coordinating connection dropped (" in run.output or (
+            "sharing the server's room stopped" in run.output
+        ), run.output
+
+
 # -- cross-run waits --------------------------------------------------------------------------
 
 
