@@ -1,6 +1,12 @@
-"""Benchmarks of runs sharing one server: the demo suite twice against one limited role.
+"""Benchmarks of runs sharing one server: a suite K times against one limited role.
 
     python benchmarks/shared.py [--rounds N] [--cases A,B,...] [--out DIR]
+                                [--suite demo|harder] [--copies K]
+
+``--suite harder`` runs ``benchmarks/harder`` (``serial_only`` tests of 7-8 connections,
+one unmarked test of 12, 200 light tests) instead of the demo; ``--copies K`` (2 or 3)
+how many copies ``sequential``, ``pair`` and ``pair-no-share`` run (``pair`` is then K
+copies started together).
 
 Cases, each in interleaved rounds after one cold run per copy (so every case but
 ``learned-cold`` runs warm):
@@ -78,6 +84,10 @@ CONFIGURING: Final = ("POOLAWARE_DSN", "PG_POOL_SIZE", "PG_MAX_OVERFLOW", "PG_PO
 LISTEN_TIMEOUT: Final = 30.0
 LISTEN_POLL: Final = 0.05
 LOCAL_WORKERS: Final = ("-n", str(WORKERS))
+#: The suites, by ``--suite``.
+SUITES: Final = {"demo": SUITE, "harder": Path(__file__).resolve().parent / "harder"}
+#: Names of the copies, by start order.
+COPIES: Final = "abc"
 #: pytest's console script beside this Python.
 PYTEST: Final = Path(sys.executable).with_name("pytest")
 
@@ -241,6 +251,9 @@ def run_case(
     peak: PeakMonitor,
     learned: tuple[dict[str, str], Path],
     remote: Path,
+    *,
+    suite: Path = SUITE,
+    copies: int = 2,
 ) -> Figures:
     """One round of ``case``; ``learned`` is the learned cases' environment and suite,
     ``remote`` the suite copy socket workers change into."""
@@ -263,16 +276,17 @@ def run_case(
             for one in passes:
                 one.wait()
     elif case == "alone":
-        passes = [Pass(label, "a", env, work)]
+        passes = [Pass(label, "a", env, work, suite=suite)]
         passes[0].wait()
     elif case == "sequential":
         passes = []
-        for copy in ("a", "b"):
-            passes.append(Pass(f"{label}-{copy}", copy, env, work))
+        for copy in COPIES[:copies]:
+            passes.append(Pass(f"{label}-{copy}", copy, env, work, suite=suite))
             passes[-1].wait()
     else:
         extra = ("--poolaware-share", "off" if case == "pair-no-share" else "auto")
-        passes = [Pass(f"{label}-{copy}", copy, env, work, *extra) for copy in ("a", "b")]
+        named = COPIES[:copies] if case != "pair-killed" else COPIES[:2]
+        passes = [Pass(f"{label}-{c}", c, env, work, *extra, suite=suite) for c in named]
         if case == "pair-killed":
             time.sleep(KILL_AFTER)
             passes[0].kill()
@@ -306,7 +320,7 @@ def fold(rounds: Sequence[Figures]) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines = [
-        f"Shared server: demo suite x2, W={WORKERS} each, one role, "
+        f"Shared server: {report['suite']} suite x{report['copies']}, W={WORKERS} each, one role, "
         f"{report['rounds']} interleaved rounds (every case but learned-cold warm); "
         f"machine {report['machine']}.",
         "",
@@ -333,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--suite", choices=sorted(SUITES), default="demo")
+    parser.add_argument("--copies", type=int, choices=(2, 3), default=2)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
@@ -346,21 +362,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rounds": args.rounds,
+        "suite": args.suite,
+        "copies": args.copies,
     }
     with postgres_dsn() as admin_dsn, demo_role(admin_dsn) as (role, dsn):
         report["machine"] = machine_info(admin_dsn)
         env = pool_env(dsn, pythonpath=HERE)
         learned, remote = (learned_env(dsn), learned_suite(work)), suite_copy(work, "remote")
         if any(not case.startswith("learned") for case in cases):
-            for copy in ("a", "b"):  # learn first: every case but learned-cold runs warm
-                warm_up = Pass(f"warm-up-{copy}", copy, env, work, "--cache-clear")
+            for copy in COPIES[: args.copies]:  # learn first: all but learned-cold run warm
+                warm_up = Pass(
+                    f"warm-up-{copy}", copy, env, work, "--cache-clear", suite=SUITES[args.suite]
+                )
                 warm_up.wait()
         rounds: dict[str, list[Figures]] = {case: [] for case in cases}
         for round_ in range(args.rounds):
             for case in cases:
                 print(f"[shared] {case} {round_ + 1}/{args.rounds} ...", file=sys.stderr)
                 with PeakMonitor(admin_dsn, role) as peak:
-                    rounds[case].append(run_case(case, env, work, peak, learned, remote))
+                    figures = run_case(
+                        case,
+                        env,
+                        work,
+                        peak,
+                        learned,
+                        remote,
+                        suite=SUITES[args.suite],
+                        copies=args.copies,
+                    )
+                    rounds[case].append(figures)
         report["cases"] = [fold(r) for r in rounds.values()]
         report["raw"] = {case: [asdict(r) for r in rs] for case, rs in rounds.items()}
         if "pair" in rounds and "sequential" in rounds:

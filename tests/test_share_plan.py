@@ -7,6 +7,7 @@ from __future__ import annotations
 from pytest_poolaware.server.share_plan import (
     DepartedRuns,
     Others,
+    SafeBudget,
     fair_shares,
     kept_by_others,
     plan,
@@ -90,3 +91,27 @@ def test_a_run_with_work_left_keeps_its_last_lease() -> None:
     heavy = Others({2: 14}, {2: 15}, priority=(2, 13))
     step = plan(me=1, allows=16, held=1, demand=3, in_use=0, others=heavy, live_others=14)
     assert (step.hold, step.budget) == (1, 1)
+
+
+def test_a_run_out_of_touch_keeps_what_it_held_and_falls_to_its_even_part() -> None:
+    """Lost touch holding 10 of a room of 16 seen shared by two runs: it keeps 10 while
+    its tests use them, falls as they end, never below its even part (6), never up."""
+    safe = SafeBudget(held=10, allows=16, runs=2)
+    assert safe.floor == 6
+    assert safe.follow(10) == 10
+    assert safe.follow(8) == 8
+    assert safe.follow(9) == 8  # never up
+    assert safe.follow(2) == 6
+    assert safe.follow(0) == 6
+
+
+def test_a_run_out_of_touch_never_takes_more_than_it_held() -> None:
+    """Holding 2 when it lost touch: 2 it keeps, even though its even part is larger.
+    Runs that lost touch together are back within the room once their tests have ended,
+    whatever they held (each run's own connection and the closing slot left out)."""
+    assert SafeBudget(held=2, allows=16, runs=2).follow(0) == 2
+    for held in ((10, 3), (7, 7), (13, 1)):
+        safes = [SafeBudget(held=h, allows=16, runs=2) for h in held]
+        assert sum(safe.follow(0) for safe in safes) <= 16 - 2 - 1
+    three = [SafeBudget(held=h, allows=16, runs=3) for h in (8, 3, 2)]
+    assert sum(safe.follow(0) for safe in three) <= 16 - 3 - 1

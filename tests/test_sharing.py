@@ -205,8 +205,9 @@ def test_after(engine, n):
 
 
 #: The controller's side of DROPPING_SUITE: once the cut test has reported, it waits
-#: (bounded) until the sharing thread and the sampler have each met the cut, so the run
-#: cannot end before either looks again. Whether they did is what the run's notes say.
+#: (bounded) until the sharing thread has rejoined and the sampler has met the cut, so
+#: the run cannot end before either looks again. Whether they did is what the run's
+#: notes say.
 NOTICING_CONFTEST = """
 import time
 
@@ -220,8 +221,10 @@ class WaitForTheCutToBeNoticed:
     def noticed(self):
         controller = self.config.pluginmanager.get_plugin("poolaware-controller")
         server = getattr(controller, "server", None)
-        parts = (getattr(server, "share", None), getattr(server, "monitor", None))
-        return all(part is not None and part.problem for part in parts)
+        share = getattr(server, "share", None)
+        monitor = getattr(server, "monitor", None)
+        rejoined = share is not None and (share.problem or share.interruptions)
+        return bool(rejoined and monitor is not None and monitor.problem)
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" and report.nodeid.endswith("test_cut_the_plugin_connection"):
@@ -246,8 +249,60 @@ def test_a_coordinating_connection_that_drops_mid_run_is_a_note(
     run = Run(root, "-n", "2", "--dist", "poolaware", "--poolaware-share", "auto")
     assert run.wait() == 0, run.output
     assert "13 passed" in run.output
-    assert "note: sharing the server's room stopped: " in run.output
+    assert "note: the coordinating connection dropped (" in run.output
+    assert "the run rejoined the other runs after" in run.output
     assert "note: server monitoring stopped after " in run.output
+
+
+#: Tests of a few connections each: two runs share the room at every moment, and none
+#: needs more than a share (the waits of tests needing most of the room are not at
+#: stake here, the loss of the coordinating connections is).
+SHARED_SUITE = """
+import pytest
+from conftest import hold
+
+@pytest.mark.parametrize("n", range(40))
+def test_some(engine, n):
+    hold(engine, 3, 0.15)
+"""
+SHARED_SUITE_TESTS = 40
+
+
+@pytest.mark.e2e
+def test_two_runs_whose_coordinating_connections_are_terminated_end_with_every_test(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """An administrator terminates both runs' coordinating connections mid-run: each
+    holds itself to a safe budget until it has rejoined (their last budgets together
+    could exceed the room), and both end with every test passed, none refused."""
+    args = ("-n", "4", "--dist", "poolaware")
+    pair = []
+    for name in ("a", "b"):
+        root = checkout(tmp_path / name)
+        (root / "test_suite.py").write_text(SHARED_SUITE)
+        pair.append(Run(root, *args))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while min(run.tests_done() for run in pair) < 3:
+        assert all(run.process.poll() is None for run in pair), "a run ended early"
+        assert time.monotonic() < deadline, "the runs never started their tests"
+        time.sleep(0.05)
+    coordinating = (
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = 'pytest-poolaware-monitor' AND usename = %s"
+    )
+    with psycopg.connect(os.environ["POOLAWARE_DSN"], autocommit=True) as admin:
+        pids = [row[0] for row in admin.execute(coordinating, (shared_role,))]
+        assert len(pids) == 2
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for run in pair:
+        assert run.wait() == 0, run.output
+        assert f"{SHARED_SUITE_TESTS} passed" in run.output
+        assert run.connection_errors() == 0, run.output
+        assert RERUN_SERVER not in run.output
+        assert "the coordinating connection dropped (" in run.output or (
+            "sharing the server's room stopped" in run.output
+        ), run.output
 
 
 # -- cross-run waits --------------------------------------------------------------------------
@@ -278,6 +333,7 @@ class Coordinated:
             room=alone,
             ceiling=alone.budget,
             clock=clock,
+            reconnect=lambda: open_connection(dsn),
         )
 
     def wants(self, need: int, *, in_use: int = 0, open_: int = 0) -> None:
@@ -303,7 +359,42 @@ def two_runs(limited_role: Any) -> Iterator[tuple[Coordinated, Coordinated, Fake
         yield runs[0], runs[1], clock
     finally:
         for run in runs:
+            run.share.stop()
             run.connection.close()
+
+
+def terminate(connection: Any) -> None:
+    """End a connection's session from another one, as an administrator would."""
+    with psycopg.connect(connection.info.dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+
+
+def test_a_run_that_loses_touch_holds_itself_safe_then_rejoins(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """The coordinating connection of a run holding 10 of the room is terminated: its
+    leases are gone, so it keeps no more than it held, falls to its even part of the
+    room (6 of 16 between two runs, each with its own connection and a closing slot
+    kept) as its tests end, waits for no growth, then rejoins on a new connection."""
+    first, second, _ = two_runs
+    first.wants(10)
+    second.wants(2)
+    settle(first, second)
+    assert first.share.budget() == 10
+    first.wants(10, in_use=10, open_=10)
+    terminate(first.connection)
+    assert not first.share.step()
+    assert (first.share.budget(), first.share.ceiling_now()) == (10, 10)
+    first.wants(10, in_use=4, open_=4)
+    assert (first.share.budget(), first.share.ceiling_now()) == (6, 6)
+    first.wants(10, in_use=9, open_=4)  # never up while out of touch
+    assert first.share.budget() == 6
+    assert first.share.rejoin()
+    assert first.share.problem is None
+    assert first.share.step(), first.share.problem
+    (note,) = first.share.interruptions
+    assert "the run rejoined the other runs after" in note
+    assert "holding itself to the 10 connection(s) it held, falling to 6" in note
 
 
 def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
@@ -551,7 +642,8 @@ def test_a_coordinating_connection_whose_network_stalls_is_given_up_with_a_note(
         assert run.wait() == 0, run.output
     finally:
         proxy.close()
-    assert proxy.accepted == 1  # the plugin's own connection, and only it, went through
+    # The plugin's own connection, and its tries to rejoin: the tests' never went through.
+    assert proxy.accepted >= 1
     assert "16 passed" in run.output
     assert run.connection_errors() == 0, run.output
     assert (

@@ -20,7 +20,13 @@ import queue
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-from pytest_poolaware.server.connection import close_quietly, connection_failure, login_of_dsn
+from pytest_poolaware.server.connection import (
+    close_quietly,
+    connection_failure,
+    libpq_dsn,
+    login_of_dsn,
+    open_connection,
+)
 from pytest_poolaware.server.discovery import Discovery, discover, read_facts
 from pytest_poolaware.server.learning import LEARNED_ORIGIN, ServerLearning, same_server
 from pytest_poolaware.server.monitor import ServerMonitor
@@ -143,13 +149,13 @@ class OwnConnection:
         if found.connection is None:
             return
         if self.settings.share != "off":
-            self._share(found)
+            self._share(found, dsn)
         self.monitor = ServerMonitor(
             dsn, budget=self.budget.budget, source=origin, connection=found.connection
         )
         self.monitor.start()
 
-    def _share(self, found: Discovery) -> None:
+    def _share(self, found: Discovery, dsn: str) -> None:
         """Share the room with the other runs of the name space (not behind a pooler)."""
         if found.pooled:
             self.notes.append(
@@ -172,6 +178,7 @@ class OwnConnection:
             ceiling=ceiling,
             on_change=self._wake,
             growth_wait=share_growth_wait(self.settings.gate_timeout),
+            reconnect=lambda: open_connection(libpq_dsn(dsn)),
         )
         self.budget.take_share(self.share)
         self.share.start()
@@ -205,7 +212,7 @@ class OwnConnection:
             return []
         share.stop()
         summary = share.summary()
-        return [note for note in (summary, share.problem) if note]
+        return [note for note in (summary, *share.interruptions, share.problem) if note]
 
     def stop_monitor(self) -> tuple[ServerView | None, str | None]:
         """What the monitor saw, and why it stopped early (if it did)."""

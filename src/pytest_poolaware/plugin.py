@@ -158,6 +158,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         WorkerLink(workerinput[WORKERINPUT_KEY]),
         budget=options.budget,
         gate_timeout=options.gate_timeout,
+        go_timeout=options.go_timeout,
         retry_on_limit=options.retry_on_limit,
         room=options.room,
         learn=options.learn,
@@ -252,6 +253,7 @@ class Controller:
         node.workerinput[WORKER_SETTINGS_KEY] = WorkerSettings(
             budget=budget.budget,
             gate_timeout=self.settings.gate_timeout,
+            go_timeout=self.settings.go_timeout,
             retry_on_limit=self.settings.retry_on_limit,
             fast_exit=self.settings.fast_exit,
             room=budget.room,

@@ -17,6 +17,7 @@ thread, and the scheduler reads ``budget()`` before it grants.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -31,6 +32,7 @@ from pytest_poolaware.server.share_plan import (
     kept_by_others,
     plan,
 )
+from pytest_poolaware.server.share_touch import Touch
 from pytest_poolaware.shared.clock import monotonic, wall
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
@@ -123,13 +125,28 @@ class GrowthWait:
         return self.overdue
 
 
+def leases_on(
+    namespace: str, facts: ServerFacts, room: Room, clock: Callable[[], float], grace: float
+) -> Callable[[Any], Leases]:
+    """How a run takes its leases on a connection (first, or again after losing touch)."""
+    return functools.partial(
+        Leases,
+        namespace=namespace,
+        room=room,
+        scope_name=facts.role if room.scope == ROLE else facts.database,
+        clock=clock,
+        departed_grace=grace,
+    )
+
+
 class ShareCoordinator:
     """This run's leases on the plugin's own connection, kept moving towards its share.
 
     The scheduler tells it what the run uses and wants (``report``) and reads the budget
     (``budget``) before it grants; ``on_change`` wakes the scheduler when that moves.
-    Any failure of the connection ends the sharing with a ``problem`` note; the run keeps
-    its last budget and carries on.
+    When the connection fails, the run holds itself to a budget safe whatever the others
+    do (``share_plan.SafeBudget``) and rejoins on a new connection (``reconnect``, a few
+    tries); if it cannot, sharing ends with a ``problem`` note, the safe budget stays.
     """
 
     def __init__(
@@ -145,6 +162,7 @@ class ShareCoordinator:
         clock: Callable[[], float] = monotonic,
         growth_wait: float = GROWTH_WAIT,
         departed_grace: float = DEPARTED_GRACE,
+        reconnect: Callable[[], Any] | None = None,
     ) -> None:
         self._conn = connection
         self._growth = GrowthWait(growth_wait, clock)
@@ -156,14 +174,9 @@ class ShareCoordinator:
         self._on_change = on_change
         self._interval = interval
         self._clock = clock
-        self._leases = Leases(
-            connection,
-            namespace=namespace,
-            room=room,
-            scope_name=facts.role if room.scope == ROLE else facts.database,
-            clock=clock,
-            departed_grace=departed_grace,
-        )
+        #: Leases on a connection: the run's first, or again after losing touch.
+        self._join = leases_on(namespace, facts, room, clock, departed_grace)
+        self._leases = self._join(connection)
         self._lock = threading.Lock()
         #: Until the first step, the run's own budget (what it would use with sharing off).
         self._budget = ceiling
@@ -183,12 +196,23 @@ class ShareCoordinator:
         self.went_past = 0
         self._in_use = 0
         self._open = 0
-        self.problem: str | None = None
         self.peers_seen = 0
         self._held_back = HeldBack(clock)
         self.lowest = ceiling
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: In touch with the other runs, or holding itself safe until it rejoins.
+        self.touch = Touch(reconnect, self._stop, clock)
+
+    @property
+    def problem(self) -> str | None:
+        """Why sharing stopped for good (None: it did not)."""
+        return self.touch.problem
+
+    @property
+    def interruptions(self) -> list[str]:
+        """Notes of each time the run lost touch with the others and rejoined."""
+        return self.touch.interruptions
 
     # -- what the scheduler calls ------------------------------------------------------------
 
@@ -237,6 +261,9 @@ class ShareCoordinator:
             wanted = in_use + max(wants, 1)
             self._demand = min(self.ceiling, wanted) if pending else in_use
             self._wants = wants
+            if self.touch.safe is not None:  # out of touch: down as tests end, never up
+                self._budget = self._reachable = min(self.ceiling, self.touch.safe.follow(in_use))
+                self.lowest = min(self.lowest, self._budget)
 
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether the run was held back by another run between two ``time.time()``s."""
@@ -257,26 +284,43 @@ class ShareCoordinator:
         return self.budget()
 
     def stop(self) -> None:
-        """Stop moving; the leases go with the connection, which its owner closes."""
+        """Stop moving; the leases go with the connection, which its owner closes (or
+        this, when it opened one of its own to rejoin)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
         self._held_back.close(wall())
+        self.touch.stopped()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            if not self.step():
+            if not self.touch.lost:
+                self.step()
+            elif not self.rejoin():
                 return
+
+    def rejoin(self) -> bool:
+        """Take leases again on a new connection (``Touch.rejoin``: the safe budget
+        holds meanwhile); False once sharing has stopped for good."""
+        leases = self.touch.rejoin(self._join)
+        if leases is None:
+            return False
+        self._conn, self._leases = self.touch.connection, leases
+        if self.step():
+            self.touch.in_touch()
+        return True
 
     # -- one step ----------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Look at the others and move this run's leases; False once sharing has failed."""
+        """Look at the others and move this run's leases; False when out of touch."""
+        if self.touch.lost:
+            return False
         try:
             others, step, wants, open_ = self._move()
         except Exception as exc:
-            self._fail(exc)
+            self._lose(exc)
             return False
         self._follow(others, step, wants, open_)
         return True
@@ -314,22 +358,26 @@ class ShareCoordinator:
         self._leases.move_to(step.hold + 1)
         return others, step, wants, open_
 
-    def _fail(self, exc: BaseException) -> None:
-        """Sharing stopped: the run keeps its last budget, and says why."""
-        self.problem = (
-            f"sharing the server's room stopped: {connection_failure(self._conn, exc)}; "
-            "the run keeps "
-            f"its last budget ({self.budget()}) without coordinating"
-        )
-        with self._lock:  # nothing will move it any more: never wait for growth
-            self._reachable = self._budget
+    def _lose(self, exc: BaseException) -> None:
+        """The connection failed: its leases are gone with it, so the others may hand
+        them out. Until it rejoins, the run holds itself to what it held, falling to its
+        even part of the room as its tests end (``SafeBudget``)."""
+        cause = connection_failure(self._conn, exc)
+        with self._lock:
+            held = min(self._budget, max(1, self._leases.slots - 1))
+            safe = self.touch.lose(cause, held=held, allows=self.room.allows)
+            self._budget = self._reachable = min(self.ceiling, safe.follow(self._in_use))
+            self.lowest = min(self.lowest, self._budget)
             self._priority_elsewhere = False
             self._yield = False
+        self._held_back.note(False)
         self._on_change()
 
     def _follow(self, others: Others, step: Plan, wants: int, open_: int) -> None:
         """Make the step the run's budget, and decide how a wait for growth ends."""
-        self.peers_seen = max(self.peers_seen, len(others.held.keys() | others.demand.keys()))
+        runs = len(others.held.keys() | others.demand.keys())
+        self.peers_seen = max(self.peers_seen, runs)
+        self.touch.runs_seen = runs + 1
         self._share = step.share
         budget = max(1, min(step.budget, self._leases.slots - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
@@ -377,23 +425,27 @@ class ShareCoordinator:
     def summary(self) -> str | None:
         """One line for the summary: with whom the room was shared, and what it cost
         (None when no other run came)."""
-        peers = self.peers_seen
-        if not peers:
-            return None
-        return (
-            f"shared the server's room with up to {peers} other run(s) (name space "
-            f"{self.namespace!r}): budget down to {self.lowest} at times, held back "
-            f"{self._held_back.seconds:.2f}s waiting for another run"
-            + (
-                f"; {self.gave_way} time(s) a test gave way after waiting "
-                f"{self._growth.seconds:g}s for the share to grow"
-                if self.gave_way
-                else ""
-            )
-            + (
-                f"; {self.went_past} time(s) a test went past the share, within the room "
-                "the server had free"
-                if self.went_past
-                else ""
-            )
+        return summary_line(self, self._held_back.seconds, self._growth.seconds)
+
+
+def summary_line(share: ShareCoordinator, held_back: float, growth_wait: float) -> str | None:
+    """``ShareCoordinator.summary``: the run's sharing in one line."""
+    if not share.peers_seen:
+        return None
+    return (
+        f"shared the server's room with up to {share.peers_seen} other run(s) (name space "
+        f"{share.namespace!r}): budget down to {share.lowest} at times, held back "
+        f"{held_back:.2f}s waiting for another run"
+        + (
+            f"; {share.gave_way} time(s) a test gave way after waiting "
+            f"{growth_wait:g}s for the share to grow"
+            if share.gave_way
+            else ""
         )
+        + (
+            f"; {share.went_past} time(s) a test went past the share, within the room "
+            "the server had free"
+            if share.went_past
+            else ""
+        )
+    )

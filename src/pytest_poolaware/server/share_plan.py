@@ -185,3 +185,27 @@ def plan(
     return Plan(
         hold, budget, share, held_back=bool(runs) and share < demand, reachable=max(1, pool)
     )
+
+
+class SafeBudget:
+    """The budget of a run that lost touch with the others (its coordinating connection
+    dropped): safe whatever they do. Its leases died with its session, so the others may
+    hand its slots out, but never the ones its open connections fill (they count the
+    server's live connections). So the run keeps at most what it held, and no more than it
+    uses beyond its even part of the room: the budget falls, as its tests end, to the room
+    divided by the runs it last saw (each run's own connection and the closing slot
+    left out), and never rises until the run has rejoined.
+    """
+
+    def __init__(self, *, held: int, allows: int, runs: int) -> None:
+        runs = max(1, runs)
+        #: The run's even part of the room among the runs it last saw.
+        self.floor = max(1, (allows - runs - CLOSING_SLACK) // runs)
+        #: Never more than the run held when it lost touch.
+        self.held = self.budget = max(1, held)
+
+    def follow(self, in_use: int) -> int:
+        """The budget once the run holds ``in_use`` committed: down to what it uses, but
+        never below its even part; never up."""
+        self.budget = max(1, min(self.budget, max(self.floor, in_use)))
+        return self.budget

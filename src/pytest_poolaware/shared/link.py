@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Hashable
@@ -42,6 +43,16 @@ WORKERINPUT_KEY: Final = "poolaware_channel"
 
 
 N = TypeVar("N", bound=Hashable)
+
+
+class GoWait(enum.Enum):
+    """How a worker's wait for its go ended."""
+
+    GO = "go"
+    #: The controller went away first (its run was killed).
+    GONE = "gone"
+    #: The bound passed with no go: the test fails without running, never waits for ever.
+    TIMED_OUT = "timed out"
 
 
 class ControllerLink(Generic[N]):
@@ -180,10 +191,13 @@ class WorkerLink:
         with self._cond:
             return self._closed
 
-    def wait_go(self, index: int, on_release: Callable[[], None]) -> bool:
-        """Block until ``index`` may start (the controller always answers, or goes away);
-        False when the controller went away first."""
-        return self._wait(lambda: index in self._goes, None, on_release, self._goes.discard, index)
+    def wait_go(self, index: int, on_release: Callable[[], None], timeout: float) -> GoWait:
+        """Block until ``index`` may start, the controller goes away, or ``timeout``
+        passes (the controller answers every worker, but no wait is unbounded: a
+        controller wedged by a fault must not hang the run)."""
+        if self._wait(lambda: index in self._goes, timeout, on_release, self._goes.discard, index):
+            return GoWait.GO
+        return GoWait.GONE if self.closed else GoWait.TIMED_OUT
 
     def request(
         self,

@@ -51,6 +51,7 @@ INI_UNMARKED: Final = "poolaware_unmarked"
 INI_UNKNOWN_NEED: Final = "poolaware_unknown_need"
 INI_RETRY: Final = "poolaware_retry_on_limit"
 INI_GATE_TIMEOUT: Final = "poolaware_gate_timeout"
+INI_GO_TIMEOUT: Final = "poolaware_go_timeout"
 INI_RISKY_NEED: Final = "poolaware_risky_need"
 INI_IDLE_NEED: Final = "poolaware_idle_need"
 INI_MONITOR: Final = "poolaware_monitor"
@@ -71,6 +72,11 @@ DEFAULT_FANOUT_NICE: Final = 5
 #: Marker advice: a ``serial_only`` test holding at most this many connections at once is
 #: a ``parallel_safe`` candidate.
 DEFAULT_IDLE_NEED: Final = 0
+
+#: A worker's wait for its go to start a test is bounded by this many gate timeouts
+#: unless set: a go waits for whole tests to end (the connect gate for connections
+#: within one), so it may take much longer, but never for ever.
+GO_TIMEOUT_GATES: Final = 10
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,16 @@ GATE_TIMEOUT: Final = Option(
     env=ENV_POOL_TIMEOUT,
     default=DEFAULT_POOL_TIMEOUT,
 )
+GO_TIMEOUT: Final = Option(
+    "--poolaware-go-timeout",
+    "SECONDS",
+    "How long a worker waits for the controller's go to start a test before the test "
+    "fails without running (the summary counts them) "
+    f"(default: {GO_TIMEOUT_GATES} gate timeouts).",
+    positive_seconds,
+    INI_GO_TIMEOUT,
+    "Seconds a worker waits for its go before the test fails without running.",
+)
 RISKY_NEED: Final = Option(
     "--poolaware-risky-need",
     "N",
@@ -299,6 +315,7 @@ OPTIONS: Final[tuple[Option[Any], ...]] = (
     FAST_EXIT,
     FANOUT_NICE,
     GATE_TIMEOUT,
+    GO_TIMEOUT,
     RISKY_NEED,
     IDLE_NEED,
     ADVICE_PATH,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, TypeVar
 
 from pytest_poolaware.shared.markers import GROUP_MARKER, PARALLEL_MARKER, SERIAL_MARKER, Markers
+from pytest_poolaware.shared.options import DEFAULT_POOL_TIMEOUT, GO_TIMEOUT_GATES
 
 #: Bumped for any change a reader of the previous version would misread.
 PROTOCOL_VERSION: Final = 1
@@ -327,6 +328,8 @@ class WorkerSettings:
     gate_timeout: float
     retry_on_limit: bool
     fast_exit: bool
+    #: The longest wait for a go (``Settings.go_timeout``).
+    go_timeout: float = GO_TIMEOUT_GATES * DEFAULT_POOL_TIMEOUT
     #: When the budget is the server's own room: what the server allows the login in all,
     #: and which limit that is ("role acc_app CONNECTION LIMIT 16"); a test needing more
     #: fails with a clear message.

@@ -30,6 +30,8 @@ from pytest_poolaware.shared.options import (
     FANOUT_NICE,
     FAST_EXIT,
     GATE_TIMEOUT,
+    GO_TIMEOUT,
+    GO_TIMEOUT_GATES,
     IDLE_NEED,
     MONITOR,
     OPTIONS,
@@ -138,6 +140,8 @@ class Settings:
     #: Niceness the fan-out workers add to their own (0: all workers alike).
     fanout_nice: int = DEFAULT_FANOUT_NICE
     gate_timeout: float = DEFAULT_POOL_TIMEOUT
+    #: The longest a worker waits for its go (0: ``GO_TIMEOUT_GATES`` gate timeouts).
+    go_wait: float = 0.0
     #: Marker advice thresholds (connections checked out at once); 0: half the budget.
     risky_need: int = 0
     idle_need: int = DEFAULT_IDLE_NEED
@@ -156,6 +160,11 @@ class Settings:
     timeline_path: str | None = None
     trace_path: str | None = None
     advice_path: str | None = None
+
+    @property
+    def go_timeout(self) -> float:
+        """How long a worker waits for its go before its test fails without running."""
+        return self.go_wait or GO_TIMEOUT_GATES * self.gate_timeout
 
     @property
     def serial_advice_need(self) -> int:
@@ -203,6 +212,7 @@ class Settings:
             fast_exit=_given(FAST_EXIT.value(config)),
             fanout_nice=_given(FANOUT_NICE.value(config)),
             gate_timeout=_given(GATE_TIMEOUT.value(config)),
+            go_wait=GO_TIMEOUT.value(config) or 0.0,
             risky_need=RISKY_NEED.value(config) or 0,
             idle_need=_given(IDLE_NEED.value(config)),
             monitor_dsn=monitor,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
+from typing import Final
 
 import pytest
 
 from pytest_poolaware.shared.clock import monotonic, wall
 from pytest_poolaware.shared.compat import run_test_protocol
 from pytest_poolaware.shared.errors import is_connection_limit_error
-from pytest_poolaware.shared.link import WorkerLink
+from pytest_poolaware.shared.link import GoWait, WorkerLink
 from pytest_poolaware.shared.markers import (
     GROUP_MARKER,
     PARALLEL_MARKER,
@@ -24,6 +25,7 @@ from pytest_poolaware.shared.markers import (
     group_name,
     mark_group_name,
 )
+from pytest_poolaware.shared.options import DEFAULT_POOL_TIMEOUT, GO_TIMEOUT_GATES
 from pytest_poolaware.shared.protocol import (
     Collected,
     Counts,
@@ -52,6 +54,66 @@ from pytest_poolaware.worker.reruns import (
     LimitFailures,
     drop_failed_attempt,
 )
+
+#: The worker's note when a test's wait for its go timed out (the summary shows it once).
+GO_TIMED_OUT: Final = (
+    "a test waited poolaware_go_timeout for its go and failed without running: the "
+    "controller let nothing start"
+)
+
+
+def fail_without_running(item: pytest.Item, waited: float) -> None:
+    """No go came within the bound: the test fails without running (it never starts
+    past the budget, and never waits for ever)."""
+    message = (
+        f"pytest-poolaware: waited {waited:g}s for the controller's go to start this "
+        "test; it did not run (raise poolaware_go_timeout if the run's tests "
+        "legitimately keep others waiting longer)"
+    )
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    calls = (
+        pytest.CallInfo.from_call(lambda: _fail(message), "setup"),
+        pytest.CallInfo.from_call(lambda: _fail(None), "teardown"),
+    )
+    for call in calls:
+        report = ihook.pytest_runtest_makereport(item=item, call=call)
+        ihook.pytest_runtest_logreport(report=report)
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+def item_measures(
+    gate: ConnectGate,
+    meter: PoolMeter,
+    window: Window,
+    duration: float,
+    started: float,
+    reason: str,
+    contended: bool,
+) -> ItemMeasures:
+    """What the controller hears of an item: its window, its waits, the meter's counts."""
+    open_, idle, version = meter.snapshot()
+    return ItemMeasures(
+        need=window.need,
+        peak_open=window.peak_open,
+        duration=duration,
+        **gate.item_waits(),
+        start=started,
+        end=wall(),
+        rerun=reason,
+        open=open_,
+        idle=idle,
+        version=version,
+        drivers=window.drivers,
+        leaks=window.leaks,
+        contended=contended,
+    )
+
+
+def _fail(message: str | None) -> None:
+    """A phase of a test that never ran: failed with ``message``, or passed (None)."""
+    if message is not None:
+        pytest.fail(message, pytrace=False)
 
 
 def item_markers(item: pytest.Item) -> Markers:
@@ -138,6 +200,7 @@ class WorkerAgent:
         budget: int,
         gate_timeout: float,
         retry_on_limit: bool,
+        go_timeout: float = GO_TIMEOUT_GATES * DEFAULT_POOL_TIMEOUT,
         room: tuple[int, str] | None = None,
         learn: bool = False,
         clock: Callable[[], float] = monotonic,
@@ -159,6 +222,7 @@ class WorkerAgent:
             self.meter,
             budget=budget,
             gate_timeout=gate_timeout,
+            go_timeout=go_timeout,
             room=room,
             release=self.idle.give_back,
             release_async=self.idle.give_back_async,
@@ -180,6 +244,11 @@ class WorkerAgent:
                 self._learn(conn, driver)
         for _driver in self.meter.opened_unbound:  # closed since, or not
             self.link.send(OpenedOutsideTests(STARTUP))
+        self._listen()
+
+    def _listen(self) -> None:
+        """What the controller's news does once it arrives (on the receiving thread)."""
+        link = self.link
         link.on_server_pids = lambda sample: self.meter.reconcile(sample.pids, before=sample.taken)
         link.on_room_known = self.gate.room_known
         link.on_release = self.idle.asked
@@ -235,9 +304,14 @@ class WorkerAgent:
         index = self._index[item]
         self._install_meter()
         self.gate.begin_item(index)
-        if not self.gate.waiting_for_go(
-            lambda: self.link.wait_go(index, on_release=self.idle.give_back)
-        ):
+        went, bound = self.gate.wait_for_go(
+            lambda bound: self.link.wait_go(index, self.idle.give_back, bound)
+        )
+        if went is GoWait.TIMED_OUT:
+            self.link.send(Note(GO_TIMED_OUT))
+            fail_without_running(item, bound)
+            return True
+        if went is GoWait.GONE:
             # The controller has gone (its run was killed): nobody coordinates this
             # worker's connections any more. Start nothing, give the idle ones back.
             self.idle.give_back()
@@ -250,8 +324,8 @@ class WorkerAgent:
         if self.link.take_release():
             self.idle.give_back()
         # xdist's public route for data: report attributes travel with the report.
-        reports[-1].poolaware = self._measures(  # type: ignore[attr-defined]
-            window, duration, started, reason, contended
+        reports[-1].poolaware = item_measures(  # type: ignore[attr-defined]
+            self.gate, self.meter, window, duration, started, reason, contended
         ).to_wire()
         for report in reports:
             if reason:
@@ -287,27 +361,6 @@ class WorkerAgent:
             reports = run_test_protocol(item, nextitem)
             window = self.meter.end()
         return reports, window, self._clock() - start, contended, reason
-
-    def _measures(
-        self, window: Window, duration: float, started: float, reason: str, contended: bool
-    ) -> ItemMeasures:
-        """What the controller hears of an item: its window, its waits, the meter's counts."""
-        open_, idle, version = self.meter.snapshot()
-        return ItemMeasures(
-            need=window.need,
-            peak_open=window.peak_open,
-            duration=duration,
-            **self.gate.item_waits(),
-            start=started,
-            end=wall(),
-            rerun=reason,
-            open=open_,
-            idle=idle,
-            version=version,
-            drivers=window.drivers,
-            leaks=window.leaks,
-            contended=contended,
-        )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:

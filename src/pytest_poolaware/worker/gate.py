@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from pytest_poolaware.shared.clock import monotonic, wall
-from pytest_poolaware.shared.link import WorkerLink
+from pytest_poolaware.shared.link import GoWait, WorkerLink
+from pytest_poolaware.shared.options import DEFAULT_POOL_TIMEOUT, GO_TIMEOUT_GATES
 from pytest_poolaware.shared.protocol import Answer, Note, RoomKnown
 from pytest_poolaware.worker.meter import (
     NO_ITEM,
@@ -103,6 +104,7 @@ class ConnectGate:
         budget: int,
         gate_timeout: float,
         room: tuple[int, str] | None,
+        go_timeout: float = GO_TIMEOUT_GATES * DEFAULT_POOL_TIMEOUT,
         release: Callable[[], None],
         release_async: Callable[[], Awaitable[None]],
         clock: Callable[[], float] = monotonic,
@@ -111,6 +113,10 @@ class ConnectGate:
         self.meter = meter
         self.budget = budget
         self.gate_timeout = gate_timeout
+        self.go_timeout = go_timeout
+        #: A wait for a go timed out and no go came since: the controller is wedged, so
+        #: the next items wait no longer than a connect does at the gate.
+        self._go_overdue = False
         #: When the budget is the server's own room: what the server allows the login in
         #: all, and which limit that is ("role acc_app CONNECTION LIMIT 16").
         self.room = room
@@ -164,6 +170,14 @@ class ConnectGate:
             "gate_waited": self.gate_waited,
             "waits": tuple(self.waits),
         }
+
+    def wait_for_go(self, wait: Callable[[float], GoWait]) -> tuple[GoWait, float]:
+        """``waiting_for_go`` for the go itself, bounded (``wait`` takes the bound): how
+        the wait ended, and the bound it had."""
+        bound = self.gate_timeout if self._go_overdue else self.go_timeout
+        went = self.waiting_for_go(lambda: wait(bound))
+        self._go_overdue = went is GoWait.TIMED_OUT
+        return went, bound
 
     def waiting_for_go(self, wait: Callable[[], T]) -> T:
         """Run ``wait`` (for the go, or for room to rerun) and count it as the item's
