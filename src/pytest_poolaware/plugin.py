@@ -164,6 +164,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         meter=config.stash.get(_early_meter_key, None),
     )
     config.pluginmanager.register(agent, "poolaware-worker")
+    config.pluginmanager.register(agent.left_out, "poolaware-worker-left-out")
 
 
 @pytest.hookimpl(trylast=True)
@@ -308,7 +309,7 @@ class Controller:
         if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldfail:
             report.not_run(self.config, session, scheduler.unfinished())
         if self.cache is not None and scheduler.collection:
-            self.history.save(self.cache.mkdir(CACHE_DIR), keep=scheduler.collection)
+            self.history.save(self.cache.mkdir(CACHE_DIR))
         if scheduler.collection:
             scheduler.take_last_news()
             scheduler.keep_within(self.started, self.finished)

@@ -1,0 +1,89 @@
+"""End to end: what runs learn lasts. A filtered run (``-k``, ``--lf``, a path, ``-x``)
+keeps the learned data of the tests it did not collect; only a run of the whole suite,
+or a deleted file, forgets any."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from inner import run
+
+WORKERS = "2"
+MODULES = 3
+#: Tests in each module; ``test_2`` of the first module fails when asked.
+PER_MODULE = 3
+TESTS = MODULES * PER_MODULE
+FAILS_WHEN = "HISTORY_SUITE_FAILS"
+
+MODULE = "\n".join(
+    [
+        "import os",
+        "",
+        *(f"def test_{n}():\n    pass\n" for n in range(PER_MODULE - 1)),
+        f"def test_{PER_MODULE - 1}():",
+        f"    assert not (os.environ.get({FAILS_WHEN!r}) and __name__.endswith('0'))",
+        "",
+    ]
+)
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(**{f"test_m{n}": MODULE for n in range(MODULES)})
+    return pytester
+
+
+def poolaware(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
+    """One poolaware run; its result and JSON report."""
+    report = pytester.path / "report.json"
+    result = run(
+        pytester, "-n", WORKERS, "--dist", "poolaware", f"--poolaware-report={report}", *args
+    )
+    data: dict[str, Any] = json.loads(report.read_text())
+    return result, data
+
+
+def test_filtered_runs_keep_what_the_full_run_plans_with(
+    suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAILS_WHEN, "1")
+    result, cold = poolaware(suite)
+    result.assert_outcomes(passed=TESTS - 1, failed=1)
+    assert cold["run"]["learned"] == 0
+
+    filtered = [
+        (("-k", "test_0"), MODULES),
+        (("--lf",), 1),
+        (("test_m1.py",), PER_MODULE),
+        (("test_m2.py::test_1",), 1),
+        (("-x",), None),  # stops at the failure: how many ran before depends on timing
+    ]
+    for args, ran in filtered:
+        result, data = poolaware(suite, *args)
+        assert ran is None or len(data["tests"]) == ran, args
+        assert data["run"]["learned"] == len(data["tests"]), args
+        assert not any("forgot" in note for note in data["run"]["notes"]), args
+
+    monkeypatch.delenv(FAILS_WHEN)
+    result, warm = poolaware(suite)
+    result.assert_outcomes(passed=TESTS)
+    assert warm["run"]["learned"] == TESTS
+
+
+def test_a_deleted_file_is_forgotten_by_a_filtered_run_and_the_rest_kept(
+    suite: pytest.Pytester,
+) -> None:
+    poolaware(suite)[0].assert_outcomes(passed=TESTS)
+    (suite.path / "test_m2.py").unlink()
+    result, data = poolaware(suite, "-k", "test_0")
+    result.assert_outcomes(passed=MODULES - 1)
+    assert f"forgot the learned data of {PER_MODULE} tests that no longer exist" in (
+        data["run"]["notes"]
+    )
+    (suite.path / "test_m1.py").write_text(MODULE.replace("def test_0", "def test_renamed"))
+    result, data = poolaware(suite)
+    result.assert_outcomes(passed=TESTS - PER_MODULE)
+    assert data["run"]["learned"] == TESTS - PER_MODULE - 1  # the renamed test is new
+    assert "forgot the learned data of 1 tests that no longer exist" in data["run"]["notes"]
