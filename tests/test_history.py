@@ -176,3 +176,67 @@ def test_paths_cover_the_suite_only_when_each_root_lies_within_one(
     assert covers([*arguments, *roots[:1]], roots) >= covered
     if covered:
         assert all(any(root.is_relative_to(arg) for arg in arguments) for root in roots)
+
+
+def test_a_teams_file_comes_first_and_the_cache_fills_in_what_it_lacks() -> None:
+    shared = History({"a.py::test": Measure(4, 2.0)})
+    cached = History({"a.py::test": Measure(1, 0.5), "b.py::test": Measure(2, 1.0)})
+    shared.problems.append("from the file")
+    cached.problems.append("from the cache")
+    merged = shared.filled_from(cached)
+    assert merged.get("a.py::test") == Measure(4, 2.0)
+    assert merged.get("b.py::test") == Measure(2, 1.0)
+    assert merged.problems == ["from the file", "from the cache"]
+
+
+def test_the_file_written_reads_back_sorted_one_test_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "history.json"
+    entries = {
+        "tests/b.py::test[x-1]": Measure(2, 1.25),
+        "tests/a.py::test_ä": Measure(None, 0.5, pending=9),
+        "tests/a.py::test": Measure(0, 0.0),
+    }
+    History(entries).write(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == [
+        "{",
+        '  "schema": 1,',
+        '  "tests": {',
+        '    "tests/a.py::test": [0, 0.0],',
+        '    "tests/a.py::test_\\u00e4": [null, 0.5, 9],',
+        '    "tests/b.py::test[x-1]": [2, 1.25]',
+        "  }",
+        "}",
+    ]
+    again = History.read(path)
+    assert {nodeid: again.get(nodeid) for nodeid in entries} == entries
+    assert not again.problems
+    History().write(path)
+    assert json.loads(path.read_text()) == {"schema": 1, "tests": {}}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"{not json", "is not valid JSON; starting cold"),
+        (b"\xff\xfe\x00garbage", "is not UTF-8; starting cold"),
+        (b'{"schema": 99, "tests": {}}', "has an unknown format; starting cold"),
+        (b'{"schema": 1, "tests": {"a.py::t": [1, "slow"]}}', "ignored 1 malformed entries"),
+    ],
+)
+def test_a_corrupt_file_is_a_problem_named_by_its_path_never_an_error(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "history.json"
+    path.write_bytes(content)
+    history = History.read(path)
+    assert len(history) == 0
+    assert len(history.problems) == 1
+    assert problem in history.problems[0]
+    assert str(path) in history.problems[0]
+
+
+def test_a_missing_file_is_nothing_learned_yet(tmp_path: Path) -> None:
+    history = History.read(tmp_path / "absent.json")
+    assert (len(history), history.problems) == (0, [])

@@ -5,6 +5,7 @@ or a deleted file, forgets any."""
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import pytest
@@ -79,11 +80,40 @@ def test_a_deleted_file_is_forgotten_by_a_filtered_run_and_the_rest_kept(
     (suite.path / "test_m2.py").unlink()
     result, data = poolaware(suite, "-k", "test_0")
     result.assert_outcomes(passed=MODULES - 1)
-    assert f"forgot the learned data of {PER_MODULE} tests that no longer exist" in (
-        data["run"]["notes"]
-    )
+    forgot = f"forgot the learned data of {PER_MODULE} tests that no longer exist"
+    assert forgot in data["run"]["notes"]
     (suite.path / "test_m1.py").write_text(MODULE.replace("def test_0", "def test_renamed"))
     result, data = poolaware(suite)
     result.assert_outcomes(passed=TESTS - PER_MODULE)
     assert data["run"]["learned"] == TESTS - PER_MODULE - 1  # the renamed test is new
     assert "forgot the learned data of 1 tests that no longer exist" in data["run"]["notes"]
+
+
+def test_a_fresh_checkout_plans_with_the_teams_history_file(suite: pytest.Pytester) -> None:
+    """The file a run stored plans a run with no cache, as a fresh CI runner's; the file
+    lists every test on a line of its own, sorted."""
+    history = suite.path / "ci" / "poolaware-history.json"
+    history.parent.mkdir()
+    args = (f"--poolaware-history={history}", "--poolaware-store-history")
+    result, cold = poolaware(suite, *args)
+    result.assert_outcomes(passed=TESTS)
+    assert cold["run"]["learned"] == 0
+    lines = history.read_text().splitlines()
+    assert lines[3:-2] == sorted(lines[3:-2])
+    assert len(json.loads(history.read_text())["tests"]) == len(lines) - 5 == TESTS
+
+    shutil.rmtree(suite.path / ".pytest_cache")
+    result, warm = poolaware(suite, f"--poolaware-history={history}")
+    result.assert_outcomes(passed=TESTS)
+    assert warm["run"]["learned"] == TESTS
+    assert not warm["run"]["notes"]
+
+
+def test_a_corrupt_history_file_is_a_note_and_a_cold_run(suite: pytest.Pytester) -> None:
+    history = suite.path / "poolaware-history.json"
+    history.write_text('{"schema": 1, "tests": {"test_m0.py::test_0": [1, "fast"]')
+    result, data = poolaware(suite, "--poolaware-history=poolaware-history.json")
+    result.assert_outcomes(passed=TESTS)
+    assert data["run"]["learned"] == 0
+    result.stdout.fnmatch_lines(["*learned data in*poolaware-history.json is not valid JSON*"])
+    assert result.ret == pytest.ExitCode.OK

@@ -1,4 +1,5 @@
-"""What earlier runs measured per test (peak connections, duration), kept in pytest's cache."""
+"""What earlier runs measured per test (peak connections, duration), kept in pytest's
+cache and, when asked, in a file a team commits or caches (``--poolaware-history``)."""
 
 from __future__ import annotations
 
@@ -134,17 +135,18 @@ class History:
             self._entries[nodeid] = Measure(trusted, duration, seen)
 
     @classmethod
-    def from_json(cls, data: Any) -> History:
-        """Accept what ``to_json`` wrote; anything else is dropped and noted in ``problems``."""
+    def from_json(cls, data: Any, source: str = "learned data") -> History:
+        """Accept what ``to_json`` wrote; anything else is dropped and noted in ``problems``
+        (``source`` names the data there)."""
         history = cls()
         if data is None:
             return history
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            history.problems.append("learned data has an unknown format; starting cold")
+            history.problems.append(f"{source} has an unknown format; starting cold")
             return history
         tests = data.get("tests")
         if not isinstance(tests, dict):
-            history.problems.append("learned data has no test table; starting cold")
+            history.problems.append(f"{source} has no test table; starting cold")
             return history
         dropped = 0
         for nodeid, value in tests.items():
@@ -154,7 +156,7 @@ class History:
             else:
                 history._entries[str(nodeid)] = measure
         if dropped:
-            history.problems.append(f"ignored {dropped} malformed entries in the learned data")
+            history.problems.append(f"ignored {dropped} malformed entries in the {source}")
         return history
 
     def to_json(self) -> dict[str, Any]:
@@ -164,35 +166,61 @@ class History:
             "tests": {nodeid: _entry(m) for nodeid, m in self._entries.items()},
         }
 
+    def filled_from(self, other: History) -> History:
+        """These entries first, ``other``'s for the tests they lack (a team's file over
+        pytest's cache); the problems of both."""
+        merged = History({**other._entries, **self._entries})
+        merged.problems = [*self.problems, *other.problems]
+        return merged
+
     @classmethod
     def load(cls, directory: Path) -> History:
         """From ``directory`` (pytest's cache gives it: ``cache.mkdir(CACHE_DIR)``)."""
-        path = directory / HISTORY_FILE
+        return cls.read(directory / HISTORY_FILE)
+
+    @classmethod
+    def read(cls, path: Path) -> History:
+        """From the file ``path`` (none: nothing learned yet). A file that cannot be read
+        or parsed is a problem, never an error: the run plans without it."""
+        history = cls()
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return cls()
-        except OSError as exc:
-            history = cls()
+            return history
+        except OSError as exc:  # names the path
             history.problems.append(f"cannot read learned data ({exc}); starting cold")
+            return history
+        except UnicodeDecodeError:
+            history.problems.append(f"learned data in {path} is not UTF-8; starting cold")
             return history
         try:
             data = json.loads(text)
         except ValueError:
-            history = cls()
             history.problems.append(f"learned data in {path} is not valid JSON; starting cold")
             return history
-        return cls.from_json(data)
+        return cls.from_json(data, f"learned data in {path}")
 
     def save(self, directory: Path) -> None:
-        """Write atomically, so an interrupted run never leaves a half-written file."""
-        path = directory / HISTORY_FILE
-        partial = path.with_suffix(".tmp")
-        # Compact: with ``indent`` json falls back to its pure-Python encoder, which costs
-        # a big suite a noticeable share of its run's end.
-        text = json.dumps(self.to_json(), separators=(",", ":"))
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+        """Into pytest's cache. Compact: with ``indent`` json falls back to its pure-Python
+        encoder, which costs a big suite a noticeable share of its run's end."""
+        _replace(directory / HISTORY_FILE, json.dumps(self.to_json(), separators=(",", ":")))
+
+    def write(self, path: Path) -> None:
+        """For a file a team commits or caches: sorted, one test a line, so that its diff
+        shows what changed."""
+        rows = ",\n".join(
+            f"    {json.dumps(nodeid)}: {json.dumps(_entry(measure))}"
+            for nodeid, measure in sorted(self._entries.items())
+        )
+        tests = f"{{\n{rows}\n  }}" if rows else "{}"
+        _replace(path, f'{{\n  "schema": {SCHEMA},\n  "tests": {tests}\n}}\n')
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write atomically, so an interrupted run never leaves a half-written file."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _entry(measure: Measure) -> list[Any]:
