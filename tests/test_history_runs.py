@@ -1,6 +1,7 @@
 """End to end: what runs learn lasts. A filtered run (``-k``, ``--lf``, a path, ``-x``)
 keeps the learned data of the tests it did not collect; only a run of the whole suite,
-or a deleted file, forgets any."""
+or a deleted file, forgets any. A team's history file plans a run with no cache; and
+within a run, a measured test plans its relatives not measured yet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 from typing import Any
 
 import pytest
-from inner import run
+from inner import ENGINE_CONFTEST, run
 
 WORKERS = "2"
 MODULES = 3
@@ -117,3 +118,31 @@ def test_a_corrupt_history_file_is_a_note_and_a_cold_run(suite: pytest.Pytester)
     assert data["run"]["learned"] == 0
     result.stdout.fnmatch_lines(["*learned data in*poolaware-history.json is not valid JSON*"])
     assert result.ret == pytest.ExitCode.OK
+
+
+HEAVY_FAMILY = """
+import pytest
+from conftest import hold
+
+@pytest.mark.serial_only
+@pytest.mark.parametrize("n", range(4))
+def test_heavy(engine, n):
+    hold(engine, 3, 0.05)
+"""
+
+
+def test_a_first_run_plans_later_parametrizations_with_the_first_ones_need(
+    pytester: pytest.Pytester, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold: nothing learned, yet once a parametrization is measured the ones not started
+    yet go with its need; the report marks them."""
+    monkeypatch.setenv("POOLAWARE_DSN", postgres_dsn)
+    pytester.makeconftest(ENGINE_CONFTEST)
+    pytester.makepyfile(test_family=HEAVY_FAMILY)
+    result, data = poolaware(pytester, "--pool-budget", "10")
+    result.assert_outcomes(passed=4)
+    assert data["run"]["learned"] == 0
+    priors = {test["nodeid"]: test["prior"] for test in data["tests"]}
+    assert priors["test_family.py::test_heavy[0]"] is None  # the first: nothing known
+    assert priors["test_family.py::test_heavy[3]"] == 3
+    assert data["run"]["priors"] == sum(prior is not None for prior in priors.values())

@@ -113,6 +113,7 @@ class RunRecord:
             order=planner.order.value,
             placement=planner.placement.value,
             learned=statistics.learned,
+            priors=tuple(planner.prior_of(i) for i in range(len(collection))) if loaded else (),
         )
 
     def _outside_note(self) -> tuple[str, ...]:

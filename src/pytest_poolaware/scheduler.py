@@ -26,6 +26,7 @@ from pytest_poolaware.planning.core import (
     lane_for,
 )
 from pytest_poolaware.planning.history import History, Selection
+from pytest_poolaware.planning.priors import family
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.link import ControllerLink
@@ -353,7 +354,7 @@ def item_specs(
     unmarked_serial: bool,
 ) -> list[ItemSpec]:
     """What the planner is loaded with: each test's lane, from its markers and what was
-    learned of it, its need and duration as learned, and its groups."""
+    learned of it, its need and duration as learned, its groups and its relatives."""
     tests = []
     for nodeid, marked in zip(collection, markers, strict=True):
         measure = history.get(nodeid)
@@ -370,6 +371,7 @@ def item_specs(
                 measure.duration if measure else None,
                 group=nodeid.split("::", 1)[0],
                 xdist_group=marked.xdist_group,
+                family=family(nodeid),
             )
         )
     return tests

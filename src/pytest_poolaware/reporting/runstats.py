@@ -51,6 +51,9 @@ class RunSnapshot:
     order: str = ""
     placement: str = ""
     learned: int = 0
+    #: Per item, the relative's need it started with when it had none of its own
+    #: (``planning.priors``; empty: none did).
+    priors: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class ItemFacts:
     waits: tuple[tuple[float, float], ...] = ()
     drivers: tuple[str, ...] = ()  # drivers of the connections it used
     leaks: int = 0  # connections its code opened or checked out and still held at its end
+    #: The need of a relative it was planned with, not measured yet itself (``priors``).
+    prior: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -115,6 +120,7 @@ class ItemFacts:
             "outcome": self.outcome,
             "drivers": list(self.drivers),
             "leaks": self.leaks,
+            "prior": self.prior,
         }
 
 
@@ -227,6 +233,11 @@ class RunStats:
     learned: int = 0
 
     @property
+    def priors(self) -> int:
+        """Tests not measured yet planned with a relative's need."""
+        return sum(1 for item in self.items if item.prior is not None)
+
+    @property
     def measured(self) -> list[ItemFacts]:
         return [item for item in self.items if item.measured]
 
@@ -295,6 +306,7 @@ class RunStats:
                 "order": self.order,
                 "placement": self.placement,
                 "learned": self.learned,
+                "priors": self.priors,
                 "peak_open_workers": self.peak_open,
                 "peak_open_server": server.peak if server else None,
                 "server_scope": server.scope if server else None,
