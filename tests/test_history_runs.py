@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 from inner import ENGINE_CONFTEST, run
 
+from pytest_poolaware.scheduler import run_selection
+from pytest_poolaware.shared.protocol import Collected
+
 WORKERS = "2"
 MODULES = 3
 #: Tests in each module; ``test_2`` of the first module fails when asked.
@@ -146,3 +149,40 @@ def test_a_first_run_plans_later_parametrizations_with_the_first_ones_need(
     assert priors["test_family.py::test_heavy[0]"] is None  # the first: nothing known
     assert priors["test_family.py::test_heavy[3]"] == 3
     assert data["run"]["priors"] == sum(prior is not None for prior in priors.values())
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "whole"),
+    [
+        ("", [], True),
+        ("", ["."], True),
+        ("", ["tests"], False),  # the rootdir may hold other tests
+        ("testpaths = tests", [], True),
+        ("testpaths = tests", ["tests"], True),
+        ("testpaths = tests", ["tests/test_a.py"], False),
+        ("testpaths = tests", ["tests/test_a.py::test_x"], False),
+        ("", ["-k", "x"], False),
+        ("", ["-m", "slow"], False),
+        ("", ["--lf"], False),
+        ("", ["--ff"], True),  # reorders, runs everything
+    ],
+)
+def test_what_counts_as_a_run_of_the_whole_suite(
+    pytester: pytest.Pytester, ini: str, args: list[str], whole: bool
+) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.mkdir("tests").joinpath("test_a.py").write_text("def test_x():\n    pass\n")
+    config = pytester.parseconfig(*args)
+    assert run_selection(config, Collected(())).whole_suite is whole
+
+
+def test_a_run_from_below_the_rootdir_or_that_left_tests_out_is_not_the_whole_suite(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\n")
+    tests = pytester.mkdir("tests")
+    assert run_selection(pytester.parseconfig(), Collected(())).whole_suite
+    for reported in (Collected((), deselected=1), Collected((), uncollected=1)):
+        assert not run_selection(pytester.parseconfig(), reported).whole_suite
+    monkeypatch.chdir(tests)
+    assert not run_selection(pytester.parseconfig(), Collected(())).whole_suite
