@@ -49,6 +49,7 @@ from pytest_poolaware.planning.core import (
 )
 from pytest_poolaware.planning.core import ItemSpec as Item
 from pytest_poolaware.planning.placement import EARLY_START_SECONDS, MIN_QUEUE
+from pytest_poolaware.planning.priors import family
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT
@@ -870,6 +871,52 @@ def test_item_needing_more_than_the_budget_runs_alone_with_an_overrun() -> None:
     assert sim.planner.overruns[0].alone
 
 
+def related(need: int | None, nodeid: str, lane: Lane = FANOUT) -> Item:
+    """An item with its relatives (``priors.family``) read from its node id."""
+    return Item(lane, need, family=family(nodeid))
+
+
+def test_a_test_not_measured_yet_is_planned_with_its_nearest_relatives_largest_need() -> None:
+    t = Tracker(budget=10, unknown_need=1)
+    t.load(
+        [
+            related(6, "a.py::test_p[0]"),
+            related(None, "a.py::test_p[1]"),  # its function's: 6
+            related(2, "a.py::C::test_q"),
+            related(None, "a.py::C::test_r"),  # its class's: 2, though its module has 6
+            related(None, "a.py::test_z"),  # its module's largest: 6
+            related(None, "b.py::test_y"),  # no relative measured: assumed
+        ]
+    )
+    assert [t.planner.need_of(i) for i in range(6)] == [6, 6, 2, 2, 6, 1]
+
+
+def test_a_need_measured_in_the_run_plans_the_relatives_still_to_start() -> None:
+    """A first run: the serial lane's first test measures 8, and the parametrizations
+    not started yet ask for 8 at their go instead of trickling through the gate; one
+    already started keeps what it was granted, and the report marks the priors."""
+    t = Tracker(budget=10)
+    t.add("gw0")
+    t.load([related(None, f"a.py::test_p[{n}]", SERIAL) for n in range(4)], fanout_open=True)
+    assert t.queues["gw0"] == [0, 1]  # both started, with one connection assumed
+    assert goes(t.complete("gw0", 0, need=8)) == []
+    assert [t.planner.need_of(i) for i in range(4)] == [8, 1, 8, 8]
+    assert goes(t.complete("gw0", 1, need=3)) == [("gw0", 2), ("gw0", 3)]
+    assert [t.planner.prior_of(i) for i in range(4)] == [None, None, 8, 8]
+    assert t.planner.statistics().priors == 2
+    t.complete("gw0", 2, need=1)
+    t.complete("gw0", 3, need=1)
+    assert t.planner.statistics().committed == 0
+
+
+def test_a_prior_never_makes_a_test_overrun_the_budget() -> None:
+    """A guess larger than the budget asks for the whole budget: the test waits for room
+    like any, and is let past the budget only if its own connects need it."""
+    t = Tracker(budget=4)
+    t.load([related(9, "a.py::test_p[0]"), related(None, "a.py::test_p[1]")])
+    assert t.planner.need_of(1) == 4
+
+
 def test_a_budget_lowered_mid_run_holds_new_goes_until_there_is_room_again() -> None:
     t = Tracker(budget=4)
     t.add("a", "b")
@@ -1230,7 +1277,8 @@ def test_longest_modules_first_keeps_each_group_whole() -> None:
 
 @st.composite
 def runs(draw: st.DrawFn) -> dict[str, object]:
-    """A random run: lanes, declared needs and durations, real peaks, workers, crashes."""
+    """A random run: lanes, declared needs and durations, relatives, real peaks, workers,
+    crashes."""
     n = draw(st.integers(1, 16))
     lanes = draw(st.lists(st.sampled_from([SERIAL, FANOUT]), min_size=n, max_size=n))
     needs = draw(st.lists(st.none() | st.integers(0, 7), min_size=n, max_size=n))
@@ -1240,6 +1288,8 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
     xdist_groups = draw(
         st.lists(st.sampled_from(["", "", "g1", "g2", "g3"]), min_size=n, max_size=n)
     )
+    # relatives (``priors``): a function's parametrizations, then the module
+    functions = draw(st.lists(st.sampled_from(["f0", "f1", "f2"]), min_size=n, max_size=n))
     # what each item really checks out: usually as declared, sometimes not
     peaks = [
         draw(st.integers(0, 7)) if draw(st.booleans()) else (1 if need is None else need)
@@ -1247,9 +1297,9 @@ def runs(draw: st.DrawFn) -> dict[str, object]:
     ]
     run: dict[str, object] = {
         "tests": [
-            Item(lane, need, duration, group, xdist_group)
-            for lane, need, duration, group, xdist_group in zip(
-                lanes, needs, durations, groups, xdist_groups, strict=True
+            Item(lane, need, duration, group, xdist_group, (f"{group}::{function}", group))
+            for lane, need, duration, group, xdist_group, function in zip(
+                lanes, needs, durations, groups, xdist_groups, functions, strict=True
             )
         ],
         "budget": draw(st.integers(1, 6)),

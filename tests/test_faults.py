@@ -277,7 +277,7 @@ def test_corrupt_learned_data_is_ignored_with_a_warning(pytester: pytest.Pyteste
         json.dumps(
             {"schema": 1, "tests": {"gone.py::test_old": [1, 0.5]}}
         ): "*forgot the learned data of 1 tests that no longer exist*",
-        json.dumps([1, 2]): "*learned data has an unknown format; starting cold*",
+        json.dumps([1, 2]): "*learned data in*history.json has an unknown format; starting cold*",
     }
     for garbage, warning in cases.items():
         history.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,11 @@ def test_both_markers_is_a_usage_error_naming_the_test(pytester: pytest.Pytester
         (["--poolaware-order", "sideways"], {}, "*--poolaware-order*collection*'sideways'*"),
         (["--poolaware-fanout-nice", "-1"], {}, "*--poolaware-fanout-nice*non-negative*'-1'*"),
         (["--poolaware-fast-exit", "maybe"], {}, "*--poolaware-fast-exit*true or false*'maybe'*"),
+        (
+            ["--poolaware-history", "nowhere/h.json", "--poolaware-store-history"],
+            {},
+            "*--poolaware-store-history*--poolaware-history 'nowhere/h.json'*does not exist*",
+        ),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -242,3 +247,48 @@ def test_ini_and_environment_errors_name_the_key_and_value(
         Settings.from_config(pytester.parseconfig())
     assert str(excinfo.value).startswith(message)
     assert "s3cret" not in str(excinfo.value)
+
+
+def test_the_history_file_is_found_where_its_setting_was_given(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An option's path is relative to where pytest runs, an ini key's to the ini file."""
+    pytester.makeini("[pytest]\npoolaware_history = ci/history.json\n")
+    below = pytester.mkdir("below")
+    monkeypatch.chdir(below)
+    settings = Settings.from_config(pytester.parseconfig())
+    assert settings.history_path == str(pytester.path / "ci" / "history.json")
+    assert not settings.store_history
+    config = pytester.parseconfig("--poolaware-history=h.json", "--poolaware-store-history")
+    settings = Settings.from_config(config)
+    assert (settings.history_path, settings.store_history) == (str(below / "h.json"), True)
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "message"),
+    [
+        ("", [], "--poolaware-store-history needs a file to write: give --poolaware-history="),
+        (
+            "",
+            ["--poolaware-history=gone/h.json"],
+            "--poolaware-store-history cannot write the learned data to --poolaware-history "
+            "'gone/h.json': its directory ",
+        ),
+        (
+            "poolaware_history = adir",
+            [],
+            "--poolaware-store-history cannot write the learned data to ini poolaware_history "
+            "'adir': it is a directory",
+        ),
+    ],
+)
+def test_storing_the_history_needs_a_file_it_can_write(
+    pytester: pytest.Pytester, ini: str, args: list[str], message: str
+) -> None:
+    pytester.mkdir("adir")
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    config = pytester.parseconfig(*args, "--poolaware-store-history")
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_config(config)
+    assert str(excinfo.value).startswith(message)

@@ -35,6 +35,8 @@ EVERY_KIND: list[WorkerMessage | ControllerMessage] = [
     Collected(
         (Markers(), Markers(serial=True), Markers(parallel=True), Markers(True, True)),
         ("t.py::test_both",),
+        deselected=3,
+        uncollected=1,
     ),
     Counts(open=3, idle=1, released=True, version=17),
     RoomRequest(request=4, want=None, item=2),
@@ -139,6 +141,15 @@ def test_markers_from_a_worker_that_sends_no_groups_have_none() -> None:
     markers = (Markers(serial=True), Markers())
     older = {k: v for k, v in Collected(markers).to_wire().items() if k != "xdist_group"}
     assert decode(older) == Collected(markers)
+
+
+def test_a_worker_that_sends_no_selection_counts_narrowed_nothing() -> None:
+    """Fields added compatibly: an earlier worker's ``Collected`` says nothing was left
+    out of its collection."""
+    sent = Collected((Markers(),), deselected=2, uncollected=1).to_wire()
+    older = {k: v for k, v in sent.items() if k not in ("deselected", "uncollected")}
+    assert decode(sent) == Collected((Markers(),), deselected=2, uncollected=1)
+    assert decode(older) == Collected((Markers(),))
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,7 @@ class RunRecord:
             placement=planner.placement.value,
             learned=statistics.learned,
             largest_budget=statistics.largest_budget,
+            priors=tuple(planner.prior_of(i) for i in range(len(collection))) if loaded else (),
         )
 
     def _outside_note(self) -> tuple[str, ...]:

@@ -165,6 +165,7 @@ def _configure_worker(config: pytest.Config, workerinput: dict[str, Any]) -> Non
         meter=config.stash.get(_early_meter_key, None),
     )
     config.pluginmanager.register(agent, "poolaware-worker")
+    config.pluginmanager.register(agent.left_out, "poolaware-worker-left-out")
 
 
 @pytest.hookimpl(trylast=True)
@@ -178,6 +179,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     both = [item.nodeid for item in items if item_markers(item).both]
     if both:
         raise pytest.UsageError(conflict_message(both))
+
+
+def load_history(settings: Settings, cache: pytest.Cache | None) -> History:
+    """What earlier runs learned: the ``--poolaware-history`` file's entries first (the
+    data a team chose to plan by, the same on every machine), pytest's cache for the
+    tests the file lacks."""
+    cached = History.load(cache.mkdir(CACHE_DIR)) if cache is not None else History()
+    if settings.history_path is None:
+        return cached
+    path = Path(settings.history_path)
+    shared = History.read(path)
+    if not settings.store_history and not path.exists():
+        shared.problems.append(
+            f"{path} does not exist: no learned data read from it "
+            "(--poolaware-store-history writes it)"
+        )
+    return shared.filled_from(cached)
+
+
+def save_history(history: History, settings: Settings, cache: pytest.Cache | None) -> list[str]:
+    """Keep what the run learned in pytest's cache, and in the ``--poolaware-history``
+    file when asked to; notes for the summary on what could not be written."""
+    if cache is not None:
+        history.save(cache.mkdir(CACHE_DIR))
+    if not (settings.store_history and settings.history_path):
+        return []
+    try:
+        history.write(Path(settings.history_path))
+    except OSError as exc:
+        return [f"could not store the learned data in {settings.history_path}: {exc}"]
+    return []
 
 
 class Controller:
@@ -197,7 +229,7 @@ class Controller:
         self.settings = settings
         cache: pytest.Cache | None = getattr(config, "cache", None)  # None: -p no:cacheprovider
         self.cache = cache
-        self.history = History.load(cache.mkdir(CACHE_DIR)) if cache is not None else History()
+        self.history = load_history(settings, cache)
         self.links: dict[WorkerController, ControllerLink[WorkerController]] = {}
         self.inbox: queue.SimpleQueue[tuple[WorkerController, WorkerMessage]] = queue.SimpleQueue()
         self.scheduler: PoolAwareScheduling | None = None
@@ -309,9 +341,8 @@ class Controller:
             return
         if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldfail:
             report.not_run(self.config, session, scheduler.unfinished())
-        if self.cache is not None and scheduler.collection:
-            self.history.save(self.cache.mkdir(CACHE_DIR), keep=scheduler.collection)
         if scheduler.collection:
+            self.notes += save_history(self.history, self.settings, self.cache)
             scheduler.take_last_news()
             scheduler.keep_within(self.started, self.finished)
             self._note_fewer_slots_than_workers()

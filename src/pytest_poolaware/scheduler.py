@@ -9,8 +9,10 @@ relies on in xdist".
 
 from __future__ import annotations
 
+import glob
 import queue
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,7 +25,8 @@ from pytest_poolaware.planning.core import (
     Planner,
     lane_for,
 )
-from pytest_poolaware.planning.history import History
+from pytest_poolaware.planning.history import History, Selection
+from pytest_poolaware.planning.priors import family
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.link import ControllerLink
@@ -168,12 +171,8 @@ class PoolAwareScheduling:
         (unless the run has a single worker)."""
         self.collection = collection
         self._collection_source = node.gateway.id
-        stale = self.history.forget_missing(collection)
-        if stale:
-            self._record.notes.append(
-                f"forgot the learned data of {stale} tests that no longer exist"
-            )
         markers = self._markers.take(node, collection)
+        forget_gone(self.config, self.history, collection, self._markers.run, self._record.notes)
         # With one worker there is no one to wait for (and the worker alone must run the
         # serial lane and the fan-out interleaved, in collection order).
         tests = item_specs(
@@ -325,6 +324,8 @@ class ReportedMarkers:
         self._reported: dict[WorkerController, Collected] = {}
         #: The run's markers, per item, once its collection is in.
         self.markers: list[Markers] | None = None
+        #: What the worker whose collection is the run's reported with it.
+        self.run = Collected(())
 
     def report(self, node: WorkerController, message: Collected) -> None:
         """A worker's markers: only those of the run's collection are used."""
@@ -334,7 +335,7 @@ class ReportedMarkers:
     def take(self, node: WorkerController, collection: Sequence[str]) -> list[Markers]:
         """The run's markers: those ``node`` reported with the run's collection. Both
         markers on one test contradict each other: refuse to guess."""
-        reported = self._reported.pop(node, Collected(()))
+        reported = self.run = self._reported.pop(node, Collected(()))
         self._reported.clear()
         markers = list(reported.markers)
         if len(markers) != len(collection):
@@ -353,7 +354,7 @@ def item_specs(
     unmarked_serial: bool,
 ) -> list[ItemSpec]:
     """What the planner is loaded with: each test's lane, from its markers and what was
-    learned of it, its need and duration as learned, and its groups."""
+    learned of it, its need and duration as learned, its groups and its relatives."""
     tests = []
     for nodeid, marked in zip(collection, markers, strict=True):
         measure = history.get(nodeid)
@@ -370,6 +371,52 @@ def item_specs(
                 measure.duration if measure else None,
                 group=nodeid.split("::", 1)[0],
                 xdist_group=marked.xdist_group,
+                family=family(nodeid),
             )
         )
     return tests
+
+
+def forget_gone(
+    config: pytest.Config,
+    history: History,
+    collection: Sequence[str],
+    reported: Collected,
+    notes: list[str],
+) -> None:
+    """Forget the learned data of the tests that no longer exist: on a run of the whole
+    suite, those it did not collect; on any run, those whose file is gone."""
+    root = config.rootpath
+    stale = history.forget_missing(
+        collection,
+        whole_suite=run_selection(config, reported).whole_suite,
+        file_exists=lambda path: (root / path).exists(),
+    )
+    if stale:
+        notes.append(f"forgot the learned data of {stale} tests that no longer exist")
+
+
+def run_selection(config: pytest.Config, reported: Collected) -> Selection:
+    """How much of the suite this run collected, from pytest's options and arguments and
+    what the run's collection left out (``Selection``)."""
+    root = config.rootpath.resolve()
+    suite = [
+        Path(found).resolve()
+        for pattern in config.getini("testpaths") or []
+        for found in glob.glob(str(root / pattern), recursive=True)
+    ]
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        paths = suite  # the run's arguments are the configured testpaths
+    else:
+        invoked = config.invocation_params.dir
+        paths = [(invoked / arg.split("::", 1)[0]).resolve() for arg in config.args]
+    return Selection(
+        tuple(paths),
+        tuple(suite or [root]),
+        node_ids=any("::" in arg for arg in config.args),
+        last_failed=bool(config.getoption("lf", False)),
+        keyword=config.getoption("keyword", "") or "",
+        markexpr=config.getoption("markexpr", "") or "",
+        deselected=reported.deselected,
+        uncollected=reported.uncollected,
+    )

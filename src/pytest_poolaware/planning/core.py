@@ -41,6 +41,7 @@ from pytest_poolaware.planning.placement import Order as Order
 from pytest_poolaware.planning.placement import Placer as Placer
 from pytest_poolaware.planning.placement import Send as Send
 from pytest_poolaware.planning.placement import Shutdown as Shutdown
+from pytest_poolaware.planning.priors import Priors
 from pytest_poolaware.shared.protocol import Answer as Answer
 
 W = TypeVar("W", bound=Hashable)
@@ -65,6 +66,8 @@ class Statistics:
     learned: int = 0
     #: The largest budget in force since the first item's go (the lower bound's B).
     largest_budget: int = 0
+    #: Items not measured yet that started with a relative's need (``priors``).
+    priors: int = 0
 
 
 class Planner(Generic[W]):
@@ -86,6 +89,11 @@ class Planner(Generic[W]):
         self._admission: Admission[W] = Admission(budget, need_of=self.need_of)
         #: Peaks measured in this run, by item.
         self._needs: dict[int, int] = {}
+        self._priors = Priors()
+        #: The need each item not measured yet started with, until it ends (``_hold``),
+        #: and those that were a relative's (``prior_of``).
+        self._started: dict[int, int] = {}
+        self._started_on_prior: dict[int, int] = {}
         #: Workers admission knows: attached (side channel up) or added (collected).
         self._attached: set[W] = set()
 
@@ -101,6 +109,10 @@ class Planner(Generic[W]):
         the first worker up starts the run's critical path while the others boot.
         """
         self._placer.load(tests, fanout_open=fanout_open)
+        self._priors = Priors([test.family for test in tests])
+        for index, test in enumerate(tests):
+            if test.need is not None:
+                self._priors.learn(index, test.need)
         return self._plan()
 
     def open_fanout(self) -> list[Action]:
@@ -188,8 +200,10 @@ class Planner(Generic[W]):
         """The worker finished an item; ``need`` is its measured peak, if measured."""
         self._admission.completed(worker, index, need=need)
         self._placer.complete(worker, index)
+        self._started.pop(index, None)
         if need is not None:
             self._needs[index] = need
+            self._priors.learn(index, need)
         if duration is not None:
             self._placer.learn(index, need=self.need_of(index), duration=duration)
         if self._settled_after_completion(worker):
@@ -265,11 +279,23 @@ class Planner(Generic[W]):
         return self.loaded and not self.has_pending
 
     def need_of(self, index: int) -> int:
-        """Expected peak connections of an item: measured, learned, or assumed."""
+        """Expected peak connections of an item: measured, learned, its relatives'
+        (``priors``, never more than the budget: a guess alone makes no test overrun it),
+        or assumed."""
         if index in self._needs:
             return self._needs[index]
         need = self._placer.tests[index].need
-        return self.unknown_need if need is None else need
+        if need is not None:
+            return need
+        if index in self._started:
+            return self._started[index]
+        prior = self._priors.need(index)
+        return self.unknown_need if prior is None else min(prior, self.budget)
+
+    def prior_of(self, index: int) -> int | None:
+        """The relative's need an item not measured yet started with (None: it had its own,
+        or none was known)."""
+        return self._started_on_prior.get(index)
 
     def lane_of(self, index: int) -> Lane:
         return self._placer.tests[index].lane
@@ -299,6 +325,7 @@ class Planner(Generic[W]):
             overruns=tuple(self.overruns),
             learned=placer.learned,
             largest_budget=admission.largest_budget,
+            priors=len(self._started_on_prior),
         )
 
     # -- decisions ----------------------------------------------------------------------
@@ -316,4 +343,17 @@ class Planner(Generic[W]):
                 self._admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
         self._admission.admit(admitted, first=self._placer.serial_worker)
+        for decision in admitted:
+            if isinstance(decision, Go):
+                self._hold(decision.index)
         return [*placed, *admitted]
+
+    def _hold(self, index: int) -> None:
+        """An item not measured yet keeps the need it started with until it ends: what
+        its relatives measure meanwhile changes the plan of those still to start, never
+        what admission granted it (and frees at its end)."""
+        if index in self._needs or self._placer.tests[index].need is not None:
+            return
+        self._started[index] = need = self.need_of(index)
+        if self._priors.need(index) is not None:
+            self._started_on_prior[index] = need

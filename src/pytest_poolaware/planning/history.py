@@ -1,11 +1,12 @@
-"""What earlier runs measured per test (peak connections, duration), kept in pytest's cache."""
+"""What earlier runs measured per test (peak connections, duration), kept in pytest's
+cache and, when asked, in a file a team commits or caches (``--poolaware-history``)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +27,45 @@ class Measure:
     pending: int | None = None
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How much of the suite a run collected, as pytest says: anything that narrowed it
+    means the tests it did not collect may still exist, so their learned data is kept."""
+
+    #: The run's arguments as absolute paths (a node id's file for ``file.py::test``),
+    #: and the suite's roots: the configured ``testpaths``, else the rootdir.
+    paths: tuple[Path, ...]
+    suite: tuple[Path, ...]
+    #: An argument named tests within a file (``file.py::test``).
+    node_ids: bool = False
+    #: ``--lf``: only the last failures, of the files that had some.
+    last_failed: bool = False
+    keyword: str = ""
+    markexpr: str = ""
+    #: Items collected, then left out (deselected, or dropped by a plugin).
+    deselected: int = 0
+    #: Files whose tests were not collected (an error, or skipped whole).
+    uncollected: int = 0
+
+    @property
+    def whole_suite(self) -> bool:
+        """Whether the run collected every test the suite has."""
+        narrowed = (
+            self.node_ids
+            or self.last_failed
+            or self.keyword
+            or self.markexpr
+            or self.deselected
+            or self.uncollected
+        )
+        return not narrowed and covers(self.paths, self.suite)
+
+
+def covers(paths: Sequence[Path], roots: Sequence[Path]) -> bool:
+    """Whether every root lies within one of ``paths`` (absolute, normalized alike)."""
+    return all(any(path == root or path in root.parents for path in paths) for root in roots)
+
+
 class History:
     """Per node id measures; loaded on the controller at start, saved at the end."""
 
@@ -39,10 +79,34 @@ class History:
     def get(self, nodeid: str) -> Measure | None:
         return self._entries.get(nodeid)
 
-    def forget_missing(self, nodeids: Iterable[str]) -> int:
-        """Drop entries of tests that no longer exist; returns how many."""
-        present = set(nodeids)
-        stale = [nodeid for nodeid in self._entries if nodeid not in present]
+    def forget_missing(
+        self,
+        collection: Iterable[str],
+        *,
+        whole_suite: bool,
+        file_exists: Callable[[str], bool],
+    ) -> int:
+        """Drop the entries of tests that no longer exist; returns how many.
+
+        A run that collected the whole suite (``Selection.whole_suite``) shows which
+        tests exist: the others are gone. Any other run (``--lf``, ``-k``, a path) says
+        nothing of the tests it did not collect, so they are kept unless their file is
+        gone (``file_exists`` of the node id's path, relative to the rootdir).
+        """
+        present = set(collection)
+        files: dict[str, bool] = {}
+
+        def gone(nodeid: str) -> bool:
+            if nodeid in present:
+                return False
+            if whole_suite:
+                return True
+            path = nodeid.split("::", 1)[0]
+            if path not in files:
+                files[path] = file_exists(path)
+            return not files[path]
+
+        stale = [nodeid for nodeid in self._entries if gone(nodeid)]
         for nodeid in stale:
             del self._entries[nodeid]
         return len(stale)
@@ -71,17 +135,18 @@ class History:
             self._entries[nodeid] = Measure(trusted, duration, seen)
 
     @classmethod
-    def from_json(cls, data: Any) -> History:
-        """Accept what ``to_json`` wrote; anything else is dropped and noted in ``problems``."""
+    def from_json(cls, data: Any, source: str = "learned data") -> History:
+        """Accept what ``to_json`` wrote; anything else is dropped and noted in ``problems``
+        (``source`` names the data there)."""
         history = cls()
         if data is None:
             return history
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            history.problems.append("learned data has an unknown format; starting cold")
+            history.problems.append(f"{source} has an unknown format; starting cold")
             return history
         tests = data.get("tests")
         if not isinstance(tests, dict):
-            history.problems.append("learned data has no test table; starting cold")
+            history.problems.append(f"{source} has no test table; starting cold")
             return history
         dropped = 0
         for nodeid, value in tests.items():
@@ -91,50 +156,71 @@ class History:
             else:
                 history._entries[str(nodeid)] = measure
         if dropped:
-            history.problems.append(f"ignored {dropped} malformed entries in the learned data")
+            history.problems.append(f"ignored {dropped} malformed entries in the {source}")
         return history
 
-    def to_json(self, keep: Iterable[str] | None = None) -> dict[str, Any]:
-        """Serializable form; ``keep`` limits it to node ids that still exist."""
-        wanted = set(keep) if keep is not None else None
+    def to_json(self) -> dict[str, Any]:
+        """Serializable form."""
         return {
             "schema": SCHEMA,
-            "tests": {
-                nodeid: _entry(m)
-                for nodeid, m in self._entries.items()
-                if wanted is None or nodeid in wanted
-            },
+            "tests": {nodeid: _entry(m) for nodeid, m in self._entries.items()},
         }
+
+    def filled_from(self, other: History) -> History:
+        """These entries first, ``other``'s for the tests they lack (a team's file over
+        pytest's cache); the problems of both."""
+        merged = History({**other._entries, **self._entries})
+        merged.problems = [*self.problems, *other.problems]
+        return merged
 
     @classmethod
     def load(cls, directory: Path) -> History:
         """From ``directory`` (pytest's cache gives it: ``cache.mkdir(CACHE_DIR)``)."""
-        path = directory / HISTORY_FILE
+        return cls.read(directory / HISTORY_FILE)
+
+    @classmethod
+    def read(cls, path: Path) -> History:
+        """From the file ``path`` (none: nothing learned yet). A file that cannot be read
+        or parsed is a problem, never an error: the run plans without it."""
+        history = cls()
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return cls()
-        except OSError as exc:
-            history = cls()
+            return history
+        except OSError as exc:  # names the path
             history.problems.append(f"cannot read learned data ({exc}); starting cold")
+            return history
+        except UnicodeDecodeError:
+            history.problems.append(f"learned data in {path} is not UTF-8; starting cold")
             return history
         try:
             data = json.loads(text)
         except ValueError:
-            history = cls()
             history.problems.append(f"learned data in {path} is not valid JSON; starting cold")
             return history
-        return cls.from_json(data)
+        return cls.from_json(data, f"learned data in {path}")
 
-    def save(self, directory: Path, keep: Iterable[str] | None = None) -> None:
-        """Write atomically, so an interrupted run never leaves a half-written file."""
-        path = directory / HISTORY_FILE
-        partial = path.with_suffix(".tmp")
-        # Compact: with ``indent`` json falls back to its pure-Python encoder, which costs
-        # a big suite a noticeable share of its run's end.
-        text = json.dumps(self.to_json(keep), separators=(",", ":"))
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+    def save(self, directory: Path) -> None:
+        """Into pytest's cache. Compact: with ``indent`` json falls back to its pure-Python
+        encoder, which costs a big suite a noticeable share of its run's end."""
+        _replace(directory / HISTORY_FILE, json.dumps(self.to_json(), separators=(",", ":")))
+
+    def write(self, path: Path) -> None:
+        """For a file a team commits or caches: sorted, one test a line, so that its diff
+        shows what changed."""
+        rows = ",\n".join(
+            f"    {json.dumps(nodeid)}: {json.dumps(_entry(measure))}"
+            for nodeid, measure in sorted(self._entries.items())
+        )
+        tests = f"{{\n{rows}\n  }}" if rows else "{}"
+        _replace(path, f'{{\n  "schema": {SCHEMA},\n  "tests": {tests}\n}}\n')
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write atomically, so an interrupted run never leaves a half-written file."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _entry(measure: Measure) -> list[Any]:

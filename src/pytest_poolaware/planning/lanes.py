@@ -42,6 +42,9 @@ class ItemSpec:
     #: The item's ``xdist_group`` name ("": none): the items of one name run on one
     #: worker, in collection order, one after the other (a unit, see above).
     xdist_group: str = ""
+    #: The levels of its relatives, nearest first (``priors.family``): a need measured
+    #: at one plans those of its tests not measured yet.
+    family: tuple[str, ...] = ()
 
 
 class Lanes(Generic[W]):

@@ -57,10 +57,11 @@ def collect(
     configured one)."""
     budget_now, budget_source = budget or (settings.budget, settings.budget_source)
     results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
+    priors = snapshot.priors or (None,) * len(snapshot.collection)
     items = [
-        item_facts(nodeid, markers, lane, results.get(nodeid), outcomes.get(nodeid))
-        for nodeid, markers, lane in zip(
-            snapshot.collection, snapshot.markers, snapshot.lanes, strict=True
+        item_facts(nodeid, markers, lane, results.get(nodeid), outcomes.get(nodeid), prior)
+        for nodeid, markers, lane, prior in zip(
+            snapshot.collection, snapshot.markers, snapshot.lanes, priors, strict=True
         )
     ]
     risky_need = settings.advice_need(budget_now)
@@ -88,12 +89,17 @@ def collect(
 
 
 def item_facts(
-    nodeid: str, markers: Markers, lane: Lane, result: ItemResult | None, outcome: str | None
+    nodeid: str,
+    markers: Markers,
+    lane: Lane,
+    result: ItemResult | None,
+    outcome: str | None,
+    prior: int | None = None,
 ) -> ItemFacts:
     """One collected item's facts: its last attempt's measures, if it ran (its lane is then
-    the one it ran in), with its outcome."""
+    the one it ran in), with its outcome, and the relative's need it was planned with."""
     if result is None:
-        return ItemFacts(nodeid, markers, lane, outcome=outcome)
+        return ItemFacts(nodeid, markers, lane, outcome=outcome, prior=prior)
     m = result.measures
     return ItemFacts(
         nodeid,
@@ -113,6 +119,7 @@ def item_facts(
         waits=m.waits,
         drivers=tuple(m.drivers),
         leaks=m.leaks,
+        prior=prior,
     )
 
 

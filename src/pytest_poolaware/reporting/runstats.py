@@ -53,6 +53,9 @@ class RunSnapshot:
     learned: int = 0
     #: The largest budget in force since the first item's go (0: not known).
     largest_budget: int = 0
+    #: Per item, the relative's need it started with when it had none of its own
+    #: (``planning.priors``; empty: none did).
+    priors: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class ItemFacts:
     waits: tuple[tuple[float, float], ...] = ()
     drivers: tuple[str, ...] = ()  # drivers of the connections it used
     leaks: int = 0  # connections its code opened or checked out and still held at its end
+    #: The need of a relative it was planned with, not measured yet itself (``priors``).
+    prior: int | None = None
 
     @property
     def measured(self) -> bool:
@@ -129,6 +134,7 @@ class ItemFacts:
             "outcome": self.outcome,
             "drivers": list(self.drivers),
             "leaks": self.leaks,
+            "prior": self.prior,
         }
 
 
@@ -249,6 +255,11 @@ class RunStats:
     largest_budget: int = 0
 
     @property
+    def priors(self) -> int:
+        """Tests not measured yet planned with a relative's need."""
+        return sum(1 for item in self.items if item.prior is not None)
+
+    @property
     def measured(self) -> list[ItemFacts]:
         return [item for item in self.items if item.measured]
 
@@ -318,6 +329,7 @@ class RunStats:
                 "order": self.order,
                 "placement": self.placement,
                 "learned": self.learned,
+                "priors": self.priors,
                 "peak_open_workers": self.peak_open,
                 "peak_open_server": server.peak if server else None,
                 "server_scope": server.scope if server else None,

@@ -60,6 +60,7 @@ INI_FANOUT_NICE: Final = "poolaware_fanout_nice"
 INI_ORDER: Final = "poolaware_order"
 INI_SHARE: Final = "poolaware_share"
 INI_SHARE_NAMESPACE: Final = "poolaware_share_namespace"
+INI_HISTORY: Final = "poolaware_history"
 
 DEFAULT_SHARE: Final = "auto"
 #: Runs share the room with the runs of the same name space only.
@@ -103,6 +104,8 @@ class Option(Generic[T]):
     env_parse: Callable[[str], T] | None = None
     #: Values may hold a password: errors never echo them unmasked.
     secret: bool = False
+    #: A flag that takes no value (``store_true``): given, it is True.
+    switch: bool = False
 
     @property
     def dest(self) -> str:
@@ -110,10 +113,12 @@ class Option(Generic[T]):
         return self.flag.lstrip("-").replace("-", "_")
 
     def register(self, group: pytest.OptionGroup, parser: pytest.Parser) -> None:
-        kwargs = {} if self.parse is text else {"type": self.parse}
-        group.addoption(
-            self.flag, dest=self.dest, default=None, metavar=self.metavar, help=self.help, **kwargs
-        )
+        kwargs: dict[str, Any] = {"metavar": self.metavar}
+        if self.switch:
+            kwargs = {"action": "store_true"}
+        elif self.parse is not text:
+            kwargs["type"] = self.parse
+        group.addoption(self.flag, dest=self.dest, default=None, help=self.help, **kwargs)
         if self.ini is not None:
             parser.addini(self.ini, self.ini_help)
 
@@ -305,6 +310,24 @@ SHARE_NAMESPACE: Final = Option(
     "Name space of the runs that share the server's room.",
     default=DEFAULT_SHARE_NAMESPACE,
 )
+HISTORY_PATH: Final = Option[str](
+    "--poolaware-history",
+    "PATH",
+    "Read learned needs and durations from PATH, a JSON file a team commits or caches; "
+    "its entries come first, pytest's cache fills in the tests it lacks "
+    f"(default: ini {INI_HISTORY}, relative to the ini file).",
+    ini=INI_HISTORY,
+    ini_help="JSON file of learned needs and durations, read before pytest's cache.",
+)
+STORE_HISTORY: Final = Option(
+    "--poolaware-store-history",
+    "",
+    "Write the learned needs and durations, with what this run measured, back to the "
+    "--poolaware-history file (sorted, one test a line).",
+    boolean,
+    switch=True,
+    default=False,
+)
 #: Every option, in the order ``--help`` lists them (ini keys: ``pytest --help`` too).
 OPTIONS: Final[tuple[Option[Any], ...]] = (
     BUDGET,
@@ -322,6 +345,8 @@ OPTIONS: Final[tuple[Option[Any], ...]] = (
     REPORT_PATH,
     TIMELINE_PATH,
     TRACE_PATH,
+    HISTORY_PATH,
+    STORE_HISTORY,
     MONITOR,
     SHARE,
     SHARE_NAMESPACE,

@@ -87,11 +87,18 @@ def _message(cls: type[_P]) -> type[_P]:
 @dataclass(frozen=True, slots=True)
 class Collected(_Plain):
     """Once, after collection, before xdist's own ``collectionfinish``: every item's markers
-    (its ``xdist_group`` included) in collection order, and the node ids carrying both."""
+    (its ``xdist_group`` included) in collection order, the node ids carrying both, and
+    what kept the collection short of what was found (so the tests not collected may
+    still exist: ``planning.history.Selection``)."""
 
     kind: ClassVar[str] = "collected"
     markers: tuple[Markers, ...]
     conflicts: tuple[str, ...] = ()
+    #: Items collected, then left out of the run (deselected, or dropped by a plugin).
+    deselected: int = 0
+    #: Files or packages whose tests were not collected: a collection error, or skipped
+    #: whole (``pytest.importorskip``).
+    uncollected: int = 0
 
     def to_wire(self) -> Wire:
         """Markers as the indices carrying each: a collection may hold thousands of items."""
@@ -103,6 +110,8 @@ class Collected(_Plain):
             PARALLEL_MARKER: [i for i, m in enumerate(self.markers) if m.parallel],
             GROUP_MARKER: _indices_by_group(self.markers),
             "conflicts": list(self.conflicts),
+            "deselected": self.deselected,
+            "uncollected": self.uncollected,
         }
 
     @classmethod
@@ -119,7 +128,13 @@ class Collected(_Plain):
             Markers(i in serial, i in parallel, groups.get(i, ""))
             for i in range(int(wire["items"]))
         )
-        return cls(markers, tuple(str(c) for c in wire.get("conflicts", ())))
+        return cls(
+            markers,
+            tuple(str(c) for c in wire.get("conflicts", ())),
+            # Added compatibly: an earlier worker sends neither (read as nothing left out).
+            int(wire.get("deselected", 0)),
+            int(wire.get("uncollected", 0)),
+        )
 
 
 def _indices_by_group(markers: tuple[Markers, ...]) -> dict[str, list[int]]:

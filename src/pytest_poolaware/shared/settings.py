@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from pytest_poolaware.shared.options import (
@@ -32,6 +33,7 @@ from pytest_poolaware.shared.options import (
     GATE_TIMEOUT,
     GO_TIMEOUT,
     GO_TIMEOUT_GATES,
+    HISTORY_PATH,
     IDLE_NEED,
     MONITOR,
     OPTIONS,
@@ -41,6 +43,7 @@ from pytest_poolaware.shared.options import (
     RISKY_NEED,
     SHARE,
     SHARE_NAMESPACE,
+    STORE_HISTORY,
     TIMELINE_PATH,
     TRACE_PATH,
     UNKNOWN_NEED,
@@ -160,6 +163,10 @@ class Settings:
     timeline_path: str | None = None
     trace_path: str | None = None
     advice_path: str | None = None
+    #: The learned data's file (``--poolaware-history``), read before pytest's cache,
+    #: and whether the run writes it back (``--poolaware-store-history``).
+    history_path: str | None = None
+    store_history: bool = False
 
     @property
     def go_timeout(self) -> float:
@@ -189,11 +196,10 @@ class Settings:
             f"{ENV_POOL_SIZE} + {ENV_MAX_OVERFLOW} = {pools.pool_size} + {pools.max_overflow}",
         )
         monitor, monitor_source = MONITOR.resolve(config) or ("", "")
-        tests_dsn = os.environ.get(ENV_DSN, "").strip()
-        if not monitor or monitor_source == f"${ENV_DSN}" or not tests_dsn:
-            tests_dsn = ""
-        else:
-            tests_dsn = parse_setting(f"${ENV_DSN}", tests_dsn, monitor_dsn, secret=True)
+        history = history_path(config)
+        store = bool(STORE_HISTORY.value(config))
+        if store:
+            check_storable(history, HISTORY_PATH.resolve(config))
 
         def path(option: Option[str]) -> str | None:
             value = config.getoption(option.dest)
@@ -217,14 +223,61 @@ class Settings:
             idle_need=_given(IDLE_NEED.value(config)),
             monitor_dsn=monitor,
             monitor_source=monitor_source,
-            tests_dsn=tests_dsn,
+            tests_dsn=_tests_dsn(monitor, monitor_source),
             share=_given(SHARE.value(config)),
             share_namespace=_given(SHARE_NAMESPACE.value(config)),
             report_path=path(REPORT_PATH),
             timeline_path=path(TIMELINE_PATH),
             trace_path=path(TRACE_PATH),
             advice_path=path(ADVICE_PATH),
+            history_path=history,
+            store_history=store,
         )
+
+
+def history_path(config: pytest.Config) -> str | None:
+    """The learned data's file, absolute: an option's path is relative to where pytest
+    was run, an ini key's to the ini file (as pytest's own ``paths`` keys)."""
+    resolved = HISTORY_PATH.resolve(config)
+    if resolved is None:
+        return None
+    value, source = resolved
+    if source == HISTORY_PATH.flag:
+        base = Path(config.invocation_params.dir)
+    else:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+    return str(base / os.path.expanduser(value))
+
+
+def check_storable(path: str | None, given: tuple[str, str] | None) -> None:
+    """``--poolaware-store-history`` needs a file it can write: raise ConfigError naming
+    the option and the value when it has none, rather than lose the run's data at its end."""
+    if path is None or given is None:
+        raise ConfigError(
+            f"{STORE_HISTORY.flag} needs a file to write: give {HISTORY_PATH.flag}=PATH "
+            f"(or ini {HISTORY_PATH.ini})"
+        )
+    value, source = given
+    target = Path(path)
+    if target.is_dir():
+        problem = "it is a directory"
+    elif not target.parent.is_dir():
+        problem = f"its directory {str(target.parent)!r} does not exist"
+    elif not os.access(target if target.exists() else target.parent, os.W_OK):
+        problem = "it is not writable"
+    else:
+        return
+    raise ConfigError(
+        f"{STORE_HISTORY.flag} cannot write the learned data to {source} {value!r}: {problem}"
+    )
+
+
+def _tests_dsn(monitor: str, monitor_source: str) -> str:
+    """``$POOLAWARE_DSN`` when the plugin's connection was given elsewhere, else ""."""
+    tests_dsn = os.environ.get(ENV_DSN, "").strip()
+    if not monitor or monitor_source == f"${ENV_DSN}" or not tests_dsn:
+        return ""
+    return parse_setting(f"${ENV_DSN}", tests_dsn, monitor_dsn, secret=True)
 
 
 def _given(value: T | None) -> T:

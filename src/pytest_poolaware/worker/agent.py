@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Final
 
 import pytest
@@ -129,6 +129,40 @@ def item_markers(item: pytest.Item) -> Markers:
     )
 
 
+class LeftOut:
+    """What this worker's collection left out of the run: items deselected (``-k``,
+    ``-m``, ``--deselect``, ``--sw``, ``--lf``) or dropped by a plugin's
+    ``pytest_collection_modifyitems``, and files not collected (an error, or skipped
+    whole). The controller keeps the learned data of the tests a run did not collect
+    whenever any of it happened (``planning.history.Selection``)."""
+
+    def __init__(self) -> None:
+        self.deselected = 0
+        self.dropped = 0
+        self.uncollected = 0
+
+    def pytest_deselected(self, items: Sequence[pytest.Item]) -> None:
+        self.deselected += len(items)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> Iterator[None]:
+        """A plugin may drop items without calling ``pytest_deselected``: count both."""
+        found = len(items)
+        try:
+            return (yield)
+        finally:
+            self.dropped += max(0, found - len(items))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if not report.passed:
+            self.uncollected += 1
+
+    @property
+    def items(self) -> int:
+        """Items left out (deselected ones are mostly dropped too: counted once)."""
+        return max(self.deselected, self.dropped)
+
+
 class IdleRelease:
     """Gives this worker's idle connections back when the controller asks (``ReleaseIdle``).
 
@@ -212,6 +246,7 @@ class WorkerAgent:
         self._index: dict[pytest.Item, int] = {}
         self._learning = learn
         self._limits = LimitFailures(link)
+        self.left_out = LeftOut()  # registered beside the agent (``plugin``)
         #: Servers and logins already sent to the controller (``learn``).
         self._logins_sent: set[tuple[str, int, str, str]] = set()
         #: A meter counting since start-up (``PoolMeter.unbound``) is taken over.
@@ -229,9 +264,7 @@ class WorkerAgent:
             clock=clock,
         )
         counted_before = self.meter.bind(
-            on_change=lambda open_, idle, released, version: self.link.send(
-                Counts(open_, idle, released, version)
-            ),
+            on_change=self._send_counts,
             gate=self.gate.wait,
             gate_async=self.gate.wait_async,
             on_error=self._report_error,
@@ -288,7 +321,8 @@ class WorkerAgent:
         conflicts = tuple(
             item.nodeid for item, m in zip(session.items, markers, strict=True) if m.both
         )
-        self.link.send(Collected(markers, conflicts))
+        left_out = self.left_out
+        self.link.send(Collected(markers, conflicts, left_out.items, left_out.uncollected))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
@@ -428,6 +462,9 @@ class WorkerAgent:
         if login is not None and login.key not in self._logins_sent:
             self._logins_sent.add(login.key)
             self.link.send(login)
+
+    def _send_counts(self, open_: int, idle: int, released: bool, version: int) -> None:
+        self.link.send(Counts(open_, idle, released, version))
 
     def _report_error(self, exc: BaseException) -> None:
         self.link.send(Note(f"connection instrumentation failed and was disabled: {exc!r}"))
