@@ -218,3 +218,10 @@ def test_a_worker_of_another_protocol_version_says_so(pytester: pytest.Pytester)
     ) in output
     assert "INTERNALERROR" not in output
     result.stdout.fnmatch_lines(["*maximum crashed workers reached: 1*"])
+
+
+def test_what_is_learned_of_a_test_leaves_out_its_time_at_the_connect_gate() -> None:
+    """A test that waited for room runs that much faster alone: its net duration is what
+    the next run plans with."""
+    assert MEASURES.net_duration == 1.0
+    assert dataclasses.replace(MEASURES, gate_waited=2.0).net_duration == 0.0

@@ -221,12 +221,14 @@ class PoolAwareScheduling:
         self.history.record(
             nodeid,
             measures.need,
-            measures.duration,
+            measures.net_duration,
             contended=measures.contended
             or (measures.waited > 0 and self.budget.held_back_during(measures.start, measures.end)),
         )
         self._apply(
-            self.planner.completed(node, item_index, need=measures.need, duration=measures.duration)
+            self.planner.completed(
+                node, item_index, need=measures.need, duration=measures.net_duration
+            )
         )
 
     def unfinished(self) -> list[str]:

@@ -401,6 +401,12 @@ class ItemMeasures:
     go_waited: float = 0.0
     gate_waited: float = 0.0
 
+    @property
+    def net_duration(self) -> float:
+        """``duration`` less its time at the connect gate: what the test takes when it
+        need not wait (what is learned, and what the lower bound counts)."""
+        return max(0.0, self.duration - self.gate_waited)
+
     def to_wire(self) -> str:
         """A JSON object of the fields by name, as one string: it rides on every item's
         report, and execnet serializes one string much faster than ten values."""
