@@ -212,7 +212,8 @@ class OwnConnection:
             return []
         share.stop()
         summary = share.summary()
-        return [note for note in (summary, *share.interruptions, share.problem) if note]
+        notes = (summary, *share.other_versions.values(), *share.interruptions, share.problem)
+        return [note for note in notes if note]
 
     def stop_monitor(self) -> tuple[ServerView | None, str | None]:
         """What the monitor saw, and why it stopped early (if it did)."""

@@ -5,19 +5,30 @@ A run holds slot leases, session-level advisory locks ``(slot class, n)``, one p
 connection it may open (its own connection's included); it publishes its demand as
 shared locks ``(demand class, 0..demand-1)``; one run at a time holds the priority, the
 exclusive lock ``(priority class, 0)``, with how many connections it is for as a shared
-lock ``(priority class, amount)``. Leases die with the session, so a run killed or cut
+lock ``(priority class, amount)``. Every key carries the sharing protocol's version
+(``share_plan.lock_key``): locks of another version are not read as leases, their runs
+are named in ``Others.foreign``. Leases die with the session, so a run killed or cut
 off frees them without anyone's help. The bookkeeping only: how many to hold is
 ``share_plan``'s, when to move ``share``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from pytest_poolaware.server import sql
 from pytest_poolaware.server.room import Room
-from pytest_poolaware.server.share_plan import DEPARTED_GRACE, DepartedRuns, Others, lock_classes
+from pytest_poolaware.server.share_plan import (
+    DEPARTED_GRACE,
+    SHARE_PROTOCOL,
+    DepartedRuns,
+    Others,
+    key_parts,
+    lock_classes,
+    lock_key,
+)
 
 
 class Leases:
@@ -62,20 +73,25 @@ class Leases:
         held: dict[int, int] = {}
         demand: dict[int, int] = {}
         amounts: dict[int, int] = {}
+        foreign: dict[int, int] = {}
         classes = (self._slot_class, self._demand_class, self._priority_class)
-        for pid, cls, obj in sql.advisory_locks(self._conn, classes):
+        for pid, cls, key in sql.advisory_locks(self._conn, classes):
+            version, obj = key_parts(key)
+            if version != SHARE_PROTOCOL:  # never read as leases: a client's connections
+                foreign[pid] = version
+                continue
             if cls == self._priority_class:
                 amounts[pid] = max(amounts.get(pid, 0), obj)
                 continue
             table = held if cls == self._slot_class else demand
             table[pid] = table.get(pid, 0) + 1
-        holder = sql.priority_holder(self._conn, self._priority_class)
+        holder = sql.priority_holder(self._conn, self._priority_class, lock_key(0))
         priority = None
         if holder is not None and holder != self.me:
             priority = (holder, amounts.get(holder, 0))
         live = sql.live_clients(self._conn, self._scope, self._scope_name)
         departed = self._departed.update(held, self._clock())
-        return Others(held, demand, priority, departed), live
+        return Others(held, demand, priority, departed, foreign), live
 
     def claim_priority(self, others: Others, needed: bool, wants: int) -> Others:
         """Take the priority for an item that ``needed`` it, for ``wants`` connections
@@ -83,46 +99,46 @@ class Leases:
         ``others`` with the priority as it now stands."""
         if self.priority and not needed:
             self._set_priority_amount(0)
-            sql.unlock(self._conn, self._priority_class, 0)
+            sql.unlock(self._conn, self._priority_class, lock_key(0))
             self.priority = 0
         elif (
             needed
             and not self.priority
             and others.priority is None
-            and sql.try_lock(self._conn, self._priority_class, 0)
+            and sql.try_lock(self._conn, self._priority_class, lock_key(0))
         ):
             self.priority = -1  # held; its amount is set just below
         if self.priority and needed and self.priority != wants:
             self._set_priority_amount(wants)
         if self.priority:
-            return Others(others.held, others.demand, (self.me, self.priority), others.departed)
+            return dataclasses.replace(others, priority=(self.me, self.priority))
         return others
 
     def _set_priority_amount(self, amount: int) -> None:
         """Publish how many connections the priority is for (a shared lock on that key)."""
         if self.priority > 0:
-            sql.unlock_shared(self._conn, self._priority_class, self.priority)
+            sql.unlock_shared(self._conn, self._priority_class, lock_key(self.priority))
         if amount > 0:
-            sql.lock_shared(self._conn, self._priority_class, amount)
+            sql.lock_shared(self._conn, self._priority_class, lock_key(amount))
         self.priority = amount
 
     def set_demand(self, demand: int) -> None:
         """Publish the run's demand: one shared lock per connection wanted."""
         while self._demand_held < demand:
-            sql.lock_shared(self._conn, self._demand_class, self._demand_held)
+            sql.lock_shared(self._conn, self._demand_class, lock_key(self._demand_held))
             self._demand_held += 1
         while self._demand_held > demand:
             self._demand_held -= 1
-            sql.unlock_shared(self._conn, self._demand_class, self._demand_held)
+            sql.unlock_shared(self._conn, self._demand_class, lock_key(self._demand_held))
 
     def move_to(self, hold: int) -> None:
         """Hold ``hold`` slot leases: give back the last taken, or take free slots (as
         many as can be had; never more slots than the limit allows)."""
         while len(self._slots) > hold:
-            sql.unlock(self._conn, self._slot_class, self._slots.pop())
+            sql.unlock(self._conn, self._slot_class, lock_key(self._slots.pop()))
         slot = 0
         taken = set(self._slots)
         while len(self._slots) < hold and slot < self._allows:
-            if slot not in taken and sql.try_lock(self._conn, self._slot_class, slot):
+            if slot not in taken and sql.try_lock(self._conn, self._slot_class, lock_key(slot)):
                 self._slots.append(slot)
             slot += 1

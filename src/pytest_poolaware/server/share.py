@@ -30,6 +30,7 @@ from pytest_poolaware.server.share_plan import (
     Others,
     Plan,
     kept_by_others,
+    other_version_note,
     plan,
 )
 from pytest_poolaware.server.share_touch import Touch
@@ -197,6 +198,8 @@ class ShareCoordinator:
         self._in_use = 0
         self._open = 0
         self.peers_seen = 0
+        #: Notes of runs met that speak another sharing protocol (one a version).
+        self.other_versions: dict[int, str] = {}
         self._held_back = HeldBack(clock)
         self.lowest = ceiling
         self._stop = threading.Event()
@@ -377,6 +380,8 @@ class ShareCoordinator:
         """Make the step the run's budget, and decide how a wait for growth ends."""
         runs = len(others.held.keys() | others.demand.keys())
         self.peers_seen = max(self.peers_seen, runs)
+        for version in others.foreign.values():
+            self.other_versions.setdefault(version, other_version_note(version))
         self.touch.runs_seen = runs + 1
         self._share = step.share
         budget = max(1, min(step.budget, self._leases.slots - 1, self.ceiling))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from pytest_poolaware.server.room import CLOSING_SLACK
@@ -21,10 +21,46 @@ from pytest_poolaware.server.room import CLOSING_SLACK
 DEPARTED_GRACE: Final = 1.0
 
 
+#: The sharing protocol's version: what the advisory locks mean and how runs read them.
+#: Every lock key carries it (``lock_key``), so runs of plugin versions that speak
+#: another protocol never read each other's locks as their own: each counts the other's
+#: connections as a client's that takes no part. Raise it with any change to the locks'
+#: meaning. The class ids (``lock_classes``) and the version's place in a key never
+#: change: that is how a run sees another version's locks at all.
+SHARE_PROTOCOL: Final = 1
+#: A lock key: the protocol's version in the bits from this one up (at most 127, so the
+#: key stays a non-negative int4), the number (a slot, a unit of demand, the priority's
+#: amount) below it. Limits allow far fewer connections than 2**24.
+VERSION_SHIFT: Final = 24
+KEY_NUMBER_MASK: Final = (1 << VERSION_SHIFT) - 1
+
+
+def lock_key(number: int, version: int = SHARE_PROTOCOL) -> int:
+    """The key of lock ``number`` (a slot, a unit of demand, an amount) in ``version``."""
+    if not 0 <= number <= KEY_NUMBER_MASK:
+        raise ValueError(f"lock number {number} out of range")
+    return version << VERSION_SHIFT | number
+
+
+def key_parts(key: int) -> tuple[int, int]:
+    """A lock key's protocol version and number (``lock_key`` undone)."""
+    return key >> VERSION_SHIFT, key & KEY_NUMBER_MASK
+
+
+def other_version_note(version: int) -> str:
+    """The note of a run that met locks of another protocol version (once a version)."""
+    return (
+        f"another run uses sharing protocol v{version}: a pytest-poolaware release that "
+        f"cannot read this one's leases (v{SHARE_PROTOCOL}), nor this one its; this run "
+        "counts its connections as another client's, so the runs do not split the room "
+        "by demand (use one plugin version on a shared server)"
+    )
+
+
 def lock_classes(namespace: str, limit: str) -> tuple[int, int, int]:
     """Advisory-lock class ids (slots, demand, priority) of one name space and one
     binding limit: runs share only with runs that meet the same limit in the same name
-    space."""
+    space. The same in every protocol version (the keys carry the version)."""
     digest = hashlib.blake2b(f"{namespace}\0{limit}".encode(), digest_size=12).digest()
     mask = 0x7FFFFFFF  # non-negative: pg_locks shows the keys as oid
     slot, demand, priority = (
@@ -82,6 +118,9 @@ class Others:
     priority: tuple[int, int] | None = None
     #: Test leases of runs that vanished less than ``DEPARTED_GRACE`` ago: still taken.
     departed: int = 0
+    #: Runs (backend pid) holding locks of another protocol version, and that version:
+    #: not read as runs; their connections count as clients that take no part.
+    foreign: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def slotless(self) -> int:

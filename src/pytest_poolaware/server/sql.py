@@ -159,12 +159,12 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND pid <> pg_backend_p
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid::bigint IN (%s, %s, %s)
 """
-#: Who holds the exclusive lock (class, 0): the priority.
+#: Who holds the exclusive lock (class, key): the priority.
 PRIORITY_HOLDER: Final = """
 SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND mode = 'ExclusiveLock'
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid::bigint = %s AND objid::bigint = 0
+  AND classid::bigint = %s AND objid::bigint = %s
 """
 #: The live client connections a limit counts: the server's, a role's, a database's.
 LIVE_CLIENTS: Final = f"SELECT count(*) FROM pg_stat_activity WHERE {OTHER_CLIENTS}"
@@ -185,9 +185,10 @@ def advisory_locks(conn: Any, classes: tuple[int, int, int]) -> list[tuple[int, 
     ]
 
 
-def priority_holder(conn: Any, priority_class: int) -> int | None:
-    """The session holding the priority of ``priority_class`` (None: nobody)."""
-    row = conn.execute(PRIORITY_HOLDER, (priority_class,)).fetchone()
+def priority_holder(conn: Any, priority_class: int, key: int) -> int | None:
+    """The session holding the priority, the lock (``priority_class``, ``key``); None:
+    nobody."""
+    row = conn.execute(PRIORITY_HOLDER, (priority_class, key)).fetchone()
     return None if row is None else int(row[0])
 
 
