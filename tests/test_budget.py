@@ -5,6 +5,7 @@ once."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 from pytest_poolaware.budget import Change, Limits, RunBudget
 from pytest_poolaware.server.learning import REMEMBERED
@@ -97,6 +98,12 @@ class MovingShare:
 
     def held_back_during(self, start: float, end: float) -> bool:
         return start <= 1.0 <= end
+
+    def held_back_waits(
+        self, nodeid: str, waits: Iterable[tuple[float, float]]
+    ) -> tuple[tuple[float, float], ...]:
+        """Held back by another run from 1.0 to 2.0."""
+        return tuple((max(a, 1.0), min(b, 2.0)) for a, b in waits if a < 2.0 and b > 1.0)
 
 
 def learned(budget: RunBudget[str], room: Room) -> None:

@@ -15,7 +15,7 @@ login read and the share moving happen in threads of their own; ``poll`` takes t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -53,6 +53,10 @@ class Share(Protocol):
     ) -> None: ...
 
     def held_back_during(self, start: float, end: float) -> bool: ...
+
+    def held_back_waits(
+        self, nodeid: str, waits: Iterable[tuple[float, float]]
+    ) -> tuple[tuple[float, float], ...]: ...
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,13 @@ class RunBudget(Generic[N]):
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether another run held this one back between two ``time.time()``s."""
         return self._share is not None and self._share.held_back_during(start, end)
+
+    def held_back_waits(
+        self, nodeid: str, waits: Iterable[tuple[float, float]]
+    ) -> tuple[tuple[float, float], ...]:
+        """The parts of a finished test's waits during which another run held this one
+        back (none when the run does not share the room)."""
+        return () if self._share is None else self._share.held_back_waits(nodeid, waits)
 
     def notes(self) -> list[str]:
         """What the summary says of the logins the tests used (nothing with a DSN given)."""

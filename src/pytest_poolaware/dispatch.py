@@ -145,6 +145,7 @@ class RunRecord:
                     end=inside(measures.end),
                     waits=tuple((inside(a), inside(b)) for a, b in measures.waits),
                 ),
+                held_back=tuple((inside(a), inside(b)) for a, b in result.held_back),
             )
         if moved:
             self.notes.append(

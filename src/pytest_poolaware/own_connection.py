@@ -70,6 +70,8 @@ class OwnConnection:
         self.monitor: ServerMonitor | None = None
         #: This run's share of the server's room, when it shares it with other runs.
         self.share: ShareCoordinator | None = None
+        #: Seconds other runs held this one back, once sharing stopped (None: none met).
+        self.held_back_by_runs: float | None = None
         #: Notes of discovery and sharing for the report, in the order they came.
         self.notes: list[str] = []
 
@@ -211,6 +213,8 @@ class OwnConnection:
         if share is None:
             return []
         share.stop()
+        if share.peers_seen:
+            self.held_back_by_runs = share.held_back.seconds
         summary = share.summary()
         notes = (summary, *share.other_versions.values(), *share.interruptions, share.problem)
         return [note for note in notes if note]

@@ -357,6 +357,7 @@ class Controller:
                 server=server,
                 notes=[*self.notes, *([problem] if problem else [])],
                 warnings=self.budget.warnings,
+                held_back_by_runs=self.server.held_back_by_runs,
             )
             self.files = report.write_files(
                 self.stats,

@@ -215,9 +215,9 @@ class PoolAwareScheduling:
             return
         assert self.collection is not None
         nodeid = self.collection[item_index]
-        self._record.results.append(
-            ItemResult(nodeid, self.planner.lane_of(item_index), node.gateway.id, measures)
-        )
+        held_back = self.budget.held_back_waits(nodeid, measures.waits)
+        lane = self.planner.lane_of(item_index)
+        self._record.results.append(ItemResult(nodeid, lane, node.gateway.id, measures, held_back))
         self.history.record(
             nodeid,
             measures.need,

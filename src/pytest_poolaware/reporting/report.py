@@ -51,10 +51,12 @@ def collect(
     notes: Sequence[str] = (),
     warnings: Sequence[str] = (),
     budget: tuple[int, str] | None = None,
+    held_back_by_runs: float | None = None,
 ) -> RunStats:
     """The run's facts: the scheduler's snapshot, the outcomes, what the server saw.
     ``budget``: the one the run ended with and where it came from (by default the
-    configured one)."""
+    configured one); ``held_back_by_runs``: seconds other runs sharing the server held
+    this one back (None: none was met)."""
     budget_now, budget_source = budget or (settings.budget, settings.budget_source)
     results = {result.nodeid: result for result in snapshot.results}  # the last attempt wins
     priors = snapshot.priors or (None,) * len(snapshot.collection)
@@ -85,6 +87,7 @@ def collect(
         placement=snapshot.placement,
         learned=snapshot.learned,
         largest_budget=snapshot.largest_budget,
+        held_back_by_runs=held_back_by_runs,
     )
 
 
@@ -117,6 +120,7 @@ def item_facts(
         rerun=m.rerun,
         outcome=outcome,
         waits=m.waits,
+        held_back=result.held_back,
         drivers=tuple(m.drivers),
         leaks=m.leaks,
         prior=prior,

@@ -29,6 +29,9 @@ class ItemResult:
     lane: Lane
     worker: str
     measures: ItemMeasures
+    #: The parts of its waits (``measures.waits``) during which another run sharing the
+    #: server held this run back (``time.time()`` spans, in order).
+    held_back: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class ItemFacts:
     outcome: str | None = None  # passed, failed, skipped, error
     #: (start, end) of each wait for the budget long enough to show (the trace only).
     waits: tuple[tuple[float, float], ...] = ()
+    #: The parts of ``waits`` during which another run sharing the server held this run
+    #: back (the report gives their sum, the trace marks them).
+    held_back: tuple[tuple[float, float], ...] = ()
     drivers: tuple[str, ...] = ()  # drivers of the connections it used
     leaks: int = 0  # connections its code opened or checked out and still held at its end
     #: The need of a relative it was planned with, not measured yet itself (``priors``).
@@ -108,6 +114,14 @@ class ItemFacts:
     @property
     def measured(self) -> bool:
         return self.need is not None and self.duration is not None
+
+    @property
+    def held_back_by_runs(self) -> float | None:
+        """Seconds of its waits during which another run held this one back (None: it
+        did not run)."""
+        if self.worker is None:
+            return None
+        return sum(end - start for start, end in self.held_back)
 
     @property
     def net_duration(self) -> float:
@@ -130,6 +144,7 @@ class ItemFacts:
             "waited": _round(self.waited),
             "go_wait": _round(self.go_wait),
             "gate_wait": _round(self.gate_wait),
+            "held_back_by_runs": _round(self.held_back_by_runs),
             "rerun": self.rerun or None,
             "outcome": self.outcome,
             "drivers": list(self.drivers),
@@ -253,6 +268,9 @@ class RunStats:
     #: The largest budget in force since the first item's go, the lower bound's B
     #: (0: not known, ``budget`` stands for it).
     largest_budget: int = 0
+    #: Seconds another run sharing the server held this one back (tests waiting at once
+    #: count once; None: no other run was met).
+    held_back_by_runs: float | None = None
 
     @property
     def priors(self) -> int:
@@ -341,6 +359,7 @@ class RunStats:
                 "wall": _round(self.wall),
                 "lower_bound": _bound_json(self.lower_bound),
                 "wall_over_lb": _round(self.wall_over_lb),
+                "held_back_by_runs": _round(self.held_back_by_runs),
                 "lanes": _lanes_json(lane_times(self.items)),
                 "overruns": [self._overrun_json(o) for o in self.overruns],
                 "notes": list(self.notes),

@@ -5,10 +5,11 @@ run to one worker's second. The file is the format's JSON object form: ``traceEv
 holds one process (the run) with one thread per worker (``M`` metadata events name them),
 each test a complete ``X`` span on its worker's thread with its node id (category
 ``serial`` for the serial lane, ``fanout`` for the rest), each wait for the budget an ``X``
-span of its own (category ``wait``), and counters (``C``) for every worker's open
-connections, the budget and, when monitored, the server's count. Times are microseconds
-from the session's start. Tests that never ran are instant events (``i``) on a thread of
-their own, so every collected test is in the file.
+span of its own (category ``wait``; the parts of it during which another run sharing the
+server held this one back are spans of their own, named so), and counters (``C``) for
+every worker's open connections, the budget and, when monitored, the server's count.
+Times are microseconds from the session's start. Tests that never ran are instant events
+(``i``) on a thread of their own, so every collected test is in the file.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ NOT_RUN_TRACK: Final = "not run"
 #: Categories of the spans: the lanes' names from ``runstats``, and the waits.
 WAIT_CATEGORY: Final = "wait"
 WAIT_NAME: Final = "waiting for the connection budget"
+HELD_BACK_NAME: Final = "held back by another run"
 #: Counter names (each counter's series are the keys of its ``args``).
 OPEN_COUNTER: Final = "open connections"
 BUDGET_COUNTER: Final = "connection budget"
@@ -103,7 +105,9 @@ def _tests(
             continue
         spans.append(_span(item, tid[item.worker], us(item.start), us(item.end)))
         spans += [
-            _wait(item, tid[item.worker], us(start), us(end)) for start, end in merged(item.waits)
+            _wait(item, tid[item.worker], us(start), us(end), held)
+            for wait in merged(item.waits)
+            for start, end, held in held_back_parts(wait, item.held_back)
         ]
     spans.sort(key=lambda event: (event["tid"], event["ts"], -event["dur"]))
     return spans, not_run
@@ -125,6 +129,26 @@ def merged(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     return union
 
 
+def held_back_parts(
+    wait: tuple[float, float], held_back: Iterable[tuple[float, float]]
+) -> list[tuple[float, float, bool]]:
+    """One wait cut at the spans during which another run held this one back (disjoint,
+    in order): (start, end, held back) for each part, in order, together the wait."""
+    cursor, end = wait
+    parts: list[tuple[float, float, bool]] = []
+    for held_start, held_end in held_back:
+        start, stop = max(held_start, cursor), min(held_end, end)
+        if start >= stop:
+            continue
+        if cursor < start:
+            parts.append((cursor, start, False))
+        parts.append((start, stop, True))
+        cursor = stop
+    if cursor < end or not parts:
+        parts.append((cursor, end, False))
+    return parts
+
+
 def _meta(kind: str, tid: int, **args: Any) -> dict[str, Any]:
     """A metadata event: ``process_name``, ``thread_name`` or ``thread_sort_index``."""
     return {"name": kind, "ph": "M", "pid": PID, "tid": tid, "args": args}
@@ -143,9 +167,9 @@ def _span(item: ItemFacts, tid: int, start: float, end: float) -> dict[str, Any]
     }
 
 
-def _wait(item: ItemFacts, tid: int, start: float, end: float) -> dict[str, Any]:
+def _wait(item: ItemFacts, tid: int, start: float, end: float, held: bool) -> dict[str, Any]:
     return {
-        "name": WAIT_NAME,
+        "name": HELD_BACK_NAME if held else WAIT_NAME,
         "cat": WAIT_CATEGORY,
         "ph": "X",
         "pid": PID,
@@ -178,6 +202,7 @@ def _args(item: ItemFacts) -> dict[str, Any]:
         "need": item.need,
         "peak_open": item.peak_open,
         "waited_s": item.waited,
+        "held_back_by_runs_s": item.held_back_by_runs,
         "rerun": item.rerun or None,
     }
 

@@ -17,9 +17,11 @@ thread, and the scheduler reads ``budget()`` before it grants.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from pytest_poolaware.server.connection import connection_failure
@@ -61,14 +63,19 @@ class HeldBack:
     total on the run's own clock. The sharing thread writes it, the scheduler reads it.
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], now: Callable[[], float] = wall) -> None:
         self._clock = clock
+        self._now = now
         self._lock = threading.Lock()
         #: Seconds held below what the run wanted by other runs, and when that began.
         self.seconds = 0.0
         self._since: float | None = None
         self._tick = 0.0
         self._spans: list[tuple[float, float]] = []
+        #: The test held back longest, and for how long (seconds): the summary names it.
+        self.longest: tuple[str, float] | None = None
+        #: The spans' ends, in order (they follow one another): ``within`` bisects them.
+        self._ends: list[float] = []
 
     def during(self, start: float, end: float) -> bool:
         """Whether the run was held back between two ``time.time()``s."""
@@ -79,9 +86,39 @@ class HeldBack:
             return True
         return any(begin <= end and start <= finish for begin, finish in spans)
 
+    def within(self, waits: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+        """The parts of a test's ``waits`` (``time.time()`` spans; its threads' may overlap,
+        they count once) during which the run was held back, in order."""
+        with self._lock:
+            spans = list(self._spans)
+            ends = list(self._ends)
+            if self._since is not None:
+                spans.append((self._since, math.inf))
+                ends.append(math.inf)
+        parts: list[tuple[float, float]] = []
+        for start, end in union(waits):
+            for begin, finish in spans[bisect.bisect_right(ends, start) :]:
+                if begin >= end:
+                    break
+                if max(start, begin) < min(end, finish):
+                    parts.append((max(start, begin), min(end, finish)))
+        return tuple(parts)
+
+    def charge(
+        self, nodeid: str, waits: Iterable[tuple[float, float]]
+    ) -> tuple[tuple[float, float], ...]:
+        """The parts of a finished test's ``waits`` during which the run was held back
+        (``within``); the longest such test is kept."""
+        parts = self.within(waits)
+        seconds = sum(end - start for start, end in parts)
+        with self._lock:
+            if seconds > 0 and (self.longest is None or seconds > self.longest[1]):
+                self.longest = (nodeid, seconds)
+        return parts
+
     def note(self, held_back: bool) -> None:
         """Whether the run is held back now: a span begins or ends."""
-        now, tick = wall(), self._clock()
+        now, tick = self._now(), self._clock()
         with self._lock:
             if held_back and self._since is None:
                 self._since = now
@@ -98,8 +135,20 @@ class HeldBack:
     def _close_locked(self, now: float, tick: float) -> None:
         assert self._since is not None
         self._spans.append((self._since, now))
+        self._ends.append(now)
         self.seconds += max(0.0, tick - self._tick)
         self._since = None
+
+
+def union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``spans`` as disjoint (start, end) spans, in order."""
+    joined: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if joined and start <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], end))
+        elif start < end:
+            joined.append((start, end))
+    return joined
 
 
 class GrowthWait:
@@ -200,7 +249,8 @@ class ShareCoordinator:
         self.peers_seen = 0
         #: Notes of runs met that speak another sharing protocol (one a version).
         self.other_versions: dict[int, str] = {}
-        self._held_back = HeldBack(clock)
+        #: When other runs held this one back, and its tests' waits they caused.
+        self.held_back = HeldBack(clock)
         self.lowest = ceiling
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,7 +320,13 @@ class ShareCoordinator:
 
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether the run was held back by another run between two ``time.time()``s."""
-        return self._held_back.during(start, end)
+        return self.held_back.during(start, end)
+
+    def held_back_waits(
+        self, nodeid: str, waits: Iterable[tuple[float, float]]
+    ) -> tuple[tuple[float, float], ...]:
+        """``HeldBack.charge``: the parts of a finished test's waits another run caused."""
+        return self.held_back.charge(nodeid, waits)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -293,7 +349,7 @@ class ShareCoordinator:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
-        self._held_back.close(wall())
+        self.held_back.close(wall())
         self.touch.stopped()
 
     def _run(self) -> None:
@@ -373,21 +429,20 @@ class ShareCoordinator:
             self.lowest = min(self.lowest, self._budget)
             self._priority_elsewhere = False
             self._yield = False
-        self._held_back.note(False)
+        self.held_back.note(False)
         self._on_change()
 
     def _follow(self, others: Others, step: Plan, wants: int, open_: int) -> None:
         """Make the step the run's budget, and decide how a wait for growth ends."""
         runs = len(others.held.keys() | others.demand.keys())
         self.peers_seen = max(self.peers_seen, runs)
-        for version in others.foreign.values():
-            self.other_versions.setdefault(version, other_version_note(version))
+        self.other_versions.update({v: other_version_note(v) for v in others.foreign.values()})
         self.touch.runs_seen = runs + 1
         self._share = step.share
         budget = max(1, min(step.budget, self._leases.slots - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
         # would have alone.
-        self._held_back.note(step.held_back and wants > budget and budget < self.ceiling)
+        self.held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
         elsewhere = others.priority is not None and others.priority[0] != self._leases.me
         overdue = self._growth.update(wants, budget)
@@ -430,17 +485,25 @@ class ShareCoordinator:
     def summary(self) -> str | None:
         """One line for the summary: with whom the room was shared, and what it cost
         (None when no other run came)."""
-        return summary_line(self, self._held_back.seconds, self._growth.seconds)
+        held_back = self.held_back
+        return summary_line(self, held_back.seconds, self._growth.seconds, held_back.longest)
 
 
-def summary_line(share: ShareCoordinator, held_back: float, growth_wait: float) -> str | None:
-    """``ShareCoordinator.summary``: the run's sharing in one line."""
+def summary_line(
+    share: ShareCoordinator,
+    held_back: float,
+    growth_wait: float,
+    longest: tuple[str, float] | None = None,
+) -> str | None:
+    """``ShareCoordinator.summary``: the run's sharing in one line, with the test held
+    back longest (``longest``: its node id and seconds)."""
     if not share.peers_seen:
         return None
     return (
         f"shared the server's room with up to {share.peers_seen} other run(s) (name space "
         f"{share.namespace!r}): budget down to {share.lowest} at times, held back "
         f"{held_back:.2f}s waiting for another run"
+        + (f" (longest: {longest[0]} {longest[1]:.2f}s)" if longest else "")
         + (
             f"; {share.gave_way} time(s) a test gave way after waiting "
             f"{growth_wait:g}s for the share to grow"
