@@ -96,7 +96,8 @@ def test_this_unit_test_is_held_to_its_tier(request: pytest.FixtureRequest) -> N
     """The guard of this very session: no server is handed out and no process starts."""
     guard = request.config.stash[GUARD]
     # The DSN's fixture takes the server's: whichever the session sets up first is refused.
-    with pytest.raises(TierViolation, match="asked for the server fixture 'postgres_(dsn|server)'"):
+    refused = r"asked for the server fixture 'postgres_(dsn|server)'"
+    with pytest.raises(TierViolation, match=refused):
         request.getfixturevalue("postgres_dsn")
     with pytest.raises(TierViolation, match="started a process"):
         subprocess.run(["true"], check=False)
