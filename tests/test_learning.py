@@ -185,6 +185,28 @@ def test_a_connection_outside_tests_that_taught_nothing_lets_the_next_pass() -> 
     assert inbox.empty()
 
 
+def test_the_worker_whose_connection_passed_is_never_held_behind_it() -> None:
+    """The connection that passed taught nothing (it failed, say, and the test connects
+    again): its worker's next connects cannot wait for its item to end, which they
+    block; they pass, and the pass stays with that worker's latest item. The other
+    workers still wait, one connection at a time."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    learning: ServerLearning[str] = ServerLearning(
+        None, inbox, lambda: None, lambda found, dsn, seen: 30
+    )
+    assert not learning.hold("gw0", RoomRequest(1, item=4))
+    assert learning.hold("gw1", RoomRequest(1, item=9))
+    assert not learning.hold("gw0", RoomRequest(2, item=4))  # the same test, again
+    assert not learning.hold("gw0", RoomRequest(3, item=5))  # its next test
+    learning.item_done("gw0", 4)  # over already: the pass is with item 5 now
+    assert inbox.empty()
+    learning.item_done("gw0", 5)
+    node, request = inbox.get_nowait()
+    assert (node, request) == ("gw1", RoomRequest(1, item=9))
+    assert not learning.hold(node, request)  # the next worker's turn
+    assert learning.hold("gw0", RoomRequest(4, item=6))
+
+
 def test_a_server_that_cannot_be_read_keeps_the_configured_budget() -> None:
     login = ServerSeen("127.0.0.1", free_port(), "app", "acc_app", PASSWORD, "psycopg", 4242)
     budget, found, released = learn_from(login)

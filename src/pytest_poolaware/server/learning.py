@@ -233,12 +233,16 @@ class ServerLearning(Generic[N]):
             self._wake()
 
     def hold(self, node: N, request: RoomRequest) -> bool:
-        """Whether ``request`` must wait: one connection at a time until the room is known
-        (the first request passes; the others wait for the room), and every one while
-        another login's room is read."""
+        """Whether ``request`` must wait: one worker at a time until the room is known
+        (the first request passes, and so do its worker's next ones; the others wait for
+        the room), and every one while another login's room is read."""
         if not self.pending and (self._checking is None or self._quiet(self._checking)):
             return False  # nothing is read, or only another database of a login read
-        if self.pending and self.login is None and self._passing is None:
+        learning = self.pending and self.login is None
+        if learning and (self._passing is None or self._passing[0] == node):
+            # The worker with the pass asking again: what passed taught nothing (yet),
+            # and held, this connect would wait for its own item's end, which it blocks.
+            # The pass follows the worker's latest item.
             self._passing = (node, request.item)
             return False
         self._held.append((node, request))
