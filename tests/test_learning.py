@@ -38,6 +38,8 @@ from pytest_poolaware.worker.login import login_of
 
 #: Tests in test_scheduling.SUITE.
 SUITE_TESTS = 39
+#: A hold on connects longer than any test's wait: they wait until the login is read.
+READ_HOLD_FOREVER = 3600.0
 #: The inner suite's own DSN variable: the plugin is not told about it.
 APP_CONFTEST = (ENGINE_CONFTEST + RECORDING_CONFTEST).replace("POOLAWARE_DSN", "APP_DSN")
 
@@ -253,6 +255,7 @@ def test_another_login_on_the_server_is_read_while_connections_wait() -> None:
         lambda found, dsn, seen: 30,
         read_login=read_login,
         on_login=on_login,
+        read_hold=READ_HOLD_FOREVER,
     )
     admin = ServerSeen("127.0.0.1", free_port(), "app", "admin", None, "psycopg", 11)
     learning.seen(admin)
@@ -285,6 +288,50 @@ def test_another_login_on_the_server_is_read_while_connections_wait() -> None:
     assert len(notes) == 2
     assert "tests also connected as acc_app@db.example:" in notes[1]
     assert "on another server" in notes[1]
+
+
+def test_connects_wait_for_another_login_s_reading_only_so_long() -> None:
+    """A reading that takes longer than its hold (the plugin's connection busy) goes on
+    without holding connects: the held ones go back to the scheduler, the next ones
+    pass, and the login's room still lowers the budget once read."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    woken = threading.Event()
+    go = threading.Event()
+    now = [0.0]
+
+    def read_login(login: ServerSeen, runs: Any) -> ServerFacts:
+        assert go.wait(60)
+        return facts_of(login.user)
+
+    learning: ServerLearning[str] = ServerLearning(
+        None,
+        inbox,
+        woken.set,
+        lambda found, dsn, seen: 30,
+        read_login=read_login,
+        on_login=lambda login, read, runs: 5,
+        read_hold=0.05,
+        clock=lambda: now[0],
+    )
+    admin = ServerSeen("127.0.0.1", free_port(), "app", "admin", None, "psycopg", 11)
+    learning.seen(admin)
+    assert woken.wait(60)  # nothing listens there: read (and failed) at once
+    woken.clear()
+    assert learning.take() == 30
+    learning.seen(ServerSeen(admin.host, admin.port, "app", "acc_app", None, "psycopg", 12))
+    held = RoomRequest(1)
+    assert learning.hold("gw1", held)
+    assert learning.take() is None
+    assert inbox.empty()
+    now[0] += 0.05
+    assert woken.wait(60)  # the hold's end wakes the scheduler
+    woken.clear()
+    assert learning.take() is None
+    assert inbox.get_nowait() == ("gw1", held)
+    assert not learning.hold("gw2", RoomRequest(1))
+    go.set()
+    assert woken.wait(60)
+    assert learning.take() == 5  # read at last: it still sets the budget
 
 
 def facts_of(role: str) -> ServerFacts:

@@ -3,17 +3,18 @@
 With no DSN given, the controller cannot read the server's room before the workers
 start. It asks the workers to say where their first connection went
 (``protocol.ServerSeen``) and holds the run to one connection at a time until it knows:
-the first connect request passes, every other one is held. The first ``ServerSeen`` is
-read on the plugin's own connection (``discovery.discover``), in a thread of its own
-so the scheduler keeps going. Once the room is known the held requests go back to the
-scheduler, which follows the new budget. Tests start meanwhile as the stand-in budget
-allows (what the last run learned, else the configured budget): only their connections
-wait.
+the first connect request passes (and its worker's next ones), every other one is held.
+The first ``ServerSeen`` is read on the plugin's own connection (``discovery.discover``),
+in a thread of its own so the scheduler keeps going. Once the room is known the held
+requests go back to the scheduler, which follows the new budget. Tests start meanwhile
+as the stand-in budget allows (what the last run learned, else the configured budget):
+only their connections wait.
 
 A later ``ServerSeen`` of another login (role or database) on the same server is read
 the same way, on the plugin's connection (``read_login``), while every new connect
-request waits; the controller then lowers the run's budget to the tightest room among
-the logins learned (``on_login``). A login on another server is only named in a note.
+request waits (``LOGIN_READ_HOLD`` at most); the controller then lowers the run's budget
+to the tightest room among the logins learned (``on_login``). A login on another server
+is only named in a note.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from pytest_poolaware.server.discovery import Discovery, discover
 from pytest_poolaware.server.room import ServerFacts
+from pytest_poolaware.shared.clock import monotonic
 from pytest_poolaware.shared.errors import first_line
 from pytest_poolaware.shared.protocol import RoomRequest, ServerSeen, WorkerMessage
 
@@ -38,6 +40,10 @@ REMEMBERED: Final = "as the last run learned it"
 SHOWN_DATABASES: Final = 3
 #: Where the DSN of the plugin's connection came from, for notes.
 LEARNED_ORIGIN: Final = "the first connection a worker opened"
+#: Seconds new connects wait for another login's room to be read. The reading takes a
+#: few milliseconds; one that takes longer (the plugin's connection busy, a loaded
+#: server) goes on without holding them, and its room lowers the budget once read.
+LOGIN_READ_HOLD: Final = 0.5
 
 N = TypeVar("N", bound=Hashable)
 
@@ -93,6 +99,68 @@ def dsn_of(login: ServerSeen) -> str:
     return make_conninfo("", **params)
 
 
+class LoginReads:
+    """The other logins on the learned server, read one at a time on the plugin's
+    connection (``read_login``), each in a thread of its own; ``wake`` when one is read,
+    and when its hold on new connects is over (``LOGIN_READ_HOLD``)."""
+
+    def __init__(
+        self,
+        read_login: ReadLogin,
+        wake: Callable[[], None],
+        *,
+        read_hold: float = LOGIN_READ_HOLD,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self._read_login = read_login
+        self._wake = wake
+        self._read_hold = read_hold
+        self._clock = clock
+        #: Logins waiting to be read, the one being read, and when its reading began.
+        self.waiting: list[ServerSeen] = []
+        self.reading: ServerSeen | None = None
+        self._began = 0.0
+        #: What was read of it (facts, or why not), once ``_done``.
+        self.result: ServerFacts | str = ""
+        self._done = threading.Event()
+
+    def start_next(self, runs: list[int], *, holds: bool) -> None:
+        """Read the next login waiting (if none is being read); ``holds``: new connects
+        wait for it, so its hold's end wakes the scheduler too."""
+        if self.reading is not None or not self.waiting:
+            return
+        self.reading = self.waiting.pop(0)
+        self._done.clear()
+        self._began = self._clock()
+        threading.Thread(
+            target=self._read, args=(self.reading, runs), name="poolaware-login", daemon=True
+        ).start()
+        if holds:
+            timer = threading.Timer(self._read_hold, self._wake)
+            timer.daemon = True
+            timer.start()
+
+    def within_hold(self) -> bool:
+        """Whether a login is being read since less than ``LOGIN_READ_HOLD``."""
+        return self.reading is not None and self._clock() - self._began < self._read_hold
+
+    def finished(self) -> ServerSeen | None:
+        """The login read, once its reading is over (its ``result`` says what was read)."""
+        if self.reading is None or not self._done.is_set():
+            return None
+        login, self.reading = self.reading, None
+        return login
+
+    def _read(self, login: ServerSeen, runs: list[int]) -> None:
+        try:
+            self.result = self._read_login(login, runs)
+        except Exception as exc:  # any failure is a note: the budget stays as it is
+            self.result = first_line(exc)
+        finally:
+            self._done.set()
+            self._wake()
+
+
 class ServerLearning(Generic[N]):
     """The server learned from the workers' connections, for one run.
 
@@ -113,13 +181,20 @@ class ServerLearning(Generic[N]):
         *,
         read_login: ReadLogin | None = None,
         on_login: OnLogin | None = None,
+        read_hold: float = LOGIN_READ_HOLD,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         self._configured = configured
         self._inbox = inbox
         self._wake = wake
         self._on_learned = on_learned
-        self._read_login = read_login
         self._on_login = on_login
+        #: Other logins on the same server, read one at a time (None: not read).
+        self._reads = (
+            None
+            if read_login is None
+            else LoginReads(read_login, wake, read_hold=read_hold, clock=clock)
+        )
         #: The login being learned from (the first one a worker reported).
         self.login: ServerSeen | None = None
         #: Other logins the run's tests connected as, not read (notes): on another
@@ -127,15 +202,10 @@ class ServerLearning(Generic[N]):
         self.others: dict[tuple[str, int, str, str], ServerSeen] = {}
         #: Other logins on the same server: read (or being read, or waiting to be).
         self.checked: dict[tuple[str, int, str, str], ServerSeen] = {}
-        self._to_check: list[ServerSeen] = []
         #: Other databases the run's tests used as a login already read (pytest-django
         #: makes one per worker): read without holding connects, said only if one has a
         #: ``CONNECTION LIMIT`` of its own; by (host, port, user), in the order seen.
         self.databases: dict[tuple[str, int, str], list[str]] = {}
-        #: The login being read now, and what was read (facts, or why not).
-        self._checking: ServerSeen | None = None
-        self._check_result: ServerFacts | str = ""
-        self._check_done = threading.Event()
         #: Backend pids of the run's connections the workers reported (not other clients').
         self.pids: list[int] = []
         self._found: Discovery | None = None
@@ -178,13 +248,13 @@ class ServerLearning(Generic[N]):
         if key == self.login.key or key in self.others or key in self.checked:
             return
         elsewhere = not local and names_its_own_machine(login.host)
-        if self._read_login is None or elsewhere or not same_server(login, self.login):
+        if self._reads is None or elsewhere or not same_server(login, self.login):
             self.others[key] = login
             return
         self.checked[key] = login
         if self._same_role(login):
             self.databases.setdefault((login.host, login.port, login.user), []).append(login.dbname)
-        self._to_check.append(login)
+        self._reads.waiting.append(login)
         self._next_check()
 
     def _same_role(self, login: ServerSeen) -> bool:
@@ -211,33 +281,29 @@ class ServerLearning(Generic[N]):
     def _next_check(self) -> None:
         """Read the next login waiting to be read, once the first is adopted (its
         connection is the one read on), one at a time."""
-        if self.pending or self._checking is not None or not self._to_check:
+        reads = self._reads
+        if self.pending or reads is None or reads.reading is not None or not reads.waiting:
             return
-        self._checking = self._to_check.pop(0)
-        self._check_done.clear()
-        threading.Thread(
-            target=self._check,
-            args=(self._checking, list(self.pids)),
-            name="poolaware-login",
-            daemon=True,
-        ).start()
+        reads.start_next(list(self.pids), holds=not self._quiet(reads.waiting[0]))
 
-    def _check(self, login: ServerSeen, runs: list[int]) -> None:
-        try:
-            assert self._read_login is not None
-            self._check_result = self._read_login(login, runs)
-        except Exception as exc:  # any failure is a note: the budget stays as it is
-            self._check_result = first_line(exc)
-        finally:
-            self._check_done.set()
-            self._wake()
+    def _holding_for_read(self) -> bool:
+        """Whether new connects wait for the login being read: one not read before, for
+        ``LOGIN_READ_HOLD`` at most."""
+        reads = self._reads
+        return (
+            reads is not None
+            and reads.reading is not None
+            and not self._quiet(reads.reading)
+            and reads.within_hold()
+        )
 
     def hold(self, node: N, request: RoomRequest) -> bool:
         """Whether ``request`` must wait: one worker at a time until the room is known
         (the first request passes, and so do its worker's next ones; the others wait for
-        the room), and every one while another login's room is read."""
-        if not self.pending and (self._checking is None or self._quiet(self._checking)):
-            return False  # nothing is read, or only another database of a login read
+        the room), and every one while another login's room is read (``LOGIN_READ_HOLD``
+        at most)."""
+        if not self.pending and not self._holding_for_read():
+            return False  # nothing is read, only another database of a login read, or late
         learning = self.pending and self.login is None
         if learning and (self._passing is None or self._passing[0] == node):
             # The worker with the pass asking again: what passed taught nothing (yet),
@@ -293,17 +359,17 @@ class ServerLearning(Generic[N]):
     def take(self) -> int | None:
         """Once the server (or another login's room) was read: adopt it (once), hand the
         held requests back to the scheduler's inbox, and return the run's new budget;
-        None when there is nothing new (or the budget stays)."""
+        None when there is nothing new (or the budget stays). A reading that outlasted
+        its hold hands the held requests back before it is done."""
         if self.pending:
             if not self._done.is_set():
                 return None
             self.pending = False
             found = self._found if self._found is not None else Discovery()
             budget: int | None = self._on_learned(found, self._dsn, self.login)
-        elif self._checking is not None and self._check_done.is_set():
-            login, self._checking = self._checking, None
+        elif self._reads is not None and (login := self._reads.finished()) is not None:
             assert self._on_login is not None
-            read = self._check_result
+            read = self._reads.result
             limited = isinstance(read, ServerFacts) and read.database_limit >= 0
             if self._quiet(login) and not limited:
                 budget = None  # the same role, in a database with no limit of its own
@@ -312,12 +378,18 @@ class ServerLearning(Generic[N]):
                     self.databases[(login.host, login.port, login.user)].remove(login.dbname)
                 budget = self._on_login(login, read, list(self.pids))
         else:
+            if not self.pending and not self._holding_for_read():
+                self._hand_back()  # the reading outlasted its hold: it goes on without them
             return None
+        self._hand_back()
+        self._next_check()
+        return budget
+
+    def _hand_back(self) -> None:
+        """The held requests go back to the scheduler's inbox, in the order they came."""
         for held in self._held:
             self._inbox.put(held)
         self._held.clear()
-        self._next_check()
-        return budget
 
     def notes(self) -> list[str]:
         """What the summary says of the logins seen (those read say their own, through
