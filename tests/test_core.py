@@ -1687,3 +1687,17 @@ def test_attach_is_idempotent_and_joining_keeps_the_counts() -> None:
     t.load(fanout(2))
     t.add("a")
     assert t.planner.statistics().open == 1
+
+
+def test_a_connection_opened_and_closed_outside_tests_gives_its_room_back_at_once() -> None:
+    """A worker with no test of its own yet (its session start, collection) connects and
+    closes again: the room is free as soon as its counts say so, not once a test of its
+    ends (it may have none for a while)."""
+    t = Tracker(budget=1)
+    t.planner.attach("a")
+    t.planner.attach("c")
+    assert grants(t.request("a", 1, item=-1, background=True)) == [Grant("a", 1)]
+    t.counts("a", 1, 0)
+    t.counts("a", 0, 0)
+    assert grants(t.request("c", 1, item=-1, background=True)) == [Grant("c", 1)]
+    assert t.planner.overruns == []

@@ -55,6 +55,11 @@ class Holder:
     floor: int = 0
     #: Connect requests granted whose connection has not shown up in ``open`` yet.
     connecting: int = 0
+    #: Those of them granted to no item (the worker had none: its session start, say):
+    #: they hold room until their connection is counted; from then on the worker holds
+    #: what its counts say, and a connection it closes gives its room back at once
+    #: rather than when a test of its ends (it may have none for a while).
+    loose: int = 0
     #: The item ``floor`` and ``connecting`` were granted to. A worker may start its next
     #: item, and be granted connections for it, before the controller hears that the
     #: previous one completed: that completion must not wipe the newer grants.
@@ -75,7 +80,7 @@ class Holder:
     def commitment(self) -> int:
         if any(r.kind is RequestKind.RERUN for r in self.requests):
             return self.open  # it starts nothing before its rerun is granted
-        return max(self.open, self.floor, self.granted_need())
+        return max(self.open + self.loose, self.floor, self.granted_need())
 
     def granted_need(self) -> int:
         """The largest expected need among the go'ed items."""
@@ -93,6 +98,7 @@ class Holder:
             self.version = self.version if version is None else version
             if open_ > self.open:
                 self.connecting = max(0, self.connecting - (open_ - self.open))
+                self.loose = max(0, self.loose - (open_ - self.open))
             self.open, self.idle = open_, idle
         if released:
             # The answer to a Release counts even when its numbers are not news: the
@@ -134,8 +140,12 @@ class Holder:
 
     def answer(self, request: Request, *, refused: bool) -> None:
         """A request of its own is answered: unless refused, what it asked for is granted
-        to its item until that item ends."""
-        if not refused:
+        to its item until that item ends (a connect granted to no item holds its room
+        until its connection is counted: ``loose``)."""
+        if not refused and request.item is None and request.kind is RequestKind.CONNECT:
+            self.loose += 1
+            self.connecting += 1
+        elif not refused:
             if not self.queued_before(self.floor_item, request.item):
                 self.floor_item = request.item  # grants follow the latest item asking
             if request.kind is RequestKind.RERUN:
@@ -172,6 +182,7 @@ class Holder:
     def free_grants(self) -> None:
         self.floor = 0
         self.connecting = 0
+        self.loose = 0
         self.floor_item = None
         self.rerunning = False
 
