@@ -297,9 +297,10 @@ class RunBudget(Generic[N]):
         if self._learning is not None:
             self._learning.seen(login, on_this_machine(spec))
 
-    def holds(self, node: N, request: RoomRequest) -> bool:
-        """Whether a connect request waits for the server to be learned."""
-        return self._learning is not None and self._learning.hold(node, request)
+    def holds(self, node: N, request: RoomRequest) -> str | None:
+        """Why a connect request waits for the server (or a login) to be read; None: it
+        does not wait for that."""
+        return None if self._learning is None else self._learning.hold(node, request)
 
     def item_done(self, node: N, item: int) -> None:
         if self._learning is not None:

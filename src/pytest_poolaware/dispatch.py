@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
+from pytest_poolaware.gate_watch import GateWatch
 from pytest_poolaware.planning.core import (
     Action,
+    Answer,
     Go,
     Grant,
     Lane,
@@ -22,9 +24,10 @@ from pytest_poolaware.planning.core import (
     Send,
     Shutdown,
 )
+from pytest_poolaware.reporting.findings import Stall
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.shared import compat
-from pytest_poolaware.shared.clock import wall
+from pytest_poolaware.shared.clock import monotonic, wall
 from pytest_poolaware.shared.link import ControllerLink
 from pytest_poolaware.shared.markers import UNMARKED, Markers
 from pytest_poolaware.shared.protocol import (
@@ -84,6 +87,8 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
     outside: OutsideTests = field(default_factory=OutsideTests)
+    #: Connects kept waiting at the gate while the budget had room (``gate_watch``).
+    stalls: list[Stall] = field(default_factory=list)
 
     def snapshot(
         self,
@@ -107,6 +112,7 @@ class RunRecord:
             ),
             results=tuple(self.results),
             overruns=statistics.overruns,
+            stalls=tuple(self.stalls),
             peak_open=statistics.peak_open,
             timeline=tuple(self.timeline),
             notes=tuple(self.notes) + _out_of_order_note(planner) + self._outside_note(),
@@ -185,6 +191,7 @@ class Dispatcher:
         record: RunRecord,
         on_collected: Callable[[WorkerController, Collected], None],
         server_pids: Callable[[], tuple[float, frozenset[int]] | None] | None = None,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         self.planner = planner
         self.log = log
@@ -199,6 +206,10 @@ class Dispatcher:
         self._pids_sent = 0.0
         #: The workers' notes taken so far: another worker saying the same adds nothing.
         self._noted: set[str] = set()
+        #: Every connect request's wait, judged: one the budget had room for is a fault.
+        self._watch: GateWatch[WorkerController] = GateWatch(
+            record.stalls, lambda node: str(node.gateway.id), clock=clock
+        )
         #: What each kind of message from a worker does.
         self._handlers: dict[type, Callable[[WorkerController, Any], None]] = {
             Collected: on_collected,
@@ -293,7 +304,15 @@ class Dispatcher:
         self._budget.seen(message, node.gateway.spec)
 
     def _room_request(self, node: WorkerController, message: RoomRequest) -> None:
-        if not self.admits(node) or self._budget.holds(node, message):
+        link, rid = self._links.get(node), message.request
+        self._watch.arrived(node, message, link.arrival(rid) if link is not None else None)
+        if not self.admits(node):
+            self._watch.dropped(node, rid)
+            return
+        held = self._budget.holds(node, message)
+        if held is not None:
+            room = self.planner.has_room_for_one_more(node)
+            self._watch.held(node, rid, held, room=room)
             return
         want = message.want
         if want is not None:  # a rerun asks for the whole budget: as it is now
@@ -305,14 +324,22 @@ class Dispatcher:
             item=message.item,
             background=message.background,
         )
-        if not any(
-            isinstance(a, Grant) and a.worker == node and a.request == message.request
-            for a in actions
-        ):
+        answer = next(
+            (
+                a.answer
+                for a in actions
+                if isinstance(a, Grant) and (a.worker, a.request) == (node, rid)
+            ),
+            None,
+        )
+        self._watch.considered(node, rid, granted=answer is Answer.GRANTED)
+        if answer is None:
             self._reconcile()
         self.apply(actions)
 
     def _note(self, node: WorkerController, message: Note) -> None:
+        if message.request and self._watch.gave_up(node, message.request):
+            return  # not a wait for the budget: a fault, reported as one
         if message.text not in self._noted:  # said once, whichever worker says it
             self._noted.add(message.text)
             self._record.notes.append(f"[{node.gateway.id}] {message.text}")

@@ -187,6 +187,15 @@ class Admission(Generic[W]):
         so that a run sharing the server's room can ask for more of it."""
         return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
 
+    def has_room_for_one_more(self, worker: W) -> bool:
+        """Whether one more connection of the worker's fits the budget now: a connect
+        request of its kept from admission (the server being learned) would be granted."""
+        state = self._workers.get(worker)
+        if state is None:
+            return False
+        extra = max(0, state.open + state.connecting + 1 - state.commitment())
+        return extra <= self.budget - self.committed
+
     def running(self, worker: W) -> int | None:
         """The item the worker runs or starts next, if it may start one."""
         state = self._workers.get(worker)

@@ -304,6 +304,10 @@ class Planner(Generic[W]):
         """The item the worker runs or starts next, if it may start one."""
         return self._admission.running(worker)
 
+    def has_room_for_one_more(self, worker: W) -> bool:
+        """Whether one more connection of the worker's fits the budget now."""
+        return self._admission.has_room_for_one_more(worker)
+
     def describe(self) -> str:
         """One line of per-worker state, for ``--debug`` logs."""
         return " | ".join(

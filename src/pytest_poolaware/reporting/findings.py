@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from pytest_poolaware.planning.admission import Overrun
@@ -112,6 +113,49 @@ def _group_line(cause: Cause, group: list[Overrun], nodeid_of: Callable[[Overrun
         f"{tests} ran past the budget {_budgets(group)}: the other tests held the rest of it "
         f"and none could end first{_examples(names)}"
     )
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A connect kept waiting at the gate while the budget had room for it: a fault of
+    the plugin's own, never the budget doing its work (``gate_watch`` judges them)."""
+
+    worker: str
+    #: The test it was for (its index in the collection); -1 outside any test.
+    item: int
+    #: Seconds it waited, as the controller saw it.
+    waited: float
+    #: Why, in words ("the server's room was being read").
+    cause: str
+    #: The worker stopped waiting (its gate timed out) and connected anyway.
+    gave_up: bool = False
+
+
+def stall_warnings(
+    stalls: Sequence[Stall], nodeid_of: Callable[[int], str], *, verbose: bool = False
+) -> list[str]:
+    """One warning line per cause: how many connects, the longest wait, the first few
+    tests (all of them with ``verbose``)."""
+    groups: dict[str, list[Stall]] = {}
+    for stall in stalls:
+        groups.setdefault(stall.cause, []).append(stall)
+    lines = []
+    for cause, group in groups.items():
+        where = [_stalled(stall, nodeid_of) for stall in group]
+        connects = "a connect" if len(group) == 1 else f"{len(group)} connects"
+        longest = max(stall.waited for stall in group)
+        lines.append(
+            f"WARNING: fault: {connects} waited at the gate up to {longest:.1f}s though the "
+            f"budget had room ({_first(where)}): {cause}"
+        )
+        if verbose and len(group) > 1:
+            lines += [f"{INDENT}{w}: {s.waited:.1f}s" for w, s in zip(where, group, strict=True)]
+    return lines
+
+
+def _stalled(stall: Stall, nodeid_of: Callable[[int], str]) -> str:
+    where = "outside tests" if stall.item < 0 else nodeid_of(stall.item)
+    return f"{stall.worker} {where}"
 
 
 def rerun_lines(reruns: Sequence[tuple[str, str]], *, verbose: bool = False) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_poolaware.planning.core import Lane
 from pytest_poolaware.reporting.advice import advice_text, advise, advised, withheld
-from pytest_poolaware.reporting.findings import overrun_warnings, rerun_lines
+from pytest_poolaware.reporting.findings import overrun_warnings, rerun_lines, stall_warnings
 from pytest_poolaware.reporting.runstats import (
     Candidate,
     ItemFacts,
@@ -79,6 +79,7 @@ def collect(
         timeline=snapshot.timeline,
         server=server,
         overruns=snapshot.overruns,
+        stalls=snapshot.stalls,
         notes=(*snapshot.notes, *notes),
         warnings=tuple(warnings),
         advice=tuple(advice),
@@ -337,6 +338,7 @@ def _advice_lines(stats: RunStats, settings: Settings, verbose: int) -> list[str
 def _warnings(stats: RunStats, verbose: int) -> list[str]:
     """Warnings, one line per cause, then notes (a few; all with -v)."""
     lines = [f"WARNING: {warning}" for warning in stats.warnings]
+    lines += stall_warnings(stats.stalls, stats.nodeid_at, verbose=verbose > 0)
     lines += overrun_warnings(stats.overruns, stats.nodeid_of, verbose=verbose > 0)
     notes = list(stats.notes)
     if verbose <= 0 and len(notes) > NOTES_SHOWN:

@@ -8,7 +8,7 @@ from typing import Any, Final, TypeVar
 
 from pytest_poolaware.planning.core import Lane, Overrun
 from pytest_poolaware.planning.lowerbound import LowerBound, lower_bound
-from pytest_poolaware.reporting.findings import cause_of, why
+from pytest_poolaware.reporting.findings import Stall, cause_of, why
 from pytest_poolaware.shared.markers import UNMARKED, Markers
 from pytest_poolaware.shared.protocol import ItemMeasures
 from pytest_poolaware.shared.server_view import ServerView
@@ -45,6 +45,8 @@ class RunSnapshot:
     lanes: tuple[Lane, ...] = ()  # per item, as planned
     results: tuple[ItemResult, ...] = ()  # per finished attempt, in the order they ended
     overruns: tuple[Overrun, ...] = ()
+    #: Connects kept waiting at the gate while the budget had room for them (faults).
+    stalls: tuple[Stall, ...] = ()
     peak_open: int = 0  # most connections open at once over all workers
     #: (time.time(), worker id, open connections) each time a worker's count changed.
     timeline: tuple[tuple[float, str, int], ...] = ()
@@ -254,6 +256,8 @@ class RunStats:
     timeline: tuple[tuple[float, str, int], ...] = ()
     server: ServerView | None = None
     overruns: tuple[Overrun, ...] = ()
+    #: Connects kept waiting at the gate while the budget had room for them (faults).
+    stalls: tuple[Stall, ...] = ()
     notes: tuple[str, ...] = ()
     #: Shown as warnings (say, a configured budget the server cannot honour).
     warnings: tuple[str, ...] = ()
@@ -324,7 +328,10 @@ class RunStats:
 
     def nodeid_of(self, overrun: Overrun) -> str:
         """The node id of the test an overrun names ("?" if it is not in the collection)."""
-        index = overrun.index
+        return self.nodeid_at(overrun.index)
+
+    def nodeid_at(self, index: int) -> str:
+        """The node id of the test at ``index`` in the collection ("?" if none is)."""
         return self.items[index].nodeid if 0 <= index < len(self.items) else "?"
 
     def top_needs(self, count: int) -> list[ItemFacts]:
@@ -362,6 +369,7 @@ class RunStats:
                 "held_back_by_runs": _round(self.held_back_by_runs),
                 "lanes": _lanes_json(lane_times(self.items)),
                 "overruns": [self._overrun_json(o) for o in self.overruns],
+                "stalls": [self._stall_json(s) for s in self.stalls],
                 "notes": list(self.notes),
                 "warnings": list(self.warnings),
                 "advice_withheld": self.advice_withheld or None,
@@ -370,6 +378,15 @@ class RunStats:
             "advice": [candidate.to_json() for candidate in self.advice],
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
+        }
+
+    def _stall_json(self, stall: Stall) -> dict[str, Any]:
+        return {
+            "worker": stall.worker,
+            "nodeid": self.nodeid_at(stall.item) if stall.item >= 0 else None,
+            "waited": _round(stall.waited),
+            "cause": stall.cause,
+            "gave_up": stall.gave_up,
         }
 
     def _overrun_json(self, overrun: Overrun) -> dict[str, Any]:

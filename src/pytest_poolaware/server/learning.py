@@ -40,6 +40,14 @@ REMEMBERED: Final = "as the last run learned it"
 SHOWN_DATABASES: Final = 3
 #: Where the DSN of the plugin's connection came from, for notes.
 LEARNED_ORIGIN: Final = "the first connection a worker opened"
+#: Why a connect is held (the cause of a fault, if it waited long): the server is learned
+#: one worker at a time and the first connection has not taught it yet; the server's
+#: room is being read; another login's is.
+HELD_FOR_FIRST: Final = (
+    "the server was learned one worker at a time, and the first connection had not taught it yet"
+)
+HELD_FOR_ROOM: Final = "the server's room was being read, from the first connection opened"
+HELD_FOR_LOGIN: Final = "another login's room was being read"
 #: Seconds new connects wait for another login's room to be read. The reading takes a
 #: few milliseconds; one that takes longer (the plugin's connection busy, a loaded
 #: server) goes on without holding them, and its room lowers the budget once read.
@@ -297,22 +305,27 @@ class ServerLearning(Generic[N]):
             and reads.within_hold()
         )
 
-    def hold(self, node: N, request: RoomRequest) -> bool:
-        """Whether ``request`` must wait: one worker at a time until the room is known
-        (the first request passes, and so do its worker's next ones; the others wait for
-        the room), and every one while another login's room is read (``LOGIN_READ_HOLD``
-        at most)."""
+    def hold(self, node: N, request: RoomRequest) -> str | None:
+        """Why ``request`` must wait (None: it need not): one worker at a time until the
+        room is known (the first request passes, and so do its worker's next ones; the
+        others wait for the room), and every one while another login's room is read
+        (``LOGIN_READ_HOLD`` at most)."""
         if not self.pending and not self._holding_for_read():
-            return False  # nothing is read, only another database of a login read, or late
+            return None  # nothing is read, only another database of a login read, or late
         learning = self.pending and self.login is None
         if learning and (self._passing is None or self._passing[0] == node):
             # The worker with the pass asking again: what passed taught nothing (yet),
             # and held, this connect would wait for its own item's end, which it blocks.
             # The pass follows the worker's latest item.
             self._passing = (node, request.item)
-            return False
+            return None
         self._held.append((node, request))
-        return True
+        if learning:
+            return HELD_FOR_FIRST
+        if self.pending:
+            return HELD_FOR_ROOM
+        reading = self._reads.reading if self._reads is not None else None
+        return HELD_FOR_LOGIN if reading is None else f"{HELD_FOR_LOGIN} ({reading.where()})"
 
     def item_done(self, node: N, item: int) -> None:
         """An item ended. If it was the one whose connection passed and nothing was

@@ -69,12 +69,21 @@ class ControllerLink(Generic[N]):
         node: N,
         inbox: queue.SimpleQueue[tuple[N, WorkerMessage]],
         wake: Callable[[N], None],
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         self.channel = channel
         self.node = node
         self._inbox = inbox
         self._wake = wake
+        self._clock = clock
+        #: When each connect request came (``clock``), by id, until the dispatcher takes
+        #: it: how long it lay unread is part of its wait (``gate_watch``).
+        self.arrivals: dict[int, float] = {}
         channel.setcallback(self._received, endmarker=None)
+
+    def arrival(self, rid: int) -> float | None:
+        """When request ``rid`` came (taken once; None: not known)."""
+        return self.arrivals.pop(rid, None)
 
     def _received(self, wire: object) -> None:
         if wire is None:  # channel closed: the worker is gone, xdist reports that
@@ -85,6 +94,8 @@ class ControllerLink(Generic[N]):
             message = Note(f"ignored a message: {exc}")
         if not isinstance(message, WorkerMessage):
             message = Note(f"ignored a controller's message from a worker: {message!r}")
+        if isinstance(message, RoomRequest):
+            self.arrivals[message.request] = self._clock()
         self._inbox.put((self.node, message))
         if type(message) in WAKING:
             self._wake(self.node)
@@ -213,19 +224,24 @@ class WorkerLink:
 
         Returns the answer, or None if ``timeout`` passed first.
         """
-        rid = self._send_request(want, index, background)
-        granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
-        if not granted:
-            return None
-        with self._cond:
-            return self._grants.pop(rid)
+        return self.answer(self.ask(index, want, background=background), timeout, on_release)
 
-    def _send_request(self, want: int | None, index: int, background: bool) -> int:
+    def ask(self, index: int, want: int | None = None, *, background: bool = False) -> int:
+        """Send the request of ``request`` without waiting; returns its id (the answer
+        names it, and so does a note on a wait for it that timed out)."""
         with self._cond:  # tests may connect from several threads at once
             self._next_request += 1
             rid = self._next_request
         self.send(RoomRequest(rid, want, index, background))
         return rid
+
+    def answer(self, rid: int, timeout: float, on_release: Callable[[], None]) -> Answer | None:
+        """Wait for the answer to request ``rid``; None if ``timeout`` passed first."""
+        granted = self._wait(lambda: rid in self._grants, timeout, on_release, lambda _: None, rid)
+        if not granted:
+            return None
+        with self._cond:
+            return self._grants.pop(rid)
 
     async def request_async(
         self,
@@ -237,8 +253,14 @@ class WorkerLink:
     ) -> Answer | None:
         """``request`` for one more connection, awaited on the running event loop: other
         coroutines of that loop keep running (they may hold what would free room)."""
+        rid = self.ask(index, background=background)
+        return await self.answer_async(rid, timeout, on_release)
+
+    async def answer_async(
+        self, rid: int, timeout: float, on_release: Callable[[], Awaitable[None]]
+    ) -> Answer | None:
+        """``answer``, awaited on the running event loop."""
         loop = asyncio.get_running_loop()
-        rid = self._send_request(None, index, background)
         deadline = self._clock() + timeout
         try:
             while True:

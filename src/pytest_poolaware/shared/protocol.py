@@ -211,6 +211,9 @@ class Note(_Plain):
 
     kind: ClassVar[str] = "note"
     text: str
+    #: The connect request whose wait at the gate timed out, when the note says so (0:
+    #: none): the controller judges that wait (``gate_watch``) before it shows the note.
+    request: int = 0
 
 
 @_message

@@ -218,21 +218,14 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun = self._clock()
+        rid = self.link.ask(self.running if phase is None else NO_ITEM, background=never_refused)
         self.at_gate.enter()
         try:
-            answer = self.timed(
-                lambda: self.link.request(
-                    self.running if phase is None else NO_ITEM,
-                    None,
-                    self.gate_timeout,
-                    self._release,
-                    background=never_refused,
-                )
-            )
+            answer = self.timed(lambda: self.link.answer(rid, self.gate_timeout, self._release))
         finally:
             self.at_gate.leave()
         self._connect.waited = self._clock() - begun
-        self._answered(answer, never_refused, phase)
+        self._answered(answer, never_refused, phase, rid)
 
     async def wait_async(self, background: bool) -> None:
         """The gate for a connect on an event loop: awaits the answer, so the loop's other
@@ -242,45 +235,37 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun, begun_at = self._clock(), wall()
+        rid = self.link.ask(self.running if phase is None else NO_ITEM, background=never_refused)
         self.at_gate.enter()
         try:
-            answer = await self.link.request_async(
-                self.running if phase is None else NO_ITEM,
-                self.gate_timeout,
-                self._release_async,
-                background=never_refused,
-            )
+            answer = await self.link.answer_async(rid, self.gate_timeout, self._release_async)
         finally:
             self.at_gate.leave()
         self._count_wait(begun, begun_at)
         self._connect.waited = self._clock() - begun
-        self._answered(answer, never_refused, phase)
+        self._answered(answer, never_refused, phase, rid)
 
-    def _answered(self, answer: Answer | None, background: bool, phase: str | None) -> None:
+    def _answered(
+        self, answer: Answer | None, background: bool, phase: str | None, rid: int
+    ) -> None:
         if answer is None and self.link.closed:
             raise ControllerGone(f"pytest-poolaware: {ORPHANED}")
+        # A wait that timed out names its request: the controller judges it (a wait the
+        # budget had room for is a fault of the plugin's, not a wait for the budget).
+        waited = f"waited {self.gate_timeout:g}s for connection budget"
         if answer is None and phase is not None:
-            self.link.send(
-                Note(
-                    f"waited {self.gate_timeout:g}s for connection budget at {phase} "
-                    "(outside any test); connecting anyway"
-                )
-            )
+            self.link.send(Note(f"{waited} at {phase} (outside any test); connecting anyway", rid))
             return
         if answer is None and self.room is not None and not background:
             # The budget is the server's own room (shared with other runs, perhaps):
             # connecting past it would be refused, and would mislead what is learned.
-            self.link.send(
-                Note(f"waited {self.gate_timeout:g}s for connection budget; the test gave way")
-            )
+            self.link.send(Note(f"{waited}; the test gave way", rid))
             raise BudgetRefused(
                 f"pytest-poolaware: too many connections: waited {self.gate_timeout:g}s for "
                 "a connection within the server's room; this test gives way and is rerun alone"
             )
         if answer is None:
-            self.link.send(
-                Note(f"waited {self.gate_timeout:g}s for connection budget; connecting anyway")
-            )
+            self.link.send(Note(f"{waited}; connecting anyway", rid))
         elif (
             # Past the budget when the budget is the server's room: refused for certain,
             # and so would a rerun be (alone it would be let past the same budget).
