@@ -10,7 +10,15 @@ import pytest
 
 from pytest_poolaware.planning.admission import Admission, AdmissionAction, Go, Overrun
 from pytest_poolaware.reporting.advice import advise, withheld
-from pytest_poolaware.reporting.findings import Cause, cause_of, overrun_warnings, rerun_lines, why
+from pytest_poolaware.reporting.findings import (
+    Cause,
+    Stall,
+    cause_of,
+    overrun_warnings,
+    rerun_lines,
+    stall_warnings,
+    why,
+)
 from pytest_poolaware.reporting.report import write_summary
 from pytest_poolaware.reporting.runstats import ItemFacts, RunStats
 from pytest_poolaware.server.login_rooms import OtherLogins
@@ -178,6 +186,39 @@ def test_the_summary_s_length_does_not_grow_with_the_suite() -> None:
     full = summary(big_run(troubles=True), 1)
     assert "note: note number 7" in full
     assert sum(1 for line in full if line.startswith("  hc/")) > 35  # reruns, overruns
+
+
+def test_connects_kept_waiting_with_room_are_a_fault_one_line_per_cause() -> None:
+    """Four workers' connects held 30 s while the server was read, one read late: two
+    warning lines that say it was a fault and why, never a wait for the budget; the JSON
+    report lists each with its test."""
+    read = "the server's room was being read, from the first connection opened"
+    late = "the controller read the request 2.0s after it came (its main thread was busy)"
+    stalls = [Stall(f"gw{n}", n, 30.0 + n / 10, read, gave_up=True) for n in range(4)]
+    stalls.append(Stall("gw1", -1, 2.0, late))
+    nodeids = names(10)
+    assert stall_warnings(stalls, nodeids.__getitem__) == [
+        "WARNING: fault: 4 connects waited at the gate up to 30.3s though the budget had "
+        f"room (gw0 {nodeids[0]}, gw1 {nodeids[1]}, gw2 {nodeids[2]} and 1 more (-v lists "
+        f"them)): {read}",
+        "WARNING: fault: a connect waited at the gate up to 2.0s though the budget had room "
+        f"(gw1 outside tests): {late}",
+    ]
+    assert len(stall_warnings(stalls, nodeids.__getitem__, verbose=True)) == 2 + 4
+    stats = big_run(10)
+    stats = RunStats(**{**stats.__dict__, "stalls": tuple(stalls)})
+    lines = summary(stats, 0)
+    assert sum(1 for line in lines if line.startswith("WARNING: fault: ")) == 2
+    assert not any("for connection budget" in line for line in lines)
+    listed = stats.to_json()["run"]["stalls"]
+    assert listed[0] == {
+        "worker": "gw0",
+        "nodeid": nodeids[0],
+        "waited": 30.0,
+        "cause": read,
+        "gave_up": True,
+    }
+    assert listed[4]["nodeid"] is None  # outside any test
 
 
 def decide(admission: Admission[str]) -> list[AdmissionAction]:
