@@ -1701,3 +1701,15 @@ def test_a_connection_opened_and_closed_outside_tests_gives_its_room_back_at_onc
     t.counts("a", 0, 0)
     assert grants(t.request("c", 1, item=-1, background=True)) == [Grant("c", 1)]
     assert t.planner.overruns == []
+
+
+def test_a_request_its_worker_gave_up_on_is_withdrawn_and_holds_nothing() -> None:
+    """Its gate timed out and the worker connected anyway: granted later, the request
+    would keep a second room for the one connection. Withdrawn, it is never granted."""
+    t = running_pair(budget=3)
+    assert grants(t.request("a", 1)) == [Grant("a", 1)]
+    t.counts("a", 2, 0)
+    assert grants(t.request("a", 2)) == []  # b holds the third
+    assert t.planner.withdraw("a", 2) == []
+    assert t.planner.withdraw("a", 2) == []  # once
+    assert grants(t.counts("b", 0, 0)) == []  # room again: nobody asks for it

@@ -210,6 +210,11 @@ def test_a_worker_giving_up_while_held_is_a_fault_not_a_wait_for_the_budget() ->
     run.drain()
     assert run.record.stalls == [Stall("gw1", -1, LONG, HELD_FOR_FIRST, gave_up=True)]
     assert run.record.notes == []  # not said as a wait for the budget
+    run.send(0, ServerSeen("127.0.0.1", free_port(), "app", "acc_app", None, "psycopg", 11))
+    run.drain()
+    assert run.read.wait(READ_WAIT)
+    run.drain()  # the held request comes back once the server is read: withdrawn
+    assert run.channels[1].answers() == []
 
 
 def test_a_connect_kept_waiting_by_a_full_budget_is_no_fault() -> None:
@@ -228,6 +233,8 @@ def test_a_connect_kept_waiting_by_a_full_budget_is_no_fault() -> None:
     run.send(1, Note("waited 2s for connection budget; connecting anyway", request=1))
     run.send(0, Counts(open=0, idle=0, released=True, version=2))
     run.drain()
-    assert run.channels[1].answers() == [(1, Answer.GRANTED)]
     assert run.record.stalls == []
     assert run.record.notes == ["[gw1] waited 2s for connection budget; connecting anyway"]
+    # gw1 connected anyway: its request is withdrawn, never granted a second room later.
+    assert run.channels[1].answers() == []
+    assert run.dispatcher.planner.statistics().committed == 0

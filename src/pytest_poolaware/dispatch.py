@@ -206,6 +206,8 @@ class Dispatcher:
         self._pids_sent = 0.0
         #: The workers' notes taken so far: another worker saying the same adds nothing.
         self._noted: set[str] = set()
+        #: Requests whose worker stopped waiting (its gate timed out): never answered.
+        self._given_up: set[tuple[WorkerController, int]] = set()
         #: Every connect request's wait, judged: one the budget had room for is a fault.
         self._watch: GateWatch[WorkerController] = GateWatch(
             record.stalls, lambda node: str(node.gateway.id), clock=clock
@@ -306,7 +308,7 @@ class Dispatcher:
     def _room_request(self, node: WorkerController, message: RoomRequest) -> None:
         link, rid = self._links.get(node), message.request
         self._watch.arrived(node, message, link.arrival(rid) if link is not None else None)
-        if not self.admits(node):
+        if (node, rid) in self._given_up or not self.admits(node):
             self._watch.dropped(node, rid)
             return
         held = self._budget.holds(node, message)
@@ -338,11 +340,20 @@ class Dispatcher:
         self.apply(actions)
 
     def _note(self, node: WorkerController, message: Note) -> None:
-        if message.request and self._watch.gave_up(node, message.request):
+        if message.request and self._gave_up(node, message.request):
             return  # not a wait for the budget: a fault, reported as one
         if message.text not in self._noted:  # said once, whichever worker says it
             self._noted.add(message.text)
             self._record.notes.append(f"[{node.gateway.id}] {message.text}")
+
+    def _gave_up(self, node: WorkerController, rid: int) -> bool:
+        """The worker's gate timed out on request ``rid``: it is withdrawn (held, or kept
+        by the planner), and whether that wait was a fault is judged."""
+        fault = self._watch.gave_up(node, rid)
+        self._given_up.add((node, rid))
+        self._watch.dropped(node, rid)
+        self.apply(self.planner.withdraw(node, rid))
+        return fault
 
     def _opened_outside_tests(self, node: WorkerController, message: OpenedOutsideTests) -> None:
         self._record.outside.note(message.phase, message.waited)

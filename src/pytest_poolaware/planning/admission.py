@@ -180,6 +180,17 @@ class Admission(Generic[W]):
         state.ask(Request(worker, request, self._next(), kind, want or 0, item, background))
         return True
 
+    def withdraw(self, worker: W, request: int) -> bool:
+        """The worker stopped waiting for ``request`` (its gate timed out: it connected
+        anyway, or its test gave way): granted later, it would hold room nobody uses.
+        Returns whether it was still waiting."""
+        state = self._workers.get(worker)
+        kept = [] if state is None else [r for r in state.requests if r.request != request]
+        if state is None or len(kept) == len(state.requests):
+            return False
+        state.requests = kept
+        return True
+
     # -- queries ------------------------------------------------------------------------
 
     def largest_waiting_need(self) -> int:

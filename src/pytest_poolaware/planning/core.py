@@ -236,6 +236,13 @@ class Planner(Generic[W]):
             return []
         return self._plan()
 
+    def withdraw(self, worker: W, request: int) -> list[Action]:
+        """The worker stopped waiting for a request (its gate timed out): it is dropped,
+        and the room it kept for itself may go to others."""
+        if not self._admission.withdraw(worker, request):
+            return []
+        return self._plan()
+
     # -- queries ------------------------------------------------------------------------
 
     @property
