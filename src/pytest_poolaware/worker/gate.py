@@ -218,14 +218,20 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun = self._clock()
-        rid = self.link.ask(self.running if phase is None else NO_ITEM, background=never_refused)
+        item = self.running if phase is None else NO_ITEM
         self.at_gate.enter()
         try:
-            answer = self.timed(lambda: self.link.answer(rid, self.gate_timeout, self._release))
+            rid, answer = self.timed(lambda: self._request(item, never_refused))
         finally:
             self.at_gate.leave()
         self._connect.waited = self._clock() - begun
         self._answered(answer, never_refused, phase, rid)
+
+    def _request(self, item: int, background: bool) -> tuple[int, Answer | None]:
+        """Ask for one more connection and wait for the answer (None: the gate timed out);
+        the request's id names it in a note on that timeout."""
+        rid = self.link.ask(item, background=background)
+        return rid, self.link.answer(rid, self.gate_timeout, self._release)
 
     async def wait_async(self, background: bool) -> None:
         """The gate for a connect on an event loop: awaits the answer, so the loop's other
@@ -235,9 +241,11 @@ class ConnectGate:
         phase = self.phase
         never_refused = background or phase is not None
         begun, begun_at = self._clock(), wall()
-        rid = self.link.ask(self.running if phase is None else NO_ITEM, background=never_refused)
         self.at_gate.enter()
         try:
+            rid = self.link.ask(
+                self.running if phase is None else NO_ITEM, background=never_refused
+            )
             answer = await self.link.answer_async(rid, self.gate_timeout, self._release_async)
         finally:
             self.at_gate.leave()
