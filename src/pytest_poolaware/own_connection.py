@@ -28,7 +28,12 @@ from pytest_poolaware.server.connection import (
     open_connection,
 )
 from pytest_poolaware.server.discovery import Discovery, discover, read_facts
-from pytest_poolaware.server.learning import LEARNED_ORIGIN, ServerLearning, same_server
+from pytest_poolaware.server.learning import (
+    LEARNED_ORIGIN,
+    ServerLearning,
+    import_driver_ahead,
+    same_server,
+)
 from pytest_poolaware.server.monitor import ServerMonitor
 from pytest_poolaware.server.room import ServerFacts, room_of
 from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait
@@ -131,6 +136,7 @@ class OwnConnection:
             on_login=self._login_read,
         )
         self.budget.learn_with(learning)
+        import_driver_ahead()  # a run that learns the server will read it soon
         return True
 
     def _learned(self, found: Discovery, dsn: str, login: ServerSeen | None) -> int:

@@ -19,6 +19,8 @@ is only named in a note.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import ipaddress
 import queue
 import threading
@@ -76,6 +78,19 @@ def on_this_machine(spec: Any) -> bool:
     if isinstance(address, str):
         return names_its_own_machine(address.rpartition(":")[0].strip("[]"))
     return False
+
+
+def import_driver_ahead() -> None:
+    """Import psycopg in a thread of its own while the workers start: reading the room
+    from the first connection, which every other connect waits for, then does not wait
+    for the import as well (a third of a second on a busy machine, more than the
+    reading itself)."""
+    threading.Thread(target=_import_driver, name="poolaware-import", daemon=True).start()
+
+
+def _import_driver() -> None:
+    with contextlib.suppress(Exception):  # the reading says what went wrong, if anything
+        importlib.import_module("psycopg")
 
 
 def same_server(one: ServerSeen, other: ServerSeen) -> bool:
