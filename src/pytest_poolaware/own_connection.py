@@ -120,7 +120,8 @@ class OwnConnection:
     def _start_learning(self) -> bool:
         """No DSN: the run is held to one connection at a time until the workers' first
         connection says where the server is (``learning``)."""
-        # Looked up, not imported: a run that never connects should not pay for it.
+        # Looked up here; imported in a thread of its own while the workers start, so a
+        # run that never connects does not wait for it either.
         if importlib.util.find_spec("psycopg") is None:
             self.notes.append(
                 "the budget was not checked against the server: reading it needs psycopg "
