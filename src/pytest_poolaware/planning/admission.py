@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from pytest_poolaware.planning.critical import CriticalPath, LaneAhead, critical_path
 from pytest_poolaware.planning.holders import Holder, Request, RequestKind
 from pytest_poolaware.shared.protocol import Answer
 
@@ -223,17 +224,30 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
+    def admit(
+        self,
+        actions: list[AdmissionAction],
+        *,
+        first: W | None = None,
+        lane: LaneAhead[W] | None = None,
+        can_start: Callable[[W], bool] | None = None,
+    ) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
         room reserved, so later, smaller items cannot starve it. Then relieve what is
-        blocked (rules 5 and 6)."""
+        blocked (rules 5 and 6).
+
+        ``lane``: the serial lane's items still to start (``critical``): room for its
+        next test is kept from other workers' goes. ``can_start``: whether a worker
+        could start its next item if it had the go (xdist enters an item only once the
+        worker holds the next one or a shutdown); one that cannot reserves nothing."""
         hand_out = _Pass(
             self._workers, self.budget, self.need_of, answer=self._answer, tick=self._next
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:
-            hand_out.give_goes(actions, first)
+            path = critical_path(lane, self._workers, self.need_of)
+            hand_out.give_goes(actions, first, path, can_start or (lambda _: True))
         if hand_out.blocked:
             self._relieve(hand_out.blocked, actions)
         elif self._lowered_under:
@@ -377,9 +391,16 @@ class _Pass(Generic[W]):
             if w != worker
         )
 
-    def give_goes(self, actions: list[AdmissionAction], first: W | None) -> None:
-        """Rule 4: waiting heads first, then ``first``'s queue, then by arrival; each
-        worker's queued items start in order while their expected needs fit."""
+    def give_goes(
+        self,
+        actions: list[AdmissionAction],
+        first: W | None,
+        lane: CriticalPath[W] | None = None,
+        can_start: Callable[[W], bool] = lambda _: True,
+    ) -> None:
+        """Rule 4: ``first``'s queue (the serial lane's), then waiting heads, then by
+        arrival; each worker's queued items start in order while their expected needs
+        fit, the others' in what is left after the room kept for the lane's next test."""
         # Once something waits for room, nothing else starts unless it fits in what is
         # left after that reservation, even within its worker's commitment: otherwise a
         # worker streaming light items never lets its commitment drop.
@@ -387,18 +408,23 @@ class _Pass(Generic[W]):
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
         for worker in _go_order(self._holders, first):
-            reserved = self._give_goes_to(worker, reserved, actions)
+            off_path = lane is not None and worker != lane.worker
+            keep = lane.keep(self.committed[lane.worker]) if lane and off_path else 0
+            waits = _Waits(lane if off_path else None, can_start(worker), keep)
+            reserved = self._give_goes_to(worker, reserved, actions, waits)
 
-    def _give_goes_to(self, worker: W, reserved: bool, actions: list[AdmissionAction]) -> bool:
+    def _give_goes_to(
+        self, worker: W, reserved: bool, actions: list[AdmissionAction], waits: _Waits[W]
+    ) -> bool:
         """Goes for the worker's queued items while they fit; returns whether room is
-        reserved now (its head did not fit)."""
+        reserved now (its head did not fit, and waits for room, not for a gap)."""
         state = self._holders[worker]
         while state.granted < len(state.queue) and not state.requests:
             index = state.queue[state.granted]
             raised = max(self.committed[worker], self._need_of(index))
             extra = raised - self.committed[worker]
             starts_now = state.granted == 0
-            if self._fits(extra, starts_now=starts_now, reserved=reserved):
+            if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=waits.keep):
                 if starts_now:
                     state.waiting_since = 0
                 self.room -= extra
@@ -406,7 +432,9 @@ class _Pass(Generic[W]):
                 state.start(self._need_of(index))
                 actions.append(Go(worker, index))
                 continue
-            if starts_now:
+            if starts_now and not waits.for_room(self._need_of(index), self._budget):
+                state.waiting_since = state.waiting_since or self._tick()
+            elif starts_now:
                 self.room -= extra
                 if extra > 0 or self.room < 0:
                     self.blocked.append(worker)
@@ -415,13 +443,33 @@ class _Pass(Generic[W]):
             break
         return reserved
 
-    def _fits(self, extra: int, *, starts_now: bool, reserved: bool) -> bool:
+    def _fits(self, extra: int, *, starts_now: bool, reserved: bool, keep: int = 0) -> bool:
         """Whether an item that raises its worker's commitment by ``extra`` may start:
         with room reserved, only in what is left; else within its worker's commitment,
-        or in what is left when it is the worker's next item to start."""
+        or in what is left when it is the worker's next item to start. ``keep``: room
+        kept for the serial lane's next test, which this item must leave free."""
         if reserved:
-            return extra <= self.room
-        return extra == 0 or (starts_now and extra <= self.room)
+            return extra <= self.room - keep
+        return extra == 0 or (starts_now and extra <= self.room - keep)
+
+
+@dataclass(frozen=True)
+class _Waits(Generic[W]):
+    """Why one worker's head that does not fit would wait: ``lane`` (None: the worker
+    is the lane's, or there is no lane), whether the worker ``can_start`` its head,
+    and the room ``keep`` kept for the lane's next test."""
+
+    lane: CriticalPath[W] | None
+    can_start: bool
+    keep: int
+
+    def for_room(self, need: int, budget: int) -> bool:
+        """Whether the head reserves room: not when its worker cannot start it yet, nor
+        when it conflicts with the lane (it waits for a gap of the lane: the end of the
+        lane's current test finds the lane's next one, not it, first in line)."""
+        if not self.can_start:
+            return False
+        return self.lane is None or not self.lane.conflicts(need, budget)
 
 
 def _waiting(holders: Iterable[Holder]) -> list[Request]:
@@ -432,13 +480,14 @@ def _waiting(holders: Iterable[Holder]) -> list[Request]:
 
 
 def _go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:
-    """Waiting heads first, oldest first; then ``first``, then by arrival."""
+    """``first`` (the serial lane's worker: the critical path), then waiting heads,
+    oldest first, then by arrival."""
     return sorted(
         holders,
         key=lambda w: (
+            w != first,
             holders[w].waiting_since == 0,
             holders[w].waiting_since,
-            w != first,
             holders[w].order,
         ),
     )

@@ -304,6 +304,23 @@ class Placer(Generic[W]):
     def is_shut(self, worker: W) -> bool:
         return self._workers[worker].shut
 
+    def can_enter(self, worker: W) -> bool:
+        """Whether the worker would start its next item on its go: xdist enters an item
+        only once the worker holds the next one or a shutdown (unknown workers: yes)."""
+        state = self._workers.get(worker)
+        return state is None or state.shut or len(state.queue) >= MIN_QUEUE
+
+    def lane_ahead(self) -> tuple[W, list[int]] | None:
+        """The serial lane's worker and its items still to run, in order: those queued
+        on it, then the next one not handed out yet (None: the lane has no work)."""
+        worker = self._serial_worker
+        if worker is None or worker not in self._workers:
+            return None
+        tests = self._lanes.tests
+        queued = [i for i in self._workers[worker].queue if tests[i].lane is Lane.SERIAL]
+        pending = list(self._lanes.members(self._lanes.serial[0])[:1]) if self._lanes.serial else []
+        return worker, queued + pending
+
     def _holds_serial(self, worker: W) -> bool:
         """Whether the worker holds a serial item."""
         tests = self._lanes.tests
