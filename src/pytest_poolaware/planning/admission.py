@@ -408,9 +408,10 @@ class _Pass(Generic[W]):
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
         for worker in _go_order(self._holders, first):
+            # The lane's worker goes first: its commitment is final for this pass.
             off_path = lane is not None and worker != lane.worker
-            keep = lane.keep(self.committed[lane.worker]) if lane and off_path else 0
-            waits = _Waits(lane if off_path else None, can_start(worker), keep)
+            lane_worker = self.committed[lane.worker] if lane is not None else 0
+            waits = _Waits(lane if off_path else None, can_start(worker), lane_worker)
             reserved = self._give_goes_to(worker, reserved, actions, waits)
 
     def _give_goes_to(
@@ -424,7 +425,8 @@ class _Pass(Generic[W]):
             raised = max(self.committed[worker], self._need_of(index))
             extra = raised - self.committed[worker]
             starts_now = state.granted == 0
-            if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=waits.keep):
+            keep = waits.keep(state.queue, index)
+            if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=keep):
                 if starts_now:
                     state.waiting_since = 0
                 self.room -= extra
@@ -436,7 +438,9 @@ class _Pass(Generic[W]):
                 state.waiting_since = state.waiting_since or self._tick()
             elif starts_now:
                 self.room -= extra
-                if extra > 0 or self.room < 0:
+                # Held back by the room kept for the lane, it is blocked too: the idle
+                # connections asked back (its own maybe) make that room.
+                if extra > 0 or self.room < 0 or keep > 0:
                     self.blocked.append(worker)
                     reserved = True
                     state.waiting_since = state.waiting_since or self._tick()
@@ -448,20 +452,27 @@ class _Pass(Generic[W]):
         with room reserved, only in what is left; else within its worker's commitment,
         or in what is left when it is the worker's next item to start. ``keep``: room
         kept for the serial lane's next test, which this item must leave free."""
-        if reserved:
+        if reserved or extra == 0:
+            # Within its commitment it takes no new room, but holds what it has (idle
+            # connections included) until it ends: the lane's room is checked all the
+            # same (``keep`` is 0 off the lane's horizon; ``room`` is >= 0 unreserved).
             return extra <= self.room - keep
-        return extra == 0 or (starts_now and extra <= self.room - keep)
+        return starts_now and extra <= self.room - keep
 
 
 @dataclass(frozen=True)
 class _Waits(Generic[W]):
     """Why one worker's head that does not fit would wait: ``lane`` (None: the worker
     is the lane's, or there is no lane), whether the worker ``can_start`` its head,
-    and the room ``keep`` kept for the lane's next test."""
+    and what the lane's worker has committed (``lane_worker``)."""
 
     lane: CriticalPath[W] | None
     can_start: bool
-    keep: int
+    lane_worker: int
+
+    def keep(self, queue: Iterable[int], index: int) -> int:
+        """Room kept for the lane from a go to ``index`` (``CriticalPath.keep``)."""
+        return 0 if self.lane is None else self.lane.keep(queue, index, self.lane_worker)
 
     def for_room(self, need: int, budget: int) -> bool:
         """Whether the head reserves room: not when its worker cannot start it yet, nor

@@ -32,7 +32,7 @@ from pytest_poolaware.planning.admission import Go as Go
 from pytest_poolaware.planning.admission import Grant as Grant
 from pytest_poolaware.planning.admission import Overrun as Overrun
 from pytest_poolaware.planning.admission import Release as Release
-from pytest_poolaware.planning.critical import LaneAhead
+from pytest_poolaware.planning.critical import LaneAhead, LaneItem
 from pytest_poolaware.planning.fanout import Placement
 from pytest_poolaware.planning.holders import RequestKind as RequestKind
 from pytest_poolaware.planning.lanes import ItemSpec as ItemSpec
@@ -330,8 +330,10 @@ class Planner(Generic[W]):
         ahead = self._placer.lane_ahead()
         if ahead is None:
             return None
-        worker, items = ahead
-        return LaneAhead(worker, tuple((i, self._known_need(i)) for i in items))
+        worker, items, seconds = ahead
+        seconds_of = seconds.__getitem__
+        lane = (LaneItem(i, self._known_need(i), seconds_of(i)) for i in items)
+        return LaneAhead(worker, tuple(lane), seconds_of)
 
     def _known_need(self, index: int) -> int | None:
         """An item's need measured in this run or learned before (None: not known)."""

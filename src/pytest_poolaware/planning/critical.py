@@ -10,66 +10,114 @@ worker that cannot start its test yet reserves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from pytest_poolaware.planning.holders import Holder
 
-#: Room is kept for the lane's next test only when its need is known (measured in this
-#: run or learned): a guess (``poolaware_unknown_need``) would hold fan-out tests back
-#: for connections the test may never open, and a cold lane's tests connect through the
-#: gate anyway.
+#: Room is kept for a serial test only when its need is known (measured in this run or
+#: learned): a guess (``poolaware_unknown_need``) would hold fan-out tests back for
+#: connections the test may never open, and a cold lane's tests connect through the gate
+#: anyway.
 KEEP_FOR_UNKNOWN_NEED: Final = False
-#: A fan-out test that conflicts with the lane (it fits beside none of the lane's
-#: current and next tests) waits for a gap of the lane without reserving room: a
+#: A fan-out test that conflicts with the lane (it fits beside neither the lane's current
+#: test nor its next one) waits for a gap of the lane without reserving room: a
 #: reservation made while the lane runs would hold its next test back (the demo's
 #: 12-connection test kept an 8-connection serial test waiting 1.7 s under a budget of
 #: 15). Set False to let it reserve like any other head.
 CONFLICTS_WAIT_FOR_A_GAP: Final = True
+#: How far ahead the lane is looked at for the room a fan-out test must leave it: at most
+#: this many of its tests (each pass looks, so a long lane of quick tests must not cost
+#: a scan of the whole lane)...
+LANE_HORIZON_ITEMS: Final = 64
+#: ... and at most this many seconds of its expected work (a fan-out test expected to
+#: take longer leaves room for the lane's tests within the horizon only).
+LANE_HORIZON_SECONDS: Final = 60.0
 
 W = TypeVar("W", bound=Hashable)
 
 
 @dataclass(frozen=True)
+class LaneItem:
+    """A serial test still to start, as the lane's room is kept for it."""
+
+    index: int
+    #: Its need, when known (None: not measured yet).
+    need: int | None
+    #: Its expected seconds (learned, else the mean of the known ones).
+    seconds: float
+
+
+@dataclass(frozen=True)
 class LaneAhead(Generic[W]):
-    """The serial lane as the planner sees it before a pass: its worker, and its items
-    still to start in run order, each with its need if known (those queued on its
-    worker, then the next one not handed out yet)."""
+    """The serial lane as the planner sees it before a pass: its worker, its tests still
+    to start in run order (those queued on its worker, then those not handed out yet,
+    up to the horizon), and the expected seconds of any test (``seconds_of``)."""
 
     worker: W
-    items: tuple[tuple[int, int | None], ...]
+    items: tuple[LaneItem, ...]
+    seconds_of: Callable[[int], float]
 
 
 class CriticalPath(Generic[W]):
-    """What one admission pass keeps for the serial lane.
-
-    ``running``: the largest expected need among the lane's go'ed items on its worker
-    (0: none go'ed); ``next``: the need of the lane's first item without a go, when
-    known (0: none, or unknown).
-    """
+    """What one admission pass keeps for the serial lane."""
 
     def __init__(self, lane: LaneAhead[W], holder: Holder, need_of: Callable[[int], int]) -> None:
         self.worker = lane.worker
-        went = set(list(holder.queue)[: holder.granted])
-        self.running = max((need_of(i) for i, _ in lane.items if i in went), default=0)
-        self.next = 0
-        waiting = [(i, need) for i, need in lane.items if i not in went]
-        if waiting:
-            index, need = waiting[0]
-            if need is not None:
-                self.next = need
-            elif KEEP_FOR_UNKNOWN_NEED:
-                self.next = need_of(index)
+        self._lane = lane
+        self._holder = holder
+        self._need_of = need_of
 
-    def keep(self, committed: int) -> int:
-        """Room other workers' goes must leave free: what the lane's next test will need
-        beyond its worker's commitment (``committed``) when its current test ends.
-        Kept only while the current one runs: between tests, the lane's worker goes
-        first, and a next test that does not fit reserves its room itself."""
-        if not self.running:
+    def _went(self) -> set[int]:
+        """The lane's worker's go'ed items, as of now: the pass gives it its goes first."""
+        holder = self._holder
+        return set(itertools.islice(holder.queue, holder.granted))
+
+    def _ahead(self) -> list[LaneItem]:
+        went = self._went()
+        return [item for item in self._lane.items if item.index not in went]
+
+    @property
+    def running(self) -> int:
+        """The largest expected need among the lane's go'ed items (0: none)."""
+        went = self._went()
+        return max((self._need_of(i.index) for i in self._lane.items if i.index in went), default=0)
+
+    @property
+    def next(self) -> int:
+        """The need of the lane's first test without a go, when known (0: none, or
+        unknown)."""
+        ahead = self._ahead()
+        return self._known(ahead[0]) if ahead else 0
+
+    def _known(self, item: LaneItem) -> int:
+        if item.need is not None:
+            return item.need
+        return self._need_of(item.index) if KEEP_FOR_UNKNOWN_NEED else 0
+
+    def keep(self, queue: Iterable[int], index: int, committed: int) -> int:
+        """Room a go to ``index``, on a worker with this ``queue`` (``index`` in it), must
+        leave free: the most any lane test needs that will start before the worker is
+        expected to be done with ``index`` (its commitment holds until then), beyond the
+        lane's worker's commitment (``committed``). Kept only while the lane's worker
+        has a go'ed test: between tests, it goes first, and a next test that does not
+        fit reserves its room itself."""
+        if not self._holder.granted:
             return 0
-        return max(0, self.next - committed)
+        lasts = 0.0
+        for queued in queue:
+            lasts += self._lane.seconds_of(queued)
+            if queued == index:
+                break
+        offset, most = 0.0, 0
+        for item in self._ahead():
+            if offset >= lasts:
+                break  # it starts after the worker is expected to be done
+            most = max(most, self._known(item))
+            offset += item.seconds
+        return max(0, most - committed)
 
     def conflicts(self, need: int, budget: int) -> bool:
         """Whether a test of ``need`` fits beside neither the lane's current test nor its
