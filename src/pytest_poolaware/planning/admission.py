@@ -246,8 +246,9 @@ class Admission(Generic[W]):
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:
-            path = critical_path(lane, self._workers, self.need_of)
-            hand_out.give_goes(actions, first, path, can_start or (lambda _: True))
+            can = can_start or (lambda _: True)
+            path = critical_path(lane, self._workers, self.need_of, self.budget, can)
+            hand_out.give_goes(actions, first, path, can)
         if hand_out.blocked:
             self._relieve(hand_out.blocked, actions)
         elif self._lowered_under:
@@ -407,11 +408,27 @@ class _Pass(Generic[W]):
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
-        for worker in _go_order(self._holders, first):
-            # The lane's worker goes first: its commitment is final for this pass.
-            off_path = lane is not None and worker != lane.worker
-            lane_worker = self.committed[lane.worker] if lane is not None else 0
-            waits = _Waits(lane if off_path else None, can_start(worker), lane_worker)
+        order = _go_order(self._holders, first)
+        gap = None if lane is None or not lane.between else lane.gap
+        if gap is not None:  # the lane is between tests: the gap's test goes first
+            order.remove(gap)
+            order.insert(0, gap)
+        for worker in order:
+            # The lane's worker goes first (or right after the gap's test): its
+            # commitment is final for the others.
+            off_path = lane is not None and worker not in (lane.worker, gap)
+            # The gap's worker gets the go for its head only: what follows it on that
+            # worker is off the critical path again (it would hold the gap open).
+            waits = _Waits(lane if off_path else None, can_start(worker), 0, 0)
+            if lane is not None and worker == lane.worker and lane.gap is not None:
+                # A gap is wanted: the lane's next test gets no go before its current
+                # one ends (within its commitment, it would close the gap).
+                waits = _Waits(None, waits.can_start, 0, 0, ahead=False)
+            if lane is not None and worker == gap:
+                waits = _Waits(None, waits.can_start, 0, 0, spare=lane.spare)
+            if lane is not None and off_path:
+                gap_worker = 0 if lane.gap is None else self.committed[lane.gap]
+                waits = _Waits(lane, waits.can_start, self.committed[lane.worker], gap_worker)
             reserved = self._give_goes_to(worker, reserved, actions, waits)
 
     def _give_goes_to(
@@ -425,6 +442,8 @@ class _Pass(Generic[W]):
             raised = max(self.committed[worker], self._need_of(index))
             extra = raised - self.committed[worker]
             starts_now = state.granted == 0
+            if not starts_now and not waits.ahead:
+                break
             keep = waits.keep(state.queue, index)
             if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=keep):
                 if starts_now:
@@ -433,8 +452,11 @@ class _Pass(Generic[W]):
                 self.committed[worker] = raised
                 state.start(self._need_of(index))
                 actions.append(Go(worker, index))
+                if waits.spare is not None:
+                    break
                 continue
-            if starts_now and not waits.for_room(self._need_of(index), self._budget):
+            gap_shut = waits.spare is not None and extra > self.room + waits.spare
+            if starts_now and (gap_shut or not waits.for_room(self._need_of(index), self._budget)):
                 state.waiting_since = state.waiting_since or self._tick()
             elif starts_now:
                 self.room -= extra
@@ -464,15 +486,28 @@ class _Pass(Generic[W]):
 class _Waits(Generic[W]):
     """Why one worker's head that does not fit would wait: ``lane`` (None: the worker
     is the lane's, or there is no lane), whether the worker ``can_start`` its head,
-    and what the lane's worker has committed (``lane_worker``)."""
+    what the lane's worker and the gap's have committed (``lane_worker``, ``gap_worker``),
+    whether it is offered the lane's gap (``spare``), and whether goes ahead of time are
+    given (``ahead``)."""
 
     lane: CriticalPath[W] | None
     can_start: bool
     lane_worker: int
+    gap_worker: int
+    #: It is offered the lane's gap: its head only may start in this pass, and reserves
+    #: room only if it fits once the lane's worker gives back its ``spare`` idle
+    #: connections (it waits for its go, so it does at once); else the lane goes on.
+    spare: int | None = None
+    #: Whether items after the one it runs may have their go ahead of time.
+    ahead: bool = True
 
     def keep(self, queue: Iterable[int], index: int) -> int:
-        """Room kept for the lane from a go to ``index`` (``CriticalPath.keep``)."""
-        return 0 if self.lane is None else self.lane.keep(queue, index, self.lane_worker)
+        """Room kept for the lane, and for the test that takes its next gap, from a go
+        to ``index`` (``CriticalPath.keep``, ``CriticalPath.gap_keep``)."""
+        if self.lane is None:
+            return 0
+        lane = self.lane.keep(queue, index, self.lane_worker)
+        return max(lane, self.lane.gap_keep(self.lane_worker, self.gap_worker))
 
     def for_room(self, need: int, budget: int) -> bool:
         """Whether the head reserves room: not when its worker cannot start it yet, nor

@@ -28,6 +28,13 @@ KEEP_FOR_UNKNOWN_NEED: Final = False
 #: 12-connection test kept an 8-connection serial test waiting 1.7 s under a budget of
 #: 15). Set False to let it reserve like any other head.
 CONFLICTS_WAIT_FOR_A_GAP: Final = True
+#: The gap is the next end of one of the lane's tests (or before its first): the
+#: conflicting test that has waited longest is given it, room for it is kept from the
+#: moment it is chosen, and the lane's next test waits for it. Waiting for the lane's
+#: end instead would park its worker (and the tests queued behind it) for the whole
+#: lane, and the lane pays the test's duration either way. Set False to run conflicting
+#: tests once the lane is done.
+GAPS_BETWEEN_LANE_TESTS: Final = True
 #: How far ahead the lane is looked at for the room a fan-out test must leave it: at most
 #: this many of its tests (each pass looks, so a long lane of quick tests must not cost
 #: a scan of the whole lane)...
@@ -64,11 +71,26 @@ class LaneAhead(Generic[W]):
 class CriticalPath(Generic[W]):
     """What one admission pass keeps for the serial lane."""
 
-    def __init__(self, lane: LaneAhead[W], holder: Holder, need_of: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        lane: LaneAhead[W],
+        holders: Mapping[W, Holder],
+        need_of: Callable[[int], int],
+        budget: int,
+        can_start: Callable[[W], bool],
+    ) -> None:
         self.worker = lane.worker
         self._lane = lane
-        self._holder = holder
-        self._need_of = need_of
+        self._holder = holders[lane.worker]
+        self.need_of = need_of
+        #: The lane is between tests (or before its first): a gap, if one is wanted.
+        self.between = not self._holder.granted
+        #: The worker whose head takes the lane's next gap, if any, and that head's need.
+        found = gap_for(self, holders, budget, can_start) if GAPS_BETWEEN_LANE_TESTS else None
+        #: Idle connections the lane's worker, between tests, can give back at once.
+        self.spare = max(0, self._holder.idle - self._holder.stuck_idle)
+        self.gap: W | None = None if found is None else found[0]
+        self.gap_need = 0 if found is None else found[1]
 
     def _went(self) -> set[int]:
         """The lane's worker's go'ed items, as of now: the pass gives it its goes first."""
@@ -83,7 +105,7 @@ class CriticalPath(Generic[W]):
     def running(self) -> int:
         """The largest expected need among the lane's go'ed items (0: none)."""
         went = self._went()
-        return max((self._need_of(i.index) for i in self._lane.items if i.index in went), default=0)
+        return max((self.need_of(i.index) for i in self._lane.items if i.index in went), default=0)
 
     @property
     def next(self) -> int:
@@ -95,7 +117,7 @@ class CriticalPath(Generic[W]):
     def _known(self, item: LaneItem) -> int:
         if item.need is not None:
             return item.need
-        return self._need_of(item.index) if KEEP_FOR_UNKNOWN_NEED else 0
+        return self.need_of(item.index) if KEEP_FOR_UNKNOWN_NEED else 0
 
     def keep(self, queue: Iterable[int], index: int, committed: int) -> int:
         """Room a go to ``index``, on a worker with this ``queue`` (``index`` in it), must
@@ -119,6 +141,14 @@ class CriticalPath(Generic[W]):
             offset += item.seconds
         return max(0, most - committed)
 
+    def gap_keep(self, committed: int, gap_worker: int) -> int:
+        """Room kept for the gap's test while the lane's current test runs, so that it
+        starts when that test ends (``committed``: the lane's worker's commitment;
+        ``gap_worker``: its own worker's)."""
+        if self.gap is None or not self._holder.granted or self.between:
+            return 0
+        return max(0, self.gap_need - gap_worker - committed)
+
     def conflicts(self, need: int, budget: int) -> bool:
         """Whether a test of ``need`` fits beside neither the lane's current test nor its
         next one (a need over the budget counts as the budget: it runs alone)."""
@@ -126,11 +156,36 @@ class CriticalPath(Generic[W]):
         return CONFLICTS_WAIT_FOR_A_GAP and lane > 0 and min(need, budget) + lane > budget
 
 
+def gap_for(
+    path: CriticalPath[W], holders: Mapping[W, Holder], budget: int, can_start: Callable[[W], bool]
+) -> tuple[W, int] | None:
+    """The worker whose head takes the lane's next gap: of the heads that conflict with
+    the lane and wait, not held by anything else, the one waiting longest."""
+    waiting = [
+        (state.waiting_since, worker)
+        for worker, state in holders.items()
+        if worker != path.worker
+        and state.waiting_since
+        and state.queue
+        and not state.granted
+        and not state.requests
+        and can_start(worker)
+        and path.conflicts(path.need_of(state.queue[0]), budget)
+    ]
+    if not waiting:
+        return None
+    worker = min(waiting, key=lambda pair: pair[0])[1]
+    return worker, path.need_of(holders[worker].queue[0])
+
+
 def critical_path(
-    lane: LaneAhead[W] | None, holders: Mapping[W, Holder], need_of: Callable[[int], int]
+    lane: LaneAhead[W] | None,
+    holders: Mapping[W, Holder],
+    need_of: Callable[[int], int],
+    budget: int,
+    can_start: Callable[[W], bool],
 ) -> CriticalPath[W] | None:
     """The pass's view of the lane, if it has work and its worker is known to admission."""
-    holder = None if lane is None else holders.get(lane.worker)
-    if lane is None or holder is None:
+    if lane is None or lane.worker not in holders:
         return None
-    return CriticalPath(lane, holder, need_of)
+    return CriticalPath(lane, holders, need_of, budget, can_start)
