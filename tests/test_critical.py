@@ -252,10 +252,39 @@ def covered(start: float, end: float, spans: list[tuple[float, float]]) -> bool:
     return True
 
 
+def drawn(spec: list[tuple[str, int, float]], budget: int, workers: int) -> dict[str, Any]:
+    """A ``lane_runs`` draw from its one-line shape (``shape``)."""
+    tests = [Item(SERIAL if lane == "s" else FANOUT, n, t, "m1") for lane, n, t in spec]
+    times = [t for _, _, t in spec]
+    return {
+        "tests": tests,
+        "budget": budget,
+        "workers": workers,
+        "peaks": [n for _, n, _ in spec],
+        "times": times,
+    }
+
+
+#: Found by hypothesis: a worker whose 14-connection test ended went on to a light test
+#: it had its go for ahead of time, keeping the 14 idle connections for that test's 2 s
+#: while another worker's light test had waited since the lane's end.
+IDLE_HELD_PAST_A_WAITING_HEAD = drawn(
+    [
+        ("f", 0, 1.0), ("f", 10, 0.0), ("s", 6, 0.0), ("f", 14, 2.0), ("f", 0, 1.0),
+        ("s", 0, 0.0), ("s", 0, 0.0), ("s", 0, 0.0), ("f", 2, 0.0), ("f", 0, 0.0),
+        ("s", 0, 0.0), ("f", 1, 2.0), ("s", 1, 0.0), ("s", 0, 2.0), ("f", 3, 2.0),
+        ("f", 0, 1.0), ("f", 1, 0.0),
+    ],
+    budget=14,
+    workers=3,
+)  # fmt: skip
+
+
 @pytest.mark.filterwarnings(HYPOTHESIS_PATCH_WARNING)
 @PROPERTY_SETTINGS
 @given(run=lane_runs(), seed=SEEDS)
 @example(run=DEMO, seed=0)
+@example(run=IDLE_HELD_PAST_A_WAITING_HEAD, seed=0)
 def test_no_test_starves_past_the_end_of_the_serial_lane(run: dict[str, Any], seed: int) -> None:
     """Every test starts once its worker can start it, or once the lane is done, plus
     the time the tests running then take to end: one test per worker at most (each

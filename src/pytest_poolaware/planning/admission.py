@@ -413,23 +413,31 @@ class _Pass(Generic[W]):
         if gap is not None:  # the lane is between tests: the gap's test goes first
             order.remove(gap)
             order.insert(0, gap)
+        waiting = {w for w, s in self._holders.items() if s.waiting_since and not s.granted}
         for worker in order:
-            # The lane's worker goes first (or right after the gap's test): its
-            # commitment is final for the others.
-            off_path = lane is not None and worker not in (lane.worker, gap)
-            # The gap's worker gets the go for its head only: what follows it on that
-            # worker is off the critical path again (it would hold the gap open).
-            waits = _Waits(lane if off_path else None, can_start(worker), 0, 0)
-            if lane is not None and worker == lane.worker and lane.gap is not None:
-                # A gap is wanted: the lane's next test gets no go before its current
-                # one ends (within its commitment, it would close the gap).
-                waits = _Waits(None, waits.can_start, 0, 0, ahead=False)
-            if lane is not None and worker == gap:
-                waits = _Waits(None, waits.can_start, 0, 0, spare=lane.spare)
-            if lane is not None and off_path:
-                gap_worker = 0 if lane.gap is None else self.committed[lane.gap]
-                waits = _Waits(lane, waits.can_start, self.committed[lane.worker], gap_worker)
+            waits = self._waits(worker, lane, gap, can_start(worker))
+            if waiting - {worker}:
+                # Another worker's head waits: no go ahead of time here, which would keep
+                # this worker's commitment (its idle connections) held past its item.
+                waits = replace(waits, ahead=False)
             reserved = self._give_goes_to(worker, reserved, actions, waits)
+
+    def _waits(
+        self, worker: W, lane: CriticalPath[W] | None, gap: W | None, can_start: bool
+    ) -> _Waits[W]:
+        """How the worker's items are let go, given the lane (the lane's worker goes
+        first, or right after the gap's test: its commitment is final for the others)."""
+        if lane is None:
+            return _Waits(None, can_start, 0, 0)
+        if worker == gap:
+            # Its head only: what follows it on that worker is off the critical path.
+            return _Waits(None, can_start, 0, 0, spare=lane.spare)
+        if worker == lane.worker:
+            # With a gap wanted, the lane's next test gets no go before its current one
+            # ends (within its commitment, it would close the gap).
+            return _Waits(None, can_start, 0, 0, ahead=lane.gap is None)
+        gap_worker = 0 if lane.gap is None else self.committed[lane.gap]
+        return _Waits(lane, can_start, self.committed[lane.worker], gap_worker)
 
     def _give_goes_to(
         self, worker: W, reserved: bool, actions: list[AdmissionAction], waits: _Waits[W]
