@@ -2,10 +2,11 @@
 (``docs/design.md``, "Admission", rule 4).
 
 Pure logic with no xdist or database imports. While the serial lane has work, its next
-test must not wait for anything off the critical path: the room it will need is kept
-from fan-out goes from the moment its current test runs, a fan-out test that cannot run
-beside the lane waits for a gap of the lane without reserving room meanwhile, and a
-worker that cannot start its test yet reserves nothing.
+test must not wait for anything off the critical path: the room its tests will need is
+kept from fan-out goes from the moment its current test runs; a fan-out test that cannot
+run beside the lane reserves nothing while it runs and is given the lane's next gap,
+room for it kept from the moment it is chosen; and a worker that cannot start its test
+yet reserves nothing.
 """
 
 from __future__ import annotations
