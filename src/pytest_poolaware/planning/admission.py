@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from pytest_poolaware.planning.critical import CriticalPath, LaneAhead, critical_path
 from pytest_poolaware.planning.holders import Holder, Request, RequestKind
 from pytest_poolaware.shared.protocol import Answer
 
@@ -243,17 +244,31 @@ class Admission(Generic[W]):
 
     # -- decisions ----------------------------------------------------------------------
 
-    def admit(self, actions: list[AdmissionAction], *, first: W | None = None) -> None:
+    def admit(
+        self,
+        actions: list[AdmissionAction],
+        *,
+        first: W | None = None,
+        lane: LaneAhead[W] | None = None,
+        can_start: Callable[[W], bool] | None = None,
+    ) -> None:
         """Answer blocked requests first, then give goes (``first``'s before the others':
         the serial lane is the run's critical path); whatever does not fit keeps its
         room reserved, so later, smaller items cannot starve it. Then relieve what is
-        blocked (rules 5 and 6)."""
+        blocked (rules 5 and 6).
+
+        ``lane``: the serial lane's items still to start (``critical``): room for its
+        next test is kept from other workers' goes. ``can_start``: whether a worker
+        could start its next item if it had the go (xdist enters an item only once the
+        worker holds the next one or a shutdown); one that cannot reserves nothing."""
         hand_out = _Pass(
             self._workers, self.budget, self.need_of, answer=self._answer, tick=self._next
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:
-            hand_out.give_goes(actions, first)
+            can = can_start or (lambda _: True)
+            path = critical_path(lane, self._workers, self.need_of, self.budget, can)
+            hand_out.give_goes(actions, first, path, can)
         if hand_out.blocked:
             self._relieve(hand_out.blocked, actions)
         elif self._lowered_under:
@@ -397,51 +412,138 @@ class _Pass(Generic[W]):
             if w != worker
         )
 
-    def give_goes(self, actions: list[AdmissionAction], first: W | None) -> None:
-        """Rule 4: waiting heads first, then ``first``'s queue, then by arrival; each
-        worker's queued items start in order while their expected needs fit."""
+    def give_goes(
+        self,
+        actions: list[AdmissionAction],
+        first: W | None,
+        lane: CriticalPath[W] | None = None,
+        can_start: Callable[[W], bool] = lambda _: True,
+    ) -> None:
+        """Rule 4: ``first``'s queue (the serial lane's), then waiting heads, then by
+        arrival; each worker's queued items start in order while their expected needs
+        fit, the others' in what is left after the room kept for the lane's next test."""
         # Once something waits for room, nothing else starts unless it fits in what is
         # left after that reservation, even within its worker's commitment: otherwise a
         # worker streaming light items never lets its commitment drop.
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
-        for worker in _go_order(self._holders, first):
-            reserved = self._give_goes_to(worker, reserved, actions)
+        order = _go_order(self._holders, first)
+        gap = None if lane is None or not lane.between else lane.gap
+        if gap is not None:  # the lane is between tests: the gap's test goes first
+            order.remove(gap)
+            order.insert(0, gap)
+        waiting = {w for w, s in self._holders.items() if s.waiting_since and not s.granted}
+        for worker in order:
+            waits = self._waits(worker, lane, gap, can_start(worker))
+            if waiting - {worker}:
+                # Another worker's head waits: no go ahead of time here, which would keep
+                # this worker's commitment (its idle connections) held past its item.
+                waits = replace(waits, ahead=False)
+            reserved = self._give_goes_to(worker, reserved, actions, waits)
 
-    def _give_goes_to(self, worker: W, reserved: bool, actions: list[AdmissionAction]) -> bool:
+    def _waits(
+        self, worker: W, lane: CriticalPath[W] | None, gap: W | None, can_start: bool
+    ) -> _Waits[W]:
+        """How the worker's items are let go, given the lane (the lane's worker goes
+        first, or right after the gap's test: its commitment is final for the others)."""
+        if lane is None:
+            return _Waits(None, can_start, 0, 0)
+        if worker == gap:
+            # Its head only: what follows it on that worker is off the critical path.
+            return _Waits(None, can_start, 0, 0, spare=lane.spare)
+        if worker == lane.worker:
+            # With a gap wanted, the lane's next test gets no go before its current one
+            # ends (within its commitment, it would close the gap).
+            return _Waits(None, can_start, 0, 0, ahead=lane.gap is None)
+        gap_worker = 0 if lane.gap is None else self.committed[lane.gap]
+        return _Waits(lane, can_start, self.committed[lane.worker], gap_worker)
+
+    def _give_goes_to(
+        self, worker: W, reserved: bool, actions: list[AdmissionAction], waits: _Waits[W]
+    ) -> bool:
         """Goes for the worker's queued items while they fit; returns whether room is
-        reserved now (its head did not fit)."""
+        reserved now (its head did not fit, and waits for room, not for a gap)."""
         state = self._holders[worker]
         while state.granted < len(state.queue) and not state.requests:
             index = state.queue[state.granted]
             raised = max(self.committed[worker], self._need_of(index))
             extra = raised - self.committed[worker]
             starts_now = state.granted == 0
-            if self._fits(extra, starts_now=starts_now, reserved=reserved):
+            if not starts_now and not waits.ahead:
+                break
+            keep = waits.keep(state.queue, index)
+            if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=keep):
                 if starts_now:
                     state.waiting_since = 0
                 self.room -= extra
                 self.committed[worker] = raised
                 state.start(self._need_of(index))
                 actions.append(Go(worker, index))
+                if waits.spare is not None:
+                    break
                 continue
-            if starts_now:
+            gap_shut = waits.spare is not None and extra > self.room + waits.spare
+            if starts_now and (gap_shut or not waits.for_room(self._need_of(index), self._budget)):
+                state.waiting_since = state.waiting_since or self._tick()
+            elif starts_now:
                 self.room -= extra
-                if extra > 0 or self.room < 0:
+                # Held back by the room kept for the lane, it is blocked too: the idle
+                # connections asked back (its own maybe) make that room.
+                if extra > 0 or self.room < 0 or keep > 0:
                     self.blocked.append(worker)
                     reserved = True
                     state.waiting_since = state.waiting_since or self._tick()
             break
         return reserved
 
-    def _fits(self, extra: int, *, starts_now: bool, reserved: bool) -> bool:
+    def _fits(self, extra: int, *, starts_now: bool, reserved: bool, keep: int = 0) -> bool:
         """Whether an item that raises its worker's commitment by ``extra`` may start:
         with room reserved, only in what is left; else within its worker's commitment,
-        or in what is left when it is the worker's next item to start."""
-        if reserved:
-            return extra <= self.room
-        return extra == 0 or (starts_now and extra <= self.room)
+        or in what is left when it is the worker's next item to start. ``keep``: room
+        kept for the serial lane's next test, which this item must leave free."""
+        if reserved or extra == 0:
+            # Within its commitment it takes no new room, but holds what it has (idle
+            # connections included) until it ends: the lane's room is checked all the
+            # same (``keep`` is 0 off the lane's horizon; ``room`` is >= 0 unreserved).
+            return extra <= self.room - keep
+        return starts_now and extra <= self.room - keep
+
+
+@dataclass(frozen=True)
+class _Waits(Generic[W]):
+    """Why one worker's head that does not fit would wait: ``lane`` (None: the worker
+    is the lane's, or there is no lane), whether the worker ``can_start`` its head,
+    what the lane's worker and the gap's have committed (``lane_worker``, ``gap_worker``),
+    whether it is offered the lane's gap (``spare``), and whether goes ahead of time are
+    given (``ahead``)."""
+
+    lane: CriticalPath[W] | None
+    can_start: bool
+    lane_worker: int
+    gap_worker: int
+    #: It is offered the lane's gap: its head only may start in this pass, and reserves
+    #: room only if it fits once the lane's worker gives back its ``spare`` idle
+    #: connections (it waits for its go, so it does at once); else the lane goes on.
+    spare: int | None = None
+    #: Whether items after the one it runs may have their go ahead of time.
+    ahead: bool = True
+
+    def keep(self, queue: Iterable[int], index: int) -> int:
+        """Room kept for the lane, and for the test that takes its next gap, from a go
+        to ``index`` (``CriticalPath.keep``, ``CriticalPath.gap_keep``)."""
+        if self.lane is None:
+            return 0
+        lane = self.lane.keep(queue, index, self.lane_worker)
+        return max(lane, self.lane.gap_keep(self.lane_worker, self.gap_worker))
+
+    def for_room(self, need: int, budget: int) -> bool:
+        """Whether the head reserves room: not when its worker cannot start it yet, nor
+        when it conflicts with the lane (it waits for a gap of the lane: the end of the
+        lane's current test finds the lane's next one, not it, first in line)."""
+        if not self.can_start:
+            return False
+        return self.lane is None or not self.lane.conflicts(need, budget)
 
 
 def _waiting(holders: Iterable[Holder]) -> list[Request]:
@@ -452,13 +554,14 @@ def _waiting(holders: Iterable[Holder]) -> list[Request]:
 
 
 def _go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:
-    """Waiting heads first, oldest first; then ``first``, then by arrival."""
+    """``first`` (the serial lane's worker: the critical path), then waiting heads,
+    oldest first, then by arrival."""
     return sorted(
         holders,
         key=lambda w: (
+            w != first,
             holders[w].waiting_since == 0,
             holders[w].waiting_since,
-            w != first,
             holders[w].order,
         ),
     )

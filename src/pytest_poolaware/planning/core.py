@@ -32,6 +32,7 @@ from pytest_poolaware.planning.admission import Go as Go
 from pytest_poolaware.planning.admission import Grant as Grant
 from pytest_poolaware.planning.admission import Overrun as Overrun
 from pytest_poolaware.planning.admission import Release as Release
+from pytest_poolaware.planning.critical import LaneAhead, LaneItem
 from pytest_poolaware.planning.fanout import Placement
 from pytest_poolaware.planning.holders import RequestKind as RequestKind
 from pytest_poolaware.planning.lanes import ItemSpec as ItemSpec
@@ -353,7 +354,12 @@ class Planner(Generic[W]):
             if isinstance(action, Send):
                 self._admission.queued(action.worker, action.indices)  # type: ignore[arg-type]
         admitted: list[Go | Grant | Release] = []
-        self._admission.admit(admitted, first=self._placer.serial_worker)
+        self._admission.admit(
+            admitted,
+            first=self._placer.serial_worker,
+            lane=self._lane_ahead(),
+            can_start=self._placer.can_enter,
+        )
         for decision in admitted:
             if isinstance(decision, Go):
                 self._hold(decision.index)
@@ -368,3 +374,18 @@ class Planner(Generic[W]):
         self._started[index] = need = self.need_of(index)
         if self._priors.need(index) is not None:
             self._started_on_prior[index] = need
+
+    def _lane_ahead(self) -> LaneAhead[W] | None:
+        """The serial lane's items still to start, each with its need if known, for
+        admission to keep room for (``critical``)."""
+        ahead = self._placer.lane_ahead()
+        if ahead is None:
+            return None
+        worker, items, seconds = ahead
+        seconds_of = seconds.__getitem__
+        lane = (LaneItem(i, self._known_need(i), seconds_of(i)) for i in items)
+        return LaneAhead(worker, tuple(lane), seconds_of)
+
+    def _known_need(self, index: int) -> int | None:
+        """An item's need measured in this run or learned before (None: not known)."""
+        return self._needs.get(index, self._placer.tests[index].need)

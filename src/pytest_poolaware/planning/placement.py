@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from pytest_poolaware.planning.critical import LANE_HORIZON_ITEMS, LANE_HORIZON_SECONDS
 from pytest_poolaware.planning.fanout import Placement
 from pytest_poolaware.planning.lanes import ItemSpec, Lane, Lanes
 
@@ -80,6 +81,11 @@ class _Seat(Generic[W]):
     #: Highest collection index handed to it (returned items aside): it is handed only
     #: items above this, so it runs its tests in collection order.
     watermark: int = -1
+
+    def can_enter(self) -> bool:
+        """Whether xdist lets it start its next item: it holds the one after, or a
+        shutdown."""
+        return self.shut or len(self.queue) >= MIN_QUEUE
 
     def hand_out(self, indices: list[int], lanes: Lanes[W]) -> None:
         """Queue items and raise the watermark past their units' heads (returned items
@@ -304,6 +310,19 @@ class Placer(Generic[W]):
     def is_shut(self, worker: W) -> bool:
         return self._workers[worker].shut
 
+    def can_enter(self, worker: W) -> bool:
+        """Whether the worker would start its next item on its go: xdist enters an item
+        only once the worker holds the next one or a shutdown (unknown workers: yes)."""
+        return worker not in self._workers or self._workers[worker].can_enter()
+
+    def lane_ahead(self) -> tuple[W, list[int], Sequence[float]] | None:
+        """The serial lane's worker, its items still to run, in order (``critical``), and
+        every item's expected seconds (None: the lane has no work)."""
+        worker = self._serial_worker
+        if worker is None or worker not in self._workers:
+            return None
+        return worker, lane_ahead(self._lanes, self._workers[worker].queue), self._lanes.seconds
+
     def _holds_serial(self, worker: W) -> bool:
         """Whether the worker holds a serial item."""
         tests = self._lanes.tests
@@ -459,6 +478,20 @@ def _serial_lane_worker(
         if candidates:
             current = min(candidates, key=lambda c: c[:3])[3]
     return current
+
+
+def lane_ahead(lanes: Lanes[W], queue: Sequence[int]) -> list[int]:
+    """The serial items in the lane's worker's ``queue``, then those not handed out yet,
+    up to the horizon (``LANE_HORIZON_ITEMS``, ``LANE_HORIZON_SECONDS``)."""
+    ahead = [i for i in queue if lanes.tests[i].lane is Lane.SERIAL]
+    seconds = sum(lanes.seconds[i] for i in ahead)
+    for head in lanes.serial:
+        if len(ahead) >= LANE_HORIZON_ITEMS or seconds >= LANE_HORIZON_SECONDS:
+            break
+        members = lanes.members(head)
+        ahead.extend(members)
+        seconds += sum(lanes.seconds[i] for i in members)
+    return ahead
 
 
 def queue_target(pending: int, sharing: int) -> int:
