@@ -266,12 +266,12 @@ def run_case(
         passes = [Pass(label, "learned", learned_environ, work, *clear, suite=suite)]
         passes[0].wait()
     elif case.startswith("socket"):
-        copies = ("a", "b") if case == "socket-pair" else ("a",)
-        with socket_workers(WORKERS * len(copies), env, remote) as tx:
+        names = ("a", "b") if case == "socket-pair" else ("a",)
+        with socket_workers(WORKERS * len(names), env, remote) as tx:
             share = tx[: 2 * WORKERS], tx[2 * WORKERS :]
             passes = [
-                Pass(f"{label}-{copy}", copy, env, work, suite=remote, workers=workers)
-                for copy, workers in zip(copies, share, strict=False)
+                Pass(f"{label}-{name}", name, env, work, suite=remote, workers=workers)
+                for name, workers in zip(names, share, strict=False)
             ]
             for one in passes:
                 one.wait()
