@@ -105,6 +105,18 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*args, "-p", "no:randomly", timeout=RUN_TIMEOUT)
 
 
+def poolaware_run(
+    pytester: pytest.Pytester, workers: str, *args: str
+) -> tuple[pytest.RunResult, dict[str, Any]]:
+    """One poolaware run on ``workers`` workers: its result and its JSON report."""
+    report = pytester.path / "report.json"
+    result = run(
+        pytester, "-n", workers, "--dist", "poolaware", f"--poolaware-report={report}", *args
+    )
+    data: dict[str, Any] = json.loads(report.read_text())
+    return result, data
+
+
 def entries(log: Path) -> list[dict[str, Any]]:
     """What RECORDING_CONFTEST logged."""
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

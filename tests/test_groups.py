@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from inner import ENGINE_CONFTEST, run
+from inner import ENGINE_CONFTEST, poolaware_run, run
 
 WORKERS = "4"
 MODULE_COUNT = 10
@@ -138,12 +138,7 @@ def grouped_suite(
 
 def poolaware(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
     """One poolaware run; its result and JSON report."""
-    report = pytester.path / "report.json"
-    result = run(
-        pytester, "-n", WORKERS, "--dist", "poolaware", f"--poolaware-report={report}", *args
-    )
-    data: dict[str, Any] = json.loads(report.read_text())
-    return result, data
+    return poolaware_run(pytester, WORKERS, *args)
 
 
 def workers_by_group(report: dict[str, Any]) -> dict[str, set[str]]:

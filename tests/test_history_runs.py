@@ -10,7 +10,7 @@ import shutil
 from typing import Any
 
 import pytest
-from inner import ENGINE_CONFTEST, run
+from inner import ENGINE_CONFTEST, poolaware_run
 
 from pytest_poolaware.scheduler import run_selection
 from pytest_poolaware.shared.protocol import Collected
@@ -42,12 +42,7 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
 
 def poolaware(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
     """One poolaware run; its result and JSON report."""
-    report = pytester.path / "report.json"
-    result = run(
-        pytester, "-n", WORKERS, "--dist", "poolaware", f"--poolaware-report={report}", *args
-    )
-    data: dict[str, Any] = json.loads(report.read_text())
-    return result, data
+    return poolaware_run(pytester, WORKERS, *args)
 
 
 def test_filtered_runs_keep_what_the_full_run_plans_with(

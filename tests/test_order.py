@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inner import ENGINE_CONFTEST, run
+from inner import ENGINE_CONFTEST, poolaware_run, run
 
 #: Warm runs, each with learned durations drawn at random (the first one adversarial).
 #: Few: the planner's property tests (test_core) draw many more durations; these runs
@@ -111,12 +111,7 @@ def worker_order(report: dict[str, Any]) -> dict[str, list[int]]:
 
 def poolaware(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
     """One poolaware run; its result and JSON report."""
-    report = pytester.path / "report.json"
-    result = run(
-        pytester, "-n", WORKERS, "--dist", "poolaware", f"--poolaware-report={report}", *args
-    )
-    data: dict[str, Any] = json.loads(report.read_text())
-    return result, data
+    return poolaware_run(pytester, WORKERS, *args)
 
 
 def in_order(pytester: pytest.Pytester, *args: str) -> dict[str, Any]:
