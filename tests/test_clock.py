@@ -45,6 +45,15 @@ def test_the_plugins_clocks_do_not_move_with_the_tests(name: str, traveller: Any
     assert 0 <= counter_inside - counter_before < BOUND, name
 
 
+def test_the_anchor_is_the_read_least_disturbed() -> None:
+    """A pause between reading the counter and the wall clock (the process descheduled)
+    would shift every stamp by it: of the reads, the tightest one anchors the clock."""
+    readings = iter([0.0, 0.3, 1.0, 1.000002, 2.0, 2.1, 3.0, 3.5, 4.0, 4.2])
+    wall_now, counter_now = clock._anchor(lambda: next(readings))
+    assert counter_now == pytest.approx(1.000001)
+    assert abs(wall_now - time.time()) < BOUND
+
+
 def test_a_bounded_wait_ends_with_the_event_loops_clock_frozen() -> None:
     """``asyncio.wait_for`` would wait for ever here: the loop's clock is frozen."""
     outcome: list[object] = []

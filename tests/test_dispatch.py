@@ -35,9 +35,20 @@ def test_stamps_outside_the_session_are_clamped_and_counted() -> None:
     assert (inside.start, inside.end) == (105.0, 106.0)
     assert (moved.start, moved.end, moved.waits) == (200.0, 200.0, ((100.0, 200.0),))
     assert record.notes == [
-        "1 tests were stamped outside the session (something moved the plugin's clock); "
-        "their times are shown clamped to it"
+        "1 tests were stamped outside the session, by up to 2.2e+09s (something moved the "
+        "plugin's clock); their times are shown clamped to it"
     ]
+
+
+def test_stamps_just_outside_the_session_are_the_clocks_own_error() -> None:
+    """Each process anchors its clock on its own: the last test's end, stamped by a
+    worker a few milliseconds before the controller closes the session, may read a few
+    milliseconds after it. Clamped, and not taken for a moved clock."""
+    record = RunRecord(results=[result(99.996, 100.5), result(150.0, 200.004)])
+    assert record.keep_within(100.0, 200.0) == 0
+    first, last = (r.measures for r in record.results)
+    assert (first.start, last.end) == (100.0, 200.0)
+    assert record.notes == []
 
 
 def test_the_snapshot_before_the_collection_is_loaded() -> None:

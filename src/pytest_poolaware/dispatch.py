@@ -77,6 +77,11 @@ class OutsideTests:
 
 #: A wait for room outside any test worth naming in the summary, in seconds.
 OUTSIDE_WAIT_WORTH_SAYING: Final = 1.0
+#: How far outside the session a test's stamp may lie and still be the clocks' own
+#: error, clamped without a note: each process anchors its clock on its own
+#: (``shared.clock``), a few milliseconds apart at worst on a busy machine, and the last
+#: test ends a few milliseconds before the session does. A moved clock is off by years.
+STAMP_SKEW: Final = 0.5
 
 
 @dataclass
@@ -130,19 +135,23 @@ class RunRecord:
     def keep_within(self, started: float, finished: float) -> int:
         """Clamp the tests' stamps to the session (``started`` to ``finished``), whatever
         a test did to the clock, and say so in a note; returns how many tests had a stamp
-        outside it. Workers stamp with a clock tests cannot move (``clock``), so this is
-        a last guard, never a routine."""
+        further outside it than the clocks' own error (``STAMP_SKEW``). Workers stamp
+        with a clock tests cannot move (``clock``), so the note is a last guard, never a
+        routine."""
 
         def inside(stamp: float) -> float:
             return min(max(stamp, started), finished)
 
-        moved = 0
+        moved, furthest = 0, 0.0
         for position, result in enumerate(self.results):
             measures = result.measures
             stamps = (measures.start, measures.end, *(t for w in measures.waits for t in w))
             if all(started <= t <= finished for t in stamps):
                 continue
-            moved += 1
+            off = max(max(started - t, t - finished) for t in stamps)
+            if off > STAMP_SKEW:
+                moved += 1
+                furthest = max(furthest, off)
             self.results[position] = replace(
                 result,
                 measures=replace(
@@ -155,8 +164,8 @@ class RunRecord:
             )
         if moved:
             self.notes.append(
-                f"{moved} tests were stamped outside the session (something moved the "
-                "plugin's clock); their times are shown clamped to it"
+                f"{moved} tests were stamped outside the session, by up to {furthest:.3g}s "
+                "(something moved the plugin's clock); their times are shown clamped to it"
             )
         return moved
 

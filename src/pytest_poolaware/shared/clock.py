@@ -27,13 +27,31 @@ from typing import Final, TypeVar
 T = TypeVar("T")
 
 
+#: How many times the anchor is read, keeping the read least disturbed: a process
+#: descheduled between reading the two clocks would shift every stamp it makes by that
+#: pause, and the stamps of the controller and its workers are compared with each other.
+ANCHOR_READS: Final = 5
+
+
 class _Reference:
     """The real clock and its anchor, out of reach of module-attribute patching."""
 
     def __init__(self) -> None:
         self.counter: Callable[[], float] = time.perf_counter
-        self.wall_at_anchor = time.time()
-        self.counter_at_anchor = self.counter()
+        self.wall_at_anchor, self.counter_at_anchor = _anchor(self.counter)
+
+
+def _anchor(counter: Callable[[], float]) -> tuple[float, float]:
+    """A ``time.time()`` and the counter's reading at the same moment: of a few reads,
+    the one whose wall-clock read the two counter reads bracket most tightly."""
+    reads = []
+    for _ in range(ANCHOR_READS):
+        before = counter()
+        wall_now = time.time()
+        after = counter()
+        reads.append((after - before, wall_now, (before + after) / 2))
+    _, wall_now, counter_now = min(reads)
+    return wall_now, counter_now
 
 
 _REFERENCE: Final = _Reference()
