@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import pytest
 
 from pytest_poolaware.planning.admission import (
+    HANDOVER_AFTER_GOES,
     Admission,
     AdmissionAction,
     Go,
@@ -170,3 +171,66 @@ def test_idle_connections_are_asked_back_only_once_per_answer() -> None:
     assert releases(decide(adm)) == set()
     adm.completed("a", 0)  # once an item ends, it may have something to give
     assert releases(decide(adm)) == {"a"}
+
+
+def _turns(
+    budget: int, first: str | None = None, b_needs: int = 1
+) -> tuple[Admission[str], list[int]]:
+    """Worker a holds one connection (a persistent one, say) and has many items queued;
+    b holds none and its head (needing ``b_needs``) waits for room. Returns admission
+    and a's items."""
+    mine = list(range(2 * HANDOVER_AFTER_GOES))
+    adm = admission(budget, {100: b_needs, 101: b_needs})
+    adm.add_worker("a")
+    adm.queued("a", mine[:1])
+    assert goes(decide(adm, first)) == [("a", 0)]
+    adm.counts("a", 1, 0)
+    adm.add_worker("b")
+    adm.queued("b", [100, 101])
+    decide(adm, first)
+    adm.queued("a", mine[1:])
+    return adm, mine
+
+
+def test_with_fewer_connections_than_workers_they_take_turns_keeping_their_connections() -> None:
+    """Budget 1, two workers: handing a's connection to b at every test would close and
+    reopen it each time. a keeps it for its turn while b's head waits; then hands it over
+    and b has a turn."""
+    adm, mine = _turns(1)
+    for index in mine[1 : HANDOVER_AFTER_GOES + 1]:
+        adm.completed("a", index - 1)
+        adm.counts("a", 1, 1)  # between tests: its connection idle, not given back
+        actions = decide(adm)
+        assert goes(actions) == [("a", index)]
+        assert releases(actions) == set()
+    adm.completed("a", HANDOVER_AFTER_GOES)
+    adm.counts("a", 1, 1)
+    actions = decide(adm)  # b has waited a turn: a's next test waits, a gives back
+    assert goes(actions) == []
+    assert releases(actions) == {"a"}
+    adm.counts("a", 0, 0, released=True)
+    assert goes(decide(adm)) == [("b", 100)]
+    adm.counts("b", 1, 0)
+    adm.completed("b", 100)
+    adm.counts("b", 1, 1)
+    assert goes(decide(adm)) == [("b", 101)]  # b's turn: a waits
+
+
+def test_with_enough_connections_for_every_worker_a_waiting_head_reserves_at_once() -> None:
+    """Budget 2 with two workers: no turns; b's head needs 2 and reserves its room, so a
+    gives back its idle connection rather than start its next test within it."""
+    adm, _ = _turns(2, b_needs=2)
+    adm.completed("a", 0)
+    adm.counts("a", 1, 1)
+    actions = decide(adm)
+    assert goes(actions) == []
+    assert releases(actions) == {"a"}
+
+
+def test_turns_never_keep_the_serial_lane_waiting() -> None:
+    adm, _ = _turns(1, first="b")
+    adm.completed("a", 0)
+    adm.counts("a", 1, 1)
+    actions = decide(adm, first="b")
+    assert goes(actions) == []
+    assert releases(actions) == {"a"}

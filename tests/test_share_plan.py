@@ -35,9 +35,63 @@ NOBODY = Others({}, {})
 
 
 def test_a_run_alone_takes_the_whole_room() -> None:
-    step = plan(me=1, allows=16, held=0, demand=15, in_use=0, others=NOBODY, live_others=0)
-    # 16, less its own connection and one slot for connections still closing.
+    step = plan(
+        me=1, allows=16, held=0, demand=15, in_use=0, others=NOBODY, live_others=0, workers=4
+    )
+    # 16, less its own connection and one slot kept for a run that arrives (its own
+    # connection needs one to join).
     assert (step.hold, step.budget, step.share, step.held_back) == (14, 14, 14, False)
+
+
+def test_a_run_alone_on_a_role_tighter_than_its_workers_has_its_room_unshared() -> None:
+    """A role allowing 3 at ``-n 4``: its own connection takes one, its tests get the
+    other two (the budget without sharing), not one."""
+    step = plan(
+        me=1,
+        allows=3,
+        held=0,
+        demand=2,
+        in_use=0,
+        others=NOBODY,
+        live_others=0,
+        ceiling=2,
+        workers=4,
+    )
+    assert (step.hold, step.budget) == (2, 2)
+    # A budget of 2 set on a larger role: the slot costs the tests nothing.
+    step = plan(
+        me=1,
+        allows=4,
+        held=0,
+        demand=2,
+        in_use=0,
+        others=NOBODY,
+        live_others=0,
+        ceiling=2,
+        workers=4,
+    )
+    assert (step.hold, step.budget) == (2, 2)
+    step = plan(
+        me=1,
+        allows=3,
+        held=0,
+        demand=2,
+        in_use=0,
+        others=NOBODY,
+        live_others=0,
+        ceiling=2,
+        workers=1,
+    )
+    assert (step.hold, step.budget) == (1, 1)
+
+
+def test_a_slot_is_kept_for_closes_the_run_cannot_watch() -> None:
+    """Another run's, or another client's: they may still count on the server."""
+    other = Others({2: 2}, {2: 1})
+    step = plan(me=1, allows=16, held=0, demand=15, in_use=0, others=other, live_others=2)
+    assert step.share == 16 - 1 - 1 - 1 - 1  # its own, the other's own, closing, its lease
+    step = plan(me=1, allows=16, held=0, demand=15, in_use=0, others=NOBODY, live_others=3)
+    assert step.hold == 16 - 1 - 3 - 1
 
 
 def test_a_second_run_waits_for_the_first_to_give_back_what_it_does_not_use() -> None:

@@ -187,6 +187,7 @@ class OwnConnection:
             ceiling=ceiling,
             on_change=self._wake,
             growth_wait=share_growth_wait(self.settings.gate_timeout),
+            workers=self.settings.workers,
             reconnect=lambda: open_connection(libpq_dsn(dsn)),
         )
         self.budget.take_share(self.share)

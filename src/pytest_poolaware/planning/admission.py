@@ -46,6 +46,14 @@ class Release:
 
 AdmissionAction = Go | Grant | Release
 
+#: When the budget is smaller than the workers with work, a head that waits for room
+#: lets the workers that hold connections have this many goes within them first: each
+#: go handed to a worker without connections makes another give its connections back
+#: (a persistent connection such as Django's is closed and opened again: tens of
+#: milliseconds), which costs more than short tests take. Run in turns of this many
+#: goes instead, the head still starts within them.
+HANDOVER_AFTER_GOES = 8
+
 
 @dataclass(frozen=True)
 class Overrun:
@@ -270,7 +278,7 @@ class Admission(Generic[W]):
             path = critical_path(lane, self._workers, self.need_of, self.budget, can)
             hand_out.give_goes(actions, first, path, can)
         if hand_out.blocked:
-            self._relieve(hand_out.blocked, actions)
+            self._relieve(hand_out.blocked, actions, keeping=hand_out.keeping)
         elif self._lowered_under:
             # Over a lowered budget with nobody waiting: idle connections given back
             # bring the run under it sooner (another run may be waiting for them).
@@ -296,10 +304,13 @@ class Admission(Generic[W]):
             in_tests = sum(s.open for w, s in holders if w != worker and s.granted)
             self.overruns.append(Overrun(index, need, self.budget, alone, tuple(outside), in_tests))
 
-    def _relieve(self, blocked: list[W], actions: list[AdmissionAction]) -> None:
-        """Free room for blocked workers: ask for idle connections back; when nothing can
+    def _relieve(
+        self, blocked: list[W], actions: list[AdmissionAction], *, keeping: Iterable[W] = ()
+    ) -> None:
+        """Free room for blocked workers: ask for idle connections back (but not from
+        those ``keeping`` them for the item they were just let start); when nothing can
         free room any more, break the deadlock (see ``Answer``)."""
-        self._ask_idle_back(actions)
+        self._ask_idle_back(actions, keeping)
         if _can_progress(self._workers, blocked):
             return
         waiting = _waiting(self._workers.values())
@@ -332,10 +343,11 @@ class Admission(Generic[W]):
             state.start_alone(self.need_of(index))
             actions.append(Go(first, index))
 
-    def _ask_idle_back(self, actions: list[AdmissionAction]) -> None:
+    def _ask_idle_back(self, actions: list[AdmissionAction], keeping: Iterable[W] = ()) -> None:
         """Ask every worker holding idle connections it may give back (once per answer)."""
+        kept = set(keeping)
         for worker, state in self._workers.items():
-            if state.idle > state.stuck_idle and not state.release_sent:
+            if state.idle > state.stuck_idle and not state.release_sent and worker not in kept:
                 state.release_sent = True
                 actions.append(Release(worker))
 
@@ -375,6 +387,16 @@ class _Pass(Generic[W]):
         self.blocked: list[W] = []
         #: A rerun waits or was granted: nothing new starts, so the run drains towards it.
         self.draining = False
+        #: Over a budget lowered below the commitments before anything was reserved.
+        self._lowered = self.room < 0
+        #: Fewer connections than workers with work: they take turns (``_hands_over``).
+        self._scarce = budget < sum(1 for s in holders.values() if s.queue)
+        #: A running test's connect is blocked (rules 1 and 2).
+        self._connect_blocked = False
+        #: The serial lane's worker (``give_goes``).
+        self._first: W | None = None
+        #: Workers let start within their connections while a head waits: they keep them.
+        self.keeping: list[W] = []
 
     def answer_requests(self, actions: list[AdmissionAction]) -> None:
         """Rules 1 to 3: connect requests first, oldest first, then reruns."""
@@ -391,6 +413,7 @@ class _Pass(Generic[W]):
                 self._answer(request, Answer.GRANTED, actions)
             else:
                 self.blocked.append(worker)
+                self._connect_blocked = True
             self.room -= extra
 
     def _answer_rerun(self, worker: W, request: Request, actions: list[AdmissionAction]) -> None:
@@ -428,6 +451,7 @@ class _Pass(Generic[W]):
         # A budget lowered below what is committed (``set_budget``) holds every new go,
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
+        self._first = first
         order = _go_order(self._holders, first)
         gap = None if lane is None or not lane.between else lane.gap
         if gap is not None:  # the lane is between tests: the gap's test goes first
@@ -473,9 +497,9 @@ class _Pass(Generic[W]):
             if not starts_now and not waits.ahead:
                 break
             keep = waits.keep(state.queue, index)
-            if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=keep):
+            if self._may_start(worker, extra, starts_now=starts_now, reserved=reserved, keep=keep):
                 if starts_now:
-                    state.waiting_since = 0
+                    state.waiting_since = state.overtaken = 0
                 self.room -= extra
                 self.committed[worker] = raised
                 state.start(self._need_of(index))
@@ -496,6 +520,32 @@ class _Pass(Generic[W]):
                     state.waiting_since = state.waiting_since or self._tick()
             break
         return reserved
+
+    def _may_start(
+        self, worker: W, extra: int, *, starts_now: bool, reserved: bool, keep: int
+    ) -> bool:
+        """``_fits``, or the worker's turn with its connections (``_hands_over_later``)."""
+        if self._fits(extra, starts_now=starts_now, reserved=reserved, keep=keep):
+            return True
+        if not starts_now or not self._hands_over_later(worker, extra, keep):
+            return False
+        self.keeping.append(worker)
+        for waiting in self.blocked:
+            self._holders[waiting].overtaken += 1
+        return True
+
+    def _hands_over_later(self, worker: W, extra: int, keep: int) -> bool:
+        """Whether the worker's head starts within the connections it holds although a
+        head waits for room: the budget is smaller than the workers with work, so they
+        take turns, each keeping its connections for ``HANDOVER_AFTER_GOES`` goes rather
+        than handing them over at every test. Never ahead of the serial lane, a running
+        test's connect, a budget lowered below the commitments or the room kept for
+        the lane."""
+        if extra or keep or self._lowered or self._connect_blocked or not self._scarce:
+            return False
+        if not self.blocked or self._first in self.blocked or worker in self.blocked:
+            return False
+        return all(self._holders[w].overtaken < HANDOVER_AFTER_GOES for w in self.blocked)
 
     def _fits(self, extra: int, *, starts_now: bool, reserved: bool, keep: int = 0) -> bool:
         """Whether an item that raises its worker's commitment by ``extra`` may start:

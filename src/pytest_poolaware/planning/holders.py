@@ -76,6 +76,9 @@ class Holder:
     rerunning: bool = False
     #: When its head item was first found not to fit (0: not waiting); oldest go first.
     waiting_since: int = 0
+    #: Goes other workers had, within connections they already held, while its head
+    #: waited (``admission.HANDOVER_AFTER_GOES``).
+    overtaken: int = 0
 
     def commitment(self) -> int:
         if any(r.kind is RequestKind.RERUN for r in self.requests):
@@ -135,7 +138,7 @@ class Holder:
         """Its head item gets its go past the budget, as the only go'ed item (nothing
         else can free room for it)."""
         self.granted = 1
-        self.waiting_since = 0
+        self.waiting_since = self.overtaken = 0
         self.granted_needs = Counter({need: 1})
 
     def answer(self, request: Request, *, refused: bool) -> None:

@@ -213,8 +213,12 @@ class ShareCoordinator:
         growth_wait: float = GROWTH_WAIT,
         departed_grace: float = DEPARTED_GRACE,
         reconnect: Callable[[], Any] | None = None,
+        workers: int = 0,
     ) -> None:
         self._conn = connection
+        #: The run's xdist workers (0: not known): alone, the slot kept for a run that
+        #: arrives never leaves them fewer connections than one each (``share_plan``).
+        self._workers = workers
         self._growth = GrowthWait(growth_wait, clock)
         self.namespace = namespace
         self.room = room
@@ -405,6 +409,7 @@ class ShareCoordinator:
             others=others,
             live_others=max(0, live - open_),
             ceiling=self.ceiling,
+            workers=self._workers,
         )
         self._leases.set_demand(demand)
         # What the server could take now: the limit less every client connection but

@@ -191,6 +191,7 @@ def plan(
     others: Others,
     live_others: int,
     ceiling: int | None = None,
+    workers: int = 0,
 ) -> Plan:
     """One step towards this run's share.
 
@@ -199,14 +200,16 @@ def plan(
     that are not this run's (its workers' nor its own). Others occupy the larger of what
     they lease and what is live, so lingering connections of a dead run, and clients that
     do not take part, are never leased out twice. A run above its share gives back what
-    it does not use, and meanwhile starts nothing new above the share.
+    it does not use, and meanwhile starts nothing new above the share. ``workers``:
+    the run's xdist workers (0: not known), for ``_slack``.
     """
     runs = len(others.held.keys() | others.demand.keys())
     # Every run leases a slot for its own connection first (``held`` counts it); one
     # that could not yet still has that connection open.
     others_leased = sum(others.held.values()) + others.slotless + others.departed
     outsiders = max(0, live_others - others_leased)
-    pool = allows - 1 - runs - outsiders - CLOSING_SLACK
+    slack = _slack(allows - 1 - runs - outsiders, others, outsiders, ceiling, workers)
+    pool = allows - 1 - runs - outsiders - slack
     demands = {**{run: others.demand.get(run, 0) for run in others.held}, **others.demand}
     demands[me] = demand
     share = shares_with_priority(pool, demands, others.priority)[me]
@@ -214,7 +217,7 @@ def plan(
         # Alone: the whole room (up to the run's own ceiling), not just what it asked
         # for the moment before.
         share = max(share, pool if ceiling is None else min(pool, ceiling))
-    free = allows - 1 - CLOSING_SLACK - max(others_leased, live_others) - held
+    free = allows - 1 - slack - max(others_leased, live_others) - held
     # Below the share: take what is free. Above it: give back what is not in use.
     grow = held + max(0, min(max(share, in_use) - held, free))
     hold = grow if held < max(share, in_use) else max(share, min(held, in_use))
@@ -224,6 +227,19 @@ def plan(
     return Plan(
         hold, budget, share, held_back=bool(runs) and share < demand, reachable=max(1, pool)
     )
+
+
+def _slack(pool: int, others: Others, outsiders: int, ceiling: int | None, workers: int) -> int:
+    """The slot kept free in a ``pool`` of the room (``CLOSING_SLACK``): for connections
+    others have closed and the server still counts, when there are others (the run's own
+    workers count theirs until the slot is free); and, alone, for a run that arrives
+    (its own connection needs a slot to join), unless that would leave the tests fewer
+    connections than the workers need to run one test each (a role allowing 3 at
+    ``-n 4``: the slot would be half of what the tests get, as it never is unshared)."""
+    if others.held or others.demand or others.departed or outsiders:
+        return CLOSING_SLACK
+    wanted = workers if ceiling is None else min(workers, ceiling)
+    return CLOSING_SLACK if pool - CLOSING_SLACK >= wanted else 0
 
 
 class SafeBudget:

@@ -167,6 +167,8 @@ class Settings:
     #: and whether the run writes it back (``--poolaware-store-history``).
     history_path: str | None = None
     store_history: bool = False
+    #: The run's xdist workers (``-n``), 0 when not known (``--tx``, no xdist).
+    workers: int = 0
 
     @property
     def go_timeout(self) -> float:
@@ -232,7 +234,15 @@ class Settings:
             advice_path=path(ADVICE_PATH),
             history_path=history,
             store_history=store,
+            workers=_workers(config),
         )
+
+
+def _workers(config: pytest.Config) -> int:
+    """``-n`` as xdist resolved it (``auto`` is a number by the time plugins configure);
+    0 when there is none, or when it is not a number yet."""
+    value = getattr(config.option, "numprocesses", None)
+    return value if isinstance(value, int) else 0
 
 
 def history_path(config: pytest.Config) -> str | None:
