@@ -14,7 +14,14 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from pytest_poolaware.planning.critical import CriticalPath, LaneAhead, critical_path
-from pytest_poolaware.planning.holders import Holder, Request, RequestKind
+from pytest_poolaware.planning.holders import (
+    Holder,
+    Request,
+    RequestKind,
+    can_progress,
+    go_order,
+    waiting_requests,
+)
 from pytest_poolaware.shared.protocol import Answer
 
 W = TypeVar("W", bound=Hashable)
@@ -320,9 +327,9 @@ class Admission(Generic[W]):
         those ``keeping`` them for the item they were just let start); when nothing can
         free room any more, break the deadlock (see ``Answer``)."""
         self._ask_idle_back(actions, keeping)
-        if _can_progress(self._workers, blocked):
+        if can_progress(self._workers, blocked):
             return
-        waiting = _waiting(self._workers.values())
+        waiting = waiting_requests(self._workers.values())
         connects = [
             r
             for r in waiting
@@ -414,7 +421,7 @@ class _Pass(Generic[W]):
 
     def answer_requests(self, actions: list[AdmissionAction]) -> None:
         """Rules 1 to 3: connect requests first, oldest first, then reruns."""
-        for request in _waiting(self._holders.values()):
+        for request in waiting_requests(self._holders.values()):
             worker: W = request.worker  # type: ignore[assignment]
             if request.kind is RequestKind.RERUN:
                 self._answer_rerun(worker, request, actions)
@@ -466,7 +473,7 @@ class _Pass(Generic[W]):
         # even one within its worker's commitment, until commitments drop.
         reserved = bool(self.blocked) or self.room < 0
         self._first = first
-        order = _go_order(self._holders, first)
+        order = go_order(self._holders, first)
         gap = None if lane is None or not lane.between else lane.gap
         if gap is not None:  # the lane is between tests: the gap's test goes first
             order.remove(gap)
@@ -621,37 +628,3 @@ class _Waits(Generic[W]):
         if not self.can_start:
             return False
         return self.lane is None or not self.lane.conflicts(need, budget)
-
-
-def _waiting(holders: Iterable[Holder]) -> list[Request]:
-    """Connect requests first, oldest first: they come from running items, whose ending
-    is what frees room; then reruns, which wait for the run to drain."""
-    waiting = [r for s in holders for r in s.requests]
-    return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
-
-
-def _go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:
-    """``first`` (the serial lane's worker: the critical path), then waiting heads,
-    oldest first, then by arrival."""
-    return sorted(
-        holders,
-        key=lambda w: (
-            w != first,
-            holders[w].waiting_since == 0,
-            holders[w].waiting_since,
-            holders[w].order,
-        ),
-    )
-
-
-def _can_progress(holders: Mapping[W, Holder], blocked: list[W]) -> bool:
-    """Whether some worker will free room without help: it is running an item that waits
-    for nothing (its end frees room), or it is about to answer a request to release idle
-    connections."""
-    stuck = set(blocked)
-    for worker, state in holders.items():
-        if state.release_sent:
-            return True
-        if worker not in stuck and state.granted and not state.requests:
-            return True
-    return False

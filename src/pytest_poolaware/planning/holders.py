@@ -11,8 +11,11 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+W = TypeVar("W", bound=Hashable)
 
 
 class RequestKind(enum.Enum):
@@ -223,3 +226,37 @@ class Holder:
             f"go={self.granted}/{len(self.queue)} req={[r.kind.value for r in self.requests]}"
             f"{' rel' if self.release_sent else ''}"
         )
+
+
+def waiting_requests(holders: Iterable[Holder]) -> list[Request]:
+    """Connect requests first, oldest first: they come from running items, whose ending
+    is what frees room; then reruns, which wait for the run to drain."""
+    waiting = [r for s in holders for r in s.requests]
+    return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
+
+
+def go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:
+    """``first`` (the serial lane's worker: the critical path), then waiting heads,
+    oldest first, then by arrival."""
+    return sorted(
+        holders,
+        key=lambda w: (
+            w != first,
+            holders[w].waiting_since == 0,
+            holders[w].waiting_since,
+            holders[w].order,
+        ),
+    )
+
+
+def can_progress(holders: Mapping[W, Holder], blocked: list[W]) -> bool:
+    """Whether some worker will free room without help: it is running an item that waits
+    for nothing (its end frees room), or it is about to answer a request to release idle
+    connections."""
+    stuck = set(blocked)
+    for worker, state in holders.items():
+        if state.release_sent:
+            return True
+        if worker not in stuck and state.granted and not state.requests:
+            return True
+    return False

@@ -32,6 +32,7 @@ from pytest_poolaware.server.share_plan import (
     Others,
     Plan,
     kept_by_others,
+    needs_priority,
     other_version_note,
     plan,
 )
@@ -233,9 +234,7 @@ class ShareCoordinator:
         self._leases = self._join(connection)
         self._lock = threading.Lock()
         #: Until the first step, the run's own budget (what it would use with sharing off).
-        self._budget = ceiling
-        self._share = ceiling
-        self._demand = ceiling
+        self._budget = self._share = self._demand = ceiling
         #: Connections an item held back by the budget expects (``report``).
         self._wants = 0
         self._priority_elsewhere = False
@@ -246,11 +245,8 @@ class ShareCoordinator:
         self._live_free = ceiling
         #: Times an overdue wait ended by a test giving way, and by going past the share
         #: within the live room.
-        self.gave_way = 0
-        self.went_past = 0
-        self._in_use = 0
-        self._open = 0
-        self.peers_seen = 0
+        self.gave_way = self.went_past = 0
+        self._in_use = self._open = self.peers_seen = 0
         #: Notes of runs met that speak another sharing protocol (one a version).
         self.other_versions: dict[int, str] = {}
         #: When other runs held this one back, and its tests' waits they caused.
@@ -395,13 +391,7 @@ class ShareCoordinator:
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
             wants, budget_now = self._wants, self._budget
-        # An item the room can serve with the priority (every other run with work keeps
-        # one connection: ``shares_with_priority``), or one that waited too long for its
-        # share to grow (it may then go past the share within the live room): only the
-        # holder of the priority does, so two runs never do it at once. An item the
-        # priority cannot serve does not take it from one it can.
-        servable = self._reachable - sum(1 for run, d in others.demand.items() if d > 0)
-        needed = budget_now < wants and (wants <= servable or self._growth.overdue)
+        needed = needs_priority(budget_now, wants, self._reachable, others, self._growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,
