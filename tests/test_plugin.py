@@ -129,6 +129,14 @@ def test_settings_precedence(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     assert (settings.budget, settings.budget_source) == (5, "--pool-budget")
 
 
+def test_settings_know_the_workers(pytester: pytest.Pytester) -> None:
+    """``-n`` within ``--maxprocesses`` (sharing keeps no slot for another run's arrival
+    when it would leave the workers less than one connection each); 0 when unknown."""
+    assert Settings.from_config(pytester.parseconfig("-n", "3")).workers == 3
+    assert Settings.from_config(pytester.parseconfig("-n", "4", "--maxprocesses", "2")).workers == 2
+    assert Settings.from_config(pytester.parseconfig()).workers == 0
+
+
 #: An inner conftest leaving, in every process of the run, an object in a reference cycle
 #: alive at exit; its ``__del__`` (run only by a garbage collection) leaves a file behind.
 EXIT_WITNESS_CONFTEST = """

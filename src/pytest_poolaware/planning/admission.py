@@ -408,7 +408,7 @@ class _Pass(Generic[W]):
         self.draining = False
         #: Over a budget lowered below the commitments before anything was reserved.
         self._lowered = self.room < 0
-        #: Fewer connections than workers with work: they take turns (``_hands_over``).
+        #: Fewer connections than workers with work: they take turns (``_hands_over_later``).
         self._scarce = budget < sum(1 for s in holders.values() if s.queue)
         #: A running test's connect is blocked (rules 1 and 2).
         self._connect_blocked = False

@@ -239,10 +239,13 @@ class Settings:
 
 
 def _workers(config: pytest.Config) -> int:
-    """``-n`` as xdist resolved it (``auto`` is a number by the time plugins configure);
-    0 when there is none, or when it is not a number yet."""
+    """``-n`` as xdist resolved it (``auto`` is a number by the time plugins configure),
+    within ``--maxprocesses``; 0 when there is none, or when it is not a number yet."""
     value = getattr(config.option, "numprocesses", None)
-    return value if isinstance(value, int) else 0
+    most = getattr(config.option, "maxprocesses", None)
+    if not isinstance(value, int):
+        return 0
+    return min(value, most) if isinstance(most, int) and most > 0 else value
 
 
 def history_path(config: pytest.Config) -> str | None:
