@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -27,31 +26,9 @@ settings.load_profile("default")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """An audit hook sees every process start, however a test or a library makes it;
-    the server fixtures are refused to unit tests before they are set up."""
+    """An audit hook sees every process start, however a test or a library makes it."""
     guard = config.stash[GUARD] = TierGuard()
     sys.addaudithook(guard.audit)
-    config.pluginmanager.register(ServerFixtureGuard(guard), "poolaware-tests-server-guard")
-
-
-#: The fixtures that start or hand out the session's server.
-SERVER_FIXTURES = frozenset({"postgres_server", "postgres_dsn"})
-
-
-class ServerFixtureGuard:
-    """Refuses a server fixture to a unit test before it is set up, not from inside it:
-    pytest keeps a session fixture's error for the session, so a refusal raised in
-    ``postgres_server`` would fail every later test that needs the server. A plugin of
-    its own, not a conftest hook: a session fixture is set up through the session's
-    hooks, which a conftest below the rootdir does not take part in."""
-
-    def __init__(self, guard: TierGuard) -> None:
-        self.guard = guard
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_fixture_setup(self, fixturedef: Any) -> None:
-        if fixturedef.argname in SERVER_FIXTURES:
-            self.guard.server_requested(fixturedef.argname)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -150,7 +127,15 @@ def postgres_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_dsn(postgres_server: str) -> str:
+def server_allowed(request: pytest.FixtureRequest) -> None:
+    """Refuses the server to a unit test, before the session's server is set up: pytest
+    keeps a session fixture's error for the whole session, so a refusal raised inside
+    ``postgres_server`` would fail every later test that needs the server."""
+    request.config.stash[GUARD].server_requested("postgres_dsn")
+
+
+@pytest.fixture
+def postgres_dsn(server_allowed: None, postgres_server: str) -> str:
     """The session's superuser DSN (``postgres_server``), asked for per test, so a unit
     test asking for it fails. The server is a parameter, not looked up here: as a
     session fixture it is then set up before ``pytester``, whose snapshot of
