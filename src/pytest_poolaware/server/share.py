@@ -391,7 +391,7 @@ class ShareCoordinator:
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
             wants, budget_now = self._wants, self._budget
-        needed = needs_priority(budget_now, wants, self._reachable, others, self._growth.overdue)
+        needed = needs_priority(budget_now, wants, self._reachable, self._growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,

@@ -229,15 +229,12 @@ def plan(
     )
 
 
-def needs_priority(budget: int, wants: int, reachable: int, others: Others, overdue: bool) -> bool:
+def needs_priority(budget: int, wants: int, reachable: int, overdue: bool) -> bool:
     """Whether the run takes the priority for an item wanting ``wants`` (its budget is
-    ``budget``): one the room can serve with it (``reachable``, less one connection for
-    every other run with work, which ``shares_with_priority`` leaves them), or one that
-    waited too long for its share to grow (it may then go past the share within the live
-    room). Only the holder does, so two runs never do it at once; an item the priority
-    cannot serve does not take it from one it can."""
-    servable = reachable - sum(1 for demand in others.demand.values() if demand > 0)
-    return budget < wants and (wants <= servable or overdue)
+    ``budget``): one the room can serve (``reachable``), or one that waited too long for
+    its share to grow (it may then go past the share within the live room). Only the
+    holder does, so two runs never do it at once."""
+    return budget < wants and (wants <= reachable or overdue)
 
 
 def _slack(pool: int, others: Others, outsiders: int, ceiling: int | None, workers: int) -> int:
