@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -56,11 +57,9 @@ WARM: Final = peers.Mode("poolaware-warm", "poolaware", "cache-poolaware", fresh
 def timed(peer: Any, mode: Any, source: Path, workers: int) -> tuple[Any, float]:
     """One run and its process wall (``peers.run_mode`` prints it; measured here again
     around the same call, server start included for both modes alike)."""
-    from pytest_poolaware.shared.clock import monotonic
-
-    started = monotonic()
+    started = time.perf_counter()
     outcome = peers.run_mode(peer, mode, source, workers, ())
-    return outcome, monotonic() - started
+    return outcome, time.perf_counter() - started
 
 
 def loadavg() -> list[float]:

@@ -43,46 +43,23 @@ def test_a_run_alone_takes_the_whole_room() -> None:
     assert (step.hold, step.budget, step.share, step.held_back) == (14, 14, 14, False)
 
 
+def alone_wanting_two(allows: int, workers: int) -> tuple[int, int]:
+    """Hold and budget of a run alone whose budget is 2 and whose tests want 2."""
+    step = plan(
+        me=1, allows=allows, held=0, demand=2, in_use=0, others=NOBODY, live_others=0,
+        ceiling=2, workers=workers,
+    )  # fmt: skip
+    return step.hold, step.budget
+
+
 def test_a_run_alone_on_a_role_tighter_than_its_workers_has_its_room_unshared() -> None:
     """A role allowing 3 at ``-n 4``: its own connection takes one, its tests get the
     other two (the budget without sharing), not one."""
-    step = plan(
-        me=1,
-        allows=3,
-        held=0,
-        demand=2,
-        in_use=0,
-        others=NOBODY,
-        live_others=0,
-        ceiling=2,
-        workers=4,
-    )
-    assert (step.hold, step.budget) == (2, 2)
+    assert alone_wanting_two(allows=3, workers=4) == (2, 2)
     # A budget of 2 set on a larger role: the slot costs the tests nothing.
-    step = plan(
-        me=1,
-        allows=4,
-        held=0,
-        demand=2,
-        in_use=0,
-        others=NOBODY,
-        live_others=0,
-        ceiling=2,
-        workers=4,
-    )
-    assert (step.hold, step.budget) == (2, 2)
-    step = plan(
-        me=1,
-        allows=3,
-        held=0,
-        demand=2,
-        in_use=0,
-        others=NOBODY,
-        live_others=0,
-        ceiling=2,
-        workers=1,
-    )
-    assert (step.hold, step.budget) == (1, 1)
+    assert alone_wanting_two(allows=4, workers=4) == (2, 2)
+    # One worker: one connection each, with the slot kept.
+    assert alone_wanting_two(allows=3, workers=1) == (1, 1)
 
 
 def test_a_slot_is_kept_for_closes_the_run_cannot_watch() -> None:

@@ -277,11 +277,7 @@ class Admission(Generic[W]):
         could start its next item if it had the go (xdist enters an item only once the
         worker holds the next one or a shutdown); one that cannot reserves nothing."""
         hand_out = _Pass(
-            self._workers,
-            self.budget,
-            self.need_of,
-            answer=self._answer,
-            tick=self._next,
+            self._workers, self.budget, self.need_of, answer=self._answer, tick=self._next
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:

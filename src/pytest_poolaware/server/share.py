@@ -32,7 +32,6 @@ from pytest_poolaware.server.share_plan import (
     Others,
     Plan,
     kept_by_others,
-    needs_priority,
     other_version_note,
     plan,
 )
@@ -391,7 +390,10 @@ class ShareCoordinator:
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
             wants, budget_now = self._wants, self._budget
-        needed = needs_priority(budget_now, wants, self._reachable, self._growth.overdue)
+        # An item the room can serve with the priority, or one that waited too long for
+        # its share to grow (it may then go past the share within the live room): only
+        # the holder of the priority does, so two runs never do it at once.
+        needed = budget_now < wants and (wants <= self._reachable or self._growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,

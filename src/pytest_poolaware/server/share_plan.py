@@ -229,14 +229,6 @@ def plan(
     )
 
 
-def needs_priority(budget: int, wants: int, reachable: int, overdue: bool) -> bool:
-    """Whether the run takes the priority for an item wanting ``wants`` (its budget is
-    ``budget``): one the room can serve (``reachable``), or one that waited too long for
-    its share to grow (it may then go past the share within the live room). Only the
-    holder does, so two runs never do it at once."""
-    return budget < wants and (wants <= reachable or overdue)
-
-
 def _slack(pool: int, others: Others, outsiders: int, ceiling: int | None, workers: int) -> int:
     """The slot kept free in a ``pool`` of the room (``CLOSING_SLACK``): for connections
     others have closed and the server still counts, when there are others (the run's own
