@@ -1030,6 +1030,18 @@ def test_a_request_from_the_next_item_frees_what_the_previous_one_was_granted() 
     assert t.planner.statistics().committed == 2
 
 
+def test_a_rerun_waits_while_another_run_sharing_the_server_is_served_first() -> None:
+    """A rerun never gives way (it has no third attempt): started while another run's
+    test waits for the room it would take, each would wait on the other until the gate
+    timed out, and the rerun would fail. It starts once that run is served."""
+    t = Tracker(4)
+    t.load(fanout(4))
+    t.add("a")
+    t.planner.set_budget(4, ceiling=12, give_way=True)
+    assert grants(t.request("a", 1, want=4, item=0)) == []  # not over the budget either
+    assert grants(t.planner.set_budget(4, ceiling=12)) == [Grant("a", 1)]
+
+
 def test_a_request_left_unanswered_by_a_timeout_is_void_once_its_item_is_over() -> None:
     """A worker stops waiting for a rerun's room after the gate timeout and goes on; the
     old request must not be granted later on behalf of an item that has ended."""

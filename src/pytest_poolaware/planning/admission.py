@@ -277,7 +277,12 @@ class Admission(Generic[W]):
         could start its next item if it had the go (xdist enters an item only once the
         worker holds the next one or a shutdown); one that cannot reserves nothing."""
         hand_out = _Pass(
-            self._workers, self.budget, self.need_of, answer=self._answer, tick=self._next
+            self._workers,
+            self.budget,
+            self.need_of,
+            answer=self._answer,
+            tick=self._next,
+            give_way=self._give_way,
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:
@@ -337,8 +342,10 @@ class Admission(Generic[W]):
             # it fails on a connection-limit error and is rerun alone.
             for request in [r for r in connects if r.worker == victim]:
                 self._answer(request, Answer.REFUSED, actions)
-        elif self.budget < self._ceiling:
-            return  # the budget will grow: wait for it rather than overrun it
+        elif self.budget < self._ceiling or self._give_way:
+            # The budget will grow, or another run is served first (a rerun waits for
+            # it): wait rather than overrun the budget.
+            return
         elif waiting:
             # Alone, or only reruns are waiting: nothing else will ever free room.
             self._answer(waiting[0], Answer.OVER_BUDGET, actions)
@@ -380,8 +387,11 @@ class _Pass(Generic[W]):
         *,
         answer: Callable[[Request, Answer, list[AdmissionAction]], None],
         tick: Callable[[], int],
+        give_way: bool = False,
     ) -> None:
         self._holders = holders
+        #: Another run sharing the server is served first (``Admission.set_budget``).
+        self._give_way = give_way
         self._budget = budget
         self._need_of = need_of
         self._answer = answer
@@ -425,8 +435,10 @@ class _Pass(Generic[W]):
 
     def _answer_rerun(self, worker: W, request: Request, actions: list[AdmissionAction]) -> None:
         """A rerun waits until it has the run to itself; meanwhile nothing new starts, so
-        the run drains towards that."""
-        if not self.draining and not self._others_busy(worker):
+        the run drains towards that. On a shared server it also waits while another run
+        is served first: that run's test may wait for the room the rerun would take, and
+        a rerun never gives way (it has no third attempt), so neither would go on."""
+        if not self.draining and not self._give_way and not self._others_busy(worker):
             request.want = min(request.want, self._budget)  # it may have shrunk
             self.committed[worker] = max(self.committed[worker], request.want)
             self._answer(request, Answer.GRANTED, actions)
