@@ -88,6 +88,9 @@ class Mode:
     passes: tuple[tuple[str, ...], ...]
     cache: str
     clear_cache: bool = True
+    #: Reads and rewrites ``HISTORY_FILE`` (``--poolaware-history``) and keeps no cache:
+    #: a fresh clone with the team's committed history file.
+    history: bool = False
 
 
 DIST = ("-n", str(WORKERS), "--dist")
@@ -121,7 +124,12 @@ DEMO_MODES: Final = (
         "poolaware",
         clear_cache=False,
     ),
+    # A fresh clone (cache cleared) with only the history file a team commits: seeded by
+    # one run before the rounds, then read and rewritten by each round's run.
+    Mode("poolaware-history", ((*DIST, "poolaware", *NO_MONITOR),), "history", history=True),
 )
+#: The history file of ``poolaware-history`` (in the work directory).
+HISTORY_FILE: Final = "poolaware-history.json"
 EXTRA_BENCHMARKS: Final = ("overhead", "nomarkers", "rawdrivers")
 ALL_NAMES: Final = tuple(m.name for m in DEMO_MODES) + EXTRA_BENCHMARKS
 
@@ -146,6 +154,8 @@ class Outcome:
     wall_over_lb: float | None = None
     #: Wall of each round, in order (a mode run in rounds shows the median as ``wall``).
     walls: list[float] = field(default_factory=list)
+    #: Tests planned with learned data (the run report's ``run.learned``; history modes).
+    learned: int | None = None
 
     def add(self, other: Outcome) -> None:
         """Fold a later pass into this one (two-pass: walls and counts add up)."""
@@ -179,6 +189,7 @@ def fold_rounds(rounds: Sequence[Outcome]) -> Outcome:
         exit_codes=[c for o in rounds for c in o.exit_codes],
         tail=next((o.tail for o in rounds if o.tail), ""),
         walls=[round(o.wall, 2) for o in rounds],
+        learned=min((o.learned for o in rounds if o.learned is not None), default=None),
     )
 
 
@@ -311,7 +322,13 @@ def run_mode(
     for index, extra in enumerate(mode.passes):
         label = mode.name if len(mode.passes) == 1 else f"{mode.name}.{index + 1}"
         args = [str(suite), "-o", cache, *(["--cache-clear"] if mode.clear_cache else []), *extra]
+        report = work / f"{label}-report.json"
+        if mode.history:
+            history = f"--poolaware-history={work / HISTORY_FILE}"
+            args += [history, "--poolaware-store-history", f"--poolaware-report={report}"]
         outcome, cases = run_pass(label, args, env, work, monitor)
+        if mode.history and outcome.ran:
+            outcome.learned = json.loads(report.read_text())["run"]["learned"]
         all_cases += cases
         if total is None:
             total = outcome
@@ -567,6 +584,7 @@ DEMO_RATIOS: Final = (
     ("poolaware-cold", "two-pass"),
     ("poolaware-warm-gc-exit", "two-pass"),
     ("poolaware-warm-same-nice", "two-pass"),
+    ("poolaware-history", "poolaware-warm"),
 )
 
 
@@ -638,6 +656,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {o['conn_errors']} | {_fmt(o['server_peak'], 'd')} "
             f"| {_fmt(o['wall_over_lb'], '.2f')} |"
         )
+    learned = [o for o in report["modes"] if o["ran"] and o.get("learned") is not None]
+    for o in learned:
+        lines += [
+            "",
+            f"{o['name']}: planned with learned data for at least {o['learned']} tests "
+            "in every round (the run report's `run.learned`), with no pytest cache.",
+        ]
     for name, ratio in report.get("ratios", {}).items():
         lines += [
             "",
@@ -751,6 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env = pool_env(dsn, pythonpath=HERE)
                 serial_cases: list[TestCase] = []
                 rounds: dict[str, list[Outcome]] = {mode.name: [] for mode in selected}
+                (work / HISTORY_FILE).unlink(missing_ok=True)
+                for mode in (m for m in selected if m.history):
+                    print(f"[bench] {mode.name}: seeding {HISTORY_FILE} ...", file=sys.stderr)
+                    run_mode(mode, SUITE, env, work, (admin_dsn, role))
                 for round_ in range(DEMO_ROUNDS):
                     # Interleaved, so a noisy minute on this shared machine hits every
                     # mode alike; each mode keeps its own cache (warm follows cold).
