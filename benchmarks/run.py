@@ -322,12 +322,12 @@ def run_mode(
     for index, extra in enumerate(mode.passes):
         label = mode.name if len(mode.passes) == 1 else f"{mode.name}.{index + 1}"
         args = [str(suite), "-o", cache, *(["--cache-clear"] if mode.clear_cache else []), *extra]
-        report = work / f"{label}-report.json"
-        if mode.history:
+        report = work / f"{label}-report.json" if mode.history else None
+        if report is not None:
             history = f"--poolaware-history={work / HISTORY_FILE}"
             args += [history, "--poolaware-store-history", f"--poolaware-report={report}"]
         outcome, cases = run_pass(label, args, env, work, monitor)
-        if mode.history and outcome.ran:
+        if report is not None and outcome.ran:
             outcome.learned = json.loads(report.read_text())["run"]["learned"]
         all_cases += cases
         if total is None:
@@ -778,7 +778,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds: dict[str, list[Outcome]] = {mode.name: [] for mode in selected}
                 (work / HISTORY_FILE).unlink(missing_ok=True)
                 for mode in (m for m in selected if m.history):
-                    print(f"[bench] {mode.name}: seeding {HISTORY_FILE} ...", file=sys.stderr)
+                    print(
+                        f"[bench] {mode.name}: seeding {HISTORY_FILE} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     run_mode(mode, SUITE, env, work, (admin_dsn, role))
                 for round_ in range(DEMO_ROUNDS):
                     # Interleaved, so a noisy minute on this shared machine hits every

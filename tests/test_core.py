@@ -1030,16 +1030,20 @@ def test_a_request_from_the_next_item_frees_what_the_previous_one_was_granted() 
     assert t.planner.statistics().committed == 2
 
 
-def test_a_rerun_waits_while_another_run_sharing_the_server_is_served_first() -> None:
+@pytest.mark.parametrize("ceiling", [12, 4], ids=["budget-may-grow", "budget-at-its-ceiling"])
+def test_a_rerun_waits_while_another_run_sharing_the_server_is_served_first(
+    ceiling: int,
+) -> None:
     """A rerun never gives way (it has no third attempt): started while another run's
     test waits for the room it would take, each would wait on the other until the gate
-    timed out, and the rerun would fail. It starts once that run is served."""
+    timed out, and the rerun would fail. It starts once that run is served; not even a
+    budget that can grow no more lets it past meanwhile."""
     t = Tracker(4)
     t.load(fanout(4))
     t.add("a")
-    t.planner.set_budget(4, ceiling=12, give_way=True)
+    t.planner.set_budget(4, ceiling=ceiling, give_way=True)
     assert grants(t.request("a", 1, want=4, item=0)) == []  # not over the budget either
-    assert grants(t.planner.set_budget(4, ceiling=12)) == [Grant("a", 1)]
+    assert grants(t.planner.set_budget(4, ceiling=ceiling)) == [Grant("a", 1)]
 
 
 def test_a_request_left_unanswered_by_a_timeout_is_void_once_its_item_is_over() -> None:

@@ -343,8 +343,8 @@ class Admission(Generic[W]):
             for request in [r for r in connects if r.worker == victim]:
                 self._answer(request, Answer.REFUSED, actions)
         elif self.budget < self._ceiling or self._give_way:
-            # The budget will grow, or another run is served first (a rerun waits for
-            # it): wait rather than overrun the budget.
+            # The budget will grow, or another run is served first: nothing (a rerun,
+            # a head alone) goes past the budget into the room that run waits for.
             return
         elif waiting:
             # Alone, or only reruns are waiting: nothing else will ever free room.
