@@ -19,6 +19,7 @@ from pytest_poolaware.planning.admission import (
     Grant,
     Release,
 )
+from pytest_poolaware.shared.limits import Limits
 from pytest_poolaware.shared.protocol import Answer
 
 
@@ -98,11 +99,11 @@ def test_a_connect_alone_over_the_budget_is_let_past_it_and_reported() -> None:
 
 def test_set_budget_says_whether_anything_changed_and_refuses_a_budget_below_one() -> None:
     adm = admission(3)
-    assert not adm.set_budget(3)
-    assert adm.set_budget(5)
-    assert adm.set_budget(5, ceiling=6)
+    assert not adm.set_budget(Limits(3))
+    assert adm.set_budget(Limits(5))
+    assert adm.set_budget(Limits(5, 6))
     with pytest.raises(ValueError, match="budget must be positive, got 0"):
-        adm.set_budget(0)
+        adm.set_budget(Limits(0))
     assert adm.budget == 5
 
 
@@ -111,12 +112,12 @@ def test_the_largest_budget_in_force_counts_from_the_first_go() -> None:
     never in force; once items run, a budget that went up and down again was."""
     adm = admission(10)
     adm.add_worker("a")
-    adm.set_budget(4)  # the server was learned before anything started
+    adm.set_budget(Limits(4))  # the server was learned before anything started
     assert adm.largest_budget == 4
     adm.queued("a", [0])
     assert goes(decide(adm)) == [("a", 0)]
-    adm.set_budget(6)
-    adm.set_budget(3)
+    adm.set_budget(Limits(6))
+    adm.set_budget(Limits(3))
     assert (adm.budget, adm.largest_budget) == (3, 6)
 
 
@@ -125,7 +126,7 @@ def test_a_budget_lowered_below_what_is_held_starts_nothing_asks_idle_back_and_c
     adm.counts("a", 2, 1)  # a's item has one of its two connections idle
     adm.counts("b", 2, 0)
     assert adm.committed == 4
-    assert adm.set_budget(2)
+    assert adm.set_budget(Limits(2))
     actions = decide(adm)
     # Nothing waits, yet the idle connection is asked back: the run is over its budget.
     assert releases(actions) == {"a"}
@@ -157,14 +158,14 @@ def test_a_budget_raised_again_lets_held_items_start_at_once() -> None:
     adm = running(admission(2, {0: 2, 1: 2}), {"a": [0], "b": [1]})
     assert adm.running("a") == 0
     assert adm.running("b") is None  # b's head waits for a's room
-    assert adm.set_budget(4)
+    assert adm.set_budget(Limits(4))
     assert goes(decide(adm)) == [("b", 1)]
 
 
 def test_idle_connections_are_asked_back_only_once_per_answer() -> None:
     adm = running(admission(2, {0: 1, 1: 1}), {"a": [0], "b": [1]})
     adm.counts("a", 2, 1)
-    adm.set_budget(1)
+    adm.set_budget(Limits(1))
     assert releases(decide(adm)) == {"a"}
     assert releases(decide(adm)) == set()
     adm.counts("a", 2, 1, released=True)  # its pool could not give it back
@@ -234,3 +235,27 @@ def test_turns_never_keep_the_serial_lane_waiting() -> None:
     actions = decide(adm, first="b")
     assert goes(actions) == []
     assert releases(actions) == {"a"}
+
+
+def test_a_head_waiting_for_the_budget_to_grow_reserves_nothing_and_asks_idle_back() -> None:
+    """Sharing the server: the budget is 4 of a room that may grow to 12. The serial
+    lane's head needs 7: no draining of this run's tests can make it room, only other
+    runs giving back theirs. So it reserves nothing: the light tests go on within the 4,
+    and idle connections are asked back (held, they would keep this run's share). Once
+    the budget reaches 7, the head reserves as any other."""
+    adm = admission(4, {0: 7, 1: 7})
+    adm.set_budget(Limits(4, 12))
+    for worker, queue in {"lane": [0, 1], "a": [10, 11], "b": [20]}.items():
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    adm.counts("b", 1, 1)  # an idle pooled connection
+    actions = decide(adm, first="lane")
+    assert goes(actions) == [("a", 10), ("a", 11), ("b", 20)]
+    assert releases(actions) == {"b"}
+    assert adm.largest_waiting_need() == 7  # what the run asks the others for
+    adm.set_budget(Limits(7, 12))
+    assert goes(decide(adm, first="lane")) == []  # it reserves: a and b drain
+    for worker, index in (("a", 10), ("a", 11), ("b", 20)):
+        adm.completed(worker, index)
+    adm.counts("b", 0, 0, released=True)
+    assert goes(decide(adm, first="lane"))[0] == ("lane", 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from pytest_poolaware.budget import Change, Limits, RunBudget
+from pytest_poolaware.budget import Change, RunBudget
 from pytest_poolaware.server.learning import REMEMBERED
 from pytest_poolaware.server.room import (
     CONFIGURED_TOO_LARGE,
@@ -18,6 +18,7 @@ from pytest_poolaware.server.room import (
     choose_budget,
     room_of,
 )
+from pytest_poolaware.shared.limits import Limits
 from pytest_poolaware.shared.protocol import RoomKnown, ServerSeen
 from pytest_poolaware.shared.settings import Settings
 
@@ -78,14 +79,8 @@ class MovingShare:
         self.yielding = False
         self.reported: dict[str, object] = {}
 
-    def budget(self) -> int:
-        return self.now
-
-    def ceiling_now(self) -> int:
-        return self.ceiling
-
-    def give_way(self) -> bool:
-        return self.yielding
+    def limits(self) -> Limits:
+        return Limits(self.now, self.ceiling, self.yielding)
 
     def cap(self, ceiling: int) -> None:
         self.ceiling = min(self.ceiling, ceiling)

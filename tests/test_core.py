@@ -50,6 +50,7 @@ from pytest_poolaware.planning.core import (
 from pytest_poolaware.planning.core import ItemSpec as Item
 from pytest_poolaware.planning.placement import EARLY_START_SECONDS, MIN_QUEUE
 from pytest_poolaware.planning.priors import family
+from pytest_poolaware.shared.limits import Limits
 
 SERIAL = Lane.SERIAL
 FANOUT = Lane.FANOUT
@@ -455,7 +456,7 @@ class Sim:
         committed = self.planner.statistics().committed
         self.allowed = max(budget, self.allowed, committed)
         self.budget = budget
-        self.apply(self.planner.set_budget(budget))
+        self.apply(self.planner.set_budget(Limits(budget)))
 
     def _counts(self, w: SimWorker, released: bool = False) -> None:
         self.apply(
@@ -922,16 +923,16 @@ def test_a_budget_lowered_mid_run_holds_new_goes_until_there_is_room_again() -> 
     t.add("a", "b")
     t.load([Item(FANOUT, 2) for _ in range(8)])
     assert t.planner.statistics().committed == 4  # a and b hold 2 each
-    assert t.planner.set_budget(4) == []
-    assert goes(t.planner.set_budget(3)) == []
+    assert t.planner.set_budget(Limits(4)) == []
+    assert goes(t.planner.set_budget(Limits(3))) == []
     # a's go'ed items end: b still holds 2 of 3, so a's next one (2) must wait.
     t.complete("a", need=2)
     assert goes(t.complete("a", need=2)) == []
     assert t.planner.statistics().committed <= 3
     # The other run gives its share back: a starts its queue at once.
-    assert goes(t.planner.set_budget(4)) == [("a", index) for index in t.queues["a"]]
+    assert goes(t.planner.set_budget(Limits(4))) == [("a", index) for index in t.queues["a"]]
     with pytest.raises(ValueError, match="budget must be positive"):
-        t.planner.set_budget(0)
+        t.planner.set_budget(Limits(0))
 
 
 def test_blocked_head_reserves_room_so_a_lighter_item_cannot_take_it() -> None:
@@ -1041,9 +1042,24 @@ def test_a_rerun_waits_while_another_run_sharing_the_server_is_served_first(
     t = Tracker(4)
     t.load(fanout(4))
     t.add("a")
-    t.planner.set_budget(4, ceiling=ceiling, give_way=True)
+    t.planner.set_budget(Limits(4, ceiling, give_way=True))
     assert grants(t.request("a", 1, want=4, item=0)) == []  # not over the budget either
-    assert grants(t.planner.set_budget(4, ceiling=ceiling)) == [Grant("a", 1)]
+    assert grants(t.planner.set_budget(Limits(4, ceiling))) == [Grant("a", 1)]
+
+
+def test_a_rerun_goes_past_the_budget_only_when_the_limits_let_it() -> None:
+    """A rerun alone that needs more than the budget is the planner's last resort: it
+    goes past the budget, since nothing else will free room. Sharing the server, it waits
+    while the share says the server has no room past the budget (connections of a run
+    that died, still closing), and goes once it has."""
+    t = Tracker(4)
+    t.load(fanout(4))
+    t.add("a")
+    t.planner.set_budget(Limits(4, may_pass=False))
+    assert grants(t.request("a", 1, want=4, item=0)) == [Grant("a", 1)]
+    t.counts("a", 4, 0)
+    assert grants(t.request("a", 2, item=0)) == []  # a fifth connection: not yet
+    assert grants(t.planner.set_budget(Limits(4))) == [Grant("a", 2, Answer.OVER_BUDGET)]
 
 
 def test_a_request_left_unanswered_by_a_timeout_is_void_once_its_item_is_over() -> None:

@@ -71,7 +71,7 @@ def test_a_run_of_another_protocol_version_is_counted_as_a_client(
             settle(mine)
             # The limit, less its own connection, one closing, and the other run's 4.
             assert mine.share.budget() == ROLE_LIMIT - 2 - (OTHER_TESTS + 1)
-            assert not mine.share.give_way()
+            assert not mine.share.limits().give_way
     finally:
         other.close()
     assert mine.share.peers_seen == 0

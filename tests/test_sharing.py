@@ -384,9 +384,9 @@ def test_a_run_that_loses_touch_holds_itself_safe_then_rejoins(
     first.wants(10, in_use=10, open_=10)
     terminate(first.connection)
     assert not first.share.step()
-    assert (first.share.budget(), first.share.ceiling_now()) == (10, 10)
+    assert (first.share.budget(), first.share.limits().ceiling) == (10, 10)
     first.wants(10, in_use=4, open_=4)
-    assert (first.share.budget(), first.share.ceiling_now()) == (6, 6)
+    assert (first.share.budget(), first.share.limits().ceiling) == (6, 6)
     first.wants(10, in_use=9, open_=4)  # never up while out of touch
     assert first.share.budget() == 6
     assert first.share.rejoin()
@@ -410,14 +410,14 @@ def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     settle(first, second)
     for run in (first, second):
         assert run.share.budget() < 14
-        assert not run.share.give_way()
+        assert not run.share.limits().give_way
     clock.now += GROWTH_WAIT + 1
     settle(first, second)
     # One holds the priority (the other gives way to it); it does not go past its share:
     # the other run's own connection leaves the server 13 for it, not 14.
-    assert sorted([first.share.give_way(), second.share.give_way()]) == [False, True]
-    holder = first if not first.share.give_way() else second
-    assert holder.share.ceiling_now() > holder.share.budget()
+    assert sorted([first.share.limits().give_way, second.share.limits().give_way]) == [False, True]
+    holder = first if not first.share.limits().give_way else second
+    assert holder.share.limits().ceiling > holder.share.budget()
     assert holder.share.went_past == 0
     # The other run ends (its connection, and so its leases, go): the holder gets the room.
     other = second if holder is first else first
@@ -427,6 +427,22 @@ def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     while holder.share.budget() < 14 and time.monotonic() < deadline:
         settle(holder, steps=1)
     assert holder.share.budget() == 14
+
+
+def test_an_item_the_priority_cannot_serve_does_not_keep_it_from_one_it_can(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """The first run's item needs 13 of the 16: more than the priority can give while the
+    other run, with work left, keeps one connection (12, each run's own connection and
+    the closing slot aside). The second run's item needs 8: it takes the priority and
+    gets its room, rather than wait behind an item nothing but the growth wait serves."""
+    first, second, _ = two_runs
+    for _ in range(6):  # each step, as the planners report after every decision
+        first.wants(13)
+        second.wants(8)
+        settle(first, second, steps=1)
+    assert second.share.budget() == 8
+    assert first.share.budget() < 13
 
 
 def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
@@ -440,10 +456,10 @@ def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
         woken: list[None] = []
         run.share._on_change = lambda: woken.append(None)
         run.share.cap(5)
-        assert (run.share.budget(), run.share.ceiling_now(), len(woken)) == (5, 5, 1)
+        assert (run.share.budget(), run.share.limits().ceiling, len(woken)) == (5, 5, 1)
         run.wants(ROLE_LIMIT, in_use=5, open_=5)
         settle(run)
-        assert (run.share.budget(), run.share.ceiling_now()) == (5, 5)
+        assert (run.share.budget(), run.share.limits().ceiling) == (5, 5)
         run.share.cap(9)  # a cap only ever lowers
         assert run.share.budget() == 5
     finally:
@@ -462,16 +478,48 @@ def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
     settle(first, second)
     clock.now += GROWTH_WAIT + 1
     settle(first, second)
-    assert second.share.give_way()
-    assert not first.share.give_way()
+    assert second.share.limits().give_way
+    assert not first.share.limits().give_way
     assert first.share.went_past == 1
     # The planner may now let it past the budget (the ceiling is the budget itself).
-    assert first.share.ceiling_now() == first.share.budget()
+    limits = first.share.limits()
+    assert (limits.ceiling, limits.may_pass) == (first.share.budget(), True)
     # The other run opens a test connection: no room left past the share any more.
     second.wants(1, in_use=1, open_=1)
     with psycopg.connect(second.connection.info.dsn, autocommit=True):
         settle(first, second)
-        assert first.share.ceiling_now() > first.share.budget()
+        limits = first.share.limits()
+        assert limits.ceiling > first.share.budget()
+        assert not limits.may_pass
+
+
+def test_a_run_alone_goes_past_its_budget_into_open_connections_only_after_the_wait(
+    limited_role: Any,
+) -> None:
+    """Alone on the server, an item needing more than the run's budget goes past it at
+    once, as without sharing, when no other client holds connections. While 8
+    connections of no run are open (a run just killed, whose workers still close
+    theirs), it waits for them to go, as long as the growth wait: they may be clients
+    that never leave."""
+    dsn = limited_role(ROLE_LIMIT)
+    clock = FakeClock()
+    run = Coordinated(dsn, f"test-{uuid.uuid4().hex[:8]}", clock)
+    try:
+        settle(run, steps=1)
+        run.wants(run.share.budget() + 1)
+        settle(run, steps=1)
+        assert run.share.limits().may_pass
+        with connections(dsn, 8):
+            run.wants(12)
+            settle(run)
+            assert run.share.budget() < 12
+            assert not run.share.limits().may_pass
+            clock.now += GROWTH_WAIT + 1
+            settle(run, steps=1)
+            assert run.share.limits().may_pass
+    finally:
+        run.share.stop()
+        run.connection.close()
 
 
 def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
@@ -485,10 +533,10 @@ def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
     try:
         run.wants(run.share.ceiling)
         settle(run, steps=1)
-        before = run.share.ceiling_now()
+        before = run.share.limits().ceiling
         with connections(other, 4):
             settle(run, steps=1)
-            during = run.share.ceiling_now()
+            during = run.share.limits().ceiling
     finally:
         run.connection.close()
     assert run.share.room.scope == SERVER

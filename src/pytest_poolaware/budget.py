@@ -28,6 +28,7 @@ from pytest_poolaware.server.room import (
     ServerFacts,
     choose_budget,
 )
+from pytest_poolaware.shared.limits import Limits
 from pytest_poolaware.shared.protocol import RoomKnown, RoomRequest, ServerSeen
 
 if TYPE_CHECKING:
@@ -40,11 +41,7 @@ class Share(Protocol):
     """This run's share of the server's room, moving with the other runs'
     (``share.ShareCoordinator``): what the owner reads of it and tells it."""
 
-    def budget(self) -> int: ...
-
-    def ceiling_now(self) -> int: ...
-
-    def give_way(self) -> bool: ...
+    def limits(self) -> Limits: ...
 
     def cap(self, ceiling: int) -> None: ...
 
@@ -57,17 +54,6 @@ class Share(Protocol):
     def held_back_waits(
         self, nodeid: str, waits: Iterable[tuple[float, float]]
     ) -> tuple[tuple[float, float], ...]: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the planner follows (``Planner.set_budget``): the budget now (the run's share
-    when it shares the room), what it may still grow to, and whether blocked items give
-    way to another run."""
-
-    budget: int
-    ceiling: int | None = None
-    give_way: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,10 +148,7 @@ class RunBudget(Generic[N]):
 
     def _now(self) -> tuple[Limits, RoomKnown]:
         share = self._share
-        if share is None:
-            limits = Limits(self.budget)
-        else:
-            limits = Limits(share.budget(), share.ceiling_now(), share.give_way())
+        limits = Limits(self.budget) if share is None else share.limits()
         allows, limit = self.room if self.room is not None else (None, "")
         return limits, RoomKnown(self.budget, allows, limit)
 

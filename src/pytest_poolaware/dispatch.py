@@ -233,9 +233,7 @@ class Dispatcher:
         # The planner follows the budget from here, starting with what it is now (nothing
         # is attached yet: no action to carry out, and nothing to tell a share).
         start = budget.subscribe(self._budget_changed, open_now=lambda: planner.statistics().open)
-        self._carry_out(
-            planner.set_budget(start.budget, ceiling=start.ceiling, give_way=start.give_way)
-        )
+        self._carry_out(planner.set_budget(start))
 
     def admits(self, node: WorkerController) -> bool:
         """Whether the planner counts and admits this worker's connections: from the moment
@@ -259,12 +257,7 @@ class Dispatcher:
             for link in self._links.values():
                 link.send(change.workers)
         if change.planner is not None:
-            limits = change.planner
-            self.apply(
-                self.planner.set_budget(
-                    limits.budget, ceiling=limits.ceiling, give_way=limits.give_way
-                )
-            )
+            self.apply(self.planner.set_budget(change.planner))
 
     def _report_use(self) -> None:
         """What the run uses and waits for, after every decision, when it shares the room:

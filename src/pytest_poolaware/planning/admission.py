@@ -22,6 +22,7 @@ from pytest_poolaware.planning.holders import (
     go_order,
     waiting_requests,
 )
+from pytest_poolaware.shared.limits import Limits
 from pytest_poolaware.shared.protocol import Answer
 
 W = TypeVar("W", bound=Hashable)
@@ -87,16 +88,13 @@ class Admission(Generic[W]):
     """
 
     def __init__(self, budget: int, *, need_of: Callable[[int], int]) -> None:
-        if budget < 1:
-            raise ValueError(f"budget must be positive, got {budget}")
+        #: The budget, what it may grow to and how a wait for more ends (``set_budget``).
+        self.limits = Limits(budget)
         self.budget = budget
-        #: What the budget may still grow to (``set_budget``).
-        self._ceiling = budget
         #: The largest budget in force since the first go (the lower bound's B), and
         #: whether an item has had its go yet.
         self.largest_budget = budget
         self._went = False
-        self._give_way = False
         self.need_of = need_of
         #: The budget was lowered below what the workers hold: until they are back
         #: under it, idle connections are asked back even with nobody waiting.
@@ -119,9 +117,7 @@ class Admission(Generic[W]):
         """Items were handed to the worker (they start once they get a go)."""
         self._workers[worker].queue.extend(indices)
 
-    def set_budget(
-        self, budget: int, *, ceiling: int | None = None, give_way: bool = False
-    ) -> bool:
+    def set_budget(self, limits: Limits) -> bool:
         """The room changed mid-run (another run on the server took or gave back a
         share): what already started keeps what it was granted, new goes and grants
         follow the new budget. Returns whether anything changed.
@@ -130,18 +126,14 @@ class Admission(Generic[W]):
         connect beyond what a running item was already granted, asks the workers for
         their idle connections back, and the run converges to it as items end.
 
-        ``ceiling`` is what the budget can still grow to (another run giving its share
-        back): an item that needs more than the budget but no more than that waits for
-        it, rather than be let past the budget. With ``give_way`` (another run is being
-        served first), running items blocked on a connection give way, as in a deadlock,
-        rather than hold their connections while that run waits for them.
+        The ceiling, ``give_way`` and ``may_pass`` say how a wait for more ends
+        (``Limits``): the budget grows, a blocked item gives way as in a deadlock, or
+        an item goes past the budget alone.
         """
-        if budget < 1:
-            raise ValueError(f"budget must be positive, got {budget}")
-        ceiling = budget if ceiling is None else max(budget, ceiling)
-        if (budget, ceiling, give_way) == (self.budget, self._ceiling, self._give_way):
+        if limits == self.limits:
             return False
-        self.budget, self._ceiling, self._give_way = budget, ceiling, give_way
+        self.limits, self.budget = limits, limits.budget
+        budget = limits.budget
         self.largest_budget = max(self.largest_budget, budget) if self._went else budget
         self._lowered_under = self.committed > budget
         return True
@@ -277,12 +269,7 @@ class Admission(Generic[W]):
         could start its next item if it had the go (xdist enters an item only once the
         worker holds the next one or a shutdown); one that cannot reserves nothing."""
         hand_out = _Pass(
-            self._workers,
-            self.budget,
-            self.need_of,
-            answer=self._answer,
-            tick=self._next,
-            give_way=self._give_way,
+            self._workers, self.limits, self.need_of, answer=self._answer, tick=self._next
         )
         hand_out.answer_requests(actions)
         if not hand_out.draining:
@@ -291,6 +278,10 @@ class Admission(Generic[W]):
             hand_out.give_goes(actions, first, path, can)
         if hand_out.blocked:
             self._relieve(hand_out.blocked, actions, keeping=hand_out.keeping)
+        elif hand_out.growing:
+            # A head waits for the budget to grow, which other runs' shares make: idle
+            # connections held here would keep this run's share, and so their room.
+            self._ask_idle_back(actions)
         elif self._lowered_under:
             # Over a lowered budget with nobody waiting: idle connections given back
             # bring the run under it sooner (another run may be waiting for them).
@@ -334,17 +325,18 @@ class Admission(Generic[W]):
             and not self._workers[r.worker].rerunning  # type: ignore[index]
         ]
         victim = connects[-1].worker if connects else None
+        limits = self.limits
         if victim is not None and (
-            self._give_way
+            limits.give_way
             or any(s.commitment() > 0 for w, s in self._workers.items() if w != victim)
         ):
             # Wait-die: the youngest waiting test gives way (all its waiting threads);
             # it fails on a connection-limit error and is rerun alone.
             for request in [r for r in connects if r.worker == victim]:
                 self._answer(request, Answer.REFUSED, actions)
-        elif self.budget < self._ceiling or self._give_way:
-            # The budget will grow, or another run is served first: nothing (a rerun,
-            # a head alone) goes past the budget into the room that run waits for.
+        elif self.budget < limits.ceiling or limits.give_way or not limits.may_pass:
+            # The budget will grow, or another run is served first, or the server has
+            # no room past the budget yet: nothing (a rerun, a head alone) goes past it.
             return
         elif waiting:
             # Alone, or only reruns are waiting: nothing else will ever free room.
@@ -382,17 +374,15 @@ class _Pass(Generic[W]):
     def __init__(
         self,
         holders: Mapping[W, Holder],
-        budget: int,
+        limits: Limits,
         need_of: Callable[[int], int],
         *,
         answer: Callable[[Request, Answer, list[AdmissionAction]], None],
         tick: Callable[[], int],
-        give_way: bool = False,
     ) -> None:
         self._holders = holders
-        #: Another run sharing the server is served first (``Admission.set_budget``).
-        self._give_way = give_way
-        self._budget = budget
+        self._limits = limits
+        budget = self._budget = limits.budget
         self._need_of = need_of
         self._answer = answer
         self._tick = tick
@@ -414,6 +404,8 @@ class _Pass(Generic[W]):
         self._first: W | None = None
         #: Workers let start within their connections while a head waits: they keep them.
         self.keeping: list[W] = []
+        #: A head waits for the budget to grow (``_grows_for``).
+        self.growing = False
 
     def answer_requests(self, actions: list[AdmissionAction]) -> None:
         """Rules 1 to 3: connect requests first, oldest first, then reruns."""
@@ -438,7 +430,7 @@ class _Pass(Generic[W]):
         the run drains towards that. On a shared server it also waits while another run
         is served first: that run's test may wait for the room the rerun would take, and
         a rerun never gives way (it has no third attempt), so neither would go on."""
-        if not self.draining and not self._give_way and not self._others_busy(worker):
+        if not self.draining and not self._limits.give_way and not self._others_busy(worker):
             request.want = min(request.want, self._budget)  # it may have shrunk
             self.committed[worker] = max(self.committed[worker], request.want)
             self._answer(request, Answer.GRANTED, actions)
@@ -527,7 +519,10 @@ class _Pass(Generic[W]):
                     break
                 continue
             gap_shut = waits.spare is not None and extra > self.room + waits.spare
-            if starts_now and (gap_shut or not waits.for_room(self._need_of(index), self._budget)):
+            need = self._need_of(index)
+            if starts_now and (
+                gap_shut or self._grows_for(need) or not waits.for_room(need, self._budget)
+            ):
                 state.waiting_since = state.waiting_since or self._tick()
             elif starts_now:
                 self.room -= extra
@@ -539,6 +534,16 @@ class _Pass(Generic[W]):
                     state.waiting_since = state.waiting_since or self._tick()
             break
         return reserved
+
+    def _grows_for(self, need: int) -> bool:
+        """Whether a head needing more than the whole budget waits for the budget to grow
+        (another run sharing the server gives back its share): it reserves nothing
+        meanwhile, since no draining of this run's tests can make it room; the run's other
+        tests go on within the budget. Once the budget can grow no more, it reserves, and
+        runs alone past the budget when nothing else frees room (rule 6)."""
+        grows = self._budget < need and self._budget < self._limits.ceiling
+        self.growing = self.growing or grows
+        return grows
 
     def _may_start(
         self, worker: W, extra: int, *, starts_now: bool, reserved: bool, keep: int

@@ -43,6 +43,7 @@ from pytest_poolaware.planning.placement import Placer as Placer
 from pytest_poolaware.planning.placement import Send as Send
 from pytest_poolaware.planning.placement import Shutdown as Shutdown
 from pytest_poolaware.planning.priors import Priors
+from pytest_poolaware.shared.limits import Limits as Limits
 from pytest_poolaware.shared.protocol import Answer as Answer
 
 W = TypeVar("W", bound=Hashable)
@@ -155,11 +156,9 @@ class Planner(Generic[W]):
             self._admission.remove_worker(worker)
         return running, self._plan()
 
-    def set_budget(
-        self, budget: int, *, ceiling: int | None = None, give_way: bool = False
-    ) -> list[Action]:
+    def set_budget(self, limits: Limits) -> list[Action]:
         """The room changed mid-run, up or down: see ``Admission.set_budget``."""
-        if not self._admission.set_budget(budget, ceiling=ceiling, give_way=give_way):
+        if not self._admission.set_budget(limits):
             return []
         return self._plan()
 

@@ -22,6 +22,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, Final
 
 from pytest_poolaware.server.connection import connection_failure
@@ -37,6 +38,7 @@ from pytest_poolaware.server.share_plan import (
 )
 from pytest_poolaware.server.share_touch import Touch
 from pytest_poolaware.shared.clock import monotonic, wall
+from pytest_poolaware.shared.limits import Limits
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
 LEASE_INTERVAL: Final = 0.1
@@ -232,16 +234,17 @@ class ShareCoordinator:
         self._join = leases_on(namespace, facts, room, clock, departed_grace)
         self._leases = self._join(connection)
         self._lock = threading.Lock()
-        #: Until the first step, the run's own budget (what it would use with sharing off).
-        self._budget = self._share = self._demand = ceiling
+        self._share = self._demand = ceiling
+        #: What the scheduler reads (``limits``): until the first step, the run's own
+        #: budget (what it would use with sharing off).
+        self._limits = Limits(ceiling)
         #: Connections an item held back by the budget expects (``report``).
         self._wants = 0
-        self._priority_elsewhere = False
-        self._reachable = ceiling
         #: This run's own waiting tests give way (overdue, without the priority).
         self._yield = False
-        #: What the server's live count leaves free for this run's tests right now.
-        self._live_free = ceiling
+        #: Connections in the limit's scope that are not this run's tests' right now:
+        #: other clients', and what the other runs may open without asking anyone.
+        self._occupied = 0
         #: Times an overdue wait ended by a test giving way, and by going past the share
         #: within the live room.
         self.gave_way = self.went_past = 0
@@ -270,13 +273,16 @@ class ShareCoordinator:
 
     def budget(self) -> int:
         with self._lock:
-            return self._budget
+            return self._limits.budget
 
-    def ceiling_now(self) -> int:
-        """What the budget may still grow to: the room less what cannot be had (the
-        other runs' own connections, clients that take no part)."""
+    def limits(self) -> Limits:
+        """What the planner follows: the budget; what it may still grow to (the room less
+        what cannot be had: the other runs' own connections, clients that take no part);
+        whether this run's blocked items give way (another run holds the priority, or
+        this run's own wait for its share to grow went on too long without it: wait-die
+        across runs); and whether an item may go past the budget (``_follow``)."""
         with self._lock:
-            return self._reachable
+            return self._limits
 
     def cap(self, ceiling: int) -> None:
         """Another login of the run's tests allows less than the room shared: the run's
@@ -287,16 +293,10 @@ class ShareCoordinator:
         limit do not coordinate on it (``docs/design.md``, "Several logins")."""
         with self._lock:
             self.ceiling = min(self._room_ceiling, ceiling)
-            self._budget = min(self._budget, self.ceiling)
-            self._reachable = min(self._reachable, self.ceiling)
+            now = self._limits
+            budget, reachable = min(now.budget, self.ceiling), min(now.ceiling, self.ceiling)
+            self._limits = replace(now, budget=budget, ceiling=reachable)
         self._on_change()
-
-    def give_way(self) -> bool:
-        """Whether this run's blocked items give way: another run holds the priority, or
-        this run's own wait for its share to grow went on too long (wait-die across runs:
-        the run without the priority yields)."""
-        with self._lock:
-            return self._priority_elsewhere or self._yield
 
     def report(
         self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
@@ -314,8 +314,9 @@ class ShareCoordinator:
             self._demand = min(self.ceiling, wanted) if pending else in_use
             self._wants = wants
             if self.touch.safe is not None:  # out of touch: down as tests end, never up
-                self._budget = self._reachable = min(self.ceiling, self.touch.safe.follow(in_use))
-                self.lowest = min(self.lowest, self._budget)
+                safe = min(self.ceiling, self.touch.safe.follow(in_use))
+                self._limits = replace(self._limits, budget=safe, ceiling=safe)
+                self.lowest = min(self.lowest, safe)
 
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether the run was held back by another run between two ``time.time()``s."""
@@ -389,11 +390,14 @@ class ShareCoordinator:
         others, live = self._leases.look()
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
-            wants, budget_now = self._wants, self._budget
-        # An item the room can serve with the priority, or one that waited too long for
-        # its share to grow (it may then go past the share within the live room): only
-        # the holder of the priority does, so two runs never do it at once.
-        needed = budget_now < wants and (wants <= self._reachable or self._growth.overdue)
+            wants, budget_now = self._wants, self._limits.budget
+        # An item the room can serve with the priority (every other run with work keeps
+        # one connection: ``shares_with_priority``), or one that waited too long for its
+        # share to grow (it may then go past the share within the live room): only the
+        # holder of the priority does, so two runs never do it at once. An item the
+        # priority cannot serve does not take it from one it can.
+        servable = self._limits.ceiling - sum(1 for d in others.demand.values() if d > 0)
+        needed = budget_now < wants and (wants <= servable or self._growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,
@@ -407,11 +411,7 @@ class ShareCoordinator:
             workers=self._workers,
         )
         self._leases.set_demand(demand)
-        # What the server could take now: the limit less every client connection but
-        # this run's own tests' (its own connection and the closing slot kept free),
-        # and less what the others may open without asking anyone.
-        occupied = max(live - open_, kept_by_others(others))
-        self._live_free = max(0, self.room.allows - 1 - CLOSING_SLACK - occupied)
+        self._occupied = max(live - open_, kept_by_others(others))
         # One slot more than the tests': the plugin's own connection takes one too,
         # so that all runs' slot locks together never exceed what the limit allows.
         self._leases.move_to(step.hold + 1)
@@ -423,11 +423,10 @@ class ShareCoordinator:
         even part of the room as its tests end (``SafeBudget``)."""
         cause = connection_failure(self._conn, exc)
         with self._lock:
-            held = min(self._budget, max(1, self._leases.slots - 1))
+            held = min(self._limits.budget, max(1, self._leases.slots - 1))
             safe = self.touch.lose(cause, held=held, allows=self.room.allows)
-            self._budget = self._reachable = min(self.ceiling, safe.follow(self._in_use))
-            self.lowest = min(self.lowest, self._budget)
-            self._priority_elsewhere = False
+            self._limits = Limits(min(self.ceiling, safe.follow(self._in_use)))
+            self.lowest = min(self.lowest, self._limits.budget)
             self._yield = False
         self.held_back.note(False)
         self._on_change()
@@ -452,33 +451,31 @@ class ShareCoordinator:
         # their last connection), the item goes past the share if the live count leaves
         # it room, and else waits for the others' tests to end.
         yield_ = overdue and not self._leases.priority
-        # The run's connections once the item has what it wants past the budget.
+        # The run's connections once the item has what it wants past the budget, and
+        # what the server could take now: the limit less every client connection but
+        # this run's tests' (its own connection and the closing slot kept free).
         after = max(open_, budget) + wants - budget
-        past = overdue and bool(self._leases.priority) and after <= self._live_free
+        live_free = self.room.allows - 1 - CLOSING_SLACK - self._occupied
+        past = overdue and bool(self._leases.priority) and after <= live_free
         if past:
             reachable = budget
-        self._publish(budget, reachable, elsewhere, yield_, past=past)
+        # Alone, past the budget (the planner's last resort) as before sharing, unless
+        # connections of no run hold the room: they may be a killed run's, closing, so
+        # they have the growth wait to go (they may also be clients that never leave).
+        may_pass = past or (not runs and (overdue or not self._occupied))
+        limits = Limits(budget, reachable, elsewhere or yield_, may_pass)
+        self._publish(limits, yield_=yield_, past=past)
 
-    def _publish(
-        self, budget: int, reachable: int, elsewhere: bool, yield_: bool, *, past: bool
-    ) -> None:
+    def _publish(self, limits: Limits, *, yield_: bool, past: bool) -> None:
         """What the scheduler reads, in one go; it is woken when that changed."""
         with self._lock:
-            changed = (budget, reachable, elsewhere, yield_) != (
-                self._budget,
-                self._reachable,
-                self._priority_elsewhere,
-                self._yield,
-            )
+            changed = limits != self._limits
             if yield_ and not self._yield:
                 self.gave_way += 1
-            if past and self._reachable != reachable:
+            if past and self._limits.ceiling != limits.ceiling:
                 self.went_past += 1
-            self._budget = budget
-            self._reachable = reachable
-            self._priority_elsewhere = elsewhere
-            self._yield = yield_
-            self.lowest = min(self.lowest, budget)
+            self._limits, self._yield = limits, yield_
+            self.lowest = min(self.lowest, limits.budget)
         if changed:
             self._on_change()
 

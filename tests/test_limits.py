@@ -1,0 +1,19 @@
+"""The record the planner follows of the run's budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_poolaware.shared.limits import Limits
+
+
+def test_a_ceiling_below_the_budget_is_the_budget() -> None:
+    assert Limits(5).ceiling == 5
+    assert Limits(5, 3).ceiling == 5
+    assert Limits(5, 9).ceiling == 9
+    assert Limits(5) == Limits(5, 5)
+
+
+def test_a_budget_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="budget must be positive, got 0"):
+        Limits(0)
