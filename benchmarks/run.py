@@ -1,10 +1,14 @@
 """Side-by-side benchmarks of the demo suite under each way of running it, in one invocation.
 
-    python benchmarks/run.py [--only NAME[,NAME...]] [--out DIR]
+    python benchmarks/run.py [--only NAME[,NAME...]] [--out DIR] [--suite demo|inventory]
 
 One PostgreSQL (POOLAWARE_DSN, a superuser DSN, or a throwaway server), one role limited to
 ROLE_LIMIT connections, and every mode in a fresh pytest subprocess, so the ratios compare
 runs made minutes apart on the same machine. Writes DIR/latest.md and DIR/latest.json.
+``--suite inventory`` runs the modes on ``benchmarks/inventory`` (a suite of the demo's
+shape whose serial lane is a quarter of its work) instead of the demo, and writes
+DIR/latest_inventory.md and .json; the other benchmarks do not use a suite, so they only
+run when named in ``--only``.
 A mode that cannot run (say ``--dist poolaware`` before the scheduler exists) is reported
 as failed with the tail of its output, and the others still run.
 """
@@ -34,6 +38,10 @@ from typing import Any, Final
 
 HERE: Final = Path(__file__).resolve().parent
 SUITE: Final = HERE.parent / "demo" / "suite"
+#: The suites the modes can run, by ``--suite``: the demo, and one of its shape whose
+#: serial lane is not most of the work (so overlapping it with the fan-out pays off).
+SUITES: Final = {"demo": SUITE, "inventory": HERE / "inventory"}
+DEFAULT_SUITE: Final = "demo"
 #: A suite that opens its connections without SQLAlchemy (psycopg, psycopg_pool, asyncpg).
 RAW_SUITE: Final = HERE / "rawdrivers"
 DEFAULT_OUT: Final = HERE / "results"
@@ -615,7 +623,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu_count']} CPUs, Python {m['python']}, PostgreSQL "
         f"{m.get('postgres', '?')}; load average at start {m.get('loadavg_at_start')}, "
         f"at end {report.get('loadavg_at_end')}.",
-        f"Demo suite, W={s['workers']} workers, role CONNECTION LIMIT {s['role_limit']}, "
+        f"{report['suite'].capitalize()} suite, W={s['workers']} workers, "
+        f"role CONNECTION LIMIT {s['role_limit']}, "
         f"PG_POOL_SIZE={s['pool_size']} PG_MAX_OVERFLOW={s['max_overflow']} "
         f"(budget B={s['budget']}); server peak sampled every {s['sample_interval']} s.",
         "",
@@ -729,11 +738,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--only",
-        default=",".join(ALL_NAMES),
-        help=f"comma-separated subset of: {', '.join(ALL_NAMES)} (LB needs serial)",
+        default=None,
+        help=f"comma-separated subset of: {', '.join(ALL_NAMES)} (LB needs serial); "
+        f"default: all of them for the demo, the modes only for another suite",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where latest.md/json go")
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=DEFAULT_SUITE,
+        help="the suite the modes run (results of another than the demo go to "
+        "latest_<suite>.md/json)",
+    )
     args = parser.parse_args(list(argv))
+    if args.only is None:
+        modes = [m.name for m in DEMO_MODES]
+        args.only = ",".join(ALL_NAMES if args.suite == DEFAULT_SUITE else modes)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.only) - set(ALL_NAMES))
     if unknown:
@@ -749,10 +769,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from poolaware_testserver import ServerUnavailable, postgres_dsn
 
     out: Path = args.out
-    work = out / "work"
+    suite: Path = SUITES[args.suite]
+    stem = "latest" if args.suite == DEFAULT_SUITE else f"latest_{args.suite}"
+    # Another suite's caches and history file apart from the demo's.
+    work = out / "work" if args.suite == DEFAULT_SUITE else out / "work" / args.suite
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "suite": args.suite,
         "settings": {
             "workers": WORKERS,
             "role_limit": ROLE_LIMIT,
@@ -783,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
-                    run_mode(mode, SUITE, env, work, (admin_dsn, role))
+                    run_mode(mode, suite, env, work, (admin_dsn, role))
                 for round_ in range(DEMO_ROUNDS):
                     # Interleaved, so a noisy minute on this shared machine hits every
                     # mode alike; each mode keeps its own cache (warm follows cold).
@@ -793,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             file=sys.stderr,
                             flush=True,
                         )
-                        outcome, cases = run_mode(mode, SUITE, env, work, (admin_dsn, role))
+                        outcome, cases = run_mode(mode, suite, env, work, (admin_dsn, role))
                         if mode.name == "serial" and outcome.ran and not serial_cases:
                             serial_cases = cases
                         rounds[mode.name].append(outcome)
@@ -820,8 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["rawdrivers"] = benchmark_rawdrivers(Path(tmp), admin_dsn)
     report["loadavg_at_end"] = loadavg()
     markdown = render_markdown(report)
-    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "latest.md").write_text(markdown)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
     print(markdown)
     return 0
 
