@@ -1,6 +1,7 @@
 """Side-by-side benchmarks of the demo suite under each way of running it, in one invocation.
 
     python benchmarks/run.py [--only NAME[,NAME...]] [--out DIR] [--suite demo|inventory]
+                             [--rounds N]
 
 One PostgreSQL (POOLAWARE_DSN, a superuser DSN, or a throwaway server), one role limited to
 ROLE_LIMIT connections, and every mode in a fresh pytest subprocess, so the ratios compare
@@ -78,6 +79,7 @@ OVERHEAD_MODULES: Final = 30
 OVERHEAD_WORKERS: Final = 2
 OVERHEAD_ROUNDS: Final = 5
 #: Rounds of the demo modes, interleaved (every mode once per round); medians are shown.
+#: The default of ``--rounds``.
 DEMO_ROUNDS: Final = 3
 RAW_ROUNDS: Final = 3
 NOMARKERS_TESTS: Final = 2000
@@ -644,7 +646,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["modes"]:
         lines += [
-            f"Each mode ran {DEMO_ROUNDS} times, interleaved; wall and startup are medians, "
+            f"Each mode ran {s.get('rounds', DEMO_ROUNDS)} times, interleaved; "
+            "wall and startup are medians, "
             "the counts the worst round's.",
             "",
             "| mode | wall s | rounds | startup s | passed | failed | errors | conn errors "
@@ -750,7 +753,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="the suite the modes run (results of another than the demo go to "
         "latest_<suite>.md/json)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=DEMO_ROUNDS,
+        help=f"interleaved rounds of the modes (default {DEMO_ROUNDS}; 1 for a smoke run)",
+    )
     args = parser.parse_args(list(argv))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.only is None:
         modes = [m.name for m in DEMO_MODES]
         args.only = ",".join(ALL_NAMES if args.suite == DEFAULT_SUITE else modes)
@@ -784,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_overflow": MAX_OVERFLOW,
             "budget": BUDGET,
             "sample_interval": SAMPLE_INTERVAL,
+            "rounds": args.rounds,
         },
         "modes": [],
     }
@@ -808,12 +820,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
                     run_mode(mode, suite, env, work, (admin_dsn, role))
-                for round_ in range(DEMO_ROUNDS):
+                for round_ in range(args.rounds):
                     # Interleaved, so a noisy minute on this shared machine hits every
                     # mode alike; each mode keeps its own cache (warm follows cold).
                     for mode in selected:
                         print(
-                            f"[bench] {mode.name} {round_ + 1}/{DEMO_ROUNDS} ...",
+                            f"[bench] {mode.name} {round_ + 1}/{args.rounds} ...",
                             file=sys.stderr,
                             flush=True,
                         )
