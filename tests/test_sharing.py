@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -26,6 +27,8 @@ from pytest_poolaware.server.connection import QUERY_DEADLINE, open_connection, 
 from pytest_poolaware.server.discovery import read_facts
 from pytest_poolaware.server.room import SERVER, room_of
 from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
+from pytest_poolaware.server.share_plan import STALLED_AFTER
+from pytest_poolaware.shared.limits import Limits
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
 ROLE_LIMIT = 16
@@ -322,7 +325,11 @@ class Coordinated:
     """One run's coordinator on its own connection, as the plugin makes it, stepped by
     hand (no background thread) against the real server."""
 
-    def __init__(self, dsn: str, namespace: str, clock: FakeClock) -> None:
+    def __init__(
+        self, dsn: str, namespace: str, clock: FakeClock, stalled_after: float = math.inf
+    ) -> None:
+        """``stalled_after``: the no-progress time, never by default (the tests move the
+        clock past the growth wait without the run being stalled)."""
         self.connection = open_connection(dsn)
         facts = read_facts(self.connection, target_database(dsn))
         alone = room_of(facts)
@@ -334,6 +341,7 @@ class Coordinated:
             ceiling=alone.budget,
             clock=clock,
             reconnect=lambda: open_connection(dsn),
+            stalled_after=stalled_after,
         )
 
     def wants(self, need: int, *, in_use: int = 0, open_: int = 0) -> None:
@@ -445,6 +453,62 @@ def test_an_item_the_priority_cannot_serve_does_not_keep_it_from_one_it_can(
     assert first.share.budget() < 13
 
 
+def silent_for_more_than(conn: Any, seconds: float) -> None:
+    """Wait until the server has seen ``conn`` idle for more than ``seconds``."""
+    with psycopg.connect(conn.info.dsn, autocommit=True) as watcher:
+        deadline = time.monotonic() + 10 * seconds + QUERY_DEADLINE
+        while True:
+            (idle,) = watcher.execute(
+                "SELECT extract(epoch FROM now() - state_change)::float8"
+                " FROM pg_stat_activity WHERE pid = %s",
+                (conn.info.backend_pid,),
+            ).fetchone() or (0.0,)
+            if idle > seconds:
+                return
+            assert time.monotonic() < deadline, f"still active after {seconds}s"
+            time.sleep(seconds / 10)
+
+
+def test_a_run_silent_past_the_no_progress_time_is_no_longer_honoured(
+    limited_role: Any,
+) -> None:
+    """A run holds leases for 8 connections and stops moving (suspended: its session and
+    locks live on). Once its coordinating connection has been silent past the no-progress
+    time, the other run's share no longer leaves it that room: it takes slot numbers past
+    the limit's for the stalled run's, says so once, and counts only what the stalled run
+    has open. The stalled run, moving again, starts nothing new until its first step,
+    gives back the leases its tests do not use, and says so."""
+    dsn = limited_role(ROLE_LIMIT)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    stalled_clock, clock = FakeClock(), FakeClock()
+    stalled = Coordinated(dsn, namespace, stalled_clock, stalled_after=5.0)
+    other = Coordinated(dsn, namespace, clock, stalled_after=0.2)
+    try:
+        stalled.wants(8, in_use=2)
+        settle(stalled)
+        held = stalled.share.budget()
+        assert held >= 8
+        silent_for_more_than(stalled.connection, 0.2)
+        other.wants(12)
+        settle(other)
+        assert other.share.budget() >= 12  # 16 less each run's own connection, the
+        # closing slot, and nothing the stalled run has open
+        assert held + other.share.budget() > ROLE_LIMIT
+        (note,) = other.share.interruptions
+        assert "made no progress for 0.2s (suspended or wedged)" in note
+        # The stalled run moves again, its clock 6 s on: nothing new before its step.
+        stalled_clock.now += 6.0
+        assert stalled.share.limits() == Limits(2, 2, give_way=False, may_pass=False)
+        settle(stalled, steps=1)
+        assert stalled.share.budget() < held
+        (note,) = stalled.share.interruptions
+        assert note.startswith("this run made no progress for 6.0s (suspended or wedged)")
+    finally:
+        for run in (stalled, other):
+            run.share.stop()
+            run.connection.close()
+
+
 def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
     """The run alone gets the whole room of the shared limit, but never more than the
     cap another login of its tests set, however much it asks for."""
@@ -500,7 +564,9 @@ def test_a_run_alone_goes_past_its_budget_into_open_connections_only_after_the_w
     once, as without sharing, when no other client holds connections. While 8
     connections of no run are open (a run just killed, whose workers still close
     theirs), it waits for them to go, as long as the growth wait: they may be clients
-    that never leave."""
+    that never leave, counted from when they came: the item may have waited for its
+    share to grow long before (the survivor of a killed run had: its rerun went past the
+    budget into the killed run's connections at once, and the server refused it)."""
     dsn = limited_role(ROLE_LIMIT)
     clock = FakeClock()
     run = Coordinated(dsn, f"test-{uuid.uuid4().hex[:8]}", clock)
@@ -509,6 +575,7 @@ def test_a_run_alone_goes_past_its_budget_into_open_connections_only_after_the_w
         run.wants(run.share.budget() + 1)
         settle(run, steps=1)
         assert run.share.limits().may_pass
+        clock.now += GROWTH_WAIT + 1  # the item's wait for growth is overdue
         with connections(dsn, 8):
             run.wants(12)
             settle(run)
@@ -572,6 +639,72 @@ def test_one_of_two_runs_killed_mid_run_leaves_the_other_every_test(
     assert f"{SUITE_TESTS} passed" in survivor.output
     assert survivor.connection_errors() == 0, survivor.output
     assert RERUN_SERVER not in survivor.output
+
+
+#: A run to suspend: its first test is known (from a history file) to need 10
+#: connections, holds one, says so and waits for the outer test; light tests queue behind.
+STALLING_SUITE = """
+import pathlib, time
+import pytest
+from conftest import hold
+from sqlalchemy import text
+
+def test_hold(engine):
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+        pathlib.Path({ready!r}).write_text("")
+        deadline = time.monotonic() + 120
+        while not pathlib.Path({go!r}).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+@pytest.mark.parametrize("n", range(6))
+def test_light(engine, n):
+    hold(engine, 1, 0.05)
+"""
+
+
+@pytest.mark.e2e
+def test_a_run_suspended_past_the_no_progress_time_does_not_hold_the_other_back(
+    shared_role: str, tmp_path: Path
+) -> None:
+    """A run is suspended (SIGSTOP, as Ctrl-Z does) while its test holds leases for the
+    10 connections it is known to need but has one open: its session and its locks live
+    on. Another run arrives, whose serial tests need 8 of the 13 left beside it: after
+    STALLED_AFTER it stops honouring the stopped run's leases and finishes every test
+    while that one is still stopped, with no refusal, saying why. Resumed, the stopped
+    run ends too, and says what happened."""
+    root = checkout(tmp_path / "stopped")
+    ready, go = root / "ready", root / "go"
+    (root / "test_suite.py").write_text(STALLING_SUITE.format(ready=str(ready), go=str(go)))
+    history = {"schema": 1, "tests": {"test_suite.py::test_hold": [10, 1.0]}}
+    (root / "history.json").write_text(json.dumps(history))
+    args = ("-n", "4", "--dist", "poolaware")
+    stopped = Run(root, *args, "--poolaware-history=history.json")
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not ready.exists():
+        assert stopped.process.poll() is None, stopped.wait()
+        assert time.monotonic() < deadline, "the run to stop never started its test"
+        time.sleep(0.05)
+    group = [stopped.process.pid, *children(stopped.process.pid)]
+    for pid in group:
+        os.kill(pid, signal.SIGSTOP)
+    other = Run(checkout(tmp_path / "other"), *args, "--poolaware-report=report.json")
+    try:
+        assert other.wait() == 0, other.output
+    finally:
+        go.write_text("")
+        for pid in group:
+            os.kill(pid, signal.SIGCONT)
+    assert f"{SUITE_TESTS} passed" in other.output
+    assert other.connection_errors() == 0, other.output
+    assert RERUN_SERVER not in other.output
+    assert f"made no progress for {STALLED_AFTER:g}s (suspended or wedged)" in other.output
+    # Held back until the stopped run's leases stopped counting, not while it slept.
+    report = json.loads((other.root / "report.json").read_text())
+    assert report["run"]["held_back_by_runs"] < STALLED_AFTER + GROWTH_WAIT, other.output
+    assert stopped.wait() == 0, stopped.output
+    assert "7 passed" in stopped.output
+    assert "this run made no progress for" in stopped.output
 
 
 ORPHAN_SUITE = """

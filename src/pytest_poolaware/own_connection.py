@@ -36,7 +36,7 @@ from pytest_poolaware.server.learning import (
 )
 from pytest_poolaware.server.monitor import ServerMonitor
 from pytest_poolaware.server.room import ServerFacts, room_of
-from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait
+from pytest_poolaware.server.share import ShareCoordinator, share_growth_wait, share_summary
 from pytest_poolaware.shared.options import ENV_DSN
 from pytest_poolaware.shared.protocol import ServerSeen, WorkerMessage
 from pytest_poolaware.shared.server_view import ServerView
@@ -223,7 +223,7 @@ class OwnConnection:
         share.stop()
         if share.peers_seen:
             self.held_back_by_runs = share.held_back.seconds
-        summary = share.summary()
+        summary = share_summary(share)
         notes = (summary, *share.other_versions.values(), *share.interruptions, share.problem)
         return [note for note in notes if note]
 

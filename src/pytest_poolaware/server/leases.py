@@ -23,6 +23,7 @@ from pytest_poolaware.server.room import Room
 from pytest_poolaware.server.share_plan import (
     DEPARTED_GRACE,
     SHARE_PROTOCOL,
+    STALLED_AFTER,
     DepartedRuns,
     Others,
     key_parts,
@@ -44,8 +45,10 @@ class Leases:
         scope_name: str,
         clock: Callable[[], float],
         departed_grace: float = DEPARTED_GRACE,
+        stalled_after: float = STALLED_AFTER,
     ) -> None:
         self._conn = connection
+        self._stalled_after = stalled_after
         self._allows = room.allows
         self._scope = room.scope
         #: The role or database whose connections the binding limit counts.
@@ -59,6 +62,8 @@ class Leases:
         self.me: int = connection.info.backend_pid
         self._slots: list[int] = []  # slot numbers this run holds, in order taken
         self._demand_held = 0
+        #: Slot numbers past the limit's this run may take: those stalled runs hold.
+        self._beyond = 0
         #: Connections this run holds the priority for (0: it does not hold it).
         self.priority = 0
 
@@ -91,7 +96,29 @@ class Leases:
             priority = (holder, amounts.get(holder, 0))
         live = sql.live_clients(self._conn, self._scope, self._scope_name)
         departed = self._departed.update(held, self._clock())
-        return Others(held, demand, priority, departed, foreign), live
+        stalled = self._stalled(held.keys() | demand.keys())
+        if priority is not None and priority[0] in stalled:
+            priority = None
+        # The slot numbers a stalled run holds are taken, yet no longer honoured: the
+        # others may use as many numbers past the limit's (given back when it resumes,
+        # as the shares move).
+        self._beyond = sum(held.get(run, 0) for run in stalled)
+        return Others(
+            {run: n for run, n in held.items() if run not in stalled},
+            {run: n for run, n in demand.items() if run not in stalled},
+            priority,
+            departed,
+            foreign,
+            {run: max(0, held.get(run, 0) - 1) for run in stalled},
+        ), live
+
+    def _stalled(self, runs: set[int]) -> set[int]:
+        """The runs whose coordinating connection has been silent past ``stalled_after``
+        (suspended or wedged: their locks live on with their session)."""
+        if not runs:
+            return set()
+        silent = sql.silent_for(self._conn, sorted(runs))
+        return {run for run, seconds in silent.items() if seconds > self._stalled_after}
 
     def claim_priority(self, others: Others, needed: bool, wants: int) -> Others:
         """Take the priority for an item that ``needed`` it, for ``wants`` connections
@@ -133,12 +160,13 @@ class Leases:
 
     def move_to(self, hold: int) -> None:
         """Hold ``hold`` slot leases: give back the last taken, or take free slots (as
-        many as can be had; never more slots than the limit allows)."""
+        many as can be had; never more slots than the limit allows, but for those
+        stalled runs hold)."""
         while len(self._slots) > hold:
             sql.unlock(self._conn, self._slot_class, lock_key(self._slots.pop()))
         slot = 0
         taken = set(self._slots)
-        while len(self._slots) < hold and slot < self._allows:
+        while len(self._slots) < hold and slot < self._allows + self._beyond:
             if slot not in taken and sql.try_lock(self._conn, self._slot_class, lock_key(slot)):
                 self._slots.append(slot)
             slot += 1

@@ -30,12 +30,14 @@ from pytest_poolaware.server.leases import Leases
 from pytest_poolaware.server.room import CLOSING_SLACK, ROLE, Room, ServerFacts
 from pytest_poolaware.server.share_plan import (
     DEPARTED_GRACE,
+    STALLED_AFTER,
     Others,
     Plan,
     kept_by_others,
     other_version_note,
     plan,
 )
+from pytest_poolaware.server.share_progress import Progress
 from pytest_poolaware.server.share_touch import Touch
 from pytest_poolaware.shared.clock import monotonic, wall
 from pytest_poolaware.shared.limits import Limits
@@ -154,9 +156,10 @@ def union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 class GrowthWait:
-    """How long an item has waited for the run's budget to grow to what it wants: past
-    ``seconds`` it is overdue, and the run stops waiting on the other runs
-    (``ShareCoordinator``)."""
+    """How long a wait has lasted: past ``seconds`` it is overdue, and the run stops
+    waiting (``ShareCoordinator``). An item waiting for the run's budget to grow to what
+    it wants stops waiting on the other runs; a run alone whose room connections of no
+    run hold stops waiting for them to close."""
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
@@ -165,10 +168,9 @@ class GrowthWait:
         #: An item has waited ``seconds`` for the share to grow (as of the last step).
         self.overdue = False
 
-    def update(self, wants: int, budget: int) -> bool:
-        """Whether the item waiting now (one that ``wants`` more than ``budget``) is
-        overdue; a wait ends once nothing wants more than the budget."""
-        if wants > budget:
+    def update(self, waiting: bool) -> bool:
+        """Whether the wait going on now is overdue; a wait ends once nothing waits."""
+        if waiting:
             self._since = self._since or self._clock()
             self.overdue = self._clock() - self._since > self.seconds
         else:
@@ -178,9 +180,11 @@ class GrowthWait:
 
 
 def leases_on(
-    namespace: str, facts: ServerFacts, room: Room, clock: Callable[[], float], grace: float
+    namespace: str, facts: ServerFacts, room: Room, clock: Callable[[], float], *times: float
 ) -> Callable[[Any], Leases]:
-    """How a run takes its leases on a connection (first, or again after losing touch)."""
+    """How a run takes its leases on a connection (first, or again after losing touch);
+    ``times``: the departed runs' grace, and the silence after which a run is stalled."""
+    grace, stalled_after = times
     return functools.partial(
         Leases,
         namespace=namespace,
@@ -188,6 +192,7 @@ def leases_on(
         scope_name=facts.role if room.scope == ROLE else facts.database,
         clock=clock,
         departed_grace=grace,
+        stalled_after=stalled_after,
     )
 
 
@@ -216,12 +221,16 @@ class ShareCoordinator:
         departed_grace: float = DEPARTED_GRACE,
         reconnect: Callable[[], Any] | None = None,
         workers: int = 0,
+        stalled_after: float = STALLED_AFTER,
     ) -> None:
         self._conn = connection
         #: The run's xdist workers (0: not known): alone, the slot kept for a run that
         #: arrives never leaves them fewer connections than one each (``share_plan``).
         self._workers = workers
-        self._growth = GrowthWait(growth_wait, clock)
+        #: An item's wait for its share to grow (its bound names it in the summary).
+        self.growth = GrowthWait(growth_wait, clock)
+        #: Alone, connections of no run hold part of the room (``_follow``).
+        self._crowded = GrowthWait(growth_wait, clock)
         self.namespace = namespace
         self.room = room
         self.ceiling = ceiling
@@ -231,7 +240,9 @@ class ShareCoordinator:
         self._interval = interval
         self._clock = clock
         #: Leases on a connection: the run's first, or again after losing touch.
-        self._join = leases_on(namespace, facts, room, clock, departed_grace)
+        self._join = leases_on(namespace, facts, room, clock, departed_grace, stalled_after)
+        #: The no-progress rule: this run's steps, and stalls seen.
+        self.progress = Progress(stalled_after, clock)
         self._leases = self._join(connection)
         self._lock = threading.Lock()
         self._share = self._demand = ceiling
@@ -248,7 +259,7 @@ class ShareCoordinator:
         #: Times an overdue wait ended by a test giving way, and by going past the share
         #: within the live room.
         self.gave_way = self.went_past = 0
-        self._in_use = self._open = self.peers_seen = 0
+        self._in_use = self._open = self._committed = self.peers_seen = 0
         #: Notes of runs met that speak another sharing protocol (one a version).
         self.other_versions: dict[int, str] = {}
         #: When other runs held this one back, and its tests' waits they caused.
@@ -267,7 +278,7 @@ class ShareCoordinator:
     @property
     def interruptions(self) -> list[str]:
         """Notes of each time the run lost touch with the others and rejoined."""
-        return self.touch.interruptions
+        return [*self.touch.interruptions, *self.progress.notes]
 
     # -- what the scheduler calls ------------------------------------------------------------
 
@@ -282,7 +293,13 @@ class ShareCoordinator:
         this run's own wait for its share to grow went on too long without it: wait-die
         across runs); and whether an item may go past the budget (``_follow``)."""
         with self._lock:
-            return self._limits
+            limits = self._limits
+            if self.progress.silent():
+                # No step for longer than the others wait (suspended, wedged): they no
+                # longer honour its leases, so nothing new starts until the next step.
+                held = max(1, min(limits.budget, self._committed))
+                return Limits(held, held, limits.give_way, may_pass=False)
+            return limits
 
     def cap(self, ceiling: int) -> None:
         """Another login of the run's tests allows less than the room shared: the run's
@@ -306,7 +323,7 @@ class ShareCoordinator:
         planner now uses: leases are never given back below it, since the planner may
         grant up to it before it hears of a smaller one."""
         with self._lock:
-            self._in_use = max(in_use, using)
+            self._in_use, self._committed = max(in_use, using), in_use
             self._open = open_
             # Demand: what it holds, and room for the item it waits to start (or one
             # more connection when nothing waits), as long as it has work left.
@@ -377,17 +394,20 @@ class ShareCoordinator:
         if self.touch.lost:
             return False
         try:
+            self.progress.resuming(self._leases, self._committed)
             others, step, wants, open_ = self._move()
         except Exception as exc:
             self._lose(exc)
             return False
         self._follow(others, step, wants, open_)
+        self.progress.stepped()
         return True
 
     def _move(self) -> tuple[Others, Plan, int, int]:
         """Look at the other runs, plan a step and move the leases to it; returns what
         was seen and planned, and the item's want and the connections open it met."""
         others, live = self._leases.look()
+        self.progress.saw(others)
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
             wants, budget_now = self._wants, self._limits.budget
@@ -397,7 +417,7 @@ class ShareCoordinator:
         # holder of the priority does, so two runs never do it at once. An item the
         # priority cannot serve does not take it from one it can.
         servable = self._limits.ceiling - sum(1 for d in others.demand.values() if d > 0)
-        needed = budget_now < wants and (wants <= servable or self._growth.overdue)
+        needed = budget_now < wants and (wants <= servable or self.growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,
@@ -422,6 +442,7 @@ class ShareCoordinator:
         them out. Until it rejoins, the run holds itself to what it held, falling to its
         even part of the room as its tests end (``SafeBudget``)."""
         cause = connection_failure(self._conn, exc)
+        self.progress.forget()
         with self._lock:
             held = min(self._limits.budget, max(1, self._leases.slots - 1))
             safe = self.touch.lose(cause, held=held, allows=self.room.allows)
@@ -444,7 +465,7 @@ class ShareCoordinator:
         self.held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
         elsewhere = others.priority is not None and others.priority[0] != self._leases.me
-        overdue = self._growth.update(wants, budget)
+        overdue = self.growth.update(wants > budget)
         # The share did not grow in time: never wait on another run for ever, and never
         # go past what the server has free. Without the priority, this run's waiting
         # tests give way; with it (the item cannot be served while the other runs keep
@@ -460,9 +481,12 @@ class ShareCoordinator:
         if past:
             reachable = budget
         # Alone, past the budget (the planner's last resort) as before sharing, unless
-        # connections of no run hold the room: they may be a killed run's, closing, so
-        # they have the growth wait to go (they may also be clients that never leave).
-        may_pass = past or (not runs and (overdue or not self._occupied))
+        # connections of no run hold the room it needs: they may be a killed run's,
+        # closing, so they have the growth wait to go, counted from when the run found
+        # itself alone with them (they may also be clients that never leave).
+        crowded = not runs and bool(self._occupied) and after > live_free
+        waited_out = self._crowded.update(crowded)
+        may_pass = past or (not runs and (not crowded or waited_out))
         limits = Limits(budget, reachable, elsewhere or yield_, may_pass)
         self._publish(limits, yield_=yield_, past=past)
 
@@ -479,11 +503,12 @@ class ShareCoordinator:
         if changed:
             self._on_change()
 
-    def summary(self) -> str | None:
-        """One line for the summary: with whom the room was shared, and what it cost
-        (None when no other run came)."""
-        held_back = self.held_back
-        return summary_line(self, held_back.seconds, self._growth.seconds, held_back.longest)
+
+def share_summary(share: ShareCoordinator) -> str | None:
+    """One line for the summary: with whom the room was shared, and what it cost
+    (None when no other run came)."""
+    held_back = share.held_back
+    return summary_line(share, held_back.seconds, share.growth.seconds, held_back.longest)
 
 
 def summary_line(

@@ -19,6 +19,11 @@ from pytest_poolaware.server.room import CLOSING_SLACK
 #: as taken: its workers may be opening connections its controller granted just before,
 #: which the server's live count does not show yet.
 DEPARTED_GRACE: Final = 1.0
+#: Seconds a run's coordinating connection may go without a query (a run in touch runs
+#: some every ``share.LEASE_INTERVAL``) before the other runs stop honouring its leases:
+#: it is suspended (SIGSTOP, Ctrl-Z) or wedged, and its session, so its locks, live on.
+#: Its open connections still count, as a client's that takes no part.
+STALLED_AFTER: Final = 10.0
 
 
 #: The sharing protocol's version: what the advisory locks mean and how runs read them.
@@ -121,6 +126,9 @@ class Others:
     #: Runs (backend pid) holding locks of another protocol version, and that version:
     #: not read as runs; their connections count as clients that take no part.
     foreign: Mapping[int, int] = field(default_factory=dict)
+    #: Runs (backend pid) silent past ``STALLED_AFTER``, and the test leases they hold:
+    #: not read as runs (neither their leases, demand nor priority are honoured).
+    stalled: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def slotless(self) -> int:

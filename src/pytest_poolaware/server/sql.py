@@ -172,6 +172,12 @@ LIVE_BY_SCOPE: Final[Mapping[str, str]] = {
     ROLE: LIVE_CLIENTS + " AND usename = %s",
     DATABASE: LIVE_CLIENTS + " AND datname = %s",
 }
+#: Seconds since each of some sessions last finished a query (a run's coordinating
+#: connection does every step); NULL for a session of a role this one may not watch.
+SILENT: Final = """
+SELECT pid, extract(epoch FROM now() - state_change)::float8
+FROM pg_stat_activity WHERE pid = ANY(%s)
+"""
 TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s, %s)"
 UNLOCK: Final = "SELECT pg_advisory_unlock(%s, %s)"
 LOCK_SHARED: Final = "SELECT pg_advisory_lock_shared(%s, %s)"
@@ -200,6 +206,13 @@ def live_clients(conn: Any, scope: str, name: str) -> int:
     )
     row = conn.execute(query, params).fetchone()
     return int(row[0]) if row else 0
+
+
+def silent_for(conn: Any, pids: list[int]) -> dict[int, float]:
+    """Seconds since each of the sessions ``pids`` last finished a query, for those this
+    connection's role may watch (a session gone, or hidden, is left out)."""
+    rows = conn.execute(SILENT, (pids,)).fetchall()
+    return {int(pid): float(seconds) for pid, seconds in rows if seconds is not None}
 
 
 def try_lock(conn: Any, lock_class: int, key: int) -> bool:

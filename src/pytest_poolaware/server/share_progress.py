@@ -1,0 +1,69 @@
+"""The no-progress rule between runs sharing the server's room (``docs/sharing.md``).
+
+A run stopped at ``breakpoint()``, suspended (SIGSTOP, Ctrl-Z) or wedged keeps its
+coordinating session, so its leases live on and keepalives do not free them. The others
+stop honouring them once its coordinating connection has been silent for
+``share_plan.STALLED_AFTER`` (``Leases.look``), and count its open connections as a
+client's that takes no part. The run itself, when it moves again, cannot know what they
+handed out meanwhile: until its next step it starts nothing new (``held_to``), and on
+that step it gives back the leases its tests do not use and takes room again only from
+what the server has free. Every run says so in its summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pytest_poolaware.server.leases import Leases
+from pytest_poolaware.server.share_plan import Others
+
+
+class Progress:
+    """When this run last completed a step, and the notes of stalls seen, its own and
+    the other runs'."""
+
+    def __init__(self, stalled_after: float, clock: Callable[[], float]) -> None:
+        self.stalled_after = stalled_after
+        self._clock = clock
+        #: When the last step completed (None: none yet, or out of touch since).
+        self._last: float | None = None
+        self._noted: set[int] = set()
+        self.notes: list[str] = []
+
+    def silent(self) -> bool:
+        """Whether this run has not completed a step for longer than the others wait:
+        they no longer honour its leases."""
+        return self._last is not None and self._clock() - self._last > self.stalled_after
+
+    def resuming(self, leases: Leases, committed: int) -> None:
+        """A step begins: after a silence, give back the leases the tests do not use (the
+        others may have handed that room out), with a note."""
+        if self._last is None or not self.silent():
+            return
+        gap = self._clock() - self._last
+        leases.move_to(min(leases.slots, committed + 1))
+        self.notes.append(
+            f"this run made no progress for {gap:.1f}s (suspended or wedged): the other "
+            f"runs stopped honouring its leases after {self.stalled_after:g}s; it gave "
+            "back those its tests did not use and took room again from what the server "
+            "had free"
+        )
+
+    def stepped(self) -> None:
+        self._last = self._clock()
+
+    def forget(self) -> None:
+        """Out of touch: the leases are gone anyway, and the safe budget holds."""
+        self._last = None
+
+    def saw(self, others: Others) -> None:
+        """Note each other run found stalled, once a run."""
+        for run, leases in others.stalled.items():
+            if run not in self._noted:
+                self._noted.add(run)
+                self.notes.append(
+                    f"another run (its coordinating connection's backend pid {run}) made "
+                    f"no progress for {self.stalled_after:g}s (suspended or wedged) "
+                    f"holding {leases} lease(s): they were no longer honoured, its open "
+                    "connections counted as another client's"
+                )
