@@ -405,6 +405,33 @@ def test_a_run_that_loses_touch_holds_itself_safe_then_rejoins(
     assert "holding itself to the 10 connection(s) it held, falling to 6" in note
 
 
+def test_a_run_that_rejoins_first_leaves_the_other_what_it_held(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """An administrator terminates both runs' coordinating connections. The first
+    rejoins before the second, which still holds itself to what it held (up to 6 of its
+    8) and may open it meanwhile: the first's new leases leave the second's last ones
+    taken for the departed grace, as if it had watched them go, rather than take the
+    whole room at once."""
+    first, second, _ = two_runs
+    for _ in range(6):  # each step, as the planners report after every decision
+        first.wants(2)
+        second.wants(8, in_use=6, open_=2)
+        settle(first, second, steps=1)
+    held = second.share.budget()
+    assert held >= 6
+    first.wants(14)  # and the first wants the whole room
+    for run in (first, second):
+        terminate(run.connection)
+        assert not run.share.step()
+    second.wants(8, in_use=6, open_=2)
+    safe = second.share.budget()  # what the second may still open, out of touch
+    assert 1 <= safe <= held
+    assert first.share.rejoin()
+    # Each run's own connection and the closing slot aside, the room is 13.
+    assert first.share.budget() + safe <= ROLE_LIMIT - 3
+
+
 def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     two_runs: tuple[Coordinated, Coordinated, FakeClock],
 ) -> None:

@@ -67,6 +67,13 @@ class Leases:
         #: Connections this run holds the priority for (0: it does not hold it).
         self.priority = 0
 
+    def remember(self, before: Leases) -> None:
+        """Taken on a new connection after losing touch: the runs the old leases last
+        saw are departed from now, not unknown. Their sessions may have been cut off at
+        the same moment as this run's, and until they rejoin they may still use what
+        they held (``SafeBudget``): forgotten, their room would be taken at once."""
+        self._departed = before._departed
+
     @property
     def slots(self) -> int:
         """Slot leases held, the one for the run's own connection included."""

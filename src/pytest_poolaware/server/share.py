@@ -382,6 +382,7 @@ class ShareCoordinator:
         leases = self.touch.rejoin(self._join)
         if leases is None:
             return False
+        leases.remember(self._leases)
         self._conn, self._leases = self.touch.connection, leases
         if self.step():
             self.touch.in_touch()
