@@ -412,13 +412,10 @@ class ShareCoordinator:
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
             wants, budget_now = self._wants, self._limits.budget
-        # An item the room can serve with the priority (every other run with work keeps
-        # one connection: ``shares_with_priority``), or one that waited too long for its
-        # share to grow (it may then go past the share within the live room): only the
-        # holder of the priority does, so two runs never do it at once. An item the
-        # priority cannot serve does not take it from one it can.
-        servable = self._limits.ceiling - sum(1 for d in others.demand.values() if d > 0)
-        needed = budget_now < wants and (wants <= servable or self.growth.overdue)
+        # An item the room can serve with the priority, or one that waited too long for
+        # its share to grow (it may then go past the share within the live room): only
+        # the holder of the priority does, so two runs never do it at once.
+        needed = budget_now < wants and (wants <= self._limits.ceiling or self.growth.overdue)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,
