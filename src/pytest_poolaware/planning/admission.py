@@ -90,7 +90,6 @@ class Admission(Generic[W]):
     def __init__(self, budget: int, *, need_of: Callable[[int], int]) -> None:
         #: The budget, what it may grow to and how a wait for more ends (``set_budget``).
         self.limits = Limits(budget)
-        self.budget = budget
         #: The largest budget in force since the first go (the lower bound's B), and
         #: whether an item has had its go yet.
         self.largest_budget = budget
@@ -132,7 +131,7 @@ class Admission(Generic[W]):
         """
         if limits == self.limits:
             return False
-        self.limits, self.budget = limits, limits.budget
+        self.limits = limits
         budget = limits.budget
         self.largest_budget = max(self.largest_budget, budget) if self._went else budget
         self._lowered_under = self.committed > budget
@@ -200,6 +199,10 @@ class Admission(Generic[W]):
         return True
 
     # -- queries ------------------------------------------------------------------------
+
+    @property
+    def budget(self) -> int:
+        return self.limits.budget
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),

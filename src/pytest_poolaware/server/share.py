@@ -180,11 +180,16 @@ class GrowthWait:
 
 
 def leases_on(
-    namespace: str, facts: ServerFacts, room: Room, clock: Callable[[], float], *times: float
+    namespace: str,
+    facts: ServerFacts,
+    room: Room,
+    clock: Callable[[], float],
+    *,
+    grace: float,
+    stalled_after: float,
 ) -> Callable[[Any], Leases]:
-    """How a run takes its leases on a connection (first, or again after losing touch);
-    ``times``: the departed runs' grace, and the silence after which a run is stalled."""
-    grace, stalled_after = times
+    """How a run takes its leases on a connection (first, or again after losing touch):
+    ``grace`` for departed runs, and the silence after which a run is stalled."""
     return functools.partial(
         Leases,
         namespace=namespace,
@@ -240,7 +245,9 @@ class ShareCoordinator:
         self._interval = interval
         self._clock = clock
         #: Leases on a connection: the run's first, or again after losing touch.
-        self._join = leases_on(namespace, facts, room, clock, departed_grace, stalled_after)
+        self._join = leases_on(
+            namespace, facts, room, clock, grace=departed_grace, stalled_after=stalled_after
+        )
         #: The no-progress rule: this run's steps, and stalls seen.
         self.progress = Progress(stalled_after, clock)
         self._leases = self._join(connection)
