@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 from pytest_poolaware.shared.clock import monotonic
@@ -42,6 +43,10 @@ KEEPALIVE_COUNT: Final = 3
 QUERY_DEADLINE: Final = 15.0
 #: Seconds between two looks of the watchdog that enforces ``QUERY_DEADLINE``.
 WATCHDOG_INTERVAL: Final = 0.5
+#: Seconds a look of the watchdog may come later than ``WATCHDOG_INTERVAL`` before the
+#: gap counts as a pause of the whole process (SIGSTOP, a debugger, a suspended machine)
+#: rather than a wait on the server: no query of a stopped process is late.
+PAUSE_AFTER: Final = 2.0
 #: libpq's port when neither the DSN nor PGPORT names one.
 DEFAULT_PORT: Final = 5432
 #: SQLSTATEs saying the login may not use the maintenance database (it does not exist, no
@@ -74,22 +79,68 @@ def login_of_dsn(dsn: str) -> ServerSeen:
     )
 
 
+class QueryWaits:
+    """The queries under way and how long each has waited, in the time the process ran.
+
+    A process stopped for a minute finds, once resumed, every query older than the
+    deadline; the server may have answered long ago. So a gap between two looks of more
+    than ``interval + pause_after`` is taken off every wait under way.
+    """
+
+    def __init__(
+        self,
+        deadline: float,
+        *,
+        interval: float = WATCHDOG_INTERVAL,
+        pause_after: float = PAUSE_AFTER,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self.deadline = deadline
+        self._interval = interval
+        self._pause_after = pause_after
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._began: dict[int, float] = {}  # waits under way: ticket -> when it began
+        self._tickets = 0
+        self._last_look = clock()
+
+    def begin(self) -> int:
+        with self._lock:
+            self._tickets += 1
+            self._began[self._tickets] = self._clock()
+            return self._tickets
+
+    def end(self, ticket: int) -> None:
+        with self._lock:
+            self._began.pop(ticket, None)
+
+    def overdue(self) -> bool:
+        """Whether a query under way has waited past the deadline; called at each look."""
+        now = self._clock()
+        with self._lock:
+            paused = now - self._last_look - self._interval
+            self._last_look = now
+            if paused > self._pause_after:
+                self._began = {t: began + paused for t, began in self._began.items()}
+            oldest = min(self._began.values(), default=None)
+        return oldest is not None and now - oldest > self.deadline
+
+
 class GuardedConnection:
     """The plugin's own connection, with a deadline on every query: a watchdog thread
     shuts the socket down under a query that has waited ``deadline`` seconds, so the
     query fails (and whoever ran it makes that a note) instead of waiting for ever.
 
     Monitoring and sharing use it from several threads: psycopg serialises their
-    queries; each ``execute`` counts as one wait, its own and the time it queued.
+    queries; each ``execute`` counts as one wait, its own and the time it queued, less
+    any time the whole process was stopped (``QueryWaits``).
     """
 
     def __init__(self, connection: Any, deadline: float = QUERY_DEADLINE) -> None:
         self._conn = connection
         self.info = connection.info
         self.deadline = deadline
-        self._lock = threading.Lock()
-        self._busy: dict[int, float] = {}  # waits under way: ticket -> when it began
-        self._tickets = 0
+        self._waits = QueryWaits(deadline)
         #: Set once the watchdog gave the connection up.
         self.timed_out = False
         self._closed = threading.Event()
@@ -99,15 +150,11 @@ class GuardedConnection:
         self._watchdog.start()
 
     def execute(self, query: Any, params: Any = None) -> Any:
-        with self._lock:
-            self._tickets += 1
-            ticket = self._tickets
-            self._busy[ticket] = monotonic()
+        ticket = self._waits.begin()
         try:
             return self._conn.execute(query, params)
         finally:
-            with self._lock:
-                self._busy.pop(ticket, None)
+            self._waits.end(ticket)
 
     @property
     def closed(self) -> bool:
@@ -119,9 +166,7 @@ class GuardedConnection:
 
     def _watch(self) -> None:
         while not self._closed.wait(WATCHDOG_INTERVAL):
-            with self._lock:
-                oldest = min(self._busy.values(), default=None)
-            if oldest is not None and monotonic() - oldest > self.deadline:
+            if self._waits.overdue():
                 self.timed_out = True
                 self._cut()
                 return
