@@ -235,3 +235,32 @@ def test_turns_never_keep_the_serial_lane_waiting() -> None:
     actions = decide(adm, first="b")
     assert goes(actions) == []
     assert releases(actions) == {"a"}
+
+
+def test_a_rerun_is_held_to_the_budget_when_its_room_is_granted() -> None:
+    """Sharing the server: a test known to need 7 started while the budget was 7, then gave
+    way. Meanwhile another run's share grew and this run's budget fell to 5. The rerun is
+    granted 5, the budget then: its sixth connect waits for the budget to grow, as any
+    test's does, rather than take the room its first attempt was let start with (the
+    other run may hold it by now, and the server would refuse the connection)."""
+    adm = admission(7, {0: 7})
+    adm.set_budget(Limits(7, 13))
+    adm.add_worker("a")
+    adm.queued("a", [0])
+    assert goes(decide(adm)) == [("a", 0)]
+    adm.request("a", 1, want=7, item=0)  # the first attempt gave way, its connections closed
+    adm.set_budget(Limits(5, 13, may_pass=False))
+    assert grants(decide(adm)) == [Grant("a", 1)]
+    assert adm.committed == 5
+    for request in range(2, 7):
+        adm.request("a", request, item=0)
+        assert grants(decide(adm)) == [Grant("a", request)]
+        adm.counts("a", request - 1, 0)
+    adm.request("a", 7, item=0)
+    assert grants(decide(adm)) == []
+    assert adm.committed == 5
+    adm.set_budget(Limits(6, 13, may_pass=False))
+    assert grants(decide(adm)) == [Grant("a", 7)]
+    adm.completed("a", 0)
+    adm.counts("a", 0, 0)
+    assert adm.committed == 0

@@ -292,6 +292,12 @@ class Admission(Generic[W]):
     def _answer(self, request: Request, answer: Answer, actions: list[AdmissionAction]) -> None:
         worker: W = request.worker  # type: ignore[assignment]
         state = self._workers[worker]
+        if (
+            request.kind is RequestKind.RERUN
+            and request.item is not None
+            and answer is Answer.GRANTED
+        ):
+            state.regrant(request.item, self.need_of(request.item), request.want)
         state.answer(request, refused=answer is Answer.REFUSED)
         if answer is Answer.OVER_BUDGET:
             self._overrun(worker, state.floor, request.item)

@@ -52,6 +52,9 @@ class Holder:
     granted: int = 0  # length of the go'ed prefix of ``queue``
     #: Expected needs of the go'ed items, counted (kept up to date: hot path).
     granted_needs: Counter[int] = field(default_factory=Counter)
+    #: Go'ed items whose rerun was granted other room than their go: item -> (the need
+    #: it was go'ed with, that room), counted in ``granted_needs`` in place of the need.
+    regranted: dict[int, tuple[int, int]] = field(default_factory=dict)
     open: int = 0
     idle: int = 0
     #: Connections granted to the running item: it may hold this many until it ends.
@@ -120,13 +123,36 @@ class Holder:
             return False
         return (self.open, self.idle) != (open_, idle)
 
+    def regrant(self, index: int, expected: int, room: int) -> None:
+        """The rerun of go'ed item ``index`` (go'ed with ``expected``) was granted ``room``:
+        that is its reservation now. The first attempt's go may date from a larger budget
+        (sharing the server, another run's share grew since), which its rerun must not take
+        back: the other run may hold that room by now."""
+        if index not in itertools.islice(self.queue, self.granted):
+            return
+        self._unregrant(index)
+        self._uncount(expected)
+        self.granted_needs[room] += 1
+        self.regranted[index] = (expected, room)
+
+    def _unregrant(self, index: int) -> None:
+        """Count ``index`` with the need it was go'ed with again."""
+        if index in self.regranted:
+            expected, room = self.regranted.pop(index)
+            self._uncount(room)
+            self.granted_needs[expected] += 1
+
+    def _uncount(self, need: int) -> None:
+        self.granted_needs[need] -= 1
+        if not self.granted_needs[need]:
+            del self.granted_needs[need]
+
     def complete(self, index: int, expected: int) -> None:
         """An item ended (``expected``: the need it was go'ed with)."""
+        self._unregrant(index)
         if self.queue.index(index) < self.granted:
             self.granted -= 1
-            self.granted_needs[expected] -= 1
-            if not self.granted_needs[expected]:
-                del self.granted_needs[expected]
+            self._uncount(expected)
         self.queue.remove(index)
         if self.requests:
             # A request left unanswered (its wait timed out) is void once its item is over.
@@ -143,6 +169,7 @@ class Holder:
         self.granted = 1
         self.waiting_since = self.overtaken = 0
         self.granted_needs = Counter({need: 1})
+        self.regranted.clear()
 
     def answer(self, request: Request, *, refused: bool) -> None:
         """A request of its own is answered: unless refused, what it asked for is granted
@@ -181,6 +208,8 @@ class Holder:
         ended = set(itertools.islice(self.queue, self.queue.index(item)))
         if not ended:
             return
+        for index in ended:
+            self._unregrant(index)  # its rerun is over: its room with it
         if self.floor_item in ended:
             self.free_grants()
         self.requests = self.outliving(ended)
