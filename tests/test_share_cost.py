@@ -14,6 +14,7 @@ from pytest_poolaware.planning.core import Lane
 from pytest_poolaware.reporting import report
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.reporting.trace_events import (
+    BUDGET_COUNTER,
     HELD_BACK_NAME,
     WAIT_CATEGORY,
     WAIT_NAME,
@@ -137,6 +138,29 @@ def test_the_report_and_the_trace_carry_what_other_runs_cost() -> None:
         ("t.py::test_held", WAIT_NAME, 1_000_000, 250_000),
         ("t.py::test_held", WAIT_NAME, 2_250_000, 250_000),
     ]
+
+
+def test_the_report_and_the_trace_show_the_budget_as_it_moved() -> None:
+    """The budget was 4 when the run began, fell to 2 while another run took its share,
+    and came back: the report lists each step, the trace's budget counter steps with it
+    (and holds the last value to the session's end)."""
+    snapshot = RunSnapshot(workers=2, budgets=((9.5, 4), (10.0, 2), (11.5, 4)))
+    stats = report.collect(
+        settings=Settings(budget=4, budget_source="--pool-budget"),
+        snapshot=snapshot,
+        started=9.0,
+        finished=13.0,
+        outcomes={},
+    )
+    assert stats.to_json()["budget_timeline"] == [[9.5, 4], [10.0, 2], [11.5, 4]]
+    doc = json.loads(render(stats))
+    assert problems(doc) == []
+    steps = [
+        (event["ts"], event["args"]["budget"])
+        for event in doc["traceEvents"]
+        if event.get("name") == BUDGET_COUNTER
+    ]
+    assert steps == [(0, 4), (1_000_000, 2), (2_500_000, 4), (4_000_000, 4)]
 
 
 def test_a_run_that_met_no_other_run_reports_no_cost() -> None:

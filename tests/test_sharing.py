@@ -713,6 +713,9 @@ def test_a_run_suspended_past_the_no_progress_time_does_not_hold_the_other_back(
     # Held back until the stopped run's leases stopped counting, not while it slept.
     report = json.loads((other.root / "report.json").read_text())
     assert report["run"]["held_back_by_runs"] < STALLED_AFTER + GROWTH_WAIT, other.output
+    # The report shows the budget rising once the stopped run's leases stopped counting.
+    budgets = [budget for _, budget in report["budget_timeline"]]
+    assert budgets[-1] > min(budgets), report["budget_timeline"]
     assert stopped.wait() == 0, stopped.output
     assert "7 passed" in stopped.output
     assert "this run made no progress for" in stopped.output

@@ -91,6 +91,8 @@ class RunRecord:
     results: list[ItemResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str, int]] = field(default_factory=list)
+    #: (time.time(), budget) each time the budget in force moved (sharing, the server).
+    budgets: list[tuple[float, int]] = field(default_factory=list)
     outside: OutsideTests = field(default_factory=OutsideTests)
     #: Connects kept waiting at the gate while the budget had room (``gate_watch``).
     stalls: list[Stall] = field(default_factory=list)
@@ -120,6 +122,7 @@ class RunRecord:
             stalls=tuple(self.stalls),
             peak_open=statistics.peak_open,
             timeline=tuple(self.timeline),
+            budgets=tuple(self.budgets),
             notes=tuple(self.notes) + _out_of_order_note(planner) + self._outside_note(),
             order=planner.order.value,
             placement=planner.placement.value,
@@ -233,6 +236,7 @@ class Dispatcher:
         # The planner follows the budget from here, starting with what it is now (nothing
         # is attached yet: no action to carry out, and nothing to tell a share).
         start = budget.subscribe(self._budget_changed, open_now=lambda: planner.statistics().open)
+        record.budgets.append((wall(), start.budget))
         self._carry_out(planner.set_budget(start))
 
     def admits(self, node: WorkerController) -> bool:
@@ -257,6 +261,8 @@ class Dispatcher:
             for link in self._links.values():
                 link.send(change.workers)
         if change.planner is not None:
+            if change.planner.budget != self._record.budgets[-1][1]:
+                self._record.budgets.append((wall(), change.planner.budget))
             self.apply(self.planner.set_budget(change.planner))
 
     def _report_use(self) -> None:

@@ -77,6 +77,7 @@ def collect(
         started=started,
         finished=finished,
         timeline=snapshot.timeline,
+        budgets=snapshot.budgets,
         server=server,
         overruns=snapshot.overruns,
         stalls=snapshot.stalls,

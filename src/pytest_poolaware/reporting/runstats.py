@@ -50,6 +50,8 @@ class RunSnapshot:
     peak_open: int = 0  # most connections open at once over all workers
     #: (time.time(), worker id, open connections) each time a worker's count changed.
     timeline: tuple[tuple[float, str, int], ...] = ()
+    #: (time.time(), budget) when the run began and each time the budget in force moved.
+    budgets: tuple[tuple[float, int], ...] = ()
     notes: tuple[str, ...] = ()
     #: ``poolaware_order`` and the fan-out's placement this run used, and how many tests
     #: had a learned duration to place them by (0: a cold run).
@@ -254,6 +256,8 @@ class RunStats:
     started: float  # session start and end, time.time()
     finished: float
     timeline: tuple[tuple[float, str, int], ...] = ()
+    #: (time.time(), budget) when the run began and each time the budget in force moved.
+    budgets: tuple[tuple[float, int], ...] = ()
     server: ServerView | None = None
     overruns: tuple[Overrun, ...] = ()
     #: Connects kept waiting at the gate while the budget had room for them (faults).
@@ -378,6 +382,7 @@ class RunStats:
             "advice": [candidate.to_json() for candidate in self.advice],
             "timeline": [[_round(t), worker, n] for t, worker, n in self.timeline],
             "server_timeline": [[_round(t), n] for t, n in server.timeline] if server else [],
+            "budget_timeline": [[_round(t), n] for t, n in self.budgets],
         }
 
     def _stall_json(self, stall: Stall) -> dict[str, Any]:

@@ -211,7 +211,7 @@ def _counters(
     stats: RunStats, workers: list[str], us: Callable[[float], float]
 ) -> list[dict[str, Any]]:
     """Open connections per worker (one series each, so viewers can stack them), the
-    budget as a flat line over the session, and the server's samples."""
+    budget as it moved (a flat line when it never did), and the server's samples."""
 
     def counter(name: str, when: float, values: dict[str, int]) -> dict[str, Any]:
         return {
@@ -223,10 +223,12 @@ def _counters(
             "args": values,
         }
 
-    events = [
-        counter(BUDGET_COUNTER, stats.started, {"budget": stats.budget}),
-        counter(BUDGET_COUNTER, max(stats.finished, stats.started), {"budget": stats.budget}),
-    ]
+    steps = stats.budgets or ((stats.started, stats.budget),)
+    events = [counter(BUDGET_COUNTER, stats.started, {"budget": steps[0][1]})]
+    events += [counter(BUDGET_COUNTER, when, {"budget": n}) for when, n in steps[1:]]
+    events.append(
+        counter(BUDGET_COUNTER, max(stats.finished, stats.started), {"budget": steps[-1][1]})
+    )
     if workers:
         for when, counts in stacked_steps(stats.timeline, workers, stats.started):
             events.append(counter(OPEN_COUNTER, when, dict(zip(workers, counts, strict=True))))
