@@ -264,3 +264,28 @@ def test_a_rerun_is_held_to_the_budget_when_its_room_is_granted() -> None:
     adm.completed("a", 0)
     adm.counts("a", 0, 0)
     assert adm.committed == 0
+
+
+def test_a_rerun_waiting_for_a_connection_is_said_so() -> None:
+    """Sharing the server, a run whose rerun waits mid-test asks to be served first: the
+    rerun cannot give way, a first attempt can. A rerun waiting to start, holding
+    nothing, or a first attempt waiting for a connection, is no such case."""
+    adm = admission(4, {0: 2, 1: 2})
+    for worker, index in (("a", 0), ("b", 1)):
+        adm.add_worker(worker)
+        adm.queued(worker, [index])
+    decide(adm)
+    adm.request("a", 1, want=4, item=0)
+    decide(adm)
+    assert not adm.rerun_waits()  # it waits for b to drain, holding nothing
+    adm.completed("b", 1)
+    assert grants(decide(adm)) == [Grant("a", 1)]
+    adm.set_budget(Limits(4, 12))
+    for request in range(2, 6):  # the 4 connections it was granted
+        adm.request("a", request, item=0)
+        assert grants(decide(adm)) == [Grant("a", request)]
+        adm.counts("a", request - 1, 0)
+    assert not adm.rerun_waits()
+    adm.request("a", 6, item=0)  # a fifth: the budget may grow, and so the rerun waits
+    assert grants(decide(adm)) == []
+    assert adm.rerun_waits()

@@ -18,7 +18,7 @@ from pytest_poolaware.server.room import (
     choose_budget,
     room_of,
 )
-from pytest_poolaware.shared.limits import Limits
+from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.shared.protocol import RoomKnown, ServerSeen
 from pytest_poolaware.shared.settings import Settings
 
@@ -77,7 +77,7 @@ class MovingShare:
     def __init__(self, budget: int) -> None:
         self.now = self.ceiling = budget
         self.yielding = False
-        self.reported: dict[str, object] = {}
+        self.reported: RunUse | None = None
 
     def limits(self) -> Limits:
         return Limits(self.now, self.ceiling, self.yielding)
@@ -86,10 +86,8 @@ class MovingShare:
         self.ceiling = min(self.ceiling, ceiling)
         self.now = min(self.now, self.ceiling)
 
-    def report(
-        self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
-    ) -> None:
-        self.reported = {"in_use": in_use, "open_": open_, "pending": pending, "wants": wants}
+    def report(self, use: RunUse) -> None:
+        self.reported = use
 
     def held_back_during(self, start: float, end: float) -> bool:
         return start <= 1.0 <= end
@@ -231,8 +229,9 @@ def test_the_planner_follows_the_share_and_the_workers_the_room() -> None:
     assert seen.changes == [Change(planner=Limits(12, 19, give_way=True))]
     assert budget.budget == 19  # what a test may have alone: the room, not the share
     assert budget.held_back_during(0.5, 2.0)
-    budget.report_use(in_use=3, open_=4, pending=True, wants=5, using=12)
-    assert share.reported == {"in_use": 3, "open_": 4, "pending": True, "wants": 5}
+    use = RunUse(in_use=3, open=4, pending=True, wants=5, using=12)
+    budget.report_use(use)
+    assert share.reported == use
 
 
 def test_a_tighter_login_caps_the_share() -> None:

@@ -4,15 +4,19 @@ without a server; the runs themselves share one in test_sharing.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from pytest_poolaware.server.share_plan import (
     DepartedRuns,
     Others,
     SafeBudget,
     fair_shares,
     kept_by_others,
+    needs_priority,
     plan,
     shares_with_priority,
 )
+from pytest_poolaware.shared.limits import Limits
 
 
 def test_fair_shares_give_what_is_asked_and_split_the_rest_evenly() -> None:
@@ -146,3 +150,24 @@ def test_a_run_out_of_touch_never_takes_more_than_it_held() -> None:
         assert sum(safe.follow(0) for safe in safes) <= 16 - 2 - 1
     three = [SafeBudget(held=h, allows=16, runs=3) for h in (8, 3, 2)]
     assert sum(safe.follow(0) for safe in three) <= 16 - 3 - 1
+
+
+@pytest.mark.parametrize(
+    ("budget", "wants", "reruns", "overdue", "rerun_waits", "needed"),
+    [
+        (8, 8, (), False, False, False),  # the budget covers it
+        (5, 8, (), False, False, True),  # the priority can serve it
+        (5, 14, (), False, False, False),  # more than the ceiling: only once overdue
+        (5, 14, (), True, False, True),
+        (5, 8, (2,), False, False, False),  # another run's rerun waits: it goes first
+        (5, 8, (2,), True, False, False),
+        (5, 8, (2,), False, True, True),  # both reruns: the first to ask holds it
+        (5, 14, (), False, True, True),
+    ],
+)
+def test_a_waiting_rerun_goes_first_for_the_priority(
+    budget: int, wants: int, reruns: tuple[int, ...], overdue: bool, rerun_waits: bool, needed: bool
+) -> None:
+    others = Others({2: 4}, {2: 8}, reruns=frozenset(reruns))
+    limits = Limits(budget, 13)
+    assert needs_priority(limits, wants, others, overdue, rerun_waits) is needed

@@ -28,7 +28,7 @@ from pytest_poolaware.server.discovery import read_facts
 from pytest_poolaware.server.room import SERVER, room_of
 from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
 from pytest_poolaware.server.share_plan import STALLED_AFTER
-from pytest_poolaware.shared.limits import Limits
+from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
 ROLE_LIMIT = 16
@@ -344,10 +344,18 @@ class Coordinated:
             stalled_after=stalled_after,
         )
 
-    def wants(self, need: int, *, in_use: int = 0, open_: int = 0) -> None:
-        """The run's planner: it holds ``in_use`` and an item needing ``need`` waits."""
+    def wants(self, need: int, *, in_use: int = 0, open_: int = 0, rerun: bool = False) -> None:
+        """The run's planner: it holds ``in_use`` and an item needing ``need`` waits
+        (``rerun``: a rerun, which cannot give way, waits mid-test for a connection)."""
         self.share.report(
-            in_use=in_use, open_=open_, pending=True, wants=need, using=self.share.budget()
+            RunUse(
+                in_use,
+                open_,
+                pending=True,
+                wants=need,
+                using=self.share.budget(),
+                rerun_waits=rerun,
+            )
         )
 
 
@@ -462,6 +470,35 @@ def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
     while holder.share.budget() < 14 and time.monotonic() < deadline:
         settle(holder, steps=1)
     assert holder.share.budget() == 14
+
+
+def test_a_waiting_rerun_is_served_before_a_first_attempt(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """Two cold runs, 13 of the role's 16 between their tests: one holds 7 open for a test
+    that wants an eighth, and the priority for it; the other holds 6 for a test that
+    wants more. When the other's is a rerun, it cannot give way (no third attempt): the
+    two would wait on each other until the gate timed out and the rerun failed. So the
+    holder gives the priority up, the other takes it, and the holder's test gives way."""
+    for _ in range(4):  # each step, as the planners report after every decision
+        two_runs[0].wants(8, in_use=7, open_=7)
+        two_runs[1].wants(8, in_use=6, open_=6)
+        settle(*two_runs[:2], steps=1)
+    # One holds the priority for its test: the other's waiting test would give way.
+    holder, other = sorted(two_runs[:2], key=lambda run: run.share.limits().give_way)
+    assert (holder.share.limits().give_way, other.share.limits().give_way) == (False, True)
+    for _ in range(3):  # the other says so, the holder lets go, the other takes it
+        holder.wants(8, in_use=7, open_=7)
+        other.wants(8, in_use=6, open_=6, rerun=True)  # the other's is a rerun
+        settle(holder, other, steps=1)
+    assert holder.share.limits().give_way
+    assert not other.share.limits().give_way
+    # The holder's test gave way: its connections closed, the rerun gets its room.
+    for _ in range(3):
+        holder.wants(8)
+        other.wants(8, in_use=6, open_=6, rerun=True)
+        settle(holder, other, steps=1)
+    assert other.share.budget() >= 8
 
 
 def silent_for_more_than(conn: Any, seconds: float) -> None:

@@ -28,7 +28,7 @@ from pytest_poolaware.server.room import (
     ServerFacts,
     choose_budget,
 )
-from pytest_poolaware.shared.limits import Limits
+from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.shared.protocol import RoomKnown, RoomRequest, ServerSeen
 
 if TYPE_CHECKING:
@@ -45,9 +45,7 @@ class Share(Protocol):
 
     def cap(self, ceiling: int) -> None: ...
 
-    def report(
-        self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
-    ) -> None: ...
+    def report(self, use: RunUse) -> None: ...
 
     def held_back_during(self, start: float, end: float) -> bool: ...
 
@@ -297,12 +295,10 @@ class RunBudget(Generic[N]):
     def sharing(self) -> bool:
         return self._share is not None
 
-    def report_use(self, *, in_use: int, open_: int, pending: bool, wants: int, using: int) -> None:
+    def report_use(self, use: RunUse) -> None:
         """What the run uses and waits for, after every decision: the share moves on it."""
         if self._share is not None:
-            self._share.report(
-                in_use=in_use, open_=open_, pending=pending, wants=wants, using=using
-            )
+            self._share.report(use)
 
     def held_back_during(self, start: float, end: float) -> bool:
         """Whether another run held this one back between two ``time.time()``s."""

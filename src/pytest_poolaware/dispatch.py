@@ -28,6 +28,7 @@ from pytest_poolaware.reporting.findings import Stall
 from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
 from pytest_poolaware.shared import compat
 from pytest_poolaware.shared.clock import monotonic, wall
+from pytest_poolaware.shared.limits import RunUse
 from pytest_poolaware.shared.link import ControllerLink
 from pytest_poolaware.shared.markers import UNMARKED, Markers
 from pytest_poolaware.shared.protocol import (
@@ -273,11 +274,14 @@ class Dispatcher:
         planner = self.planner
         stats = planner.statistics()
         self._budget.report_use(
-            in_use=stats.committed,
-            open_=stats.open,
-            pending=planner.has_pending or not planner.loaded,
-            wants=planner.largest_waiting_need(),
-            using=planner.budget,
+            RunUse(
+                in_use=stats.committed,
+                open=stats.open,
+                pending=planner.has_pending or not planner.loaded,
+                wants=planner.largest_waiting_need(),
+                using=planner.budget,
+                rerun_waits=planner.rerun_waits(),
+            )
         )
 
     def drain(self) -> None:

@@ -209,6 +209,14 @@ class Admission(Generic[W]):
         so that a run sharing the server's room can ask for more of it."""
         return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
 
+    def rerun_waits(self) -> bool:
+        """Whether a rerun waits mid-test for a connection: it never gives way (it has no
+        third attempt), so a run sharing the server asks to be served first."""
+        return any(
+            s.rerunning and any(r.kind is RequestKind.CONNECT for r in s.requests)
+            for s in self._workers.values()
+        )
+
     def has_room_for_one_more(self, worker: W) -> bool:
         """Whether one more connection of the worker's fits the budget now: a connect
         request of its kept from admission (the server being learned) would be granted."""

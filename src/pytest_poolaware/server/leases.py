@@ -5,11 +5,12 @@ A run holds slot leases, session-level advisory locks ``(slot class, n)``, one p
 connection it may open (its own connection's included); it publishes its demand as
 shared locks ``(demand class, 0..demand-1)``; one run at a time holds the priority, the
 exclusive lock ``(priority class, 0)``, with how many connections it is for as a shared
-lock ``(priority class, amount)``. Every key carries the sharing protocol's version
-(``share_plan.lock_key``): locks of another version are not read as leases, their runs
-are named in ``Others.foreign``. Leases die with the session, so a run killed or cut
-off frees them without anyone's help. The bookkeeping only: how many to hold is
-``share_plan``'s, when to move ``share``'s.
+lock ``(priority class, amount)``; a run a rerun of which waits for a connection says so
+with the shared lock ``(priority class, RERUN_MARK)``. Every key carries the sharing
+protocol's version (``share_plan.lock_key``): locks of another version are not read as
+leases, their runs are named in ``Others.foreign``. Leases die with the session, so a
+run killed or cut off frees them without anyone's help. The bookkeeping only: how many
+to hold is ``share_plan``'s, when to move ``share``'s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pytest_poolaware.server import sql
 from pytest_poolaware.server.room import Room
 from pytest_poolaware.server.share_plan import (
     DEPARTED_GRACE,
+    RERUN_MARK,
     SHARE_PROTOCOL,
     STALLED_AFTER,
     DepartedRuns,
@@ -66,6 +68,8 @@ class Leases:
         self._beyond = 0
         #: Connections this run holds the priority for (0: it does not hold it).
         self.priority = 0
+        #: Whether it holds ``RERUN_MARK``: a rerun of its waits for a connection.
+        self._rerun_marked = False
 
     def remember(self, before: Leases) -> None:
         """Taken on a new connection after losing touch: the runs the old leases last
@@ -86,11 +90,15 @@ class Leases:
         demand: dict[int, int] = {}
         amounts: dict[int, int] = {}
         foreign: dict[int, int] = {}
+        reruns: set[int] = set()
         classes = (self._slot_class, self._demand_class, self._priority_class)
         for pid, cls, key in sql.advisory_locks(self._conn, classes):
             version, obj = key_parts(key)
             if version != SHARE_PROTOCOL:  # never read as leases: a client's connections
                 foreign[pid] = version
+                continue
+            if cls == self._priority_class and obj == RERUN_MARK:
+                reruns.add(pid)
                 continue
             if cls == self._priority_class:
                 amounts[pid] = max(amounts.get(pid, 0), obj)
@@ -117,6 +125,7 @@ class Leases:
             departed,
             foreign,
             {run: max(0, held.get(run, 0) - 1) for run in stalled},
+            frozenset(reruns - stalled - {self.me}),
         ), live
 
     def _stalled(self, runs: set[int]) -> set[int]:
@@ -155,6 +164,13 @@ class Leases:
         if amount > 0:
             sql.lock_shared(self._conn, self._priority_class, lock_key(amount))
         self.priority = amount
+
+    def mark_rerun(self, waiting: bool) -> None:
+        """Say whether a rerun of this run waits for a connection (``RERUN_MARK``)."""
+        if waiting != self._rerun_marked:
+            lock = sql.lock_shared if waiting else sql.unlock_shared
+            lock(self._conn, self._priority_class, lock_key(RERUN_MARK))
+            self._rerun_marked = waiting
 
     def set_demand(self, demand: int) -> None:
         """Publish the run's demand: one shared lock per connection wanted."""

@@ -34,13 +34,14 @@ from pytest_poolaware.server.share_plan import (
     Others,
     Plan,
     kept_by_others,
+    needs_priority,
     other_version_note,
     plan,
 )
 from pytest_poolaware.server.share_progress import Progress
 from pytest_poolaware.server.share_touch import Touch
 from pytest_poolaware.shared.clock import monotonic, wall
-from pytest_poolaware.shared.limits import Limits
+from pytest_poolaware.shared.limits import Limits, RunUse
 
 #: Seconds between two looks at the other runs: a share moves within about this long.
 LEASE_INTERVAL: Final = 0.1
@@ -256,8 +257,9 @@ class ShareCoordinator:
         #: What the scheduler reads (``limits``): until the first step, the run's own
         #: budget (what it would use with sharing off).
         self._limits = Limits(ceiling)
-        #: Connections an item held back by the budget expects (``report``).
-        self._wants = 0
+        #: Connections an item held back by the budget expects, and whether a rerun waits
+        #: mid-test for a connection (``report``).
+        self._wants, self._rerun_waits = 0, False
         #: This run's own waiting tests give way (overdue, without the priority).
         self._yield = False
         #: Connections in the limit's scope that are not this run's tests' right now:
@@ -322,21 +324,17 @@ class ShareCoordinator:
             self._limits = replace(now, budget=budget, ceiling=reachable)
         self._on_change()
 
-    def report(
-        self, *, in_use: int, open_: int, pending: bool, wants: int = 0, using: int = 0
-    ) -> None:
-        """What the run holds committed and open now, whether it has work left, the need
-        of the largest item held back by the budget (0: none), and the budget the
-        planner now uses: leases are never given back below it, since the planner may
-        grant up to it before it hears of a smaller one."""
+    def report(self, use: RunUse) -> None:
+        """What the run uses and waits for: leases never fall below ``use.using``."""
         with self._lock:
-            self._in_use, self._committed = max(in_use, using), in_use
-            self._open = open_
+            self._rerun_waits, in_use = use.rerun_waits, use.in_use
+            self._in_use, self._committed = max(in_use, use.using), in_use
+            self._open = use.open
             # Demand: what it holds, and room for the item it waits to start (or one
             # more connection when nothing waits), as long as it has work left.
-            wanted = in_use + max(wants, 1)
-            self._demand = min(self.ceiling, wanted) if pending else in_use
-            self._wants = wants
+            wanted = in_use + max(use.wants, 1)
+            self._demand = min(self.ceiling, wanted) if use.pending else in_use
+            self._wants = use.wants
             if self.touch.safe is not None:  # out of touch: down as tests end, never up
                 safe = min(self.ceiling, self.touch.safe.follow(in_use))
                 self._limits = replace(self._limits, budget=safe, ceiling=safe)
@@ -418,11 +416,9 @@ class ShareCoordinator:
         self.progress.saw(others)
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
-            wants, budget_now = self._wants, self._limits.budget
-        # An item the room can serve with the priority, or one that waited too long for
-        # its share to grow (it may then go past the share within the live room): only
-        # the holder of the priority does, so two runs never do it at once.
-        needed = budget_now < wants and (wants <= self._limits.ceiling or self.growth.overdue)
+            wants, limits, rerun_waits = self._wants, self._limits, self._rerun_waits
+        self._leases.mark_rerun(rerun_waits)
+        needed = needs_priority(limits, wants, others, self.growth.overdue, rerun_waits)
         others = self._leases.claim_priority(others, needed, wants)
         step = plan(
             me=self._leases.me,

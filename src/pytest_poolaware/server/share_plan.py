@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pytest_poolaware.server.room import CLOSING_SLACK
+from pytest_poolaware.shared.limits import Limits
 
 #: Seconds the leases of a run that vanished (killed, cut off, or just ended) still count
 #: as taken: its workers may be opening connections its controller granted just before,
@@ -32,12 +33,17 @@ STALLED_AFTER: Final = 10.0
 #: connections as a client's that takes no part. Raise it with any change to the locks'
 #: meaning. The class ids (``lock_classes``) and the version's place in a key never
 #: change: that is how a run sees another version's locks at all.
-SHARE_PROTOCOL: Final = 1
+SHARE_PROTOCOL: Final = 2
 #: A lock key: the protocol's version in the bits from this one up (at most 127, so the
 #: key stays a non-negative int4), the number (a slot, a unit of demand, the priority's
 #: amount) below it. Limits allow far fewer connections than 2**24.
 VERSION_SHIFT: Final = 24
 KEY_NUMBER_MASK: Final = (1 << VERSION_SHIFT) - 1
+#: The number, in the priority's class, of the shared lock a run holds while a rerun of
+#: its waits mid-test for a connection (since protocol 2): a rerun never gives way (it
+#: has no third attempt), so such a run is served before any run whose waiting test is a
+#: first attempt, which can give way. Never an amount: no limit allows that many.
+RERUN_MARK: Final = KEY_NUMBER_MASK
 
 
 def lock_key(number: int, version: int = SHARE_PROTOCOL) -> int:
@@ -129,6 +135,8 @@ class Others:
     #: Runs (backend pid) silent past ``STALLED_AFTER``, and the test leases they hold:
     #: not read as runs (neither their leases, demand nor priority are honoured).
     stalled: Mapping[int, int] = field(default_factory=dict)
+    #: Runs (backend pid) a rerun of which waits mid-test for a connection (``RERUN_MARK``).
+    reruns: frozenset[int] = frozenset()
 
     @property
     def slotless(self) -> int:
@@ -187,6 +195,22 @@ def kept_by_others(others: Others) -> int:
     return (
         others.departed + others.slotless + sum(max(1, slots - 1) for slots in others.held.values())
     )
+
+
+def needs_priority(
+    limits: Limits, wants: int, others: Others, overdue: bool, rerun_waits: bool
+) -> bool:
+    """Whether the run's waiting item (``wants`` connections, 0: none waits) needs the
+    priority. An item the room can serve with it, or one that waited too long for its
+    share to grow (it may then go past the share within the live room): only the holder
+    does, so two runs never do it at once. A rerun waiting mid-test for a connection
+    goes first: it cannot give way, a first attempt can (and does, once the rerun's run
+    holds the priority), so a run whose item is a first attempt lets go of it then."""
+    if limits.budget >= wants:
+        return False
+    if rerun_waits:
+        return True
+    return not others.reruns and (wants <= limits.ceiling or overdue)
 
 
 def plan(

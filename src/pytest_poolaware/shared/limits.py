@@ -1,6 +1,7 @@
-"""What the planner follows of the run's budget, a record of its own: the budget's owner
-writes it (from the server's share when runs share the room), the planner reads it, and
-neither imports the other."""
+"""What the planner follows of the run's budget, and what it says of the run's use, records
+of their own: the budget's owner writes ``Limits`` (from the server's share when runs
+share the room) and reads ``RunUse``, the planner the other way round, and neither
+imports the other."""
 
 from __future__ import annotations
 
@@ -29,3 +30,23 @@ class Limits:
         if self.budget < 1:
             raise ValueError(f"budget must be positive, got {self.budget}")
         object.__setattr__(self, "ceiling", max(self.budget, self.ceiling))
+
+
+@dataclass(frozen=True)
+class RunUse:
+    """What the run uses and waits for, as its planner says after every decision: a share
+    of the server's room moves on it."""
+
+    #: Connections committed to its workers (open, granted, or reserved for a go).
+    in_use: int
+    #: Connections its workers have open.
+    open: int
+    #: Whether it has work left.
+    pending: bool
+    #: The need of the largest item held back by the budget (0: none is).
+    wants: int = 0
+    #: The budget the planner uses now: leases never fall below it, since the planner may
+    #: grant up to it before it hears of a smaller one.
+    using: int = 0
+    #: A rerun waits mid-test for a connection: it cannot give way (no third attempt).
+    rerun_waits: bool = False
