@@ -14,6 +14,7 @@ from pytest_poolaware.server.share_plan import (
     kept_by_others,
     needs_priority,
     plan,
+    served_elsewhere,
     shares_with_priority,
 )
 from pytest_poolaware.shared.limits import Limits
@@ -171,3 +172,14 @@ def test_a_waiting_rerun_goes_first_for_the_priority(
     others = Others({2: 4}, {2: 8}, reruns=frozenset(reruns))
     limits = Limits(budget, 13)
     assert needs_priority(limits, wants, others, overdue, rerun_waits) is needed
+
+
+def test_a_waiting_rerun_of_another_run_is_served_first() -> None:
+    holder = Others({2: 8}, {2: 9}, priority=(2, 8))
+    assert served_elsewhere(holder, 1, rerun_waits=False)
+    assert served_elsewhere(holder, 1, rerun_waits=True)  # first come, first served
+    assert not served_elsewhere(Others({2: 8}, {2: 9}, priority=(1, 8)), 1, rerun_waits=False)
+    rerun = Others({2: 6}, {2: 8}, reruns=frozenset({2}))
+    assert served_elsewhere(rerun, 1, rerun_waits=False)
+    assert not served_elsewhere(rerun, 1, rerun_waits=True)
+    assert not served_elsewhere(Others({2: 6}, {2: 8}), 1, rerun_waits=False)

@@ -37,6 +37,7 @@ from pytest_poolaware.server.share_plan import (
     needs_priority,
     other_version_note,
     plan,
+    served_elsewhere,
 )
 from pytest_poolaware.server.share_progress import Progress
 from pytest_poolaware.server.share_touch import Touch
@@ -465,7 +466,7 @@ class ShareCoordinator:
         # would have alone.
         self.held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
-        elsewhere = others.priority is not None and others.priority[0] != self._leases.me
+        elsewhere = served_elsewhere(others, self._leases.me, self._rerun_waits)
         overdue = self.growth.update(wants > budget)
         # The share did not grow in time: never wait on another run for ever, and never
         # go past what the server has free. Without the priority, this run's waiting

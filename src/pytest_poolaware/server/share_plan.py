@@ -213,6 +213,17 @@ def needs_priority(
     return not others.reruns and (wants <= limits.ceiling or overdue)
 
 
+def served_elsewhere(others: Others, me: int, rerun_waits: bool) -> bool:
+    """Whether another run is served first, so this run's blocked items give way and its
+    reruns wait to start: it holds the priority, or a rerun of its waits mid-test (it
+    cannot give way) while none of this run's does. The second holds from the first
+    step that sees the rerun's mark, before that run can take the priority: a rerun
+    started meanwhile would wait on it, neither able to give way."""
+    if others.priority is not None and others.priority[0] != me:
+        return True
+    return bool(others.reruns) and not rerun_waits
+
+
 def plan(
     *,
     me: int,
