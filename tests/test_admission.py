@@ -289,3 +289,27 @@ def test_a_rerun_waiting_for_a_connection_is_said_so() -> None:
     adm.request("a", 6, item=0)  # a fifth: the budget may grow, and so the rerun waits
     assert grants(decide(adm)) == []
     assert adm.rerun_waits()
+
+
+def test_a_head_waiting_for_the_budget_to_grow_reserves_nothing_and_asks_idle_back() -> None:
+    """Sharing the server: the budget is 4 of a room that may grow to 12. The serial
+    lane's head needs 7: no draining of this run's tests can make it room, only other
+    runs giving back theirs. So it reserves nothing: the light tests go on within the 4,
+    and idle connections are asked back (held, they would keep this run's share). Once
+    the budget reaches 7, the head reserves as any other."""
+    adm = admission(4, {0: 7, 1: 7})
+    adm.set_budget(Limits(4, 12))
+    for worker, queue in {"lane": [0, 1], "a": [10, 11], "b": [20]}.items():
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    adm.counts("b", 1, 1)  # an idle pooled connection
+    actions = decide(adm, first="lane")
+    assert goes(actions) == [("a", 10), ("a", 11), ("b", 20)]
+    assert releases(actions) == {"b"}
+    assert adm.largest_waiting_need() == 7  # what the run asks the others for
+    adm.set_budget(Limits(7, 12))
+    assert goes(decide(adm, first="lane")) == []  # it reserves: a and b drain
+    for worker, index in (("a", 10), ("a", 11), ("b", 20)):
+        adm.completed(worker, index)
+    adm.counts("b", 0, 0, released=True)
+    assert goes(decide(adm, first="lane"))[0] == ("lane", 0)

@@ -501,6 +501,22 @@ def test_a_waiting_rerun_is_served_before_a_first_attempt(
     assert other.share.budget() >= 8
 
 
+def test_an_item_the_priority_cannot_serve_does_not_keep_it_from_one_it_can(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """The first run's item needs 13 of the 16: more than the priority can give while the
+    other run, with work left, keeps one connection (12, each run's own connection and
+    the closing slot aside). The second run's item needs 8: it takes the priority and
+    gets its room, rather than wait behind an item nothing but the growth wait serves."""
+    first, second, _ = two_runs
+    for _ in range(6):  # each step, as the planners report after every decision
+        first.wants(13)
+        second.wants(8)
+        settle(first, second, steps=1)
+    assert second.share.budget() == 8
+    assert first.share.budget() < 13
+
+
 def silent_for_more_than(conn: Any, seconds: float) -> None:
     """Wait until the server has seen ``conn`` idle for more than ``seconds``."""
     with psycopg.connect(conn.info.dsn, autocommit=True) as watcher:

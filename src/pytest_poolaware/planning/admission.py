@@ -289,6 +289,10 @@ class Admission(Generic[W]):
             hand_out.give_goes(actions, first, path, can)
         if hand_out.blocked:
             self._relieve(hand_out.blocked, actions, keeping=hand_out.keeping)
+        elif hand_out.growing:
+            # A head waits for the budget to grow, which other runs' shares make: idle
+            # connections held here would keep this run's share, and so their room.
+            self._ask_idle_back(actions)
         elif self._lowered_under:
             # Over a lowered budget with nobody waiting: idle connections given back
             # bring the run under it sooner (another run may be waiting for them).
@@ -417,6 +421,8 @@ class _Pass(Generic[W]):
         self._first: W | None = None
         #: Workers let start within their connections while a head waits: they keep them.
         self.keeping: list[W] = []
+        #: A head waits for the budget to grow (``_grows_for``).
+        self.growing = False
 
     def answer_requests(self, actions: list[AdmissionAction]) -> None:
         """Rules 1 to 3: connect requests first, oldest first, then reruns."""
@@ -530,7 +536,10 @@ class _Pass(Generic[W]):
                     break
                 continue
             gap_shut = waits.spare is not None and extra > self.room + waits.spare
-            if starts_now and (gap_shut or not waits.for_room(self._need_of(index), self._budget)):
+            need = self._need_of(index)
+            if starts_now and (
+                gap_shut or self._grows_for(need) or not waits.for_room(need, self._budget)
+            ):
                 state.waiting_since = state.waiting_since or self._tick()
             elif starts_now:
                 self.room -= extra
@@ -542,6 +551,16 @@ class _Pass(Generic[W]):
                     state.waiting_since = state.waiting_since or self._tick()
             break
         return reserved
+
+    def _grows_for(self, need: int) -> bool:
+        """Whether a head needing more than the whole budget waits for the budget to grow
+        (another run sharing the server gives back its share): it reserves nothing
+        meanwhile, since no draining of this run's tests can make it room; the run's other
+        tests go on within the budget. Once the budget can grow no more, it reserves, and
+        runs alone past the budget when nothing else frees room (rule 6)."""
+        grows = self._budget < need and self._budget < self._limits.ceiling
+        self.growing = self.growing or grows
+        return grows
 
     def _may_start(
         self, worker: W, extra: int, *, starts_now: bool, reserved: bool, keep: int

@@ -201,7 +201,7 @@ def needs_priority(
     limits: Limits, wants: int, others: Others, overdue: bool, rerun_waits: bool
 ) -> bool:
     """Whether the run's waiting item (``wants`` connections, 0: none waits) needs the
-    priority. An item the room can serve with it, or one that waited too long for its
+    priority. An item the priority can serve, or one that waited too long for its
     share to grow (it may then go past the share within the live room): only the holder
     does, so two runs never do it at once. A rerun waiting mid-test for a connection
     goes first: it cannot give way, a first attempt can (and does, once the rerun's run
@@ -210,7 +210,10 @@ def needs_priority(
         return False
     if rerun_waits:
         return True
-    return not others.reruns and (wants <= limits.ceiling or overdue)
+    # Every other run with work keeps one connection (``shares_with_priority``): an item
+    # the priority cannot serve then does not take it from one it can.
+    servable = limits.ceiling - sum(1 for demand in others.demand.values() if demand > 0)
+    return not others.reruns and (wants <= servable or overdue)
 
 
 def served_elsewhere(others: Others, me: int, rerun_waits: bool) -> bool:
