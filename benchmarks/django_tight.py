@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import run as bench
-from markerless import KEEP_ORDER, outcomes
+from rounds import KEEP_ORDER, Run, run_interleaved
 
 DEFAULT_TESTS: Final = 200
 DEFAULT_LIMIT: Final = 3
@@ -158,61 +157,30 @@ def django_env(role_dsn: str) -> dict[str, str]:
 def run_rounds(
     project: Path, work: Path, env: dict[str, str], admin_dsn: str, rounds: int
 ) -> dict[str, Any]:
-    walls: dict[str, list[float]] = {m.name: [] for m in MODES}
-    tallies: dict[str, dict[str, int]] = {m.name: {} for m in MODES}
-    refusals: dict[str, int] = {m.name: 0 for m in MODES}
-    differences: dict[str, list[str]] = {m.name: [] for m in MODES}
-    failures: dict[str, str] = {}
-    for round_ in range(rounds):
-        reference: dict[str, str] = {}
-        for mode in MODES:
-            print(f"[django] {mode.name} {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True)
-            cache = work / "cache"
-            args = [str(project), "-o", f"cache_dir={cache}", "--rootdir", str(project)]
-            args += [*KEEP_ORDER, *mode.args]
-            if mode.monitor_elsewhere:
-                args += ["--poolaware-monitor", admin_dsn]
-            if not mode.warm:
-                args.append("--cache-clear")
-            label = f"django-{mode.name.replace(' ', '_').replace(',', '')}-{round_}"
-            code, wall, tail, junit = bench.run_pytest(label, args, env, work)
-            if code not in bench.RAN_EXIT_CODES or not junit.exists():
-                failures[mode.name] = tail
-                continue
-            walls[mode.name].append(wall)
-            refusals[mode.name] += (work / f"{label}.log").read_text().count(REFUSAL)
-            seen = outcomes(junit)
-            for outcome in seen.values():
-                tallies[mode.name][outcome] = tallies[mode.name].get(outcome, 0) + 1
-            if mode.name == REFERENCE:
-                reference = seen
-                continue
-            differences[mode.name] += [
-                f"round {round_ + 1}: {nodeid}: {REFERENCE} {reference.get(nodeid)}, "
-                f"{mode.name} {seen.get(nodeid)}"
-                for nodeid in sorted(set(reference) | set(seen))
-                if reference.get(nodeid) != seen.get(nodeid)
-            ]
-    medians = {name: statistics.median(w) if w else None for name, w in walls.items()}
-    base = medians[REFERENCE]
+    """Every mode once a round; refusals counted in each run's output."""
 
-    def over_reference(median: float | None) -> float | None:
-        return median / base if median is not None and base else None
+    def run_of(mode: Mode, round_: int) -> Run:
+        cache = work / "cache"
+        args = [str(project), "-o", f"cache_dir={cache}", "--rootdir", str(project)]
+        args += [*KEEP_ORDER, *mode.args]
+        if mode.monitor_elsewhere:
+            args += ["--poolaware-monitor", admin_dsn]
+        if not mode.warm:
+            args.append("--cache-clear")
+        return Run(f"django-{mode.name.replace(' ', '_').replace(',', '')}-{round_}", args)
 
-    return {
-        "modes": {
-            name: {
-                "walls": [round(w, 2) for w in walls[name]],
-                "median": medians[name],
-                "ratio_over_reference": over_reference(medians[name]),
-                "outcomes": tallies[name],
-                "refusals_in_output": refusals[name],
-                "differences_from_reference": differences[name],
-            }
-            for name in walls
-        },
-        "failures": failures,
-    }
+    return run_interleaved(
+        MODES,
+        REFERENCE,
+        rounds,
+        run_of,
+        env,
+        work,
+        progress="django",
+        reference_key="reference",
+        outcomes_summed=True,
+        log_counts={"refusals_in_output": REFUSAL},
+    )
 
 
 def render(report: dict[str, Any]) -> str:

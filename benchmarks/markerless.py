@@ -20,16 +20,15 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import run as bench
+from rounds import KEEP_ORDER, Run, run_interleaved
 
 DEFAULT_TESTS: Final = 3000
 DEFAULT_MODULES: Final = 60
@@ -175,19 +174,6 @@ def worker_databases(admin_dsn: str, role: str, workers: int) -> Iterator[str]:
         drop_role(admin_dsn, role)
 
 
-def outcomes(junit: Path) -> dict[str, str]:
-    """Outcome per test (junitxml classname::name) of one run."""
-    result = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = child.tag
-                break
-        result[f"{case.get('classname')}::{case.get('name')}"] = outcome
-    return result
-
-
 @dataclasses.dataclass(frozen=True)
 class Mode:
     name: str
@@ -196,9 +182,6 @@ class Mode:
     warm: bool = False
 
 
-#: Outcomes are compared with load's test by test: every run keeps the collection's order
-#: (pytest-randomly, where installed, would shuffle each run differently).
-KEEP_ORDER: Final = ("-p", "no:randomly")
 POOLAWARE = ("--dist", "poolaware", "--pool-budget", str(BUDGET), *bench.NO_MONITOR)
 MODES: Final = (
     Mode("load", ("--dist", "load")),
@@ -206,6 +189,8 @@ MODES: Final = (
     Mode("poolaware-warm-1", POOLAWARE, warm=True),
     Mode("poolaware-warm-2", POOLAWARE, warm=True),
 )
+#: The mode every run's outcomes are compared with, test by test.
+REFERENCE: Final = MODES[0].name
 DURATION_MODE: Final = Mode(
     "poolaware-duration-warm", (*POOLAWARE, "--poolaware-order", "duration"), warm=True
 )
@@ -214,60 +199,27 @@ DURATION_MODE: Final = Mode(
 def run_rounds(
     suite: Path, work: Path, env: dict[str, str], modes: Sequence[Mode], rounds: int
 ) -> dict[str, Any]:
-    walls: dict[str, list[float]] = {m.name: [] for m in modes}
-    differences: dict[str, list[str]] = {m.name: [] for m in modes}
-    counts: dict[str, dict[str, int]] = {}
-    failures: dict[str, str] = {}
-    for round_ in range(rounds):
-        reference: dict[str, str] = {}
-        for mode in modes:
-            print(
-                f"[markerless] {mode.name} {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True
-            )
-            cache = work / ("cache-load" if mode.name == "load" else "cache-poolaware")
-            args = [str(suite), "-o", f"cache_dir={cache}", "-n", str(WORKERS), *KEEP_ORDER]
-            args += mode.args
-            if not mode.warm:
-                args.append("--cache-clear")
-            label = f"markerless-{mode.name}-{round_}"
-            code, wall, tail, junit = bench.run_pytest(label, args, env, work)
-            if code not in bench.RAN_EXIT_CODES or not junit.exists():
-                failures[mode.name] = tail
-                continue
-            walls[mode.name].append(wall)
-            seen = outcomes(junit)
-            tally: dict[str, int] = {}
-            for outcome in seen.values():
-                tally[outcome] = tally.get(outcome, 0) + 1
-            counts[mode.name] = tally
-            if mode.name == "load":
-                reference = seen
-                continue
-            for nodeid in sorted(set(reference) | set(seen)):
-                if reference.get(nodeid) != seen.get(nodeid):
-                    differences[mode.name].append(
-                        f"round {round_ + 1}: {nodeid}: load {reference.get(nodeid)}, "
-                        f"{mode.name} {seen.get(nodeid)}"
-                    )
-    medians = {name: statistics.median(w) if w else None for name, w in walls.items()}
-    load = medians.get("load")
+    """Every mode once a round, load's and poolaware's each on a cache of their own."""
 
-    def over_load(median: float | None) -> float | None:
-        return median / load if median is not None and load else None
+    def run_of(mode: Mode, round_: int) -> Run:
+        cache = work / ("cache-load" if mode.name == REFERENCE else "cache-poolaware")
+        args = [str(suite), "-o", f"cache_dir={cache}", "-n", str(WORKERS), *KEEP_ORDER]
+        args += mode.args
+        if not mode.warm:
+            args.append("--cache-clear")
+        return Run(f"markerless-{mode.name}-{round_}", args)
 
-    return {
-        "modes": {
-            name: {
-                "walls": [round(w, 2) for w in walls[name]],
-                "median": medians[name],
-                "ratio_over_load": over_load(medians[name]),
-                "outcomes": counts.get(name, {}),
-                "differences_from_load": differences[name],
-            }
-            for name in walls
-        },
-        "failures": failures,
-    }
+    return run_interleaved(
+        modes,
+        REFERENCE,
+        rounds,
+        run_of,
+        env,
+        work,
+        progress="markerless",
+        reference_key="load",
+        outcomes_summed=False,
+    )
 
 
 def render(report: dict[str, Any]) -> str:
