@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 from tracecheck import problems
 
 from pytest_poolaware.planning.core import Lane
 from pytest_poolaware.reporting import report
-from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot
+from pytest_poolaware.reporting.runstats import ItemResult, RunSnapshot, RunStats
 from pytest_poolaware.reporting.trace_events import (
     BUDGET_COUNTER,
     HELD_BACK_NAME,
@@ -47,6 +47,18 @@ def held_back(*spans: tuple[float, float]) -> tuple[HeldBack, Clocks]:
         clocks.now = end
         held.note(False)
     return held, clocks
+
+
+def collect(snapshot: RunSnapshot, **extra: Any) -> RunStats:
+    """The run's stats from a snapshot, as the plugin collects them at the session's end."""
+    return report.collect(
+        settings=Settings(budget=4, budget_source="--pool-budget"),
+        snapshot=snapshot,
+        started=9.0,
+        finished=13.0,
+        outcomes={},
+        **extra,
+    )
 
 
 def test_a_test_s_waits_count_only_while_another_run_held_this_one_back() -> None:
@@ -114,14 +126,7 @@ def test_the_report_and_the_trace_carry_what_other_runs_cost() -> None:
             ),
         ),
     )
-    stats = report.collect(
-        settings=Settings(budget=4, budget_source="--pool-budget"),
-        snapshot=snapshot,
-        started=9.0,
-        finished=13.0,
-        outcomes={},
-        held_back_by_runs=1.25,
-    )
+    stats = collect(snapshot, held_back_by_runs=1.25)
     data = stats.to_json()
     assert data["run"]["held_back_by_runs"] == 1.25
     assert [test["held_back_by_runs"] for test in data["tests"]] == [1.0, 0.0, None]
@@ -145,13 +150,7 @@ def test_the_report_and_the_trace_show_the_budget_as_it_moved() -> None:
     and came back: the report lists each step, the trace's budget counter steps with it
     (and holds the last value to the session's end)."""
     snapshot = RunSnapshot(workers=2, budgets=((9.5, 4), (10.0, 2), (11.5, 4)))
-    stats = report.collect(
-        settings=Settings(budget=4, budget_source="--pool-budget"),
-        snapshot=snapshot,
-        started=9.0,
-        finished=13.0,
-        outcomes={},
-    )
+    stats = collect(snapshot)
     assert stats.to_json()["budget_timeline"] == [[9.5, 4], [10.0, 2], [11.5, 4]]
     doc = json.loads(render(stats))
     assert problems(doc) == []
@@ -164,13 +163,7 @@ def test_the_report_and_the_trace_show_the_budget_as_it_moved() -> None:
 
 
 def test_a_run_that_met_no_other_run_reports_no_cost() -> None:
-    stats = report.collect(
-        settings=Settings(budget=4, budget_source="--pool-budget"),
-        snapshot=RunSnapshot(workers=1),
-        started=9.0,
-        finished=13.0,
-        outcomes={},
-    )
+    stats = collect(RunSnapshot(workers=1))
     assert stats.to_json()["run"]["held_back_by_runs"] is None
 
 

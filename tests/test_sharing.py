@@ -480,12 +480,13 @@ def test_a_waiting_rerun_is_served_before_a_first_attempt(
     wants more. When the other's is a rerun, it cannot give way (no third attempt): the
     two would wait on each other until the gate timed out and the rerun failed. So the
     holder gives the priority up, the other takes it, and the holder's test gives way."""
+    first, second, _ = two_runs
     for _ in range(4):  # each step, as the planners report after every decision
-        two_runs[0].wants(8, in_use=7, open_=7)
-        two_runs[1].wants(8, in_use=6, open_=6)
-        settle(*two_runs[:2], steps=1)
+        first.wants(8, in_use=7, open_=7)
+        second.wants(8, in_use=6, open_=6)
+        settle(first, second, steps=1)
     # One holds the priority for its test: the other's waiting test would give way.
-    holder, other = sorted(two_runs[:2], key=lambda run: run.share.limits().give_way)
+    holder, other = sorted((first, second), key=lambda run: run.share.limits().give_way)
     assert (holder.share.limits().give_way, other.share.limits().give_way) == (False, True)
     for _ in range(3):  # the other says so, the holder lets go, the other takes it
         holder.wants(8, in_use=7, open_=7)

@@ -224,11 +224,9 @@ def _counters(
         }
 
     steps = stats.budgets or ((stats.started, stats.budget),)
-    events = [counter(BUDGET_COUNTER, stats.started, {"budget": steps[0][1]})]
-    events += [counter(BUDGET_COUNTER, when, {"budget": n}) for when, n in steps[1:]]
-    events.append(
-        counter(BUDGET_COUNTER, max(stats.finished, stats.started), {"budget": steps[-1][1]})
-    )
+    end = max(stats.finished, stats.started)
+    points = [(stats.started, steps[0][1]), *steps[1:], (end, steps[-1][1])]
+    events = [counter(BUDGET_COUNTER, when, {"budget": n}) for when, n in points]
     if workers:
         for when, counts in stacked_steps(stats.timeline, workers, stats.started):
             events.append(counter(OPEN_COUNTER, when, dict(zip(workers, counts, strict=True))))

@@ -69,7 +69,7 @@ class Leases:
         #: Connections this run holds the priority for (0: it does not hold it).
         self.priority = 0
         #: Whether it holds ``RERUN_MARK``: a rerun of its waits for a connection.
-        self._rerun_marked = False
+        self.rerun_marked = False
 
     def remember(self, before: Leases) -> None:
         """Taken on a new connection after losing touch: the runs the old leases last
@@ -167,10 +167,10 @@ class Leases:
 
     def mark_rerun(self, waiting: bool) -> None:
         """Say whether a rerun of this run waits for a connection (``RERUN_MARK``)."""
-        if waiting != self._rerun_marked:
+        if waiting != self.rerun_marked:
             lock = sql.lock_shared if waiting else sql.unlock_shared
             lock(self._conn, self._priority_class, lock_key(RERUN_MARK))
-            self._rerun_marked = waiting
+            self.rerun_marked = waiting
 
     def set_demand(self, demand: int) -> None:
         """Publish the run's demand: one shared lock per connection wanted."""

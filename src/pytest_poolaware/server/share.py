@@ -466,7 +466,7 @@ class ShareCoordinator:
         # would have alone.
         self.held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
-        elsewhere = served_elsewhere(others, self._leases.me, self._rerun_waits)
+        elsewhere = served_elsewhere(others, self._leases.me, self._leases.rerun_marked)
         overdue = self.growth.update(wants > budget)
         # The share did not grow in time: never wait on another run for ever, and never
         # go past what the server has free. Without the priority, this run's waiting
