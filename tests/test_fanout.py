@@ -45,11 +45,23 @@ def test_ranges_are_contiguous_and_balanced_by_expected_duration() -> None:
     assert drain(fanout, "a") == list(range(12))
 
 
-def test_cuts_move_to_the_nearest_module_boundary() -> None:
-    groups = ["m1"] * 5 + ["m2"] * 5 + ["m3"] * 2
-    fanout = pool([1.0] * 12, groups)
+def test_a_cut_moves_to_a_module_boundary_when_the_modules_setup_outweighs_the_move() -> None:
+    """m2's first test takes 2.8 s more than its others (its module fixtures): a second
+    worker starting mid-m2 would repeat that, which costs more than moving 0.4 s."""
+    groups = ["m1"] * 5 + ["m2"] * 3 + ["m3"] * 6
+    fanout = pool([1.0] * 5 + [3.0, 0.2, 0.2] + [1.0] * 6, groups)
     fanout.split(["a", "b"])
-    assert fanout.pop("b", -1) == 5  # an even cut would split m2 at 6
+    assert fanout.pop("b", -1) == 8  # an even cut would split m2 at 6
+
+
+def test_a_cut_stays_inside_a_module_whose_setup_is_cheaper_than_the_move() -> None:
+    """Found on a suite whose first module had 56 light tests: moving the cut to a module
+    boundary put 2 s more into the first range, which no dry worker may take from."""
+    groups = ["m1"] * 20 + ["m2"] * 20
+    fanout = pool([1.0] * 40, groups)
+    fanout.split(["a", "b", "c"])
+    assert fanout.pop("b", -1) == 13  # 13.3 s each; m1 ends at 20
+    assert drain(fanout, "a", count=14) == [*range(13), 20]  # then b's end, from m2
 
 
 def test_a_dry_worker_takes_the_end_of_a_range_after_its_watermark() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import statistics
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +30,6 @@ W = TypeVar("W", bound=Hashable)
 #: Seconds assumed for a test of unknown duration when no test's duration is known (with
 #: some known, their mean): only the ratio between tests matters for cutting ranges.
 UNKNOWN_SECONDS: Final = 1.0
-#: A cut between ranges moves to the nearest module boundary within this share of the
-#: ranges' length, so a module's fixtures are set up by one worker where possible.
-BOUNDARY_SLACK: Final = 0.25
 #: A worker that runs dry takes this share of the expected work left in a range.
 STEAL_SHARE: Final = 0.5
 #: Seconds every test is assumed to cost on top of its duration (the run's per-test
@@ -159,7 +157,15 @@ class FanoutPool(Generic[W]):
             while start > lowest and taken < reserve:
                 start -= 1
                 taken += self.seconds[items[start]]
-            start = boundary_near(self.groups, items, start, lowest, len(items))
+            start = settle_cut(
+                self.groups,
+                self.seconds,
+                items,
+                start,
+                (lowest, len(items)),
+                (max(sum(self.seconds[i] for i in items) - reserve, reserve), reserve),
+                left_from=0,
+            )
             if start < len(items):
                 tail = deque(items[start:])
                 ranges.append(self._range(tail, reserved=True))
@@ -272,7 +278,16 @@ class FanoutPool(Generic[W]):
         while start > lowest and (taken < wanted or start == len(items)):
             start -= 1
             taken += self.seconds[items[start]]
-        return min(boundary_near(self.groups, items, start, lowest, len(items)), len(items) - 1)
+        cut = settle_cut(
+            self.groups,
+            self.seconds,
+            items,
+            start,
+            (lowest, len(items)),
+            (1 - STEAL_SHARE, STEAL_SHARE),
+            left_from=0,
+        )
+        return min(cut, len(items) - 1)
 
     def _give(self, source: _Range, start: int, worker: W) -> _Range:
         """Move ``source.items[start:]`` into a new range owned by ``worker``."""
@@ -305,7 +320,9 @@ def cut_evenly(
         while position < len(items) and running + seconds[items[position]] / 2 <= goal:
             running += seconds[items[position]]
             position += 1
-        cut = boundary_near(groups, items, position, cuts[-1], len(items))
+        cut = settle_cut(
+            groups, seconds, items, position, (cuts[-1], len(items)), (1.0, parts - part)
+        )
         cuts.append(max(cut, cuts[-1]))
         running = sum(seconds[i] for i in items[: cuts[-1]])
         position = cuts[-1]
@@ -313,16 +330,54 @@ def cut_evenly(
     return [items[a:b] for a, b in itertools.pairwise(cuts)]
 
 
-def boundary_near(
-    groups: Sequence[str], items: Sequence[int], cut: int, low: int, high: int
+def settle_cut(
+    groups: Sequence[str],
+    seconds: Sequence[float],
+    items: Sequence[int],
+    cut: int,
+    bounds: tuple[int, int],
+    weights: tuple[float, float],
+    left_from: int | None = None,
 ) -> int:
-    """The module boundary (between ``groups``) nearest ``cut`` within the slack, else ``cut``."""
-    slack = int((high - low) * BOUNDARY_SLACK)
-    for distance in range(slack + 1):
-        for position in (cut - distance, cut + distance):
-            if low < position < high and groups[items[position - 1]] != groups[items[position]]:
-                return position
-    return cut
+    """Where a cut at ``cut`` goes: to an end of the module (``groups``) it falls in, or
+    nowhere, whichever leaves the two sides the least expected work per weight. A side
+    that starts mid-module repeats the module's setup (its module-scoped fixtures), so a
+    cut moves to a module boundary when that setup outweighs the seconds moved, and stays
+    when it does not: every second moved is a second one side runs longer.
+
+    ``bounds``: the positions the cut must stay strictly between. ``weights``: what each
+    side stands for (ranges, or shares of one). The left side runs from ``left_from``
+    (default ``bounds[0]``), the right side to ``bounds[1]``.
+    """
+    low, high = bounds
+    if not low < cut < high or groups[items[cut - 1]] != groups[items[cut]]:
+        return cut
+    module = groups[items[cut]]
+    start, end = cut, cut
+    while start > low and groups[items[start - 1]] == module:
+        start -= 1
+    while end < high and groups[items[end]] == module:
+        end += 1
+    setup = module_setup_seconds([seconds[i] for i in items[start:end]])
+    first = low if left_from is None else left_from
+    total = sum(seconds[i] for i in items[first:high])
+
+    def cost(position: int, repeated: float) -> float:
+        left = sum(seconds[i] for i in items[first:position])
+        return max(left / weights[0], (total - left + repeated) / weights[1])
+
+    # On a tie the boundary wins (listed first): one setup fewer for the same wall.
+    options = [(cost(p, 0.0), p) for p in (start, end) if low < p < high]
+    options.append((cost(cut, setup), cut))
+    return min(options, key=lambda option: option[0])[1]
+
+
+def module_setup_seconds(module: Sequence[float]) -> float:
+    """What a module's first test takes beyond its typical test (the median): its
+    module-scoped fixtures' setup, by the learned durations."""
+    if len(module) < 2:
+        return 0.0
+    return max(0.0, module[0] - statistics.median(module[1:]))
 
 
 def expected_seconds(durations: Sequence[float | None]) -> list[float]:
