@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import pytest
 
 from pytest_poolaware.planning.admission import (
+    GO_AHEAD_SECONDS,
     HANDOVER_AFTER_GOES,
     Admission,
     AdmissionAction,
@@ -215,6 +216,38 @@ def test_with_fewer_connections_than_workers_they_take_turns_keeping_their_conne
     adm.completed("b", 100)
     adm.counts("b", 1, 1)
     assert goes(decide(adm)) == [("b", 101)]  # b's turn: a waits
+
+
+def test_goes_ahead_of_time_pin_a_workers_connections_for_a_quarter_second_at_most() -> None:
+    """A go cannot be taken back: a head that comes to wait for room waits for every go
+    already given. Found on a suite of 0.1 s tests beside 6-connection ones, where the
+    heavy test waited 1.2 s behind light tests queued with their goes."""
+    adm: Admission[str] = Admission(
+        3, need_of=lambda index: 3 if index == 100 else 1, seconds_of=lambda _: 0.1
+    )
+    adm.add_worker("a")
+    adm.queued("a", range(10))
+    ahead = round(GO_AHEAD_SECONDS / 0.1 + 0.5)  # goes until that many seconds are ahead
+    assert goes(decide(adm)) == [("a", i) for i in range(1 + ahead)]
+    adm.counts("a", 1, 0)
+    adm.add_worker("b")
+    adm.queued("b", [100])
+    assert goes(decide(adm)) == []  # b's head needs the whole budget: it waits
+    for index in range(ahead):
+        adm.completed("a", index)
+        assert goes(decide(adm)) == []
+    adm.completed("a", ahead)
+    adm.counts("a", 0, 0, released=True)
+    assert goes(decide(adm)) == [("b", 100)]
+
+
+def test_a_worker_holding_no_connections_gets_every_queued_go_at_once() -> None:
+    """Its goes pin nothing, and a completion then needs no plan (``settled``)."""
+    adm: Admission[str] = Admission(3, need_of=lambda index: 0, seconds_of=lambda _: 0.1)
+    adm.add_worker("a")
+    adm.queued("a", range(10))
+    assert goes(decide(adm)) == [("a", i) for i in range(10)]
+    assert adm.settled()
 
 
 def test_with_enough_connections_for_every_worker_a_waiting_head_reserves_at_once() -> None:

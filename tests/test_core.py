@@ -1575,7 +1575,8 @@ def test_a_completion_skips_planning_only_when_the_plan_would_decide_nothing(
 def test_completions_on_a_busy_fanout_skip_planning() -> None:
     """The fast path is taken (big suites pay for a full plan at every completion
     otherwise), and never where the full plan would act."""
-    run: dict[str, object] = {"tests": fanout(400, need=0), "budget": BUDGET, "workers": 3}
+    tests = fanout(400, need=0, duration=0.001)
+    run: dict[str, object] = {"tests": tests, "budget": BUDGET, "workers": 3}
     planner = run_checked(run, seed=1)
     assert planner.settled > 200
     assert planner.missed == []

@@ -261,7 +261,7 @@ def test_the_rest_of_a_crashed_workers_group_goes_whole_to_one_worker() -> None:
 def test_a_group_counts_once_in_the_pending_totals_per_item() -> None:
     t = Seats()
     t.load(grouped("ssff", "a.aa"))
-    assert (t.placer.pending_serial, t.placer.pending_fanout) == (4, 0)
+    assert (t.placer.pending(Lane.SERIAL), t.placer.pending(Lane.FANOUT)) == (4, 0)
 
 
 # -- queue lengths and the completion fast path ---------------------------------------------

@@ -88,7 +88,9 @@ class Planner(Generic[W]):
     ) -> None:
         self.unknown_need = unknown_need
         self._placer: Placer[W] = Placer(order=order)
-        self._admission: Admission[W] = Admission(budget, need_of=self.need_of)
+        self._admission: Admission[W] = Admission(
+            budget, need_of=self.need_of, seconds_of=self._placer.seconds_of
+        )
         #: Peaks measured in this run, by item.
         self._needs: dict[int, int] = {}
         self._priors = Priors()
@@ -158,9 +160,7 @@ class Planner(Generic[W]):
 
     def set_budget(self, limits: Limits) -> list[Action]:
         """The room changed mid-run, up or down: see ``Admission.set_budget``."""
-        if not self._admission.set_budget(limits):
-            return []
-        return self._plan()
+        return self._plan() if self._admission.set_budget(limits) else []
 
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
@@ -218,9 +218,9 @@ class Planner(Generic[W]):
         """Whether a completion leaves nothing to decide: the hot path of big suites.
 
         True only when no worker waits for anything (no requests, no item held back by
-        the budget, every queued item already go'ed) and placement would hand this
-        worker nothing. A completion only frees room, and nobody wants room, so
-        ``_plan`` would return no action.
+        the budget, every queued item already go'ed or as many goes ahead as a pass
+        gives) and placement would hand this worker nothing. A completion only frees
+        room, and nobody wants room, so ``_plan`` would return no action.
         """
         return self._placer.settled_after_completion(worker) and self._admission.settled()
 
@@ -243,9 +243,7 @@ class Planner(Generic[W]):
     def withdraw(self, worker: W, request: int) -> list[Action]:
         """The worker stopped waiting for a request (its gate timed out): it is dropped,
         and the room it kept for itself may go to others."""
-        if not self._admission.withdraw(worker, request):
-            return []
-        return self._plan()
+        return self._plan() if self._admission.withdraw(worker, request) else []
 
     # -- queries ------------------------------------------------------------------------
 
@@ -333,8 +331,8 @@ class Planner(Generic[W]):
             committed=admission.committed,
             open=admission.open,
             peak_open=admission.peak_open,
-            pending_serial=placer.pending_serial,
-            pending_fanout=placer.pending_fanout,
+            pending_serial=placer.pending(Lane.SERIAL),
+            pending_fanout=placer.pending(Lane.FANOUT),
             in_flight=placer.in_flight,
             completed=len(placer.completed),
             overruns=tuple(self.overruns),
@@ -384,8 +382,8 @@ class Planner(Generic[W]):
         ahead = self._placer.lane_ahead()
         if ahead is None:
             return None
-        worker, items, seconds = ahead
-        seconds_of = seconds.__getitem__
+        worker, items = ahead
+        seconds_of = self._placer.seconds_of
         lane = (LaneItem(i, self._known_need(i), seconds_of(i)) for i in items)
         return LaneAhead(worker, tuple(lane), seconds_of)
 

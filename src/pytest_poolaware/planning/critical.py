@@ -190,3 +190,39 @@ def critical_path(
     if lane is None or lane.worker not in holders:
         return None
     return CriticalPath(lane, holders, need_of, budget, can_start)
+
+
+@dataclass(frozen=True)
+class LaneWaits(Generic[W]):
+    """Why one worker's head that does not fit would wait: ``lane`` (None: the worker
+    is the lane's, or there is no lane), whether the worker ``can_start`` its head,
+    what the lane's worker and the gap's have committed (``lane_worker``, ``gap_worker``),
+    whether it is offered the lane's gap (``spare``), and whether goes ahead of time are
+    given (``ahead``)."""
+
+    lane: CriticalPath[W] | None
+    can_start: bool
+    lane_worker: int
+    gap_worker: int
+    #: It is offered the lane's gap: its head only may start in this pass, and reserves
+    #: room only if it fits once the lane's worker gives back its ``spare`` idle
+    #: connections (it waits for its go, so it does at once); else the lane goes on.
+    spare: int | None = None
+    #: Whether items after the one it runs may have their go ahead of time.
+    ahead: bool = True
+
+    def keep(self, queue: Iterable[int], index: int) -> int:
+        """Room kept for the lane, and for the test that takes its next gap, from a go
+        to ``index`` (``CriticalPath.keep``, ``CriticalPath.gap_keep``)."""
+        if self.lane is None:
+            return 0
+        lane = self.lane.keep(queue, index, self.lane_worker)
+        return max(lane, self.lane.gap_keep(self.lane_worker, self.gap_worker))
+
+    def for_room(self, need: int, budget: int) -> bool:
+        """Whether the head reserves room: not when its worker cannot start it yet, nor
+        when it conflicts with the lane (it waits for a gap of the lane: the end of the
+        lane's current test finds the lane's next one, not it, first in line)."""
+        if not self.can_start:
+            return False
+        return self.lane is None or not self.lane.conflicts(need, budget)

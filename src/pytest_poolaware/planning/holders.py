@@ -257,6 +257,23 @@ class Holder:
         )
 
 
+def seconds_ahead(state: Holder, seconds_of: Callable[[int], float]) -> float:
+    """Expected seconds of the worker's go'ed items after the one it runs (or starts):
+    its goes ahead of time."""
+    return sum(map(seconds_of, itertools.islice(state.queue, 1, state.granted)))
+
+
+def settled(state: Holder, seconds_of: Callable[[int], float], refill: float) -> bool:
+    """Whether the worker waits for nothing: no request, no item held back by the budget,
+    every queued item go'ed, or, holding connections, at least ``refill`` seconds of
+    goes ahead (a pass tops them up only below that)."""
+    if state.requests or state.waiting_since:
+        return False
+    if state.granted == len(state.queue):
+        return True
+    return state.commitment() > 0 and seconds_ahead(state, seconds_of) >= refill
+
+
 def waiting_requests(holders: Iterable[Holder]) -> list[Request]:
     """Connect requests first, oldest first: they come from running items, whose ending
     is what frees room; then reruns, which wait for the run to drain."""

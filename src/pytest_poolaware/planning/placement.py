@@ -266,6 +266,10 @@ class Placer(Generic[W]):
         """What is known of each collected item (measured in this run, once it is)."""
         return self._lanes.tests
 
+    def seconds_of(self, index: int) -> float:
+        """An item's expected seconds (learned, else assumed alike: ``fanout``)."""
+        return self._lanes.seconds[index]
+
     @property
     def out_of_order(self) -> set[int]:
         """Items handed out below a watermark because no worker could take them in order."""
@@ -285,13 +289,9 @@ class Placer(Generic[W]):
         """Items not yet completed: pending in a lane or queued on a worker."""
         return bool(self._lanes) or any(s.queue for s in self._workers.values())
 
-    @property
-    def pending_serial(self) -> int:
-        return self._lanes.pending(Lane.SERIAL)
-
-    @property
-    def pending_fanout(self) -> int:
-        return self._lanes.pending(Lane.FANOUT)
+    def pending(self, lane: Lane) -> int:
+        """Items of the lane not handed out yet."""
+        return self._lanes.pending(lane)
 
     @property
     def in_flight(self) -> int:
@@ -315,13 +315,13 @@ class Placer(Generic[W]):
         only once the worker holds the next one or a shutdown (unknown workers: yes)."""
         return worker not in self._workers or self._workers[worker].can_enter()
 
-    def lane_ahead(self) -> tuple[W, list[int], Sequence[float]] | None:
-        """The serial lane's worker, its items still to run, in order (``critical``), and
-        every item's expected seconds (None: the lane has no work)."""
+    def lane_ahead(self) -> tuple[W, list[int]] | None:
+        """The serial lane's worker and its items still to run, in order (``critical``;
+        None: the lane has no work)."""
         worker = self._serial_worker
         if worker is None or worker not in self._workers:
             return None
-        return worker, lane_ahead(self._lanes, self._workers[worker].queue), self._lanes.seconds
+        return worker, lane_ahead(self._lanes, self._workers[worker].queue)
 
     def _holds_serial(self, worker: W) -> bool:
         """Whether the worker holds a serial item."""
