@@ -58,17 +58,33 @@ def running(adm: Admission[str], queues: Mapping[str, list[int]]) -> Admission[s
 
 
 def test_an_item_starts_when_its_need_fits_and_a_head_that_does_not_reserves_its_room() -> None:
-    adm = admission(4, {0: 3, 1: 3, 2: 2, 3: 1})
+    adm = admission(5, {0: 2, 1: 2, 2: 4, 3: 2})
     for worker, queue in {"a": [0, 1], "b": [2], "c": [3]}.items():
         adm.add_worker(worker)
         adm.queued(worker, queue)
-    # a's items need 3 each (its commitment is the larger need, not the sum); b's head
-    # needs 2 and waits; c's would fit but must not take the room b waits for
+    # a's items need 2 each (its commitment is the larger need, not the sum); b's head
+    # needs 4 and waits; c's would fit beside a's, but not beside b's once a's end: it
+    # must not take the room b waits for
     assert goes(decide(adm)) == [("a", 0), ("a", 1)]
-    assert adm.committed == 3
+    assert adm.committed == 2
     adm.completed("a", 0)
     adm.completed("a", 1)
-    assert goes(decide(adm)) == [("b", 2), ("c", 3)]
+    assert goes(decide(adm)) == [("b", 2)]
+
+
+def test_a_head_that_waits_for_a_running_test_anyway_lets_what_fits_beside_it_start() -> None:
+    """b's head (4) fits only once a's test (2 of 5) ends, whatever else runs; c's item
+    (1) fits beside b's then, so it starts now (backfill) and keeps its connections."""
+    adm = admission(5, {0: 2, 1: 4, 2: 1})
+    for worker, queue in {"a": [0], "b": [1], "c": [2]}.items():
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    adm.counts("c", 1, 1)  # an idle pooled connection from its session start
+    actions = decide(adm)
+    assert goes(actions) == [("a", 0), ("c", 2)]
+    assert releases(actions) == set()
+    adm.completed("a", 0)
+    assert goes(decide(adm)) == [("b", 1)]
 
 
 def test_the_first_worker_named_goes_first() -> None:
