@@ -27,7 +27,7 @@ from pytest_poolaware.server.connection import QUERY_DEADLINE, open_connection, 
 from pytest_poolaware.server.discovery import read_facts
 from pytest_poolaware.server.room import SERVER, room_of
 from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
-from pytest_poolaware.server.share_plan import STALLED_AFTER
+from pytest_poolaware.server.share_plan import STALLED_AFTER, Others
 from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
@@ -572,6 +572,42 @@ def test_a_run_silent_past_the_no_progress_time_is_no_longer_honoured(
         for run in (stalled, other):
             run.share.stop()
             run.connection.close()
+
+
+def test_a_run_stopped_in_the_middle_of_a_step_resumes_on_its_next_one(
+    limited_role: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP lands anywhere, also while the run looks at the others (found as a flaky
+    end-to-end test: the resumed run never said it had stopped). What that step saw is
+    stale once it goes on, and the others stopped honouring its leases meanwhile: it
+    follows none of it and starts nothing new; its next step gives back the leases its
+    tests do not use (here, alone, it takes the room again) and says so."""
+    clock = FakeClock()
+    run = Coordinated(limited_role(ROLE_LIMIT), f"test-{uuid.uuid4().hex[:8]}", clock, 5.0)
+    try:
+        run.wants(8, in_use=2)
+        settle(run)
+        held = run.share.budget()
+        assert held >= 8
+        leases = run.share._leases
+        look = leases.look
+
+        def look_then_stop() -> tuple[Others, int]:
+            seen = look()
+            clock.now += 6.0  # stopped right after looking
+            return seen
+
+        monkeypatch.setattr(leases, "look", look_then_stop)
+        assert run.share.step()
+        assert run.share.limits() == Limits(2, 2, give_way=False, may_pass=False)
+        assert run.share.interruptions == []
+        monkeypatch.undo()
+        settle(run, steps=1)
+        (note,) = run.share.interruptions
+        assert note.startswith("this run made no progress for 6.0s (suspended or wedged)")
+    finally:
+        run.share.stop()
+        run.connection.close()
 
 
 def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:

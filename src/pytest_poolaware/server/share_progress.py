@@ -35,6 +35,11 @@ class Progress:
         they no longer honour its leases."""
         return self._last is not None and self._clock() - self._last > self.stalled_after
 
+    def stalled_since(self, began: float) -> bool:
+        """Whether the run made no progress for longer than the others wait since
+        ``began`` (a step that long was stopped or wedged midway)."""
+        return self._clock() - began > self.stalled_after
+
     def resuming(self, leases: Leases, committed: int) -> None:
         """A step begins: after a silence, give back the leases the tests do not use (the
         others may have handed that room out), with a note."""
