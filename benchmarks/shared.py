@@ -1,12 +1,14 @@
 """Benchmarks of runs sharing one server: a suite K times against one limited role.
 
     python benchmarks/shared.py [--rounds N] [--cases A,B,...] [--out DIR]
-                                [--suite demo|harder] [--copies K]
+                                [--suite demo|harder] [--copies K] [--hog N] [--cold]
 
 ``--suite harder`` runs ``benchmarks/harder`` (``serial_only`` tests of 7-8 connections,
 one unmarked test of 12, 200 light tests) instead of the demo; ``--copies K`` (2 or 3)
 how many copies ``sequential``, ``pair`` and ``pair-no-share`` run (``pair`` is then K
-copies started together).
+copies started together). ``--hog N`` keeps N busy processes (``yes``) running beside
+the rounds, as on a CI machine shared with other jobs; ``--cold`` clears each run's
+cache in every round (no warm-up), as a CI job without a restored cache.
 
 Cases, each in interleaved rounds after one cold run per copy (so every case but
 ``learned-cold`` runs warm):
@@ -26,7 +28,8 @@ Cases, each in interleaved rounds after one cold run per copy (so every case but
   of their own on localhost (fresh servers per run).
 
 Per case: wall, passed/failed/errors, connection errors (junitxml), refusals (tests the
-server refused a connection and poolaware reran), the role's server-side peak, and the
+server refused a connection and poolaware reran), reruns (tests rerun for any reason,
+from the runs' reports), the role's server-side peak, and the
 budget each run's report gives with its source.
 Writes DIR/shared.md and DIR/shared.json. Timings from a busy machine mean little:
 compare the cases side by side, on a quiet one.
@@ -101,6 +104,7 @@ class Figures:
     errors: int = 0
     conn_errors: int = 0
     refusals: int = 0
+    reruns: int = 0
     server_peak: int = 0
     exit_codes: list[int] = field(default_factory=list)
     budgets: list[str] = field(default_factory=list)
@@ -169,8 +173,10 @@ class Pass:
                     setattr(figures, case.outcome, getattr(figures, case.outcome) + 1)
                 figures.conn_errors += case.conn_error
         if self.report.exists():
-            run = json.loads(self.report.read_text())["run"]
+            report = json.loads(self.report.read_text())
+            run = report["run"]
             figures.budgets.append(f"{run['budget']} ({run['budget_source']})")
+            figures.reruns += sum(1 for test in report["tests"] if test.get("rerun"))
 
 
 def free_port() -> int:
@@ -254,9 +260,12 @@ def run_case(
     *,
     suite: Path = SUITE,
     copies: int = 2,
+    cold: bool = False,
 ) -> Figures:
     """One round of ``case``; ``learned`` is the learned cases' environment and suite,
-    ``remote`` the suite copy socket workers change into."""
+    ``remote`` the suite copy socket workers change into; ``cold``: the alone, sequential
+    and pair runs clear their caches."""
+    clear_cache = ("--cache-clear",) if cold else ()
     figures = Figures(case)
     label = f"{case}-{int(time.time() * 1000)}"
     begun = time.perf_counter()
@@ -276,15 +285,15 @@ def run_case(
             for one in passes:
                 one.wait()
     elif case == "alone":
-        passes = [Pass(label, "a", env, work, suite=suite)]
+        passes = [Pass(label, "a", env, work, *clear_cache, suite=suite)]
         passes[0].wait()
     elif case == "sequential":
         passes = []
         for copy in COPIES[:copies]:
-            passes.append(Pass(f"{label}-{copy}", copy, env, work, suite=suite))
+            passes.append(Pass(f"{label}-{copy}", copy, env, work, *clear_cache, suite=suite))
             passes[-1].wait()
     else:
-        extra = ("--poolaware-share", "off" if case == "pair-no-share" else "auto")
+        extra = ("--poolaware-share", "off" if case == "pair-no-share" else "auto", *clear_cache)
         named = COPIES[:copies] if case != "pair-killed" else COPIES[:2]
         passes = [Pass(f"{label}-{c}", c, env, work, *extra, suite=suite) for c in named]
         if case == "pair-killed":
@@ -301,6 +310,18 @@ def run_case(
     return figures
 
 
+@contextlib.contextmanager
+def cpu_hog(processes: int) -> Iterator[None]:
+    """``processes`` busy loops (``yes``) beside what runs inside."""
+    hogs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def fold(rounds: Sequence[Figures]) -> dict[str, Any]:
     """Median wall, worst counts."""
     return {
@@ -312,6 +333,7 @@ def fold(rounds: Sequence[Figures]) -> dict[str, Any]:
         "errors": max(r.errors for r in rounds),
         "conn_errors": max(r.conn_errors for r in rounds),
         "refusals": max(r.refusals for r in rounds),
+        "reruns": max(r.reruns for r in rounds),
         "server_peak": max(r.server_peak for r in rounds),
         "exit_codes": [c for r in rounds for c in r.exit_codes],
         "budgets": sorted({b for r in rounds for b in r.budgets}),
@@ -321,18 +343,24 @@ def fold(rounds: Sequence[Figures]) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Shared server: {report['suite']} suite x{report['copies']}, W={WORKERS} each, one role, "
-        f"{report['rounds']} interleaved rounds (every case but learned-cold warm); "
-        f"machine {report['machine']}.",
+        f"{report['rounds']} interleaved rounds "
+        + (
+            "(every run cold: its cache cleared); "
+            if report.get("cold")
+            else "(every case but learned-cold warm); "
+        )
+        + (f"{report['hog']} busy processes beside them; " if report.get("hog") else "")
+        + f"machine {report['machine']}.",
         "",
         "| case | wall s (median) | rounds | passed | failed | errors | conn errors "
-        "| refusals | server peak |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| refusals | reruns | server peak |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["cases"]:
         lines.append(
             f"| {row['case']} | {row['wall']:.1f} | {row['walls']} | {row['passed']} "
             f"| {row['failed']} | {row['errors']} | {row['conn_errors']} | {row['refusals']} "
-            f"| {row['server_peak']} |"
+            f"| {row.get('reruns', 'n/a')} | {row['server_peak']} |"
         )
     lines += ["", "Budgets the runs' reports gave:", ""]
     lines += [f"- {row['case']}: {'; '.join(row['budgets']) or 'n/a'}" for row in report["cases"]]
@@ -349,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--suite", choices=sorted(SUITES), default="demo")
     parser.add_argument("--copies", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--hog", type=int, default=0, help="busy processes beside the rounds")
+    parser.add_argument("--cold", action="store_true", help="every run clears its cache")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
@@ -364,33 +394,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": args.rounds,
         "suite": args.suite,
         "copies": args.copies,
+        "hog": args.hog,
+        "cold": args.cold,
     }
     with postgres_dsn() as admin_dsn, demo_role(admin_dsn) as (role, dsn):
         report["machine"] = machine_info(admin_dsn)
         env = pool_env(dsn, pythonpath=HERE)
         learned, remote = (learned_env(dsn), learned_suite(work)), suite_copy(work, "remote")
-        if any(not case.startswith("learned") for case in cases):
+        if not args.cold and any(not case.startswith("learned") for case in cases):
             for copy in COPIES[: args.copies]:  # learn first: all but learned-cold run warm
                 warm_up = Pass(
                     f"warm-up-{copy}", copy, env, work, "--cache-clear", suite=SUITES[args.suite]
                 )
                 warm_up.wait()
         rounds: dict[str, list[Figures]] = {case: [] for case in cases}
-        for round_ in range(args.rounds):
-            for case in cases:
-                print(f"[shared] {case} {round_ + 1}/{args.rounds} ...", file=sys.stderr)
-                with PeakMonitor(admin_dsn, role) as peak:
-                    figures = run_case(
-                        case,
-                        env,
-                        work,
-                        peak,
-                        learned,
-                        remote,
-                        suite=SUITES[args.suite],
-                        copies=args.copies,
-                    )
-                    rounds[case].append(figures)
+        with cpu_hog(args.hog):
+            for round_ in range(args.rounds):
+                for case in cases:
+                    print(f"[shared] {case} {round_ + 1}/{args.rounds} ...", file=sys.stderr)
+                    with PeakMonitor(admin_dsn, role) as peak:
+                        figures = run_case(
+                            case,
+                            env,
+                            work,
+                            peak,
+                            learned,
+                            remote,
+                            suite=SUITES[args.suite],
+                            copies=args.copies,
+                            cold=args.cold,
+                        )
+                        rounds[case].append(figures)
         report["cases"] = [fold(r) for r in rounds.values()]
         report["raw"] = {case: [asdict(r) for r in rs] for case, rs in rounds.items()}
         if "pair" in rounds and "sequential" in rounds:
