@@ -400,20 +400,15 @@ class ShareCoordinator:
         """Look at the others and move this run's leases; False when out of touch."""
         if self.touch.lost:
             return False
-        began = self._clock()
         try:
             self.progress.resuming(self._leases, self._committed)
             others, step, wants, open_ = self._move()
         except Exception as exc:
             self._lose(exc)
             return False
-        if self.progress.stalled_since(began):
-            # Stopped mid-step (SIGSTOP lands anywhere): what it saw is stale, and the
-            # others stopped honouring its leases meanwhile. It stays silent, holding
-            # itself to what it uses, until its next step resumes (``Progress``).
-            return True
-        self._follow(others, step, wants, open_)
-        self.progress.stepped()
+        # Not when stopped mid-step (SIGSTOP lands anywhere): ``Progress.stepped``.
+        if self.progress.stepped():
+            self._follow(others, step, wants, open_)
         return True
 
     def _move(self) -> tuple[Others, Plan, int, int]:

@@ -28,6 +28,8 @@ class Progress:
         #: When the last step completed (None: none yet, or out of touch since).
         self._last: float | None = None
         self._noted: set[int] = set()
+        #: When the step under way began (``resuming``).
+        self._began = clock()
         self.notes: list[str] = []
 
     def silent(self) -> bool:
@@ -35,14 +37,10 @@ class Progress:
         they no longer honour its leases."""
         return self._last is not None and self._clock() - self._last > self.stalled_after
 
-    def stalled_since(self, began: float) -> bool:
-        """Whether the run made no progress for longer than the others wait since
-        ``began`` (a step that long was stopped or wedged midway)."""
-        return self._clock() - began > self.stalled_after
-
     def resuming(self, leases: Leases, committed: int) -> None:
         """A step begins: after a silence, give back the leases the tests do not use (the
         others may have handed that room out), with a note."""
+        self._began = self._clock()
         if self._last is None or not self.silent():
             return
         gap = self._clock() - self._last
@@ -54,8 +52,16 @@ class Progress:
             "had free"
         )
 
-    def stepped(self) -> None:
-        self._last = self._clock()
+    def stepped(self) -> bool:
+        """The step begun at ``resuming`` completed; False if it took longer than the
+        others wait (the run was stopped or wedged midway): what it saw is stale and the
+        others stopped honouring its leases meanwhile, so it follows none of it and stays
+        silent, holding itself to what it uses, until its next step resumes."""
+        now = self._clock()
+        if now - self._began > self.stalled_after:
+            return False
+        self._last = now
+        return True
 
     def forget(self) -> None:
         """Out of touch: the leases are gone anyway, and the safe budget holds."""
