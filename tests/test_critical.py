@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from test_core import HYPOTHESIS_PATCH_WARNING, PROPERTY_SETTINGS, SEEDS, Event
 from test_lowerbound import TIME_RESOLUTION, TimedSim
 
-from pytest_poolaware.planning.admission import Admission, AdmissionAction, Go
+from pytest_poolaware.planning.admission import Admission, AdmissionAction, Go, Release
 from pytest_poolaware.planning.core import ItemSpec as Item
 from pytest_poolaware.planning.core import Lane
 from pytest_poolaware.planning.critical import LaneAhead, LaneItem
@@ -140,6 +140,31 @@ def test_a_test_that_fits_beside_no_serial_test_reserves_nothing_while_the_lane_
     adm.completed("gw3", 7)
     # The lane is done: the heavy test starts in its gap.
     assert admit(adm, None) == [("gw1", 2), ("gw1", 5)]
+
+
+def test_idle_connections_that_would_keep_the_gap_s_test_out_are_asked_back_ahead() -> None:
+    """gw0 runs a 6-connection serial test, its next needs 6 too; gw1's head needs 12
+    (it takes the lane's next gap); gw2 runs a light test but kept 5 idle connections of
+    its previous one: 12 + 6 > 15 when the lane's test ends, so gw2 is asked for them
+    back now, not the lane's worker nor the gap's."""
+    needs = {0: 6, 1: 6, 2: 12, 3: 1}
+    adm: Admission[str] = Admission(15, need_of=lambda i: needs.get(i, 1))
+    for worker, queue in (("gw0", [0, 1]), ("gw1", [2]), ("gw2", [3])):
+        adm.add_worker(worker)
+        adm.queued(worker, queue)
+    ahead = lane("gw0", (0, 6), (1, 6))
+    assert admit(adm, ahead) == [("gw0", 0), ("gw0", 1), ("gw2", 3)]
+    adm.counts("gw0", 6, 1)
+    adm.counts("gw1", 1, 1)
+    adm.counts("gw2", 6, 5)
+    actions: list[AdmissionAction] = []
+    adm.admit(actions, first="gw0", lane=ahead)
+    assert {a.worker for a in actions if isinstance(a, Release)} == {"gw2"}
+    # With nothing idle beside the gap's test, nothing is asked back.
+    adm.counts("gw2", 1, 0, released=True)
+    actions = []
+    adm.admit(actions, first="gw0", lane=ahead)
+    assert not [a for a in actions if isinstance(a, Release)]
 
 
 def test_room_for_the_lane_s_next_test_is_kept_while_its_current_test_runs() -> None:

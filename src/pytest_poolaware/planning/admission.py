@@ -272,6 +272,9 @@ class Admission(Generic[W]):
             # A head waits for the budget to grow, which other runs' shares make: idle
             # connections held here would keep this run's share, and so their room.
             self._ask_idle_back(actions)
+        elif hand_out.gap_crowded:
+            # Ahead of the lane's next gap, for the test given it (``_crowds_gap``).
+            self._ask_idle_back(actions, keeping=hand_out.gap_crowded)
         elif self._lowered_under:
             # Over a lowered budget with nobody waiting: idle connections given back
             # bring the run under it sooner (another run may be waiting for them).
