@@ -157,15 +157,8 @@ class FanoutPool(Generic[W]):
             while start > lowest and taken < reserve:
                 start -= 1
                 taken += self.seconds[items[start]]
-            start = settle_cut(
-                self.groups,
-                self.seconds,
-                items,
-                start,
-                (lowest, len(items)),
-                (max(sum(self.seconds[i] for i in items) - reserve, reserve), reserve),
-                left_from=0,
-            )
+            total = sum(self.seconds[i] for i in items)
+            start = self._settle_end(items, start, lowest, (max(total - reserve, reserve), reserve))
             if start < len(items):
                 tail = deque(items[start:])
                 ranges.append(self._range(tail, reserved=True))
@@ -278,16 +271,17 @@ class FanoutPool(Generic[W]):
         while start > lowest and (taken < wanted or start == len(items)):
             start -= 1
             taken += self.seconds[items[start]]
-        cut = settle_cut(
-            self.groups,
-            self.seconds,
-            items,
-            start,
-            (lowest, len(items)),
-            (1 - STEAL_SHARE, STEAL_SHARE),
-            left_from=0,
-        )
+        cut = self._settle_end(items, start, lowest, (1 - STEAL_SHARE, STEAL_SHARE))
         return min(cut, len(items) - 1)
+
+    def _settle_end(
+        self, items: list[int], start: int, lowest: int, weights: tuple[float, float]
+    ) -> int:
+        """``settle_cut`` for where the end part of ``items`` starts (kept for the serial
+        lane's worker, or taken by a dry worker): above ``lowest``, the front counted
+        from the first item."""
+        bounds = (lowest, len(items))
+        return settle_cut(self.groups, self.seconds, items, start, bounds, weights, left_from=0)
 
     def _give(self, source: _Range, start: int, worker: W) -> _Range:
         """Move ``source.items[start:]`` into a new range owned by ``worker``."""

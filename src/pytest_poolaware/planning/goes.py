@@ -230,6 +230,8 @@ class AdmissionPass(Generic[W]):
         """Goes for the worker's queued items while they fit; returns whether room is
         reserved now (its head did not fit, and waits for room, not for a gap)."""
         state = self._holders[worker]
+        if state.granted == len(state.queue):
+            return reserved  # every queued item has its go: nothing to decide
         ahead = seconds_ahead(state, self._seconds_of)
         limit = GO_AHEAD_SECONDS if ahead < GO_AHEAD_SECONDS * GO_AHEAD_REFILL else 0.0
         while state.granted < len(state.queue) and not state.requests:
