@@ -106,6 +106,24 @@ def test_connects_waiting_on_each_other_the_youngest_gives_way() -> None:
     assert grants(decide(adm)) == [Grant("b", 2, Answer.REFUSED)]
 
 
+def test_sharing_while_the_budget_may_grow_the_runs_decide_who_gives_way() -> None:
+    """Sharing the server, the run's two tests wait on each other mid-test, but another
+    run may give room back: the run's request waits in the ticket queue, and nobody
+    gives way until the runs decide it (``give_way``), or the budget can grow no more."""
+    adm = running(admission(2), {"a": [0], "b": [1]})
+    adm.set_budget(Limits(2, 6, may_pass=False))
+    adm.counts("a", 1, 0)
+    adm.counts("b", 1, 0)
+    adm.request("a", 1)
+    adm.request("b", 2)
+    assert grants(decide(adm)) == []
+    assert adm.set_budget(Limits(2, 6, give_way=True, may_pass=False))
+    assert grants(decide(adm)) == [Grant("b", 2, Answer.REFUSED)]
+    adm.request("b", 3)
+    assert adm.set_budget(Limits(2, 2, may_pass=False))  # the room can give no more
+    assert grants(decide(adm)) == [Grant("b", 3, Answer.REFUSED)]
+
+
 def test_a_connect_alone_over_the_budget_is_let_past_it_and_reported() -> None:
     adm = running(admission(1), {"a": [0]})
     adm.counts("a", 1, 0)
@@ -114,13 +132,13 @@ def test_a_connect_alone_over_the_budget_is_let_past_it_and_reported() -> None:
     assert [(o.index, o.need, o.budget, o.alone) for o in adm.overruns] == [(0, 2, 1, True)]
 
 
-def test_set_budget_says_whether_anything_changed_and_refuses_a_budget_below_one() -> None:
+def test_set_budget_says_whether_anything_changed_and_refuses_a_negative_budget() -> None:
     adm = admission(3)
     assert not adm.set_budget(Limits(3))
     assert adm.set_budget(Limits(5))
     assert adm.set_budget(Limits(5, 6))
-    with pytest.raises(ValueError, match="budget must be positive, got 0"):
-        adm.set_budget(Limits(0))
+    with pytest.raises(ValueError, match="budget must not be negative, got -1"):
+        adm.set_budget(Limits(-1))
     assert adm.budget == 5
 
 
@@ -177,6 +195,28 @@ def test_a_budget_raised_again_lets_held_items_start_at_once() -> None:
     assert adm.running("b") is None  # b's head waits for a's room
     assert adm.set_budget(Limits(4))
     assert goes(decide(adm)) == [("b", 1)]
+
+
+def test_a_budget_of_0_starts_nothing_grants_nothing_and_lets_nothing_past() -> None:
+    """Another run's request, first in the ticket queue, needs the whole room: this run
+    starts nothing and grants no connect, not even alone, until its budget grows."""
+    adm = running(admission(2, {0: 1, 1: 1, 2: 1}), {"a": [0], "b": [1]})
+    adm.counts("a", 1, 0)
+    adm.counts("b", 1, 0)
+    assert adm.set_budget(Limits(0, 13, may_pass=False))
+    adm.completed("b", 1)
+    adm.counts("b", 0, 0)
+    adm.queued("b", [2])
+    adm.request("a", 7, item=0)
+    actions = decide(adm)
+    assert goes(actions) == []
+    assert grants(actions) == []
+    adm.completed("a", 0)
+    adm.counts("a", 0, 0)
+    actions = decide(adm)  # nothing runs: still nothing past the budget
+    assert goes(actions) == []
+    assert adm.set_budget(Limits(1, 13, may_pass=False))
+    assert goes(decide(adm)) == [("b", 2)]
 
 
 def test_idle_connections_are_asked_back_only_once_per_answer() -> None:
@@ -286,12 +326,12 @@ def test_turns_never_keep_the_serial_lane_waiting() -> None:
     assert releases(actions) == {"a"}
 
 
-def test_a_rerun_is_held_to_the_budget_when_its_room_is_granted() -> None:
+def test_a_rerun_sharing_the_server_waits_for_the_room_it_asks_for() -> None:
     """Sharing the server: a test known to need 7 started while the budget was 7, then gave
-    way. Meanwhile another run's share grew and this run's budget fell to 5. The rerun is
-    granted 5, the budget then: its sixth connect waits for the budget to grow, as any
-    test's does, rather than take the room its first attempt was let start with (the
-    other run may hold it by now, and the server would refuse the connection)."""
+    way; meanwhile another run's share grew and this run's budget fell to 5. The rerun
+    is not started on 5: it would grow mid-test, where it cannot give way, and could
+    wait on another run's rerun until both gates timed out. It waits (its run asks for
+    the room in the ticket queue), and once the budget is 7 it is granted all 7."""
     adm = admission(7, {0: 7})
     adm.set_budget(Limits(7, 13))
     adm.add_worker("a")
@@ -299,20 +339,35 @@ def test_a_rerun_is_held_to_the_budget_when_its_room_is_granted() -> None:
     assert goes(decide(adm)) == [("a", 0)]
     adm.request("a", 1, want=7, item=0)  # the first attempt gave way, its connections closed
     adm.set_budget(Limits(5, 13, may_pass=False))
+    assert grants(decide(adm)) == []
+    assert adm.largest_waiting_need() == 7
+    adm.set_budget(Limits(7, 13, may_pass=False))
     assert grants(decide(adm)) == [Grant("a", 1)]
-    assert adm.committed == 5
-    for request in range(2, 7):
+    assert adm.committed == 7
+    for request in range(2, 9):
         adm.request("a", request, item=0)
         assert grants(decide(adm)) == [Grant("a", request)]
         adm.counts("a", request - 1, 0)
-    adm.request("a", 7, item=0)
-    assert grants(decide(adm)) == []
-    assert adm.committed == 5
-    adm.set_budget(Limits(6, 13, may_pass=False))
-    assert grants(decide(adm)) == [Grant("a", 7)]
     adm.completed("a", 0)
     adm.counts("a", 0, 0)
     assert adm.committed == 0
+
+
+def test_a_rerun_asks_for_no_more_than_the_budget_may_grow_to() -> None:
+    """A rerun asks for the run's own budget (15); sharing a room of 13, it is granted 13
+    once the budget has grown that far (the rest of the room: other runs' own
+    connections), not kept waiting for room that does not exist."""
+    adm = admission(15, {0: 3})
+    adm.set_budget(Limits(5, 13))
+    adm.add_worker("a")
+    adm.queued("a", [0])
+    assert goes(decide(adm)) == [("a", 0)]
+    adm.request("a", 1, want=15, item=0)
+    assert grants(decide(adm)) == []
+    assert adm.largest_waiting_need() == 13  # what its run asks the other runs for
+    adm.set_budget(Limits(13, 13))
+    assert grants(decide(adm)) == [Grant("a", 1)]
+    assert adm.committed == 13
 
 
 def test_a_rerun_waiting_for_a_connection_is_said_so() -> None:
@@ -326,7 +381,7 @@ def test_a_rerun_waiting_for_a_connection_is_said_so() -> None:
     decide(adm)
     adm.request("a", 1, want=4, item=0)
     decide(adm)
-    assert not adm.rerun_waits()  # it waits for b to drain, holding nothing
+    assert adm.mid_test_waits() == (None, False)  # it waits for b to drain, holding nothing
     adm.completed("b", 1)
     assert grants(decide(adm)) == [Grant("a", 1)]
     adm.set_budget(Limits(4, 12))
@@ -334,10 +389,25 @@ def test_a_rerun_waiting_for_a_connection_is_said_so() -> None:
         adm.request("a", request, item=0)
         assert grants(decide(adm)) == [Grant("a", request)]
         adm.counts("a", request - 1, 0)
-    assert not adm.rerun_waits()
+    assert adm.mid_test_waits() == (None, False)
     adm.request("a", 6, item=0)  # a fifth: the budget may grow, and so the rerun waits
     assert grants(decide(adm)) == []
-    assert adm.rerun_waits()
+    assert adm.mid_test_waits() == (0, True)
+
+
+def test_a_first_attempt_waiting_mid_test_is_said_so_but_not_a_pool_s_own_connect() -> None:
+    """Across runs, tests holding connections and waiting for more may wait on each
+    other (the ticket queue's wait-die): a pool growing in its own thread is no such
+    test, it is delayed, never refused."""
+    adm = running(admission(2, {0: 2, 1: 2}), {"a": [0]})
+    adm.set_budget(Limits(2, 4))  # another run may give its share back: it waits
+    adm.counts("a", 2, 0)
+    adm.request("a", 1, item=0, background=True)
+    assert grants(decide(adm)) == []
+    assert adm.mid_test_waits() == (None, False)
+    adm.request("a", 2, item=0)
+    assert grants(decide(adm)) == []
+    assert adm.mid_test_waits() == (0, False)
 
 
 def test_a_head_waiting_for_the_budget_to_grow_reserves_nothing_and_asks_idle_back() -> None:

@@ -931,8 +931,8 @@ def test_a_budget_lowered_mid_run_holds_new_goes_until_there_is_room_again() -> 
     assert t.planner.statistics().committed <= 3
     # The other run gives its share back: a starts its queue at once.
     assert goes(t.planner.set_budget(Limits(4))) == [("a", index) for index in t.queues["a"]]
-    with pytest.raises(ValueError, match="budget must be positive"):
-        t.planner.set_budget(Limits(0))
+    with pytest.raises(ValueError, match="budget must not be negative"):
+        t.planner.set_budget(Limits(-1))
 
 
 def test_blocked_head_reserves_room_so_a_lighter_item_cannot_take_it() -> None:
@@ -1074,7 +1074,7 @@ def test_a_rerun_goes_past_the_budget_only_when_the_limits_let_it() -> None:
 
 
 def test_a_request_left_unanswered_by_a_timeout_is_void_once_its_item_is_over() -> None:
-    """A worker stops waiting for a rerun's room after the gate timeout and goes on; the
+    """A worker stops waiting for a rerun's room after the go timeout and goes on; the
     old request must not be granted later on behalf of an item that has ended."""
     t = running_pair(budget=4)
     assert grants(t.request("a", 1, want=4, item=0)) == []  # waits for b to drain

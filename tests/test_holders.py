@@ -73,7 +73,8 @@ def test_while_its_rerun_waits_a_worker_is_committed_to_what_it_holds_only() -> 
     rerun = Request("w", 1, order=1, kind=RERUN, want=4, item=0)
     holder.ask(rerun)
     assert holder.commitment() == 1  # it starts nothing before its rerun is granted
-    assert holder.wants(lambda index: 3) == 4
+    assert holder.wants(lambda index: 3, most=13) == 4
+    assert holder.wants(lambda index: 3, most=2) == 2  # no more than the budget may grow to
     holder.answer(rerun, refused=False)
     assert (holder.commitment(), holder.rerunning) == (4, True)
 

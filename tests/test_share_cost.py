@@ -81,18 +81,18 @@ def test_a_test_s_waits_count_only_while_another_run_held_this_one_back() -> Non
 
 def sharing() -> ShareCoordinator:
     """What the summary line reads of a run's sharing."""
-    seen = SimpleNamespace(peers_seen=1, namespace="default", lowest=3, gave_way=0, went_past=0)
+    seen = SimpleNamespace(peers_seen=1, namespace="default", lowest=3, gave_way=0)
     return cast(ShareCoordinator, seen)
 
 
 def test_the_sharing_line_names_the_test_held_back_longest() -> None:
-    line = summary_line(sharing(), 4.381, 10.0, ("t.py::test_x", 2.104))
+    line = summary_line(sharing(), 4.381, ("t.py::test_x", 2.104))
     assert line == (
         "shared the server's room with up to 1 other run(s) (name space 'default'): budget "
         "down to 3 at times, held back 4.38s waiting for another run (longest: t.py::test_x "
         "2.10s)"
     )
-    assert summary_line(sharing(), 0.0, 10.0) == (
+    assert summary_line(sharing(), 0.0) == (
         "shared the server's room with up to 1 other run(s) (name space 'default'): budget "
         "down to 3 at times, held back 0.00s waiting for another run"
     )

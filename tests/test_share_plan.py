@@ -7,17 +7,20 @@ from __future__ import annotations
 import pytest
 
 from pytest_poolaware.server.share_plan import (
+    TICKET_MODULUS,
     DepartedRuns,
     Others,
+    Recent,
     SafeBudget,
+    Ticket,
     fair_shares,
+    gives_way,
     kept_by_others,
-    needs_priority,
+    older,
     plan,
-    served_elsewhere,
     shares_with_priority,
+    ticket_order,
 )
-from pytest_poolaware.shared.limits import Limits
 
 
 def test_fair_shares_give_what_is_asked_and_split_the_rest_evenly() -> None:
@@ -29,11 +32,20 @@ def test_fair_shares_give_what_is_asked_and_split_the_rest_evenly() -> None:
     assert fair_shares(6, {1: 0, 2: 2}) == {1: 0, 2: 2}
 
 
-def test_the_priority_is_served_first_and_leaves_every_other_run_one() -> None:
+def test_the_head_of_the_queue_is_served_first_down_to_none_for_the_others() -> None:
     assert shares_with_priority(14, {1: 15, 2: 15}, (2, 12)) == {1: 2, 2: 12}
     assert shares_with_priority(14, {1: 1, 2: 15}, (2, 12)) == {1: 1, 2: 13}
-    assert shares_with_priority(14, {1: 15, 2: 15, 3: 4}, (2, 14)) == {1: 1, 2: 12, 3: 1}
+    assert shares_with_priority(14, {1: 15, 2: 15, 3: 4}, (2, 13)) == {1: 1, 2: 13, 3: 0}
+    assert shares_with_priority(14, {1: 15, 2: 15}, (2, 14)) == {1: 0, 2: 14}
     assert shares_with_priority(14, {1: 15}, (9, 12)) == {1: 14}  # a run that has gone
+
+
+def test_the_head_never_counts_on_what_tests_waiting_mid_test_hold() -> None:
+    """Run 3's test holds 4 and waits mid-test: it cannot give them back. The head (run
+    2) gets what runs 1 and 3 leave; run 1's share drops to make room for the head."""
+    assert shares_with_priority(12, {1: 4, 2: 8, 3: 5}, (2, 8), {3: 4}) == {1: 0, 2: 8, 3: 4}
+    # In a room of 10, run 3's 4 leave the head 6 of the 8 it asked for.
+    assert shares_with_priority(10, {1: 4, 2: 8, 3: 5}, (2, 8), {3: 4}) == {1: 0, 2: 6, 3: 4}
 
 
 NOBODY = Others({}, {})
@@ -123,10 +135,15 @@ def test_others_keep_their_own_connection_and_leases_beyond_their_last() -> None
     assert kept_by_others(others) == 5 + 1 + 1 + 3
 
 
-def test_a_run_with_work_left_keeps_its_last_lease() -> None:
-    heavy = Others({2: 14}, {2: 15}, priority=(2, 13))
-    step = plan(me=1, allows=16, held=1, demand=3, in_use=0, others=heavy, live_others=14)
+def test_a_run_with_work_left_keeps_its_last_lease_unless_the_head_needs_it() -> None:
+    heavy = Others({2: 13}, {2: 15}, (Ticket(2, 5, 12),))
+    step = plan(me=1, allows=16, held=1, demand=3, in_use=0, others=heavy, live_others=13)
     assert (step.hold, step.budget) == (1, 1)
+    whole = Others({2: 13}, {2: 15}, (Ticket(2, 5, 13),))
+    step = plan(me=1, allows=16, held=1, demand=3, in_use=0, others=whole, live_others=13)
+    assert (step.hold, step.budget) == (0, 0)  # it starts nothing until the head is served
+    step = plan(me=1, allows=16, held=1, demand=3, in_use=1, others=whole, live_others=13)
+    assert (step.hold, step.budget) == (1, 0)  # what its tests hold stays leased
 
 
 def test_a_run_out_of_touch_keeps_what_it_held_and_falls_to_its_even_part() -> None:
@@ -153,33 +170,101 @@ def test_a_run_out_of_touch_never_takes_more_than_it_held() -> None:
     assert sum(safe.follow(0) for safe in three) <= 16 - 3 - 1
 
 
+def test_tickets_are_served_oldest_first_tests_waiting_mid_test_before_all() -> None:
+    assert older(5, 6)
+    assert not older(6, 5)
+    assert not older(5, 5)
+    assert older(TICKET_MODULUS - 1, 3)  # the server's clock wrapped between the two
+    young, old, tie = Ticket(1, 900, 4), Ticket(2, 100, 8), Ticket(3, 900, 2)
+    rerun = Ticket(4, 950, 3, stuck=True, rerun=True)
+    stuck = Ticket(5, 990, 6, stuck=True)
+    assert ticket_order([young, tie, old]) == (old, young, tie)
+    assert ticket_order([young, stuck, rerun, old]) == (rerun, stuck, old, young)
+
+
+def test_a_request_for_more_than_the_room_holds_nobody_back() -> None:
+    """Run 2 asks for 14 while run 1 is there (each run's own connection and the closing
+    slot leave 13): served first, it would stop run 1 for nothing. It waits for run 1
+    to end, and run 1 keeps its fair share meanwhile."""
+    queue = (Ticket(2, 100, 14),)
+    step = plan(
+        me=1, allows=16, held=6, demand=8, in_use=6,
+        others=Others({2: 7}, {2: 15}, queue), live_others=7,
+    )  # fmt: skip
+    assert (step.share, step.budget) == (7, 7)  # 13 split evenly, the odd one to run 1
+
+
+def test_others_name_the_head_of_the_queue_as_the_priority() -> None:
+    assert NOBODY.priority is None
+    queue = ticket_order([Ticket(2, 100, 8), Ticket(1, 50, 12)])
+    assert Others({2: 5}, {2: 9}, queue).priority == (1, 12)
+
+
+LEASES = {1: 4, 2: 5, 3: 3}  # test leases per run; the pool of 13 is full but for one
+
+
 @pytest.mark.parametrize(
-    ("budget", "wants", "reruns", "overdue", "rerun_waits", "needed"),
+    ("queue", "me", "yields"),
     [
-        (8, 8, (), False, False, False),  # the budget covers it
-        (5, 8, (), False, False, True),  # the priority can serve it
-        (5, 14, (), False, False, False),  # more than the ceiling: only once overdue
-        (5, 14, (), True, False, True),
-        (5, 8, (2,), False, False, False),  # another run's rerun waits: it goes first
-        (5, 8, (2,), True, False, False),
-        (5, 8, (2,), False, True, True),  # both reruns: the first to ask holds it
-        (5, 14, (), False, True, True),
+        # Run 2 (oldest) and run 1 wait mid-test; run 3 runs tests that will end: its 3
+        # leases and the free one cover the head's 4 more: nobody gives way.
+        ((Ticket(2, 1, 9, stuck=True), Ticket(1, 2, 5, stuck=True)), 1, False),
+        # The head lacks 6: only run 1's leases can make it up: run 1 gives way.
+        ((Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True)), 1, True),
+        ((Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True)), 2, False),  # the head
+        ((Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True)), 3, False),  # not stuck
+        # Three wait mid-test: only the youngest gives way first.
+        (
+            (Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True), Ticket(3, 3, 4, True)),
+            1,
+            False,
+        ),
+        (
+            (Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True), Ticket(3, 3, 4, True)),
+            3,
+            True,
+        ),
+        # Only a test waiting to start is older: the one waiting mid-test goes first.
+        (ticket_order([Ticket(2, 1, 11), Ticket(1, 2, 5, stuck=True)]), 1, False),
+        # A waiting rerun's ticket goes first, however young: it never gives way, the
+        # older first attempt does.
+        (ticket_order([Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 9, True, True)]), 2, True),
+        (ticket_order([Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 9, True, True)]), 1, False),
     ],
 )
-def test_a_waiting_rerun_goes_first_for_the_priority(
-    budget: int, wants: int, reruns: tuple[int, ...], overdue: bool, rerun_waits: bool, needed: bool
+def test_a_test_waiting_mid_test_gives_way_only_to_an_older_one_it_keeps_out(
+    queue: tuple[Ticket, ...], me: int, yields: bool
 ) -> None:
-    others = Others({2: 4}, {2: 8}, reruns=frozenset(reruns))
-    limits = Limits(budget, 13)
-    assert needs_priority(limits, wants, others, overdue, rerun_waits) is needed
+    assert gives_way(me, queue, LEASES, 13) is yields
 
 
-def test_a_waiting_rerun_of_another_run_is_served_first() -> None:
-    holder = Others({2: 8}, {2: 9}, priority=(2, 8))
-    assert served_elsewhere(holder, 1, rerun_waits=False)
-    assert served_elsewhere(holder, 1, rerun_waits=True)  # first come, first served
-    assert not served_elsewhere(Others({2: 8}, {2: 9}, priority=(1, 8)), 1, rerun_waits=False)
-    rerun = Others({2: 6}, {2: 8}, reruns=frozenset({2}))
-    assert served_elsewhere(rerun, 1, rerun_waits=False)
-    assert not served_elsewhere(rerun, 1, rerun_waits=True)
-    assert not served_elsewhere(Others({2: 6}, {2: 8}), 1, rerun_waits=False)
+def test_a_run_whose_test_must_give_way_is_told_so_by_its_step() -> None:
+    queue = (Ticket(2, 1, 11, stuck=True), Ticket(1, 2, 5, stuck=True))
+    others = Others({2: 6, 3: 4}, {2: 12, 3: 6}, queue)
+    step = plan(me=1, allows=16, held=4, demand=5, in_use=4, others=others, live_others=11)
+    assert step.give_way
+
+
+def test_connections_not_the_run_s_count_at_their_highest_of_late() -> None:
+    """A worker's close reaches the server before the controller: the server's count less
+    the run's own dips for a moment, and must not read as room."""
+    outside = Recent(1.0)
+    assert outside.update(2, 10.0) == (2, 2)
+    assert outside.update(0, 10.3) == (2, 0)
+    assert outside.update(0, 10.9) == (2, 0)
+    assert outside.update(0, 11.1) == (0, 0)
+    assert outside.update(3, 11.2) == (3, 0)
+
+
+def test_connections_closing_a_moment_after_their_leases_do_not_shrink_the_room() -> None:
+    """Run 2 gave back 4 leases whose connections are still closing: they count against
+    what this run may take now, not against the room the runs share out."""
+    others = Others({2: 3}, {2: 4})
+    closing = plan(
+        me=1, allows=16, held=6, demand=9, in_use=6, others=others,
+        live_others=7, steady_others=3,
+    )  # fmt: skip
+    assert closing.reachable == 13
+    assert closing.hold == 7  # the one slot they leave free, until they are gone
+    gone = plan(me=1, allows=16, held=6, demand=9, in_use=6, others=others, live_others=3)
+    assert gone.hold == 9

@@ -56,7 +56,7 @@ def test_a_run_of_another_protocol_version_is_counted_as_a_client(
     same, sees no other run, says so once, and leaves room for that run's connections as
     it would for any client's."""
     mine, dsn = run
-    slot, demand, priority = lock_classes(mine.share.namespace, mine.share.room.limit)
+    slot, demand, priority, tickets = lock_classes(mine.share.namespace, mine.share.room.limit)
     other = open_connection(dsn)
     try:
         for number in range(OTHER_TESTS + 1):
@@ -67,6 +67,9 @@ def test_a_run_of_another_protocol_version_is_counted_as_a_client(
                 "SELECT pg_advisory_lock_shared(%s, %s)", (demand, lock_key(number, OTHER_VERSION))
             )
         other.execute("SELECT pg_advisory_lock(%s, %s)", (priority, lock_key(0, OTHER_VERSION)))
+        other.execute(
+            "SELECT pg_advisory_lock_shared(%s, %s)", (tickets, lock_key(7, OTHER_VERSION))
+        )
         with connections(dsn, OTHER_TESTS):
             mine.wants(ROLE_LIMIT)
             settle(mine)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,17 @@ from inner import CONNECTION_ERRORS, RUN_TIMEOUT, execnet_socket_servers
 from test_discovery import connections
 from test_scheduling import CONFTEST, SUITE
 
+from pytest_poolaware.server import sql
 from pytest_poolaware.server.connection import QUERY_DEADLINE, open_connection, target_database
 from pytest_poolaware.server.discovery import read_facts
 from pytest_poolaware.server.room import SERVER, room_of
 from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
-from pytest_poolaware.server.share_plan import STALLED_AFTER, Others
+from pytest_poolaware.server.share_plan import (
+    OUTSIDE_WINDOW,
+    STALLED_AFTER,
+    TICKET_MODULUS,
+    Others,
+)
 from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
@@ -344,9 +350,19 @@ class Coordinated:
             stalled_after=stalled_after,
         )
 
-    def wants(self, need: int, *, in_use: int = 0, open_: int = 0, rerun: bool = False) -> None:
+    def wants(
+        self,
+        need: int,
+        *,
+        in_use: int = 0,
+        open_: int = 0,
+        stuck: bool = False,
+        rerun: bool = False,
+        item: int = 0,
+    ) -> None:
         """The run's planner: it holds ``in_use`` and an item needing ``need`` waits
-        (``rerun``: a rerun, which cannot give way, waits mid-test for a connection)."""
+        (``stuck``: test ``item`` waits mid-test for one more connection; ``rerun``:
+        that test is a rerun, which cannot give way)."""
         self.share.report(
             RunUse(
                 in_use,
@@ -355,6 +371,7 @@ class Coordinated:
                 wants=need,
                 using=self.share.budget(),
                 rerun_waits=rerun,
+                stuck=item if stuck or rerun else None,
             )
         )
 
@@ -440,82 +457,145 @@ def test_a_run_that_rejoins_first_leaves_the_other_what_it_held(
     assert first.share.budget() + safe <= ROLE_LIMIT - 3
 
 
-def test_two_runs_waiting_for_the_whole_room_do_not_wait_on_each_other(
+def step_both(
+    runs: tuple[Coordinated, Coordinated], steps: int = 4, **wants: dict[str, Any]
+) -> None:
+    """Step both runs, each reporting first what it wants, as the planners do after
+    every decision (``wants``: ``first`` and ``second``, keyword arguments of
+    ``Coordinated.wants`` with the need as ``need``)."""
+    for _ in range(steps):
+        for run, name in zip(runs, ("first", "second"), strict=True):
+            if name in wants:
+                run.wants(**wants[name])
+            settle(run, steps=1)
+
+
+def step_until(
+    runs: tuple[Coordinated, Coordinated], done: Callable[[], bool], **wants: dict[str, Any]
+) -> None:
+    """``step_both`` one step at a time until ``done`` (a request served: the planner
+    would start the item at once, which these runs do not), within 8 steps."""
+    for _ in range(8):
+        if done():
+            return
+        step_both(runs, steps=1, **wants)
+    assert done()
+
+
+def asked_first(run: Coordinated, stamp: int | None = None) -> None:
+    """Return once the server's clock has moved past ``run``'s ticket (or ``stamp``): a
+    request made from now on is younger (tickets made in the same millisecond go by
+    run)."""
+    stamp = run.share._leases.stamp if stamp is None else stamp
+    assert stamp is not None
+    deadline = time.monotonic() + 10.0
+    while sql.server_ticks(run.connection, TICKET_MODULUS) == stamp:
+        assert time.monotonic() < deadline, "the server's clock did not move"
+
+
+def test_two_runs_waiting_for_the_whole_room_do_not_hold_each_other_back(
     two_runs: tuple[Coordinated, Coordinated, FakeClock],
 ) -> None:
-    """Each run has an item needing the whole room (14 of 16: more than a run can have
-    while the other keeps its own connection and one more): neither can take the
-    priority for it at first. After the growth wait, exactly one takes it; the other
-    gives way; neither goes past the room the server has free."""
+    """Each run has an item needing 14 of the 16: all of the room once the other run is
+    gone (each run's own connection and the closing slot aside), so neither can be
+    served while the other is there. Served first, either would stop the other for
+    nothing: they split the room as without tickets, neither gives way nor goes past
+    the room, and the first left alone gets the whole room."""
     first, second, clock = two_runs
+    step_both((first, second), first={"need": 1}, second={"need": 1})
+    step_both((first, second), first={"need": 14}, second={"need": 14})
+    assert first.share._leases.stamp is not None
+    assert second.share._leases.stamp is not None
+    assert sorted([first.share.budget(), second.share.budget()]) == [6, 7]
     for run in (first, second):
-        run.wants(14)
-    settle(first, second)
-    for run in (first, second):
-        assert run.share.budget() < 14
         assert not run.share.limits().give_way
-    clock.now += GROWTH_WAIT + 1
-    settle(first, second)
-    # One holds the priority (the other gives way to it); it does not go past its share:
-    # the other run's own connection leaves the server 13 for it, not 14.
-    assert sorted([first.share.limits().give_way, second.share.limits().give_way]) == [False, True]
-    holder = first if not first.share.limits().give_way else second
-    assert holder.share.limits().ceiling > holder.share.budget()
-    assert holder.share.went_past == 0
-    # The other run ends (its connection, and so its leases, go): the holder gets the room.
-    other = second if holder is first else first
-    other.connection.close()
+        assert not run.share.limits().may_pass
+    # The other run ends (its connection, and so its leases, go): the first gets the room.
+    second.connection.close()
     # Its backend leaves the server a moment after the close: step until it has.
     deadline = time.monotonic() + BACKEND_EXIT_BOUND
-    while holder.share.budget() < 14 and time.monotonic() < deadline:
-        settle(holder, steps=1)
-    assert holder.share.budget() == 14
+    while first.share.budget() < 14 and time.monotonic() < deadline:
+        first.wants(14)
+        clock.now += 2 * OUTSIDE_WINDOW  # what it last saw open stops counting
+        settle(first, steps=1)
+    assert first.share.budget() == 14
 
 
-def test_a_waiting_rerun_is_served_before_a_first_attempt(
+def test_of_two_tests_waiting_mid_test_on_each_other_the_younger_gives_way(
     two_runs: tuple[Coordinated, Coordinated, FakeClock],
 ) -> None:
     """Two cold runs, 13 of the role's 16 between their tests: one holds 7 open for a test
-    that wants an eighth, and the priority for it; the other holds 6 for a test that
-    wants more. When the other's is a rerun, it cannot give way (no third attempt): the
-    two would wait on each other until the gate timed out and the rerun failed. So the
-    holder gives the priority up, the other takes it, and the holder's test gives way."""
+    that wants an eighth, the other 6 for a test that wants a seventh; neither can have
+    it while the other holds on. The test that asked later gives way, at once (no timer
+    decides). When it is a rerun, it cannot give way (no third attempt): its ticket goes
+    first, and the other run's test gives way instead."""
     first, second, _ = two_runs
-    for _ in range(4):  # each step, as the planners report after every decision
-        first.wants(8, in_use=7, open_=7)
-        second.wants(8, in_use=6, open_=6)
-        settle(first, second, steps=1)
-    # One holds the priority for its test: the other's waiting test would give way.
-    holder, other = sorted((first, second), key=lambda run: run.share.limits().give_way)
-    assert (holder.share.limits().give_way, other.share.limits().give_way) == (False, True)
-    for _ in range(3):  # the other says so, the holder lets go, the other takes it
-        holder.wants(8, in_use=7, open_=7)
-        other.wants(8, in_use=6, open_=6, rerun=True)  # the other's is a rerun
-        settle(holder, other, steps=1)
-    assert holder.share.limits().give_way
-    assert not other.share.limits().give_way
-    # The holder's test gave way: its connections closed, the rerun gets its room.
-    for _ in range(3):
-        holder.wants(8)
-        other.wants(8, in_use=6, open_=6, rerun=True)
-        settle(holder, other, steps=1)
-    assert other.share.budget() >= 8
+    step_both((first, second), first={"need": 7, "in_use": 7}, second={"need": 6, "in_use": 6})
+    assert (first.share.budget(), second.share.budget()) == (7, 6)
+    step_both((first, second), steps=1, first={"need": 8, "in_use": 7, "stuck": True})
+    asked_first(first)
+    stuck = {"need": 7, "in_use": 6, "stuck": True}
+    step_both((first, second), first={"need": 8, "in_use": 7, "stuck": True}, second=stuck)
+    assert not first.share.limits().give_way
+    assert second.share.limits().give_way
+    assert second.share.gave_way == 1
+    rerun = {"need": 7, "in_use": 6, "rerun": True}
+    step_both((first, second), first={"need": 8, "in_use": 7, "stuck": True}, second=rerun)
+    assert first.share.limits().give_way
+    assert not second.share.limits().give_way
+    # The first run's test gave way: its connections closed, the rerun gets its room.
+    step_until((first, second), lambda: second.share.budget() >= 7, first={"need": 8}, second=rerun)
 
 
-def test_an_item_the_priority_cannot_serve_does_not_keep_it_from_one_it_can(
+def test_a_test_growing_one_connection_at_a_time_keeps_its_ticket_s_age(
+    limited_role: Any,
+) -> None:
+    """A cold test asks for each connection past its run's budget in turn: between two
+    asks its ticket is served and given back, yet the next one keeps the first's stamp
+    (with a younger one, it could give way to a test that began waiting after it).
+    Another test's ask takes a stamp of its own."""
+    run = Coordinated(limited_role(ROLE_LIMIT), f"test-{uuid.uuid4().hex[:8]}", FakeClock())
+    try:
+        settle(run)
+        budget = run.share.budget()
+        run.wants(budget + 1, in_use=budget, stuck=True, item=3)
+        settle(run, steps=1)
+        stamp = run.share._leases.stamp
+        assert stamp is not None
+        run.wants(1, in_use=budget - 2, stuck=True, item=3)  # served: its connect granted
+        settle(run, steps=1)
+        assert run.share._leases.stamp is None
+        asked_first(run, stamp)
+        run.wants(budget + 1, in_use=budget, stuck=True, item=3)
+        settle(run, steps=1)
+        assert run.share._leases.stamp == stamp
+        run.wants(1, in_use=budget - 2, stuck=True, item=3)
+        settle(run, steps=1)
+        run.wants(budget + 1, in_use=budget, stuck=True, item=4)
+        settle(run, steps=1)
+        assert run.share._leases.stamp not in (None, stamp)
+    finally:
+        run.share.stop()
+        run.connection.close()
+
+
+def test_a_younger_request_waits_for_the_older_one_then_is_served(
     two_runs: tuple[Coordinated, Coordinated, FakeClock],
 ) -> None:
-    """The first run's item needs 13 of the 16: more than the priority can give while the
-    other run, with work left, keeps one connection (12, each run's own connection and
-    the closing slot aside). The second run's item needs 8: it takes the priority and
-    gets its room, rather than wait behind an item nothing but the growth wait serves."""
+    """One run asks for 13 (the whole room beside the other run), the other then for 8:
+    the first is served first, the other once the first's tests are done with it."""
     first, second, _ = two_runs
-    for _ in range(6):  # each step, as the planners report after every decision
-        first.wants(13)
-        second.wants(8)
-        settle(first, second, steps=1)
-    assert second.share.budget() == 8
-    assert first.share.budget() < 13
+    step_both((first, second), first={"need": 1}, second={"need": 1})
+    step_both((first, second), steps=1, first={"need": 13})
+    asked_first(first)
+    wants = {"first": {"need": 13}, "second": {"need": 8}}
+    step_until((first, second), lambda: first.share.budget() == 13, **wants)
+    assert second.share.budget() == 0
+    # Its item started: its tests use the room, its next item needs 1.
+    step_both((first, second), first={"need": 1, "in_use": 13}, second={"need": 8})
+    assert second.share.budget() == 0
+    first.share.report(RunUse(0, 0, pending=False))  # they ended: nothing left to run
+    step_until((first, second), lambda: second.share.budget() >= 8, second={"need": 8})
 
 
 def silent_for_more_than(conn: Any, seconds: float) -> None:
@@ -631,33 +711,6 @@ def test_another_login_s_room_caps_the_share(limited_role: Any) -> None:
         run.connection.close()
 
 
-def test_an_overdue_item_goes_past_the_share_only_within_the_live_room(
-    two_runs: tuple[Coordinated, Coordinated, FakeClock],
-) -> None:
-    """An item needing 13 (what the server has free beside the other run's own
-    connection, yet more than a share leaves while that run keeps one test connection):
-    after the growth wait its run takes the priority and lets it past the share."""
-    first, second, clock = two_runs
-    first.wants(13)
-    second.wants(1)
-    settle(first, second)
-    clock.now += GROWTH_WAIT + 1
-    settle(first, second)
-    assert second.share.limits().give_way
-    assert not first.share.limits().give_way
-    assert first.share.went_past == 1
-    # The planner may now let it past the budget (the ceiling is the budget itself).
-    limits = first.share.limits()
-    assert (limits.ceiling, limits.may_pass) == (first.share.budget(), True)
-    # The other run opens a test connection: no room left past the share any more.
-    second.wants(1, in_use=1, open_=1)
-    with psycopg.connect(second.connection.info.dsn, autocommit=True):
-        settle(first, second)
-        limits = first.share.limits()
-        assert limits.ceiling > first.share.budget()
-        assert not limits.may_pass
-
-
 def test_a_run_alone_goes_past_its_budget_into_open_connections_only_after_the_wait(
     limited_role: Any,
 ) -> None:
@@ -676,7 +729,7 @@ def test_a_run_alone_goes_past_its_budget_into_open_connections_only_after_the_w
         run.wants(run.share.budget() + 1)
         settle(run, steps=1)
         assert run.share.limits().may_pass
-        clock.now += GROWTH_WAIT + 1  # the item's wait for growth is overdue
+        clock.now += GROWTH_WAIT + 1  # a wait before the connections came does not count
         with connections(dsn, 8):
             run.wants(12)
             settle(run)
@@ -703,6 +756,8 @@ def test_a_login_that_cannot_see_other_roles_still_counts_their_connections(
         settle(run, steps=1)
         before = run.share.limits().ceiling
         with connections(other, 4):
+            settle(run, steps=1)
+            clock.now += 2 * OUTSIDE_WINDOW  # they stay: the room shared out counts them
             settle(run, steps=1)
             during = run.share.limits().ceiling
     finally:
@@ -798,7 +853,7 @@ def test_a_run_suspended_past_the_no_progress_time_does_not_hold_the_other_back(
             os.kill(pid, signal.SIGCONT)
     assert f"{SUITE_TESTS} passed" in other.output
     assert other.connection_errors() == 0, other.output
-    assert RERUN_SERVER not in other.output
+    assert RERUN_SERVER not in other.output, other.output
     assert f"made no progress for {STALLED_AFTER:g}s (suspended or wedged)" in other.output
     # Held back until the stopped run's leases stopped counting, not while it slept.
     report = json.loads((other.root / "report.json").read_text())

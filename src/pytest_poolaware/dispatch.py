@@ -273,6 +273,7 @@ class Dispatcher:
             return
         planner = self.planner
         stats = planner.statistics()
+        stuck, rerun_waits = planner.mid_test_waits()
         self._budget.report_use(
             RunUse(
                 in_use=stats.committed,
@@ -280,7 +281,8 @@ class Dispatcher:
                 pending=planner.has_pending or not planner.loaded,
                 wants=planner.largest_waiting_need(),
                 using=planner.budget,
-                rerun_waits=planner.rerun_waits(),
+                rerun_waits=rerun_waits,
+                stuck=stuck,
             )
         )
 
@@ -328,13 +330,12 @@ class Dispatcher:
             room = self.planner.has_room_for_one_more(node)
             self._watch.held(node, rid, held, room=room)
             return
-        want = message.want
-        if want is not None:  # a rerun asks for the whole budget: as it is now
-            want = min(want, self.planner.budget)
+        # A rerun asks for the whole budget; admission grants it what the budget may
+        # grow to, once it has that (``AdmissionPass._answer_rerun``).
         actions = self.planner.request(
             node,
             message.request,
-            want,
+            message.want,
             item=message.item,
             background=message.background,
         )

@@ -28,6 +28,8 @@ from pytest_poolaware.planning.holders import (
     Request,
     RequestKind,
     can_progress,
+    largest_want,
+    mid_test_waits,
     settled,
     waiting_requests,
 )
@@ -189,15 +191,12 @@ class Admission(Generic[W]):
     def largest_waiting_need(self) -> int:
         """The most connections an item held back by the budget expects (0: none is),
         so that a run sharing the server's room can ask for more of it."""
-        return max((s.wants(self.need_of) for s in self._workers.values()), default=0)
+        return largest_want(self._workers.values(), self.need_of, self.limits.ceiling)
 
-    def rerun_waits(self) -> bool:
-        """Whether a rerun waits mid-test for a connection: it never gives way (it has no
-        third attempt), so a run sharing the server asks to be served first."""
-        return any(
-            s.rerunning and any(r.kind is RequestKind.CONNECT for r in s.requests)
-            for s in self._workers.values()
-        )
+    def mid_test_waits(self) -> tuple[int | None, bool]:
+        """The test waiting longest mid-test for a connection, and whether a rerun
+        waits so: a run sharing the server asks for them (``holders.mid_test_waits``)."""
+        return mid_test_waits(self._workers.values())
 
     def has_room_for_one_more(self, worker: W) -> bool:
         """Whether one more connection of the worker's fits the budget now: a connect
@@ -325,9 +324,15 @@ class Admission(Generic[W]):
         ]
         victim = connects[-1].worker if connects else None
         limits = self.limits
+        # Within the run, wait-die once the budget can grow no more; while it can
+        # (another run may give room back), the run's request for it is served in the
+        # ticket queue, and the runs decide there who gives way (``limits.give_way``).
         if victim is not None and (
             limits.give_way
-            or any(s.commitment() > 0 for w, s in self._workers.items() if w != victim)
+            or (
+                self.budget >= limits.ceiling
+                and any(s.commitment() > 0 for w, s in self._workers.items() if w != victim)
+            )
         ):
             # Wait-die: the youngest waiting test gives way (all its waiting threads);
             # it fails on a connection-limit error and is rerun alone.

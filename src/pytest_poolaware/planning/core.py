@@ -167,9 +167,9 @@ class Planner(Generic[W]):
         so that a run sharing the server's room can ask for more of it."""
         return self._admission.largest_waiting_need()
 
-    def rerun_waits(self) -> bool:
-        """See ``Admission.rerun_waits``."""
-        return self._admission.rerun_waits()
+    def mid_test_waits(self) -> tuple[int | None, bool]:
+        """See ``Admission.mid_test_waits``."""
+        return self._admission.mid_test_waits()
 
     def shut_down(self, worker: W) -> None:
         """The worker was told to shut down by someone else (xdist stopping the run)."""

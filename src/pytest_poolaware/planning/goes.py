@@ -144,11 +144,21 @@ class AdmissionPass(Generic[W]):
 
     def _answer_rerun(self, worker: W, request: Request, actions: list[AdmissionAction]) -> None:
         """A rerun waits until it has the run to itself; meanwhile nothing new starts, so
-        the run drains towards that. On a shared server it also waits while another run
-        is served first: that run's test may wait for the room the rerun would take, and
-        a rerun never gives way (it has no third attempt), so neither would go on."""
-        if not self.draining and not self._limits.give_way and not self._others_busy(worker):
-            request.want = min(request.want, self._budget)  # it may have shrunk
+        the run drains towards that. On a shared server it also waits for the room it
+        asks for, as far as the budget may grow (``Limits.ceiling``): its first attempt
+        gave way, so its need may not be known, and started on a budget shrunk by other
+        runs it would grow mid-test and could wait on another run's rerun, neither able
+        to give way (three cold runs: all three reruns waited until their gates timed
+        out). Its run's request, first in the ticket queue once it is the oldest, brings
+        that room."""
+        want = min(request.want, self._limits.ceiling)
+        if (
+            not self.draining
+            and not self._limits.give_way
+            and not self._others_busy(worker)
+            and want <= self._budget
+        ):
+            request.want = want
             self.committed[worker] = max(self.committed[worker], request.want)
             self._answer(request, Answer.GRANTED, actions)
         else:

@@ -240,9 +240,11 @@ class Holder:
             return False
         return self.queue.index(earlier) < self.queue.index(later)  # type: ignore[arg-type]
 
-    def wants(self, need_of: Callable[[int], int]) -> int:
-        """The most its head, held back by the budget, or its requests want (0: none)."""
-        wants = [r.want for r in self.requests]
+    def wants(self, need_of: Callable[[int], int], most: int) -> int:
+        """The most its head, held back by the budget, or its requests want (0: none); a
+        rerun, which asks for the whole budget, wants ``most`` at most (what the budget
+        may grow to)."""
+        wants = [min(r.want, most) for r in self.requests]
         if self.requests:
             wants.append(self.open + self.connecting + 1)
         if self.waiting_since and self.granted < len(self.queue):
@@ -279,6 +281,28 @@ def waiting_requests(holders: Iterable[Holder]) -> list[Request]:
     is what frees room; then reruns, which wait for the run to drain."""
     waiting = [r for s in holders for r in s.requests]
     return sorted(waiting, key=lambda r: (r.kind is RequestKind.RERUN, r.order))
+
+
+def largest_want(holders: Iterable[Holder], need_of: Callable[[int], int], most: int) -> int:
+    """The most any worker's head or requests want (``Holder.wants``; 0: none waits)."""
+    return max((state.wants(need_of, most) for state in holders), default=0)
+
+
+def mid_test_waits(holders: Iterable[Holder]) -> tuple[int | None, bool]:
+    """The item of the test that has waited longest mid-test for a connection (a pool's
+    own connect aside; -1: not known; None: none waits): it holds others meanwhile, so
+    across runs it may wait on another such test; and whether a rerun waits so: it
+    never gives way (it has no third attempt)."""
+    waiting: list[Request] = []
+    rerun = False
+    for state in holders:
+        connects = [r for r in state.requests if r.kind is RequestKind.CONNECT]
+        waiting.extend(r for r in connects if not r.background)
+        rerun = rerun or (state.rerunning and bool(connects))
+    if not waiting:
+        return None, rerun
+    oldest = min(waiting, key=lambda r: r.order)
+    return (-1 if oldest.item is None else oldest.item), rerun
 
 
 def go_order(holders: Mapping[W, Holder], first: W | None) -> list[W]:

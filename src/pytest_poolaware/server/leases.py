@@ -3,10 +3,11 @@ connection, and its look at the locks the other runs hold.
 
 A run holds slot leases, session-level advisory locks ``(slot class, n)``, one per
 connection it may open (its own connection's included); it publishes its demand as
-shared locks ``(demand class, 0..demand-1)``; one run at a time holds the priority, the
-exclusive lock ``(priority class, 0)``, with how many connections it is for as a shared
-lock ``(priority class, amount)``; a run a rerun of which waits for a connection says so
-with the shared lock ``(priority class, RERUN_MARK)``. Every key carries the sharing
+shared locks ``(demand class, 0..demand-1)``. While it waits for room its leases do not
+cover, it holds a ticket, the shared lock ``(ticket class, stamp)`` (the server's clock
+when it asked), and the leases it wants in all as ``(priority class, amount)``; a test
+of its waiting mid-test says so with ``(priority class, STUCK_MARK)``, a rerun's with
+``(priority class, RERUN_MARK)`` as well. Every key carries the sharing
 protocol's version (``share_plan.lock_key``): locks of another version are not read as
 leases, their runs are named in ``Others.foreign``. Leases die with the session, so a
 run killed or cut off frees them without anyone's help. The bookkeeping only: how many
@@ -15,7 +16,6 @@ to hold is ``share_plan``'s, when to move ``share``'s.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +26,15 @@ from pytest_poolaware.server.share_plan import (
     RERUN_MARK,
     SHARE_PROTOCOL,
     STALLED_AFTER,
+    STUCK_MARK,
+    TICKET_MODULUS,
     DepartedRuns,
     Others,
+    Ticket,
     key_parts,
     lock_classes,
     lock_key,
+    ticket_order,
 )
 
 
@@ -57,19 +61,25 @@ class Leases:
         self._scope_name = scope_name
         self._clock = clock
         self._departed = DepartedRuns(departed_grace)
-        self._slot_class, self._demand_class, self._priority_class = lock_classes(
-            namespace, room.limit
-        )
+        classes = lock_classes(namespace, room.limit)
+        self._classes = classes
+        self._slot_class, self._demand_class, self._priority_class, self._ticket_class = classes
         #: This run: the backend pid of the plugin's own connection.
         self.me: int = connection.info.backend_pid
         self._slots: list[int] = []  # slot numbers this run holds, in order taken
         self._demand_held = 0
         #: Slot numbers past the limit's this run may take: those stalled runs hold.
         self._beyond = 0
-        #: Connections this run holds the priority for (0: it does not hold it).
-        self.priority = 0
-        #: Whether it holds ``RERUN_MARK``: a rerun of its waits for a connection.
-        self.rerun_marked = False
+        #: This run's ticket: its stamp (None: it waits for nothing its leases do not
+        #: cover), and the leases it wants in all (published as the priority's amount).
+        self.stamp: int | None = None
+        self._amount = 0
+        #: Whether it holds ``STUCK_MARK`` and ``RERUN_MARK``.
+        self.stuck_marked = self.rerun_marked = False
+        #: The last test that waited mid-test with a ticket, and that ticket's stamp: a
+        #: test that grows one connection at a time asks again for each, and keeps its
+        #: age (a younger ticket could make it give way to a test that came after it).
+        self._kept: tuple[int, int] | None = None
 
     def remember(self, before: Leases) -> None:
         """Taken on a new connection after losing touch: the runs the old leases last
@@ -84,36 +94,40 @@ class Leases:
         return len(self._slots)
 
     def look(self) -> tuple[Others, int]:
-        """What the other runs hold and want, and the live client connections the
-        binding limit counts (this one left out)."""
+        """What the other runs hold and want, the ticket queue, and the live client
+        connections the binding limit counts (this one left out)."""
         held: dict[int, int] = {}
         demand: dict[int, int] = {}
         amounts: dict[int, int] = {}
+        stamps: dict[int, int] = {}
         foreign: dict[int, int] = {}
-        reruns: set[int] = set()
-        classes = (self._slot_class, self._demand_class, self._priority_class)
-        for pid, cls, key in sql.advisory_locks(self._conn, classes):
+        marks: dict[int, set[int]] = {}
+        for pid, cls, key in sql.advisory_locks(self._conn, self._classes):
             version, obj = key_parts(key)
             if version != SHARE_PROTOCOL:  # never read as leases: a client's connections
                 foreign[pid] = version
-                continue
-            if cls == self._priority_class and obj == RERUN_MARK:
-                reruns.add(pid)
-                continue
-            if cls == self._priority_class:
+            elif cls == self._ticket_class:
+                stamps[pid] = obj
+            elif cls == self._priority_class and obj in (RERUN_MARK, STUCK_MARK):
+                marks.setdefault(pid, set()).add(obj)
+            elif cls == self._priority_class:
                 amounts[pid] = max(amounts.get(pid, 0), obj)
-                continue
-            table = held if cls == self._slot_class else demand
-            table[pid] = table.get(pid, 0) + 1
-        holder = sql.priority_holder(self._conn, self._priority_class, lock_key(0))
-        priority = None
-        if holder is not None and holder != self.me:
-            priority = (holder, amounts.get(holder, 0))
+            else:
+                table = held if cls == self._slot_class else demand
+                table[pid] = table.get(pid, 0) + 1
         live = sql.live_clients(self._conn, self._scope, self._scope_name)
         departed = self._departed.update(held, self._clock())
         stalled = self._stalled(held.keys() | demand.keys())
-        if priority is not None and priority[0] in stalled:
-            priority = None
+        tickets = [
+            Ticket(run, stamp, amounts.get(run, 0), STUCK_MARK in (m := marks.get(run, set())),
+                   RERUN_MARK in m)
+            for run, stamp in stamps.items()
+            if run not in stalled and run not in foreign
+        ]  # fmt: skip
+        if self.stamp is not None:
+            tickets.append(
+                Ticket(self.me, self.stamp, self._amount, self.stuck_marked, self.rerun_marked)
+            )
         # The slot numbers a stalled run holds are taken, yet no longer honoured: the
         # others may use as many numbers past the limit's (given back when it resumes,
         # as the shares move).
@@ -121,11 +135,10 @@ class Leases:
         return Others(
             {run: n for run, n in held.items() if run not in stalled},
             {run: n for run, n in demand.items() if run not in stalled},
-            priority,
+            ticket_order(tickets),
             departed,
             foreign,
             {run: max(0, held.get(run, 0) - 1) for run in stalled},
-            frozenset(reruns - stalled - {self.me}),
         ), live
 
     def _stalled(self, runs: set[int]) -> set[int]:
@@ -136,41 +149,43 @@ class Leases:
         silent = sql.silent_for(self._conn, sorted(runs))
         return {run for run, seconds in silent.items() if seconds > self._stalled_after}
 
-    def claim_priority(self, others: Others, needed: bool, wants: int) -> Others:
-        """Take the priority for an item that ``needed`` it, for ``wants`` connections
-        (one run at a time holds it), give it back once no item needs it; returns
-        ``others`` with the priority as it now stands."""
-        if self.priority and not needed:
-            self._set_priority_amount(0)
-            sql.unlock(self._conn, self._priority_class, lock_key(0))
-            self.priority = 0
-        elif (
-            needed
-            and not self.priority
-            and others.priority is None
-            and sql.try_lock(self._conn, self._priority_class, lock_key(0))
-        ):
-            self.priority = -1  # held; its amount is set just below
-        if self.priority and needed and self.priority != wants:
-            self._set_priority_amount(wants)
-        if self.priority:
-            return dataclasses.replace(others, priority=(self.me, self.priority))
-        return others
+    def request(self, amount: int, *, stuck: int | None, rerun: bool) -> None:
+        """Hold a ticket while the run wants ``amount`` test leases in all, more than it
+        holds (0: it wants nothing more: the ticket, if any, is given back). A ticket is
+        stamped once, with the server's clock, and kept until the request is served:
+        requests are served in the order they were made (``ticket_order``). ``stuck``:
+        the test waiting mid-test (None: none), which keeps its first ticket's stamp."""
+        if amount <= 0:
+            if self.stamp is not None:
+                sql.unlock_shared(self._conn, self._ticket_class, lock_key(self.stamp))
+                self.stamp = None
+            amount = 0
+        elif self.stamp is None:
+            if self._kept is not None and self._kept[0] == stuck:
+                stamp = self._kept[1]
+            else:
+                stamp = sql.server_ticks(self._conn, TICKET_MODULUS)
+            sql.lock_shared(self._conn, self._ticket_class, lock_key(stamp))
+            self.stamp = stamp
+            if stuck is not None:
+                self._kept = (stuck, stamp)
+        if amount != self._amount:
+            if self._amount:
+                sql.unlock_shared(self._conn, self._priority_class, lock_key(self._amount))
+            if amount:
+                sql.lock_shared(self._conn, self._priority_class, lock_key(amount))
+            self._amount = amount
+        self.stuck_marked = self._mark(
+            STUCK_MARK, self.stuck_marked, stuck is not None and amount > 0
+        )
+        self.rerun_marked = self._mark(RERUN_MARK, self.rerun_marked, rerun and amount > 0)
 
-    def _set_priority_amount(self, amount: int) -> None:
-        """Publish how many connections the priority is for (a shared lock on that key)."""
-        if self.priority > 0:
-            sql.unlock_shared(self._conn, self._priority_class, lock_key(self.priority))
-        if amount > 0:
-            sql.lock_shared(self._conn, self._priority_class, lock_key(amount))
-        self.priority = amount
-
-    def mark_rerun(self, waiting: bool) -> None:
-        """Say whether a rerun of this run waits for a connection (``RERUN_MARK``)."""
-        if waiting != self.rerun_marked:
-            lock = sql.lock_shared if waiting else sql.unlock_shared
-            lock(self._conn, self._priority_class, lock_key(RERUN_MARK))
-            self.rerun_marked = waiting
+    def _mark(self, mark: int, marked: bool, wanted: bool) -> bool:
+        """Hold the shared lock ``(priority class, mark)`` or not; returns ``wanted``."""
+        if wanted != marked:
+            lock = sql.lock_shared if wanted else sql.unlock_shared
+            lock(self._conn, self._priority_class, lock_key(mark))
+        return wanted
 
     def set_demand(self, demand: int) -> None:
         """Publish the run's demand: one shared lock per connection wanted."""

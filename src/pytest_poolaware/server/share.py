@@ -4,11 +4,12 @@ Each run holds slot leases: session-level advisory locks ``(slot class, n)`` tak
 the plugin's own connection, one per connection the run may open. A run publishes its
 demand as shared locks ``(demand class, 0..demand-1)``. Every run reads the others'
 leases and demands from ``pg_locks`` and the live connection count from
-``pg_stat_activity``, and moves towards its share: the room divided by demand, max-min
-fair, so a run alone gets all of it. Leases die with the session, so a run killed or cut
-off (TCP keepalives) frees its share without anyone's help; since its workers'
-connections may outlive it for a moment, a run never takes more than the live count
-leaves free.
+``pg_stat_activity``, and moves towards its share: a request for more than its budget
+takes a ticket (``share_plan.Ticket``), the oldest is served first and whole, and the
+rest of the room is divided by demand, max-min fair, so a run alone gets all of it.
+Leases die with the session, so a run killed or cut off (TCP keepalives) frees its
+share without anyone's help; since its workers' connections may outlive it for a
+moment, a run never takes more than the live count leaves free.
 
 ``share_plan`` holds the arithmetic (pure), ``leases`` the locks and the look at the
 others' (every SQL text is ``sql``'s); ``ShareCoordinator`` moves them in a background
@@ -30,14 +31,14 @@ from pytest_poolaware.server.leases import Leases
 from pytest_poolaware.server.room import CLOSING_SLACK, ROLE, Room, ServerFacts
 from pytest_poolaware.server.share_plan import (
     DEPARTED_GRACE,
+    OUTSIDE_WINDOW,
     STALLED_AFTER,
     Others,
     Plan,
+    Recent,
     kept_by_others,
-    needs_priority,
     other_version_note,
     plan,
-    served_elsewhere,
 )
 from pytest_poolaware.server.share_progress import Progress
 from pytest_poolaware.server.share_touch import Touch
@@ -48,18 +49,16 @@ from pytest_poolaware.shared.limits import Limits, RunUse
 LEASE_INTERVAL: Final = 0.1
 #: Seconds a run waits at the start for the others to make room for its first share.
 START_WAIT: Final = 5.0
-#: Seconds a run waits for its share to grow for an item that needs more than it has
-#: before it stops waiting on the other runs: a test of its that holds connections and
-#: waits for more gives way (it is rerun alone), unless the run holds the priority; an
-#: item waiting to start takes the priority and may then go past the share, but only as
-#: far as the server's live count leaves room. Well below the connect gate's timeout, so
-#: that a cross-run wait ends here, never by a worker connecting past the room.
+#: Seconds a run alone waits for connections of no run that hold the room an item needs
+#: past its budget (a run just killed, whose workers still close theirs) before the item
+#: goes past anyway: they may be clients that never leave. Well below the connect gate's
+#: timeout, so that the wait ends here, on the run's terms.
 GROWTH_WAIT: Final = 10.0
 
 
 def share_growth_wait(gate_timeout: float) -> float:
-    """How long an item waits for its share to grow: ``GROWTH_WAIT``, and at most half
-    the connect gate's timeout, so that the wait ends here, on the run's terms."""
+    """How long a run alone waits for connections of no run to close: ``GROWTH_WAIT``,
+    and at most half the connect gate's timeout."""
     return max(LEASE_INTERVAL, min(GROWTH_WAIT, gate_timeout / 2))
 
 
@@ -159,15 +158,14 @@ def union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
 
 class GrowthWait:
     """How long a wait has lasted: past ``seconds`` it is overdue, and the run stops
-    waiting (``ShareCoordinator``). An item waiting for the run's budget to grow to what
-    it wants stops waiting on the other runs; a run alone whose room connections of no
-    run hold stops waiting for them to close."""
+    waiting (``ShareCoordinator``): a run alone whose room connections of no run hold
+    stops waiting for them to close."""
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self._clock = clock
         self._since = 0.0
-        #: An item has waited ``seconds`` for the share to grow (as of the last step).
+        #: The wait going on has lasted ``seconds`` (as of the last step).
         self.overdue = False
 
     def update(self, waiting: bool) -> bool:
@@ -234,8 +232,6 @@ class ShareCoordinator:
         #: The run's xdist workers (0: not known): alone, the slot kept for a run that
         #: arrives never leaves them fewer connections than one each (``share_plan``).
         self._workers = workers
-        #: An item's wait for its share to grow (its bound names it in the summary).
-        self.growth = GrowthWait(growth_wait, clock)
         #: Alone, connections of no run hold part of the room (``_follow``).
         self._crowded = GrowthWait(growth_wait, clock)
         self.namespace = namespace
@@ -258,17 +254,20 @@ class ShareCoordinator:
         #: What the scheduler reads (``limits``): until the first step, the run's own
         #: budget (what it would use with sharing off).
         self._limits = Limits(ceiling)
-        #: Connections an item held back by the budget expects, and whether a rerun waits
-        #: mid-test for a connection (``report``).
+        #: Connections an item held back by the budget expects, whether a test waits
+        #: mid-test for a connection, and whether that is a rerun (``report``).
         self._wants, self._rerun_waits = 0, False
-        #: This run's own waiting tests give way (overdue, without the priority).
+        self._stuck: int | None = None
+        #: This run's test waiting mid-test gives way to an older one (``gives_way``).
         self._yield = False
         #: Connections in the limit's scope that are not this run's tests' right now:
         #: other clients', and what the other runs may open without asking anyone.
         self._occupied = 0
-        #: Times an overdue wait ended by a test giving way, and by going past the share
-        #: within the live room.
-        self.gave_way = self.went_past = 0
+        #: Live connections not this run's, at their highest and lowest of late
+        #: (``OUTSIDE_WINDOW``).
+        self._outside = Recent(OUTSIDE_WINDOW)
+        #: Times a test of this run gave way to an older one of another run.
+        self.gave_way = 0
         self._in_use = self._open = self._committed = self.peers_seen = 0
         #: Notes of runs met that speak another sharing protocol (one a version).
         self.other_versions: dict[int, str] = {}
@@ -297,11 +296,11 @@ class ShareCoordinator:
             return self._limits.budget
 
     def limits(self) -> Limits:
-        """What the planner follows: the budget; what it may still grow to (the room less
-        what cannot be had: the other runs' own connections, clients that take no part);
-        whether this run's blocked items give way (another run holds the priority, or
-        this run's own wait for its share to grow went on too long without it: wait-die
-        across runs); and whether an item may go past the budget (``_follow``)."""
+        """What the planner follows: the budget (0: the head of the ticket queue, another
+        run's, needs this run's room); what it may still grow to (the room less what
+        cannot be had: the other runs' own connections, clients that take no part);
+        whether this run's test waiting mid-test gives way (wait-die across runs, by
+        ticket age); and whether an item may go past the budget (``_follow``)."""
         with self._lock:
             limits = self._limits
             if self.progress.silent():
@@ -328,8 +327,11 @@ class ShareCoordinator:
     def report(self, use: RunUse) -> None:
         """What the run uses and waits for: leases never fall below ``use.using``."""
         with self._lock:
-            self._rerun_waits, in_use = use.rerun_waits, use.in_use
-            self._in_use, self._committed = max(in_use, use.using), in_use
+            self._rerun_waits, self._stuck, in_use = use.rerun_waits, use.stuck, use.in_use
+            # Leases cover what its tests may hold: committed, granted up to the budget
+            # in use, or open (idle connections a pool keeps count on the server: read
+            # as another client's, they would shrink every run's room).
+            self._in_use, self._committed = max(in_use, use.using, use.open), in_use
             self._open = use.open
             # Demand: what it holds, and room for the item it waits to start (or one
             # more connection when nothing waits), as long as it has work left.
@@ -413,15 +415,18 @@ class ShareCoordinator:
 
     def _move(self) -> tuple[Others, Plan, int, int]:
         """Look at the other runs, plan a step and move the leases to it; returns what
-        was seen and planned, and the item's want and the connections open it met."""
-        others, live = self._leases.look()
-        self.progress.saw(others)
+        was seen and planned, and the item's want and the connections open it met. The
+        run's ticket is taken or given back first, so that it looks at the queue as it
+        now stands."""
         with self._lock:
             demand, in_use, open_ = self._demand, self._in_use, self._open
-            wants, limits, rerun_waits = self._wants, self._limits, self._rerun_waits
-        self._leases.mark_rerun(rerun_waits)
-        needed = needs_priority(limits, wants, others, self.growth.overdue, rerun_waits)
-        others = self._leases.claim_priority(others, needed, wants)
+            wants, budget, stuck = self._wants, self._limits.budget, self._stuck
+            rerun_waits, committed = self._rerun_waits, self._committed
+        amount = requested(budget, committed, wants, stuck=stuck is not None)
+        self._leases.request(amount, stuck=stuck, rerun=rerun_waits)
+        others, live = self._leases.look()
+        self.progress.saw(others)
+        outside, steady = self._outside.update(max(0, live - open_), self._clock())
         step = plan(
             me=self._leases.me,
             allows=self.room.allows,
@@ -429,12 +434,13 @@ class ShareCoordinator:
             demand=demand,
             in_use=in_use,
             others=others,
-            live_others=max(0, live - open_),
+            live_others=outside,
+            steady_others=steady,
             ceiling=self.ceiling,
             workers=self._workers,
         )
         self._leases.set_demand(demand)
-        self._occupied = max(live - open_, kept_by_others(others))
+        self._occupied = max(outside, kept_by_others(others))
         # One slot more than the tests': the plugin's own connection takes one too,
         # so that all runs' slot locks together never exceed what the limit allows.
         self._leases.move_to(step.hold + 1)
@@ -456,69 +462,60 @@ class ShareCoordinator:
         self._on_change()
 
     def _follow(self, others: Others, step: Plan, wants: int, open_: int) -> None:
-        """Make the step the run's budget, and decide how a wait for growth ends."""
+        """Make the step the run's budget, and decide how a wait for more ends."""
         runs = len(others.held.keys() | others.demand.keys())
         self.peers_seen = max(self.peers_seen, runs)
         self.other_versions.update({v: other_version_note(v) for v in others.foreign.values()})
         self.touch.runs_seen = runs + 1
         self._share = step.share
-        budget = max(1, min(step.budget, self._leases.slots - 1, self.ceiling))
+        budget = max(0, min(step.budget, self._leases.slots - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
         # would have alone.
         self.held_back.note(step.held_back and wants > budget and budget < self.ceiling)
         reachable = min(self.ceiling, step.reachable)
-        elsewhere = served_elsewhere(others, self._leases.me, self._leases.rerun_marked)
-        overdue = self.growth.update(wants > budget)
-        # The share did not grow in time: never wait on another run for ever, and never
-        # go past what the server has free. Without the priority, this run's waiting
-        # tests give way; with it (the item cannot be served while the other runs keep
-        # their last connection), the item goes past the share if the live count leaves
-        # it room, and else waits for the others' tests to end.
-        yield_ = overdue and not self._leases.priority
-        # The run's connections once the item has what it wants past the budget, and
-        # what the server could take now: the limit less every client connection but
-        # this run's tests' (its own connection and the closing slot kept free).
-        after = max(open_, budget) + wants - budget
-        live_free = self.room.allows - 1 - CLOSING_SLACK - self._occupied
-        past = overdue and bool(self._leases.priority) and after <= live_free
-        if past:
-            reachable = budget
         # Alone, past the budget (the planner's last resort) as before sharing, unless
         # connections of no run hold the room it needs: they may be a killed run's,
         # closing, so they have the growth wait to go, counted from when the run found
-        # itself alone with them (they may also be clients that never leave).
+        # itself alone with them (they may also be clients that never leave). With
+        # other runs, nothing goes past the budget: a request waits for its ticket.
+        after = max(open_, budget) + wants - budget
+        live_free = self.room.allows - 1 - CLOSING_SLACK - self._occupied
         crowded = not runs and bool(self._occupied) and after > live_free
         waited_out = self._crowded.update(crowded)
-        may_pass = past or (not runs and (not crowded or waited_out))
-        limits = Limits(budget, reachable, elsewhere or yield_, may_pass)
-        self._publish(limits, yield_=yield_, past=past)
+        may_pass = not runs and (not crowded or waited_out)
+        limits = Limits(budget, reachable, step.give_way, may_pass)
+        self._publish(limits, yield_=step.give_way)
 
-    def _publish(self, limits: Limits, *, yield_: bool, past: bool) -> None:
+    def _publish(self, limits: Limits, *, yield_: bool) -> None:
         """What the scheduler reads, in one go; it is woken when that changed."""
         with self._lock:
             changed = limits != self._limits
             if yield_ and not self._yield:
                 self.gave_way += 1
-            if past and self._limits.ceiling != limits.ceiling:
-                self.went_past += 1
             self._limits, self._yield = limits, yield_
             self.lowest = min(self.lowest, limits.budget)
         if changed:
             self._on_change()
 
 
+def requested(budget: int, committed: int, wants: int, *, stuck: bool) -> int:
+    """The test leases a run asks for in all with a ticket (0: none): an item that needs
+    more than the budget, or, with the budget in use, one more connection for a test
+    waiting mid-test (``stuck``), which holds others meanwhile."""
+    item = wants if wants > budget else 0
+    more = committed + 1 if stuck and committed + 1 > budget else 0
+    return max(item, more)
+
+
 def share_summary(share: ShareCoordinator) -> str | None:
     """One line for the summary: with whom the room was shared, and what it cost
     (None when no other run came)."""
     held_back = share.held_back
-    return summary_line(share, held_back.seconds, share.growth.seconds, held_back.longest)
+    return summary_line(share, held_back.seconds, held_back.longest)
 
 
 def summary_line(
-    share: ShareCoordinator,
-    held_back: float,
-    growth_wait: float,
-    longest: tuple[str, float] | None = None,
+    share: ShareCoordinator, held_back: float, longest: tuple[str, float] | None = None
 ) -> str | None:
     """``ShareCoordinator.summary``: the run's sharing in one line, with the test held
     back longest (``longest``: its node id and seconds)."""
@@ -530,15 +527,9 @@ def summary_line(
         f"{held_back:.2f}s waiting for another run"
         + (f" (longest: {longest[0]} {longest[1]:.2f}s)" if longest else "")
         + (
-            f"; {share.gave_way} time(s) a test gave way after waiting "
-            f"{growth_wait:g}s for the share to grow"
+            f"; {share.gave_way} time(s) a test gave way to an older one of another run, "
+            "both waiting mid-test for a connection"
             if share.gave_way
-            else ""
-        )
-        + (
-            f"; {share.went_past} time(s) a test went past the share, within the room "
-            "the server had free"
-            if share.went_past
             else ""
         )
     )

@@ -150,22 +150,17 @@ def backend_pids(conn: Any, query: str, params: tuple[Any, ...]) -> frozenset[in
 
 # -- the advisory locks runs share the room with (``leases``) -------------------------------
 
-#: The granted advisory locks of three classes (two-key locks: ``objsubid`` 2) that other
+#: The granted advisory locks of four classes (two-key locks: ``objsubid`` 2) that other
 #: sessions hold in this database.
 LOCKS: Final = """
 SELECT pid, classid::bigint, objid::bigint
 FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND pid <> pg_backend_pid()
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid::bigint IN (%s, %s, %s)
+  AND classid::bigint IN (%s, %s, %s, %s)
 """
-#: Who holds the exclusive lock (class, key): the priority.
-PRIORITY_HOLDER: Final = """
-SELECT pid FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND mode = 'ExclusiveLock'
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid::bigint = %s AND objid::bigint = %s
-"""
+#: The server's clock in milliseconds, modulo a number: a ticket's stamp.
+SERVER_TICKS: Final = "SELECT mod((extract(epoch FROM clock_timestamp()) * 1000)::bigint, %s)"
 #: The live client connections a limit counts: the server's, a role's, a database's.
 LIVE_CLIENTS: Final = f"SELECT count(*) FROM pg_stat_activity WHERE {OTHER_CLIENTS}"
 LIVE_BY_SCOPE: Final[Mapping[str, str]] = {
@@ -184,18 +179,18 @@ LOCK_SHARED: Final = "SELECT pg_advisory_lock_shared(%s, %s)"
 UNLOCK_SHARED: Final = "SELECT pg_advisory_unlock_shared(%s, %s)"
 
 
-def advisory_locks(conn: Any, classes: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+def advisory_locks(conn: Any, classes: tuple[int, int, int, int]) -> list[tuple[int, int, int]]:
     """(pid, class, key) of every lock of ``classes`` other sessions hold."""
     return [
         (int(pid), int(cls), int(obj)) for pid, cls, obj in conn.execute(LOCKS, classes).fetchall()
     ]
 
 
-def priority_holder(conn: Any, priority_class: int, key: int) -> int | None:
-    """The session holding the priority, the lock (``priority_class``, ``key``); None:
-    nobody."""
-    row = conn.execute(PRIORITY_HOLDER, (priority_class, key)).fetchone()
-    return None if row is None else int(row[0])
+def server_ticks(conn: Any, modulus: int) -> int:
+    """The server's clock in milliseconds, modulo ``modulus``: one clock for every run
+    that shares the server, wherever each runs."""
+    row = conn.execute(SERVER_TICKS, (modulus,)).fetchone()
+    return int(row[0])
 
 
 def live_clients(conn: Any, scope: str, name: str) -> int:

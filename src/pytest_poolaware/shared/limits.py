@@ -12,23 +12,24 @@ from dataclasses import dataclass
 class Limits:
     """The connections the run's tests may hold now, and how a wait for more ends."""
 
-    #: The budget now: the run's share when it shares the server's room.
+    #: The budget now: the run's share when it shares the server's room; 0 while the
+    #: request another run made first needs all of the room (nothing new starts).
     budget: int
     #: What the budget may still grow to (another run gives its share back): an item
     #: needing more than the budget, but no more than this, waits for it rather than go
     #: past the budget. Never below ``budget``.
     ceiling: int = 0
-    #: Another run is served first: items blocked on a connection give way (fail and are
-    #: rerun alone) rather than hold connections that run waits for.
+    #: An older test of another run waits mid-test for connections this run's waiting
+    #: test holds: that test gives way (fails and is rerun alone; ``share_plan.gives_way``).
     give_way: bool = False
     #: Whether an item nothing else can free room for may go past the budget, alone.
-    #: Sharing the room, only when the share says so: the server's live count leaves it
-    #: room, or the wait for the share to grow is over and no other run is there.
+    #: Sharing the room, only with no other run there, and once connections of no run
+    #: that hold the room have had their time to close.
     may_pass: bool = True
 
     def __post_init__(self) -> None:
-        if self.budget < 1:
-            raise ValueError(f"budget must be positive, got {self.budget}")
+        if self.budget < 0:
+            raise ValueError(f"budget must not be negative, got {self.budget}")
         object.__setattr__(self, "ceiling", max(self.budget, self.ceiling))
 
 
@@ -50,3 +51,8 @@ class RunUse:
     using: int = 0
     #: A rerun waits mid-test for a connection: it cannot give way (no third attempt).
     rerun_waits: bool = False
+    #: The item of the test waiting longest mid-test for a connection, holding others
+    #: (None: none waits so): across runs, such tests may wait on each other
+    #: (``share_plan.gives_way``); the item keeps its ticket's age from one connect to
+    #: the next.
+    stuck: int | None = None

@@ -386,7 +386,7 @@ class WorkerAgent:
             self.idle.give_back()
             self.gate.waiting_for_go(
                 lambda: self.link.request(
-                    index, self.gate.budget, self.gate.gate_timeout, self.idle.give_back
+                    index, self.gate.budget, self.gate.go_timeout, self.idle.give_back
                 )
             )
             start = self._clock()
