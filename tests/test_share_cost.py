@@ -81,7 +81,10 @@ def test_a_test_s_waits_count_only_while_another_run_held_this_one_back() -> Non
 
 def sharing() -> ShareCoordinator:
     """What the summary line reads of a run's sharing."""
-    seen = SimpleNamespace(peers_seen=1, namespace="default", lowest=3, gave_way=0)
+    patience = SimpleNamespace(times=0)
+    seen = SimpleNamespace(
+        peers_seen=1, namespace="default", lowest=3, gave_way=0, patience=patience
+    )
     return cast(ShareCoordinator, seen)
 
 

@@ -27,13 +27,14 @@ from pytest_poolaware.server import sql
 from pytest_poolaware.server.connection import QUERY_DEADLINE, open_connection, target_database
 from pytest_poolaware.server.discovery import read_facts
 from pytest_poolaware.server.room import SERVER, room_of
-from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator
+from pytest_poolaware.server.share import GROWTH_WAIT, ShareCoordinator, share_summary
 from pytest_poolaware.server.share_plan import (
     OUTSIDE_WINDOW,
     STALLED_AFTER,
     TICKET_MODULUS,
     Others,
 )
+from pytest_poolaware.server.share_progress import HEAD_PATIENCE
 from pytest_poolaware.shared.limits import Limits, RunUse
 from pytest_poolaware.worker.agent import RERUN_SERVER
 
@@ -458,7 +459,7 @@ def test_a_run_that_rejoins_first_leaves_the_other_what_it_held(
 
 
 def step_both(
-    runs: tuple[Coordinated, Coordinated], steps: int = 4, **wants: dict[str, Any]
+    runs: tuple[Coordinated, Coordinated], *, steps: int = 4, **wants: dict[str, Any]
 ) -> None:
     """Step both runs, each reporting first what it wants, as the planners do after
     every decision (``wants``: ``first`` and ``second``, keyword arguments of
@@ -577,6 +578,31 @@ def test_a_test_growing_one_connection_at_a_time_keeps_its_ticket_s_age(
     finally:
         run.share.stop()
         run.connection.close()
+
+
+def test_a_request_first_in_line_that_the_others_cannot_serve_stops_holding_them_back(
+    two_runs: tuple[Coordinated, Coordinated, FakeClock],
+) -> None:
+    """The second run keeps 6 connections open between its tests (a Django connection
+    per worker, say): leased, they never come back while it runs. The first asks for
+    12 of the 13: first in line, it stops the second (a budget of 1), yet cannot get
+    more than 7. Once its leases have not grown for HEAD_PATIENCE, it stops holding the
+    second back, which gets its fair share again, and the summary says so."""
+    first, second, clock = two_runs
+    step_both((first, second), first={"need": 1}, second={"need": 6, "in_use": 6})
+    step_both((first, second), steps=1, first={"need": 12})
+    asked_first(first)
+    kept = {"need": 7, "in_use": 6, "open_": 6}
+    step_both((first, second), first={"need": 12}, second=kept)
+    assert first.share.budget() == 7
+    assert second.share.budget() == 1
+    clock.now += HEAD_PATIENCE + 1
+    step_both((first, second), first={"need": 12}, second=kept)
+    assert second.share.budget() >= 6
+    assert first.share.patience.times == 1
+    line = share_summary(first.share)
+    assert line is not None
+    assert "1 time(s) a request first in line stopped holding the other runs back" in line
 
 
 def test_a_younger_request_waits_for_the_older_one_then_is_served(

@@ -296,8 +296,8 @@ def mid_test_waits(holders: Iterable[Holder]) -> tuple[int | None, bool]:
     waiting: list[Request] = []
     rerun = False
     for state in holders:
-        connects = [r for r in state.requests if r.kind is RequestKind.CONNECT]
-        waiting.extend(r for r in connects if not r.background)
+        connects = [r for r in state.requests if r.kind is RequestKind.CONNECT and not r.background]
+        waiting.extend(connects)
         rerun = rerun or (state.rerunning and bool(connects))
     if not waiting:
         return None, rerun

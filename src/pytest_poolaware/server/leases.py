@@ -155,30 +155,31 @@ class Leases:
         stamped once, with the server's clock, and kept until the request is served:
         requests are served in the order they were made (``ticket_order``). ``stuck``:
         the test waiting mid-test (None: none), which keeps its first ticket's stamp."""
-        if amount <= 0:
-            if self.stamp is not None:
-                sql.unlock_shared(self._conn, self._ticket_class, lock_key(self.stamp))
-                self.stamp = None
-            amount = 0
-        elif self.stamp is None:
-            if self._kept is not None and self._kept[0] == stuck:
-                stamp = self._kept[1]
-            else:
-                stamp = sql.server_ticks(self._conn, TICKET_MODULUS)
-            sql.lock_shared(self._conn, self._ticket_class, lock_key(stamp))
-            self.stamp = stamp
-            if stuck is not None:
-                self._kept = (stuck, stamp)
+        amount = max(0, amount)
+        # The amount and the marks first, the new amount before the old goes: the
+        # others never read a ticket without them (``look`` takes the largest amount).
         if amount != self._amount:
-            if self._amount:
-                sql.unlock_shared(self._conn, self._priority_class, lock_key(self._amount))
             if amount:
                 sql.lock_shared(self._conn, self._priority_class, lock_key(amount))
+            if self._amount:
+                sql.unlock_shared(self._conn, self._priority_class, lock_key(self._amount))
             self._amount = amount
         self.stuck_marked = self._mark(
             STUCK_MARK, self.stuck_marked, stuck is not None and amount > 0
         )
         self.rerun_marked = self._mark(RERUN_MARK, self.rerun_marked, rerun and amount > 0)
+        if not amount and self.stamp is not None:
+            sql.unlock_shared(self._conn, self._ticket_class, lock_key(self.stamp))
+            self.stamp = None
+        elif amount and self.stamp is None:
+            known = stuck is not None and stuck >= 0
+            if known and self._kept is not None and self._kept[0] == stuck:
+                stamp = self._kept[1]
+            else:
+                stamp = sql.server_ticks(self._conn, TICKET_MODULUS)
+            sql.lock_shared(self._conn, self._ticket_class, lock_key(stamp))
+            self.stamp = stamp
+            self._kept = (stuck, stamp) if known and stuck is not None else None
 
     def _mark(self, mark: int, marked: bool, wanted: bool) -> bool:
         """Hold the shared lock ``(priority class, mark)`` or not; returns ``wanted``."""

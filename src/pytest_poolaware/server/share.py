@@ -40,7 +40,7 @@ from pytest_poolaware.server.share_plan import (
     other_version_note,
     plan,
 )
-from pytest_poolaware.server.share_progress import Progress
+from pytest_poolaware.server.share_progress import HEAD_PATIENCE, HeadPatience, Progress
 from pytest_poolaware.server.share_touch import Touch
 from pytest_poolaware.shared.clock import monotonic, wall
 from pytest_poolaware.shared.limits import Limits, RunUse
@@ -234,6 +234,8 @@ class ShareCoordinator:
         self._workers = workers
         #: Alone, connections of no run hold part of the room (``_follow``).
         self._crowded = GrowthWait(growth_wait, clock)
+        #: At the head of the queue with leases not growing (``HEAD_PATIENCE``).
+        self.patience = HeadPatience(HEAD_PATIENCE, clock)
         self.namespace = namespace
         self.room = room
         self.ceiling = ceiling
@@ -306,7 +308,7 @@ class ShareCoordinator:
             if self.progress.silent():
                 # No step for longer than the others wait (suspended, wedged): they no
                 # longer honour its leases, so nothing new starts until the next step.
-                held = max(1, min(limits.budget, self._committed))
+                held = min(limits.budget, self._committed)
                 return Limits(held, held, limits.give_way, may_pass=False)
             return limits
 
@@ -423,6 +425,7 @@ class ShareCoordinator:
             wants, budget, stuck = self._wants, self._limits.budget, self._stuck
             rerun_waits, committed = self._rerun_waits, self._committed
         amount = requested(budget, committed, wants, stuck=stuck is not None)
+        amount = self.patience.asked(amount, more_than_any=self.room.allows)
         self._leases.request(amount, stuck=stuck, rerun=rerun_waits)
         others, live = self._leases.look()
         self.progress.saw(others)
@@ -468,6 +471,7 @@ class ShareCoordinator:
         self.other_versions.update({v: other_version_note(v) for v in others.foreign.values()})
         self.touch.runs_seen = runs + 1
         self._share = step.share
+        self.patience.step(step.head == self._leases.me, self._leases.slots)
         budget = max(0, min(step.budget, self._leases.slots - 1, self.ceiling))
         # Held back by another run: a test waits for room, and the run has less than it
         # would have alone.
@@ -530,6 +534,13 @@ def summary_line(
             f"; {share.gave_way} time(s) a test gave way to an older one of another run, "
             "both waiting mid-test for a connection"
             if share.gave_way
+            else ""
+        )
+        + (
+            f"; {share.patience.times} time(s) a request first in line stopped holding "
+            f"the other runs back after {HEAD_PATIENCE:g}s without their room coming back "
+            "(connections they keep open between tests)"
+            if share.patience.times
             else ""
         )
     )

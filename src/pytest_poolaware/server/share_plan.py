@@ -300,6 +300,8 @@ class Plan:
     reachable: int
     #: This run's test waiting mid-test gives way to an older one (``gives_way``).
     give_way: bool = False
+    #: The run served first (None: no request the room can serve waits).
+    head: int | None = None
 
 
 def kept_by_others(others: Others) -> int:
@@ -376,6 +378,7 @@ def plan(
         held_back=bool(runs) and share < demand,
         reachable=max(1, pool),
         give_way=give_way,
+        head=queue[0].run if queue else None,
     )
 
 

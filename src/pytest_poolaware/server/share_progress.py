@@ -13,6 +13,7 @@ what the server has free. Every run says so in its summary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from pytest_poolaware.server.leases import Leases
 from pytest_poolaware.server.share_plan import Others
@@ -78,3 +79,44 @@ class Progress:
                     f"holding {leases} lease(s): they were no longer honoured, its open "
                     "connections counted as another client's"
                 )
+
+
+#: Seconds the head of the ticket queue may wait with its leases not growing before it
+#: stops holding the other runs back: connections they keep open between tests (a
+#: Django connection per worker, a session fixture's) are leased and never come back
+#: while those runs live, so a request needing them would stop every run until its
+#: go timed out. Its ticket then asks for more than any room (everyone leaves it out)
+#: until the request ends, and it waits for their tests to end as without a ticket.
+HEAD_PATIENCE: Final = 30.0
+
+
+class HeadPatience:
+    """The progress rule at the head of the ticket queue: a request whose run's leases
+    stop growing for ``seconds`` is given up (``HEAD_PATIENCE``)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        #: Since when the run has been at the head with its leases not growing.
+        self._since: float | None = None
+        self._slots = 0
+        #: The request under way was given up; how many times that happened.
+        self.gave_up = False
+        self.times = 0
+
+    def step(self, head: bool, slots: int) -> None:
+        """A step's outcome: whether the run is at the head, and its slot leases."""
+        grew, self._slots = slots > self._slots, slots
+        if not head:
+            self._since = None
+        elif grew or self._since is None:
+            self._since = self._clock()
+        elif not self.gave_up and self._clock() - self._since > self.seconds:
+            self.gave_up = True
+            self.times += 1
+
+    def asked(self, amount: int, *, more_than_any: int) -> int:
+        """What the run's ticket asks for: ``amount``, or, for a request given up until
+        it ends (an amount of 0), ``more_than_any`` room, which every run leaves out."""
+        self.gave_up = self.gave_up and amount > 0
+        return max(amount, more_than_any) if self.gave_up else amount
