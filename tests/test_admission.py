@@ -203,7 +203,7 @@ def test_a_budget_of_0_starts_nothing_grants_nothing_and_lets_nothing_past() -> 
     adm = running(admission(2, {0: 1, 1: 1, 2: 1}), {"a": [0], "b": [1]})
     adm.counts("a", 1, 0)
     adm.counts("b", 1, 0)
-    assert adm.set_budget(Limits(0, 13, may_pass=False))
+    assert adm.set_budget(Limits(0, 13))
     adm.completed("b", 1)
     adm.counts("b", 0, 0)
     adm.queued("b", [2])
@@ -215,7 +215,7 @@ def test_a_budget_of_0_starts_nothing_grants_nothing_and_lets_nothing_past() -> 
     adm.counts("a", 0, 0)
     actions = decide(adm)  # nothing runs: still nothing past the budget
     assert goes(actions) == []
-    assert adm.set_budget(Limits(1, 13, may_pass=False))
+    assert adm.set_budget(Limits(1, 13))
     assert goes(decide(adm)) == [("b", 2)]
 
 

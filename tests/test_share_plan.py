@@ -194,10 +194,15 @@ def test_a_request_for_more_than_the_room_holds_nobody_back() -> None:
     assert (step.share, step.budget) == (7, 7)  # 13 split evenly, the odd one to run 1
 
 
-def test_others_name_the_head_of_the_queue_as_the_priority() -> None:
-    assert NOBODY.priority is None
+def test_a_step_names_the_head_of_the_queue() -> None:
+    alone = plan(me=1, allows=16, held=0, demand=3, in_use=0, others=NOBODY, live_others=0)
+    assert alone.head is None
     queue = ticket_order([Ticket(2, 100, 8), Ticket(1, 50, 12)])
-    assert Others({2: 5}, {2: 9}, queue).priority == (1, 12)
+    step = plan(
+        me=1, allows=16, held=4, demand=12, in_use=4, others=Others({2: 5}, {2: 9}, queue),
+        live_others=5,
+    )  # fmt: skip
+    assert step.head == 1
 
 
 LEASES = {1: 4, 2: 5, 3: 3}  # test leases per run; the pool of 13 is full but for one

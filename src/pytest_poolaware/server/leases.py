@@ -5,7 +5,7 @@ A run holds slot leases, session-level advisory locks ``(slot class, n)``, one p
 connection it may open (its own connection's included); it publishes its demand as
 shared locks ``(demand class, 0..demand-1)``. While it waits for room its leases do not
 cover, it holds a ticket, the shared lock ``(ticket class, stamp)`` (the server's clock
-when it asked), and the leases it wants in all as ``(priority class, amount)``; a test
+when it asked), and the leases it asks for as ``(priority class, amount)``; a test
 of its waiting mid-test says so with ``(priority class, STUCK_MARK)``, a rerun's with
 ``(priority class, RERUN_MARK)`` as well. Every key carries the sharing
 protocol's version (``share_plan.lock_key``): locks of another version are not read as
@@ -70,8 +70,8 @@ class Leases:
         self._demand_held = 0
         #: Slot numbers past the limit's this run may take: those stalled runs hold.
         self._beyond = 0
-        #: This run's ticket: its stamp (None: it waits for nothing its leases do not
-        #: cover), and the leases it wants in all (published as the priority's amount).
+        #: This run's ticket: its stamp (None: it waits for nothing its budget does not
+        #: cover), and the leases it asks for (``Ticket.amount``).
         self.stamp: int | None = None
         self._amount = 0
         #: Whether it holds ``STUCK_MARK`` and ``RERUN_MARK``.
@@ -118,12 +118,15 @@ class Leases:
         live = sql.live_clients(self._conn, self._scope, self._scope_name)
         departed = self._departed.update(held, self._clock())
         stalled = self._stalled(held.keys() | demand.keys())
-        tickets = [
-            Ticket(run, stamp, amounts.get(run, 0), STUCK_MARK in (m := marks.get(run, set())),
-                   RERUN_MARK in m)
-            for run, stamp in stamps.items()
-            if run not in stalled and run not in foreign
-        ]  # fmt: skip
+        tickets = []
+        for run, stamp in stamps.items():
+            if run not in stalled and run not in foreign:
+                marked = marks.get(run, set())
+                tickets.append(
+                    Ticket(
+                        run, stamp, amounts.get(run, 0), STUCK_MARK in marked, RERUN_MARK in marked
+                    )
+                )
         if self.stamp is not None:
             tickets.append(
                 Ticket(self.me, self.stamp, self._amount, self.stuck_marked, self.rerun_marked)
@@ -150,8 +153,8 @@ class Leases:
         return {run for run, seconds in silent.items() if seconds > self._stalled_after}
 
     def request(self, amount: int, *, stuck: int | None, rerun: bool) -> None:
-        """Hold a ticket while the run wants ``amount`` test leases in all, more than it
-        holds (0: it wants nothing more: the ticket, if any, is given back). A ticket is
+        """Hold a ticket while the run asks for ``amount`` test leases (``Ticket.amount``;
+        0: it asks for nothing more: the ticket, if any, is given back). A ticket is
         stamped once, with the server's clock, and kept until the request is served:
         requests are served in the order they were made (``ticket_order``). ``stuck``:
         the test waiting mid-test (None: none), which keeps its first ticket's stamp."""

@@ -330,10 +330,7 @@ class ShareCoordinator:
         """What the run uses and waits for: leases never fall below ``use.using``."""
         with self._lock:
             self._rerun_waits, self._stuck, in_use = use.rerun_waits, use.stuck, use.in_use
-            # Leases cover what its tests may hold: committed, granted up to the budget
-            # in use, or open (idle connections a pool keeps count on the server: read
-            # as another client's, they would shrink every run's room).
-            self._in_use, self._committed = max(in_use, use.using, use.open), in_use
+            self._in_use, self._committed = max(in_use, use.using), in_use
             self._open = use.open
             # Demand: what it holds, and room for the item it waits to start (or one
             # more connection when nothing waits), as long as it has work left.
@@ -503,7 +500,7 @@ class ShareCoordinator:
 
 
 def requested(budget: int, committed: int, wants: int, *, stuck: bool) -> int:
-    """The test leases a run asks for in all with a ticket (0: none): an item that needs
+    """The test leases a run asks for with a ticket (0: none): an item that needs
     more than the budget, or, with the budget in use, one more connection for a test
     waiting mid-test (``stuck``), which holds others meanwhile."""
     item = wants if wants > budget else 0

@@ -108,7 +108,8 @@ class Ticket:
     run: int
     #: When the request was made, on the server's clock (``TICKET_MODULUS``).
     stamp: int
-    #: The test leases the run wants in all once served (what it holds and the rest).
+    #: The test leases the request asks to be served first: the need of an item waiting
+    #: to start, or what the run's tests hold and one more for a test waiting mid-test.
     amount: int
     #: A test of the run holds connections and waits mid-test for one more.
     stuck: bool = False
@@ -131,16 +132,11 @@ def ticket_order(tickets: Iterable[Ticket]) -> tuple[Ticket, ...]:
     def compare(a: Ticket, b: Ticket) -> int:
         if (a.rerun, a.stuck) != (b.rerun, b.stuck):
             return -1 if (a.rerun, a.stuck) > (b.rerun, b.stuck) else 1
-        return by_age(a, b)
+        if a.stamp != b.stamp:
+            return -1 if older(a.stamp, b.stamp) else 1
+        return (a.run > b.run) - (a.run < b.run)
 
     return tuple(sorted(tickets, key=functools.cmp_to_key(compare)))
-
-
-def by_age(a: Ticket, b: Ticket) -> int:
-    """Compare two tickets by age alone (the older first), then by run."""
-    if a.stamp != b.stamp:
-        return -1 if older(a.stamp, b.stamp) else 1
-    return (a.run > b.run) - (a.run < b.run)
 
 
 def gives_way(me: int, queue: tuple[Ticket, ...], leases: Mapping[int, int], pool: int) -> bool:
@@ -231,11 +227,6 @@ class Others:
     #: Runs (backend pid) silent past ``STALLED_AFTER``, and the test leases they hold:
     #: not read as runs (neither their leases, demand nor tickets are honoured).
     stalled: Mapping[int, int] = field(default_factory=dict)
-
-    @property
-    def priority(self) -> tuple[int, int] | None:
-        """The run at the head of the queue, served first, and the leases it wants."""
-        return (self.queue[0].run, self.queue[0].amount) if self.queue else None
 
     @property
     def slotless(self) -> int:
